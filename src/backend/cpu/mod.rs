@@ -1,0 +1,852 @@
+//! The CPU backend: every primitive of [`crate::backend::Storage`] as a rayon kernel.
+//!
+//! Kernels are generic over [`Float`] (f32, and f64 for the high-precision reference path).
+//! Inputs are read through their [`Layout`], so non-contiguous views are handled everywhere:
+//! contiguous inputs take a fast path over slices, the others walk their strides with
+//! [`Layout::offsets_from`], one parallel chunk at a time.
+
+#[path = "gemm_tmp.rs"]
+pub mod gemm;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::{BinaryOp, CmpOp, ReduceOp, UnaryOp};
+use crate::dtype::{DType, Float};
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::rng;
+
+/// Elements per parallel task for element-wise kernels: large enough to amortise the task,
+/// small enough to split a 1M-element tensor across cores.
+const CHUNK: usize = 1 << 14;
+
+/// A flat host buffer of one dtype.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CpuStorage {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+}
+
+/// Conversion of every storable element type through f64 (used by casts and fills).
+pub trait Elem: Copy + Send + Sync + Default + 'static {
+    const DTYPE: DType;
+    fn to_f64(self) -> f64;
+    fn from_f64(v: f64) -> Self;
+}
+
+macro_rules! impl_elem {
+    ($t:ty, $dt:expr, |$x:ident| $to:expr, |$v:ident| $from:expr) => {
+        impl Elem for $t {
+            const DTYPE: DType = $dt;
+            #[inline]
+            fn to_f64(self) -> f64 {
+                let $x = self;
+                $to
+            }
+            #[inline]
+            fn from_f64($v: f64) -> Self {
+                $from
+            }
+        }
+    };
+}
+impl_elem!(f32, DType::F32, |x| x as f64, |v| v as f32);
+impl_elem!(f64, DType::F64, |x| x, |v| v);
+impl_elem!(f16, DType::F16, |x| x.to_f64(), |v| f16::from_f64(v));
+impl_elem!(bf16, DType::BF16, |x| x.to_f64(), |v| bf16::from_f64(v));
+impl_elem!(u32, DType::U32, |x| x as f64, |v| v as u32);
+impl_elem!(i32, DType::I32, |x| x as f64, |v| v as i32);
+
+/// Run `$body` with `$v` bound to the typed vector, for every dtype; `$wrap` rebuilds a storage.
+macro_rules! any_dtype {
+    ($s:expr, $v:ident => $body:expr) => {
+        match $s {
+            CpuStorage::F32($v) => $body,
+            CpuStorage::F64($v) => $body,
+            CpuStorage::F16($v) => $body,
+            CpuStorage::BF16($v) => $body,
+            CpuStorage::U32($v) => $body,
+            CpuStorage::I32($v) => $body,
+        }
+    };
+}
+
+/// Run `$body` for the compute dtypes (f32, f64) and wrap the resulting Vec back; any other
+/// dtype is an error naming `$op`.
+macro_rules! float_op {
+    ($s:expr, $op:literal, $v:ident => $body:expr) => {
+        match $s {
+            CpuStorage::F32($v) => CpuStorage::F32($body),
+            CpuStorage::F64($v) => CpuStorage::F64($body),
+            other => return Err(Error::DType { op: $op, expected: "f32 or f64", got: other.dtype() }),
+        }
+    };
+}
+
+/// A typed view of a second operand that must have the same dtype as the first.
+pub trait FromStorage: Sized {
+    fn slice<'a>(s: &'a CpuStorage, op: &'static str) -> Result<&'a [Self]>;
+}
+macro_rules! impl_from_storage {
+    ($t:ty, $var:ident) => {
+        impl FromStorage for $t {
+            fn slice<'a>(s: &'a CpuStorage, op: &'static str) -> Result<&'a [Self]> {
+                match s {
+                    CpuStorage::$var(v) => Ok(v),
+                    other => Err(Error::DTypeMismatch { op, lhs: <$t as Elem>::DTYPE, rhs: other.dtype() }),
+                }
+            }
+        }
+    };
+}
+impl_from_storage!(f32, F32);
+impl_from_storage!(f64, F64);
+
+/// Indices of an index tensor as i64 (U32 or I32 storage).
+fn indices(s: &CpuStorage, layout: &Layout, op: &'static str) -> Result<Vec<i64>> {
+    match s {
+        CpuStorage::U32(v) => Ok(layout.offsets().map(|o| v[o] as i64).collect()),
+        CpuStorage::I32(v) => Ok(layout.offsets().map(|o| v[o] as i64).collect()),
+        other => Err(Error::DType { op, expected: "u32 or i32 indices", got: other.dtype() }),
+    }
+}
+
+/// Check every index lies in `0..size`, returning them as usize.
+fn checked_indices(idx: &[i64], size: usize, op: &'static str) -> Result<Vec<usize>> {
+    idx.iter()
+        .map(|&i| if i >= 0 && (i as usize) < size { Ok(i as usize) } else { Err(Error::IndexOutOfRange { op, index: i, size }) })
+        .collect()
+}
+
+/// The elements selected by `layout`, contiguous in row-major order.
+pub fn gather_strided<T: Copy + Send + Sync + Default>(src: &[T], layout: &Layout) -> Vec<T> {
+    let n = layout.numel();
+    if layout.is_contiguous() {
+        return src[layout.offset()..layout.offset() + n].to_vec();
+    }
+    let mut out = vec![T::default(); n];
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+        for (o, off) in chunk.iter_mut().zip(layout.offsets_from(c * CHUNK)) {
+            *o = src[off];
+        }
+    });
+    out
+}
+
+/// Borrow the data of a contiguous layout, or copy it into a contiguous buffer.
+fn contiguous<'a, T: Copy + Send + Sync + Default>(src: &'a [T], layout: &Layout) -> std::borrow::Cow<'a, [T]> {
+    if layout.is_contiguous() {
+        std::borrow::Cow::Borrowed(&src[layout.offset()..layout.offset() + layout.numel()])
+    } else {
+        std::borrow::Cow::Owned(gather_strided(src, layout))
+    }
+}
+
+fn map<T: Float>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::ZERO; x.len()];
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, i)| {
+        for (o, &i) in o.iter_mut().zip(i) {
+            *o = f(i);
+        }
+    });
+    out
+}
+
+#[inline]
+fn cmp<T: Float>(op: CmpOp, a: T, b: T) -> T {
+    let r = match op {
+        CmpOp::Eq => a == b,
+        CmpOp::Ne => a != b,
+        CmpOp::Lt => a < b,
+        CmpOp::Le => a <= b,
+        CmpOp::Gt => a > b,
+        CmpOp::Ge => a >= b,
+    };
+    if r {
+        T::ONE
+    } else {
+        T::ZERO
+    }
+}
+
+#[inline]
+fn sigmoid<T: Float>(x: T) -> T {
+    // Stable on both tails: exp of a non-positive number only.
+    if x >= T::ZERO {
+        T::ONE / (T::ONE + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (T::ONE + e)
+    }
+}
+
+fn unary_kernel<T: Float>(x: &[T], op: UnaryOp) -> Vec<T> {
+    let c = T::from_f64;
+    match op {
+        UnaryOp::Neg => map(x, |v| -v),
+        UnaryOp::Exp => map(x, |v| v.exp()),
+        UnaryOp::Log => map(x, |v| v.ln()),
+        UnaryOp::Sqrt => map(x, |v| v.sqrt()),
+        UnaryOp::Rsqrt => map(x, |v| T::ONE / v.sqrt()),
+        UnaryOp::Recip => map(x, |v| T::ONE / v),
+        UnaryOp::Sqr => map(x, |v| v * v),
+        UnaryOp::Abs => map(x, |v| v.abs()),
+        UnaryOp::Sign => map(x, |v| if v > T::ZERO { T::ONE } else if v < T::ZERO { -T::ONE } else { T::ZERO }),
+        UnaryOp::Tanh => map(x, |v| v.tanh()),
+        UnaryOp::Sigmoid => map(x, sigmoid),
+        UnaryOp::Erf => map(x, |v| v.erf()),
+        UnaryOp::Relu => map(x, |v| if v > T::ZERO { v } else { T::ZERO }),
+        UnaryOp::GeluErf => {
+            let k = c(std::f64::consts::FRAC_1_SQRT_2);
+            map(x, move |v| c(0.5) * v * (T::ONE + (v * k).erf()))
+        }
+        UnaryOp::GeluTanh => {
+            let k = c((2.0 / std::f64::consts::PI).sqrt());
+            map(x, move |v| c(0.5) * v * (T::ONE + (k * (v + c(0.044715) * v * v * v)).tanh()))
+        }
+        UnaryOp::Silu => map(x, |v| v * sigmoid(v)),
+        UnaryOp::Powf(p) => {
+            let p = c(p);
+            map(x, move |v| v.powf(p))
+        }
+        UnaryOp::Affine(a, b) => {
+            let (a, b) = (c(a), c(b));
+            map(x, move |v| a * v + b)
+        }
+        UnaryOp::Clamp(lo, hi) => {
+            let (lo, hi) = (c(lo), c(hi));
+            map(x, move |v| if v < lo { lo } else if v > hi { hi } else { v })
+        }
+        UnaryOp::Cmp(op, s) => {
+            let s = c(s);
+            map(x, move |v| cmp(op, v, s))
+        }
+    }
+}
+
+fn binary_fn<T: Float>(op: BinaryOp) -> impl Fn(T, T) -> T + Sync + Copy {
+    move |a: T, b: T| match op {
+        BinaryOp::Add => a + b,
+        BinaryOp::Sub => a - b,
+        BinaryOp::Mul => a * b,
+        BinaryOp::Div => a / b,
+        BinaryOp::Max => a.max(b),
+        BinaryOp::Min => a.min(b),
+        BinaryOp::Cmp(c) => cmp(c, a, b),
+    }
+}
+
+/// Apply `f` element-wise over two (or three) layouts of the same shape.
+fn zip_layouts<T: Float>(a: &[T], la: &Layout, b: &[T], lb: &Layout, f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+    let n = la.numel();
+    let mut out = vec![T::ZERO; n];
+    if la.is_contiguous() && lb.is_contiguous() {
+        let (a, b) = (&a[la.offset()..la.offset() + n], &b[lb.offset()..lb.offset() + n]);
+        out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (a, b))| {
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                *o = f(a, b);
+            }
+        });
+    } else {
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+            for ((o, ia), ib) in o.iter_mut().zip(la.offsets_from(c * CHUNK)).zip(lb.offsets_from(c * CHUNK)) {
+                *o = f(a[ia], b[ib]);
+            }
+        });
+    }
+    out
+}
+
+/// The layout of the elements that remain when `axis` is dropped (for reductions).
+fn without_axis(layout: &Layout, axis: usize) -> Layout {
+    let mut shape = layout.shape().to_vec();
+    let mut strides = layout.strides().to_vec();
+    shape.remove(axis);
+    strides.remove(axis);
+    Layout::new(shape, strides, layout.offset())
+}
+
+fn reduce_kernel<T: Float, R: Copy + Send + Sync + Default>(x: &[T], layout: &Layout, axis: usize, f: impl Fn(&mut dyn Iterator<Item = T>) -> R + Sync) -> Vec<R> {
+    let outer = without_axis(layout, axis);
+    let (d, stride) = (layout.shape()[axis], layout.strides()[axis]);
+    let mut out = vec![R::default(); outer.numel()];
+    let chunk = (CHUNK / d.max(1)).max(1);
+    out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+        for (o, base) in o.iter_mut().zip(outer.offsets_from(c * chunk)) {
+            *o = f(&mut (0..d).map(|j| x[base + j * stride]));
+        }
+    });
+    out
+}
+
+fn reduce_float<T: Float>(x: &[T], layout: &Layout, axis: usize, op: ReduceOp) -> CpuStorage
+where
+    Vec<T>: Into<CpuStorage>,
+{
+    let arg = |better: fn(T, T) -> bool| {
+        move |it: &mut dyn Iterator<Item = T>| {
+            let mut best: Option<(u32, T)> = None;
+            for (i, v) in it.enumerate() {
+                if best.is_none_or(|(_, b)| better(v, b)) {
+                    best = Some((i as u32, v));
+                }
+            }
+            best.map_or(0, |b| b.0)
+        }
+    };
+    match op {
+        ReduceOp::Sum => reduce_kernel(x, layout, axis, |it| it.fold(T::ZERO, |a, b| a + b)).into(),
+        ReduceOp::Max => reduce_kernel(x, layout, axis, |it| it.fold(T::neg_infinity(), |a, b| if b > a || b.is_nan() { b } else { a })).into(),
+        ReduceOp::Min => reduce_kernel(x, layout, axis, |it| it.fold(-T::neg_infinity(), |a, b| if b < a || b.is_nan() { b } else { a })).into(),
+        ReduceOp::ArgMax => CpuStorage::U32(reduce_kernel(x, layout, axis, arg(|v, b| v > b))),
+        ReduceOp::ArgMin => CpuStorage::U32(reduce_kernel(x, layout, axis, arg(|v, b| v < b))),
+    }
+}
+
+impl From<Vec<f32>> for CpuStorage {
+    fn from(v: Vec<f32>) -> Self {
+        CpuStorage::F32(v)
+    }
+}
+impl From<Vec<f64>> for CpuStorage {
+    fn from(v: Vec<f64>) -> Self {
+        CpuStorage::F64(v)
+    }
+}
+
+/// Numbers the matmul kernel multiplies: each has its own gemm.
+pub trait GemmFloat: Float {
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(m: usize, n: usize, k: usize, a: &[Self], a_rs: usize, a_cs: usize, b: &[Self], b_rs: usize, b_cs: usize, c: &mut [Self]);
+}
+impl GemmFloat for f32 {
+    fn gemm(m: usize, n: usize, k: usize, a: &[f32], a_rs: usize, a_cs: usize, b: &[f32], b_rs: usize, b_cs: usize, c: &mut [f32]) {
+        gemm::gemm_f32(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c)
+    }
+}
+impl GemmFloat for f64 {
+    fn gemm(m: usize, n: usize, k: usize, a: &[f64], a_rs: usize, a_cs: usize, b: &[f64], b_rs: usize, b_cs: usize, c: &mut [f64]) {
+        gemm::gemm_f64(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c)
+    }
+}
+
+fn matmul_kernel<T: GemmFloat>(a: &[T], la: &Layout, b: &[T], lb: &Layout) -> Vec<T> {
+    let r = la.rank();
+    let (m, k, n) = (la.shape()[r - 2], la.shape()[r - 1], lb.shape()[r - 1]);
+    let (a_rs, a_cs, b_rs, b_cs) = (la.strides()[r - 2], la.strides()[r - 1], lb.strides()[r - 2], lb.strides()[r - 1]);
+    let batch_a = Layout::new(la.shape()[..r - 2].to_vec(), la.strides()[..r - 2].to_vec(), la.offset());
+    let batch_b = Layout::new(lb.shape()[..r - 2].to_vec(), lb.strides()[..r - 2].to_vec(), lb.offset());
+    let mut out = vec![T::ZERO; batch_a.numel() * m * n];
+    if m * n == 0 {
+        return out;
+    }
+    let offsets: Vec<(usize, usize)> = batch_a.offsets().zip(batch_b.offsets()).collect();
+    out.par_chunks_mut(m * n).zip(offsets).for_each(|(c, (oa, ob))| {
+        T::gemm(m, n, k, &a[oa..], a_rs, a_cs, &b[ob..], b_rs, b_cs, c);
+    });
+    out
+}
+
+fn softmax_kernel<T: Float>(x: &[T], d: usize, log: bool) -> Vec<T> {
+    let mut out = vec![T::ZERO; x.len()];
+    if d == 0 {
+        return out;
+    }
+    out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, row)| {
+        let max = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+        let mut sum = T::ZERO;
+        for (o, &v) in o.iter_mut().zip(row) {
+            *o = (v - max).exp();
+            sum += *o;
+        }
+        if log {
+            let lse = sum.ln();
+            for (o, &v) in o.iter_mut().zip(row) {
+                *o = v - max - lse;
+            }
+        } else {
+            let inv = T::ONE / sum;
+            o.iter_mut().for_each(|o| *o = *o * inv);
+        }
+    });
+    out
+}
+
+/// Per-row statistics of a norm: (mean, rstd); mean = 0 for RMS norm. Accumulated in f64.
+#[inline]
+fn row_stats<T: Float>(row: &[T], eps: f64, rms: bool) -> (f64, f64) {
+    let d = row.len() as f64;
+    let mean = if rms { 0.0 } else { row.iter().map(|v| v.to_f64()).sum::<f64>() / d };
+    let var = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+type NormOut<T> = (Vec<T>, Vec<T>, Vec<T>);
+
+fn norm_kernel<T: Float>(x: &[T], d: usize, w: Option<&[T]>, b: Option<&[T]>, eps: f64, rms: bool) -> NormOut<T> {
+    let rows = x.len().checked_div(d).unwrap_or(0);
+    let (mut y, mut mean, mut rstd) = (vec![T::ZERO; x.len()], vec![T::ZERO; rows], vec![T::ZERO; rows]);
+    if d == 0 {
+        return (y, mean, rstd);
+    }
+    y.par_chunks_mut(d).zip(x.par_chunks(d)).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).for_each(|((y, row), (m, r))| {
+        let (mu, rs) = row_stats(row, eps, rms);
+        let (mu_t, rs_t) = (T::from_f64(mu), T::from_f64(rs));
+        (*m, *r) = (mu_t, rs_t);
+        for (j, (y, &v)) in y.iter_mut().zip(row).enumerate() {
+            let mut h = (v - mu_t) * rs_t;
+            if let Some(w) = w {
+                h = h * w[j];
+            }
+            if let Some(b) = b {
+                h += b[j];
+            }
+            *y = h;
+        }
+    });
+    (y, mean, rstd)
+}
+
+/// Backward of layer/RMS norm. With `x̂ = (x − μ)·r` and `ĝ = g ⊙ w`:
+/// layer norm `dx = r (ĝ − mean(ĝ) − x̂ · mean(ĝ ⊙ x̂))`; RMS norm drops the `mean(ĝ)` term
+/// (μ = 0). `dw = Σ_rows g ⊙ x̂`, `db = Σ_rows g`.
+fn norm_backward_kernel<T: Float>(x: &[T], d: usize, w: Option<&[T]>, g: &[T], mean: &[T], rstd: &[T], rms: bool) -> NormOut<T> {
+    let mut dx = vec![T::ZERO; x.len()];
+    if d == 0 {
+        return (dx, vec![], vec![]);
+    }
+    let dn = T::from_f64(d as f64);
+    dx.par_chunks_mut(d).zip(x.par_chunks(d).zip(g.par_chunks(d))).zip(mean.par_iter().zip(rstd.par_iter())).for_each(|((dx, (x, g)), (&mu, &r))| {
+        let (mut s_g, mut s_gx) = (T::ZERO, T::ZERO);
+        for j in 0..d {
+            let gh = if let Some(w) = w { g[j] * w[j] } else { g[j] };
+            s_g += gh;
+            s_gx += gh * (x[j] - mu) * r;
+        }
+        let (m_g, m_gx) = (if rms { T::ZERO } else { s_g / dn }, s_gx / dn);
+        for j in 0..d {
+            let gh = if let Some(w) = w { g[j] * w[j] } else { g[j] };
+            dx[j] = r * (gh - m_g - (x[j] - mu) * r * m_gx);
+        }
+    });
+    if w.is_none() {
+        return (dx, vec![], vec![]);
+    }
+    // Parameter gradients: partial sums over blocks of rows, then one reduction.
+    let rows = x.len() / d;
+    let (dw, db) = (0..rows)
+        .into_par_iter()
+        .fold(
+            || (vec![T::ZERO; d], vec![T::ZERO; d]),
+            |(mut dw, mut db), i| {
+                let (x, g, mu, r) = (&x[i * d..(i + 1) * d], &g[i * d..(i + 1) * d], mean[i], rstd[i]);
+                for j in 0..d {
+                    dw[j] += g[j] * (x[j] - mu) * r;
+                    db[j] += g[j];
+                }
+                (dw, db)
+            },
+        )
+        .reduce(
+            || (vec![T::ZERO; d], vec![T::ZERO; d]),
+            |(mut a, mut b), (c, e)| {
+                a.iter_mut().zip(c).for_each(|(a, c)| *a += c);
+                b.iter_mut().zip(e).for_each(|(b, e)| *b += e);
+                (a, b)
+            },
+        );
+    (dx, dw, db)
+}
+
+/// (outer, d, inner) split of a shape around `axis`.
+fn split_at_axis(shape: &[usize], axis: usize) -> (usize, usize, usize) {
+    (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
+}
+
+fn index_select_kernel<T: Copy + Send + Sync + Default>(x: &[T], shape: &[usize], axis: usize, idx: &[usize]) -> Vec<T> {
+    let (outer, d, inner) = split_at_axis(shape, axis);
+    let mut out = vec![T::default(); outer * idx.len() * inner];
+    if inner == 0 || idx.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(inner).enumerate().for_each(|(r, o)| {
+        let (b, j) = (r / idx.len(), r % idx.len());
+        let src = (b * d + idx[j]) * inner;
+        o.copy_from_slice(&x[src..src + inner]);
+    });
+    out
+}
+
+fn index_add_kernel<T: Float>(g: &[T], shape: &[usize], axis: usize, idx: &[usize]) -> Vec<T> {
+    let (outer, d, inner) = split_at_axis(shape, axis);
+    let mut out = vec![T::ZERO; outer * d * inner];
+    if inner == 0 || d == 0 {
+        return out;
+    }
+    let n = idx.len();
+    // Each outer block is independent; inside one, rows with equal indices accumulate in order.
+    out.par_chunks_mut(d * inner).enumerate().for_each(|(b, o)| {
+        for (j, &i) in idx.iter().enumerate() {
+            let src = &g[(b * n + j) * inner..(b * n + j + 1) * inner];
+            o[i * inner..(i + 1) * inner].iter_mut().zip(src).for_each(|(o, &s)| *o += s);
+        }
+    });
+    out
+}
+
+fn rope_kernel<T: Float>(x: &[T], seq: usize, dim: usize, cos: &[T], sin: &[T], interleaved: bool, inverse: bool) -> Vec<T> {
+    let mut out = vec![T::ZERO; x.len()];
+    let half = dim / 2;
+    if dim == 0 {
+        return out;
+    }
+    out.par_chunks_mut(dim).zip(x.par_chunks(dim)).enumerate().for_each(|(r, (o, x))| {
+        let p = r % seq;
+        for i in 0..half {
+            let (c, mut s) = (cos[p * half + i], sin[p * half + i]);
+            if inverse {
+                s = -s;
+            }
+            let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+            o[a] = x[a] * c - x[b] * s;
+            o[b] = x[b] * c + x[a] * s;
+        }
+    });
+    out
+}
+
+fn check_targets(t: &[i64], c: usize, ignore: i64) -> Result<()> {
+    for &v in t {
+        if v != ignore && (v < 0 || v as usize >= c) {
+            return Err(Error::IndexOutOfRange { op: "cross_entropy", index: v, size: c });
+        }
+    }
+    Ok(())
+}
+
+fn cross_entropy_kernel<T: Float>(x: &[T], c: usize, t: &[i64], ignore: i64) -> Vec<T> {
+    let mut out = vec![T::ZERO; t.len()];
+    out.par_iter_mut().zip(t.par_iter()).enumerate().for_each(|(r, (o, &t))| {
+        if t == ignore {
+            return;
+        }
+        let row = &x[r * c..(r + 1) * c];
+        let max = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+        let lse = max + row.iter().map(|&v| (v - max).exp()).sum::<T>().ln();
+        *o = lse - row[t as usize];
+    });
+    out
+}
+
+fn cross_entropy_backward_kernel<T: Float>(x: &[T], c: usize, t: &[i64], g: &[T], ignore: i64) -> Vec<T> {
+    let mut out = vec![T::ZERO; x.len()];
+    if c == 0 {
+        return out;
+    }
+    out.par_chunks_mut(c).zip(x.par_chunks(c)).enumerate().for_each(|(r, (o, row))| {
+        if t[r] == ignore {
+            return;
+        }
+        let max = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+        let sum: T = row.iter().map(|&v| (v - max).exp()).sum();
+        let scale = g[r] / sum;
+        for (o, &v) in o.iter_mut().zip(row) {
+            *o = (v - max).exp() * scale;
+        }
+        o[t[r] as usize] = o[t[r] as usize] - g[r];
+    });
+    out
+}
+
+fn fill_with<E: Elem>(n: usize, f: impl Fn(u64) -> f64 + Sync) -> Vec<E> {
+    let mut out = vec![E::default(); n];
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+        for (j, o) in o.iter_mut().enumerate() {
+            *o = E::from_f64(f((c * CHUNK + j) as u64));
+        }
+    });
+    out
+}
+
+fn cast_to<S: Elem, D: Elem>(x: &[S], layout: &Layout) -> Vec<D> {
+    let x = contiguous(x, layout);
+    let mut out = vec![D::default(); x.len()];
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, i)| {
+        for (o, &i) in o.iter_mut().zip(i) {
+            *o = D::from_f64(i.to_f64());
+        }
+    });
+    out
+}
+
+impl CpuStorage {
+    pub fn dtype(&self) -> DType {
+        match self {
+            CpuStorage::F32(_) => DType::F32,
+            CpuStorage::F64(_) => DType::F64,
+            CpuStorage::F16(_) => DType::F16,
+            CpuStorage::BF16(_) => DType::BF16,
+            CpuStorage::U32(_) => DType::U32,
+            CpuStorage::I32(_) => DType::I32,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        any_dtype!(self, v => v.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn zeros(dtype: DType, n: usize) -> Self {
+        Self::full(dtype, n, 0.0)
+    }
+
+    pub fn full(dtype: DType, n: usize, v: f64) -> Self {
+        match dtype {
+            DType::F32 => CpuStorage::F32(vec![v as f32; n]),
+            DType::F64 => CpuStorage::F64(vec![v; n]),
+            DType::F16 => CpuStorage::F16(vec![f16::from_f64(v); n]),
+            DType::BF16 => CpuStorage::BF16(vec![bf16::from_f64(v); n]),
+            DType::U32 => CpuStorage::U32(vec![v as u32; n]),
+            DType::I32 => CpuStorage::I32(vec![v as i32; n]),
+        }
+    }
+
+    /// The selected elements, contiguous, same dtype.
+    pub fn copy_strided(&self, layout: &Layout) -> Result<CpuStorage> {
+        Ok(match self {
+            CpuStorage::F32(v) => CpuStorage::F32(gather_strided(v, layout)),
+            CpuStorage::F64(v) => CpuStorage::F64(gather_strided(v, layout)),
+            CpuStorage::F16(v) => CpuStorage::F16(gather_strided(v, layout)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(gather_strided(v, layout)),
+            CpuStorage::U32(v) => CpuStorage::U32(gather_strided(v, layout)),
+            CpuStorage::I32(v) => CpuStorage::I32(gather_strided(v, layout)),
+        })
+    }
+
+    /// The elements as f64, row-major (for reading values back in any dtype).
+    pub fn to_f64_vec(&self, layout: &Layout) -> Vec<f64> {
+        any_dtype!(self, v => cast_to::<_, f64>(v, layout))
+    }
+
+    pub fn cast(&self, layout: &Layout, dtype: DType) -> Result<CpuStorage> {
+        if dtype == self.dtype() {
+            return self.copy_strided(layout);
+        }
+        Ok(any_dtype!(self, v => match dtype {
+            DType::F32 => CpuStorage::F32(cast_to(v, layout)),
+            DType::F64 => CpuStorage::F64(cast_to(v, layout)),
+            DType::F16 => CpuStorage::F16(cast_to(v, layout)),
+            DType::BF16 => CpuStorage::BF16(cast_to(v, layout)),
+            DType::U32 => CpuStorage::U32(cast_to(v, layout)),
+            DType::I32 => CpuStorage::I32(cast_to(v, layout)),
+        }))
+    }
+
+    pub fn unary(&self, op: UnaryOp, layout: &Layout) -> Result<CpuStorage> {
+        Ok(float_op!(self, "unary", v => unary_kernel(&contiguous(v, layout), op)))
+    }
+
+    pub fn binary(&self, op: BinaryOp, layout: &Layout, rhs: &CpuStorage, rhs_layout: &Layout) -> Result<CpuStorage> {
+        Ok(float_op!(self, "binary", v => zip_layouts(v, layout, FromStorage::slice(rhs, "binary")?, rhs_layout, binary_fn(op))))
+    }
+
+    pub fn where_cond(&self, layout: &Layout, t: &CpuStorage, tl: &Layout, f: &CpuStorage, fl: &Layout) -> Result<CpuStorage> {
+        let cond = self.to_f64_vec(layout);
+        // Select from t and f through their layouts, then apply the condition in order.
+        Ok(float_op!(t, "where", tv => {
+            let fv = FromStorage::slice(f, "where")?;
+            let (ts, fs) = (gather_strided(tv, tl), gather_strided(fv, fl));
+            (0..ts.len()).map(|i| if cond[i] != 0.0 { ts[i] } else { fs[i] }).collect()
+        }))
+    }
+
+    pub fn reduce(&self, op: ReduceOp, layout: &Layout, axis: usize) -> Result<CpuStorage> {
+        match self {
+            CpuStorage::F32(v) => Ok(reduce_float(v, layout, axis, op)),
+            CpuStorage::F64(v) => Ok(reduce_float(v, layout, axis, op)),
+            other => Err(Error::DType { op: "reduce", expected: "f32 or f64", got: other.dtype() }),
+        }
+    }
+
+    pub fn matmul(&self, layout: &Layout, rhs: &CpuStorage, rhs_layout: &Layout) -> Result<CpuStorage> {
+        Ok(float_op!(self, "matmul", v => matmul_kernel(v, layout, FromStorage::slice(rhs, "matmul")?, rhs_layout)))
+    }
+
+    pub fn softmax_last(&self, layout: &Layout, log: bool) -> Result<CpuStorage> {
+        let d = *layout.shape().last().unwrap_or(&1);
+        Ok(float_op!(self, "softmax", v => softmax_kernel(&contiguous(v, layout), d, log)))
+    }
+
+    pub fn norm_last(&self, layout: &Layout, w: Option<&CpuStorage>, b: Option<&CpuStorage>, eps: f64, rms: bool) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
+        let d = *layout.shape().last().unwrap_or(&1);
+        macro_rules! go {
+            ($v:expr, $wrap:path) => {{
+                let w = w.map(|w| FromStorage::slice(w, "norm")).transpose()?;
+                let b = b.map(|b| FromStorage::slice(b, "norm")).transpose()?;
+                let (y, m, r) = norm_kernel(&contiguous($v, layout), d, w, b, eps, rms);
+                Ok(($wrap(y), $wrap(m), $wrap(r)))
+            }};
+        }
+        match self {
+            CpuStorage::F32(v) => go!(v, CpuStorage::F32),
+            CpuStorage::F64(v) => go!(v, CpuStorage::F64),
+            other => Err(Error::DType { op: "norm", expected: "f32 or f64", got: other.dtype() }),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn norm_last_backward(&self, layout: &Layout, w: Option<&CpuStorage>, g: &CpuStorage, gl: &Layout, mean: &CpuStorage, rstd: &CpuStorage, rms: bool) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
+        let d = *layout.shape().last().unwrap_or(&1);
+        macro_rules! go {
+            ($v:expr, $wrap:path) => {{
+                let w = w.map(|w| FromStorage::slice(w, "norm_backward")).transpose()?;
+                let g = FromStorage::slice(g, "norm_backward")?;
+                let (m, r) = (FromStorage::slice(mean, "norm_backward")?, FromStorage::slice(rstd, "norm_backward")?);
+                let (dx, dw, db) = norm_backward_kernel(&contiguous($v, layout), d, w, &contiguous(g, gl), m, r, rms);
+                Ok(($wrap(dx), $wrap(dw), $wrap(db)))
+            }};
+        }
+        match self {
+            CpuStorage::F32(v) => go!(v, CpuStorage::F32),
+            CpuStorage::F64(v) => go!(v, CpuStorage::F64),
+            other => Err(Error::DType { op: "norm_backward", expected: "f32 or f64", got: other.dtype() }),
+        }
+    }
+
+    pub fn index_select(&self, layout: &Layout, axis: usize, idx: &CpuStorage, il: &Layout) -> Result<CpuStorage> {
+        let idx = checked_indices(&indices(idx, il, "index_select")?, layout.shape()[axis], "index_select")?;
+        let shape = layout.shape();
+        Ok(match self {
+            CpuStorage::F32(v) => CpuStorage::F32(index_select_kernel(&contiguous(v, layout), shape, axis, &idx)),
+            CpuStorage::F64(v) => CpuStorage::F64(index_select_kernel(&contiguous(v, layout), shape, axis, &idx)),
+            CpuStorage::F16(v) => CpuStorage::F16(index_select_kernel(&contiguous(v, layout), shape, axis, &idx)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(index_select_kernel(&contiguous(v, layout), shape, axis, &idx)),
+            CpuStorage::U32(v) => CpuStorage::U32(index_select_kernel(&contiguous(v, layout), shape, axis, &idx)),
+            CpuStorage::I32(v) => CpuStorage::I32(index_select_kernel(&contiguous(v, layout), shape, axis, &idx)),
+        })
+    }
+
+    pub fn index_add(&self, layout: &Layout, shape: &[usize], axis: usize, idx: &CpuStorage, il: &Layout) -> Result<CpuStorage> {
+        let idx = checked_indices(&indices(idx, il, "index_add")?, shape[axis], "index_add")?;
+        Ok(float_op!(self, "index_add", v => index_add_kernel(&contiguous(v, layout), shape, axis, &idx)))
+    }
+
+    pub fn gather(&self, layout: &Layout, axis: usize, idx: &CpuStorage, il: &Layout) -> Result<CpuStorage> {
+        let idx = checked_indices(&indices(idx, il, "gather")?, layout.shape()[axis], "gather")?;
+        // Read x through a layout with idx's shape, x's strides and a zero stride on `axis`;
+        // the index then adds `idx · stride[axis]`.
+        let mut strides = layout.strides().to_vec();
+        let stride = std::mem::replace(&mut strides[axis], 0);
+        let base = Layout::new(il.shape().to_vec(), strides, layout.offset());
+        Ok(float_op!(self, "gather", v => base.offsets().zip(&idx).map(|(o, &i)| v[o + i * stride]).collect()))
+    }
+
+    pub fn scatter_add(&self, layout: &Layout, shape: &[usize], axis: usize, idx: &CpuStorage, il: &Layout) -> Result<CpuStorage> {
+        let idx = checked_indices(&indices(idx, il, "scatter_add")?, shape[axis], "scatter_add")?;
+        let mut strides = crate::layout::contiguous_strides(shape);
+        let stride = std::mem::replace(&mut strides[axis], 0);
+        let base = Layout::new(il.shape().to_vec(), strides, 0);
+        let n: usize = shape.iter().product();
+        Ok(float_op!(self, "scatter_add", v => {
+            let mut out = vec![Float::ZERO; n];
+            for ((o, &i), s) in base.offsets().zip(&idx).zip(layout.offsets()) {
+                out[o + i * stride] += v[s];
+            }
+            out
+        }))
+    }
+
+    pub fn concat(parts: &[(&CpuStorage, &Layout)], axis: usize) -> Result<CpuStorage> {
+        fn go<T: Copy + Send + Sync + Default>(parts: &[(&[T], &Layout)], axis: usize) -> Vec<T> {
+            let shape0 = parts[0].1.shape();
+            let outer: usize = shape0[..axis].iter().product();
+            let inner: usize = shape0[axis + 1..].iter().product();
+            let total: usize = parts.iter().map(|(_, l)| l.shape()[axis]).sum();
+            let mut out = vec![T::default(); outer * total * inner];
+            let mut start = 0;
+            for (data, l) in parts {
+                let rows = l.shape()[axis] * inner;
+                let src = contiguous(data, l);
+                for b in 0..outer {
+                    let dst = b * total * inner + start;
+                    out[dst..dst + rows].copy_from_slice(&src[b * rows..(b + 1) * rows]);
+                }
+                start += rows;
+            }
+            out
+        }
+        macro_rules! arm {
+            ($var:ident) => {{
+                let typed: Result<Vec<(&[_], &Layout)>> = parts
+                    .iter()
+                    .map(|(s, l)| match s {
+                        CpuStorage::$var(v) => Ok((v.as_slice(), *l)),
+                        o => Err(Error::DTypeMismatch { op: "concat", lhs: parts[0].0.dtype(), rhs: o.dtype() }),
+                    })
+                    .collect();
+                CpuStorage::$var(go(&typed?, axis))
+            }};
+        }
+        Ok(match parts[0].0 {
+            CpuStorage::F32(_) => arm!(F32),
+            CpuStorage::F64(_) => arm!(F64),
+            CpuStorage::F16(_) => arm!(F16),
+            CpuStorage::BF16(_) => arm!(BF16),
+            CpuStorage::U32(_) => arm!(U32),
+            CpuStorage::I32(_) => arm!(I32),
+        })
+    }
+
+    pub fn rope(&self, layout: &Layout, cos: &CpuStorage, sin: &CpuStorage, interleaved: bool, inverse: bool) -> Result<CpuStorage> {
+        let r = layout.rank();
+        let (seq, dim) = (layout.shape()[r - 2], layout.shape()[r - 1]);
+        Ok(float_op!(self, "rope", v => rope_kernel(&contiguous(v, layout), seq, dim, FromStorage::slice(cos, "rope")?, FromStorage::slice(sin, "rope")?, interleaved, inverse)))
+    }
+
+    pub fn cross_entropy(&self, layout: &Layout, targets: &CpuStorage, tl: &Layout, ignore: i64) -> Result<CpuStorage> {
+        let c = layout.shape()[1];
+        let t = indices(targets, tl, "cross_entropy")?;
+        check_targets(&t, c, ignore)?;
+        Ok(float_op!(self, "cross_entropy", v => cross_entropy_kernel(&contiguous(v, layout), c, &t, ignore)))
+    }
+
+    pub fn cross_entropy_backward(&self, layout: &Layout, targets: &CpuStorage, tl: &Layout, g: &CpuStorage, gl: &Layout, ignore: i64) -> Result<CpuStorage> {
+        let c = layout.shape()[1];
+        let t = indices(targets, tl, "cross_entropy")?;
+        check_targets(&t, c, ignore)?;
+        Ok(float_op!(self, "cross_entropy_backward", v => {
+            let g = FromStorage::slice(g, "cross_entropy_backward")?;
+            cross_entropy_backward_kernel(&contiguous(v, layout), c, &t, &contiguous(g, gl), ignore)
+        }))
+    }
+
+    pub fn rand_uniform(dtype: DType, n: usize, seed: u64, offset: u64, lo: f64, hi: f64) -> Result<CpuStorage> {
+        let f = |i| lo + (hi - lo) * rng::uniform_at(seed, offset, i) as f64;
+        match dtype {
+            DType::F32 => Ok(CpuStorage::F32(fill_with(n, f))),
+            DType::F64 => Ok(CpuStorage::F64(fill_with(n, f))),
+            DType::F16 => Ok(CpuStorage::F16(fill_with(n, f))),
+            DType::BF16 => Ok(CpuStorage::BF16(fill_with(n, f))),
+            d => Err(Error::DType { op: "rand_uniform", expected: "a float dtype", got: d }),
+        }
+    }
+
+    pub fn rand_normal(dtype: DType, n: usize, seed: u64, offset: u64, mean: f64, std: f64) -> Result<CpuStorage> {
+        let f = |i| mean + std * rng::normal_at(seed, offset, i);
+        match dtype {
+            DType::F32 => Ok(CpuStorage::F32(fill_with(n, f))),
+            DType::F64 => Ok(CpuStorage::F64(fill_with(n, f))),
+            DType::F16 => Ok(CpuStorage::F16(fill_with(n, f))),
+            DType::BF16 => Ok(CpuStorage::BF16(fill_with(n, f))),
+            d => Err(Error::DType { op: "rand_normal", expected: "a float dtype", got: d }),
+        }
+    }
+}

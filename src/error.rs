@@ -1,0 +1,55 @@
+//! The one error type of the crate. Every message names the op and the shapes or values
+//! involved, so a user can tell what went wrong without a debugger.
+
+use crate::dtype::DType;
+
+/// Errors returned by every fallible operation in tinytune.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Two shapes that had to agree (or broadcast) did not.
+    #[error("{op}: shape mismatch, {lhs:?} vs {rhs:?}")]
+    ShapeMismatch { op: &'static str, lhs: Vec<usize>, rhs: Vec<usize> },
+
+    /// A shape was wrong for reasons other than a pairwise mismatch.
+    #[error("{op}: {msg}")]
+    Shape { op: &'static str, msg: String },
+
+    /// An axis index outside `0..rank`.
+    #[error("{op}: axis {axis} out of range for a tensor of shape {shape:?}")]
+    AxisOutOfRange { op: &'static str, axis: isize, shape: Vec<usize> },
+
+    /// An operand had a dtype the op does not take.
+    #[error("{op}: expected {expected}, got {got:?}")]
+    DType { op: &'static str, expected: &'static str, got: DType },
+
+    /// Two operands had different dtypes.
+    #[error("{op}: dtype mismatch, {lhs:?} vs {rhs:?}")]
+    DTypeMismatch { op: &'static str, lhs: DType, rhs: DType },
+
+    /// Two operands lived on different devices.
+    #[error("{op}: device mismatch, {lhs} vs {rhs}")]
+    DeviceMismatch { op: &'static str, lhs: String, rhs: String },
+
+    /// An index (embedding id, gather index, class label) outside its valid range.
+    #[error("{op}: index {index} out of range for size {size}")]
+    IndexOutOfRange { op: &'static str, index: i64, size: usize },
+
+    /// The number of elements in the data does not match the shape.
+    #[error("{op}: {len} elements do not fill shape {shape:?} ({expected} needed)")]
+    ElementCount { op: &'static str, len: usize, shape: Vec<usize>, expected: usize },
+
+    /// `backward()` called on something that cannot start a backward pass.
+    #[error("backward: {0}")]
+    Backward(String),
+
+    /// An argument value that is not allowed (a negative probability, eps <= 0, ...).
+    #[error("{op}: {msg}")]
+    InvalidArgument { op: &'static str, msg: String },
+
+    /// A feature the selected backend does not implement.
+    #[error("{op}: not supported on {device}: {msg}")]
+    Unsupported { op: &'static str, device: String, msg: String },
+}
+
+/// Result with the crate's error type.
+pub type Result<T> = std::result::Result<T, Error>;
