@@ -34,6 +34,21 @@ struct Inner {
     grad: Mutex<Option<Tensor>>,
 }
 
+impl Drop for Inner {
+    /// Free a graph iteratively: dropping the last handle of a long chain of ops would
+    /// otherwise recurse once per op and could overflow the stack.
+    fn drop(&mut self) {
+        let mut stack: Vec<Tensor> = self.node.take().map(|n| n.inputs).unwrap_or_default();
+        while let Some(t) = stack.pop() {
+            if let Ok(mut inner) = Arc::try_unwrap(t.0) {
+                if let Some(n) = inner.node.take() {
+                    stack.extend(n.inputs);
+                }
+            }
+        }
+    }
+}
+
 /// An n-dimensional array on a device, with optional gradient tracking.
 #[derive(Clone)]
 pub struct Tensor(Arc<Inner>);
