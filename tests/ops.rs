@@ -63,31 +63,83 @@ fn where_and_masked_fill() {
     let cond = Tensor::from_vec(vec![1u32, 0, 1, 1, 0, 0, 1, 0, 1, 0, 0, 1], &[3, 4], &Device::Cpu).unwrap();
     let c = cond.to_vec_f64().unwrap();
     let c2 = c.clone();
-    check("where", &[&[3, 4], &[4]], &[Dom::Normal], TOL, |t| Tensor::where_cond(&cond, &t[0], &t[1]), move |r| {
-        Nd::new(&[3, 4], (0..12).map(|i| if c2[i] != 0.0 { r[0].data[i] } else { r[1].data[i % 4] }).collect())
-    });
+    check(
+        "where",
+        &[&[3, 4], &[4]],
+        &[Dom::Normal],
+        TOL,
+        |t| Tensor::where_cond(&cond, &t[0], &t[1]),
+        move |r| Nd::new(&[3, 4], (0..12).map(|i| if c2[i] != 0.0 { r[0].data[i] } else { r[1].data[i % 4] }).collect()),
+    );
     let mask = Tensor::from_vec(vec![1.0f32, 0.0, 0.0, 1.0], &[1, 4], &Device::Cpu).unwrap();
-    check("masked_fill", &[&[3, 4]], &[Dom::Normal], TOL, |t| t[0].masked_fill(&mask, -7.0), |r| {
-        Nd::new(&[3, 4], (0..12).map(|i| if i % 4 == 0 || i % 4 == 3 { -7.0 } else { r[0].data[i] }).collect())
-    });
+    check(
+        "masked_fill",
+        &[&[3, 4]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].masked_fill(&mask, -7.0),
+        |r| Nd::new(&[3, 4], (0..12).map(|i| if i % 4 == 0 || i % 4 == 3 { -7.0 } else { r[0].data[i] }).collect()),
+    );
 }
 
 #[test]
 fn reductions() {
     check("sum_axis1", &[&[3, 4, 5]], &[Dom::Normal], TOL, |t| t[0].sum(&[1], false), |r| r[0].reduce(1, |v| v.iter().sum()));
-    check("sum_keepdim", &[&[3, 4, 5]], &[Dom::Normal], TOL, |t| t[0].sum(&[-1], true), |r| {
-        let s = r[0].reduce(2, |v| v.iter().sum());
-        Nd::new(&[3, 4, 1], s.data)
-    });
-    check("sum_two_axes", &[&[3, 4, 5]], &[Dom::Normal], TOL, |t| t[0].sum(&[0, 2], false), |r| r[0].reduce(2, |v| v.iter().sum()).reduce(0, |v| v.iter().sum()));
+    check(
+        "sum_keepdim",
+        &[&[3, 4, 5]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].sum(&[-1], true),
+        |r| {
+            let s = r[0].reduce(2, |v| v.iter().sum());
+            Nd::new(&[3, 4, 1], s.data)
+        },
+    );
+    check(
+        "sum_two_axes",
+        &[&[3, 4, 5]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].sum(&[0, 2], false),
+        |r| r[0].reduce(2, |v| v.iter().sum()).reduce(0, |v| v.iter().sum()),
+    );
     check("sum_all", &[&[3, 1, 5]], &[Dom::Normal], TOL, |t| t[0].sum_all(), |r| Nd::new(&[], vec![r[0].data.iter().sum()]));
-    check("mean", &[&[6, 7]], &[Dom::Normal], TOL, |t| t[0].mean(&[0], false), |r| r[0].reduce(0, |v| v.iter().sum::<f64>() / v.len() as f64));
-    check("mean_all", &[&[2, 3, 4]], &[Dom::Normal], TOL, |t| t[0].mean_all(), |r| Nd::new(&[], vec![r[0].data.iter().sum::<f64>() / 24.0]));
-    check("max", &[&[4, 6, 3]], &[Dom::Distinct], TOL, |t| t[0].max(1, false), |r| r[0].reduce(1, |v| v.iter().cloned().fold(f64::MIN, f64::max)));
-    check("min", &[&[4, 6, 3]], &[Dom::Distinct], TOL, |t| t[0].min(-1, true), |r| {
-        let m = r[0].reduce(2, |v| v.iter().cloned().fold(f64::MAX, f64::min));
-        Nd::new(&[4, 6, 1], m.data)
-    });
+    check(
+        "mean",
+        &[&[6, 7]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].mean(&[0], false),
+        |r| r[0].reduce(0, |v| v.iter().sum::<f64>() / v.len() as f64),
+    );
+    check(
+        "mean_all",
+        &[&[2, 3, 4]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].mean_all(),
+        |r| Nd::new(&[], vec![r[0].data.iter().sum::<f64>() / 24.0]),
+    );
+    check(
+        "max",
+        &[&[4, 6, 3]],
+        &[Dom::Distinct],
+        TOL,
+        |t| t[0].max(1, false),
+        |r| r[0].reduce(1, |v| v.iter().cloned().fold(f64::MIN, f64::max)),
+    );
+    check(
+        "min",
+        &[&[4, 6, 3]],
+        &[Dom::Distinct],
+        TOL,
+        |t| t[0].min(-1, true),
+        |r| {
+            let m = r[0].reduce(2, |v| v.iter().cloned().fold(f64::MAX, f64::min));
+            Nd::new(&[4, 6, 1], m.data)
+        },
+    );
 }
 
 #[test]
@@ -99,10 +151,12 @@ fn argmax_argmin() {
         for axis in 0..3 {
             let am = x.argmax(axis as isize, false).unwrap();
             assert_eq!(am.dtype(), DType::U32);
-            let want = nd.reduce(axis, |v| v.iter().enumerate().fold((0, f64::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as f64);
+            let want =
+                nd.reduce(axis, |v| v.iter().enumerate().fold((0, f64::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as f64);
             assert_eq!(am.to_vec_f64().unwrap(), want.data, "argmax axis {axis}");
             let an = x.argmin(axis as isize, true).unwrap();
-            let want = nd.reduce(axis, |v| v.iter().enumerate().fold((0, f64::MAX), |b, (i, &x)| if x < b.1 { (i, x) } else { b }).0 as f64);
+            let want =
+                nd.reduce(axis, |v| v.iter().enumerate().fold((0, f64::MAX), |b, (i, &x)| if x < b.1 { (i, x) } else { b }).0 as f64);
             assert_eq!(an.to_vec_f64().unwrap(), want.data, "argmin axis {axis}");
         }
     }
@@ -121,7 +175,14 @@ fn ref_softmax(v: &[f64]) -> Vec<f64> {
 fn softmax_and_log_softmax() {
     for (shape, axis) in [(&[3usize, 5][..], 1usize), (&[2, 4, 3][..], 1), (&[4, 1][..], 1), (&[3, 7][..], 0)] {
         check("softmax", &[shape], &[Dom::Normal], TOL, |t| t[0].softmax(axis as isize), |r| r[0].along(axis, ref_softmax));
-        check("log_softmax", &[shape], &[Dom::Normal], TOL, |t| t[0].log_softmax(axis as isize), |r| r[0].along(axis, |v| ref_softmax(v).iter().map(|p| p.ln()).collect()));
+        check(
+            "log_softmax",
+            &[shape],
+            &[Dom::Normal],
+            TOL,
+            |t| t[0].log_softmax(axis as isize),
+            |r| r[0].along(axis, |v| ref_softmax(v).iter().map(|p| p.ln()).collect()),
+        );
     }
     // Stable for large logits.
     let t = Tensor::from_vec(vec![1000.0f32, 0.0, -1000.0], &[3], &Device::Cpu).unwrap();
@@ -160,23 +221,51 @@ fn ref_batched_matmul(a: &Nd, b: &Nd) -> Nd {
 
 #[test]
 fn matmul() {
-    let cases: [(&[usize], &[usize]); 6] = [(&[3, 4], &[4, 5]), (&[1, 1], &[1, 1]), (&[2, 3, 7], &[7, 5]), (&[2, 1, 3, 4], &[3, 4, 2]), (&[5, 17], &[17, 9]), (&[2, 3, 4], &[2, 4, 1])];
+    let cases: [(&[usize], &[usize]); 6] = [
+        (&[3, 4], &[4, 5]),
+        (&[1, 1], &[1, 1]),
+        (&[2, 3, 7], &[7, 5]),
+        (&[2, 1, 3, 4], &[3, 4, 2]),
+        (&[5, 17], &[17, 9]),
+        (&[2, 3, 4], &[2, 4, 1]),
+    ];
     for (a, b) in cases {
         check("matmul", &[a, b], &[Dom::Normal], TOL, |t| t[0].matmul(&t[1]), |r| ref_batched_matmul(&r[0], &r[1]));
     }
     // Either operand transposed (read in place), and vectors.
-    check("matmul_bt", &[&[3, 4], &[5, 4]], &[Dom::Normal], TOL, |t| t[0].matmul(&t[1].t()?), |r| {
-        let bt = Nd::new(&[4, 5], (0..20).map(|i| r[1].at(&[i % 5, i / 5])).collect());
-        ref_batched_matmul(&r[0], &bt)
-    });
-    check("matmul_at", &[&[4, 3], &[4, 5]], &[Dom::Normal], TOL, |t| t[0].t()?.matmul(&t[1]), |r| {
-        let at = Nd::new(&[3, 4], (0..12).map(|i| r[0].at(&[i % 4, i / 4])).collect());
-        ref_batched_matmul(&at, &r[1])
-    });
-    check("matvec", &[&[3, 4], &[4]], &[Dom::Normal], TOL, |t| t[0].matmul(&t[1]), |r| {
-        let b = Nd::new(&[4, 1], r[1].data.clone());
-        Nd::new(&[3], ref_batched_matmul(&r[0], &b).data)
-    });
+    check(
+        "matmul_bt",
+        &[&[3, 4], &[5, 4]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].matmul(&t[1].t()?),
+        |r| {
+            let bt = Nd::new(&[4, 5], (0..20).map(|i| r[1].at(&[i % 5, i / 5])).collect());
+            ref_batched_matmul(&r[0], &bt)
+        },
+    );
+    check(
+        "matmul_at",
+        &[&[4, 3], &[4, 5]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].t()?.matmul(&t[1]),
+        |r| {
+            let at = Nd::new(&[3, 4], (0..12).map(|i| r[0].at(&[i % 4, i / 4])).collect());
+            ref_batched_matmul(&at, &r[1])
+        },
+    );
+    check(
+        "matvec",
+        &[&[3, 4], &[4]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].matmul(&t[1]),
+        |r| {
+            let b = Nd::new(&[4, 1], r[1].data.clone());
+            Nd::new(&[3], ref_batched_matmul(&r[0], &b).data)
+        },
+    );
     // A larger product against the reference, forward only (exercises the blocked kernel).
     let mut rng = TestRng::new(9);
     let (a, b) = (random_nd(&[67, 131], Dom::Normal, &mut rng), random_nd(&[131, 45], Dom::Normal, &mut rng));
@@ -196,15 +285,36 @@ fn ref_norm(v: &[f64], w: Option<&[f64]>, b: Option<&[f64]>, eps: f64, rms: bool
 fn norms() {
     for shape in [&[4usize, 6][..], &[2, 3, 5], &[3, 1]] {
         let d = *shape.last().unwrap();
-        check("layer_norm", &[shape, &[d], &[d]], &[Dom::Normal], TOL, |t| t[0].layer_norm(Some(&t[1]), Some(&t[2]), 1e-5), |r| {
-            let (w, b) = (r[1].data.clone(), r[2].data.clone());
-            r[0].along(shape.len() - 1, |v| ref_norm(v, Some(&w), Some(&b), 1e-5, false))
-        });
-        check("layer_norm_plain", &[shape], &[Dom::Normal], TOL, |t| t[0].layer_norm(None, None, 1e-5), |r| r[0].along(shape.len() - 1, |v| ref_norm(v, None, None, 1e-5, false)));
-        check("rms_norm", &[shape, &[d]], &[Dom::Normal], TOL, |t| t[0].rms_norm(Some(&t[1]), 1e-6), |r| {
-            let w = r[1].data.clone();
-            r[0].along(shape.len() - 1, |v| ref_norm(v, Some(&w), None, 1e-6, true))
-        });
+        check(
+            "layer_norm",
+            &[shape, &[d], &[d]],
+            &[Dom::Normal],
+            TOL,
+            |t| t[0].layer_norm(Some(&t[1]), Some(&t[2]), 1e-5),
+            |r| {
+                let (w, b) = (r[1].data.clone(), r[2].data.clone());
+                r[0].along(shape.len() - 1, |v| ref_norm(v, Some(&w), Some(&b), 1e-5, false))
+            },
+        );
+        check(
+            "layer_norm_plain",
+            &[shape],
+            &[Dom::Normal],
+            TOL,
+            |t| t[0].layer_norm(None, None, 1e-5),
+            |r| r[0].along(shape.len() - 1, |v| ref_norm(v, None, None, 1e-5, false)),
+        );
+        check(
+            "rms_norm",
+            &[shape, &[d]],
+            &[Dom::Normal],
+            TOL,
+            |t| t[0].rms_norm(Some(&t[1]), 1e-6),
+            |r| {
+                let w = r[1].data.clone();
+                r[0].along(shape.len() - 1, |v| ref_norm(v, Some(&w), None, 1e-6, true))
+            },
+        );
     }
 }
 
@@ -212,49 +322,149 @@ fn norms() {
 fn embedding_index_select_gather() {
     let ids = Tensor::from_vec(vec![2u32, 0, 2, 4, 1, 2], &[2, 3], &Device::Cpu).unwrap();
     let idv = [2usize, 0, 2, 4, 1, 2];
-    check("embedding", &[&[5, 3]], &[Dom::Normal], TOL, |t| t[0].embedding(&ids), |r| {
-        Nd::new(&[2, 3, 3], idv.iter().flat_map(|&i| (0..3).map(move |j| (i, j))).map(|(i, j)| r[0].at(&[i, j])).collect())
-    });
+    check(
+        "embedding",
+        &[&[5, 3]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].embedding(&ids),
+        |r| Nd::new(&[2, 3, 3], idv.iter().flat_map(|&i| (0..3).map(move |j| (i, j))).map(|(i, j)| r[0].at(&[i, j])).collect()),
+    );
     let sel = Tensor::from_vec(vec![3i32, 1, 1], &[3], &Device::Cpu).unwrap();
-    check("index_select_axis1", &[&[2, 4, 3]], &[Dom::Normal], TOL, |t| t[0].index_select(1, &sel), |r| {
-        let s = [3usize, 1, 1];
-        Nd::new(&[2, 3, 3], (0..18).map(|i| { let ix = unravel(i, &[2, 3, 3]); r[0].at(&[ix[0], s[ix[1]], ix[2]]) }).collect())
-    });
+    check(
+        "index_select_axis1",
+        &[&[2, 4, 3]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].index_select(1, &sel),
+        |r| {
+            let s = [3usize, 1, 1];
+            Nd::new(
+                &[2, 3, 3],
+                (0..18)
+                    .map(|i| {
+                        let ix = unravel(i, &[2, 3, 3]);
+                        r[0].at(&[ix[0], s[ix[1]], ix[2]])
+                    })
+                    .collect(),
+            )
+        },
+    );
     let gidx = Tensor::from_vec(vec![0u32, 2, 1, 1, 3, 0], &[3, 2], &Device::Cpu).unwrap();
     let gv = [0usize, 2, 1, 1, 3, 0];
-    check("gather_axis1", &[&[3, 4]], &[Dom::Normal], TOL, |t| t[0].gather(1, &gidx), |r| Nd::new(&[3, 2], (0..6).map(|i| r[0].at(&[i / 2, gv[i]])).collect()));
+    check(
+        "gather_axis1",
+        &[&[3, 4]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].gather(1, &gidx),
+        |r| Nd::new(&[3, 2], (0..6).map(|i| r[0].at(&[i / 2, gv[i]])).collect()),
+    );
     let gidx0 = Tensor::from_vec(vec![1u32, 0, 1, 2, 2, 0], &[2, 3], &Device::Cpu).unwrap();
     let gv0 = [1usize, 0, 1, 2, 2, 0];
-    check("gather_axis0", &[&[3, 4]], &[Dom::Normal], TOL, |t| t[0].gather(0, &gidx0), |r| Nd::new(&[2, 3], (0..6).map(|i| r[0].at(&[gv0[i], i % 3])).collect()));
+    check(
+        "gather_axis0",
+        &[&[3, 4]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].gather(0, &gidx0),
+        |r| Nd::new(&[2, 3], (0..6).map(|i| r[0].at(&[gv0[i], i % 3])).collect()),
+    );
 }
 
 #[test]
 fn concat_split_narrow() {
-    check("concat_axis1", &[&[2, 3, 2], &[2, 1, 2], &[2, 4, 2]], &[Dom::Normal], TOL, |t| Tensor::concat(&[&t[0], &t[1], &t[2]], 1), |r| {
-        Nd::new(&[2, 8, 2], (0..32).map(|i| {
-            let ix = unravel(i, &[2, 8, 2]);
-            match ix[1] { j if j < 3 => r[0].at(&[ix[0], j, ix[2]]), 3 => r[1].at(&[ix[0], 0, ix[2]]), j => r[2].at(&[ix[0], j - 4, ix[2]]) }
-        }).collect())
-    });
-    check("concat_axis0", &[&[1, 3], &[2, 3]], &[Dom::Normal], TOL, |t| Tensor::concat(&[&t[0], &t[1]], 0), |r| Nd::new(&[3, 3], r[0].data.iter().chain(&r[1].data).cloned().collect()));
-    check("narrow", &[&[4, 6]], &[Dom::Normal], TOL, |t| t[0].narrow(1, 2, 3)?.mul_scalar(2.0), |r| Nd::new(&[4, 3], (0..12).map(|i| 2.0 * r[0].at(&[i / 3, 2 + i % 3])).collect()));
-    check("split_recombined", &[&[5, 4]], &[Dom::Normal], TOL, |t| {
-        let p = t[0].split(&[2, 3], 0)?;
-        p[0].sum(&[0], false)?.mul(&p[1].sum(&[0], false)?)
-    }, |r| {
-        let top = (0..4).map(|j| r[0].at(&[0, j]) + r[0].at(&[1, j]));
-        let bot = (0..4).map(|j| (2..5).map(|i| r[0].at(&[i, j])).sum::<f64>());
-        Nd::new(&[4], top.zip(bot).map(|(a, b)| a * b).collect())
-    });
+    check(
+        "concat_axis1",
+        &[&[2, 3, 2], &[2, 1, 2], &[2, 4, 2]],
+        &[Dom::Normal],
+        TOL,
+        |t| Tensor::concat(&[&t[0], &t[1], &t[2]], 1),
+        |r| {
+            Nd::new(
+                &[2, 8, 2],
+                (0..32)
+                    .map(|i| {
+                        let ix = unravel(i, &[2, 8, 2]);
+                        match ix[1] {
+                            j if j < 3 => r[0].at(&[ix[0], j, ix[2]]),
+                            3 => r[1].at(&[ix[0], 0, ix[2]]),
+                            j => r[2].at(&[ix[0], j - 4, ix[2]]),
+                        }
+                    })
+                    .collect(),
+            )
+        },
+    );
+    check(
+        "concat_axis0",
+        &[&[1, 3], &[2, 3]],
+        &[Dom::Normal],
+        TOL,
+        |t| Tensor::concat(&[&t[0], &t[1]], 0),
+        |r| Nd::new(&[3, 3], r[0].data.iter().chain(&r[1].data).cloned().collect()),
+    );
+    check(
+        "narrow",
+        &[&[4, 6]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].narrow(1, 2, 3)?.mul_scalar(2.0),
+        |r| Nd::new(&[4, 3], (0..12).map(|i| 2.0 * r[0].at(&[i / 3, 2 + i % 3])).collect()),
+    );
+    check(
+        "split_recombined",
+        &[&[5, 4]],
+        &[Dom::Normal],
+        TOL,
+        |t| {
+            let p = t[0].split(&[2, 3], 0)?;
+            p[0].sum(&[0], false)?.mul(&p[1].sum(&[0], false)?)
+        },
+        |r| {
+            let top = (0..4).map(|j| r[0].at(&[0, j]) + r[0].at(&[1, j]));
+            let bot = (0..4).map(|j| (2..5).map(|i| r[0].at(&[i, j])).sum::<f64>());
+            Nd::new(&[4], top.zip(bot).map(|(a, b)| a * b).collect())
+        },
+    );
 }
 
 #[test]
 fn views_transpose_reshape_broadcast() {
-    check("transpose_contiguous", &[&[2, 3, 4]], &[Dom::Normal], TOL, |t| t[0].transpose(0, 2)?.contiguous()?.reshape(&[4, -1]), |r| {
-        Nd::new(&[4, 6], (0..24).map(|i| { let ix = unravel(i, &[4, 3, 2]); r[0].at(&[ix[2], ix[1], ix[0]]) }).collect())
-    });
-    check("broadcast_to", &[&[3, 1]], &[Dom::Normal], TOL, |t| t[0].broadcast_to(&[2, 3, 4])?.mul_scalar(1.0), |r| Nd::new(&[2, 3, 4], (0..24).map(|i| r[0].at(&[(i / 4) % 3, 0])).collect()));
-    check("unsqueeze_squeeze", &[&[3, 4]], &[Dom::Normal], TOL, |t| t[0].unsqueeze(1)?.squeeze(1)?.unsqueeze(-1)?.sum(&[0], false), |r| Nd::new(&[4, 1], r[0].reduce(0, |v| v.iter().sum()).data));
+    check(
+        "transpose_contiguous",
+        &[&[2, 3, 4]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].transpose(0, 2)?.contiguous()?.reshape(&[4, -1]),
+        |r| {
+            Nd::new(
+                &[4, 6],
+                (0..24)
+                    .map(|i| {
+                        let ix = unravel(i, &[4, 3, 2]);
+                        r[0].at(&[ix[2], ix[1], ix[0]])
+                    })
+                    .collect(),
+            )
+        },
+    );
+    check(
+        "broadcast_to",
+        &[&[3, 1]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].broadcast_to(&[2, 3, 4])?.mul_scalar(1.0),
+        |r| Nd::new(&[2, 3, 4], (0..24).map(|i| r[0].at(&[(i / 4) % 3, 0])).collect()),
+    );
+    check(
+        "unsqueeze_squeeze",
+        &[&[3, 4]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].unsqueeze(1)?.squeeze(1)?.unsqueeze(-1)?.sum(&[0], false),
+        |r| Nd::new(&[4, 1], r[0].reduce(0, |v| v.iter().sum()).data),
+    );
 }
 
 fn ref_rope(x: &Nd, pos0: usize, base: f64, interleaved: bool) -> Nd {
@@ -280,10 +490,17 @@ fn rope_both_layouts() {
     for (layout, inter) in [(RopeLayout::HalfSplit, false), (RopeLayout::Interleaved, true)] {
         for shape in [&[2usize, 3, 5, 8][..], &[1, 4], &[3, 6]] {
             let (seq, dim) = (shape[shape.len() - 2], shape[shape.len() - 1]);
-            check("rope", &[shape], &[Dom::Normal], TOL, |t| {
-                let (c, s) = Tensor::rope_tables(3, seq, dim, 10000.0, t[0].dtype(), &Device::Cpu)?;
-                t[0].rope(&c, &s, layout)
-            }, |r| ref_rope(&r[0], 3, 10000.0, inter));
+            check(
+                "rope",
+                &[shape],
+                &[Dom::Normal],
+                TOL,
+                |t| {
+                    let (c, s) = Tensor::rope_tables(3, seq, dim, 10000.0, t[0].dtype(), &Device::Cpu)?;
+                    t[0].rope(&c, &s, layout)
+                },
+                |r| ref_rope(&r[0], 3, 10000.0, inter),
+            );
         }
     }
 }
@@ -293,22 +510,59 @@ fn cross_entropy() {
     let targets = Tensor::from_vec(vec![2i32, 0, -100, 4, 1], &[5], &Device::Cpu).unwrap();
     let tv = [2i64, 0, -100, 4, 1];
     let ce = |r: &Nd| -> Vec<f64> {
-        (0..5).map(|i| {
-            if tv[i] < 0 { return 0.0; }
-            let row: Vec<f64> = (0..6).map(|j| r.at(&[i, j])).collect();
-            -ref_softmax(&row)[tv[i] as usize].ln()
-        }).collect()
+        (0..5)
+            .map(|i| {
+                if tv[i] < 0 {
+                    return 0.0;
+                }
+                let row: Vec<f64> = (0..6).map(|j| r.at(&[i, j])).collect();
+                -ref_softmax(&row)[tv[i] as usize].ln()
+            })
+            .collect()
     };
-    check("cross_entropy_mean", &[&[5, 6]], &[Dom::Normal], TOL, |t| t[0].cross_entropy(&targets, -100, CrossEntropyReduction::Mean), |r| Nd::new(&[], vec![ce(&r[0]).iter().sum::<f64>() / 4.0]));
-    check("cross_entropy_sum", &[&[5, 6]], &[Dom::Normal], TOL, |t| t[0].cross_entropy(&targets, -100, CrossEntropyReduction::Sum), |r| Nd::new(&[], vec![ce(&r[0]).iter().sum::<f64>()]));
-    check("cross_entropy_none", &[&[5, 6]], &[Dom::Normal], TOL, |t| t[0].cross_entropy(&targets, -100, CrossEntropyReduction::None), |r| Nd::new(&[5], ce(&r[0])));
+    check(
+        "cross_entropy_mean",
+        &[&[5, 6]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].cross_entropy(&targets, -100, CrossEntropyReduction::Mean),
+        |r| Nd::new(&[], vec![ce(&r[0]).iter().sum::<f64>() / 4.0]),
+    );
+    check(
+        "cross_entropy_sum",
+        &[&[5, 6]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].cross_entropy(&targets, -100, CrossEntropyReduction::Sum),
+        |r| Nd::new(&[], vec![ce(&r[0]).iter().sum::<f64>()]),
+    );
+    check(
+        "cross_entropy_none",
+        &[&[5, 6]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].cross_entropy(&targets, -100, CrossEntropyReduction::None),
+        |r| Nd::new(&[5], ce(&r[0])),
+    );
     // 3-d logits [batch, seq, vocab] with u32 targets.
     let t3 = Tensor::from_vec(vec![1u32, 3, 0, 2, 2, 1], &[2, 3], &Device::Cpu).unwrap();
     let tv3 = [1usize, 3, 0, 2, 2, 1];
-    check("cross_entropy_3d", &[&[2, 3, 4]], &[Dom::Normal], TOL, |t| t[0].cross_entropy(&t3, -100, CrossEntropyReduction::Mean), |r| {
-        let s: f64 = (0..6).map(|i| { let row: Vec<f64> = (0..4).map(|j| r[0].at(&[i / 3, i % 3, j])).collect(); -ref_softmax(&row)[tv3[i]].ln() }).sum();
-        Nd::new(&[], vec![s / 6.0])
-    });
+    check(
+        "cross_entropy_3d",
+        &[&[2, 3, 4]],
+        &[Dom::Normal],
+        TOL,
+        |t| t[0].cross_entropy(&t3, -100, CrossEntropyReduction::Mean),
+        |r| {
+            let s: f64 = (0..6)
+                .map(|i| {
+                    let row: Vec<f64> = (0..4).map(|j| r[0].at(&[i / 3, i % 3, j])).collect();
+                    -ref_softmax(&row)[tv3[i]].ln()
+                })
+                .sum();
+            Nd::new(&[], vec![s / 6.0])
+        },
+    );
     // Stable with huge logits.
     let x = Tensor::from_vec(vec![1000.0f32, -1000.0, 0.0], &[1, 3], &Device::Cpu).unwrap();
     let t = Tensor::from_vec(vec![0u32], &[1], &Device::Cpu).unwrap();

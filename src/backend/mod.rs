@@ -201,7 +201,14 @@ impl Storage {
     /// Layer norm (or RMS norm) over the last axis of `x`, with optional affine weight and
     /// bias of the last axis' length. Returns `(y, mean, rstd)`, mean and rstd per row (mean is
     /// all zeros for RMS norm).
-    pub fn norm_last(&self, layout: &Layout, weight: Option<&Storage>, bias: Option<&Storage>, eps: f64, rms: bool) -> Result<(Storage, Storage, Storage)> {
+    pub fn norm_last(
+        &self,
+        layout: &Layout,
+        weight: Option<&Storage>,
+        bias: Option<&Storage>,
+        eps: f64,
+        rms: bool,
+    ) -> Result<(Storage, Storage, Storage)> {
         on_device!(self, s => {
             let (y, m, r) = s.norm_last(layout, weight.map(|w| same_device!(w)), bias.map(|b| same_device!(b)), eps, rms)?;
             Ok((Storage::Cpu(y), Storage::Cpu(m), Storage::Cpu(r)))
@@ -211,7 +218,16 @@ impl Storage {
     /// Backward of [`Storage::norm_last`]: from `x`, weight, the output gradient `g` and the saved
     /// `mean`/`rstd`, compute `(dx, dweight, dbias)`; dweight/dbias are summed over rows.
     #[allow(clippy::too_many_arguments)]
-    pub fn norm_last_backward(&self, layout: &Layout, weight: Option<&Storage>, g: &Storage, g_layout: &Layout, mean: &Storage, rstd: &Storage, rms: bool) -> Result<(Storage, Storage, Storage)> {
+    pub fn norm_last_backward(
+        &self,
+        layout: &Layout,
+        weight: Option<&Storage>,
+        g: &Storage,
+        g_layout: &Layout,
+        mean: &Storage,
+        rstd: &Storage,
+        rms: bool,
+    ) -> Result<(Storage, Storage, Storage)> {
         on_device!(self, s => {
             let (dx, dw, db) = s.norm_last_backward(layout, weight.map(|w| same_device!(w)), same_device!(g), g_layout, same_device!(mean), same_device!(rstd), rms)?;
             Ok((Storage::Cpu(dx), Storage::Cpu(dw), Storage::Cpu(db)))
@@ -264,7 +280,15 @@ impl Storage {
 
     /// Gradient of the per-row losses wrt the logits: `(softmax(row) − onehot(target))·g[row]`,
     /// zero for ignored rows.
-    pub fn cross_entropy_backward(&self, layout: &Layout, targets: &Storage, t_layout: &Layout, g: &Storage, g_layout: &Layout, ignore_index: i64) -> Result<Storage> {
+    pub fn cross_entropy_backward(
+        &self,
+        layout: &Layout,
+        targets: &Storage,
+        t_layout: &Layout,
+        g: &Storage,
+        g_layout: &Layout,
+        ignore_index: i64,
+    ) -> Result<Storage> {
         on_device!(self, s => Ok(Storage::Cpu(s.cross_entropy_backward(layout, same_device!(targets), t_layout, same_device!(g), g_layout, ignore_index)?)))
     }
 

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::autograd::{self, BackwardFn, Node};
-use crate::backend::{CpuStorage, Device, Storage};
 use crate::backend::cpu::Elem;
+use crate::backend::{CpuStorage, Device, Storage};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::{resolve_axis, Layout};
@@ -55,7 +55,14 @@ pub struct Tensor(Arc<Inner>);
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor(shape={:?}, dtype={:?}, device={}, requires_grad={})", self.shape(), self.dtype(), self.device(), self.requires_grad_flag())
+        write!(
+            f,
+            "Tensor(shape={:?}, dtype={:?}, device={}, requires_grad={})",
+            self.shape(),
+            self.dtype(),
+            self.device(),
+            self.requires_grad_flag()
+        )
     }
 }
 
@@ -82,12 +89,24 @@ impl Tensor {
     }
 
     /// The result of an op: records `backward` when a gradient is wanted from any input.
-    pub(crate) fn from_op(storage: Storage, shape: &[usize], op: &'static str, inputs: &[&Tensor], backward: impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static) -> Tensor {
+    pub(crate) fn from_op(
+        storage: Storage,
+        shape: &[usize],
+        op: &'static str,
+        inputs: &[&Tensor],
+        backward: impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+    ) -> Tensor {
         Tensor::with_node(Arc::new(storage), Layout::contiguous(shape), op, inputs, Box::new(backward))
     }
 
     /// Like `from_op`, for a storage that a graph-free handle ([`Tensor::leaf_shared`]) also holds.
-    pub(crate) fn from_op_shared(storage: Arc<Storage>, shape: &[usize], op: &'static str, inputs: &[&Tensor], backward: impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static) -> Tensor {
+    pub(crate) fn from_op_shared(
+        storage: Arc<Storage>,
+        shape: &[usize],
+        op: &'static str,
+        inputs: &[&Tensor],
+        backward: impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+    ) -> Tensor {
         Tensor::with_node(storage, Layout::contiguous(shape), op, inputs, Box::new(backward))
     }
 
@@ -103,7 +122,12 @@ impl Tensor {
     }
 
     /// A view: same storage, another layout.
-    pub(crate) fn view_op(&self, layout: Layout, op: &'static str, backward: impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static) -> Tensor {
+    pub(crate) fn view_op(
+        &self,
+        layout: Layout,
+        op: &'static str,
+        backward: impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+    ) -> Tensor {
         Tensor::with_node(self.storage_arc(), layout, op, &[self], Box::new(backward))
     }
 
@@ -153,7 +177,10 @@ impl Tensor {
     /// `start, start+step, ..` below `end`, as a 1-d tensor of `dtype`.
     pub fn arange(start: f64, end: f64, step: f64, dtype: DType, device: &Device) -> Result<Tensor> {
         if step == 0.0 || !step.is_finite() || !start.is_finite() || !end.is_finite() {
-            return Err(Error::InvalidArgument { op: "arange", msg: format!("need finite bounds and a non-zero step, got {start}..{end} step {step}") });
+            return Err(Error::InvalidArgument {
+                op: "arange",
+                msg: format!("need finite bounds and a non-zero step, got {start}..{end} step {step}"),
+            });
         }
         let n = ((end - start) / step).ceil().max(0.0) as usize;
         let v: Vec<f64> = (0..n).map(|i| start + i as f64 * step).collect();
@@ -253,7 +280,9 @@ impl Tensor {
         }
         let cpu = self.storage_arc().to_cpu(self.layout())?;
         let back = self.device().clone();
-        Ok(Tensor::from_op(Storage::from_cpu(device, cpu)?, self.shape(), "to_device", &[self], move |g| Ok(vec![Some(g.to_device(&back)?)])))
+        Ok(Tensor::from_op(Storage::from_cpu(device, cpu)?, self.shape(), "to_device", &[self], move |g| {
+            Ok(vec![Some(g.to_device(&back)?)])
+        }))
     }
 
     // ----- autograd -----------------------------------------------------------------------
@@ -316,7 +345,10 @@ impl Tensor {
             return Err(Error::DTypeMismatch { op: "set_data", lhs: self.dtype(), rhs: value.dtype() });
         }
         if !self.is_contiguous() || self.layout().offset() != 0 {
-            return Err(Error::Shape { op: "set_data", msg: "only a contiguous tensor (a leaf made by a constructor) can be updated in place".into() });
+            return Err(Error::Shape {
+                op: "set_data",
+                msg: "only a contiguous tensor (a leaf made by a constructor) can be updated in place".into(),
+            });
         }
         let fresh = value.storage_arc().to_cpu(value.layout())?;
         *self.0.storage.write().expect("storage lock poisoned") = Arc::new(Storage::from_cpu(self.device(), fresh)?);
@@ -401,7 +433,10 @@ impl Tensor {
     pub fn split(&self, sizes: &[usize], axis: isize) -> Result<Vec<Tensor>> {
         let ax = resolve_axis("split", axis, self.shape())?;
         if sizes.iter().sum::<usize>() != self.shape()[ax] {
-            return Err(Error::Shape { op: "split", msg: format!("sizes {sizes:?} do not add up to axis {ax} of shape {:?}", self.shape()) });
+            return Err(Error::Shape {
+                op: "split",
+                msg: format!("sizes {sizes:?} do not add up to axis {ax} of shape {:?}", self.shape()),
+            });
         }
         let mut start = 0;
         sizes
@@ -416,7 +451,7 @@ impl Tensor {
 
     /// Split `axis` into `n` equal pieces.
     pub fn chunk(&self, n: usize, axis: isize) -> Result<Vec<Tensor>> {
-        let d = self.dim(axis)?;
+        let d = self.shape()[resolve_axis("chunk", axis, self.shape())?];
         if n == 0 || d % n != 0 {
             return Err(Error::Shape { op: "chunk", msg: format!("axis of size {d} does not split into {n} equal parts") });
         }
@@ -479,7 +514,11 @@ impl Tensor {
         if self.shape() == shape {
             return Ok(self.clone());
         }
-        let extra = self.rank().checked_sub(shape.len()).ok_or_else(|| Error::ShapeMismatch { op: "sum_to_shape", lhs: self.shape().to_vec(), rhs: shape.to_vec() })?;
+        let extra = self.rank().checked_sub(shape.len()).ok_or_else(|| Error::ShapeMismatch {
+            op: "sum_to_shape",
+            lhs: self.shape().to_vec(),
+            rhs: shape.to_vec(),
+        })?;
         let mut axes: Vec<isize> = (0..extra as isize).collect();
         for (i, &d) in shape.iter().enumerate() {
             let src = self.shape()[i + extra];

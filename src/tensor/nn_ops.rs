@@ -107,7 +107,8 @@ impl Tensor {
         inputs.extend(bias);
         Ok(Tensor::from_op(y, self.shape(), name, &inputs, move |g| {
             let ws = w.as_ref().map(|w| w.storage_arc());
-            let (dx, dw, db) = x.storage_arc().norm_last_backward(x.layout(), ws.as_deref(), &g.storage_arc(), g.layout(), &mean, &rstd, rms)?;
+            let (dx, dw, db) =
+                x.storage_arc().norm_last_backward(x.layout(), ws.as_deref(), &g.storage_arc(), g.layout(), &mean, &rstd, rms)?;
             let mut grads = vec![Some(Tensor::from_storage(dx, x.shape()))];
             if has_w {
                 grads.push(Some(Tensor::from_storage(dw, &[d])));
@@ -196,7 +197,9 @@ impl Tensor {
         let sizes: Vec<usize> = parts.iter().map(|p| p.shape()[ax]).collect();
         let mut shape = first.shape().to_vec();
         shape[ax] = sizes.iter().sum();
-        Ok(Tensor::from_op(out, &shape, "concat", parts, move |g| Ok(g.split(&sizes, ax as isize)?.into_iter().map(|t| t.contiguous().map(Some)).collect::<Result<_>>()?)))
+        Ok(Tensor::from_op(out, &shape, "concat", parts, move |g| {
+            g.split(&sizes, ax as isize)?.into_iter().map(|t| t.contiguous().map(Some)).collect::<Result<_>>()
+        }))
     }
 
     /// Rotary position embedding of `self` `[.., seq, head_dim]`, rotating each pair by the
@@ -208,7 +211,10 @@ impl Tensor {
         check_same("rope", self, cos)?;
         check_same("rope", self, sin)?;
         if self.rank() < 2 || self.shape()[self.rank() - 1] % 2 != 0 {
-            return Err(Error::Shape { op: "rope", msg: format!("needs [.., seq, head_dim] with an even head_dim, got {:?}", self.shape()) });
+            return Err(Error::Shape {
+                op: "rope",
+                msg: format!("needs [.., seq, head_dim] with an even head_dim, got {:?}", self.shape()),
+            });
         }
         let (seq, dim) = (self.shape()[self.rank() - 2], self.shape()[self.rank() - 1]);
         for t in [cos, sin] {
@@ -229,7 +235,10 @@ impl Tensor {
     /// frequencies `θ_i = base^{−2i/head_dim}`. Computed in f64, stored as `dtype`.
     pub fn rope_tables(start: usize, seq: usize, head_dim: usize, base: f64, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
         if head_dim % 2 != 0 || base <= 0.0 {
-            return Err(Error::InvalidArgument { op: "rope_tables", msg: format!("head_dim {head_dim} must be even and base {base} positive") });
+            return Err(Error::InvalidArgument {
+                op: "rope_tables",
+                msg: format!("head_dim {head_dim} must be even and base {base} positive"),
+            });
         }
         let half = head_dim / 2;
         let (mut c, mut s) = (Vec::with_capacity(seq * half), Vec::with_capacity(seq * half));
@@ -310,7 +319,14 @@ impl Tensor {
         let x = logits.detach();
         let t2 = t.clone();
         let per_row = Tensor::from_op(losses, &[n], "cross_entropy", &[&logits], move |g| {
-            let d = x.storage_arc().cross_entropy_backward(x.layout(), &t2.storage_arc(), t2.layout(), &g.storage_arc(), g.layout(), ignore_index)?;
+            let d = x.storage_arc().cross_entropy_backward(
+                x.layout(),
+                &t2.storage_arc(),
+                t2.layout(),
+                &g.storage_arc(),
+                g.layout(),
+                ignore_index,
+            )?;
             Ok(vec![Some(Tensor::from_storage(d, &[n, c]))])
         });
         match reduction {

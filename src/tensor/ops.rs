@@ -89,7 +89,12 @@ unary_ops! {
 }
 
 impl Tensor {
-    fn unary_with(&self, name: &'static str, op: UnaryOp, grad: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static) -> Result<Tensor> {
+    fn unary_with(
+        &self,
+        name: &'static str,
+        op: UnaryOp,
+        grad: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+    ) -> Result<Tensor> {
         check_compute(name, self)?;
         let out = std::sync::Arc::new(self.storage_arc().unary(op, self.layout())?);
         // Some rules need the output: keep a graph-free handle on the same storage (no cycle).
@@ -154,7 +159,13 @@ impl Tensor {
 
     /// Broadcast both operands to a common shape, run `op`, and record `grad`, whose two
     /// results are summed back to each operand's own shape.
-    fn binary_with(&self, rhs: &Tensor, name: &'static str, op: BinaryOp, grad: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync + 'static) -> Result<Tensor> {
+    fn binary_with(
+        &self,
+        rhs: &Tensor,
+        name: &'static str,
+        op: BinaryOp,
+        grad: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync + 'static,
+    ) -> Result<Tensor> {
         check_same(name, self, rhs)?;
         let shape = broadcast_shapes(name, self.shape(), rhs.shape())?;
         let (la, lb) = (self.layout().broadcast_to(&shape)?, rhs.layout().broadcast_to(&shape)?);
@@ -281,7 +292,9 @@ impl Tensor {
             None => return Ok(self.clone()),
         };
         let src = self.shape().to_vec();
-        Ok(Tensor::from_op(storage, &out_shape, "sum", &[self], move |g| Ok(vec![Some(g.reshape_to(&kept)?.broadcast_to(&src)?.contiguous()?)])))
+        Ok(Tensor::from_op(storage, &out_shape, "sum", &[self], move |g| {
+            Ok(vec![Some(g.reshape_to(&kept)?.broadcast_to(&src)?.contiguous()?)])
+        }))
     }
 
     /// Sum of all elements (a scalar).
@@ -311,7 +324,8 @@ impl Tensor {
         }
         let out = std::sync::Arc::new(self.storage_arc().reduce(op, self.layout(), ax)?);
         let kept = self.kept_shape(&[ax]);
-        let out_shape = if keepdim { kept.clone() } else { self.shape().iter().enumerate().filter(|&(i, _)| i != ax).map(|(_, &d)| d).collect() };
+        let out_shape =
+            if keepdim { kept.clone() } else { self.shape().iter().enumerate().filter(|&(i, _)| i != ax).map(|(_, &d)| d).collect() };
         let x = self.detach();
         let y = Tensor::leaf_shared(out.clone(), &kept);
         Ok(Tensor::from_op_shared(out, &out_shape, name, &[self], move |g| {
@@ -339,7 +353,11 @@ impl Tensor {
             return Err(Error::Shape { op: name, msg: format!("cannot reduce empty axis {ax} of shape {:?}", self.shape()) });
         }
         let out = self.storage_arc().reduce(op, self.layout(), ax)?;
-        let shape = if keepdim { self.kept_shape(&[ax]) } else { self.shape().iter().enumerate().filter(|&(i, _)| i != ax).map(|(_, &d)| d).collect() };
+        let shape = if keepdim {
+            self.kept_shape(&[ax])
+        } else {
+            self.shape().iter().enumerate().filter(|&(i, _)| i != ax).map(|(_, &d)| d).collect()
+        };
         Ok(Tensor::from_storage(out, &shape))
     }
 
@@ -360,7 +378,10 @@ impl Tensor {
     pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
         check_same("matmul", self, rhs)?;
         if self.rank() == 0 || rhs.rank() == 0 {
-            return Err(Error::Shape { op: "matmul", msg: format!("needs operands of rank ≥ 1, got {:?} and {:?}", self.shape(), rhs.shape()) });
+            return Err(Error::Shape {
+                op: "matmul",
+                msg: format!("needs operands of rank ≥ 1, got {:?} and {:?}", self.shape(), rhs.shape()),
+            });
         }
         if self.rank() == 1 {
             return self.unsqueeze(0)?.matmul(rhs)?.squeeze(-2);

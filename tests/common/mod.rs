@@ -3,6 +3,7 @@
 //! 2. forward on non-contiguous (permuted) inputs, which must give the same values;
 //! 3. backward, in f64, against central finite differences of the op itself, on both
 //!    contiguous and non-contiguous leaves.
+//!
 //! Adding an op's test is one call to [`check`] (or [`unary`]/[`binary`]).
 #![allow(dead_code)]
 
@@ -58,7 +59,15 @@ impl Nd {
     pub fn zip(&self, o: &Nd, f: impl Fn(f64, f64) -> f64) -> Nd {
         let shape = broadcast(&self.shape, &o.shape);
         let n = shape.iter().product();
-        Nd::new(&shape, (0..n).map(|i| { let idx = unravel(i, &shape); f(self.at_broadcast(&idx), o.at_broadcast(&idx)) }).collect())
+        Nd::new(
+            &shape,
+            (0..n)
+                .map(|i| {
+                    let idx = unravel(i, &shape);
+                    f(self.at_broadcast(&idx), o.at_broadcast(&idx))
+                })
+                .collect(),
+        )
     }
     /// Reduce one axis with `f` over the values along it; the axis is removed.
     pub fn reduce(&self, axis: usize, f: impl Fn(&[f64]) -> f64) -> Nd {
@@ -69,7 +78,12 @@ impl Nd {
             .map(|i| {
                 let mut idx = unravel(i, &shape);
                 idx.insert(axis, 0);
-                let vals: Vec<f64> = (0..d).map(|j| { idx[axis] = j; self.at(&idx) }).collect();
+                let vals: Vec<f64> = (0..d)
+                    .map(|j| {
+                        idx[axis] = j;
+                        self.at(&idx)
+                    })
+                    .collect();
                 f(&vals)
             })
             .collect();
@@ -152,7 +166,11 @@ pub fn random_nd(shape: &[usize], dom: Dom, rng: &mut TestRng) -> Nd {
         Dom::AwayFromZero => (0..n)
             .map(|_| {
                 let v = rng.normal();
-                if v.abs() < 0.05 { 0.05_f64.copysign(v) + v } else { v }
+                if v.abs() < 0.05 {
+                    0.05_f64.copysign(v) + v
+                } else {
+                    v
+                }
             })
             .collect(),
         Dom::Distinct => {
@@ -203,7 +221,14 @@ pub fn assert_close(name: &str, what: &str, got: &[f64], want: &[f64], tol: f64)
 /// Check an op: forward against `reference` (float64), non-contiguous inputs, gradients
 /// against central differences. `shapes`/`doms` describe the differentiable inputs; anything
 /// else the op needs (indices, flags) is captured by the closures.
-pub fn check(name: &str, shapes: &[&[usize]], doms: &[Dom], tol: Tol, op: impl Fn(&[Tensor]) -> Result<Tensor>, reference: impl Fn(&[Nd]) -> Nd) {
+pub fn check(
+    name: &str,
+    shapes: &[&[usize]],
+    doms: &[Dom],
+    tol: Tol,
+    op: impl Fn(&[Tensor]) -> Result<Tensor>,
+    reference: impl Fn(&[Nd]) -> Nd,
+) {
     let mut rng = TestRng::new(name.bytes().fold(17u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64)));
     let nds: Vec<Nd> = shapes.iter().enumerate().map(|(i, s)| random_nd(s, doms[i.min(doms.len() - 1)], &mut rng)).collect();
     let want = reference(&nds);
@@ -240,7 +265,11 @@ pub fn check(name: &str, shapes: &[&[usize]], doms: &[Dom], tol: Tol, op: impl F
                         let mut v = base.clone();
                         v[i] += delta;
                         let stored = Tensor::from_vec(v, leaf.shape(), &Device::Cpu).unwrap();
-                        let input = if permuted && nd.shape.len() >= 2 { stored.permute(&(0..nd.shape.len()).rev().collect::<Vec<_>>()).unwrap() } else { stored };
+                        let input = if permuted && nd.shape.len() >= 2 {
+                            stored.permute(&(0..nd.shape.len()).rev().collect::<Vec<_>>()).unwrap()
+                        } else {
+                            stored
+                        };
                         let mut ins2 = ins.iter().map(|t| t.detach()).collect::<Vec<_>>();
                         ins2[k] = input;
                         loss_of(&ins2).unwrap().to_scalar().unwrap()
@@ -264,7 +293,8 @@ pub fn unary(name: &str, dom: Dom, op: impl Fn(&Tensor) -> Result<Tensor>, refer
 
 /// One-line check of a broadcasting binary op over several shape pairs.
 pub fn binary(name: &str, doms: [Dom; 2], op: impl Fn(&Tensor, &Tensor) -> Result<Tensor>, reference: impl Fn(f64, f64) -> f64) {
-    let pairs: [(&[usize], &[usize]); 5] = [(&[3, 4], &[3, 4]), (&[3, 1, 5], &[4, 1]), (&[1], &[2, 3]), (&[5, 3], &[3]), (&[2, 1, 3], &[2, 4, 1])];
+    let pairs: [(&[usize], &[usize]); 5] =
+        [(&[3, 4], &[3, 4]), (&[3, 1, 5], &[4, 1]), (&[1], &[2, 3]), (&[5, 3], &[3]), (&[2, 1, 3], &[2, 4, 1])];
     for (a, b) in pairs {
         check(name, &[a, b], &doms, TOL, |t| op(&t[0], &t[1]), |r| r[0].zip(&r[1], &reference));
     }

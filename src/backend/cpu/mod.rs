@@ -196,7 +196,15 @@ fn unary_kernel<T: Float>(x: &[T], op: UnaryOp) -> Vec<T> {
         UnaryOp::Recip => map(x, |v| T::ONE / v),
         UnaryOp::Sqr => map(x, |v| v * v),
         UnaryOp::Abs => map(x, |v| v.abs()),
-        UnaryOp::Sign => map(x, |v| if v > T::ZERO { T::ONE } else if v < T::ZERO { -T::ONE } else { T::ZERO }),
+        UnaryOp::Sign => map(x, |v| {
+            if v > T::ZERO {
+                T::ONE
+            } else if v < T::ZERO {
+                -T::ONE
+            } else {
+                T::ZERO
+            }
+        }),
         UnaryOp::Tanh => map(x, |v| v.tanh()),
         UnaryOp::Sigmoid => map(x, sigmoid),
         UnaryOp::Erf => map(x, |v| v.erf()),
@@ -220,7 +228,15 @@ fn unary_kernel<T: Float>(x: &[T], op: UnaryOp) -> Vec<T> {
         }
         UnaryOp::Clamp(lo, hi) => {
             let (lo, hi) = (c(lo), c(hi));
-            map(x, move |v| if v < lo { lo } else if v > hi { hi } else { v })
+            map(x, move |v| {
+                if v < lo {
+                    lo
+                } else if v > hi {
+                    hi
+                } else {
+                    v
+                }
+            })
         }
         UnaryOp::Cmp(op, s) => {
             let s = c(s);
@@ -271,7 +287,12 @@ fn without_axis(layout: &Layout, axis: usize) -> Layout {
     Layout::new(shape, strides, layout.offset())
 }
 
-fn reduce_kernel<T: Float, R: Copy + Send + Sync + Default>(x: &[T], layout: &Layout, axis: usize, f: impl Fn(&mut dyn Iterator<Item = T>) -> R + Sync) -> Vec<R> {
+fn reduce_kernel<T: Float, R: Copy + Send + Sync + Default>(
+    x: &[T],
+    layout: &Layout,
+    axis: usize,
+    f: impl Fn(&mut dyn Iterator<Item = T>) -> R + Sync,
+) -> Vec<R> {
     let outer = without_axis(layout, axis);
     let (d, stride) = (layout.shape()[axis], layout.strides()[axis]);
     let mut out = vec![R::default(); outer.numel()];
@@ -301,8 +322,12 @@ where
     };
     match op {
         ReduceOp::Sum => reduce_kernel(x, layout, axis, |it| it.fold(T::ZERO, |a, b| a + b)).into(),
-        ReduceOp::Max => reduce_kernel(x, layout, axis, |it| it.fold(T::neg_infinity(), |a, b| if b > a || b.is_nan() { b } else { a })).into(),
-        ReduceOp::Min => reduce_kernel(x, layout, axis, |it| it.fold(-T::neg_infinity(), |a, b| if b < a || b.is_nan() { b } else { a })).into(),
+        ReduceOp::Max => {
+            reduce_kernel(x, layout, axis, |it| it.fold(T::neg_infinity(), |a, b| if b > a || b.is_nan() { b } else { a })).into()
+        }
+        ReduceOp::Min => {
+            reduce_kernel(x, layout, axis, |it| it.fold(-T::neg_infinity(), |a, b| if b < a || b.is_nan() { b } else { a })).into()
+        }
         ReduceOp::ArgMax => CpuStorage::U32(reduce_kernel(x, layout, axis, arg(|v, b| v > b))),
         ReduceOp::ArgMin => CpuStorage::U32(reduce_kernel(x, layout, axis, arg(|v, b| v < b))),
     }
@@ -421,19 +446,21 @@ fn norm_backward_kernel<T: Float>(x: &[T], d: usize, w: Option<&[T]>, g: &[T], m
         return (dx, vec![], vec![]);
     }
     let dn = T::from_f64(d as f64);
-    dx.par_chunks_mut(d).zip(x.par_chunks(d).zip(g.par_chunks(d))).zip(mean.par_iter().zip(rstd.par_iter())).for_each(|((dx, (x, g)), (&mu, &r))| {
-        let (mut s_g, mut s_gx) = (T::ZERO, T::ZERO);
-        for j in 0..d {
-            let gh = if let Some(w) = w { g[j] * w[j] } else { g[j] };
-            s_g += gh;
-            s_gx += gh * (x[j] - mu) * r;
-        }
-        let (m_g, m_gx) = (if rms { T::ZERO } else { s_g / dn }, s_gx / dn);
-        for j in 0..d {
-            let gh = if let Some(w) = w { g[j] * w[j] } else { g[j] };
-            dx[j] = r * (gh - m_g - (x[j] - mu) * r * m_gx);
-        }
-    });
+    dx.par_chunks_mut(d).zip(x.par_chunks(d).zip(g.par_chunks(d))).zip(mean.par_iter().zip(rstd.par_iter())).for_each(
+        |((dx, (x, g)), (&mu, &r))| {
+            let (mut s_g, mut s_gx) = (T::ZERO, T::ZERO);
+            for j in 0..d {
+                let gh = if let Some(w) = w { g[j] * w[j] } else { g[j] };
+                s_g += gh;
+                s_gx += gh * (x[j] - mu) * r;
+            }
+            let (m_g, m_gx) = (if rms { T::ZERO } else { s_g / dn }, s_gx / dn);
+            for j in 0..d {
+                let gh = if let Some(w) = w { g[j] * w[j] } else { g[j] };
+                dx[j] = r * (gh - m_g - (x[j] - mu) * r * m_gx);
+            }
+        },
+    );
     if w.is_none() {
         return (dx, vec![], vec![]);
     }
@@ -685,7 +712,14 @@ impl CpuStorage {
         Ok(float_op!(self, "softmax", v => softmax_kernel(&contiguous(v, layout), d, log)))
     }
 
-    pub fn norm_last(&self, layout: &Layout, w: Option<&CpuStorage>, b: Option<&CpuStorage>, eps: f64, rms: bool) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
+    pub fn norm_last(
+        &self,
+        layout: &Layout,
+        w: Option<&CpuStorage>,
+        b: Option<&CpuStorage>,
+        eps: f64,
+        rms: bool,
+    ) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
         let d = *layout.shape().last().unwrap_or(&1);
         macro_rules! go {
             ($v:expr, $wrap:path) => {{
@@ -703,7 +737,16 @@ impl CpuStorage {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn norm_last_backward(&self, layout: &Layout, w: Option<&CpuStorage>, g: &CpuStorage, gl: &Layout, mean: &CpuStorage, rstd: &CpuStorage, rms: bool) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
+    pub fn norm_last_backward(
+        &self,
+        layout: &Layout,
+        w: Option<&CpuStorage>,
+        g: &CpuStorage,
+        gl: &Layout,
+        mean: &CpuStorage,
+        rstd: &CpuStorage,
+        rms: bool,
+    ) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
         let d = *layout.shape().last().unwrap_or(&1);
         macro_rules! go {
             ($v:expr, $wrap:path) => {{
@@ -808,7 +851,9 @@ impl CpuStorage {
     pub fn rope(&self, layout: &Layout, cos: &CpuStorage, sin: &CpuStorage, interleaved: bool, inverse: bool) -> Result<CpuStorage> {
         let r = layout.rank();
         let (seq, dim) = (layout.shape()[r - 2], layout.shape()[r - 1]);
-        Ok(float_op!(self, "rope", v => rope_kernel(&contiguous(v, layout), seq, dim, FromStorage::slice(cos, "rope")?, FromStorage::slice(sin, "rope")?, interleaved, inverse)))
+        Ok(
+            float_op!(self, "rope", v => rope_kernel(&contiguous(v, layout), seq, dim, FromStorage::slice(cos, "rope")?, FromStorage::slice(sin, "rope")?, interleaved, inverse)),
+        )
     }
 
     pub fn cross_entropy(&self, layout: &Layout, targets: &CpuStorage, tl: &Layout, ignore: i64) -> Result<CpuStorage> {
@@ -818,7 +863,15 @@ impl CpuStorage {
         Ok(float_op!(self, "cross_entropy", v => cross_entropy_kernel(&contiguous(v, layout), c, &t, ignore)))
     }
 
-    pub fn cross_entropy_backward(&self, layout: &Layout, targets: &CpuStorage, tl: &Layout, g: &CpuStorage, gl: &Layout, ignore: i64) -> Result<CpuStorage> {
+    pub fn cross_entropy_backward(
+        &self,
+        layout: &Layout,
+        targets: &CpuStorage,
+        tl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+        ignore: i64,
+    ) -> Result<CpuStorage> {
         let c = layout.shape()[1];
         let t = indices(targets, tl, "cross_entropy")?;
         check_targets(&t, c, ignore)?;

@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Reference timings for `cargo bench --bench ops`: the same shapes through NumPy (OpenBLAS).
+
+Run it in the same session as the Rust bench and report ratios. OpenBLAS picks its kernel by
+CPU type; on these machines the environment may preset OPENBLAS_CORETYPE, which can select a
+slow kernel: run once as is and once with OPENBLAS_CORETYPE=Haswell and take the best.
+    pip install numpy && python3 scripts/bench_reference.py
+"""
+import os
+import time
+
+import numpy as np
+
+
+def best_time(f, min_time=1.0, reps_min=3):
+    f()
+    times, start = [], time.perf_counter()
+    while len(times) < reps_min or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def softmax(x):
+    m = x.max(axis=-1, keepdims=True)
+    e = np.exp(x - m)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def layer_norm(x, w, b, eps=1e-5):
+    mu = x.mean(axis=-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+def main():
+    rng = np.random.default_rng(0)
+    print(f"numpy {np.__version__}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}")
+    for n in (256, 512, 1024, 2048):
+        a = rng.standard_normal((n, n), dtype=np.float32)
+        b = rng.standard_normal((n, n), dtype=np.float32)
+        t = best_time(lambda: a @ b)
+        tt = best_time(lambda: a @ b.T)
+        print(f"matmul nn {n}: {2 * n**3 / t / 1e9:7.1f} GFLOP/s   nt: {2 * n**3 / tt / 1e9:7.1f} GFLOP/s")
+    x = rng.standard_normal((512, 576), dtype=np.float32)
+    w = rng.standard_normal((1536, 576), dtype=np.float32)
+    t = best_time(lambda: x @ w.T)
+    print(f"linear 512x576x1536: {2 * 512 * 576 * 1536 / t / 1e9:7.1f} GFLOP/s")
+    for name, shape in (("softmax_attn_4x9x256x256", (4, 9, 256, 256)), ("softmax_logits_256x49152", (256, 49152))):
+        x = rng.standard_normal(shape, dtype=np.float32)
+        t = best_time(lambda: softmax(x))
+        print(f"{name}: {x.size * 8 / t / 1e9:7.2f} GB/s")
+    for rows, d in ((2048, 576), (2048, 2048)):
+        x = rng.standard_normal((rows, d), dtype=np.float32)
+        w = rng.standard_normal(d, dtype=np.float32)
+        b = rng.standard_normal(d, dtype=np.float32)
+        t = best_time(lambda: layer_norm(x, w, b))
+        print(f"layer_norm_{rows}x{d}: {x.size * 8 / t / 1e9:7.2f} GB/s")
+
+
+if __name__ == "__main__":
+    main()
