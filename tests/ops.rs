@@ -577,3 +577,45 @@ fn casts_between_dtypes() {
     assert_eq!(x.to_dtype(DType::I32).unwrap().to_vec::<i32>().unwrap(), vec![1, -2, 3, 65504]);
     check("to_dtype_roundtrip", &[&[3, 4]], &[Dom::Normal], TOL, |t| t[0].to_dtype(DType::F64)?.to_dtype(t[0].dtype()), |r| r[0].clone());
 }
+
+/// Shapes large enough to split into several parallel chunks, on permuted inputs, so the
+/// strided iteration is exercised across chunk boundaries (forward only; small shapes above
+/// cover the gradients).
+#[test]
+fn large_and_non_contiguous_kernels() {
+    let mut rng = TestRng::new(77);
+    let nd = random_nd(&[300, 257], Dom::Normal, &mut rng);
+    let bias = random_nd(&[257], Dom::Normal, &mut rng);
+    let (b, _) = make_input(&bias, DType::F32, false, false);
+    for permuted in [false, true] {
+        let (x, _) = make_input(&nd, DType::F32, permuted, false);
+        let close = |what: &str, got: &Tensor, want: &Nd, tol: f64| {
+            assert_eq!(got.shape(), want.shape.as_slice(), "{what}");
+            assert_close("large", what, &got.to_vec_f64().unwrap(), &want.data, tol)
+        };
+        close("exp", &x.exp().unwrap(), &nd.map(f64::exp), 2e-6);
+        close("add broadcast", &x.add(&b).unwrap(), &nd.zip(&bias, |a, b| a + b), 2e-6);
+        close("contiguous of transpose", &x.t().unwrap().contiguous().unwrap().t().unwrap(), &nd, 1e-7);
+        for axis in 0..2 {
+            close("sum", &x.sum(&[axis as isize], false).unwrap(), &nd.reduce(axis, |v| v.iter().sum()), 1e-5);
+            close("max", &x.max(axis as isize, false).unwrap(), &nd.reduce(axis, |v| v.iter().cloned().fold(f64::MIN, f64::max)), 1e-7);
+            close("softmax", &x.softmax(axis as isize).unwrap(), &nd.along(axis, ref_softmax), 1e-5);
+        }
+        let s = x.sum_all().unwrap().to_scalar().unwrap();
+        assert!((s - nd.data.iter().sum::<f64>()).abs() < 1e-3, "sum_all {s}");
+    }
+    // One very long row (split across threads) and a wide column reduction.
+    let long = random_nd(&[2, 100_003], Dom::Normal, &mut rng);
+    let (t, _) = make_input(&long, DType::F32, false, false);
+    assert_close("large", "long rows", &t.sum(&[1], false).unwrap().to_vec_f64().unwrap(), &long.reduce(1, |v| v.iter().sum()).data, 1e-4);
+    let wide = random_nd(&[40, 3001], Dom::Normal, &mut rng);
+    let (t, _) = make_input(&wide, DType::F32, false, false);
+    assert_close("large", "columns", &t.sum(&[0], false).unwrap().to_vec_f64().unwrap(), &wide.reduce(0, |v| v.iter().sum()).data, 1e-5);
+    assert_close(
+        "large",
+        "column max",
+        &t.max(0, false).unwrap().to_vec_f64().unwrap(),
+        &wide.reduce(0, |v| v.iter().cloned().fold(f64::MIN, f64::max)).data,
+        1e-7,
+    );
+}

@@ -305,6 +305,58 @@ fn reduce_kernel<T: Float, R: Copy + Send + Sync + Default>(
     out
 }
 
+/// Fold a contiguous slice with 8 independent accumulators (vectorisable, and a shorter
+/// rounding chain than one running sum).
+#[inline]
+fn fold_slice<T: Float>(s: &[T], id: T, comb: impl Fn(T, T) -> T) -> T {
+    let mut lanes = [id; 8];
+    let mut chunks = s.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            lanes[i] = comb(lanes[i], c[i]);
+        }
+    }
+    let tail = chunks.remainder().iter().fold(id, |a, &b| comb(a, b));
+    let (l, r) = lanes.split_at(4);
+    let quads: Vec<T> = l.iter().zip(r).map(|(&a, &b)| comb(a, b)).collect();
+    comb(comb(comb(quads[0], quads[2]), comb(quads[1], quads[3])), tail)
+}
+
+/// Sum/max/min of a contiguous input viewed as `[outer, d, inner]`, reducing `d`.
+fn reduce_contiguous<T: Float>(x: &[T], shape: &[usize], axis: usize, id: T, comb: impl Fn(T, T) -> T + Sync + Send + Copy) -> Vec<T> {
+    let (outer, d, inner) = split_at_axis(shape, axis);
+    let mut out = vec![id; outer * inner];
+    if out.is_empty() {
+        return out;
+    }
+    if inner == 1 {
+        // One contiguous row per output; a few very long rows are split across threads.
+        if outer >= 2 * rayon::current_num_threads() || d <= CHUNK {
+            out.par_iter_mut().enumerate().for_each(|(o, r)| *r = fold_slice(&x[o * d..(o + 1) * d], id, comb));
+        } else {
+            for (o, r) in out.iter_mut().enumerate() {
+                *r = x[o * d..(o + 1) * d].par_chunks(CHUNK).map(|c| fold_slice(c, id, comb)).reduce(|| id, comb);
+            }
+        }
+    } else {
+        // Combine whole rows of `inner` elements: out[o, :] ∘= x[o, j, :], in column blocks so
+        // that a single outer block (a bias gradient) still spreads over the threads.
+        const COLS: usize = 1024;
+        out.par_chunks_mut(inner).enumerate().for_each(|(o, acc)| {
+            acc.par_chunks_mut(COLS).enumerate().for_each(|(cb, a)| {
+                let n = a.len();
+                for j in 0..d {
+                    let start = (o * d + j) * inner + cb * COLS;
+                    for (a, &v) in a.iter_mut().zip(&x[start..start + n]) {
+                        *a = comb(*a, v);
+                    }
+                }
+            })
+        });
+    }
+    out
+}
+
 fn reduce_float<T: Float>(x: &[T], layout: &Layout, axis: usize, op: ReduceOp) -> CpuStorage
 where
     Vec<T>: Into<CpuStorage>,
@@ -320,14 +372,21 @@ where
             best.map_or(0, |b| b.0)
         }
     };
+    let max = |a: T, b: T| if b > a || b.is_nan() { b } else { a };
+    let min = |a: T, b: T| if b < a || b.is_nan() { b } else { a };
+    if layout.is_contiguous() {
+        let x = &x[layout.offset()..layout.offset() + layout.numel()];
+        match op {
+            ReduceOp::Sum => return reduce_contiguous(x, layout.shape(), axis, T::ZERO, |a, b| a + b).into(),
+            ReduceOp::Max => return reduce_contiguous(x, layout.shape(), axis, T::neg_infinity(), max).into(),
+            ReduceOp::Min => return reduce_contiguous(x, layout.shape(), axis, -T::neg_infinity(), min).into(),
+            _ => {}
+        }
+    }
     match op {
         ReduceOp::Sum => reduce_kernel(x, layout, axis, |it| it.fold(T::ZERO, |a, b| a + b)).into(),
-        ReduceOp::Max => {
-            reduce_kernel(x, layout, axis, |it| it.fold(T::neg_infinity(), |a, b| if b > a || b.is_nan() { b } else { a })).into()
-        }
-        ReduceOp::Min => {
-            reduce_kernel(x, layout, axis, |it| it.fold(-T::neg_infinity(), |a, b| if b < a || b.is_nan() { b } else { a })).into()
-        }
+        ReduceOp::Max => reduce_kernel(x, layout, axis, |it| it.fold(T::neg_infinity(), max)).into(),
+        ReduceOp::Min => reduce_kernel(x, layout, axis, |it| it.fold(-T::neg_infinity(), min)).into(),
         ReduceOp::ArgMax => CpuStorage::U32(reduce_kernel(x, layout, axis, arg(|v, b| v > b))),
         ReduceOp::ArgMin => CpuStorage::U32(reduce_kernel(x, layout, axis, arg(|v, b| v < b))),
     }

@@ -1,0 +1,889 @@
+//! Dense matrix multiplication on the CPU: `C = A · B`.
+//!
+//! # The formula
+//!
+//! For A (m×k) and B (k×n), `C[i][j] = Σ_{p<k} A[i][p] · B[p][j]`. That is `2·m·n·k` floating
+//! point operations on only `m·k + k·n + m·n` numbers, so a good implementation is limited by
+//! arithmetic, not by memory — *if* every number loaded from memory is reused many times while
+//! it sits in a register or a cache. The naive triple loop reuses almost nothing and runs at a
+//! few percent of the machine's peak; the code below follows the GotoBLAS / BLIS recipe to
+//! reach close to peak.
+//!
+//! # The loop nest (BLIS ordering)
+//!
+//! ```text
+//! for jc in (0..n).step_by(NC)            // 5th loop: a column block of B and C
+//!   for pc in (0..k).step_by(KC)          // 4th loop: a depth slice; pack B[pc.., jc..] (KC×NC)
+//!     for ic in (0..m).step_by(MC)        // 3rd loop: a row block; pack A[ic.., pc..] (MC×KC)
+//!       for jr in (0..NC).step_by(NR)     // 2nd loop: one NR-wide micro-panel of packed B
+//!         for ir in (0..MC).step_by(MR)   // 1st loop: one MR-tall micro-panel of packed A
+//!           C[ir.., jr..] += Apanel(MR×KC) · Bpanel(KC×NR)   // the micro-kernel
+//! ```
+//!
+//! Which block lives where (the cache sizes of the target, Zen 4: 32 KiB L1d and 1 MiB L2 per
+//! core, a shared L3 of tens of MiB; the sizes are also reasonable for Intel cores):
+//!
+//! * **Registers**: the MR×NR tile of C (6×16 f32 = 12 AVX registers of 8 lanes) stays in
+//!   registers for the whole KC-long inner product; per step `p` the kernel loads one row of
+//!   the B micro-panel (2 vectors), broadcasts MR values of A one at a time, and issues
+//!   MR·NR/8 = 12 fused multiply-adds. 12 independent accumulators are enough to hide the FMA
+//!   latency (4 cycles × 2 FMA pipes = 8 FMAs in flight needed), and 12 + 2 + 1 = 15 of the
+//!   16 ymm registers are used.
+//! * **L1**: the KC×NR micro-panel of packed B (256×16×4 B = 16 KiB) is reused by every
+//!   micro-panel of A in the 1st loop, so it must survive in L1 while the A micro-panels
+//!   (6×256×4 B = 6 KiB each) stream through.
+//! * **L2**: the MC×KC packed block of A (144×256×4 B = 144 KiB) is reused by every B
+//!   micro-panel in the 2nd loop; it sits in L2 (half of it or less, so B traffic and C tiles
+//!   do not evict it).
+//! * **L3 / memory**: the KC×NC packed block of B (256×2048×4 B = 2 MiB) is reused by every
+//!   row block in the 3rd loop.
+//!
+//! KC also sets how often the C tile goes through memory: each C element is loaded and stored
+//! once per KC-long inner product, so a larger KC amortises that traffic better, up to the L1
+//! limit above.
+//!
+//! # Packing
+//!
+//! Before use, blocks of A and B are copied ("packed") into contiguous scratch buffers in
+//! exactly the order the micro-kernel reads them, which (a) makes every kernel load sequential
+//! and unit-stride whatever the operand strides were (a transposed or broadcast operand costs
+//! only its packing, which is O(size) against O(size·other dim) compute), (b) avoids TLB and
+//! cache-associativity trouble from large strides, and (c) zero-pads ragged edges so the kernel
+//! always computes a full MR×NR tile.
+//!
+//! * Packed A: row panels of MR rows. Panel `q` holds rows `q·MR..q·MR+MR`; inside it, column
+//!   `p` is the MR consecutive values `A[q·MR + 0..MR][p]`: `apack[q·MR·KC + p·MR + r]`.
+//! * Packed B: column panels of NR columns. Panel `q` holds columns `q·NR..q·NR+NR`; inside it,
+//!   row `p` is the NR consecutive values `B[p][q·NR + 0..NR]`: `bpack[q·NR·KC + p·NR + j]`.
+//!
+//! Rows/columns beyond the matrix are packed as zeros; the kernel then computes a full tile
+//! into a small stack buffer and only the valid part is copied to C.
+//!
+//! # Parallelism
+//!
+//! The output is cut into a few rectangles per rayon thread (halving the longer of m and n
+//! each time, at multiples of the register tile, down to a minimum amount of work), and each
+//! rectangle runs the whole sequential loop nest above with its own scratch buffers, so tasks
+//! never synchronise. Cutting along n makes each task re-pack the A rows it needs (and along m,
+//! the B columns); that duplication is O(size of the operand) against O(m·n·k / tasks)
+//! arithmetic. Having several tasks per thread lets rayon's work stealing balance cores that
+//! are slowed by other work. No task waits on another except through `rayon::join`, so calling
+//! this from inside an outer rayon loop is fine: rayon runs the halves on whatever thread is
+//! free (or inline), and never deadlocks.
+//!
+//! # Dispatch
+//!
+//! On x86-64 the AVX2+FMA micro-kernels are selected at run time with
+//! `is_x86_feature_detected!`. (On Zen 4 AVX-512 runs 512-bit FMAs as two 256-bit halves, so
+//! it has the same peak as AVX2 there; AVX2 also keeps the crate's minimum Rust version.)
+//! Everywhere else a portable kernel written with plain arrays is used, which the compiler
+//! auto-vectorises for the target. Tiny products skip all of this and use a direct loop.
+
+use std::cell::Cell;
+use std::ops::{Add, Mul};
+
+// ---------------------------------------------------------------------------------------------
+// Public entry points
+// ---------------------------------------------------------------------------------------------
+
+/// C = A · B for one matrix: A is m×k, B is k×n, read through element strides
+/// (element (i,p) of A is `a[i*a_rs + p*a_cs]`; (p,j) of B is `b[p*b_rs + j*b_cs]`), so a
+/// transposed operand is read in place by swapping its strides. C is row-major contiguous m×n
+/// (`c[i*n + j]`) and is overwritten. Internally parallel with rayon (it may be called from
+/// inside an outer rayon parallel loop over batches; that stays correct and does not deadlock).
+///
+/// Panics only if a slice is shorter than the shape and strides require.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            let plan = Plan { kc: KC_F32, mc: MC_F32, nc: NC_F32, kernel: x86::kernel_f32_6x16 };
+            return gemm_generic::<f32, 6, 16>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan);
+        }
+    }
+    let plan = Plan { kc: 256, mc: 128, nc: 2048, kernel: kernel_portable::<f32, 4, 16> };
+    gemm_generic::<f32, 4, 16>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan)
+}
+
+/// Same as [`gemm_f32`] in double precision (used as the reference path for gradient checks).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f64(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f64],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f64],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [f64],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            let plan = Plan { kc: 256, mc: 96, nc: 1024, kernel: x86::kernel_f64_6x8 };
+            return gemm_generic::<f64, 6, 8>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan);
+        }
+    }
+    let plan = Plan { kc: 256, mc: 96, nc: 1024, kernel: kernel_portable::<f64, 4, 8> };
+    gemm_generic::<f64, 4, 8>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element type, kernel plans and dispatch
+// ---------------------------------------------------------------------------------------------
+
+/// The two element types; `ZERO` fills padding and ragged edges.
+trait Elem: Copy + Send + Sync + 'static + Add<Output = Self> + Mul<Output = Self> {
+    const ZERO: Self;
+}
+
+impl Elem for f32 {
+    const ZERO: f32 = 0.0;
+}
+
+impl Elem for f64 {
+    const ZERO: f64 = 0.0;
+}
+
+/// A micro-kernel: given `kc`, a packed MR×kc A micro-panel `a` and a packed kc×NR B
+/// micro-panel `b`, it computes the MR×NR product tile and stores it at `c` (row stride `ldc`),
+/// overwriting C when `accumulate` is false and adding to it when true.
+///
+/// Safety contract for callers: `a` is valid for `MR·kc` reads, `b` for `kc·NR` reads, and
+/// `c` for reads and writes of the MR×NR tile with row stride `ldc`; the CPU supports the
+/// features the kernel was compiled for.
+type Kernel<T> = unsafe fn(usize, *const T, *const T, *mut T, usize, bool);
+
+/// f32 AVX2 cache blocks (see the header for why): KC×16 B micro-panel in L1, MC×KC A block
+/// in L2, KC×NC B block in L3.
+const KC_F32: usize = 256;
+const MC_F32: usize = 144;
+const NC_F32: usize = 2048;
+
+/// Largest MR·NR of any kernel below (sizes the edge-tile stack buffer).
+const MAX_TILE: usize = 128;
+
+/// Cache block sizes and micro-kernel for one element type on the running CPU. The register
+/// tile MR×NR is a const generic parameter of the driver instead, so that the packing loops
+/// have constant trip counts and compile to straight vector moves.
+#[derive(Clone, Copy)]
+struct Plan<T> {
+    kc: usize,
+    mc: usize,
+    nc: usize,
+    kernel: Kernel<T>,
+}
+
+/// Below this many multiply-adds (m·n·k) the direct loop wins: packing and thread start-up
+/// would cost more than they save.
+const SMALL_MNK: usize = 32 * 1024;
+
+/// A task (rectangle of C) smaller than this many multiply-adds (about 0.1 ms of work) is not
+/// split further across threads.
+const MIN_TASK_MNK: usize = 4 << 20;
+
+/// How many tasks per rayon thread a large product is cut into.
+const TASKS_PER_THREAD: usize = 4;
+
+// ---------------------------------------------------------------------------------------------
+// Driver
+// ---------------------------------------------------------------------------------------------
+
+/// Largest index `(rows-1)*rs + (cols-1)*cs` touched by a rows×cols operand, or `None` on
+/// overflow (which means no slice could be long enough).
+fn last_index(rows: usize, cols: usize, rs: usize, cs: usize) -> Option<usize> {
+    (rows - 1).checked_mul(rs)?.checked_add((cols - 1).checked_mul(cs)?)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_generic<T: Elem, const MR: usize, const NR: usize>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[T],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [T],
+    plan: Plan<T>,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let mn = m.checked_mul(n).expect("gemm: m*n overflows usize");
+    assert!(c.len() >= mn, "gemm: C has {} elements, needs {}", c.len(), mn);
+    let c = &mut c[..mn];
+    if k == 0 {
+        c.fill(T::ZERO);
+        return;
+    }
+    // These two checks make every unchecked read below in bounds: all indices read are
+    // i*rs + p*cs with i, p inside the shape, hence at most the last index.
+    let a_last = last_index(m, k, a_rs, a_cs);
+    assert!(matches!(a_last, Some(l) if l < a.len()), "gemm: A slice too short for its shape");
+    let b_last = last_index(k, n, b_rs, b_cs);
+    assert!(matches!(b_last, Some(l) if l < b.len()), "gemm: B slice too short for its shape");
+
+    if m.saturating_mul(n).saturating_mul(k) < SMALL_MNK {
+        gemm_small(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c);
+        return;
+    }
+
+    let op = Operands { a, a_rs, a_cs, b, b_rs, b_cs, c: SendPtr(c.as_mut_ptr()), ldc: n, k };
+    // A few tasks per thread rather than exactly one: rayon's work stealing then evens out
+    // cores that are slowed by other work, for a few percent of duplicated packing.
+    let leaves = rayon::current_num_threads().max(1) * TASKS_PER_THREAD;
+    split::<T, MR, NR>(&op, &plan, 0, m, 0, n, leaves);
+}
+
+/// Direct loop for tiny products: row i of C accumulates `A[i][p] · B[p][..]` over p, which
+/// the compiler vectorises along j when B rows are contiguous.
+#[allow(clippy::too_many_arguments)]
+fn gemm_small<T: Elem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[T],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [T],
+) {
+    for (i, crow) in c.chunks_exact_mut(n).enumerate().take(m) {
+        crow.fill(T::ZERO);
+        for p in 0..k {
+            let aip = a[i * a_rs + p * a_cs];
+            if b_cs == 1 {
+                let brow = &b[p * b_rs..p * b_rs + n];
+                for (cj, &bj) in crow.iter_mut().zip(brow) {
+                    *cj = *cj + aip * bj;
+                }
+            } else {
+                for (j, cj) in crow.iter_mut().enumerate() {
+                    *cj = *cj + aip * b[p * b_rs + j * b_cs];
+                }
+            }
+        }
+    }
+}
+
+/// A raw pointer to C that may cross threads. Tasks write disjoint rectangles of C (see
+/// [`split`]), which is what makes sharing it sound.
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+// SAFETY: the pointer is only dereferenced inside disjoint rectangles of C, one task each,
+// and the owning `&mut [T]` borrow outlives all tasks (they finish before `gemm_generic`
+// returns).
+unsafe impl<T: Send> Send for SendPtr<T> {}
+// SAFETY: as above; sharing the pointer value lets each task write its own rectangle.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+/// Everything about one product that is shared by all tasks.
+struct Operands<'s, T> {
+    a: &'s [T],
+    a_rs: usize,
+    a_cs: usize,
+    b: &'s [T],
+    b_rs: usize,
+    b_cs: usize,
+    c: SendPtr<T>,
+    ldc: usize,
+    k: usize,
+}
+
+/// Recursively cut the rectangle `rows i0..i1, cols j0..j1` of C into `leaves` pieces (halving
+/// the longer side at a multiple of the register tile) and run them with `rayon::join`.
+///
+/// Cutting along n means each task packs its own columns of B and all of A (and vice versa);
+/// the duplicated packing is O(m·k) against O(m·n·k/leaves) arithmetic, and in exchange the
+/// tasks never synchronise.
+#[allow(clippy::too_many_arguments)]
+fn split<T: Elem, const MR: usize, const NR: usize>(
+    op: &Operands<'_, T>,
+    plan: &Plan<T>,
+    i0: usize,
+    i1: usize,
+    j0: usize,
+    j1: usize,
+    leaves: usize,
+) {
+    let (m, n) = (i1 - i0, j1 - j0);
+    let work = m.saturating_mul(n).saturating_mul(op.k);
+    if leaves >= 2 && work >= 2 * MIN_TASK_MNK {
+        let left = leaves / 2;
+        // Cut `len` at a multiple of `unit` near the fraction left/leaves, never empty.
+        let cut_at = |len: usize, unit: usize| {
+            let units = len.div_ceil(unit);
+            ((units * left / leaves).max(1) * unit).min(len - 1)
+        };
+        if n >= m && n > NR {
+            let cut = j0 + cut_at(n, NR);
+            rayon::join(
+                || split::<T, MR, NR>(op, plan, i0, i1, j0, cut, left),
+                || split::<T, MR, NR>(op, plan, i0, i1, cut, j1, leaves - left),
+            );
+            return;
+        }
+        if m > MR {
+            let cut = i0 + cut_at(m, MR);
+            rayon::join(
+                || split::<T, MR, NR>(op, plan, i0, cut, j0, j1, left),
+                || split::<T, MR, NR>(op, plan, cut, i1, j0, j1, leaves - left),
+            );
+            return;
+        }
+    }
+    let kc = plan.kc.min(op.k);
+    let a_len = plan.mc.min(m).div_ceil(MR) * MR * kc;
+    let b_len = plan.nc.min(n).div_ceil(NR) * NR * kc;
+    with_scratch::<T, _>(a_len, b_len, |apack, bpack| {
+        // SAFETY: this rectangle of C is touched by this task only (the recursion above hands
+        // out disjoint rectangles); `apack`/`bpack` hold a_len/b_len elements, the sizes
+        // `gemm_serial` requires.
+        unsafe { gemm_serial::<T, MR, NR>(op, plan, i0, i1, j0, j1, apack, bpack) }
+    });
+}
+
+thread_local! {
+    /// Per-thread packing buffer, reused across calls so that large products do not pay for
+    /// fresh (page-faulting) allocations every time. Taken out while in use, so a re-entrant
+    /// call on the same thread simply allocates its own.
+    static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// Bytes of alignment for the packed buffers: one cache line, so that kernel loads of a packed
+/// row never straddle two lines.
+const ALIGN: usize = 64;
+
+/// Run `f` with two 64-byte-aligned buffers of `a_len` and `b_len` elements.
+fn with_scratch<T: Elem, R>(a_len: usize, b_len: usize, f: impl FnOnce(*mut T, *mut T) -> R) -> R {
+    // Round the A part up to whole cache lines so the B part is aligned too.
+    let a_bytes = (a_len * std::mem::size_of::<T>()).div_ceil(ALIGN) * ALIGN;
+    let bytes = a_bytes + b_len * std::mem::size_of::<T>() + ALIGN;
+    let mut buf = SCRATCH.try_with(|s| s.take()).unwrap_or_default();
+    if buf.len() < bytes {
+        buf = vec![0u8; bytes];
+    }
+    let base = buf.as_mut_ptr();
+    let off = base.align_offset(ALIGN);
+    // SAFETY: `off < ALIGN` and `a_bytes + b_len*size_of::<T>() + ALIGN <= buf.len()`, so both
+    // pointers and the regions after them stay inside `buf`; the offsets are multiples of 64
+    // from a 64-aligned address, so they are aligned for T. `buf` lives until after `f`.
+    let (pa, pb) = unsafe {
+        let pa = base.add(off);
+        (pa as *mut T, pa.add(a_bytes) as *mut T)
+    };
+    let r = f(pa, pb);
+    let _ = SCRATCH.try_with(|s| {
+        // Keep the larger of ours and whatever a re-entrant call may have left.
+        let other = s.take();
+        s.set(if other.len() > buf.len() { other } else { std::mem::take(&mut buf) });
+    });
+    r
+}
+
+/// The five-loop blocked product for the rectangle `rows i0..i1, cols j0..j1` of C.
+///
+/// # Safety
+/// No other thread touches that rectangle of C while this runs; `apack` holds
+/// `ceil(min(MC,m)/MR)·MR·min(KC,k)` elements and `bpack` `ceil(min(NC,n)/NR)·NR·min(KC,k)`;
+/// the operand slices were bounds-checked against the full shape by `gemm_generic`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_serial<T: Elem, const MR: usize, const NR: usize>(
+    op: &Operands<'_, T>,
+    plan: &Plan<T>,
+    i0: usize,
+    i1: usize,
+    j0: usize,
+    j1: usize,
+    apack: *mut T,
+    bpack: *mut T,
+) {
+    let Plan { kc, mc, nc, kernel } = *plan;
+    let k = op.k;
+    let mut tile = [T::ZERO; MAX_TILE];
+    debug_assert!(MR * NR <= MAX_TILE);
+    for jc in (j0..j1).step_by(nc) {
+        let nb = nc.min(j1 - jc);
+        for pc in (0..k).step_by(kc) {
+            let kb = kc.min(k - pc);
+            // SAFETY: bpack is big enough for nb (≤ NC) columns of kb (≤ KC) rows; all source
+            // indices lie inside the bounds-checked shape of B.
+            unsafe {
+                pack_b::<T, NR>(kb, nb, op.b, pc * op.b_rs + jc * op.b_cs, op.b_rs, op.b_cs, bpack)
+            };
+            for ic in (i0..i1).step_by(mc) {
+                let mb = mc.min(i1 - ic);
+                // SAFETY: as for B, with mb ≤ MC rows.
+                unsafe {
+                    pack_a::<T, MR>(mb, kb, op.a, ic * op.a_rs + pc * op.a_cs, op.a_rs, op.a_cs, apack)
+                };
+                for jr in (0..nb).step_by(NR) {
+                    let cols = NR.min(nb - jr);
+                    // SAFETY: panel jr/NR starts at jr*kb < the packed length.
+                    let bp = unsafe { bpack.add(jr * kb) };
+                    for ir in (0..mb).step_by(MR) {
+                        let rows = MR.min(mb - ir);
+                        // SAFETY: in-bounds panel offset, as above.
+                        let ap = unsafe { apack.add(ir * kb) };
+                        let (ci, cj) = (ic + ir, jc + jr);
+                        // SAFETY: (ci, cj) is inside this task's rectangle of the m×n C.
+                        let cp = unsafe { op.c.0.add(ci * op.ldc + cj) };
+                        if rows == MR && cols == NR {
+                            // Full tile: the kernel reads/writes C in place.
+                            // SAFETY: the whole MR×NR tile lies inside our rectangle; the
+                            // panels hold kb steps; the plan's kernel matches this CPU.
+                            unsafe { kernel(kb, ap, bp, cp, op.ldc, pc > 0) };
+                        } else {
+                            // Ragged edge: compute the full tile into `tile`, copy the valid
+                            // part. SAFETY: `tile` holds MR·NR ≤ MAX_TILE elements, ldc = NR.
+                            unsafe { kernel(kb, ap, bp, tile.as_mut_ptr(), NR, false) };
+                            for r in 0..rows {
+                                for j in 0..cols {
+                                    let t = tile[r * NR + j];
+                                    // SAFETY: r < rows and j < cols keep us inside C's tile.
+                                    unsafe {
+                                        let d = cp.add(r * op.ldc + j);
+                                        *d = if pc > 0 { *d + t } else { t };
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Pack an mb×kb block of A (element (i,p) at `a[off + i*rs + p*cs]`) into row panels of
+/// height MR: `dst[q*MR*kb + p*MR + r] = A[q*MR + r][p]`, zero past row mb.
+///
+/// The destination is written sequentially (p outer, r inner); the MR source rows are read as
+/// MR parallel streams, each sequential when A is row-major, or one stream when A is stored
+/// transposed.
+///
+/// # Safety
+/// `dst` is valid for `ceil(mb/MR)*MR*kb` writes; every `off + i*rs + p*cs` (i < mb, p < kb)
+/// is a valid index of `a`.
+unsafe fn pack_a<T: Elem, const MR: usize>(
+    mb: usize,
+    kb: usize,
+    a: &[T],
+    off: usize,
+    rs: usize,
+    cs: usize,
+    dst: *mut T,
+) {
+    for q in 0..mb.div_ceil(MR) {
+        let rows = MR.min(mb - q * MR);
+        let base = off + q * MR * rs;
+        // SAFETY (whole block): writes are at q*MR*kb + p*MR + r < ceil(mb/MR)*MR*kb, reads
+        // are at valid A indices (r < rows), both by the function's contract.
+        unsafe {
+            let d = dst.add(q * MR * kb);
+            if rows == MR {
+                for p in 0..kb {
+                    let col: [T; MR] = std::array::from_fn(|r| *a.get_unchecked(base + r * rs + p * cs));
+                    std::ptr::write_unaligned(d.add(p * MR) as *mut [T; MR], col);
+                }
+            } else {
+                for p in 0..kb {
+                    for r in 0..MR {
+                        let v = if r < rows { *a.get_unchecked(base + r * rs + p * cs) } else { T::ZERO };
+                        *d.add(p * MR + r) = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Pack a kb×nb block of B (element (p,j) at `b[off + p*rs + j*cs]`) into column panels of
+/// width NR: `dst[q*NR*kb + p*NR + j] = B[p][q*NR + j]`, zero past column nb.
+///
+/// # Safety
+/// `dst` is valid for `ceil(nb/NR)*NR*kb` writes; every `off + p*rs + j*cs` (p < kb, j < nb)
+/// is a valid index of `b`.
+unsafe fn pack_b<T: Elem, const NR: usize>(
+    kb: usize,
+    nb: usize,
+    b: &[T],
+    off: usize,
+    rs: usize,
+    cs: usize,
+    dst: *mut T,
+) {
+    /// Rows of B handled per step in the transposed case (one cache line of f32 per column).
+    const PB: usize = 16;
+    for q in 0..nb.div_ceil(NR) {
+        let cols = NR.min(nb - q * NR);
+        let base = off + q * NR * cs;
+        // SAFETY (whole block): writes are at q*NR*kb + p*NR + j < ceil(nb/NR)*NR*kb, reads
+        // at valid B indices (j < cols, p < kb), both by the function's contract.
+        unsafe {
+            let d = dst.add(q * NR * kb);
+            if cols < NR {
+                for p in 0..kb {
+                    for j in 0..NR {
+                        let v = if j < cols { *b.get_unchecked(base + p * rs + j * cs) } else { T::ZERO };
+                        *d.add(p * NR + j) = v;
+                    }
+                }
+            } else if cs == 1 {
+                // Row-major B: each packed row is one contiguous NR-element copy.
+                for p in 0..kb {
+                    let row = std::ptr::read_unaligned(ptr_at(b, base + p * rs) as *const [T; NR]);
+                    std::ptr::write_unaligned(d.add(p * NR) as *mut [T; NR], row);
+                }
+            } else if rs < cs {
+                // Column-contiguous B (the `x · Wᵀ` case): transpose PB×NR sub-blocks, reading
+                // PB consecutive values down each of the NR columns, so both the reads (NR
+                // short sequential runs) and the writes (PB·NR contiguous values) stay within a
+                // few cache lines.
+                let mut p0 = 0;
+                while p0 < kb {
+                    let pn = PB.min(kb - p0);
+                    for j in 0..NR {
+                        let src = base + j * cs + p0 * rs;
+                        for pp in 0..pn {
+                            *d.add((p0 + pp) * NR + j) = *b.get_unchecked(src + pp * rs);
+                        }
+                    }
+                    p0 += pn;
+                }
+            } else {
+                for p in 0..kb {
+                    let row: [T; NR] = std::array::from_fn(|j| *b.get_unchecked(base + p * rs + j * cs));
+                    std::ptr::write_unaligned(d.add(p * NR) as *mut [T; NR], row);
+                }
+            }
+        }
+    }
+}
+
+/// Pointer to `s[i]` without a bounds check.
+///
+/// # Safety
+/// `i < s.len()`.
+#[inline(always)]
+unsafe fn ptr_at<T>(s: &[T], i: usize) -> *const T {
+    // SAFETY: by the contract, `i` is in bounds.
+    unsafe { s.as_ptr().add(i) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Micro-kernels
+// ---------------------------------------------------------------------------------------------
+
+/// Portable micro-kernel: an MR×NR accumulator array updated with one rank-1 product per step
+/// (`acc[r][j] += a[r] · b[j]`). With constant MR and NR the loops unroll completely and the
+/// compiler keeps `acc` in vector registers. Used on CPUs without AVX2+FMA and on non-x86.
+///
+/// # Safety
+/// See [`Kernel`].
+unsafe fn kernel_portable<T: Elem, const MR: usize, const NR: usize>(
+    kc: usize,
+    a: *const T,
+    b: *const T,
+    c: *mut T,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[T::ZERO; NR]; MR];
+    for p in 0..kc {
+        // SAFETY: p < kc, so both rows are inside the packed panels (kernel contract).
+        let (av, bv) = unsafe {
+            (
+                std::ptr::read_unaligned(a.add(p * MR) as *const [T; MR]),
+                std::ptr::read_unaligned(b.add(p * NR) as *const [T; NR]),
+            )
+        };
+        for r in 0..MR {
+            for j in 0..NR {
+                acc[r][j] = acc[r][j] + av[r] * bv[j];
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            // SAFETY: (r, j) is inside the MR×NR tile at c (kernel contract).
+            unsafe {
+                let d = c.add(r * ldc + j);
+                *d = if accumulate { *d + v } else { v };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! AVX2 + FMA micro-kernels. Only reached after `is_x86_feature_detected!` confirmed both.
+    use std::arch::x86_64::*;
+
+    /// f32 6×16 kernel: C tile = 6 rows × 2 ymm (8 lanes each) = 12 accumulators.
+    ///
+    /// Per step p: load B row p (2 ymm), then for each of the 6 rows broadcast `A[r][p]` and
+    /// FMA it into both accumulators of that row. The step loop is unrolled by the compiler;
+    /// all loads are unit-stride from the packed panels.
+    ///
+    /// # Safety
+    /// See [`super::Kernel`]; additionally the CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn kernel_f32_6x16(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        const MR: usize = 6;
+        const NR: usize = 16;
+        // SAFETY (whole body): the packed panels hold kc steps of MR (A) and NR (B) values,
+        // and c addresses a writable 6×16 tile with row stride ldc (kernel contract); the
+        // features are enabled on this CPU (caller's dispatch).
+        unsafe {
+            // Start fetching the C tile now; it is needed only after the kc loop, and
+            // without this the final loads of C would stall on a cache miss every tile.
+            for r in 0..MR {
+                let cr = c.add(r * ldc) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(cr);
+                _mm_prefetch::<_MM_HINT_T0>(cr.add(NR * 4 - 1));
+            }
+            let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+            let mut ap = a;
+            let mut bp = b;
+            for _ in 0..kc {
+                let b0 = _mm256_loadu_ps(bp);
+                let b1 = _mm256_loadu_ps(bp.add(8));
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*ap.add(r));
+                    row[0] = _mm256_fmadd_ps(av, b0, row[0]);
+                    row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+                }
+                ap = ap.add(MR);
+                bp = bp.add(NR);
+            }
+            for (r, row) in acc.iter().enumerate() {
+                let cr = c.add(r * ldc);
+                let (mut v0, mut v1) = (row[0], row[1]);
+                if accumulate {
+                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(cr));
+                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(cr.add(8)));
+                }
+                _mm256_storeu_ps(cr, v0);
+                _mm256_storeu_ps(cr.add(8), v1);
+            }
+        }
+    }
+
+    /// f64 6×8 kernel: 6 rows × 2 ymm (4 lanes each), same scheme as the f32 kernel.
+    ///
+    /// # Safety
+    /// See [`super::Kernel`]; additionally the CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn kernel_f64_6x8(
+        kc: usize,
+        a: *const f64,
+        b: *const f64,
+        c: *mut f64,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        const MR: usize = 6;
+        const NR: usize = 8;
+        // SAFETY (whole body): as for `kernel_f32_6x16`.
+        unsafe {
+            let mut acc = [[_mm256_setzero_pd(); 2]; MR];
+            let mut ap = a;
+            let mut bp = b;
+            for _ in 0..kc {
+                let b0 = _mm256_loadu_pd(bp);
+                let b1 = _mm256_loadu_pd(bp.add(4));
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_sd(&*ap.add(r));
+                    row[0] = _mm256_fmadd_pd(av, b0, row[0]);
+                    row[1] = _mm256_fmadd_pd(av, b1, row[1]);
+                }
+                ap = ap.add(MR);
+                bp = bp.add(NR);
+            }
+            for (r, row) in acc.iter().enumerate() {
+                let cr = c.add(r * ldc);
+                let (mut v0, mut v1) = (row[0], row[1]);
+                if accumulate {
+                    v0 = _mm256_add_pd(v0, _mm256_loadu_pd(cr));
+                    v1 = _mm256_add_pd(v1, _mm256_loadu_pd(cr.add(4)));
+                }
+                _mm256_storeu_pd(cr, v0);
+                _mm256_storeu_pd(cr.add(4), v1);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random values in [-1, 1) (xorshift), so tests need no RNG crate.
+    fn fill(len: usize, seed: u64) -> Vec<f64> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+            })
+            .collect()
+    }
+
+    /// Naive triple loop in f64 through the same strides.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        m: usize, n: usize, k: usize,
+        a: &[f64], a_rs: usize, a_cs: usize,
+        b: &[f64], b_rs: usize, b_cs: usize,
+    ) -> Vec<f64> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0;
+                for p in 0..k {
+                    s += a[i * a_rs + p * a_cs] * b[p * b_rs + j * b_cs];
+                }
+                c[i * n + j] = s;
+            }
+        }
+        c
+    }
+
+    /// Length of a buffer that holds exactly the elements a rows×cols operand touches.
+    fn needed(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+        if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 }
+    }
+
+    /// Layout of an operand: row-major, column-major (transposed in place), or broadcast.
+    #[derive(Clone, Copy, Debug)]
+    enum Lay { Row, Col, BcastRows, BcastAll }
+
+    fn strides(lay: Lay, rows: usize, cols: usize) -> (usize, usize) {
+        match lay {
+            Lay::Row => (cols, 1),
+            Lay::Col => (1, rows),
+            Lay::BcastRows => (0, 1),
+            Lay::BcastAll => (0, 0),
+        }
+    }
+
+    fn check(m: usize, n: usize, k: usize, la: Lay, lb: Lay) {
+        let (a_rs, a_cs) = strides(la, m, k);
+        let (b_rs, b_cs) = strides(lb, k, n);
+        let a = fill(needed(m, k, a_rs, a_cs), (m * 31 + k) as u64);
+        let b = fill(needed(k, n, b_rs, b_cs), (n * 17 + k + 5) as u64);
+        let want = reference(m, n, k, &a, a_rs, a_cs, &b, b_rs, b_cs);
+        // Each output is a k-term sum of products of values in [-1, 1): rounding errors grow
+        // like sqrt(k)·eps (random-walk), times a generous constant.
+        let tol = |eps: f64| 16.0 * eps * (k.max(1) as f64).sqrt();
+
+        let mut c64 = vec![f64::NAN; m * n];
+        gemm_f64(m, n, k, &a, a_rs, a_cs, &b, b_rs, b_cs, &mut c64);
+        let a32: Vec<f32> = a.iter().map(|&x| x as f32).collect();
+        let b32: Vec<f32> = b.iter().map(|&x| x as f32).collect();
+        let mut c32 = vec![f32::NAN; m * n];
+        gemm_f32(m, n, k, &a32, a_rs, a_cs, &b32, b_rs, b_cs, &mut c32);
+        for idx in 0..m * n {
+            let (g64, g32, w) = (c64[idx], c32[idx] as f64, want[idx]);
+            assert!((g64 - w).abs() <= tol(f64::EPSILON),
+                "f64 {m}x{n}x{k} {la:?}/{lb:?} at {idx}: {g64} vs {w}");
+            // f32 inputs are rounded too, so compare to the exact product of the rounded values
+            // loosely: sqrt(k)-scaled f32 epsilon, with a margin.
+            assert!((g32 - w).abs() <= tol(f32::EPSILON as f64),
+                "f32 {m}x{n}x{k} {la:?}/{lb:?} at {idx}: {g32} vs {w}");
+        }
+    }
+
+    #[test]
+    fn awkward_shapes_all_layouts() {
+        let shapes = [
+            (1, 1, 1), (0, 3, 4), (3, 0, 4), (3, 4, 0), (0, 0, 0), (1, 17, 1),
+            (7, 13, 5), (6, 16, 256), (33, 65, 17), (129, 31, 257), (13, 300, 70), (70, 5, 300),
+        ];
+        let lays = [Lay::Row, Lay::Col];
+        for &(m, n, k) in &shapes {
+            for &la in &lays {
+                for &lb in &lays {
+                    check(m, n, k, la, lb);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn broadcast_strides() {
+        for &(m, n, k) in &[(5, 7, 3), (40, 70, 60), (100, 90, 80)] {
+            check(m, n, k, Lay::BcastRows, Lay::Row);
+            check(m, n, k, Lay::Row, Lay::BcastRows);
+            check(m, n, k, Lay::BcastAll, Lay::Col);
+            check(m, n, k, Lay::Col, Lay::BcastAll);
+        }
+    }
+
+    #[test]
+    fn large_and_transposed() {
+        check(300, 200, 400, Lay::Row, Lay::Row);
+        check(300, 200, 400, Lay::Row, Lay::Col);
+        check(130, 2100, 300, Lay::Col, Lay::Row); // crosses the NC block
+    }
+
+    #[test]
+    fn k_zero_overwrites_with_zeros() {
+        let mut c = vec![7.0f32; 6];
+        gemm_f32(2, 3, 0, &[], 0, 0, &[], 0, 0, &mut c);
+        assert!(c.iter().all(|&x| x == 0.0));
+        let mut c = vec![7.0f64; 6];
+        gemm_f64(2, 3, 0, &[], 1, 1, &[], 1, 1, &mut c);
+        assert!(c.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn nested_in_rayon_loop() {
+        use rayon::prelude::*;
+        let (m, n, k) = (64, 96, 80);
+        let a: Vec<f32> = fill(m * k, 1).iter().map(|&x| x as f32).collect();
+        let b: Vec<f32> = fill(k * n, 2).iter().map(|&x| x as f32).collect();
+        let mut first = vec![0.0f32; m * n];
+        gemm_f32(m, n, k, &a, k, 1, &b, n, 1, &mut first);
+        let outs: Vec<Vec<f32>> = (0..8)
+            .into_par_iter()
+            .map(|_| {
+                let mut c = vec![0.0f32; m * n];
+                gemm_f32(m, n, k, &a, k, 1, &b, n, 1, &mut c);
+                c
+            })
+            .collect();
+        for c in outs {
+            assert_eq!(c, first);
+        }
+    }
+}
