@@ -5,6 +5,20 @@
 //! - [`tensor`]: the [`Tensor`] handle, views and every op with its backward rule;
 //! - [`autograd`]: reverse-mode differentiation, `no_grad` scopes;
 //! - [`rng`]: the counter-based Philox generator shared by all devices.
+//!
+//! ```
+//! use tinytune::{CrossEntropyReduction, DType, Device, Rng, Tensor};
+//!
+//! let dev = Device::Cpu;
+//! let mut rng = Rng::new(0);
+//! let x = Tensor::randn(&[8, 16], 0.0, 1.0, DType::F32, &dev, &mut rng)?;
+//! let w = Tensor::randn(&[16, 4], 0.0, 0.25, DType::F32, &dev, &mut rng)?.requires_grad()?;
+//! let y = Tensor::from_vec(vec![0u32, 1, 2, 3, 0, 1, 2, 3], &[8], &dev)?;
+//! let loss = x.matmul(&w)?.cross_entropy(&y, -100, CrossEntropyReduction::Mean)?;
+//! loss.backward()?;
+//! assert_eq!(w.grad().unwrap().shape(), &[16, 4]);
+//! # Ok::<(), tinytune::Error>(())
+//! ```
 
 pub mod autograd;
 pub mod backend;
