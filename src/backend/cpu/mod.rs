@@ -5,7 +5,6 @@
 //! contiguous inputs take a fast path over slices, the others walk their strides with
 //! [`Layout::offsets_from`], one parallel chunk at a time.
 
-#[path = "gemm_tmp.rs"]
 pub mod gemm;
 
 use half::{bf16, f16};
