@@ -6,6 +6,7 @@
 //! [`Layout::offsets_from`], one parallel chunk at a time.
 
 pub mod gemm;
+pub mod math;
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -321,6 +322,26 @@ fn fold_slice<T: Float>(s: &[T], id: T, comb: impl Fn(T, T) -> T) -> T {
     comb(comb(comb(quads[0], quads[2]), comb(quads[1], quads[3])), tail)
 }
 
+/// `Σ e^{v − shift}` over a row, with 8 independent accumulators so it vectorises.
+#[inline]
+fn sum_exp<T: Float>(row: &[T], shift: T) -> T {
+    let mut lanes = [T::ZERO; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            lanes[i] += (c[i] - shift).exp_fast();
+        }
+    }
+    let tail: T = chunks.remainder().iter().map(|&v| (v - shift).exp_fast()).sum();
+    fold_slice(&lanes, T::ZERO, |a, b| a + b) + tail
+}
+
+/// Largest element of a row (−∞ for an empty row).
+#[inline]
+fn row_max<T: Float>(row: &[T]) -> T {
+    fold_slice(row, T::neg_infinity(), |a, b| if b > a { b } else { a })
+}
+
 /// Sum/max/min of a contiguous input viewed as `[outer, d, inner]`, reducing `d`.
 fn reduce_contiguous<T: Float>(x: &[T], shape: &[usize], axis: usize, id: T, comb: impl Fn(T, T) -> T + Sync + Send + Copy) -> Vec<T> {
     let (outer, d, inner) = split_at_axis(shape, axis);
@@ -441,12 +462,12 @@ fn softmax_kernel<T: Float>(x: &[T], d: usize, log: bool) -> Vec<T> {
         return out;
     }
     out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, row)| {
-        let max = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-        let mut sum = T::ZERO;
+        let max = row_max(row);
+        // Separate loops so each one vectorises: exponentials, then their sum.
         for (o, &v) in o.iter_mut().zip(row) {
-            *o = (v - max).exp();
-            sum += *o;
+            *o = (v - max).exp_fast();
         }
+        let sum = fold_slice(o, T::ZERO, |a, b| a + b);
         if log {
             let lse = sum.ln();
             for (o, &v) in o.iter_mut().zip(row) {
@@ -621,8 +642,8 @@ fn cross_entropy_kernel<T: Float>(x: &[T], c: usize, t: &[i64], ignore: i64) -> 
             return;
         }
         let row = &x[r * c..(r + 1) * c];
-        let max = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-        let lse = max + row.iter().map(|&v| (v - max).exp()).sum::<T>().ln();
+        let max = row_max(row);
+        let lse = max + sum_exp(row, max).ln();
         *o = lse - row[t as usize];
     });
     out
@@ -637,12 +658,12 @@ fn cross_entropy_backward_kernel<T: Float>(x: &[T], c: usize, t: &[i64], g: &[T]
         if t[r] == ignore {
             return;
         }
-        let max = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-        let sum: T = row.iter().map(|&v| (v - max).exp()).sum();
-        let scale = g[r] / sum;
+        let max = row_max(row);
         for (o, &v) in o.iter_mut().zip(row) {
-            *o = (v - max).exp() * scale;
+            *o = (v - max).exp_fast();
         }
+        let scale = g[r] / fold_slice(o, T::ZERO, |a, b| a + b);
+        o.iter_mut().for_each(|o| *o = *o * scale);
         o[t[r] as usize] = o[t[r] as usize] - g[r];
     });
     out
