@@ -9,5 +9,25 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# The GPU tests need a Vulkan driver. With none installed, and as root (CI, a fresh machine),
+# install Mesa's software one (lavapipe), which runs the GPU kernels on the CPU.
+if ! ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "scripts/test.sh: no Vulkan driver found; installing mesa-vulkan-drivers (lavapipe)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
+  else
+    echo "scripts/test.sh: no Vulkan driver found; GPU tests will skip (install mesa-vulkan-drivers)" >&2
+  fi
+fi
+
+# In CI a GPU test that finds no adapter fails instead of skipping.
+if [ -n "${CI:-}" ]; then
+  export TINYTUNE_REQUIRE_GPU=1
+fi
+# Mesa's loader complains on stderr when this is unset; harmless, but noisy.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+
 # Release mode: the numeric tests (finite differences, the MLP) run an order of magnitude faster.
 cargo test --release --all-targets "$@"

@@ -49,6 +49,23 @@ pub enum Error {
     /// A feature the selected backend does not implement.
     #[error("{op}: not supported on {device}: {msg}")]
     Unsupported { op: &'static str, device: String, msg: String },
+
+    /// No GPU adapter matched the request (no driver, or only a software adapter when a
+    /// hardware one was asked for).
+    #[error("no GPU adapter: {0}")]
+    NoAdapter(String),
+
+    /// A GPU buffer larger than the device allows, or an allocation the device refused.
+    #[error("gpu allocation of {bytes} bytes for {what} failed: {msg}")]
+    GpuAllocation { what: &'static str, bytes: u64, msg: String },
+
+    /// The GPU device was lost (driver reset, removed, or destroyed); tensors on it are gone.
+    #[error("gpu device lost: {0}")]
+    DeviceLost(String),
+
+    /// An error reported by the GPU API (validation, shader compilation, mapping).
+    #[error("gpu: {0}")]
+    Gpu(String),
 }
 
 /// Result with the crate's error type.

@@ -29,7 +29,7 @@ pub mod rng;
 pub mod tensor;
 
 pub use autograd::{no_grad, with_no_grad};
-pub use backend::{CmpOp, Device};
+pub use backend::{CmpOp, Device, GpuDevice, MemoryStats};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use rng::Rng;

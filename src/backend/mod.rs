@@ -7,23 +7,88 @@
 //! [`Storage`] and [`Device`] and implementing these primitives for it.
 
 pub mod cpu;
+pub mod gpu;
 
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::layout::Layout;
 pub use cpu::CpuStorage;
+pub use gpu::{GpuDevice, GpuStorage, MemoryStats};
 
 /// Where a tensor's storage lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Device {
     /// Host memory, kernels on rayon.
     Cpu,
+    /// A GPU through wgpu (Vulkan, Metal or DX12), kernels in WGSL.
+    Gpu(GpuDevice),
 }
 
 impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Device::Cpu => write!(f, "cpu"),
+            Device::Gpu(g) => write!(f, "{g}"),
+        }
+    }
+}
+
+impl Device {
+    /// The hardware GPU (the process-wide shared one); an error when there is none. Software
+    /// adapters (lavapipe, llvmpipe) are never picked here: they are slower than the CPU backend.
+    pub fn gpu() -> Result<Device> {
+        Ok(Device::Gpu(GpuDevice::shared(gpu::AdapterKind::Hardware)?))
+    }
+
+    /// A software GPU adapter (Mesa's lavapipe/llvmpipe), used only when asked for by name: the
+    /// GPU code path on a machine without a GPU (CI, tests).
+    pub fn gpu_software() -> Result<Device> {
+        Ok(Device::Gpu(GpuDevice::shared(gpu::AdapterKind::Software)?))
+    }
+
+    /// A hardware GPU when there is one, else the CPU.
+    pub fn auto() -> Device {
+        Device::gpu().unwrap_or(Device::Cpu)
+    }
+
+    /// `"auto"`, `"cpu"`, `"gpu"` or `"gpu-software"` (as accepted by `--device` and
+    /// `TINYTUNE_DEVICE`).
+    pub fn from_name(name: &str) -> Result<Device> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(Device::auto()),
+            "cpu" => Ok(Device::Cpu),
+            "gpu" => Device::gpu(),
+            "gpu-software" | "software" | "gpu_software" => Device::gpu_software(),
+            other => Err(Error::InvalidArgument {
+                op: "device",
+                msg: format!("unknown device {other:?}; expected auto, cpu, gpu or gpu-software"),
+            }),
+        }
+    }
+
+    /// The device named by the environment variable `TINYTUNE_DEVICE` (default `auto`).
+    pub fn from_env() -> Result<Device> {
+        Device::from_name(&std::env::var("TINYTUNE_DEVICE").unwrap_or_else(|_| "auto".into()))
+    }
+
+    /// Whether this is a GPU device.
+    pub fn is_gpu(&self) -> bool {
+        matches!(self, Device::Gpu(_))
+    }
+
+    /// Bytes held on the device (GPU only; `None` for the CPU).
+    pub fn memory_stats(&self) -> Option<MemoryStats> {
+        match self {
+            Device::Cpu => None,
+            Device::Gpu(g) => Some(g.memory_stats()),
+        }
+    }
+
+    /// Wait until every operation recorded on the device has finished (a no-op on the CPU).
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Gpu(g) => g.synchronize(),
         }
     }
 }
@@ -99,38 +164,58 @@ pub enum ReduceOp {
 #[derive(Debug)]
 pub enum Storage {
     Cpu(CpuStorage),
+    Gpu(GpuStorage),
 }
 
-/// Dispatch a method to the device's storage (one arm per device).
-macro_rules! on_device {
-    ($self:expr, $s:ident => $body:expr) => {
-        match $self {
-            Storage::Cpu($s) => $body,
-        }
-    };
-}
-
-/// Unwrap a second storage operand on the same device as the first.
-macro_rules! same_device {
-    ($other:expr) => {
-        match $other {
-            Storage::Cpu(s) => s,
-        }
-    };
+fn mismatch(op: &'static str, a: &Storage, b: &Storage) -> Error {
+    Error::DeviceMismatch { op, lhs: a.device().to_string(), rhs: b.device().to_string() }
 }
 
 impl Storage {
+    /// This operand as a host buffer, or a device-mismatch error against `first`.
+    fn cpu<'a>(&'a self, op: &'static str, first: &Storage) -> Result<&'a CpuStorage> {
+        match self {
+            Storage::Cpu(s) => Ok(s),
+            _ => Err(mismatch(op, first, self)),
+        }
+    }
+
+    /// This operand as a GPU buffer on the same GPU as `first`, or a device-mismatch error.
+    fn gpu<'a>(&'a self, op: &'static str, first: &Storage) -> Result<&'a GpuStorage> {
+        match (self, first) {
+            (Storage::Gpu(s), Storage::Gpu(f)) if s.device() == f.device() => Ok(s),
+            _ => Err(mismatch(op, first, self)),
+        }
+    }
+
+    fn opt_cpu<'a>(s: Option<&'a Storage>, op: &'static str, first: &Storage) -> Result<Option<&'a CpuStorage>> {
+        s.map(|s| s.cpu(op, first)).transpose()
+    }
+
+    fn opt_gpu<'a>(s: Option<&'a Storage>, op: &'static str, first: &Storage) -> Result<Option<&'a GpuStorage>> {
+        s.map(|s| s.gpu(op, first)).transpose()
+    }
+
     pub fn dtype(&self) -> DType {
-        on_device!(self, s => s.dtype())
+        match self {
+            Storage::Cpu(s) => s.dtype(),
+            Storage::Gpu(s) => s.dtype(),
+        }
     }
 
     pub fn device(&self) -> Device {
-        on_device!(self, _s => Device::Cpu)
+        match self {
+            Storage::Cpu(_) => Device::Cpu,
+            Storage::Gpu(s) => Device::Gpu(s.device().clone()),
+        }
     }
 
     /// Number of elements in the buffer.
     pub fn len(&self) -> usize {
-        on_device!(self, s => s.len())
+        match self {
+            Storage::Cpu(s) => s.len(),
+            Storage::Gpu(s) => s.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -141,6 +226,7 @@ impl Storage {
     pub fn zeros(device: &Device, dtype: DType, n: usize) -> Result<Storage> {
         match device {
             Device::Cpu => Ok(Storage::Cpu(CpuStorage::zeros(dtype, n))),
+            Device::Gpu(g) => Ok(Storage::Gpu(GpuStorage::full(g, dtype, n, 0.0)?)),
         }
     }
 
@@ -148,6 +234,7 @@ impl Storage {
     pub fn full(device: &Device, dtype: DType, n: usize, v: f64) -> Result<Storage> {
         match device {
             Device::Cpu => Ok(Storage::Cpu(CpuStorage::full(dtype, n, v))),
+            Device::Gpu(g) => Ok(Storage::Gpu(GpuStorage::full(g, dtype, n, v)?)),
         }
     }
 
@@ -155,47 +242,72 @@ impl Storage {
     pub fn from_cpu(device: &Device, data: CpuStorage) -> Result<Storage> {
         match device {
             Device::Cpu => Ok(Storage::Cpu(data)),
+            Device::Gpu(g) => Ok(Storage::Gpu(GpuStorage::from_cpu(g, &data)?)),
         }
     }
 
     /// Copy the elements selected by `layout` to host memory, contiguous, in row-major order.
     pub fn to_cpu(&self, layout: &Layout) -> Result<CpuStorage> {
-        on_device!(self, s => s.copy_strided(layout))
+        match self {
+            Storage::Cpu(s) => s.copy_strided(layout),
+            Storage::Gpu(s) => s.to_cpu(layout),
+        }
     }
 
     /// Copy into a contiguous buffer of dtype `dtype` (a plain copy when the dtype is the same).
     pub fn cast(&self, layout: &Layout, dtype: DType) -> Result<Storage> {
-        on_device!(self, s => Ok(Storage::Cpu(s.cast(layout, dtype)?)))
+        match self {
+            Storage::Cpu(s) => Ok(Storage::Cpu(s.cast(layout, dtype)?)),
+            Storage::Gpu(s) => Ok(Storage::Gpu(s.cast(layout, dtype)?)),
+        }
     }
 
     pub fn unary(&self, op: UnaryOp, layout: &Layout) -> Result<Storage> {
-        on_device!(self, s => Ok(Storage::Cpu(s.unary(op, layout)?)))
+        match self {
+            Storage::Cpu(s) => Ok(Storage::Cpu(s.unary(op, layout)?)),
+            Storage::Gpu(s) => Ok(Storage::Gpu(s.unary(op, layout)?)),
+        }
     }
 
     /// `self` and `rhs` are read through layouts of the same shape (broadcast already applied).
     pub fn binary(&self, op: BinaryOp, layout: &Layout, rhs: &Storage, rhs_layout: &Layout) -> Result<Storage> {
-        on_device!(self, s => Ok(Storage::Cpu(s.binary(op, layout, same_device!(rhs), rhs_layout)?)))
+        match self {
+            Storage::Cpu(s) => Ok(Storage::Cpu(s.binary(op, layout, rhs.cpu("binary", self)?, rhs_layout)?)),
+            Storage::Gpu(s) => Ok(Storage::Gpu(s.binary(op, layout, rhs.gpu("binary", self)?, rhs_layout)?)),
+        }
     }
 
     /// `cond ? t : f` element-wise; `self` is the condition (non-zero = true); same shapes.
     pub fn where_cond(&self, layout: &Layout, t: &Storage, t_layout: &Layout, f: &Storage, f_layout: &Layout) -> Result<Storage> {
-        on_device!(self, s => Ok(Storage::Cpu(s.where_cond(layout, same_device!(t), t_layout, same_device!(f), f_layout)?)))
+        match self {
+            Storage::Cpu(s) => Ok(Storage::Cpu(s.where_cond(layout, t.cpu("where", self)?, t_layout, f.cpu("where", self)?, f_layout)?)),
+            Storage::Gpu(s) => Ok(Storage::Gpu(s.where_cond(layout, t.gpu("where", self)?, t_layout, f.gpu("where", self)?, f_layout)?)),
+        }
     }
 
     /// Reduce along `axis`; the output has the input's shape with that axis removed.
     pub fn reduce(&self, op: ReduceOp, layout: &Layout, axis: usize) -> Result<Storage> {
-        on_device!(self, s => Ok(Storage::Cpu(s.reduce(op, layout, axis)?)))
+        match self {
+            Storage::Cpu(s) => Ok(Storage::Cpu(s.reduce(op, layout, axis)?)),
+            Storage::Gpu(s) => Ok(Storage::Gpu(s.reduce(op, layout, axis)?)),
+        }
     }
 
     /// Batched matrix product. Both layouts have rank ≥ 2 and identical batch dims (broadcast
     /// already applied): `[.., m, k] · [.., k, n] → [.., m, n]`, transposes read in place.
     pub fn matmul(&self, layout: &Layout, rhs: &Storage, rhs_layout: &Layout) -> Result<Storage> {
-        on_device!(self, s => Ok(Storage::Cpu(s.matmul(layout, same_device!(rhs), rhs_layout)?)))
+        match self {
+            Storage::Cpu(s) => Ok(Storage::Cpu(s.matmul(layout, rhs.cpu("matmul", self)?, rhs_layout)?)),
+            Storage::Gpu(s) => Ok(Storage::Gpu(s.matmul(layout, rhs.gpu("matmul", self)?, rhs_layout)?)),
+        }
     }
 
     /// Softmax (or log-softmax) along the last axis.
     pub fn softmax_last(&self, layout: &Layout, log: bool) -> Result<Storage> {
-        on_device!(self, s => Ok(Storage::Cpu(s.softmax_last(layout, log)?)))
+        match self {
+            Storage::Cpu(s) => Ok(Storage::Cpu(s.softmax_last(layout, log)?)),
+            Storage::Gpu(s) => Ok(Storage::Gpu(s.softmax_last(layout, log)?)),
+        }
     }
 
     /// Layer norm (or RMS norm) over the last axis of `x`, with optional affine weight and
@@ -209,10 +321,18 @@ impl Storage {
         eps: f64,
         rms: bool,
     ) -> Result<(Storage, Storage, Storage)> {
-        on_device!(self, s => {
-            let (y, m, r) = s.norm_last(layout, weight.map(|w| same_device!(w)), bias.map(|b| same_device!(b)), eps, rms)?;
-            Ok((Storage::Cpu(y), Storage::Cpu(m), Storage::Cpu(r)))
-        })
+        match self {
+            Storage::Cpu(s) => {
+                let (w, b) = (Self::opt_cpu(weight, "norm", self)?, Self::opt_cpu(bias, "norm", self)?);
+                let (y, m, r) = s.norm_last(layout, w, b, eps, rms)?;
+                Ok((Storage::Cpu(y), Storage::Cpu(m), Storage::Cpu(r)))
+            }
+            Storage::Gpu(s) => {
+                let (w, b) = (Self::opt_gpu(weight, "norm", self)?, Self::opt_gpu(bias, "norm", self)?);
+                let (y, m, r) = s.norm_last(layout, w, b, eps, rms)?;
+                Ok((Storage::Gpu(y), Storage::Gpu(m), Storage::Gpu(r)))
+            }
+        }
     }
 
     /// Backward of [`Storage::norm_last`]: from `x`, weight, the output gradient `g` and the saved
@@ -228,39 +348,67 @@ impl Storage {
         rstd: &Storage,
         rms: bool,
     ) -> Result<(Storage, Storage, Storage)> {
-        on_device!(self, s => {
-            let (dx, dw, db) = s.norm_last_backward(layout, weight.map(|w| same_device!(w)), same_device!(g), g_layout, same_device!(mean), same_device!(rstd), rms)?;
-            Ok((Storage::Cpu(dx), Storage::Cpu(dw), Storage::Cpu(db)))
-        })
+        const OP: &str = "norm_backward";
+        match self {
+            Storage::Cpu(s) => {
+                let w = Self::opt_cpu(weight, OP, self)?;
+                let (dx, dw, db) =
+                    s.norm_last_backward(layout, w, g.cpu(OP, self)?, g_layout, mean.cpu(OP, self)?, rstd.cpu(OP, self)?, rms)?;
+                Ok((Storage::Cpu(dx), Storage::Cpu(dw), Storage::Cpu(db)))
+            }
+            Storage::Gpu(s) => {
+                let w = Self::opt_gpu(weight, OP, self)?;
+                let (dx, dw, db) =
+                    s.norm_last_backward(layout, w, g.gpu(OP, self)?, g_layout, mean.gpu(OP, self)?, rstd.gpu(OP, self)?, rms)?;
+                Ok((Storage::Gpu(dx), Storage::Gpu(dw), Storage::Gpu(db)))
+            }
+        }
     }
 
     /// `out[.., j, ..] = self[.., idx[j], ..]` along `axis`; `idx` is a contiguous U32/I32 list.
     pub fn index_select(&self, layout: &Layout, axis: usize, idx: &Storage, idx_layout: &Layout) -> Result<Storage> {
-        on_device!(self, s => Ok(Storage::Cpu(s.index_select(layout, axis, same_device!(idx), idx_layout)?)))
+        match self {
+            Storage::Cpu(s) => Ok(Storage::Cpu(s.index_select(layout, axis, idx.cpu("index_select", self)?, idx_layout)?)),
+            Storage::Gpu(s) => Ok(Storage::Gpu(s.index_select(layout, axis, idx.gpu("index_select", self)?, idx_layout)?)),
+        }
     }
 
     /// Adjoint of index_select: a zero tensor of `shape` with `self[.., j, ..]` added into row
     /// `idx[j]` of `axis` (duplicate indices accumulate).
     pub fn index_add(&self, layout: &Layout, shape: &[usize], axis: usize, idx: &Storage, idx_layout: &Layout) -> Result<Storage> {
-        on_device!(self, s => Ok(Storage::Cpu(s.index_add(layout, shape, axis, same_device!(idx), idx_layout)?)))
+        match self {
+            Storage::Cpu(s) => Ok(Storage::Cpu(s.index_add(layout, shape, axis, idx.cpu("index_add", self)?, idx_layout)?)),
+            Storage::Gpu(s) => Ok(Storage::Gpu(s.index_add(layout, shape, axis, idx.gpu("index_add", self)?, idx_layout)?)),
+        }
     }
 
     /// `out[i..] = self[i with i_axis replaced by idx[i..]]`; idx has the output's shape.
     pub fn gather(&self, layout: &Layout, axis: usize, idx: &Storage, idx_layout: &Layout) -> Result<Storage> {
-        on_device!(self, s => Ok(Storage::Cpu(s.gather(layout, axis, same_device!(idx), idx_layout)?)))
+        match self {
+            Storage::Cpu(s) => Ok(Storage::Cpu(s.gather(layout, axis, idx.cpu("gather", self)?, idx_layout)?)),
+            Storage::Gpu(s) => Ok(Storage::Gpu(s.gather(layout, axis, idx.gpu("gather", self)?, idx_layout)?)),
+        }
     }
 
     /// Adjoint of gather: zeros of `shape`, then `out[i with i_axis = idx[i]] += self[i]`.
     pub fn scatter_add(&self, layout: &Layout, shape: &[usize], axis: usize, idx: &Storage, idx_layout: &Layout) -> Result<Storage> {
-        on_device!(self, s => Ok(Storage::Cpu(s.scatter_add(layout, shape, axis, same_device!(idx), idx_layout)?)))
+        match self {
+            Storage::Cpu(s) => Ok(Storage::Cpu(s.scatter_add(layout, shape, axis, idx.cpu("scatter_add", self)?, idx_layout)?)),
+            Storage::Gpu(s) => Ok(Storage::Gpu(s.scatter_add(layout, shape, axis, idx.gpu("scatter_add", self)?, idx_layout)?)),
+        }
     }
 
     /// Concatenate along `axis`; all parts have the same dtype and agree on the other axes.
     pub fn concat(parts: &[(&Storage, &Layout)], axis: usize) -> Result<Storage> {
-        match parts[0].0 {
+        let first = parts[0].0;
+        match first {
             Storage::Cpu(_) => {
-                let cpu: Vec<(&CpuStorage, &Layout)> = parts.iter().map(|(s, l)| (same_device!(*s), *l)).collect();
+                let cpu = parts.iter().map(|(s, l)| Ok((s.cpu("concat", first)?, *l))).collect::<Result<Vec<_>>>()?;
                 Ok(Storage::Cpu(CpuStorage::concat(&cpu, axis)?))
+            }
+            Storage::Gpu(_) => {
+                let gpu = parts.iter().map(|(s, l)| Ok((s.gpu("concat", first)?, *l))).collect::<Result<Vec<_>>>()?;
+                Ok(Storage::Gpu(GpuStorage::concat(&gpu, axis)?))
             }
         }
     }
@@ -269,13 +417,19 @@ impl Storage {
     /// `interleaved`: pairs are (2i, 2i+1) (GPT-J / llama.cpp); otherwise (i, i + dim/2)
     /// (Hugging Face LLaMA). `inverse` rotates by −θ (the backward pass).
     pub fn rope(&self, layout: &Layout, cos: &Storage, sin: &Storage, interleaved: bool, inverse: bool) -> Result<Storage> {
-        on_device!(self, s => Ok(Storage::Cpu(s.rope(layout, same_device!(cos), same_device!(sin), interleaved, inverse)?)))
+        match self {
+            Storage::Cpu(s) => Ok(Storage::Cpu(s.rope(layout, cos.cpu("rope", self)?, sin.cpu("rope", self)?, interleaved, inverse)?)),
+            Storage::Gpu(s) => Ok(Storage::Gpu(s.rope(layout, cos.gpu("rope", self)?, sin.gpu("rope", self)?, interleaved, inverse)?)),
+        }
     }
 
     /// Cross-entropy per row of logits `[n, c]` with integer targets `[n]`; rows whose target
     /// equals `ignore_index` get loss 0. Returns the per-row losses `[n]`.
     pub fn cross_entropy(&self, layout: &Layout, targets: &Storage, t_layout: &Layout, ignore_index: i64) -> Result<Storage> {
-        on_device!(self, s => Ok(Storage::Cpu(s.cross_entropy(layout, same_device!(targets), t_layout, ignore_index)?)))
+        match self {
+            Storage::Cpu(s) => Ok(Storage::Cpu(s.cross_entropy(layout, targets.cpu("cross_entropy", self)?, t_layout, ignore_index)?)),
+            Storage::Gpu(s) => Ok(Storage::Gpu(s.cross_entropy(layout, targets.gpu("cross_entropy", self)?, t_layout, ignore_index)?)),
+        }
     }
 
     /// Gradient of the per-row losses wrt the logits: `(softmax(row) − onehot(target))·g[row]`,
@@ -289,13 +443,32 @@ impl Storage {
         g_layout: &Layout,
         ignore_index: i64,
     ) -> Result<Storage> {
-        on_device!(self, s => Ok(Storage::Cpu(s.cross_entropy_backward(layout, same_device!(targets), t_layout, same_device!(g), g_layout, ignore_index)?)))
+        const OP: &str = "cross_entropy_backward";
+        match self {
+            Storage::Cpu(s) => Ok(Storage::Cpu(s.cross_entropy_backward(
+                layout,
+                targets.cpu(OP, self)?,
+                t_layout,
+                g.cpu(OP, self)?,
+                g_layout,
+                ignore_index,
+            )?)),
+            Storage::Gpu(s) => Ok(Storage::Gpu(s.cross_entropy_backward(
+                layout,
+                targets.gpu(OP, self)?,
+                t_layout,
+                g.gpu(OP, self)?,
+                g_layout,
+                ignore_index,
+            )?)),
+        }
     }
 
     /// `n` elements of the uniform stream `(seed, offset)` mapped to `[lo, hi)`.
     pub fn rand_uniform(device: &Device, dtype: DType, n: usize, seed: u64, offset: u64, lo: f64, hi: f64) -> Result<Storage> {
         match device {
             Device::Cpu => Ok(Storage::Cpu(CpuStorage::rand_uniform(dtype, n, seed, offset, lo, hi)?)),
+            Device::Gpu(g) => Ok(Storage::Gpu(GpuStorage::rand(g, dtype, n, seed, offset, false, lo, hi)?)),
         }
     }
 
@@ -303,6 +476,7 @@ impl Storage {
     pub fn rand_normal(device: &Device, dtype: DType, n: usize, seed: u64, offset: u64, mean: f64, std: f64) -> Result<Storage> {
         match device {
             Device::Cpu => Ok(Storage::Cpu(CpuStorage::rand_normal(dtype, n, seed, offset, mean, std)?)),
+            Device::Gpu(g) => Ok(Storage::Gpu(GpuStorage::rand(g, dtype, n, seed, offset, true, mean, std)?)),
         }
     }
 }

@@ -1,0 +1,40 @@
+//! Launcher of `shaders/matmul.wgsl`: batched, strided, 32×32 tiles with 4×4 register blocks.
+
+use super::{Access, GpuStorage, Kernel, Params};
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+
+const SRC: &str = include_str!("../../../shaders/matmul.wgsl");
+const MATMUL: Kernel =
+    Kernel { shader: "matmul", source: SRC, entry: "matmul", access: &[(1, Access::Write), (2, Access::Read), (3, Access::Read)] };
+
+fn batch_layout(l: &Layout) -> Layout {
+    let r = l.rank();
+    Layout::new(l.shape()[..r - 2].to_vec(), l.strides()[..r - 2].to_vec(), l.offset())
+}
+
+pub(super) fn matmul(a: &GpuStorage, la: &Layout, b: &GpuStorage, lb: &Layout) -> Result<GpuStorage> {
+    a.need_f32("matmul")?;
+    if b.dtype != a.dtype {
+        return Err(Error::DTypeMismatch { op: "matmul", lhs: a.dtype, rhs: b.dtype });
+    }
+    let r = la.rank();
+    let (m, k, n) = (la.shape()[r - 2], la.shape()[r - 1], lb.shape()[r - 1]);
+    let (ba, bb) = (batch_layout(la), batch_layout(lb));
+    let batch = ba.numel();
+    let out = GpuStorage::alloc(&a.dev, a.dtype, batch * m * n, "matmul")?;
+    if batch * m * n == 0 {
+        return Ok(out);
+    }
+    if k == 0 {
+        super::copy::fill(&out, 0.0)?;
+        return Ok(out);
+    }
+    let (sa, sb) = (la.strides(), lb.strides());
+    let mut p = Params::new(&[m as u32, n as u32, k as u32, sa[r - 2] as u32, sa[r - 1] as u32, sb[r - 2] as u32, sb[r - 1] as u32, 0, 0]);
+    let (ra, rb) = (p.layout(&ba)?, p.layout(&bb)?);
+    p.set(7, ra);
+    p.set(8, rb);
+    a.dev.launch(&MATMUL, &p, &[out.buffer(), a.buffer(), b.buffer()], [n.div_ceil(32) as u32, m.div_ceil(32) as u32, batch as u32])?;
+    Ok(out)
+}

@@ -1,0 +1,942 @@
+//! The GPU backend: every primitive of [`crate::backend::Storage`] as a WGSL compute shader run
+//! through `wgpu` (Vulkan, Metal, DX12).
+//!
+//! - [`GpuDevice`] (cheap to clone, an `Arc` inside) owns the wgpu adapter, device and queue,
+//!   the pipeline cache (each kernel compiled once), the buffer pool and the open batch.
+//! - Execution is recorded, not run: each op appends a compute pass to the open command
+//!   encoder; the encoder is submitted every [`BATCH_PASSES`] passes and at sync points
+//!   (`to_cpu`, [`GpuDevice::synchronize`]). Reading back is the only thing that waits.
+//! - Every kernel takes binding 0 = `params`, a small read-only `array<u32>` with its scalars and
+//!   layout records (`shaders/common.wgsl`), so one pipeline serves every shape and stride.
+//! - Buffers come from a pool with size classes (4 per power of two, so at most 25% slack); live
+//!   and peak bytes are counted ([`GpuDevice::memory_stats`]).
+//! - f32 is the compute type. F16/BF16/U32/I32 are stored as packed bits and can be uploaded,
+//!   downloaded, copied and cast; F64 is not supported on the GPU.
+//!
+//! One launcher file per shader family sits beside this one.
+
+mod binary;
+mod copy;
+mod index;
+mod matmul;
+mod norm;
+mod rand;
+mod reduce;
+mod rope;
+mod softmax;
+mod unary;
+mod xent;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::cpu::CpuStorage;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+
+/// Compute passes recorded before the encoder is submitted.
+const BATCH_PASSES: usize = 64;
+/// Smallest pool size class in bytes.
+const MIN_CLASS: u64 = 256;
+/// Free buffers kept for reuse, at most (bytes); beyond this, freed buffers are destroyed.
+const POOL_CAP: u64 = 1 << 30;
+
+/// Which kind of adapter to open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AdapterKind {
+    /// A real GPU (discrete, integrated or virtual).
+    Hardware,
+    /// A CPU implementation of the API (lavapipe / llvmpipe / WARP).
+    Software,
+}
+
+/// Memory held by a GPU device, in bytes, and how the pool served it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Bytes of the buffers tensors hold now (rounded up to the pool's size classes).
+    pub live_bytes: u64,
+    /// The most `live_bytes` has been since the device was made (or since `reset_peak`).
+    pub peak_bytes: u64,
+    /// Bytes of freed buffers kept by the pool for reuse.
+    pub pooled_bytes: u64,
+    /// Buffers created on the device.
+    pub allocations: u64,
+    /// Requests served from the pool without a new buffer.
+    pub reuses: u64,
+    /// Compute dispatches recorded.
+    pub dispatches: u64,
+    /// Command buffers submitted.
+    pub submits: u64,
+    /// Bytes uploaded from the host.
+    pub bytes_uploaded: u64,
+    /// Bytes read back to the host.
+    pub bytes_downloaded: u64,
+}
+
+/// Dispatches and (bound) bytes per kernel, for traffic reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelCount {
+    pub dispatches: u64,
+    /// Bytes of the buffers bound for reading, summed over dispatches (an upper bound).
+    pub bytes_read: u64,
+    /// Bytes of the buffers bound for writing, summed over dispatches.
+    pub bytes_written: u64,
+}
+
+#[derive(Default)]
+struct Pool {
+    free: HashMap<u64, Vec<wgpu::Buffer>>,
+    stats: MemoryStats,
+}
+
+struct Batch {
+    encoder: Option<wgpu::CommandEncoder>,
+    passes: usize,
+}
+
+/// Access of a kernel binding after `params`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Access {
+    Read,
+    Write,
+}
+
+/// A compute entry point of one shader family, and its bindings after `params` (binding
+/// number, access), in the order the launcher passes the buffers.
+pub(crate) struct Kernel {
+    /// Family name (the file `shaders/<shader>.wgsl`).
+    pub shader: &'static str,
+    pub source: &'static str,
+    pub entry: &'static str,
+    pub access: &'static [(u32, Access)],
+}
+
+struct Ctx {
+    adapter_info: wgpu::AdapterInfo,
+    features: wgpu::Features,
+    limits: wgpu::Limits,
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<wgpu::ComputePipeline>>>,
+    pool: Mutex<Pool>,
+    batch: Mutex<Batch>,
+    counts: Mutex<HashMap<&'static str, KernelCount>>,
+    lost: Arc<AtomicBool>,
+    lost_reason: Arc<Mutex<String>>,
+    api_error: Arc<Mutex<Option<String>>>,
+    id: u64,
+}
+
+/// A GPU: adapter, device, queue, pipeline cache, buffer pool. Clones share everything.
+#[derive(Clone)]
+pub struct GpuDevice(Arc<Ctx>);
+
+impl PartialEq for GpuDevice {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+impl Eq for GpuDevice {}
+
+impl std::fmt::Debug for GpuDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuDevice({}, {:?}, {:?})", self.0.adapter_info.name, self.0.adapter_info.backend, self.0.adapter_info.device_type)
+    }
+}
+
+impl std::fmt::Display for GpuDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "gpu:{} ({}, {:?})", self.0.id, self.0.adapter_info.name, self.0.adapter_info.backend)
+    }
+}
+
+static NEXT_DEVICE: AtomicU64 = AtomicU64::new(0);
+
+fn instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    // No GL: built without it, and not asked for, so a missing Vulkan driver is an error.
+    desc.backends = wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12;
+    wgpu::Instance::new(desc)
+}
+
+fn rank_hardware(t: wgpu::DeviceType) -> Option<u8> {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => Some(0),
+        wgpu::DeviceType::IntegratedGpu => Some(1),
+        wgpu::DeviceType::VirtualGpu => Some(2),
+        wgpu::DeviceType::Other => Some(3),
+        wgpu::DeviceType::Cpu => None,
+    }
+}
+
+impl GpuDevice {
+    /// Open a new device on an adapter of `kind` (not shared; see [`GpuDevice::shared`]).
+    pub fn new(kind: AdapterKind) -> Result<GpuDevice> {
+        let inst = instance();
+        let adapters = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()));
+        let found: Vec<String> = adapters
+            .iter()
+            .map(|a| format!("{} ({:?}, {:?})", a.get_info().name, a.get_info().backend, a.get_info().device_type))
+            .collect();
+        let pick = match kind {
+            AdapterKind::Hardware => adapters
+                .into_iter()
+                .filter_map(|a| rank_hardware(a.get_info().device_type).map(|r| (r, a)))
+                .min_by_key(|(r, _)| *r)
+                .map(|(_, a)| a),
+            AdapterKind::Software => adapters.into_iter().find(|a| a.get_info().device_type == wgpu::DeviceType::Cpu),
+        };
+        let adapter = pick.ok_or_else(|| {
+            Error::NoAdapter(format!(
+                "no {} adapter among [{}] (a software Vulkan driver is Debian's mesa-vulkan-drivers)",
+                if kind == AdapterKind::Hardware { "hardware" } else { "software" },
+                found.join(", ")
+            ))
+        })?;
+        let info = adapter.get_info();
+        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::SUBGROUP_BARRIER;
+        let features = adapter.features() & wanted;
+        let limits = adapter.limits();
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("tinytune"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        };
+        let (device, queue) =
+            pollster::block_on(adapter.request_device(&desc)).map_err(|e| Error::Gpu(format!("request_device on {}: {e}", info.name)))?;
+        let lost = Arc::new(AtomicBool::new(false));
+        let lost_reason = Arc::new(Mutex::new(String::new()));
+        {
+            let (lost, reason) = (lost.clone(), lost_reason.clone());
+            device.set_device_lost_callback(move |r, msg| {
+                *reason.lock().unwrap_or_else(|e| e.into_inner()) = format!("{r:?}: {msg}");
+                lost.store(true, Ordering::SeqCst);
+            });
+        }
+        let api_error = Arc::new(Mutex::new(None));
+        {
+            let slot = api_error.clone();
+            device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                let mut s = slot.lock().unwrap_or_else(|e| e.into_inner());
+                if s.is_none() {
+                    *s = Some(e.to_string());
+                }
+            }));
+        }
+        let id = NEXT_DEVICE.fetch_add(1, Ordering::Relaxed);
+        eprintln!(
+            "tinytune: gpu:{id} = {} ({:?}, {:?}, driver {} {}); shader-f16: {}, subgroups: {}",
+            info.name,
+            info.backend,
+            info.device_type,
+            info.driver,
+            info.driver_info,
+            features.contains(wgpu::Features::SHADER_F16),
+            features.contains(wgpu::Features::SUBGROUP)
+        );
+        Ok(GpuDevice(Arc::new(Ctx {
+            adapter_info: info,
+            features,
+            limits,
+            device,
+            queue,
+            pipelines: Mutex::new(HashMap::new()),
+            pool: Mutex::new(Pool::default()),
+            batch: Mutex::new(Batch { encoder: None, passes: 0 }),
+            counts: Mutex::new(HashMap::new()),
+            lost,
+            lost_reason,
+            api_error,
+            id,
+        })))
+    }
+
+    /// The process-wide device of `kind`, opened on first use (so every `Device::gpu()` is
+    /// the same device and tensors made through it can meet in one op).
+    pub fn shared(kind: AdapterKind) -> Result<GpuDevice> {
+        static HW: OnceLock<std::result::Result<GpuDevice, String>> = OnceLock::new();
+        static SW: OnceLock<std::result::Result<GpuDevice, String>> = OnceLock::new();
+        let cell = if kind == AdapterKind::Hardware { &HW } else { &SW };
+        cell.get_or_init(|| GpuDevice::new(kind).map_err(|e| e.to_string())).clone().map_err(Error::NoAdapter)
+    }
+
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.0.adapter_info
+    }
+
+    pub fn features(&self) -> wgpu::Features {
+        self.0.features
+    }
+
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.0.limits
+    }
+
+    /// Whether the adapter is a software implementation (lavapipe, llvmpipe, WARP).
+    pub fn is_software(&self) -> bool {
+        self.0.adapter_info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    pub fn memory_stats(&self) -> MemoryStats {
+        self.0.pool.lock().expect("pool lock").stats
+    }
+
+    /// Start counting the peak from the current live bytes.
+    pub fn reset_peak(&self) {
+        let mut p = self.0.pool.lock().expect("pool lock");
+        p.stats.peak_bytes = p.stats.live_bytes;
+    }
+
+    /// Destroy the pooled free buffers (live tensors are untouched).
+    pub fn empty_cache(&self) {
+        let mut p = self.0.pool.lock().expect("pool lock");
+        p.free.clear();
+        p.stats.pooled_bytes = 0;
+    }
+
+    /// Dispatches and bound bytes per kernel entry point since the device was made.
+    pub fn kernel_counts(&self) -> Vec<(&'static str, KernelCount)> {
+        let mut v: Vec<_> = self.0.counts.lock().expect("counts lock").iter().map(|(k, c)| (*k, *c)).collect();
+        v.sort_by_key(|(k, _)| *k);
+        v
+    }
+
+    /// Submit everything recorded and wait for the GPU to finish it.
+    pub fn synchronize(&self) -> Result<()> {
+        self.flush()?;
+        self.0.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(format!("poll: {e}")))?;
+        self.check()
+    }
+
+    /// Destroy the device (for tests of the device-lost path): every later op is an error.
+    pub fn destroy(&self) {
+        self.0.device.destroy();
+        // Make the loss visible at once, whether or not the callback has run yet.
+        *self.0.lost_reason.lock().unwrap_or_else(|e| e.into_inner()) = "destroyed".into();
+        self.0.lost.store(true, Ordering::SeqCst);
+    }
+
+    fn dev_name(&self) -> String {
+        self.to_string()
+    }
+
+    /// An error when the device is lost or the API reported an error since the last check.
+    fn check(&self) -> Result<()> {
+        if self.0.lost.load(Ordering::SeqCst) {
+            return Err(Error::DeviceLost(format!(
+                "{}: {}",
+                self.dev_name(),
+                self.0.lost_reason.lock().unwrap_or_else(|e| e.into_inner())
+            )));
+        }
+        if let Some(msg) = self.0.api_error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return Err(Error::Gpu(msg));
+        }
+        Ok(())
+    }
+
+    /// Submit the open encoder, if any.
+    fn flush(&self) -> Result<()> {
+        {
+            // Submit while holding the batch lock: a thread that finds no open encoder must be
+            // able to rely on everything recorded before being submitted already (a readback
+            // maps its staging buffer, an upload queues a write, right after flushing).
+            let mut b = self.0.batch.lock().expect("batch lock");
+            b.passes = 0;
+            if let Some(enc) = b.encoder.take() {
+                self.0.queue.submit([enc.finish()]);
+                self.0.pool.lock().expect("pool lock").stats.submits += 1;
+            }
+        }
+        self.check()
+    }
+
+    // ----- buffers ------------------------------------------------------------------------
+
+    /// Largest buffer a kernel can bind.
+    fn max_binding(&self) -> u64 {
+        self.0.limits.max_storage_buffer_binding_size.min(self.0.limits.max_buffer_size)
+    }
+
+    fn class_of(&self, bytes: u64) -> u64 {
+        let b = bytes.max(MIN_CLASS);
+        let step = 1u64 << (63 - b.leading_zeros()).saturating_sub(2);
+        let class = b.div_ceil(step) * step;
+        if class > self.max_binding() {
+            b.div_ceil(4) * 4
+        } else {
+            class
+        }
+    }
+
+    /// A storage buffer of at least `bytes` bytes, from the pool when one of its class is free.
+    fn alloc(&self, bytes: u64, what: &'static str) -> Result<Arc<GpuBuffer>> {
+        self.check()?;
+        let limit = self.max_binding();
+        if bytes > limit {
+            return Err(Error::GpuAllocation {
+                what,
+                bytes,
+                msg: format!(
+                    "larger than the device's limit of {limit} bytes per buffer (max_storage_buffer_binding_size {}, max_buffer_size {}) on {}",
+                    self.0.limits.max_storage_buffer_binding_size,
+                    self.0.limits.max_buffer_size,
+                    self.dev_name()
+                ),
+            });
+        }
+        let class = self.class_of(bytes);
+        let reused = {
+            let mut p = self.0.pool.lock().expect("pool lock");
+            let b = p.free.get_mut(&class).and_then(|v| v.pop());
+            if b.is_some() {
+                p.stats.pooled_bytes -= class;
+                p.stats.reuses += 1;
+            }
+            b
+        };
+        let buffer = match reused {
+            Some(b) => b,
+            None => {
+                let scope = self.0.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+                let b = self.0.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(what),
+                    size: class,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                if let Some(e) = pollster::block_on(scope.pop()) {
+                    return Err(Error::GpuAllocation { what, bytes: class, msg: e.to_string() });
+                }
+                self.0.pool.lock().expect("pool lock").stats.allocations += 1;
+                b
+            }
+        };
+        let mut p = self.0.pool.lock().expect("pool lock");
+        p.stats.live_bytes += class;
+        p.stats.peak_bytes = p.stats.peak_bytes.max(p.stats.live_bytes);
+        Ok(Arc::new(GpuBuffer { buffer: Some(buffer), class, dev: Some(self.clone()) }))
+    }
+
+    fn release(&self, buffer: wgpu::Buffer, class: u64) {
+        let mut p = self.0.pool.lock().expect("pool lock");
+        p.stats.live_bytes -= class;
+        // Over the cap the buffer is dropped, not destroyed: recorded work may still use it,
+        // and wgpu frees it once that work is done.
+        if p.stats.pooled_bytes + class <= POOL_CAP && !self.0.lost.load(Ordering::SeqCst) {
+            p.stats.pooled_bytes += class;
+            p.free.entry(class).or_default().push(buffer);
+        }
+    }
+
+    /// Write host bytes at the start of `buf`. Recorded work that may still read the buffer's
+    /// previous contents (a pooled buffer) is submitted first: queue writes run before the
+    /// command buffers of the next submission.
+    fn upload(&self, buf: &GpuBuffer, bytes: &[u8]) -> Result<()> {
+        self.flush()?;
+        if bytes.len() % 4 == 0 {
+            self.0.queue.write_buffer(buf.raw(), 0, bytes);
+        } else {
+            let mut padded = bytes.to_vec();
+            padded.resize(bytes.len().div_ceil(4) * 4, 0);
+            self.0.queue.write_buffer(buf.raw(), 0, &padded);
+        }
+        self.0.pool.lock().expect("pool lock").stats.bytes_uploaded += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Read `len` bytes starting at byte `offset` (a multiple of 4) of `buf`: a sync point.
+    fn download(&self, buf: &GpuBuffer, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let size = len.div_ceil(4) * 4;
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = self.0.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.with_encoder(|enc| enc.copy_buffer_to_buffer(buf.raw(), offset, &staging, 0, size))?;
+        self.flush()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        // Another thread's poll may be the one that runs our callback, a moment after our own
+        // poll returned: wait for it, polling again, and give up (an error, not a hang) when
+        // the device is lost or nothing arrives for a minute.
+        let start = std::time::Instant::now();
+        loop {
+            self.0.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(format!("poll: {e}")))?;
+            self.check()?;
+            match rx.recv_timeout(std::time::Duration::from_millis(2)) {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => return Err(Error::Gpu(format!("map_async: {e}"))),
+                Err(_) if start.elapsed() > std::time::Duration::from_secs(60) => {
+                    return Err(Error::Gpu("readback did not complete within 60 s".into()))
+                }
+                Err(_) => {}
+            }
+        }
+        let out = {
+            let view = staging.get_mapped_range(..).map_err(|e| Error::Gpu(format!("get_mapped_range: {e}")))?;
+            view[..len as usize].to_vec()
+        };
+        staging.unmap();
+        self.0.pool.lock().expect("pool lock").stats.bytes_downloaded += len;
+        Ok(out)
+    }
+
+    fn with_encoder<R>(&self, f: impl FnOnce(&mut wgpu::CommandEncoder) -> R) -> Result<R> {
+        self.check()?;
+        let (r, full) = {
+            let mut b = self.0.batch.lock().expect("batch lock");
+            let enc = b
+                .encoder
+                .get_or_insert_with(|| self.0.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("tinytune") }));
+            let r = f(enc);
+            b.passes += 1;
+            (r, b.passes >= BATCH_PASSES)
+        };
+        if full {
+            self.flush()?;
+        }
+        Ok(r)
+    }
+
+    // ----- kernels ------------------------------------------------------------------------
+
+    fn pipeline(&self, k: &Kernel) -> Result<Arc<wgpu::ComputePipeline>> {
+        if let Some(p) = self.0.pipelines.lock().expect("pipeline lock").get(&(k.shader, k.entry)) {
+            return Ok(p.clone());
+        }
+        let dev = &self.0.device;
+        let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
+        let source = format!("{}\n{}", include_str!("../../../shaders/common.wgsl"), k.source);
+        let module = dev
+            .create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(k.shader), source: wgpu::ShaderSource::Wgsl(source.into()) });
+        let entry = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let mut entries = vec![entry(0, true)];
+        entries.extend(k.access.iter().map(|&(b, a)| entry(b, a == Access::Read)));
+        let bgl = dev.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(k.entry), entries: &entries });
+        let layout = dev.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(k.entry),
+            bind_group_layouts: &[Some(&bgl)],
+            immediate_size: 0,
+        });
+        let pipeline = dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(k.entry),
+            layout: Some(&layout),
+            module: &module,
+            entry_point: Some(k.entry),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(format!("compiling {}.wgsl / {}: {e}", k.shader, k.entry)));
+        }
+        let p = Arc::new(pipeline);
+        self.0.pipelines.lock().expect("pipeline lock").insert((k.shader, k.entry), p.clone());
+        Ok(p)
+    }
+
+    /// Record one dispatch of `k` with `params` and the buffers for bindings 1.. .
+    pub(crate) fn launch(&self, k: &Kernel, params: &Params, buffers: &[&GpuBuffer], groups: [u32; 3]) -> Result<()> {
+        debug_assert_eq!(buffers.len(), k.access.len(), "{}: binding count", k.entry);
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        let maxg = self.0.limits.max_compute_workgroups_per_dimension;
+        if groups.iter().any(|&g| g > maxg) {
+            return Err(Error::Unsupported {
+                op: k.entry,
+                device: self.dev_name(),
+                msg: format!("launch of {groups:?} workgroups exceeds the limit {maxg} per dimension"),
+            });
+        }
+        let pipeline = self.pipeline(k)?;
+        let pbuf = self.temp_buffer(&params.0, "params")?;
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: pbuf.raw().as_entire_binding() }];
+        entries.extend(
+            buffers.iter().zip(k.access).map(|(b, &(binding, _))| wgpu::BindGroupEntry { binding, resource: b.raw().as_entire_binding() }),
+        );
+        let bg = self.0.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(k.entry),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        {
+            let mut counts = self.0.counts.lock().expect("counts lock");
+            let c = counts.entry(k.entry).or_default();
+            c.dispatches += 1;
+            for (b, (_, a)) in buffers.iter().zip(k.access) {
+                match a {
+                    Access::Read => c.bytes_read += b.class,
+                    Access::Write => c.bytes_written += b.class,
+                }
+            }
+        }
+        self.0.pool.lock().expect("pool lock").stats.dispatches += 1;
+        self.with_encoder(|enc| {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(k.entry), timestamp_writes: None });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        })
+    }
+
+    /// A transient read-only storage buffer holding `words`, filled at creation (so, unlike a
+    /// queue write, it is ordered with the recorded work without a flush). Not pooled.
+    pub(crate) fn temp_buffer(&self, words: &[u32], what: &'static str) -> Result<GpuBuffer> {
+        let bytes = (words.len().max(1) * 4) as u64;
+        if bytes > self.max_binding() {
+            return Err(Error::GpuAllocation {
+                what,
+                bytes,
+                msg: format!("larger than the device's limit of {} bytes per buffer", self.max_binding()),
+            });
+        }
+        let buf = self.0.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(what),
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: true,
+        });
+        {
+            let mut view = buf.get_mapped_range_mut(..).map_err(|e| Error::Gpu(format!("{what} map: {e}")))?;
+            let data: &[u32] = if words.is_empty() { &[0] } else { words };
+            view.copy_from_slice(bytemuck::cast_slice(data));
+        }
+        buf.unmap();
+        Ok(GpuBuffer { buffer: Some(buf), class: bytes, dev: None })
+    }
+
+    /// Workgroup counts for `n` workgroups of a 1-d launch spread over x and y.
+    pub(crate) fn groups_1d(&self, n: usize) -> [u32; 3] {
+        if n == 0 {
+            return [0, 1, 1];
+        }
+        let x = n.min(self.0.limits.max_compute_workgroups_per_dimension as usize).min(65535);
+        [x as u32, n.div_ceil(x) as u32, 1]
+    }
+
+    fn unsupported(&self, op: &'static str, msg: impl Into<String>) -> Error {
+        Error::Unsupported { op, device: self.dev_name(), msg: msg.into() }
+    }
+}
+
+/// A pooled device buffer; returned to the pool when the last handle drops.
+pub(crate) struct GpuBuffer {
+    buffer: Option<wgpu::Buffer>,
+    class: u64,
+    /// The pool to return to; `None` for a transient buffer (dropped, not pooled).
+    dev: Option<GpuDevice>,
+}
+
+impl GpuBuffer {
+    fn raw(&self) -> &wgpu::Buffer {
+        self.buffer.as_ref().expect("buffer present until drop")
+    }
+}
+
+impl Drop for GpuBuffer {
+    fn drop(&mut self) {
+        if let (Some(b), Some(dev)) = (self.buffer.take(), &self.dev) {
+            dev.release(b, self.class);
+        }
+    }
+}
+
+/// The `params` words of one launch: scalars and layout records (see `shaders/common.wgsl`).
+#[derive(Default)]
+pub(crate) struct Params(Vec<u32>);
+
+impl Params {
+    /// Scalars first, in the order the shader reads them.
+    pub fn new(scalars: &[u32]) -> Params {
+        Params(scalars.to_vec())
+    }
+    /// Append a layout record and return its position, to be stored in a scalar slot.
+    pub fn layout(&mut self, l: &Layout) -> Result<u32> {
+        let pos = self.0.len() as u32;
+        self.0.push(l.rank() as u32);
+        self.0.push(u32_of(l.offset())?);
+        for &d in l.shape() {
+            self.0.push(u32_of(d)?);
+        }
+        for &s in l.strides() {
+            self.0.push(u32_of(s)?);
+        }
+        Ok(pos)
+    }
+    /// Set scalar slot `i` (reserved by `new`).
+    pub fn set(&mut self, i: usize, v: u32) {
+        self.0[i] = v;
+    }
+}
+
+fn u32_of(v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::Unsupported { op: "gpu", device: "gpu".into(), msg: format!("index {v} does not fit in 32 bits") })
+}
+
+/// f32 as params word.
+pub(crate) fn fbits(v: f64) -> u32 {
+    (v as f32).to_bits()
+}
+
+/// A flat buffer on a GPU: dtype, element count, the pooled buffer, and for index dtypes
+/// uploaded from the host a host copy (so index ops validate their indices without a readback).
+pub struct GpuStorage {
+    dev: GpuDevice,
+    buf: Arc<GpuBuffer>,
+    dtype: DType,
+    len: usize,
+    host: Option<Arc<CpuStorage>>,
+}
+
+impl std::fmt::Debug for GpuStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuStorage({:?}, {} elements on {})", self.dtype, self.len, self.dev)
+    }
+}
+
+/// Dtype codes shared with the shaders (`copy.wgsl`).
+pub(crate) fn dtype_code(d: DType) -> u32 {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        DType::U32 => 3,
+        DType::I32 => 4,
+        DType::F64 => 5,
+    }
+}
+
+impl GpuStorage {
+    pub fn device(&self) -> &GpuDevice {
+        &self.dev
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub(crate) fn buffer(&self) -> &GpuBuffer {
+        &self.buf
+    }
+
+    /// A fresh uninitialised buffer of `n` elements.
+    pub(crate) fn alloc(dev: &GpuDevice, dtype: DType, n: usize, what: &'static str) -> Result<GpuStorage> {
+        if dtype == DType::F64 {
+            return Err(dev.unsupported(what, "f64 has no GPU kernels (use f32; f64 is the CPU reference type)"));
+        }
+        let bytes = (n * dtype.size_in_bytes()) as u64;
+        Ok(GpuStorage { dev: dev.clone(), buf: dev.alloc(bytes.max(4), what)?, dtype, len: n, host: None })
+    }
+
+    /// An error unless `dtype` is f32 (the GPU compute type).
+    pub(crate) fn need_f32(&self, op: &'static str) -> Result<()> {
+        match self.dtype {
+            DType::F32 => Ok(()),
+            DType::F64 => Err(self.dev.unsupported(op, "f64 has no GPU kernels")),
+            d => Err(Error::DType { op, expected: "f32 (GPU compute type)", got: d }),
+        }
+    }
+
+    pub fn full(dev: &GpuDevice, dtype: DType, n: usize, v: f64) -> Result<GpuStorage> {
+        let out = GpuStorage::alloc(dev, dtype, n, "full")?;
+        copy::fill(&out, v)?;
+        Ok(out)
+    }
+
+    pub fn from_cpu(dev: &GpuDevice, data: &CpuStorage) -> Result<GpuStorage> {
+        let mut out = GpuStorage::alloc(dev, data.dtype(), data.len(), "upload")?;
+        let bytes: &[u8] = match data {
+            CpuStorage::F32(v) => bytemuck::cast_slice(v),
+            CpuStorage::F16(v) => bytemuck::cast_slice(v),
+            CpuStorage::BF16(v) => bytemuck::cast_slice(v),
+            CpuStorage::U32(v) => bytemuck::cast_slice(v),
+            CpuStorage::I32(v) => bytemuck::cast_slice(v),
+            CpuStorage::F64(_) => unreachable!("rejected by alloc"),
+        };
+        if !bytes.is_empty() {
+            dev.upload(&out.buf, bytes)?;
+        }
+        if data.dtype().is_int() {
+            out.host = Some(Arc::new(data.clone()));
+        }
+        Ok(out)
+    }
+
+    /// The elements of `layout`, contiguous, on the host.
+    pub fn to_cpu(&self, layout: &Layout) -> Result<CpuStorage> {
+        let n = layout.numel();
+        let esz = self.dtype.size_in_bytes();
+        let aligned = layout.is_contiguous() && (layout.offset() * esz) % 4 == 0;
+        let bytes = if n == 0 {
+            Vec::new()
+        } else if aligned {
+            self.dev.download(&self.buf, (layout.offset() * esz) as u64, (n * esz) as u64)?
+        } else {
+            let c = copy::cast(self, layout, self.dtype)?;
+            self.dev.download(&c.buf, 0, (n * esz) as u64)?
+        };
+        Ok(match self.dtype {
+            DType::F32 => CpuStorage::F32(bytemuck::pod_collect_to_vec(&bytes)),
+            DType::F16 => CpuStorage::F16(bytemuck::pod_collect_to_vec(&bytes)),
+            DType::BF16 => CpuStorage::BF16(bytemuck::pod_collect_to_vec(&bytes)),
+            DType::U32 => CpuStorage::U32(bytemuck::pod_collect_to_vec(&bytes)),
+            DType::I32 => CpuStorage::I32(bytemuck::pod_collect_to_vec(&bytes)),
+            DType::F64 => unreachable!("no f64 storage on the GPU"),
+        })
+    }
+
+    /// The index values selected by `layout` as i64, from the host copy when there is one
+    /// (else a readback, a sync point).
+    pub(crate) fn index_values(&self, layout: &Layout, op: &'static str) -> Result<Vec<i64>> {
+        let host;
+        let src = match &self.host {
+            Some(h) => h.as_ref(),
+            None => {
+                host = self.to_cpu(layout)?;
+                return Ok(match &host {
+                    CpuStorage::U32(v) => v.iter().map(|&x| x as i64).collect(),
+                    CpuStorage::I32(v) => v.iter().map(|&x| x as i64).collect(),
+                    o => return Err(Error::DType { op, expected: "u32 or i32 indices", got: o.dtype() }),
+                });
+            }
+        };
+        Ok(match src {
+            CpuStorage::U32(v) => layout.offsets().map(|o| v[o] as i64).collect(),
+            CpuStorage::I32(v) => layout.offsets().map(|o| v[o] as i64).collect(),
+            o => return Err(Error::DType { op, expected: "u32 or i32 indices", got: o.dtype() }),
+        })
+    }
+
+    pub fn cast(&self, layout: &Layout, dtype: DType) -> Result<GpuStorage> {
+        copy::cast(self, layout, dtype)
+    }
+
+    pub fn unary(&self, op: super::UnaryOp, layout: &Layout) -> Result<GpuStorage> {
+        unary::unary(self, op, layout)
+    }
+
+    pub fn binary(&self, op: super::BinaryOp, layout: &Layout, rhs: &GpuStorage, rhs_layout: &Layout) -> Result<GpuStorage> {
+        binary::binary(self, op, layout, rhs, rhs_layout)
+    }
+
+    pub fn where_cond(&self, layout: &Layout, t: &GpuStorage, tl: &Layout, f: &GpuStorage, fl: &Layout) -> Result<GpuStorage> {
+        binary::where_cond(self, layout, t, tl, f, fl)
+    }
+
+    pub fn reduce(&self, op: super::ReduceOp, layout: &Layout, axis: usize) -> Result<GpuStorage> {
+        reduce::reduce(self, op, layout, axis)
+    }
+
+    pub fn matmul(&self, layout: &Layout, rhs: &GpuStorage, rhs_layout: &Layout) -> Result<GpuStorage> {
+        matmul::matmul(self, layout, rhs, rhs_layout)
+    }
+
+    pub fn softmax_last(&self, layout: &Layout, log: bool) -> Result<GpuStorage> {
+        softmax::softmax_last(self, layout, log)
+    }
+
+    pub fn norm_last(
+        &self,
+        layout: &Layout,
+        w: Option<&GpuStorage>,
+        b: Option<&GpuStorage>,
+        eps: f64,
+        rms: bool,
+    ) -> Result<(GpuStorage, GpuStorage, GpuStorage)> {
+        norm::norm_last(self, layout, w, b, eps, rms)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn norm_last_backward(
+        &self,
+        layout: &Layout,
+        w: Option<&GpuStorage>,
+        g: &GpuStorage,
+        gl: &Layout,
+        mean: &GpuStorage,
+        rstd: &GpuStorage,
+        rms: bool,
+    ) -> Result<(GpuStorage, GpuStorage, GpuStorage)> {
+        norm::norm_last_backward(self, layout, w, g, gl, mean, rstd, rms)
+    }
+
+    pub fn index_select(&self, layout: &Layout, axis: usize, idx: &GpuStorage, il: &Layout) -> Result<GpuStorage> {
+        index::index_select(self, layout, axis, idx, il)
+    }
+
+    pub fn index_add(&self, layout: &Layout, shape: &[usize], axis: usize, idx: &GpuStorage, il: &Layout) -> Result<GpuStorage> {
+        index::index_add(self, layout, shape, axis, idx, il)
+    }
+
+    pub fn gather(&self, layout: &Layout, axis: usize, idx: &GpuStorage, il: &Layout) -> Result<GpuStorage> {
+        index::gather(self, layout, axis, idx, il)
+    }
+
+    pub fn scatter_add(&self, layout: &Layout, shape: &[usize], axis: usize, idx: &GpuStorage, il: &Layout) -> Result<GpuStorage> {
+        index::scatter_add(self, layout, shape, axis, idx, il)
+    }
+
+    pub fn concat(parts: &[(&GpuStorage, &Layout)], axis: usize) -> Result<GpuStorage> {
+        copy::concat(parts, axis)
+    }
+
+    pub fn rope(&self, layout: &Layout, cos: &GpuStorage, sin: &GpuStorage, interleaved: bool, inverse: bool) -> Result<GpuStorage> {
+        rope::rope(self, layout, cos, sin, interleaved, inverse)
+    }
+
+    pub fn cross_entropy(&self, layout: &Layout, targets: &GpuStorage, tl: &Layout, ignore: i64) -> Result<GpuStorage> {
+        xent::cross_entropy(self, layout, targets, tl, ignore)
+    }
+
+    pub fn cross_entropy_backward(
+        &self,
+        layout: &Layout,
+        targets: &GpuStorage,
+        tl: &Layout,
+        g: &GpuStorage,
+        gl: &Layout,
+        ignore: i64,
+    ) -> Result<GpuStorage> {
+        xent::cross_entropy_backward(self, layout, targets, tl, g, gl, ignore)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn rand(dev: &GpuDevice, dtype: DType, n: usize, seed: u64, offset: u64, normal: bool, a: f64, b: f64) -> Result<GpuStorage> {
+        rand::rand(dev, dtype, n, seed, offset, normal, a, b)
+    }
+}
+
+/// The layout of the elements that remain when `axis` is dropped.
+pub(crate) fn without_axis(layout: &Layout, axis: usize) -> Layout {
+    let mut shape = layout.shape().to_vec();
+    let mut strides = layout.strides().to_vec();
+    shape.remove(axis);
+    strides.remove(axis);
+    Layout::new(shape, strides, layout.offset())
+}

@@ -1,0 +1,462 @@
+//! Every GPU kernel against the CPU kernel (the reference) on random data with awkward shapes:
+//! sizes that are not multiples of the tiles, size 1, empty, transposed/narrowed and broadcast
+//! (stride-0) inputs. Tolerances are stated per kernel (`Tol`); "exact" means bit for bit.
+//!
+//! The tests open the software adapter (lavapipe) explicitly, or a hardware one when there is
+//! no software adapter. With no adapter at all they print that they skipped and pass — unless
+//! `TINYTUNE_REQUIRE_GPU=1` (CI), then they fail.
+
+use tinytune::{CmpOp, CrossEntropyReduction, DType, Device, Error, GpuDevice, Result, Rng, RopeLayout, Tensor};
+
+fn gpu() -> Option<Device> {
+    match Device::gpu_software().or_else(|_| Device::gpu()) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            if std::env::var("TINYTUNE_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("TINYTUNE_REQUIRE_GPU=1 but no GPU adapter: {e}");
+            }
+            eprintln!("gpu test skipped: no GPU adapter ({e})");
+            None
+        }
+    }
+}
+
+macro_rules! gpu_or_skip {
+    () => {
+        match gpu() {
+            Some(d) => d,
+            None => return,
+        }
+    };
+}
+
+/// `|gpu − cpu| ≤ abs + rel·|cpu|` element-wise (NaNs must match).
+#[derive(Clone, Copy, Debug)]
+struct Tol {
+    abs: f64,
+    rel: f64,
+}
+const EXACT: Tol = Tol { abs: 0.0, rel: 0.0 };
+/// Element-wise arithmetic: division may be 2.5 ulp on Vulkan.
+const ARITH: Tol = Tol { abs: 1e-7, rel: 1e-6 };
+/// Transcendentals (driver exp/log/pow, our erf/tanh), softmax, norms, rope, cross-entropy.
+const TRANS: Tol = Tol { abs: 2e-6, rel: 2e-5 };
+
+fn rnd(shape: &[usize], seed: u64, dev: &Device) -> Tensor {
+    Tensor::randn(shape, 0.0, 1.0, DType::F32, &Device::Cpu, &mut Rng::new(seed)).unwrap().to_device(dev).unwrap()
+}
+
+fn pos(shape: &[usize], seed: u64, dev: &Device) -> Tensor {
+    Tensor::rand_uniform(shape, 0.1, 3.0, DType::F32, &Device::Cpu, &mut Rng::new(seed)).unwrap().to_device(dev).unwrap()
+}
+
+fn ids(v: &[u32], shape: &[usize], dev: &Device) -> Tensor {
+    Tensor::from_vec(v.to_vec(), shape, dev).unwrap()
+}
+
+fn close(what: &str, cpu: &Tensor, gpu: &Tensor, tol: Tol) {
+    assert_eq!(cpu.shape(), gpu.shape(), "{what}: shape");
+    assert_eq!(cpu.dtype(), gpu.dtype(), "{what}: dtype");
+    let (a, b) = (cpu.to_vec_f64().unwrap(), gpu.to_vec_f64().unwrap());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let ok = (x.is_nan() && y.is_nan()) || x == y || (x - y).abs() <= tol.abs + tol.rel * x.abs();
+        assert!(ok, "{what}: element {i} of {:?}: cpu {x} gpu {y} (tol {tol:?})", cpu.shape());
+    }
+}
+
+/// Run `f` on the CPU and on the GPU and compare.
+fn check(what: &str, g: &Device, tol: Tol, f: impl Fn(&Device) -> Result<Tensor>) {
+    let c = f(&Device::Cpu).unwrap_or_else(|e| panic!("{what} on cpu: {e}"));
+    let r = f(g).unwrap_or_else(|e| panic!("{what} on gpu: {e}"));
+    assert_eq!(r.device(), g, "{what}: result device");
+    close(what, &c, &r, tol);
+}
+
+#[test]
+fn device_selection_and_adapter() {
+    let g = gpu_or_skip!();
+    let Device::Gpu(dev) = &g else { panic!("not a gpu device") };
+    let info = dev.adapter_info();
+    eprintln!("adapter: {} ({:?}, {:?}), features {:?}", info.name, info.backend, info.device_type, dev.features());
+    assert_ne!(format!("{:?}", info.backend), "Gl", "the GL backend must never be used");
+    assert_eq!(Device::from_name("cpu").unwrap(), Device::Cpu);
+    assert!(Device::from_name("tpu").is_err());
+    if dev.is_software() {
+        assert_eq!(Device::from_name("gpu-software").unwrap(), g, "the software device is shared");
+    }
+    // auto never picks a software adapter.
+    let auto = Device::from_name("auto").unwrap();
+    assert!(auto == Device::Cpu || matches!(&auto, Device::Gpu(d) if !d.is_software()));
+}
+
+#[test]
+fn upload_download_every_dtype_and_strided_copies() {
+    let g = gpu_or_skip!();
+    let f: Vec<f32> = (0..35).map(|i| i as f32 * 0.37 - 5.0).collect();
+    let t = Tensor::from_vec(f.clone(), &[5, 7], &g).unwrap();
+    assert_eq!(t.to_vec::<f32>().unwrap(), f);
+    let h: Vec<half::f16> = f.iter().map(|&v| half::f16::from_f32(v)).collect();
+    assert_eq!(Tensor::from_vec(h.clone(), &[5, 7], &g).unwrap().to_vec::<half::f16>().unwrap(), h);
+    let b: Vec<half::bf16> = f.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    assert_eq!(Tensor::from_vec(b.clone(), &[35], &g).unwrap().to_vec::<half::bf16>().unwrap(), b);
+    let u: Vec<u32> = (0..9).map(|i| i * 1_000_003).collect();
+    assert_eq!(Tensor::from_vec(u.clone(), &[9], &g).unwrap().to_vec::<u32>().unwrap(), u);
+    let s: Vec<i32> = (0..9).map(|i| i * -77 + 3).collect();
+    assert_eq!(Tensor::from_vec(s.clone(), &[3, 3], &g).unwrap().to_vec::<i32>().unwrap(), s);
+    // Strided views: transpose, narrow (odd offsets of 16-bit data), broadcast, empty.
+    for dt in [DType::F32, DType::F16, DType::BF16, DType::I32] {
+        check(&format!("transpose {dt:?}"), &g, EXACT, |d| rnd(&[5, 7], 1, d).to_dtype(dt)?.t()?.contiguous());
+        check(&format!("narrow {dt:?}"), &g, EXACT, |d| rnd(&[5, 7], 2, d).to_dtype(dt)?.narrow(1, 1, 3)?.contiguous());
+        check(&format!("narrow read {dt:?}"), &g, EXACT, |d| rnd(&[5, 7], 2, d).to_dtype(dt)?.narrow(0, 1, 1)?.narrow(1, 3, 3));
+        check(&format!("broadcast {dt:?}"), &g, EXACT, |d| rnd(&[3, 1], 3, d).to_dtype(dt)?.broadcast_to(&[2, 3, 4])?.contiguous());
+    }
+    check("empty", &g, EXACT, |d| rnd(&[0, 3], 4, d).t()?.contiguous());
+    check("zeros", &g, EXACT, |d| Tensor::zeros(&[3, 5], DType::F32, d));
+    check("full f16", &g, EXACT, |d| Tensor::full(&[7], 2.5, DType::F16, d));
+    check("full i32", &g, EXACT, |d| Tensor::full(&[3], -4.0, DType::I32, d));
+}
+
+#[test]
+fn casts_between_every_dtype_pair() {
+    let g = gpu_or_skip!();
+    let dts = [DType::F32, DType::F16, DType::BF16, DType::U32, DType::I32];
+    let vals: Vec<f32> = vec![0.0, -0.0, 1.0, -1.5, 2.75, 1e-6, 7e-8, -65504.0, 70000.0, 0.1, 123.456, 3.0e9, -3.0e9, 1.0 / 3.0, 2049.0];
+    for &from in &dts {
+        for &to in &dts {
+            check(&format!("cast {from:?} -> {to:?}"), &g, EXACT, |d| {
+                Tensor::from_vec(vals.clone(), &[vals.len()], d)?.to_dtype(from)?.to_dtype(to)
+            });
+        }
+    }
+    // Strided source.
+    check("cast transposed f32 -> f16", &g, EXACT, |d| rnd(&[3, 5], 9, d).t()?.to_dtype(DType::F16));
+}
+
+#[test]
+fn unary_ops() {
+    let g = gpu_or_skip!();
+    type Op = fn(&Tensor) -> Result<Tensor>;
+    let any: Vec<(&str, Op)> = vec![
+        ("neg", |t| t.neg()),
+        ("exp", |t| t.exp()),
+        ("sqr", |t| t.sqr()),
+        ("abs", |t| t.abs()),
+        ("sign", |t| t.sign()),
+        ("tanh", |t| t.tanh()),
+        ("sigmoid", |t| t.sigmoid()),
+        ("erf", |t| t.erf()),
+        ("relu", |t| t.relu()),
+        ("gelu", |t| t.gelu()),
+        ("gelu_tanh", |t| t.gelu_tanh()),
+        ("silu", |t| t.silu()),
+        ("powf 3", |t| t.powf(3.0)),
+        ("powf 2", |t| t.powf(2.0)),
+        ("affine", |t| t.affine(-1.5, 0.25)),
+        ("clamp", |t| t.clamp(-0.5, 0.7)),
+        ("gt", |t| t.gt_scalar(0.1)),
+        ("le", |t| t.le_scalar(-0.2)),
+        ("eq", |t| t.eq_scalar(0.0)),
+        ("ne", |t| t.ne_scalar(0.0)),
+        ("recip", |t| t.recip()),
+    ];
+    let positive: Vec<(&str, Op)> = vec![
+        ("log", |t| t.log()),
+        ("sqrt", |t| t.sqrt()),
+        ("rsqrt", |t| t.rsqrt()),
+        ("powf 0.5", |t| t.powf(0.5)),
+        ("powf -1.3", |t| t.powf(-1.3)),
+    ];
+    for (name, f) in any {
+        check(name, &g, TRANS, |d| f(&rnd(&[37, 11], 5, d).affine(3.0, 0.0)?.t()?));
+        check(&format!("{name} 1"), &g, TRANS, |d| f(&rnd(&[1], 6, d)));
+    }
+    for (name, f) in positive {
+        check(name, &g, TRANS, |d| f(&pos(&[13, 29], 7, d).narrow(1, 3, 20)?));
+    }
+    // Special values.
+    check("specials", &g, TRANS, |d| {
+        let x = Tensor::from_vec(vec![0.0f32, -0.0, 1e-30, -20.0, 20.0, 90.0, -90.0], &[7], d)?;
+        Tensor::concat(&[&x.tanh()?, &x.sigmoid()?, &x.erf()?, &x.sign()?, &x.gelu()?, &x.silu()?], 0)
+    });
+}
+
+#[test]
+fn binary_ops_with_broadcast_and_strides() {
+    let g = gpu_or_skip!();
+    type Op = fn(&Tensor, &Tensor) -> Result<Tensor>;
+    let ops: Vec<(&str, Op)> = vec![
+        ("add", |a, b| a.add(b)),
+        ("sub", |a, b| a.sub(b)),
+        ("mul", |a, b| a.mul(b)),
+        ("div", |a, b| a.div(b)),
+        ("max", |a, b| a.maximum(b)),
+        ("min", |a, b| a.minimum(b)),
+        ("lt", |a, b| a.cmp(b, CmpOp::Lt)),
+        ("ge", |a, b| a.cmp(b, CmpOp::Ge)),
+        ("eq", |a, b| a.cmp(b, CmpOp::Eq)),
+    ];
+    for (name, f) in ops {
+        check(&format!("{name} broadcast"), &g, ARITH, |d| f(&rnd(&[3, 1, 5], 1, d), &rnd(&[4, 1], 2, d)));
+        check(&format!("{name} transposed"), &g, ARITH, |d| f(&rnd(&[6, 9], 3, d).t()?, &rnd(&[9, 6], 4, d)));
+        check(&format!("{name} scalar"), &g, ARITH, |d| f(&rnd(&[], 5, d), &rnd(&[2, 3], 6, d)));
+        check(&format!("{name} same"), &g, ARITH, |d| {
+            let x = rnd(&[300], 7, d);
+            f(&x, &x)
+        });
+    }
+}
+
+#[test]
+fn where_and_masked_fill() {
+    let g = gpu_or_skip!();
+    check("where", &g, EXACT, |d| {
+        let c = rnd(&[4, 1, 6], 1, d).gt_scalar(0.0)?;
+        Tensor::where_cond(&c, &rnd(&[5, 6], 2, d), &rnd(&[4, 5, 1], 3, d))
+    });
+    check("where u32 cond", &g, EXACT, |d| {
+        let c = ids(&[0, 3, 0, 1, 7, 0], &[6], d);
+        Tensor::where_cond(&c, &rnd(&[6], 2, d), &rnd(&[6], 3, d))
+    });
+    check("masked_fill", &g, EXACT, |d| rnd(&[7, 3], 4, d).masked_fill(&rnd(&[3], 5, d).lt_scalar(0.0)?, -1e9));
+    check("mask_to_bias", &g, EXACT, |d| Tensor::causal_mask(5, 7, DType::F32, d)?.mask_to_bias());
+}
+
+#[test]
+fn reductions_along_every_axis() {
+    let g = gpu_or_skip!();
+    let sum_tol = Tol { abs: 1e-5, rel: 1e-5 };
+    for shape in [vec![3, 70, 5], vec![1, 1, 1], vec![2, 1, 129]] {
+        for ax in 0..3isize {
+            check(&format!("sum {shape:?} {ax}"), &g, sum_tol, |d| rnd(&shape, 1, d).sum(&[ax], false));
+            check(&format!("sum transposed {shape:?} {ax}"), &g, sum_tol, |d| rnd(&shape, 1, d).permute(&[2, 0, 1])?.sum(&[ax], true));
+            check(&format!("max {shape:?} {ax}"), &g, EXACT, |d| rnd(&shape, 2, d).max(ax, false));
+            check(&format!("min {shape:?} {ax}"), &g, EXACT, |d| rnd(&shape, 3, d).t()?.min(ax, true));
+            check(&format!("argmax {shape:?} {ax}"), &g, EXACT, |d| rnd(&shape, 4, d).argmax(ax, false));
+            check(&format!("argmin {shape:?} {ax}"), &g, EXACT, |d| rnd(&shape, 5, d).argmin(ax, false));
+        }
+    }
+    // Ties go to the first index; a broadcast input.
+    check("argmax ties", &g, EXACT, |d| Tensor::from_vec(vec![1.0f32, 3.0, 3.0, 0.0, 3.0], &[5], d)?.argmax(0, false));
+    check("sum broadcast", &g, sum_tol, |d| rnd(&[4, 1], 6, d).broadcast_to(&[4, 300])?.sum(&[1], false));
+    check("mean all", &g, sum_tol, |d| rnd(&[17, 33], 7, d).mean_all());
+}
+
+#[test]
+fn matmul_tiles_batches_and_transposes() {
+    let g = gpu_or_skip!();
+    let tol = |k: usize| Tol { abs: 2e-6 * k as f64, rel: 2e-5 };
+    for (m, k, n) in [(1, 1, 1), (33, 17, 45), (5, 64, 7), (32, 32, 32), (1, 100, 3), (70, 3, 1)] {
+        check(&format!("matmul {m}x{k}x{n}"), &g, tol(k), |d| rnd(&[m, k], 1, d).matmul(&rnd(&[k, n], 2, d)));
+        check(&format!("matmul A^T {m}x{k}x{n}"), &g, tol(k), |d| rnd(&[k, m], 3, d).t()?.matmul(&rnd(&[k, n], 4, d)));
+        check(&format!("matmul B^T {m}x{k}x{n}"), &g, tol(k), |d| rnd(&[m, k], 5, d).matmul(&rnd(&[n, k], 6, d).t()?));
+    }
+    check("batched", &g, tol(13), |d| rnd(&[3, 2, 9, 13], 7, d).matmul(&rnd(&[3, 2, 13, 6], 8, d)));
+    check("broadcast batch", &g, tol(13), |d| rnd(&[4, 9, 13], 9, d).matmul(&rnd(&[13, 6], 10, d)));
+    check("batched both transposed", &g, tol(20), |d| {
+        rnd(&[2, 20, 9], 11, d).transpose(1, 2)?.matmul(&rnd(&[2, 6, 20], 12, d).transpose(1, 2)?)
+    });
+    check("k = 0", &g, EXACT, |d| rnd(&[3, 0], 13, d).matmul(&rnd(&[0, 4], 14, d)));
+}
+
+#[test]
+fn softmax_and_log_softmax() {
+    let g = gpu_or_skip!();
+    for shape in [vec![7, 200], vec![3, 1], vec![1, 65], vec![2, 3, 70]] {
+        check(&format!("softmax {shape:?}"), &g, TRANS, |d| rnd(&shape, 1, d).affine(4.0, 0.0)?.softmax(-1));
+        check(&format!("log_softmax {shape:?}"), &g, TRANS, |d| rnd(&shape, 2, d).affine(4.0, 0.0)?.log_softmax(-1));
+        check(&format!("softmax axis 0 {shape:?}"), &g, TRANS, |d| rnd(&shape, 3, d).softmax(0));
+    }
+}
+
+/// Gradients of `loss(inputs)` wrt every input, on both devices.
+fn grads(g: &Device, tol: Tol, what: &str, inputs: &[(Vec<usize>, u64)], loss: impl Fn(&[Tensor]) -> Result<Tensor>) {
+    let run = |d: &Device| -> Vec<Tensor> {
+        let leaves: Vec<Tensor> = inputs.iter().map(|(s, seed)| rnd(s, *seed, d).requires_grad().unwrap()).collect();
+        let l = loss(&leaves).unwrap_or_else(|e| panic!("{what} on {d}: {e}"));
+        l.backward().unwrap_or_else(|e| panic!("{what} backward on {d}: {e}"));
+        let mut out = vec![l];
+        out.extend(leaves.iter().map(|t| t.grad().expect("gradient")));
+        out
+    };
+    let (c, r) = (run(&Device::Cpu), run(g));
+    for (i, (c, r)) in c.iter().zip(&r).enumerate() {
+        close(&format!("{what}: {}", if i == 0 { "loss".to_string() } else { format!("grad {}", i - 1) }), c, r, tol);
+    }
+}
+
+#[test]
+fn layer_and_rms_norm_forward_and_backward() {
+    let g = gpu_or_skip!();
+    let tol = Tol { abs: 1e-5, rel: 1e-4 };
+    for d in [1usize, 7, 130] {
+        check(&format!("layer_norm d={d}"), &g, tol, |dev| {
+            rnd(&[5, d], 1, dev).layer_norm(Some(&rnd(&[d], 2, dev)), Some(&rnd(&[d], 3, dev)), 1e-5)
+        });
+        check(&format!("rms_norm d={d}"), &g, tol, |dev| rnd(&[5, d], 1, dev).t()?.t()?.rms_norm(Some(&rnd(&[d], 2, dev)), 1e-6));
+        check(&format!("layer_norm no affine d={d}"), &g, tol, |dev| rnd(&[d, 3], 1, dev).t()?.layer_norm(None, None, 1e-5));
+        let w = rnd(&[9, d], 9, &Device::Cpu);
+        let wv = w.to_vec::<f32>().unwrap();
+        grads(&g, tol, &format!("layer_norm grads d={d}"), &[(vec![9, d], 4), (vec![d], 5), (vec![d], 6)], |t| {
+            let ww = Tensor::from_vec(wv.clone(), &[9, d], t[0].device())?;
+            t[0].layer_norm(Some(&t[1]), Some(&t[2]), 1e-5)?.mul(&ww)?.sum_all()
+        });
+        grads(&g, tol, &format!("rms_norm grads d={d}"), &[(vec![d, 4], 7), (vec![d], 8)], |t| {
+            let ww = Tensor::from_vec(wv.clone(), &[9, d], t[0].device())?.narrow(0, 0, 4)?;
+            t[0].t()?.rms_norm(Some(&t[1]), 1e-6)?.mul(&ww)?.sum_all()
+        });
+    }
+}
+
+#[test]
+fn index_select_embedding_gather_scatter() {
+    let g = gpu_or_skip!();
+    check("index_select axis 0", &g, EXACT, |d| rnd(&[6, 5], 1, d).index_select(0, &ids(&[5, 0, 5, 2], &[4], d)));
+    check("index_select axis 1 transposed", &g, EXACT, |d| rnd(&[6, 5], 2, d).t()?.index_select(1, &ids(&[1, 1, 3], &[3], d)));
+    check("index_select f16", &g, EXACT, |d| rnd(&[6, 5], 3, d).to_dtype(DType::F16)?.index_select(0, &ids(&[4, 1], &[2], d)));
+    check("index_select i32 idx", &g, EXACT, |d| rnd(&[4, 3], 4, d).index_select(0, &Tensor::from_vec(vec![3i32, 0, 3], &[3], d)?));
+    check("embedding", &g, EXACT, |d| rnd(&[10, 4], 5, d).embedding(&ids(&[1, 9, 9, 0, 3, 1], &[2, 3], d)));
+    check("gather", &g, EXACT, |d| rnd(&[4, 7], 6, d).gather(1, &ids(&[0, 6, 6, 2, 1, 1, 5, 0], &[4, 2], d)));
+    check("gather axis 0 transposed", &g, EXACT, |d| rnd(&[7, 4], 7, d).t()?.gather(0, &ids(&[0, 1, 2, 3, 3, 2, 1], &[1, 7], d)));
+    // The adjoints through autograd: duplicate indices accumulate in the CPU's order (exact).
+    for (what, idx) in [("index_add", vec![2u32, 0, 2, 2, 5]), ("index_add one", vec![1])] {
+        let n = idx.len();
+        let idx2 = idx.clone();
+        grads(&g, EXACT, what, &[(vec![6, 3], 8)], move |t| {
+            let w = Tensor::from_vec((0..n * 3).map(|i| i as f32 * 0.5 - 1.0).collect::<Vec<_>>(), &[n, 3], t[0].device())?;
+            t[0].index_select(0, &Tensor::from_vec(idx2.clone(), &[n], t[0].device())?)?.mul(&w)?.sum_all()
+        });
+    }
+    grads(&g, EXACT, "scatter_add", &[(vec![3, 5], 9)], |t| {
+        let idx = Tensor::from_vec(vec![4u32, 4, 0, 1, 4, 4, 2, 2], &[2, 4], t[0].device())?;
+        let w = Tensor::from_vec((0..8).map(|i| i as f32 - 2.5).collect::<Vec<_>>(), &[2, 4], t[0].device())?;
+        t[0].gather(1, &idx)?.mul(&w)?.sum_all()
+    });
+    let e = Tensor::from_vec(vec![1.0f32; 4], &[2, 2], &g).unwrap().index_select(0, &ids(&[2], &[1], &g));
+    assert!(matches!(e, Err(Error::IndexOutOfRange { .. })), "{e:?}");
+}
+
+#[test]
+fn concat_parts() {
+    let g = gpu_or_skip!();
+    check("concat axis 1", &g, EXACT, |d| {
+        Tensor::concat(&[&rnd(&[3, 2], 1, d), &rnd(&[5, 3], 2, d).t()?.narrow(1, 0, 1)?, &rnd(&[3, 4], 3, d)], 1)
+    });
+    check("concat axis 0 f16", &g, EXACT, |d| {
+        Tensor::concat(&[&rnd(&[1, 3], 4, d).to_dtype(DType::F16)?, &rnd(&[2, 3], 5, d).to_dtype(DType::F16)?], 0)
+    });
+    check("concat u32", &g, EXACT, |d| Tensor::concat(&[&ids(&[1, 2, 3], &[3], d), &ids(&[9], &[1], d)], 0));
+}
+
+#[test]
+fn rope_both_layouts_and_inverse() {
+    let g = gpu_or_skip!();
+    for layout in [RopeLayout::HalfSplit, RopeLayout::Interleaved] {
+        check(&format!("rope {layout:?}"), &g, TRANS, |d| {
+            let (c, s) = Tensor::rope_tables(3, 5, 8, 10000.0, DType::F32, d)?;
+            rnd(&[2, 3, 5, 8], 1, d).rope(&c, &s, layout)
+        });
+        check(&format!("rope transposed {layout:?}"), &g, TRANS, |d| {
+            let (c, s) = Tensor::rope_tables(0, 5, 6, 10000.0, DType::F32, d)?;
+            rnd(&[5, 2, 6], 2, d).transpose(0, 1)?.rope(&c, &s, layout)
+        });
+        grads(&g, TRANS, &format!("rope grads {layout:?}"), &[(vec![3, 4, 6], 3), (vec![3, 4, 6], 4)], move |t| {
+            let (c, s) = Tensor::rope_tables(0, 4, 6, 100.0, DType::F32, t[0].device())?;
+            t[0].rope(&c, &s, layout)?.mul(&t[1])?.sum_all()
+        });
+    }
+}
+
+#[test]
+fn cross_entropy_forward_and_backward() {
+    let g = gpu_or_skip!();
+    let targets = [3u32, 0, 99, 7, 3, 1];
+    for red in [CrossEntropyReduction::None, CrossEntropyReduction::Mean, CrossEntropyReduction::Sum] {
+        grads(&g, TRANS, &format!("cross_entropy {red:?}"), &[(vec![6, 100], 1)], move |t| {
+            let y = Tensor::from_vec(targets.to_vec(), &[6], t[0].device())?;
+            let l = t[0].affine(3.0, 0.0)?.cross_entropy(&y, -100, red)?;
+            if l.rank() == 0 {
+                Ok(l)
+            } else {
+                l.mul(&Tensor::from_vec(vec![1.0f32, -2.0, 0.5, 3.0, 1.0, 0.25], &[6], l.device())?)?.sum_all()
+            }
+        });
+    }
+    grads(&g, TRANS, "cross_entropy ignore, i32, transposed", &[(vec![9, 4], 2)], |t| {
+        let y = Tensor::from_vec(vec![2i32, -100, 0, 8], &[4], t[0].device())?;
+        t[0].t()?.cross_entropy(&y, -100, CrossEntropyReduction::Mean)
+    });
+    let bad = rnd(&[2, 3], 3, &g).cross_entropy(&ids(&[0, 3], &[2], &g), -100, CrossEntropyReduction::Sum);
+    assert!(matches!(bad, Err(Error::IndexOutOfRange { .. })), "{bad:?}");
+}
+
+#[test]
+fn random_streams_match_the_cpu() {
+    let g = gpu_or_skip!();
+    for n in [1usize, 3, 4, 5, 1000, 4099] {
+        check(&format!("uniform {n}"), &g, EXACT, |d| {
+            Tensor::rand_uniform(&[n], 0.0, 1.0, DType::F32, d, &mut Rng { seed: 0x1234_5678_9abc, offset: 77 })
+        });
+        check(&format!("uniform range {n}"), &g, Tol { abs: 1e-6, rel: 1e-6 }, |d| {
+            Tensor::rand_uniform(&[n], -2.0, 5.0, DType::F32, d, &mut Rng { seed: 5, offset: u64::MAX - 3 })
+        });
+        check(&format!("normal {n}"), &g, Tol { abs: 2e-5, rel: 2e-5 }, |d| Tensor::randn(&[n], 1.0, 2.0, DType::F32, d, &mut Rng::new(9)));
+    }
+    check("uniform bf16", &g, Tol { abs: 0.0, rel: 1e-2 }, |d| Tensor::rand_uniform(&[33], 0.0, 1.0, DType::BF16, d, &mut Rng::new(3)));
+    // Dropout masks are the same bits on both devices.
+    for p in [0.1, 0.5, 0.9] {
+        check(&format!("dropout {p}"), &g, EXACT, |d| Tensor::ones(&[37, 29], DType::F32, d)?.dropout(p, true, &mut Rng::new(42)));
+    }
+}
+
+#[test]
+fn mlp_gradients_match_the_cpu() {
+    let g = gpu_or_skip!();
+    let tol = Tol { abs: 1e-5, rel: 1e-4 };
+    let inputs = [(vec![8, 16], 1), (vec![16, 32], 2), (vec![32], 3), (vec![32], 4), (vec![32], 5), (vec![32, 10], 6), (vec![10], 7)];
+    grads(&g, tol, "mlp", &inputs, |t| {
+        let (x, w1, b1, ln_w, ln_b, w2, b2) = (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6]);
+        let h = x.matmul(&w1.affine(0.25, 0.0)?)?.add(b1)?.layer_norm(Some(ln_w), Some(ln_b), 1e-5)?.gelu()?;
+        let logits = h.matmul(&w2.affine(0.2, 0.0)?)?.add(b2)?;
+        let y = Tensor::from_vec(vec![0u32, 1, 2, 3, 4, 5, 6, 9], &[8], x.device())?;
+        let ce = logits.cross_entropy(&y, -100, CrossEntropyReduction::Mean)?;
+        let p = logits.softmax(-1)?.max(-1, false)?.mean_all()?;
+        let r = h.rms_norm(None, 1e-6)?.silu()?.sqr()?.mean_all()?;
+        ce.add(&p)?.add(&r.affine(0.1, 0.0)?)
+    });
+}
+
+#[test]
+fn memory_is_counted_and_limits_are_errors() {
+    gpu_or_skip!();
+    let dev = GpuDevice::new(tinytune::backend::gpu::AdapterKind::Software)
+        .or_else(|_| GpuDevice::new(tinytune::backend::gpu::AdapterKind::Hardware))
+        .expect("an adapter (one was found above)");
+    let d = Device::Gpu(dev.clone());
+    let s0 = dev.memory_stats();
+    assert_eq!(s0.live_bytes, 0);
+    let a = Tensor::zeros(&[1000], DType::F32, &d).unwrap();
+    let s1 = dev.memory_stats();
+    assert!(s1.live_bytes >= 4000 && s1.live_bytes <= 5000, "{s1:?}");
+    drop(a);
+    let s2 = dev.memory_stats();
+    assert_eq!(s2.live_bytes, 0);
+    assert!(s2.pooled_bytes >= 4000 && s2.peak_bytes >= 4000, "{s2:?}");
+    let _b = Tensor::zeros(&[990], DType::F32, &d).unwrap();
+    assert_eq!(dev.memory_stats().reuses, 1, "same size class reused");
+    assert_eq!(dev.memory_stats().allocations, s1.allocations);
+    // Too big for one binding: an error, not a panic.
+    let limit = dev.limits().max_storage_buffer_binding_size.min(dev.limits().max_buffer_size);
+    let big = Tensor::zeros(&[(limit / 4 + 1) as usize], DType::F32, &d);
+    assert!(matches!(big, Err(Error::GpuAllocation { .. })), "{big:?}");
+    // Mixed devices and f64 are errors.
+    let c = Tensor::zeros(&[3], DType::F32, &Device::Cpu).unwrap();
+    let m = Tensor::zeros(&[3], DType::F32, &d).unwrap().add(&c);
+    assert!(matches!(m, Err(Error::DeviceMismatch { .. })), "{m:?}");
+    let f = Tensor::zeros(&[3], DType::F64, &d);
+    assert!(matches!(f, Err(Error::Unsupported { .. })), "{f:?}");
+    assert!(!dev.kernel_counts().is_empty());
+    // A lost device: errors from then on, no hang.
+    dev.destroy();
+    let lost = Tensor::zeros(&[3], DType::F32, &d).and_then(|t| t.to_vec::<f32>());
+    assert!(matches!(lost, Err(Error::DeviceLost(_))), "{lost:?}");
+}
