@@ -11,6 +11,11 @@
 // of outputs in registers: rows ty + 8r, columns tx + 8c (r, c < 4). Per staged slice an
 // invocation does 16·(4 + 4) shared loads for 16·16 multiply-adds.
 //
+// Simple variant `matmul_reg` (kept beside the tiled one, and used on software adapters, where
+// workgroup memory and barriers are slow): the same 32×32 tile per workgroup and 4×4 outputs
+// per invocation — rows 4·ty + r, columns 4·tx + c — but every operand is read straight from
+// the buffers (8 loads per 16 multiply-adds), no workgroup memory, no barriers.
+//
 // Bindings: 0 params [m, n, k, a_rs, a_cs, b_rs, b_cs, rec_batch_a, rec_batch_b],
 //           1 C (read_write f32), 2 A (read f32), 3 B (read f32).
 // Launch: (⌈n/32⌉, ⌈m/32⌉, batch) workgroups of 64.
@@ -91,6 +96,56 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
             let j = col0 + tx + 8u * q;
             if (i < m && j < n) {
                 c[cbase + i * n + j] = acc[r][q];
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(64)
+fn matmul_reg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let m = params[0];
+    let n = params[1];
+    let k = params[2];
+    let a_rs = params[3];
+    let a_cs = params[4];
+    let b_rs = params[5];
+    let b_cs = params[6];
+    let z = wid.z;
+    let a0 = strided(params[7], z);
+    let b0 = strided(params[8], z);
+    let i0 = wid.y * TM + (lid / 8u) * 4u;
+    let j0 = wid.x * TN + (lid % 8u) * 4u;
+    // Rows/columns past the edge read row/column 0 (in bounds) and are not written.
+    var ra: array<u32, 4>;
+    var cb: array<u32, 4>;
+    for (var r = 0u; r < 4u; r++) {
+        ra[r] = a0 + select(0u, (i0 + r) * a_rs, i0 + r < m);
+        cb[r] = b0 + select(0u, (j0 + r) * b_cs, j0 + r < n);
+    }
+    var acc: array<array<f32, 4>, 4>;
+    for (var r = 0u; r < 4u; r++) {
+        for (var q = 0u; q < 4u; q++) {
+            acc[r][q] = 0.0;
+        }
+    }
+    for (var p = 0u; p < k; p++) {
+        var av: array<f32, 4>;
+        var bv: array<f32, 4>;
+        for (var r = 0u; r < 4u; r++) {
+            av[r] = a[ra[r] + p * a_cs];
+            bv[r] = b[cb[r] + p * b_rs];
+        }
+        for (var r = 0u; r < 4u; r++) {
+            for (var q = 0u; q < 4u; q++) {
+                acc[r][q] = acc[r][q] + av[r] * bv[q];
+            }
+        }
+    }
+    let cbase = z * m * n;
+    for (var r = 0u; r < 4u; r++) {
+        for (var q = 0u; q < 4u; q++) {
+            if (i0 + r < m && j0 + q < n) {
+                c[cbase + (i0 + r) * n + j0 + q] = acc[r][q];
             }
         }
     }

@@ -6,6 +6,7 @@
 //! no software adapter. With no adapter at all they print that they skipped and pass — unless
 //! `TINYTUNE_REQUIRE_GPU=1` (CI), then they fail.
 
+use tinytune::backend::gpu::{AdapterKind, MatmulKernel};
 use tinytune::{CmpOp, CrossEntropyReduction, DType, Device, Error, GpuDevice, Result, Rng, RopeLayout, Tensor};
 
 fn gpu() -> Option<Device> {
@@ -243,7 +244,18 @@ fn reductions_along_every_axis() {
 
 #[test]
 fn matmul_tiles_batches_and_transposes() {
-    let g = gpu_or_skip!();
+    gpu_or_skip!();
+    // Both kernels, each on a device of its own.
+    for kernel in [MatmulKernel::Tiled, MatmulKernel::Registers] {
+        let dev = GpuDevice::new(AdapterKind::Software).or_else(|_| GpuDevice::new(AdapterKind::Hardware)).unwrap();
+        dev.set_matmul_kernel(kernel);
+        eprintln!("matmul kernel {kernel:?}");
+        matmul_cases(&Device::Gpu(dev));
+    }
+}
+
+fn matmul_cases(g: &Device) {
+    let g = g.clone();
     let tol = |k: usize| Tol { abs: 2e-6 * k as f64, rel: 2e-5 };
     for (m, k, n) in [(1, 1, 1), (33, 17, 45), (5, 64, 7), (32, 32, 32), (1, 100, 3), (70, 3, 1)] {
         check(&format!("matmul {m}x{k}x{n}"), &g, tol(k), |d| rnd(&[m, k], 1, d).matmul(&rnd(&[k, n], 2, d)));
@@ -428,9 +440,8 @@ fn mlp_gradients_match_the_cpu() {
 #[test]
 fn memory_is_counted_and_limits_are_errors() {
     gpu_or_skip!();
-    let dev = GpuDevice::new(tinytune::backend::gpu::AdapterKind::Software)
-        .or_else(|_| GpuDevice::new(tinytune::backend::gpu::AdapterKind::Hardware))
-        .expect("an adapter (one was found above)");
+    let dev =
+        GpuDevice::new(AdapterKind::Software).or_else(|_| GpuDevice::new(AdapterKind::Hardware)).expect("an adapter (one was found above)");
     let d = Device::Gpu(dev.clone());
     let s0 = dev.memory_stats();
     assert_eq!(s0.live_bytes, 0);

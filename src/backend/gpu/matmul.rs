@@ -5,8 +5,19 @@ use crate::error::{Error, Result};
 use crate::layout::Layout;
 
 const SRC: &str = include_str!("../../../shaders/matmul.wgsl");
-const MATMUL: Kernel =
-    Kernel { shader: "matmul", source: SRC, entry: "matmul", access: &[(1, Access::Write), (2, Access::Read), (3, Access::Read)] };
+const ACCESS: &[(u32, Access)] = &[(1, Access::Write), (2, Access::Read), (3, Access::Read)];
+const MATMUL: Kernel = Kernel { shader: "matmul", source: SRC, entry: "matmul", access: ACCESS };
+const MATMUL_REG: Kernel = Kernel { shader: "matmul", source: SRC, entry: "matmul_reg", access: ACCESS };
+
+/// Which matmul kernel a device runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatmulKernel {
+    /// Workgroup-shared 32×16 / 16×32 tiles, 4×4 register blocks (GPUs).
+    Tiled,
+    /// 4×4 register blocks read straight from the buffers (software adapters: lavapipe is
+    /// slow with workgroup memory and barriers).
+    Registers,
+}
 
 fn batch_layout(l: &Layout) -> Layout {
     let r = l.rank();
@@ -35,6 +46,10 @@ pub(super) fn matmul(a: &GpuStorage, la: &Layout, b: &GpuStorage, lb: &Layout) -
     let (ra, rb) = (p.layout(&ba)?, p.layout(&bb)?);
     p.set(7, ra);
     p.set(8, rb);
-    a.dev.launch(&MATMUL, &p, &[out.buffer(), a.buffer(), b.buffer()], [n.div_ceil(32) as u32, m.div_ceil(32) as u32, batch as u32])?;
+    let kernel = match a.dev.matmul_kernel() {
+        MatmulKernel::Tiled => &MATMUL,
+        MatmulKernel::Registers => &MATMUL_REG,
+    };
+    a.dev.launch(kernel, &p, &[out.buffer(), a.buffer(), b.buffer()], [n.div_ceil(32) as u32, m.div_ceil(32) as u32, batch as u32])?;
     Ok(out)
 }

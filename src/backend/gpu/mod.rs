@@ -19,6 +19,7 @@ mod binary;
 mod copy;
 mod index;
 mod matmul;
+pub use matmul::MatmulKernel;
 mod norm;
 mod rand;
 mod reduce;
@@ -126,6 +127,8 @@ struct Ctx {
     lost: Arc<AtomicBool>,
     lost_reason: Arc<Mutex<String>>,
     api_error: Arc<Mutex<Option<String>>>,
+    /// 0 = tiled, 1 = registers (see [`MatmulKernel`]).
+    matmul_kernel: std::sync::atomic::AtomicU8,
     id: u64,
 }
 
@@ -240,7 +243,7 @@ impl GpuDevice {
             features.contains(wgpu::Features::SUBGROUP)
         );
         Ok(GpuDevice(Arc::new(Ctx {
-            adapter_info: info,
+            adapter_info: info.clone(),
             features,
             limits,
             device,
@@ -252,6 +255,7 @@ impl GpuDevice {
             lost,
             lost_reason,
             api_error,
+            matmul_kernel: std::sync::atomic::AtomicU8::new((info.device_type == wgpu::DeviceType::Cpu) as u8),
             id,
         })))
     }
@@ -262,7 +266,13 @@ impl GpuDevice {
         static HW: OnceLock<std::result::Result<GpuDevice, String>> = OnceLock::new();
         static SW: OnceLock<std::result::Result<GpuDevice, String>> = OnceLock::new();
         let cell = if kind == AdapterKind::Hardware { &HW } else { &SW };
-        cell.get_or_init(|| GpuDevice::new(kind).map_err(|e| e.to_string())).clone().map_err(Error::NoAdapter)
+        let opened = cell.get_or_init(|| {
+            GpuDevice::new(kind).map_err(|e| match e {
+                Error::NoAdapter(m) => m,
+                e => e.to_string(),
+            })
+        });
+        opened.clone().map_err(Error::NoAdapter)
     }
 
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
@@ -280,6 +290,20 @@ impl GpuDevice {
     /// Whether the adapter is a software implementation (lavapipe, llvmpipe, WARP).
     pub fn is_software(&self) -> bool {
         self.0.adapter_info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// The matmul kernel this device runs (default: registers on software adapters, tiled
+    /// on GPUs).
+    pub fn matmul_kernel(&self) -> MatmulKernel {
+        if self.0.matmul_kernel.load(Ordering::Relaxed) == 1 {
+            MatmulKernel::Registers
+        } else {
+            MatmulKernel::Tiled
+        }
+    }
+
+    pub fn set_matmul_kernel(&self, k: MatmulKernel) {
+        self.0.matmul_kernel.store((k == MatmulKernel::Registers) as u8, Ordering::Relaxed);
     }
 
     pub fn memory_stats(&self) -> MemoryStats {
