@@ -94,18 +94,7 @@ use std::ops::{Add, Mul};
 ///
 /// Panics only if a slice is shorter than the shape and strides require.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_f32(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[f32],
-    b_rs: usize,
-    b_cs: usize,
-    c: &mut [f32],
-) {
+pub fn gemm_f32(m: usize, n: usize, k: usize, a: &[f32], a_rs: usize, a_cs: usize, b: &[f32], b_rs: usize, b_cs: usize, c: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
@@ -119,18 +108,7 @@ pub fn gemm_f32(
 
 /// Same as [`gemm_f32`] in double precision (used as the reference path for gradient checks).
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_f64(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f64],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[f64],
-    b_rs: usize,
-    b_cs: usize,
-    c: &mut [f64],
-) {
+pub fn gemm_f64(m: usize, n: usize, k: usize, a: &[f64], a_rs: usize, a_cs: usize, b: &[f64], b_rs: usize, b_cs: usize, c: &mut [f64]) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
@@ -255,18 +233,7 @@ fn gemm_generic<T: Elem, const MR: usize, const NR: usize>(
 /// Direct loop for tiny products: row i of C accumulates `A[i][p] · B[p][..]` over p, which
 /// the compiler vectorises along j when B rows are contiguous.
 #[allow(clippy::too_many_arguments)]
-fn gemm_small<T: Elem>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[T],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[T],
-    b_rs: usize,
-    b_cs: usize,
-    c: &mut [T],
-) {
+fn gemm_small<T: Elem>(m: usize, n: usize, k: usize, a: &[T], a_rs: usize, a_cs: usize, b: &[T], b_rs: usize, b_cs: usize, c: &mut [T]) {
     for (i, crow) in c.chunks_exact_mut(n).enumerate().take(m) {
         crow.fill(T::ZERO);
         for p in 0..k {
@@ -427,15 +394,11 @@ unsafe fn gemm_serial<T: Elem, const MR: usize, const NR: usize>(
             let kb = kc.min(k - pc);
             // SAFETY: bpack is big enough for nb (≤ NC) columns of kb (≤ KC) rows; all source
             // indices lie inside the bounds-checked shape of B.
-            unsafe {
-                pack_b::<T, NR>(kb, nb, op.b, pc * op.b_rs + jc * op.b_cs, op.b_rs, op.b_cs, bpack)
-            };
+            unsafe { pack_b::<T, NR>(kb, nb, op.b, pc * op.b_rs + jc * op.b_cs, op.b_rs, op.b_cs, bpack) };
             for ic in (i0..i1).step_by(mc) {
                 let mb = mc.min(i1 - ic);
                 // SAFETY: as for B, with mb ≤ MC rows.
-                unsafe {
-                    pack_a::<T, MR>(mb, kb, op.a, ic * op.a_rs + pc * op.a_cs, op.a_rs, op.a_cs, apack)
-                };
+                unsafe { pack_a::<T, MR>(mb, kb, op.a, ic * op.a_rs + pc * op.a_cs, op.a_rs, op.a_cs, apack) };
                 for jr in (0..nb).step_by(NR) {
                     let cols = NR.min(nb - jr);
                     // SAFETY: panel jr/NR starts at jr*kb < the packed length.
@@ -484,15 +447,7 @@ unsafe fn gemm_serial<T: Elem, const MR: usize, const NR: usize>(
 /// # Safety
 /// `dst` is valid for `ceil(mb/MR)*MR*kb` writes; every `off + i*rs + p*cs` (i < mb, p < kb)
 /// is a valid index of `a`.
-unsafe fn pack_a<T: Elem, const MR: usize>(
-    mb: usize,
-    kb: usize,
-    a: &[T],
-    off: usize,
-    rs: usize,
-    cs: usize,
-    dst: *mut T,
-) {
+unsafe fn pack_a<T: Elem, const MR: usize>(mb: usize, kb: usize, a: &[T], off: usize, rs: usize, cs: usize, dst: *mut T) {
     for q in 0..mb.div_ceil(MR) {
         let rows = MR.min(mb - q * MR);
         let base = off + q * MR * rs;
@@ -523,15 +478,7 @@ unsafe fn pack_a<T: Elem, const MR: usize>(
 /// # Safety
 /// `dst` is valid for `ceil(nb/NR)*NR*kb` writes; every `off + p*rs + j*cs` (p < kb, j < nb)
 /// is a valid index of `b`.
-unsafe fn pack_b<T: Elem, const NR: usize>(
-    kb: usize,
-    nb: usize,
-    b: &[T],
-    off: usize,
-    rs: usize,
-    cs: usize,
-    dst: *mut T,
-) {
+unsafe fn pack_b<T: Elem, const NR: usize>(kb: usize, nb: usize, b: &[T], off: usize, rs: usize, cs: usize, dst: *mut T) {
     /// Rows of B handled per step in the transposed case (one cache line of f32 per column).
     const PB: usize = 16;
     for q in 0..nb.div_ceil(NR) {
@@ -612,10 +559,7 @@ unsafe fn kernel_portable<T: Elem, const MR: usize, const NR: usize>(
     for p in 0..kc {
         // SAFETY: p < kc, so both rows are inside the packed panels (kernel contract).
         let (av, bv) = unsafe {
-            (
-                std::ptr::read_unaligned(a.add(p * MR) as *const [T; MR]),
-                std::ptr::read_unaligned(b.add(p * NR) as *const [T; NR]),
-            )
+            (std::ptr::read_unaligned(a.add(p * MR) as *const [T; MR]), std::ptr::read_unaligned(b.add(p * NR) as *const [T; NR]))
         };
         for r in 0..MR {
             for j in 0..NR {
@@ -648,14 +592,7 @@ mod x86 {
     /// # Safety
     /// See [`super::Kernel`]; additionally the CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn kernel_f32_6x16(
-        kc: usize,
-        a: *const f32,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        accumulate: bool,
-    ) {
+    pub(super) unsafe fn kernel_f32_6x16(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
         const MR: usize = 6;
         const NR: usize = 16;
         // SAFETY (whole body): the packed panels hold kc steps of MR (A) and NR (B) values,
@@ -701,14 +638,7 @@ mod x86 {
     /// # Safety
     /// See [`super::Kernel`]; additionally the CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn kernel_f64_6x8(
-        kc: usize,
-        a: *const f64,
-        b: *const f64,
-        c: *mut f64,
-        ldc: usize,
-        accumulate: bool,
-    ) {
+    pub(super) unsafe fn kernel_f64_6x8(kc: usize, a: *const f64, b: *const f64, c: *mut f64, ldc: usize, accumulate: bool) {
         const MR: usize = 6;
         const NR: usize = 8;
         // SAFETY (whole body): as for `kernel_f32_6x16`.
@@ -760,11 +690,7 @@ mod tests {
 
     /// Naive triple loop in f64 through the same strides.
     #[allow(clippy::too_many_arguments)]
-    fn reference(
-        m: usize, n: usize, k: usize,
-        a: &[f64], a_rs: usize, a_cs: usize,
-        b: &[f64], b_rs: usize, b_cs: usize,
-    ) -> Vec<f64> {
+    fn reference(m: usize, n: usize, k: usize, a: &[f64], a_rs: usize, a_cs: usize, b: &[f64], b_rs: usize, b_cs: usize) -> Vec<f64> {
         let mut c = vec![0.0; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -780,12 +706,21 @@ mod tests {
 
     /// Length of a buffer that holds exactly the elements a rows×cols operand touches.
     fn needed(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
-        if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 }
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
     }
 
     /// Layout of an operand: row-major, column-major (transposed in place), or broadcast.
     #[derive(Clone, Copy, Debug)]
-    enum Lay { Row, Col, BcastRows, BcastAll }
+    enum Lay {
+        Row,
+        Col,
+        BcastRows,
+        BcastAll,
+    }
 
     fn strides(lay: Lay, rows: usize, cols: usize) -> (usize, usize) {
         match lay {
@@ -814,20 +749,28 @@ mod tests {
         gemm_f32(m, n, k, &a32, a_rs, a_cs, &b32, b_rs, b_cs, &mut c32);
         for idx in 0..m * n {
             let (g64, g32, w) = (c64[idx], c32[idx] as f64, want[idx]);
-            assert!((g64 - w).abs() <= tol(f64::EPSILON),
-                "f64 {m}x{n}x{k} {la:?}/{lb:?} at {idx}: {g64} vs {w}");
+            assert!((g64 - w).abs() <= tol(f64::EPSILON), "f64 {m}x{n}x{k} {la:?}/{lb:?} at {idx}: {g64} vs {w}");
             // f32 inputs are rounded too, so compare to the exact product of the rounded values
             // loosely: sqrt(k)-scaled f32 epsilon, with a margin.
-            assert!((g32 - w).abs() <= tol(f32::EPSILON as f64),
-                "f32 {m}x{n}x{k} {la:?}/{lb:?} at {idx}: {g32} vs {w}");
+            assert!((g32 - w).abs() <= tol(f32::EPSILON as f64), "f32 {m}x{n}x{k} {la:?}/{lb:?} at {idx}: {g32} vs {w}");
         }
     }
 
     #[test]
     fn awkward_shapes_all_layouts() {
         let shapes = [
-            (1, 1, 1), (0, 3, 4), (3, 0, 4), (3, 4, 0), (0, 0, 0), (1, 17, 1),
-            (7, 13, 5), (6, 16, 256), (33, 65, 17), (129, 31, 257), (13, 300, 70), (70, 5, 300),
+            (1, 1, 1),
+            (0, 3, 4),
+            (3, 0, 4),
+            (3, 4, 0),
+            (0, 0, 0),
+            (1, 17, 1),
+            (7, 13, 5),
+            (6, 16, 256),
+            (33, 65, 17),
+            (129, 31, 257),
+            (13, 300, 70),
+            (70, 5, 300),
         ];
         let lays = [Lay::Row, Lay::Col];
         for &(m, n, k) in &shapes {
