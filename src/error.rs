@@ -66,6 +66,15 @@ pub enum Error {
     /// An error reported by the GPU API (validation, shader compilation, mapping).
     #[error("gpu: {0}")]
     Gpu(String),
+
+    /// A file could not be opened or read.
+    #[error("{path}: {msg}")]
+    Io { path: String, msg: String },
+
+    /// A file was read but its contents are wrong (malformed header, offsets outside the data,
+    /// unknown dtype, a missing or mis-shaped tensor, a bad config field).
+    #[error("{path}: {msg}")]
+    Format { path: String, msg: String },
 }
 
 /// Result with the crate's error type.
