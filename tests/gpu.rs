@@ -471,3 +471,38 @@ fn memory_is_counted_and_limits_are_errors() {
     let lost = Tensor::zeros(&[3], DType::F32, &d).and_then(|t| t.to_vec::<f32>());
     assert!(matches!(lost, Err(Error::DeviceLost(_))), "{lost:?}");
 }
+
+#[test]
+fn fused_adamw_step_matches_the_cpu() {
+    use tinytune::backend::{AdamWStep, CpuStorage, Storage};
+    use tinytune::layout::Layout;
+    let g = gpu_or_skip!();
+    let n = 1000;
+    let host = |seed: u64, scale: f32| -> Vec<f32> {
+        let t = rnd(&[n], seed, &Device::Cpu);
+        t.to_vec::<f32>().unwrap().iter().map(|x| x * scale).collect()
+    };
+    let (p, gr, m) = (host(1, 1.0), host(2, 0.1), host(3, 0.01));
+    let v: Vec<f32> = host(4, 0.01).iter().map(|x| x * x).collect();
+    let h = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 7 };
+    let run = |d: &Device| -> Vec<Vec<f32>> {
+        let up = |x: &Vec<f32>| Storage::from_cpu(d, CpuStorage::F32(x.clone())).unwrap();
+        // The parameter is read through a transposed layout of a [40, 25] buffer.
+        let pl = Layout::contiguous(&[40, 25]).transpose(0, 1).unwrap();
+        let gl = Layout::contiguous(&[25, 40]);
+        let (po, mo, vo) = up(&p).adamw_step(&pl, &up(&gr), &gl, &up(&m), &up(&v), &h).unwrap();
+        [po, mo, vo]
+            .iter()
+            .map(|s| match s.to_cpu(&Layout::contiguous(&[n])).unwrap() {
+                CpuStorage::F32(x) => x,
+                o => panic!("{o:?}"),
+            })
+            .collect()
+    };
+    let (c, r) = (run(&Device::Cpu), run(&g));
+    for (k, (c, r)) in c.iter().zip(&r).enumerate() {
+        for (i, (a, b)) in c.iter().zip(r).enumerate() {
+            assert!((a - b).abs() <= 1e-6 * a.abs().max(1e-3), "adamw output {k} element {i}: cpu {a} gpu {b}");
+        }
+    }
+}

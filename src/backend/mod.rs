@@ -160,6 +160,44 @@ pub enum ReduceOp {
     ArgMin,
 }
 
+/// Hyper-parameters of one AdamW step (decoupled weight decay, as PyTorch's `AdamW`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// The step number, from 1 (for the bias corrections).
+    pub step: u64,
+}
+
+impl AdamWStep {
+    /// `(lr / (1 − β1ᵗ), √(1 − β2ᵗ))`: the bias corrections folded into two scalars.
+    pub fn corrections(&self) -> (f64, f64) {
+        let t = self.step.max(1) as i32;
+        (self.lr / (1.0 - self.beta1.powi(t)), (1.0 - self.beta2.powi(t)).sqrt())
+    }
+}
+
+/// The CPU reference of [`Storage::adamw_step`] on contiguous slices.
+fn adamw_cpu<T: crate::dtype::Float>(p: &[T], g: &[T], m: &[T], v: &[T], h: &AdamWStep) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let c = T::from_f64;
+    let (step_size, bc2_sqrt) = h.corrections();
+    let (b1, b2, eps, decay) = (c(h.beta1), c(h.beta2), c(h.eps), c(1.0 - h.lr * h.weight_decay));
+    let (one, ss, bc) = (T::ONE, c(step_size), c(bc2_sqrt));
+    let mut out = (Vec::with_capacity(p.len()), Vec::with_capacity(p.len()), Vec::with_capacity(p.len()));
+    for i in 0..p.len() {
+        let mi = b1 * m[i] + (one - b1) * g[i];
+        let vi = b2 * v[i] + (one - b2) * g[i] * g[i];
+        let pi = p[i] * decay - ss * mi / (vi.sqrt() / bc + eps);
+        out.0.push(pi);
+        out.1.push(mi);
+        out.2.push(vi);
+    }
+    out
+}
+
 /// A flat buffer on one device.
 #[derive(Debug)]
 pub enum Storage {
@@ -461,6 +499,44 @@ impl Storage {
                 g_layout,
                 ignore_index,
             )?)),
+        }
+    }
+
+    /// One fused AdamW step: from the parameter `self`, its gradient and the moments `m`, `v`
+    /// (contiguous, the parameter's element count) compute `(param', m', v')`:
+    /// `m' = β1 m + (1−β1) g`, `v' = β2 v + (1−β2) g²`,
+    /// `p' = p (1 − lr·wd) − lr/(1−β1ᵗ) · m' / (√v' / √(1−β2ᵗ) + eps)`.
+    pub fn adamw_step(
+        &self,
+        layout: &Layout,
+        grad: &Storage,
+        g_layout: &Layout,
+        m: &Storage,
+        v: &Storage,
+        h: &AdamWStep,
+    ) -> Result<(Storage, Storage, Storage)> {
+        const OP: &str = "adamw_step";
+        match self {
+            Storage::Cpu(s) => {
+                let (g, m, v) = (grad.cpu(OP, self)?, m.cpu(OP, self)?, v.cpu(OP, self)?);
+                let whole = Layout::contiguous(&[m.len()]);
+                let (p, g, m, v) = (s.copy_strided(layout)?, g.copy_strided(g_layout)?, m.copy_strided(&whole)?, v.copy_strided(&whole)?);
+                match (p, g, m, v) {
+                    (CpuStorage::F32(p), CpuStorage::F32(g), CpuStorage::F32(m), CpuStorage::F32(v)) => {
+                        let (p, m, v) = adamw_cpu(&p, &g, &m, &v, h);
+                        Ok((Storage::Cpu(CpuStorage::F32(p)), Storage::Cpu(CpuStorage::F32(m)), Storage::Cpu(CpuStorage::F32(v))))
+                    }
+                    (CpuStorage::F64(p), CpuStorage::F64(g), CpuStorage::F64(m), CpuStorage::F64(v)) => {
+                        let (p, m, v) = adamw_cpu(&p, &g, &m, &v, h);
+                        Ok((Storage::Cpu(CpuStorage::F64(p)), Storage::Cpu(CpuStorage::F64(m)), Storage::Cpu(CpuStorage::F64(v))))
+                    }
+                    (p, g, ..) => Err(Error::DTypeMismatch { op: OP, lhs: p.dtype(), rhs: g.dtype() }),
+                }
+            }
+            Storage::Gpu(s) => {
+                let (p, m, v) = s.adamw_step(layout, grad.gpu(OP, self)?, g_layout, m.gpu(OP, self)?, v.gpu(OP, self)?, h)?;
+                Ok((Storage::Gpu(p), Storage::Gpu(m), Storage::Gpu(v)))
+            }
         }
     }
 

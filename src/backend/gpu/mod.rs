@@ -21,6 +21,7 @@ mod index;
 mod matmul;
 pub use matmul::MatmulKernel;
 mod norm;
+mod optim;
 mod rand;
 mod reduce;
 mod rope;
@@ -814,6 +815,11 @@ impl GpuStorage {
 
     /// The elements of `layout`, contiguous, on the host.
     pub fn to_cpu(&self, layout: &Layout) -> Result<CpuStorage> {
+        // Index tensors uploaded from the host keep their host copy (storages are immutable):
+        // reading them back is not a sync point.
+        if let Some(h) = &self.host {
+            return h.copy_strided(layout);
+        }
         let n = layout.numel();
         let esz = self.dtype.size_in_bytes();
         let aligned = layout.is_contiguous() && (layout.offset() * esz) % 4 == 0;
@@ -948,6 +954,18 @@ impl GpuStorage {
         ignore: i64,
     ) -> Result<GpuStorage> {
         xent::cross_entropy_backward(self, layout, targets, tl, g, gl, ignore)
+    }
+
+    pub fn adamw_step(
+        &self,
+        layout: &Layout,
+        grad: &GpuStorage,
+        gl: &Layout,
+        m: &GpuStorage,
+        v: &GpuStorage,
+        h: &super::AdamWStep,
+    ) -> Result<(GpuStorage, GpuStorage, GpuStorage)> {
+        optim::adamw_step(self, layout, grad, gl, m, v, h)
     }
 
     #[allow(clippy::too_many_arguments)]
