@@ -506,3 +506,74 @@ fn fused_adamw_step_matches_the_cpu() {
         }
     }
 }
+
+#[test]
+fn empty_and_degenerate_shapes() {
+    let g = gpu_or_skip!();
+    check("softmax of no rows", &g, EXACT, |d| rnd(&[0, 5], 1, d).softmax(-1));
+    check("sum over an empty axis", &g, EXACT, |d| rnd(&[3, 0], 2, d).sum(&[1], false));
+    check("matmul m = 0", &g, EXACT, |d| rnd(&[0, 4], 3, d).matmul(&rnd(&[4, 2], 4, d)));
+    check("binary empty", &g, EXACT, |d| rnd(&[2, 0, 3], 5, d).add(&rnd(&[3], 6, d)));
+    check("layer_norm no rows", &g, EXACT, |d| rnd(&[0, 8], 7, d).layer_norm(None, None, 1e-5));
+    check("index_select none", &g, EXACT, |d| rnd(&[4, 3], 8, d).index_select(0, &ids(&[], &[0], d)));
+    check("rank 0 unary", &g, TRANS, |d| rnd(&[], 9, d).exp());
+    check("rank 0 sum", &g, EXACT, |d| rnd(&[], 10, d).sum_all());
+    check("size-1 axes with odd strides", &g, EXACT, |d| {
+        rnd(&[1, 5, 1], 11, d).permute(&[2, 1, 0])?.broadcast_to(&[3, 5, 1])?.contiguous()
+    });
+}
+
+#[test]
+fn many_ops_batch_and_pool_reuse() {
+    // More than one batch of recorded passes between sync points, with buffers freed and
+    // reused from the pool while earlier passes are still unsubmitted.
+    let g = gpu_or_skip!();
+    check("long chain", &g, TRANS, |d| {
+        let mut x = rnd(&[33, 17], 1, d);
+        for i in 0..150 {
+            x = x.mul_scalar(0.99)?.add(&rnd(&[17], 100 + i, d))?.tanh()?;
+        }
+        Ok(x)
+    });
+}
+
+#[test]
+fn matmul_with_16_bit_weights_dequantised_in_the_kernel() {
+    use tinytune::backend::Storage;
+    use tinytune::layout::Layout;
+    gpu_or_skip!();
+    for kernel in [MatmulKernel::Tiled, MatmulKernel::Registers] {
+        let dev = GpuDevice::new(AdapterKind::Software).or_else(|_| GpuDevice::new(AdapterKind::Hardware)).unwrap();
+        dev.set_matmul_kernel(kernel);
+        let g = Device::Gpu(dev);
+        for dt in [DType::F16, DType::BF16] {
+            let (x, w) = (rnd(&[9, 21], 1, &Device::Cpu), rnd(&[7, 21], 2, &Device::Cpu).to_dtype(dt).unwrap());
+            // Reference: the weight converted to f32 on the CPU, x · wᵀ.
+            let want = x.matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();
+            let up = |t: &Tensor| Storage::from_cpu(&g, to_host(t)).unwrap();
+            let (xs, ws) = (up(&x), up(&w));
+            let wl = Layout::contiguous(&[7, 21]).transpose(0, 1).unwrap();
+            let out = xs.matmul(&Layout::contiguous(&[9, 21]), &ws, &wl).unwrap();
+            let got = Tensor::from_vec(
+                match out.to_cpu(&Layout::contiguous(&[9, 7])).unwrap() {
+                    tinytune::backend::CpuStorage::F32(v) => v,
+                    o => panic!("{o:?}"),
+                },
+                &[9, 7],
+                &Device::Cpu,
+            )
+            .unwrap();
+            close(&format!("matmul x · {dt:?}ᵀ ({kernel:?})"), &want, &got, Tol { abs: 1e-5, rel: 1e-5 });
+        }
+    }
+}
+
+fn to_host(t: &Tensor) -> tinytune::backend::CpuStorage {
+    use tinytune::backend::CpuStorage;
+    match t.dtype() {
+        DType::F32 => CpuStorage::F32(t.to_vec().unwrap()),
+        DType::F16 => CpuStorage::F16(t.to_vec().unwrap()),
+        DType::BF16 => CpuStorage::BF16(t.to_vec().unwrap()),
+        d => panic!("{d:?}"),
+    }
+}

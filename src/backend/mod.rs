@@ -333,6 +333,8 @@ impl Storage {
 
     /// Batched matrix product. Both layouts have rank ≥ 2 and identical batch dims (broadcast
     /// already applied): `[.., m, k] · [.., k, n] → [.., m, n]`, transposes read in place.
+    /// On the GPU, `rhs` may also be f16/bf16 storage with an f32 `self` (a frozen weight,
+    /// dequantised inside the kernel, accumulated in f32).
     pub fn matmul(&self, layout: &Layout, rhs: &Storage, rhs_layout: &Layout) -> Result<Storage> {
         match self {
             Storage::Cpu(s) => Ok(Storage::Cpu(s.matmul(layout, rhs.cpu("matmul", self)?, rhs_layout)?)),

@@ -1,6 +1,7 @@
 //! Launcher of `shaders/matmul.wgsl`: batched, strided, 32×32 tiles with 4×4 register blocks.
 
 use super::{Access, GpuStorage, Kernel, Params};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 
@@ -26,9 +27,13 @@ fn batch_layout(l: &Layout) -> Layout {
 
 pub(super) fn matmul(a: &GpuStorage, la: &Layout, b: &GpuStorage, lb: &Layout) -> Result<GpuStorage> {
     a.need_f32("matmul")?;
-    if b.dtype != a.dtype {
-        return Err(Error::DTypeMismatch { op: "matmul", lhs: a.dtype, rhs: b.dtype });
-    }
+    // B may be 16-bit storage (a frozen weight), dequantised inside the kernel.
+    let b_code = match b.dtype {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        other => return Err(Error::DTypeMismatch { op: "matmul", lhs: a.dtype, rhs: other }),
+    };
     let r = la.rank();
     let (m, k, n) = (la.shape()[r - 2], la.shape()[r - 1], lb.shape()[r - 1]);
     let (ba, bb) = (batch_layout(la), batch_layout(lb));
@@ -42,7 +47,8 @@ pub(super) fn matmul(a: &GpuStorage, la: &Layout, b: &GpuStorage, lb: &Layout) -
         return Ok(out);
     }
     let (sa, sb) = (la.strides(), lb.strides());
-    let mut p = Params::new(&[m as u32, n as u32, k as u32, sa[r - 2] as u32, sa[r - 1] as u32, sb[r - 2] as u32, sb[r - 1] as u32, 0, 0]);
+    let mut p =
+        Params::new(&[m as u32, n as u32, k as u32, sa[r - 2] as u32, sa[r - 1] as u32, sb[r - 2] as u32, sb[r - 1] as u32, 0, 0, b_code]);
     let (ra, rb) = (p.layout(&ba)?, p.layout(&bb)?);
     p.set(7, ra);
     p.set(8, rb);
