@@ -697,14 +697,29 @@ impl Params {
         Params(scalars.to_vec())
     }
     /// Append a layout record and return its position, to be stored in a scalar slot.
+    ///
+    /// The record is coalesced first: size-1 axes are dropped and neighbouring axes that are
+    /// contiguous relative to each other are merged, which keeps the map from a row-major
+    /// element index to a storage index and shortens the shader's loop (a contiguous tensor
+    /// becomes one axis of stride 1, a transposed matrix stays two).
     pub fn layout(&mut self, l: &Layout) -> Result<u32> {
+        let mut dims: Vec<(usize, usize)> = Vec::with_capacity(l.rank());
+        for (&d, &s) in l.shape().iter().zip(l.strides()) {
+            if d == 1 {
+                continue;
+            }
+            match dims.last_mut() {
+                Some(last) if last.1 == s * d => *last = (last.0 * d, s),
+                _ => dims.push((d, s)),
+            }
+        }
         let pos = self.0.len() as u32;
-        self.0.push(l.rank() as u32);
+        self.0.push(dims.len() as u32);
         self.0.push(u32_of(l.offset())?);
-        for &d in l.shape() {
+        for &(d, _) in &dims {
             self.0.push(u32_of(d)?);
         }
-        for &s in l.strides() {
+        for &(_, s) in &dims {
             self.0.push(u32_of(s)?);
         }
         Ok(pos)
