@@ -24,7 +24,10 @@ pub mod autograd;
 pub mod backend;
 pub mod dtype;
 pub mod error;
+pub mod io;
 pub mod layout;
+pub mod models;
+pub mod nn;
 pub mod rng;
 pub mod tensor;
 

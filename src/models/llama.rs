@@ -1,0 +1,190 @@
+//! The LLaMA family (LLaMA 2/3, TinyLlama, SmolLM, Qwen2-style configs): pre-norm blocks of
+//! RMSNorm → grouped-query attention with rotary positions → residual, RMSNorm → SwiGLU MLP →
+//! residual; a final RMSNorm and the LM head (tied to the embedding or not).
+//!
+//! ```text
+//! h₀ = E[ids]
+//! a  = h + Attn(RMSNorm(h))      Attn: q,k,v = x W_qᵀ, x W_kᵀ, x W_vᵀ; rotate q,k by position;
+//!                                        softmax(q kᵀ/√d + causal) v, heads merged, · W_oᵀ
+//! h' = a + W_down (silu(W_gate x) ⊙ W_up x),  x = RMSNorm(a)
+//! logits = RMSNorm(h_L) W_lmᵀ
+//! ```
+
+use super::CausalLm;
+use crate::backend::Device;
+use crate::error::{Error, Result};
+use crate::io::config::RawConfig;
+use crate::io::Checkpoint;
+use crate::nn::{causal_attention, repeat_kv, Embedding, Linear, Norm, COMPUTE};
+use crate::tensor::{RopeLayout, Tensor};
+
+/// The config fields the math depends on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+}
+
+impl LlamaConfig {
+    pub fn from_raw(raw: &RawConfig) -> Result<LlamaConfig> {
+        let hidden_size = raw.usize("hidden_size")?;
+        let heads = raw.usize("num_attention_heads")?;
+        let kv = raw.opt_usize("num_key_value_heads")?.unwrap_or(heads);
+        if heads == 0 || kv == 0 || heads % kv != 0 {
+            return Err(raw.error(format!("num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv}")));
+        }
+        let head_dim = match raw.opt_usize("head_dim")? {
+            Some(d) => d,
+            None if hidden_size % heads == 0 => hidden_size / heads,
+            None => return Err(raw.error(format!("hidden_size {hidden_size} is not divisible by num_attention_heads {heads}"))),
+        };
+        // transformers ≥ 4.5x moves rope_theta into `rope_parameters`.
+        let rope_theta = match raw.get("rope_parameters").and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()) {
+            Some(t) => t,
+            None => raw.f64_or("rope_theta", 10000.0)?,
+        };
+        let act = raw.str_or("hidden_act", "silu")?;
+        if act != "silu" {
+            return Err(raw.error(format!("field 'hidden_act' = '{act}' is not supported (SwiGLU with silu only)")));
+        }
+        raw.reject_unless("rope_scaling", |_| false, "RoPE scaling variants are not implemented")?;
+        let plain_rope = |p: &serde_json::Value| p.get("rope_type").and_then(|t| t.as_str()).is_none_or(|t| t == "default");
+        raw.reject_unless("rope_parameters", plain_rope, "only the default RoPE type is implemented")?;
+        raw.reject_unless(
+            "sliding_window",
+            |_| !raw.bool_or("use_sliding_window", false).unwrap_or(true),
+            "sliding-window attention is not implemented",
+        )?;
+        let model_type = raw.model_type()?;
+        let qwen = model_type.starts_with("qwen2") || model_type.starts_with("Qwen2");
+        Ok(LlamaConfig {
+            vocab_size: raw.usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: raw.usize("intermediate_size")?,
+            num_hidden_layers: raw.usize("num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            head_dim,
+            rms_norm_eps: raw.f64_or("rms_norm_eps", 1e-6)?,
+            rope_theta,
+            tie_word_embeddings: raw.bool_or("tie_word_embeddings", false)?,
+            // Qwen2 has q/k/v biases without saying so in its config.
+            attention_bias: raw.bool_or("attention_bias", qwen)?,
+            mlp_bias: raw.bool_or("mlp_bias", false)?,
+        })
+    }
+}
+
+struct Block {
+    input_norm: Norm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: Norm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A LLaMA-family causal language model.
+pub struct Llama {
+    pub config: LlamaConfig,
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: Norm,
+    lm_head: Linear,
+}
+
+fn linear(w: &Checkpoint, name: &str, out: usize, inp: usize, bias: bool, dev: &Device) -> Result<Linear> {
+    let weight = w.get(&format!("{name}.weight"), &[out, inp], COMPUTE, dev)?;
+    let bias = if bias { Some(w.get(&format!("{name}.bias"), &[out], COMPUTE, dev)?) } else { None };
+    Ok(Linear::new(name, weight, bias))
+}
+
+fn rms(w: &Checkpoint, name: &str, d: usize, eps: f64, dev: &Device) -> Result<Norm> {
+    Ok(Norm::Rms { name: name.to_string(), weight: w.get(&format!("{name}.weight"), &[d], COMPUTE, dev)?, eps })
+}
+
+impl Llama {
+    pub fn load(config: LlamaConfig, w: &Checkpoint, dev: &Device) -> Result<Llama> {
+        let c = &config;
+        let (d, hd) = (c.hidden_size, c.head_dim);
+        let embed =
+            Embedding { name: "model.embed_tokens".into(), weight: w.get("model.embed_tokens.weight", &[c.vocab_size, d], COMPUTE, dev)? };
+        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            blocks.push(Block {
+                input_norm: rms(w, &format!("{p}.input_layernorm"), d, c.rms_norm_eps, dev)?,
+                q: linear(w, &format!("{p}.self_attn.q_proj"), c.num_attention_heads * hd, d, c.attention_bias, dev)?,
+                k: linear(w, &format!("{p}.self_attn.k_proj"), c.num_key_value_heads * hd, d, c.attention_bias, dev)?,
+                v: linear(w, &format!("{p}.self_attn.v_proj"), c.num_key_value_heads * hd, d, c.attention_bias, dev)?,
+                o: linear(w, &format!("{p}.self_attn.o_proj"), d, c.num_attention_heads * hd, false, dev)?,
+                post_norm: rms(w, &format!("{p}.post_attention_layernorm"), d, c.rms_norm_eps, dev)?,
+                gate: linear(w, &format!("{p}.mlp.gate_proj"), c.intermediate_size, d, c.mlp_bias, dev)?,
+                up: linear(w, &format!("{p}.mlp.up_proj"), c.intermediate_size, d, c.mlp_bias, dev)?,
+                down: linear(w, &format!("{p}.mlp.down_proj"), d, c.intermediate_size, c.mlp_bias, dev)?,
+            });
+        }
+        let norm = rms(w, "model.norm", d, c.rms_norm_eps, dev)?;
+        let lm_head = if c.tie_word_embeddings || !w.contains("lm_head.weight") {
+            Linear::new("lm_head", embed.weight.clone(), None)
+        } else {
+            linear(w, "lm_head", c.vocab_size, d, false, dev)?
+        };
+        Ok(Llama { config, embed, blocks, norm, lm_head })
+    }
+
+    fn attention(&self, blk: &Block, x: &Tensor, cos: &Tensor, sin: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = (x.shape()[0], x.shape()[1]);
+        let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
+            lin.forward(x)?.reshape(&[b as isize, t as isize, n as isize, c.head_dim as isize])?.transpose(1, 2)
+        };
+        let q = heads(&blk.q, c.num_attention_heads)?.rope(cos, sin, RopeLayout::HalfSplit)?;
+        let k = heads(&blk.k, c.num_key_value_heads)?.rope(cos, sin, RopeLayout::HalfSplit)?;
+        let v = heads(&blk.v, c.num_key_value_heads)?;
+        let rep = c.num_attention_heads / c.num_key_value_heads;
+        let y = causal_attention(&q, &repeat_kv(&k, rep)?, &repeat_kv(&v, rep)?, keep)?;
+        let y = y.transpose(1, 2)?.reshape(&[b as isize, t as isize, (c.num_attention_heads * c.head_dim) as isize])?;
+        blk.o.forward(&y)
+    }
+}
+
+impl CausalLm for Llama {
+    fn forward(&self, ids: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
+        if ids.rank() != 2 {
+            return Err(Error::Shape { op: "llama.forward", msg: format!("ids must be [batch, seq], got {:?}", ids.shape()) });
+        }
+        let t = ids.shape()[1];
+        let (cos, sin) = Tensor::rope_tables(0, t, self.config.head_dim, self.config.rope_theta, COMPUTE, ids.device())?;
+        let mut h = self.embed.forward(ids)?;
+        for blk in &self.blocks {
+            let a = self.attention(blk, &blk.input_norm.forward(&h)?, &cos, &sin, keep)?;
+            h = h.add(&a)?;
+            let x = blk.post_norm.forward(&h)?;
+            let m = blk.down.forward(&blk.gate.forward(&x)?.silu()?.mul(&blk.up.forward(&x)?)?)?;
+            h = h.add(&m)?;
+        }
+        self.lm_head.forward(&self.norm.forward(&h)?)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn architecture(&self) -> &'static str {
+        "llama"
+    }
+}

@@ -1,0 +1,117 @@
+//! Model parity with the Hugging Face stack: tiny random checkpoints saved by `transformers`
+//! (tests/fixtures, made by scripts/make_fixtures.py) must give the logits `transformers`
+//! computed, in f32, f16 and bf16 storage, with and without a padding mask.
+
+use std::path::PathBuf;
+
+use tinytune::io::{Checkpoint, SafetensorsFile};
+use tinytune::models;
+use tinytune::{DType, Device, Error};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn check_parity(name: &str, arch: &str) {
+    let dev = Device::Cpu;
+    let dir = fixture(name);
+    let model = models::load(&dir, &dev).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(model.architecture(), arch);
+    let reference = SafetensorsFile::open(dir.join("reference.safetensors")).unwrap();
+    let ids = reference.load("ids", &dev).unwrap().to_dtype(DType::U32).unwrap();
+    let keep = reference.load("keep", &dev).unwrap();
+    let want = reference.load("logits", &dev).unwrap().to_vec::<f32>().unwrap();
+    let got = model.forward(&ids, None).unwrap();
+    assert_eq!(got.shape(), &[2, 7, model.vocab_size()]);
+    let got = got.to_vec::<f32>().unwrap();
+    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-4, "{name}: logits differ from transformers by up to {worst}");
+
+    // With the padding mask: compare the real positions only (padded ones are arbitrary).
+    let want = reference.load("logits_masked", &dev).unwrap().to_vec::<f32>().unwrap();
+    let got = model.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
+    let keepv = keep.to_vec::<i32>().unwrap();
+    let v = model.vocab_size();
+    let mut worst = 0f32;
+    for (pos, &k) in keepv.iter().enumerate() {
+        if k == 1 {
+            for j in 0..v {
+                worst = worst.max((got[pos * v + j] - want[pos * v + j]).abs());
+            }
+        }
+    }
+    assert!(worst < 1e-4, "{name}: masked logits differ from transformers by up to {worst}");
+}
+
+#[test]
+fn llama_gqa_matches_transformers() {
+    check_parity("tiny-llama", "llama");
+}
+
+#[test]
+fn llama_tied_bf16_matches_transformers() {
+    check_parity("tiny-llama-tied-bf16", "llama");
+}
+
+#[test]
+fn gpt2_f16_matches_transformers() {
+    check_parity("tiny-gpt2-f16", "gpt2");
+}
+
+#[test]
+fn bad_checkpoints_give_errors_naming_the_file() {
+    let tmp = std::env::temp_dir().join(format!("tinytune-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let good = std::fs::read(fixture("tiny-llama/model.safetensors")).unwrap();
+    // Truncated file, a header length past the end, garbage.
+    for (what, bytes) in [
+        ("truncated", good[..good.len() / 2].to_vec()),
+        ("header past end", {
+            let mut b = good.clone();
+            b[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+            b
+        }),
+        ("garbage", b"not a safetensors file at all".to_vec()),
+        ("empty", vec![]),
+    ] {
+        let p = tmp.join("model.safetensors");
+        std::fs::write(&p, &bytes).unwrap();
+        let e = SafetensorsFile::open(&p).err().unwrap_or_else(|| panic!("{what}: accepted"));
+        let msg = e.to_string();
+        assert!(matches!(e, Error::Format { .. }) && msg.contains("model.safetensors"), "{what}: {msg}");
+    }
+    // A config that does not match the weights: a shape error naming the tensor.
+    std::fs::copy(fixture("tiny-llama/model.safetensors"), tmp.join("model.safetensors")).unwrap();
+    let cfg = std::fs::read_to_string(fixture("tiny-llama/config.json")).unwrap();
+    std::fs::write(tmp.join("config.json"), cfg.replace("\"intermediate_size\": 64", "\"intermediate_size\": 65")).unwrap();
+    let msg = models::load(&tmp, &Device::Cpu).err().unwrap().to_string();
+    assert!(msg.contains("model.layers.0.mlp.gate_proj.weight") && msg.contains("[65, 32]"), "{msg}");
+    // Missing field, unknown architecture, unsupported math, malformed JSON.
+    for (cfg_text, expect) in [
+        (cfg.replace("\"vocab_size\": 96", "\"vocab_sz\": 96"), "missing field 'vocab_size'"),
+        (cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"mamba\""), "unknown architecture 'mamba'"),
+        (cfg.replace("\"hidden_act\": \"silu\"", "\"hidden_act\": \"relu\""), "hidden_act"),
+        (cfg.replace("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\""), "rope_parameters"),
+        ("{ not json".to_string(), "invalid JSON"),
+    ] {
+        std::fs::write(tmp.join("config.json"), cfg_text).unwrap();
+        let msg = models::load(&tmp, &Device::Cpu).err().unwrap().to_string();
+        assert!(msg.contains("config.json") && msg.contains(expect), "expected '{expect}' in: {msg}");
+    }
+    // A missing weight file.
+    std::fs::remove_file(tmp.join("model.safetensors")).unwrap();
+    std::fs::write(tmp.join("config.json"), &cfg).unwrap();
+    let msg = models::load(&tmp, &Device::Cpu).err().unwrap().to_string();
+    assert!(msg.contains("no model.safetensors"), "{msg}");
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+#[test]
+fn checkpoint_lists_and_converts() {
+    let ck = Checkpoint::open(fixture("tiny-gpt2-f16")).unwrap();
+    assert!(ck.names().iter().any(|n| n == "transformer.wte.weight"));
+    let w = ck.get("transformer.wte.weight", &[96, 32], DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(w.dtype(), DType::F32);
+    let msg = ck.get("transformer.wte.weight", &[32, 96], DType::F32, &Device::Cpu).err().unwrap().to_string();
+    assert!(msg.contains("has shape [96, 32]"), "{msg}");
+}
