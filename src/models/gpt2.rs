@@ -16,7 +16,7 @@ use super::CausalLm;
 use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::io::config::RawConfig;
-use crate::io::Checkpoint;
+use crate::io::Weights;
 use crate::nn::{causal_attention, Embedding, Linear, Norm, COMPUTE};
 use crate::tensor::Tensor;
 
@@ -75,7 +75,7 @@ pub struct Gpt2 {
 }
 
 /// Checkpoints may or may not carry the `transformer.` prefix.
-fn resolve(w: &Checkpoint, name: &str) -> String {
+fn resolve(w: &dyn Weights, name: &str) -> String {
     let full = format!("transformer.{name}");
     if w.contains(&full) {
         full
@@ -84,13 +84,13 @@ fn resolve(w: &Checkpoint, name: &str) -> String {
     }
 }
 
-fn conv1d(w: &Checkpoint, name: &str, inp: usize, out: usize, dev: &Device) -> Result<Linear> {
+fn conv1d(w: &dyn Weights, name: &str, inp: usize, out: usize, dev: &Device) -> Result<Linear> {
     let weight = w.get(&resolve(w, &format!("{name}.weight")), &[inp, out], COMPUTE, dev)?.t()?.contiguous()?;
     let bias = w.get(&resolve(w, &format!("{name}.bias")), &[out], COMPUTE, dev)?;
     Ok(Linear::new(format!("transformer.{name}"), weight, Some(bias)))
 }
 
-fn layer_norm(w: &Checkpoint, name: &str, d: usize, eps: f64, dev: &Device) -> Result<Norm> {
+fn layer_norm(w: &dyn Weights, name: &str, d: usize, eps: f64, dev: &Device) -> Result<Norm> {
     Ok(Norm::Layer {
         name: format!("transformer.{name}"),
         weight: w.get(&resolve(w, &format!("{name}.weight")), &[d], COMPUTE, dev)?,
@@ -100,7 +100,7 @@ fn layer_norm(w: &Checkpoint, name: &str, d: usize, eps: f64, dev: &Device) -> R
 }
 
 impl Gpt2 {
-    pub fn load(config: Gpt2Config, w: &Checkpoint, dev: &Device) -> Result<Gpt2> {
+    pub fn load(config: Gpt2Config, w: &dyn Weights, dev: &Device) -> Result<Gpt2> {
         let c = &config;
         let d = c.n_embd;
         let wte = Embedding { name: "transformer.wte".into(), weight: w.get(&resolve(w, "wte.weight"), &[c.vocab_size, d], COMPUTE, dev)? };

@@ -14,7 +14,7 @@ use super::CausalLm;
 use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::io::config::RawConfig;
-use crate::io::Checkpoint;
+use crate::io::Weights;
 use crate::nn::{causal_attention, repeat_kv, Embedding, Linear, Norm, COMPUTE};
 use crate::tensor::{RopeLayout, Tensor};
 
@@ -106,18 +106,18 @@ pub struct Llama {
     lm_head: Linear,
 }
 
-fn linear(w: &Checkpoint, name: &str, out: usize, inp: usize, bias: bool, dev: &Device) -> Result<Linear> {
+fn linear(w: &dyn Weights, name: &str, out: usize, inp: usize, bias: bool, dev: &Device) -> Result<Linear> {
     let weight = w.get(&format!("{name}.weight"), &[out, inp], COMPUTE, dev)?;
     let bias = if bias { Some(w.get(&format!("{name}.bias"), &[out], COMPUTE, dev)?) } else { None };
     Ok(Linear::new(name, weight, bias))
 }
 
-fn rms(w: &Checkpoint, name: &str, d: usize, eps: f64, dev: &Device) -> Result<Norm> {
+fn rms(w: &dyn Weights, name: &str, d: usize, eps: f64, dev: &Device) -> Result<Norm> {
     Ok(Norm::Rms { name: name.to_string(), weight: w.get(&format!("{name}.weight"), &[d], COMPUTE, dev)?, eps })
 }
 
 impl Llama {
-    pub fn load(config: LlamaConfig, w: &Checkpoint, dev: &Device) -> Result<Llama> {
+    pub fn load(config: LlamaConfig, w: &dyn Weights, dev: &Device) -> Result<Llama> {
         let c = &config;
         let (d, hd) = (c.hidden_size, c.head_dim);
         let embed =
