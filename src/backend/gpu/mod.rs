@@ -193,8 +193,13 @@ impl GpuDevice {
             AdapterKind::Software => adapters.into_iter().find(|a| a.get_info().device_type == wgpu::DeviceType::Cpu),
         };
         let adapter = pick.ok_or_else(|| {
+            let hint = if found.is_empty() {
+                " (no Vulkan/Metal/DX12 driver; a software Vulkan driver is Debian's mesa-vulkan-drivers)"
+            } else {
+                ""
+            };
             Error::NoAdapter(format!(
-                "no {} adapter among [{}] (a software Vulkan driver is Debian's mesa-vulkan-drivers)",
+                "no {} adapter among [{}]{hint}",
                 if kind == AdapterKind::Hardware { "hardware" } else { "software" },
                 found.join(", ")
             ))
@@ -428,16 +433,26 @@ impl GpuDevice {
         let buffer = match reused {
             Some(b) => b,
             None => {
-                let scope = self.0.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-                let b = self.0.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some(what),
-                    size: class,
-                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                });
-                if let Some(e) = pollster::block_on(scope.pop()) {
-                    return Err(Error::GpuAllocation { what, bytes: class, msg: e.to_string() });
-                }
+                let create = || {
+                    let scope = self.0.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+                    let b = self.0.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some(what),
+                        size: class,
+                        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                        mapped_at_creation: false,
+                    });
+                    pollster::block_on(scope.pop()).map_or(Ok(b), Err)
+                };
+                let b = match create() {
+                    Ok(b) => b,
+                    Err(_) => {
+                        // Out of memory: give the pooled free buffers back, let the device
+                        // finish (and free) what it holds, and try once more.
+                        self.empty_cache();
+                        self.synchronize()?;
+                        create().map_err(|e| Error::GpuAllocation { what, bytes: class, msg: e.to_string() })?
+                    }
+                };
                 self.0.pool.lock().expect("pool lock").stats.allocations += 1;
                 b
             }
