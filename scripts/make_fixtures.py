@@ -39,12 +39,18 @@ def save(model, name, vocab, dtype=None):
     with torch.no_grad():
         full = model(input_ids=ids).logits
         masked = model(input_ids=ids, attention_mask=keep).logits
+        # Greedy continuation of the first 5 ids (min_new_tokens keeps EOS from stopping it).
+        prompt = ids[:1, :5]
+        greedy = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0
+        )[0, 5:]
     save_file(
         {
             "ids": ids.to(torch.int32).contiguous(),
             "keep": keep.to(torch.int32).contiguous(),
             "logits": full.float().contiguous(),
             "logits_masked": masked.float().contiguous(),
+            "greedy": greedy.to(torch.int32).contiguous(),
         },
         str(d / "reference.safetensors"),
         metadata={"transformers": transformers.__version__, "torch": torch.__version__},

@@ -12,7 +12,7 @@
 //! (`y = x W + b`); they are transposed once at load into the `[out, in]` layout of
 //! [`Linear`], so all models share one linear layer (and one site type for adapters).
 
-use super::CausalLm;
+use super::{CausalLm, KvCache};
 use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::io::config::RawConfig;
@@ -124,31 +124,44 @@ impl Gpt2 {
 }
 
 impl CausalLm for Gpt2 {
-    fn forward(&self, ids: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
+    fn forward_cached(&self, ids: &Tensor, keep: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let c = &self.config;
         if ids.rank() != 2 {
             return Err(Error::Shape { op: "gpt2.forward", msg: format!("ids must be [batch, seq], got {:?}", ids.shape()) });
         }
         let (b, t) = (ids.shape()[0], ids.shape()[1]);
-        if t > c.n_positions {
-            return Err(Error::Shape { op: "gpt2.forward", msg: format!("sequence of {t} tokens exceeds n_positions {}", c.n_positions) });
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        if start + t > c.n_positions {
+            return Err(Error::Shape { op: "gpt2.forward", msg: format!("position {} exceeds n_positions {}", start + t, c.n_positions) });
         }
-        let pos = Tensor::arange(0.0, t as f64, 1.0, crate::DType::U32, ids.device())?;
+        let pos = Tensor::arange(start as f64, (start + t) as f64, 1.0, crate::DType::U32, ids.device())?;
         let mut h = self.wte.forward(ids)?.add(&self.wpe.forward(&pos)?)?;
         let (nh, hd) = (c.n_head as isize, (c.n_embd / c.n_head) as isize);
         let (bi, ti) = (b as isize, t as isize);
-        for blk in &self.blocks {
+        for (i, blk) in self.blocks.iter().enumerate() {
             let qkv = blk.c_attn.forward(&blk.ln_1.forward(&h)?)?;
             let parts = qkv.split(&[c.n_embd; 3], -1)?;
             let heads = |x: &Tensor| x.reshape(&[bi, ti, nh, hd])?.transpose(1, 2);
-            let y = causal_attention(&heads(&parts[0])?, &heads(&parts[1])?, &heads(&parts[2])?, keep)?;
+            let (k, v) = (heads(&parts[1])?, heads(&parts[2])?);
+            let (k, v) = match cache.as_deref_mut() {
+                Some(cache) => cache.append(i, k, v)?,
+                None => (k, v),
+            };
+            let y = causal_attention(&heads(&parts[0])?, &k, &v, keep)?;
             let y = y.transpose(1, 2)?.reshape(&[bi, ti, c.n_embd as isize])?;
             h = h.add(&blk.attn_proj.forward(&y)?)?;
             let m = blk.mlp_proj.forward(&blk.c_fc.forward(&blk.ln_2.forward(&h)?)?.gelu_tanh()?)?;
             h = h.add(&m)?;
         }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
         let x = self.ln_f.forward(&h)?;
         Linear::new("lm_head", self.wte.weight.clone(), None).forward(&x)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.blocks.len()
     }
 
     fn vocab_size(&self) -> usize {

@@ -10,7 +10,7 @@
 //! logits = RMSNorm(h_L) W_lmᵀ
 //! ```
 
-use super::CausalLm;
+use super::{CausalLm, KvCache};
 use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::io::config::RawConfig;
@@ -146,7 +146,17 @@ impl Llama {
         Ok(Llama { config, embed, blocks, norm, lm_head })
     }
 
-    fn attention(&self, blk: &Block, x: &Tensor, cos: &Tensor, sin: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        keep: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        layer: usize,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = (x.shape()[0], x.shape()[1]);
         let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
@@ -155,6 +165,10 @@ impl Llama {
         let q = heads(&blk.q, c.num_attention_heads)?.rope(cos, sin, RopeLayout::HalfSplit)?;
         let k = heads(&blk.k, c.num_key_value_heads)?.rope(cos, sin, RopeLayout::HalfSplit)?;
         let v = heads(&blk.v, c.num_key_value_heads)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(layer, k, v)?,
+            None => (k, v),
+        };
         let rep = c.num_attention_heads / c.num_key_value_heads;
         let y = causal_attention(&q, &repeat_kv(&k, rep)?, &repeat_kv(&v, rep)?, keep)?;
         let y = y.transpose(1, 2)?.reshape(&[b as isize, t as isize, (c.num_attention_heads * c.head_dim) as isize])?;
@@ -163,21 +177,29 @@ impl Llama {
 }
 
 impl CausalLm for Llama {
-    fn forward(&self, ids: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
+    fn forward_cached(&self, ids: &Tensor, keep: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         if ids.rank() != 2 {
             return Err(Error::Shape { op: "llama.forward", msg: format!("ids must be [batch, seq], got {:?}", ids.shape()) });
         }
         let t = ids.shape()[1];
-        let (cos, sin) = Tensor::rope_tables(0, t, self.config.head_dim, self.config.rope_theta, COMPUTE, ids.device())?;
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        let (cos, sin) = Tensor::rope_tables(start, t, self.config.head_dim, self.config.rope_theta, COMPUTE, ids.device())?;
         let mut h = self.embed.forward(ids)?;
-        for blk in &self.blocks {
-            let a = self.attention(blk, &blk.input_norm.forward(&h)?, &cos, &sin, keep)?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let a = self.attention(blk, &blk.input_norm.forward(&h)?, &cos, &sin, keep, cache.as_deref_mut(), i)?;
             h = h.add(&a)?;
             let x = blk.post_norm.forward(&h)?;
             let m = blk.down.forward(&blk.gate.forward(&x)?.silu()?.mul(&blk.up.forward(&x)?)?)?;
             h = h.add(&m)?;
         }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
         self.lm_head.forward(&self.norm.forward(&h)?)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.blocks.len()
     }
 
     fn vocab_size(&self) -> usize {

@@ -1,7 +1,10 @@
 //! Transformer language models loaded from Hugging Face checkpoints.
 
+pub mod generate;
 pub mod gpt2;
 pub mod llama;
+
+pub use generate::{generate, GenerateOptions, KvCache, Sampling};
 
 use std::path::Path;
 
@@ -15,7 +18,15 @@ use crate::tensor::Tensor;
 pub trait CausalLm {
     /// `ids: [batch, seq]` (U32) → logits `[batch, seq, vocab]`. `keep: [batch, seq]` marks
     /// real tokens (1) and padding (0), or `None` when every row is full.
-    fn forward(&self, ids: &Tensor, keep: Option<&Tensor>) -> Result<Tensor>;
+    fn forward(&self, ids: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_cached(ids, keep, None)
+    }
+    /// Like `forward`, continuing from the keys and values in `cache` (positions start at
+    /// `cache.len()`) and appending this step's to it. With a cache, `keep` covers the cached
+    /// positions and the new ones: `[batch, cache.len() + seq]`.
+    fn forward_cached(&self, ids: &Tensor, keep: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor>;
+    /// Number of transformer blocks (the size of a [`KvCache`]).
+    fn num_layers(&self) -> usize;
     fn vocab_size(&self) -> usize;
     /// The `model_type` of its config.
     fn architecture(&self) -> &'static str;
