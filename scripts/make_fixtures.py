@@ -39,6 +39,10 @@ def save(model, name, vocab, dtype=None):
     with torch.no_grad():
         full = model(input_ids=ids).logits
         masked = model(input_ids=ids, attention_mask=keep).logits
+        # Mean next-token NLL as `transformers` reports it (labels = input ids; padding = -100).
+        loss = model(input_ids=ids, labels=ids).loss
+        labels = ids.masked_fill(keep == 0, -100)
+        loss_masked = model(input_ids=ids, attention_mask=keep, labels=labels).loss
         # Greedy continuation of the first 5 ids (min_new_tokens keeps EOS from stopping it).
         prompt = ids[:1, :5]
         greedy = model.generate(
@@ -51,6 +55,8 @@ def save(model, name, vocab, dtype=None):
             "logits": full.float().contiguous(),
             "logits_masked": masked.float().contiguous(),
             "greedy": greedy.to(torch.int32).contiguous(),
+            "loss": loss.reshape(1).float(),
+            "loss_masked": loss_masked.reshape(1).float(),
         },
         str(d / "reference.safetensors"),
         metadata={"transformers": transformers.__version__, "torch": torch.__version__},

@@ -120,3 +120,29 @@ fn sampling_is_seeded_and_respects_its_controls() {
     }
     assert!(models::generate(model.as_ref(), &[], &g, &mut |_| Ok(()), &Device::Cpu).is_err());
 }
+
+#[test]
+fn mean_nll_matches_the_transformers_loss() {
+    for name in ["tiny-llama", "tiny-llama-tied-bf16", "tiny-gpt2-f16"] {
+        let model = models::load(fixture(name), &Device::Cpu).unwrap();
+        let r = SafetensorsFile::open(fixture(name).join("reference.safetensors")).unwrap();
+        let loss = |k: &str| r.load(k, &Device::Cpu).unwrap().to_scalar().unwrap();
+        let ids = reference_ids(name, "ids");
+        let rows: Vec<Vec<u32>> = ids.chunks(7).map(|c| c.to_vec()).collect();
+        // Both rows full length, in one batch and one at a time.
+        for bs in [1, 2] {
+            let rep = models::sequence_nll(model.as_ref(), &rows, bs, &Device::Cpu).unwrap();
+            assert_eq!(rep.tokens, 12);
+            assert!((rep.mean_nll() - loss("loss")).abs() < 1e-5, "{name} bs {bs}: {} vs {}", rep.mean_nll(), loss("loss"));
+        }
+        // The second row cut to its 5 real tokens: padding inside the batch.
+        let ragged = vec![rows[0].clone(), rows[1][..5].to_vec()];
+        let rep = models::sequence_nll(model.as_ref(), &ragged, 2, &Device::Cpu).unwrap();
+        assert_eq!(rep.tokens, 10);
+        assert!((rep.mean_nll() - loss("loss_masked")).abs() < 1e-5, "{name} padded: {} vs {}", rep.mean_nll(), loss("loss_masked"));
+        assert!((rep.perplexity() - rep.mean_nll().exp()).abs() < 1e-9);
+    }
+    let model = models::load(fixture("tiny-llama"), &Device::Cpu).unwrap();
+    assert!(models::sequence_nll(model.as_ref(), &[vec![1]], 1, &Device::Cpu).is_err());
+    assert!(models::sequence_nll(model.as_ref(), &[vec![1, 2]], 0, &Device::Cpu).is_err());
+}

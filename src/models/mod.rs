@@ -1,9 +1,11 @@
 //! Transformer language models loaded from Hugging Face checkpoints.
 
+pub mod eval;
 pub mod generate;
 pub mod gpt2;
 pub mod llama;
 
+pub use eval::{sequence_nll, NllReport};
 pub use generate::{generate, GenerateOptions, KvCache, Sampling};
 
 use std::path::Path;
