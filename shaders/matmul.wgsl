@@ -16,9 +16,10 @@
 // per invocation — rows 4·ty + r, columns 4·tx + c — but every operand is read straight from
 // the buffers (8 loads per 16 multiply-adds), no workgroup memory, no barriers.
 //
-// Bindings: 0 params [m, n, k, a_rs, a_cs, b_rs, b_cs, rec_batch_a, rec_batch_b, b_dtype],
+// Bindings: 0 params [m, n, k, a_rs, a_cs, b_rs, b_cs, rec_batch_a, rec_batch_b, b_dtype,
+//           z0 (first batch index of this launch: batches beyond the z limit are split)],
 //           1 C (read_write f32), 2 A (read f32), 3 B (read: f32, or f16/bf16 pairs per word).
-// Launch: (⌈n/32⌉, ⌈m/32⌉, batch) workgroups of 64.
+// Launch: (⌈n/32⌉, ⌈m/32⌉, batch) workgroups of 64 (several launches when batch > 65535).
 
 @group(0) @binding(1) var<storage, read_write> c: array<f32>;
 @group(0) @binding(2) var<storage, read> a: array<f32>;
@@ -55,7 +56,7 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
     let a_cs = params[4];
     let b_rs = params[5];
     let b_cs = params[6];
-    let z = wid.z;
+    let z = params[10] + wid.z;
     let a0 = strided(params[7], z);
     let b0 = strided(params[8], z);
     let row0 = wid.y * TM;
@@ -125,7 +126,7 @@ fn matmul_reg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     let a_cs = params[4];
     let b_rs = params[5];
     let b_cs = params[6];
-    let z = wid.z;
+    let z = params[10] + wid.z;
     let a0 = strided(params[7], z);
     let b0 = strided(params[8], z);
     let i0 = wid.y * TM + (lid / 8u) * 4u;

@@ -47,8 +47,19 @@ pub(super) fn matmul(a: &GpuStorage, la: &Layout, b: &GpuStorage, lb: &Layout) -
         return Ok(out);
     }
     let (sa, sb) = (la.strides(), lb.strides());
-    let mut p =
-        Params::new(&[m as u32, n as u32, k as u32, sa[r - 2] as u32, sa[r - 1] as u32, sb[r - 2] as u32, sb[r - 1] as u32, 0, 0, b_code]);
+    let mut p = Params::new(&[
+        m as u32,
+        n as u32,
+        k as u32,
+        sa[r - 2] as u32,
+        sa[r - 1] as u32,
+        sb[r - 2] as u32,
+        sb[r - 1] as u32,
+        0,
+        0,
+        b_code,
+        0,
+    ]);
     let (ra, rb) = (p.layout(&ba)?, p.layout(&bb)?);
     p.set(7, ra);
     p.set(8, rb);
@@ -56,6 +67,11 @@ pub(super) fn matmul(a: &GpuStorage, la: &Layout, b: &GpuStorage, lb: &Layout) -
         MatmulKernel::Tiled => &MATMUL,
         MatmulKernel::Registers => &MATMUL_REG,
     };
-    a.dev.launch(kernel, &p, &[out.buffer(), a.buffer(), b.buffer()], [n.div_ceil(32) as u32, m.div_ceil(32) as u32, batch as u32])?;
+    let zmax = a.dev.limits().max_compute_workgroups_per_dimension as usize;
+    for z0 in (0..batch).step_by(zmax) {
+        p.set(10, z0 as u32);
+        let zs = (batch - z0).min(zmax);
+        a.dev.launch(kernel, &p, &[out.buffer(), a.buffer(), b.buffer()], [n.div_ceil(32) as u32, m.div_ceil(32) as u32, zs as u32])?;
+    }
     Ok(out)
 }
