@@ -1,6 +1,8 @@
 //! Generation: the KV cache gives the same logits as a full forward, greedy decoding matches
 //! `transformers`' `generate`, and the sampling controls behave as specified.
 
+mod common;
+
 use std::path::PathBuf;
 
 use tinytune::io::SafetensorsFile;
@@ -61,6 +63,23 @@ fn greedy_matches_transformers() {
         let stop = GenerateOptions { max_new_tokens: 8, stop_tokens: vec![want[2]], ..Default::default() };
         let got = models::generate(model.as_ref(), &prompt, &stop, &mut |_| Ok(()), &Device::Cpu).unwrap();
         assert_eq!(got, want[..=want.iter().position(|&t| t == want[2]).unwrap()].to_vec());
+    }
+}
+
+#[test]
+fn greedy_and_nll_on_the_gpu_match_the_cpu() {
+    let Some(gpu) = common::gpu_device() else { return };
+    for name in ["tiny-llama", "tiny-gpt2-f16"] {
+        let model = models::load(fixture(name), &gpu).unwrap();
+        let ids = reference_ids(name, "ids");
+        let opts = GenerateOptions { max_new_tokens: 8, ..Default::default() };
+        let got = models::generate(model.as_ref(), &ids[..5], &opts, &mut |_| Ok(()), &gpu).unwrap();
+        assert_eq!(got, reference_ids(name, "greedy"), "{name} on gpu");
+        let rows: Vec<Vec<u32>> = vec![ids[..7].to_vec(), ids[7..12].to_vec()];
+        let cpu_model = models::load(fixture(name), &Device::Cpu).unwrap();
+        let a = models::sequence_nll(model.as_ref(), &rows, 2, &gpu).unwrap();
+        let b = models::sequence_nll(cpu_model.as_ref(), &rows, 2, &Device::Cpu).unwrap();
+        assert!((a.mean_nll() - b.mean_nll()).abs() < 1e-5, "{name}: gpu {} vs cpu {}", a.mean_nll(), b.mean_nll());
     }
 }
 

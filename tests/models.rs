@@ -2,6 +2,8 @@
 //! (tests/fixtures, made by scripts/make_fixtures.py) must give the logits `transformers`
 //! computed, in f32, f16 and bf16 storage, with and without a padding mask.
 
+mod common;
+
 use std::path::PathBuf;
 
 use tinytune::io::{Checkpoint, SafetensorsFile};
@@ -13,7 +15,11 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn check_parity(name: &str, arch: &str) {
-    let dev = Device::Cpu;
+    check_parity_on(name, arch, &Device::Cpu);
+}
+
+fn check_parity_on(name: &str, arch: &str, dev: &Device) {
+    let dev = dev.clone();
     let dir = fixture(name);
     let model = models::load(&dir, &dev).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(model.architecture(), arch);
@@ -56,6 +62,14 @@ fn llama_tied_bf16_matches_transformers() {
 #[test]
 fn gpt2_f16_matches_transformers() {
     check_parity("tiny-gpt2-f16", "gpt2");
+}
+
+#[test]
+fn models_match_transformers_on_the_gpu() {
+    let Some(gpu) = common::gpu_device() else { return };
+    check_parity_on("tiny-llama", "llama", &gpu);
+    check_parity_on("tiny-llama-tied-bf16", "llama", &gpu);
+    check_parity_on("tiny-gpt2-f16", "gpt2", &gpu);
 }
 
 #[test]

@@ -299,3 +299,16 @@ pub fn binary(name: &str, doms: [Dom; 2], op: impl Fn(&Tensor, &Tensor) -> Resul
         check(name, &[a, b], &doms, TOL, |t| op(&t[0], &t[1]), |r| r[0].zip(&r[1], &reference));
     }
 }
+
+/// A GPU device for tests: the software adapter (lavapipe) or else a hardware one. With none,
+/// prints that the test skipped and returns `None` — unless `TINYTUNE_REQUIRE_GPU=1` (CI).
+pub fn gpu_device() -> Option<Device> {
+    match Device::gpu_software().or_else(|_| Device::gpu()) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            assert!(std::env::var("TINYTUNE_REQUIRE_GPU").map_or(true, |v| v != "1"), "TINYTUNE_REQUIRE_GPU=1 but no GPU adapter: {e}");
+            eprintln!("gpu test skipped: no GPU adapter ({e})");
+            None
+        }
+    }
+}
