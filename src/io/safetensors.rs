@@ -170,6 +170,11 @@ impl Checkpoint {
         v
     }
 
+    /// Shape and stored dtype of a tensor, if present.
+    pub fn info(&self, name: &str) -> Option<(Vec<usize>, String)> {
+        self.index.get(name).and_then(|&i| self.files[i].info(name))
+    }
+
     /// Load `name`, check it has `shape`, and convert it to `dtype`.
     pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let i =
