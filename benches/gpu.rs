@@ -4,8 +4,9 @@
 //!
 //! Run `cargo bench --bench gpu`. The device is `TINYTUNE_DEVICE` (default `gpu`, a hardware
 //! adapter); `TINYTUNE_DEVICE=gpu-software` runs it on lavapipe at small shapes (lavapipe
-//! timings say nothing about real GPUs). Every iteration ends with a `synchronize`, so a sample
-//! is the GPU time of the op plus one submit/wait.
+//! timings say nothing about real GPUs). `TINYTUNE_MATMUL=tiled|registers` picks the matmul
+//! kernel. Every iteration ends with a `synchronize`, so a sample is the GPU time of the op
+//! plus one submit/wait.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::time::Duration;

@@ -14,6 +14,10 @@
 //!   downloaded, copied and cast; F64 is not supported on the GPU.
 //!
 //! One launcher file per shader family sits beside this one.
+//!
+//! Environment: `TINYTUNE_DEVICE` (`auto`, `cpu`, `gpu`, `gpu-software`) names the device for
+//! [`crate::backend::Device::from_env`]; `TINYTUNE_MATMUL` (`tiled`, `registers`) overrides the
+//! matmul kernel a new device starts with.
 
 mod binary;
 mod copy;
@@ -261,7 +265,11 @@ impl GpuDevice {
             lost,
             lost_reason,
             api_error,
-            matmul_kernel: std::sync::atomic::AtomicU8::new((info.device_type == wgpu::DeviceType::Cpu) as u8),
+            matmul_kernel: std::sync::atomic::AtomicU8::new(match std::env::var("TINYTUNE_MATMUL").as_deref() {
+                Ok("registers") => 1,
+                Ok("tiled") => 0,
+                _ => (info.device_type == wgpu::DeviceType::Cpu) as u8,
+            }),
             id,
         })))
     }
@@ -299,7 +307,7 @@ impl GpuDevice {
     }
 
     /// The matmul kernel this device runs (default: registers on software adapters, tiled
-    /// on GPUs).
+    /// on GPUs, or `TINYTUNE_MATMUL`).
     pub fn matmul_kernel(&self) -> MatmulKernel {
         if self.0.matmul_kernel.load(Ordering::Relaxed) == 1 {
             MatmulKernel::Registers
