@@ -28,6 +28,7 @@ pub mod io;
 pub mod layout;
 pub mod models;
 pub mod nn;
+pub mod quant;
 pub mod rng;
 pub mod tensor;
 
