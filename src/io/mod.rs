@@ -1,9 +1,11 @@
 //! Reading checkpoints: safetensors files (memory-mapped), sharded Hugging Face directories,
-//! and `config.json`.
+//! `config.json`, and GGUF files (llama.cpp's format).
 
 pub mod config;
+pub mod gguf;
 pub mod safetensors;
 
+pub use self::gguf::{GgufFile, GgufLlamaWeights, GgufTokenizer, GgufValue};
 pub use self::safetensors::{Checkpoint, SafetensorsFile};
 
 use crate::backend::Device;
