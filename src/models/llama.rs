@@ -14,6 +14,7 @@ use super::{CausalLm, KvCache};
 use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::io::config::RawConfig;
+use crate::io::gguf::GgufFile;
 use crate::io::Weights;
 use crate::nn::{causal_attention, repeat_kv, Embedding, Linear, Norm, COMPUTE};
 use crate::tensor::{RopeLayout, Tensor};
@@ -81,6 +82,78 @@ impl LlamaConfig {
             // Qwen2 has q/k/v biases without saying so in its config.
             attention_bias: raw.bool_or("attention_bias", qwen)?,
             mlp_bias: raw.bool_or("mlp_bias", false)?,
+        })
+    }
+
+    /// The config of a GGUF file with `general.architecture = "llama"`, from its `llama.*`
+    /// metadata. The vocabulary size is `llama.vocab_size`, else the length of
+    /// `tokenizer.ggml.tokens`, else the rows of `token_embd.weight`; the embeddings are tied
+    /// when the file has no `output.weight`.
+    pub fn from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
+        let arch = file.architecture()?;
+        if arch != "llama" {
+            return Err(file.error(format!("general.architecture is '{arch}', not 'llama'")));
+        }
+        let hidden_size = file.usize("llama.embedding_length")?;
+        let heads = file.usize("llama.attention.head_count")?;
+        let kv = file.opt_usize("llama.attention.head_count_kv")?.unwrap_or(heads);
+        if heads == 0 || kv == 0 || heads % kv != 0 {
+            return Err(
+                file.error(format!("llama.attention.head_count {heads} must be a positive multiple of llama.attention.head_count_kv {kv}"))
+            );
+        }
+        let head_dim = match file.opt_usize("llama.attention.key_length")? {
+            Some(d) => d,
+            None if hidden_size % heads == 0 => hidden_size / heads,
+            None => {
+                return Err(
+                    file.error(format!("llama.embedding_length {hidden_size} is not divisible by llama.attention.head_count {heads}"))
+                )
+            }
+        };
+        if let Some(v) = file.opt_usize("llama.attention.value_length")? {
+            if v != head_dim {
+                return Err(file.error(format!("llama.attention.value_length {v} differs from the key length {head_dim}: not supported")));
+            }
+        }
+        if let Some(r) = file.opt_usize("llama.rope.dimension_count")? {
+            if r != head_dim {
+                return Err(file.error(format!("llama.rope.dimension_count {r} != head dim {head_dim}: partial rotary is not supported")));
+            }
+        }
+        if let Some(s) = file.opt_str("llama.rope.scaling.type")? {
+            if s != "none" {
+                return Err(file.error(format!("llama.rope.scaling.type = '{s}' is not supported (RoPE scaling is not implemented)")));
+            }
+        }
+        if file.opt_usize("llama.expert_count")?.unwrap_or(0) > 0 {
+            return Err(file.error("llama.expert_count > 0: mixture-of-experts models are not supported"));
+        }
+        let vocab_size = match file.opt_usize("llama.vocab_size")? {
+            Some(v) => v,
+            None => match file.get("tokenizer.ggml.tokens").and_then(|t| t.as_array()) {
+                Some(t) => t.len(),
+                None => file
+                    .tensor_info("token_embd.weight")
+                    .and_then(|t| t.ne.get(1).map(|&v| v as usize))
+                    .ok_or_else(|| file.error("cannot tell the vocabulary size: no llama.vocab_size, tokens or token_embd.weight"))?,
+            },
+        };
+        Ok(LlamaConfig {
+            vocab_size,
+            hidden_size,
+            intermediate_size: file.usize("llama.feed_forward_length")?,
+            num_hidden_layers: file.usize("llama.block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            head_dim,
+            rms_norm_eps: file
+                .opt_f64("llama.attention.layer_norm_rms_epsilon")?
+                .ok_or_else(|| file.error("missing metadata 'llama.attention.layer_norm_rms_epsilon'"))?,
+            rope_theta: file.opt_f64("llama.rope.freq_base")?.unwrap_or(10000.0),
+            tie_word_embeddings: !file.contains("output.weight"),
+            attention_bias: file.contains("blk.0.attn_q.bias"),
+            mlp_bias: file.contains("blk.0.ffn_up.bias"),
         })
     }
 }

@@ -13,7 +13,7 @@ use std::path::Path;
 use crate::backend::Device;
 use crate::error::Result;
 use crate::io::config::RawConfig;
-use crate::io::Checkpoint;
+use crate::io::{Checkpoint, GgufFile, GgufLlamaWeights};
 use crate::tensor::Tensor;
 
 /// A causal language model: token ids in, next-token logits out.
@@ -34,9 +34,14 @@ pub trait CausalLm {
     fn architecture(&self) -> &'static str;
 }
 
-/// Load a Hugging Face model directory (`config.json` + safetensors weights).
-pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Box<dyn CausalLm>> {
-    let dir = dir.as_ref();
+/// Load a model: a Hugging Face directory (`config.json` + safetensors weights), or a GGUF
+/// file (a path ending in `.gguf`, or any file starting with the GGUF magic).
+pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Box<dyn CausalLm>> {
+    let path = path.as_ref();
+    if is_gguf(path) {
+        return load_gguf(path, device);
+    }
+    let dir = path;
     let config_path = dir.join("config.json");
     let raw = RawConfig::read(&config_path)?;
     let weights = Checkpoint::open(dir)?;
@@ -50,5 +55,27 @@ pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Box<dyn CausalLm>>
             Ok(Box::new(gpt2::Gpt2::load(cfg, &weights, device)?))
         }
         other => Err(raw.error(format!("unknown architecture '{other}' (tinytune runs llama-family and gpt2 models)"))),
+    }
+}
+
+/// Whether `path` names a GGUF file: a `.gguf` extension, or a file that starts with "GGUF".
+fn is_gguf(path: &Path) -> bool {
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        return true;
+    }
+    let mut magic = [0u8; 4];
+    path.is_file() && std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok() && &magic == b"GGUF"
+}
+
+/// Load a GGUF file (LLaMA architecture), dequantising its tensors to f32.
+fn load_gguf(path: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
+    let file = GgufFile::open(path)?;
+    match file.architecture()? {
+        "llama" => {
+            let cfg = llama::LlamaConfig::from_gguf(&file)?;
+            let weights = GgufLlamaWeights::new(&file, cfg.num_attention_heads, cfg.num_key_value_heads);
+            Ok(Box::new(llama::Llama::load(cfg, &weights, device)?))
+        }
+        other => Err(file.error(format!("GGUF architecture '{other}' is not supported (tinytune reads 'llama' GGUF files)"))),
     }
 }
