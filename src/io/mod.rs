@@ -4,9 +4,11 @@
 pub mod config;
 pub mod gguf;
 pub mod safetensors;
+pub mod tokenizer;
 
 pub use self::gguf::{GgufFile, GgufLlamaWeights, GgufTokenizer, GgufValue};
 pub use self::safetensors::{Checkpoint, SafetensorsFile};
+pub use self::tokenizer::{ChatTemplate, SpecialToken, Tokenizer};
 
 use crate::backend::Device;
 use crate::dtype::DType;

@@ -1,0 +1,498 @@
+//! Text ↔ token ids, with the conventions of the Hugging Face stack so that ids (and therefore
+//! losses and generations) compare one to one with `transformers`.
+//!
+//! The tokenization itself is Hugging Face's own `tokenizers` crate; this module builds it from
+//! the three places a vocabulary comes from, and adds what a fine-tuning library needs around it:
+//!
+//! - [`Tokenizer::from_hf_json`]: a `tokenizer.json` (any model the crate reads: byte-level BPE as
+//!   GPT-2, LLaMA 3, SmolLM and Qwen use; SentencePiece-style BPE with byte fallback as Llama 2
+//!   and TinyLlama use), with the special-token names and chat template of a `tokenizer_config.json`
+//!   beside it when there is one.
+//! - [`Tokenizer::from_gpt2_files`]: GPT-2's original `encoder.json` + `vocab.bpe`, built as
+//!   `transformers`' `GPT2Tokenizer(vocab, merges)` builds it.
+//! - [`Tokenizer::from_gguf`]: the vocabulary a GGUF file carries (`tokenizer.ggml.*`), built as
+//!   `transformers` builds it for `AutoTokenizer.from_pretrained(dir, gguf_file=...)`.
+//!
+//! Special tokens are added to a text as the Hugging Face tokenizer's default does (its
+//! post-processor; for SmolLM2 nothing, for Llama 2 a BOS), and the special tokens of the
+//! vocabulary (`<|im_start|>`, `<|endoftext|>`, ...) are recognised whole inside the text.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tokenizers::decoders::DecoderWrapper;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+use crate::error::{Error, Result};
+use crate::io::gguf::{GgufFile, GgufTokenizer};
+
+/// A special token: its id and its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecialToken {
+    pub id: u32,
+    pub token: String,
+}
+
+/// How [`Tokenizer::apply_chat_template`] lays out a conversation. Only ChatML is rendered; a
+/// Jinja template from a file is recognised as ChatML when it writes `<|im_start|>`, and the one
+/// variable part SmolLM2's template has (a default system message, inserted when the first
+/// message is not a system one) is read out of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatTemplate {
+    /// `<|im_start|>role\ncontent<|im_end|>\n` per message; `<|im_start|>assistant\n` as the
+    /// generation prompt.
+    ChatMl {
+        /// System message put first when the conversation does not start with one.
+        default_system: Option<String>,
+    },
+}
+
+impl ChatTemplate {
+    /// Recognise a Jinja chat template (as stored in `tokenizer_config.json` or a GGUF file's
+    /// `tokenizer.chat_template`). `None` when it is not ChatML.
+    pub fn from_jinja(template: &str) -> Option<ChatTemplate> {
+        if !template.contains("<|im_start|>") {
+            return None;
+        }
+        let guarded = ["messages[0]['role'] != 'system'", "messages[0][\"role\"] != \"system\"", "messages[0].role != 'system'"];
+        let default_system = guarded.iter().find_map(|g| template.find(g)).and_then(|at| {
+            let rest = &template[at..];
+            let open = "<|im_start|>system";
+            let start = rest.find(open)? + open.len();
+            let body = &rest[start..];
+            // The newline after the role, written as a real newline or as the escape `\n`.
+            let body = body.strip_prefix('\n').or_else(|| body.strip_prefix("\\n"))?;
+            let end = body.find("<|im_end|>")?;
+            Some(body[..end].replace("\\n", "\n").replace("\\'", "'"))
+        });
+        Some(ChatTemplate::ChatMl { default_system })
+    }
+
+    /// The conversation as text, exactly as the template writes it.
+    pub fn render(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> String {
+        let ChatTemplate::ChatMl { default_system } = self;
+        let mut out = String::new();
+        for (i, (role, content)) in messages.iter().enumerate() {
+            if i == 0 && *role != "system" {
+                if let Some(system) = default_system {
+                    out.push_str(&format!("<|im_start|>system\n{system}<|im_end|>\n"));
+                }
+            }
+            out.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
+        }
+        if add_generation_prompt {
+            out.push_str("<|im_start|>assistant\n");
+        }
+        out
+    }
+}
+
+/// A tokenizer: text to ids and back, special tokens, chat template.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Where it was read from, for error messages.
+    source: String,
+    bos: Option<SpecialToken>,
+    eos: Option<SpecialToken>,
+    pad: Option<SpecialToken>,
+    unk: Option<SpecialToken>,
+    chat: ChatTemplate,
+    chat_source: Option<String>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("source", &self.source)
+            .field("vocab_size", &self.vocab_size())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("pad", &self.pad)
+            .field("unk", &self.unk)
+            .field("chat", &self.chat)
+            .finish()
+    }
+}
+
+fn format_err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Format { path: path.display().to_string(), msg: msg.into() }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::Io { path: path.display().to_string(), msg: e.to_string() })
+}
+
+/// GPT-2's byte ↔ character table: each byte is spelled by one printable character, so byte-level
+/// vocabularies are plain strings. Printable Latin-1 bytes stand for themselves; the other 68
+/// (controls, space, DEL, NBSP, soft hyphen) map to U+0100 onwards in byte order.
+fn bytes_to_unicode() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut next = 256u32;
+    for (b, slot) in table.iter_mut().enumerate() {
+        let printable = (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+        let code = if printable {
+            b as u32
+        } else {
+            next += 1;
+            next - 1
+        };
+        *slot = char::from_u32(code).unwrap_or('\u{fffd}');
+    }
+    table
+}
+
+/// The pre-tokenizer split of a GGUF `tokenizer.ggml.pre` family, where it is not GPT-2's; the
+/// same table `transformers` uses when it builds a tokenizer from a GGUF file. Families not listed
+/// use GPT-2's byte-level regex.
+fn gguf_pre_split(pre: &str) -> Option<&'static str> {
+    const LLAMA3: &str =
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const GPT4O: &str = concat!(
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    );
+    match pre {
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2" | "dbrx" | "smaug-bpe" => {
+            Some(LLAMA3)
+        }
+        "qwen2" | "deepseek-r1-qwen" | "megrez" => Some(QWEN2),
+        "gpt-4o" | "llama4" | "minimax-m2" => Some(GPT4O),
+        _ => None,
+    }
+}
+
+/// Reads a `tokenizer_config.json` special-token entry: a string, or `{"content": "..."}`.
+fn config_token(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(m) => m.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    fn finish(
+        inner: tokenizers::Tokenizer,
+        source: String,
+        names: [Option<String>; 4],
+        chat_source: Option<String>,
+        path: &Path,
+    ) -> Result<Tokenizer> {
+        let [bos, eos, pad, unk] = names.map(|n| n.map(|token| (inner.token_to_id(&token), token)));
+        let resolve = |field: &str, v: Option<(Option<u32>, String)>| -> Result<Option<SpecialToken>> {
+            match v {
+                None => Ok(None),
+                Some((Some(id), token)) => Ok(Some(SpecialToken { id, token })),
+                Some((None, token)) => Err(format_err(path, format!("{field} '{token}' is not in the vocabulary"))),
+            }
+        };
+        let chat = chat_source.as_deref().and_then(ChatTemplate::from_jinja).unwrap_or(ChatTemplate::ChatMl { default_system: None });
+        Ok(Tokenizer {
+            bos: resolve("bos_token", bos)?,
+            eos: resolve("eos_token", eos)?,
+            pad: resolve("pad_token", pad)?,
+            unk: resolve("unk_token", unk)?,
+            inner,
+            source,
+            chat,
+            chat_source,
+        })
+    }
+
+    /// A Hugging Face `tokenizer.json`. When a `tokenizer_config.json` lies beside it, the names
+    /// of the BOS/EOS/PAD/UNK tokens and the chat template are read from it.
+    pub fn from_hf_json(path: impl AsRef<Path>) -> Result<Tokenizer> {
+        let path = path.as_ref();
+        let bytes = read(path)?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| format_err(path, format!("not a valid tokenizer.json: {e}")))?;
+        let mut names = [None, None, None, None];
+        let mut chat = None;
+        let config_path = path.with_file_name(match path.file_stem().and_then(|s| s.to_str()) {
+            // tokenizer.json → tokenizer_config.json; foo.json → foo_config.json.
+            Some(stem) => format!("{stem}_config.json"),
+            None => "tokenizer_config.json".to_string(),
+        });
+        if config_path.exists() {
+            let config: serde_json::Value =
+                serde_json::from_slice(&read(&config_path)?).map_err(|e| format_err(&config_path, format!("not valid JSON: {e}")))?;
+            for (slot, key) in names.iter_mut().zip(["bos_token", "eos_token", "pad_token", "unk_token"]) {
+                *slot = config.get(key).and_then(config_token);
+            }
+            chat = match config.get("chat_template") {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                // A list of named templates: the "default" one.
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+                _ => None,
+            };
+        }
+        Tokenizer::finish(inner, path.display().to_string(), names, chat, path)
+    }
+
+    /// GPT-2's original files: `encoder.json` (token → id) and `vocab.bpe` (a `#version` line,
+    /// then one merge `a b` per line, highest priority first). Byte-level BPE without a prefix
+    /// space; `<|endoftext|>` is BOS, EOS and UNK, and no special token is added to a text.
+    pub fn from_gpt2_files(encoder_json: impl AsRef<Path>, vocab_bpe: impl AsRef<Path>) -> Result<Tokenizer> {
+        let (encoder_json, vocab_bpe) = (encoder_json.as_ref(), vocab_bpe.as_ref());
+        let vocab: HashMap<String, u32> = serde_json::from_slice(&read(encoder_json)?)
+            .map_err(|e| format_err(encoder_json, format!("expected a JSON object of token → id: {e}")))?;
+        let text = String::from_utf8(read(vocab_bpe)?).map_err(|e| format_err(vocab_bpe, format!("not UTF-8: {e}")))?;
+        let mut merges = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            if line.is_empty() || (n == 0 && line.starts_with("#version")) {
+                continue;
+            }
+            let mut parts = line.split(' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() => merges.push((a.to_string(), b.to_string())),
+                _ => return Err(format_err(vocab_bpe, format!("line {}: expected a merge 'a b', got {line:?}", n + 1))),
+            }
+        }
+        let source = format!("{} + {}", encoder_json.display(), vocab_bpe.display());
+        let mut inner = byte_level(vocab, merges, None, vocab_bpe)?;
+        let eot = "<|endoftext|>";
+        if inner.token_to_id(eot).is_none() {
+            return Err(format_err(encoder_json, format!("no '{eot}' token in the vocabulary")));
+        }
+        inner.add_special_tokens(&[AddedToken::from(eot, true)]);
+        let names = [Some(eot.to_string()), Some(eot.to_string()), None, Some(eot.to_string())];
+        Tokenizer::finish(inner, source, names, None, encoder_json)
+    }
+
+    /// The vocabulary stored in a GGUF file (`tokenizer.ggml.*`).
+    pub fn from_gguf(path: impl AsRef<Path>) -> Result<Tokenizer> {
+        Tokenizer::from_gguf_file(&GgufFile::open(path)?)
+    }
+
+    /// The vocabulary of an open GGUF file. Only `tokenizer.ggml.model = "gpt2"` (byte-level BPE)
+    /// is supported; it is built as `transformers` builds it: tokens marked control (type 3) are
+    /// special tokens, user-defined ones (type 4) plain added tokens, the split regex follows
+    /// `tokenizer.ggml.pre`, and a BOS/EOS is added only where `add_bos_token`/`add_eos_token` say.
+    pub fn from_gguf_file(file: &GgufFile) -> Result<Tokenizer> {
+        let t = file.tokenizer()?;
+        Tokenizer::from_gguf_tokenizer(&t, file.path())
+    }
+
+    /// The same from already-read GGUF tokenizer metadata; `path` is named in errors.
+    pub fn from_gguf_tokenizer(t: &GgufTokenizer, path: &Path) -> Result<Tokenizer> {
+        if t.model != "gpt2" {
+            return Err(format_err(path, format!("tokenizer.ggml.model '{}' is not supported (only 'gpt2', byte-level BPE)", t.model)));
+        }
+        let n = t.tokens.len();
+        for (field, id) in [
+            ("tokenizer.ggml.bos_token_id", t.bos_id),
+            ("tokenizer.ggml.eos_token_id", t.eos_id),
+            ("tokenizer.ggml.padding_token_id", t.pad_id),
+            ("tokenizer.ggml.unknown_token_id", t.unk_id),
+        ] {
+            if let Some(id) = id.filter(|&id| id as usize >= n) {
+                return Err(format_err(path, format!("{field} = {id} is outside the vocabulary of {n} tokens")));
+            }
+        }
+        // Tokens outside the byte alphabet (rare; e.g. spelled with real spaces) are respelled
+        // byte by byte, as transformers does.
+        let spelling = bytes_to_unicode();
+        let alphabet: std::collections::HashSet<char> = spelling.iter().copied().collect();
+        let in_alphabet = |s: &str| s.chars().all(|c| alphabet.contains(&c));
+        let mut vocab = HashMap::with_capacity(n);
+        for (id, token) in t.tokens.iter().enumerate() {
+            let spelled = if in_alphabet(token) { token.clone() } else { token.bytes().map(|b| spelling[b as usize]).collect() };
+            // Later duplicates win, as in a Python dict built in order.
+            vocab.insert(spelled, id as u32);
+        }
+        let mut merges = Vec::with_capacity(t.merges.len());
+        for (i, m) in t.merges.iter().enumerate() {
+            let mut parts = m.split(' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(a), Some(b), None) => merges.push((a.to_string(), b.to_string())),
+                _ => return Err(format_err(path, format!("tokenizer.ggml.merges[{i}] = {m:?} is not a merge 'a b'"))),
+            }
+        }
+        let split = t.pre.as_deref().and_then(gguf_pre_split);
+        let mut inner = byte_level(vocab, merges, split, path)?;
+        if let Some(types) = &t.token_types {
+            let control: Vec<AddedToken> = t
+                .tokens
+                .iter()
+                .zip(types)
+                .filter(|(tok, &ty)| ty == 3 && in_alphabet(tok))
+                .map(|(tok, _)| AddedToken::from(tok.clone(), true))
+                .collect();
+            inner.add_special_tokens(&control);
+            let user: Vec<AddedToken> = t
+                .tokens
+                .iter()
+                .zip(types)
+                .filter(|(tok, &ty)| ty == 4 && inner.token_to_id(tok).is_some())
+                .map(|(tok, _)| AddedToken::from(tok.clone(), false).normalized(false))
+                .collect();
+            inner.add_tokens(&user);
+        }
+        let name = |id: Option<u32>| id.map(|id| t.tokens[id as usize].clone());
+        let names = [name(t.bos_id), name(t.eos_id), name(t.pad_id), name(t.unk_id)];
+        // The named special tokens are special even when the file's token types do not say so.
+        let named: Vec<AddedToken> = names.iter().flatten().map(|tok| AddedToken::from(tok.clone(), true)).collect();
+        inner.add_special_tokens(&named);
+        let add_bos = t.add_bos.unwrap_or(false).then(|| t.bos_id.map(|id| (t.tokens[id as usize].clone(), id))).flatten();
+        let add_eos = t.add_eos.unwrap_or(false).then(|| t.eos_id.map(|id| (t.tokens[id as usize].clone(), id))).flatten();
+        if add_bos.is_some() || add_eos.is_some() {
+            let mut single = String::new();
+            let mut specials = Vec::new();
+            if let Some((tok, id)) = &add_bos {
+                single.push_str(&format!("{tok} "));
+                specials.push((tok.clone(), *id));
+            }
+            single.push_str("$A");
+            if let Some((tok, id)) = &add_eos {
+                single.push_str(&format!(" {tok}"));
+                if add_bos.as_ref().map(|b| &b.0) != Some(tok) {
+                    specials.push((tok.clone(), *id));
+                }
+            }
+            let pp = TemplateProcessing::builder()
+                .try_single(single.as_str())
+                .map_err(|e| format_err(path, format!("special-token template {single:?}: {e}")))?
+                .special_tokens(specials)
+                .build()
+                .map_err(|e| format_err(path, format!("special-token template {single:?}: {e}")))?;
+            inner.with_post_processor(Some(pp));
+        }
+        Tokenizer::finish(inner, path.display().to_string(), names, t.chat_template.clone(), path)
+    }
+
+    /// Text to ids; `add_special_tokens` adds what the tokenizer's post-processor adds (a BOS for
+    /// Llama 2, nothing for GPT-2 and SmolLM2), as `transformers` does by default.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::InvalidArgument { op: "Tokenizer::encode", msg: format!("{}: {e}", self.source) })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Ids to text; `skip_special_tokens` drops special tokens (BOS, `<|im_end|>`, ...). An id
+    /// outside the vocabulary is an error.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        let n = self.vocab_size();
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= n || self.inner.id_to_token(id).is_none()) {
+            return Err(Error::InvalidArgument {
+                op: "Tokenizer::decode",
+                msg: format!("token id {bad} is outside the vocabulary of {n} tokens ({})", self.source),
+            });
+        }
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::InvalidArgument { op: "Tokenizer::decode", msg: format!("{}: {e}", self.source) })
+    }
+
+    /// Number of ids, added tokens included (`len(tokenizer)` in `transformers`).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The id of a token (a vocabulary entry or an added token), spelled as stored.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The stored spelling of a token id.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn bos(&self) -> Option<&SpecialToken> {
+        self.bos.as_ref()
+    }
+    pub fn eos(&self) -> Option<&SpecialToken> {
+        self.eos.as_ref()
+    }
+    pub fn pad(&self) -> Option<&SpecialToken> {
+        self.pad.as_ref()
+    }
+    pub fn unk(&self) -> Option<&SpecialToken> {
+        self.unk.as_ref()
+    }
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos.as_ref().map(|t| t.id)
+    }
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos.as_ref().map(|t| t.id)
+    }
+    pub fn pad_id(&self) -> Option<u32> {
+        self.pad.as_ref().map(|t| t.id)
+    }
+
+    /// The added tokens (special or not) by id: the ones matched whole inside a text.
+    pub fn added_tokens(&self) -> Vec<(u32, String, bool)> {
+        let mut v: Vec<(u32, String, bool)> =
+            self.inner.get_added_tokens_decoder().into_iter().map(|(id, t)| (id, t.content.clone(), t.special)).collect();
+        v.sort_by_key(|t| t.0);
+        v
+    }
+
+    /// The special tokens' ids (skipped by `decode(.., true)`), sorted.
+    pub fn special_ids(&self) -> Vec<u32> {
+        self.added_tokens().into_iter().filter(|t| t.2).map(|t| t.0).collect()
+    }
+
+    /// The chat layout in use.
+    pub fn chat_template(&self) -> &ChatTemplate {
+        &self.chat
+    }
+
+    /// The Jinja chat template the file carried, if any (rendered through [`ChatTemplate`]).
+    pub fn chat_template_source(&self) -> Option<&str> {
+        self.chat_source.as_deref()
+    }
+
+    /// Replace the chat layout (e.g. to drop a default system message).
+    pub fn set_chat_template(&mut self, chat: ChatTemplate) {
+        self.chat = chat;
+    }
+
+    /// A conversation of `(role, content)` messages as the prompt text, as `transformers`'
+    /// `apply_chat_template(.., tokenize=False)` renders it for ChatML models (SmolLM2).
+    pub fn apply_chat_template(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> String {
+        self.chat.render(messages, add_generation_prompt)
+    }
+
+    /// The Hugging Face tokenizer underneath, for what this type does not wrap.
+    pub fn hf(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}
+
+/// A byte-level BPE tokenizer as `transformers`' `GPT2Tokenizer` builds it: no normaliser, GPT-2's
+/// split regex (or `split`, applied before a regex-free byte-level step, as `transformers` does for
+/// GGUF pre-tokenizer families), no prefix space, the byte-level decoder, no post-processor.
+fn byte_level(
+    vocab: HashMap<String, u32>,
+    merges: Vec<(String, String)>,
+    split: Option<&str>,
+    path: &Path,
+) -> Result<tokenizers::Tokenizer> {
+    let vocab: Vocab = vocab.into_iter().collect();
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| format_err(path, format!("BPE vocabulary: {e}")))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let pre: PreTokenizerWrapper = match split {
+        None => ByteLevel::new(false, true, true).into(),
+        Some(re) => {
+            let split = Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| format_err(path, format!("pre-tokenizer regex: {e}")))?;
+            Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
+        }
+    };
+    inner.with_pre_tokenizer(Some(pre));
+    inner.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
+    Ok(inner)
+}
