@@ -470,7 +470,13 @@ fn memory_is_counted_and_limits_are_errors() {
     assert!(matches!(m, Err(Error::DeviceMismatch { .. })), "{m:?}");
     let f = Tensor::zeros(&[3], DType::F64, &d);
     assert!(matches!(f, Err(Error::Unsupported { .. })), "{f:?}");
-    assert!(!dev.kernel_counts().is_empty());
+    // Traffic counters: one broadcast add of 1000 elements reads 2·1000 and writes 1000 words.
+    let x = Tensor::ones(&[10, 100], DType::F32, &d).unwrap().add(&Tensor::ones(&[100], DType::F32, &d).unwrap()).unwrap();
+    let counts = dev.kernel_counts();
+    let bin = counts.iter().find(|(k, _)| *k == "binary").expect("binary counted").1;
+    assert_eq!((bin.dispatches, bin.bytes_read, bin.bytes_written), (1, 8000, 4000));
+    assert!(counts.iter().any(|(k, c)| *k == "fill" && c.dispatches >= 2), "{counts:?}");
+    drop(x);
     // A lost device: errors from then on, no hang.
     dev.destroy();
     let lost = Tensor::zeros(&[3], DType::F32, &d).and_then(|t| t.to_vec::<f32>());

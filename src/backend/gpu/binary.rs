@@ -2,7 +2,7 @@
 //! `where`.
 
 use super::unary::cmp_code;
-use super::{dtype_code, Access, GpuStorage, Kernel, Params};
+use super::{dtype_code, Access, GpuStorage, Kernel, Params, Traffic};
 use crate::backend::BinaryOp;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
@@ -38,7 +38,7 @@ pub(super) fn binary(a: &GpuStorage, op: BinaryOp, la: &Layout, b: &GpuStorage, 
     let rb = p.layout(lb)?;
     p.set(3, ra);
     p.set(4, rb);
-    a.dev.launch(&BINARY, &p, &[out.buffer(), a.buffer(), b.buffer()], a.dev.groups_1d(n.div_ceil(256)))?;
+    a.dev.launch(&BINARY, &p, &[out.buffer(), a.buffer(), b.buffer()], a.dev.groups_1d(n.div_ceil(256)), Traffic::words(2 * n, n))?;
     Ok(out)
 }
 
@@ -54,6 +54,12 @@ pub(super) fn where_cond(c: &GpuStorage, lc: &Layout, t: &GpuStorage, lt: &Layou
     p.set(2, rc);
     p.set(3, rt);
     p.set(4, rf);
-    t.dev.launch(&WHERE, &p, &[out.buffer(), t.buffer(), f.buffer(), c.buffer()], t.dev.groups_1d(n.div_ceil(256)))?;
+    t.dev.launch(
+        &WHERE,
+        &p,
+        &[out.buffer(), t.buffer(), f.buffer(), c.buffer()],
+        t.dev.groups_1d(n.div_ceil(256)),
+        Traffic::bytes(n * (8 + c.dtype.size_in_bytes()), 4 * n),
+    )?;
     Ok(out)
 }

@@ -2,7 +2,7 @@
 
 use half::{bf16, f16};
 
-use super::{dtype_code, Access, GpuStorage, Kernel, Params};
+use super::{dtype_code, Access, GpuStorage, Kernel, Params, Traffic};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
@@ -34,7 +34,7 @@ fn fill_word(dtype: DType, v: f64) -> u32 {
 pub(super) fn fill(out: &GpuStorage, v: f64) -> Result<()> {
     let words = (out.len * out.dtype.size_in_bytes()).div_ceil(4);
     let p = Params::new(&[words as u32, fill_word(out.dtype, v)]);
-    out.dev.launch(&FILL, &p, &[out.buffer()], out.dev.groups_1d(words.div_ceil(256)))
+    out.dev.launch(&FILL, &p, &[out.buffer()], out.dev.groups_1d(words.div_ceil(256)), Traffic::words(0, words))
 }
 
 /// The elements of `layout` in `dtype`, contiguous.
@@ -48,7 +48,13 @@ pub(super) fn cast(x: &GpuStorage, layout: &Layout, dtype: DType) -> Result<GpuS
     let rec = p.layout(layout)?;
     p.set(3, rec);
     let words = if dtype.size_in_bytes() == 2 { n.div_ceil(2) } else { n };
-    x.dev.launch(&CAST, &p, &[out.buffer(), x.buffer()], x.dev.groups_1d(words.div_ceil(256)))?;
+    x.dev.launch(
+        &CAST,
+        &p,
+        &[out.buffer(), x.buffer()],
+        x.dev.groups_1d(words.div_ceil(256)),
+        Traffic::bytes(n * x.dtype.size_in_bytes(), n * dtype.size_in_bytes()),
+    )?;
     Ok(out)
 }
 
@@ -82,7 +88,7 @@ pub(super) fn concat(parts: &[(&GpuStorage, &Layout)], axis: usize) -> Result<Gp
             let mut p = Params::new(&[n as u32, rows as u32, (total * inner) as u32, start as u32, 0]);
             let rec = p.layout(l)?;
             p.set(4, rec);
-            first.dev.launch(&CONCAT, &p, &[out.buffer(), s.buffer()], first.dev.groups_1d(n.div_ceil(256)))?;
+            first.dev.launch(&CONCAT, &p, &[out.buffer(), s.buffer()], first.dev.groups_1d(n.div_ceil(256)), Traffic::words(n, n))?;
         }
         start += rows;
     }

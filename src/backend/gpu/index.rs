@@ -1,7 +1,7 @@
 //! Launcher of `shaders/index.wgsl`: index_select / gather and their adjoints (index_add /
 //! scatter_add by a host-built CSR of the indices: deterministic, no atomics).
 
-use super::{Access, GpuStorage, Kernel, Params};
+use super::{Access, GpuStorage, Kernel, Params, Traffic};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::{contiguous_strides, Layout};
@@ -63,7 +63,7 @@ pub(super) fn index_select(x: &GpuStorage, layout: &Layout, axis: usize, idx: &G
     let (rx, ri) = (p.layout(layout)?, p.layout(il)?);
     p.set(4, rx);
     p.set(5, ri);
-    x.dev.launch(&SELECT, &p, &[out.buffer(), x.buffer(), idx.buffer()], x.dev.groups_1d(n.div_ceil(256)))?;
+    x.dev.launch(&SELECT, &p, &[out.buffer(), x.buffer(), idx.buffer()], x.dev.groups_1d(n.div_ceil(256)), Traffic::words(2 * n, n))?;
     Ok(out)
 }
 
@@ -90,7 +90,13 @@ pub(super) fn index_add(
     let mut p = Params::new(&[n as u32, 1, d as u32, inner as u32, ids.len() as u32, 0]);
     let rec = p.layout(layout)?;
     p.set(5, rec);
-    g.dev.launch(&CSR, &p, &[out.buffer(), g.buffer(), &rb, &lb], g.dev.groups_1d(n.div_ceil(256)))?;
+    g.dev.launch(
+        &CSR,
+        &p,
+        &[out.buffer(), g.buffer(), &rb, &lb],
+        g.dev.groups_1d(n.div_ceil(256)),
+        Traffic::words(2 * n + 2 * outer * ids.len() * inner, n),
+    )?;
     Ok(out)
 }
 
@@ -109,7 +115,7 @@ pub(super) fn gather(x: &GpuStorage, layout: &Layout, axis: usize, idx: &GpuStor
     let (rb, ri) = (p.layout(&base)?, p.layout(il)?);
     p.set(2, rb);
     p.set(3, ri);
-    x.dev.launch(&GATHER, &p, &[out.buffer(), x.buffer(), idx.buffer()], x.dev.groups_1d(n.div_ceil(256)))?;
+    x.dev.launch(&GATHER, &p, &[out.buffer(), x.buffer(), idx.buffer()], x.dev.groups_1d(n.div_ceil(256)), Traffic::words(2 * n, n))?;
     Ok(out)
 }
 
@@ -137,6 +143,12 @@ pub(super) fn scatter_add(
     let mut p = Params::new(&[n as u32, 0, 0, 0, 0, 0]);
     let rec = p.layout(layout)?;
     p.set(5, rec);
-    src.dev.launch(&CSR, &p, &[out.buffer(), src.buffer(), &rb, &lb], src.dev.groups_1d(n.div_ceil(256)))?;
+    src.dev.launch(
+        &CSR,
+        &p,
+        &[out.buffer(), src.buffer(), &rb, &lb],
+        src.dev.groups_1d(n.div_ceil(256)),
+        Traffic::words(2 * n + 2 * ids.len(), n),
+    )?;
     Ok(out)
 }

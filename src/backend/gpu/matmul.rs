@@ -1,6 +1,6 @@
 //! Launcher of `shaders/matmul.wgsl`: batched, strided, 32×32 tiles with 4×4 register blocks.
 
-use super::{Access, GpuStorage, Kernel, Params};
+use super::{Access, GpuStorage, Kernel, Params, Traffic};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
@@ -71,7 +71,19 @@ pub(super) fn matmul(a: &GpuStorage, la: &Layout, b: &GpuStorage, lb: &Layout) -
     for z0 in (0..batch).step_by(zmax) {
         p.set(10, z0 as u32);
         let zs = (batch - z0).min(zmax);
-        a.dev.launch(kernel, &p, &[out.buffer(), a.buffer(), b.buffer()], [n.div_ceil(32) as u32, m.div_ceil(32) as u32, zs as u32])?;
+        // Loads as issued: a tiled workgroup stages 32 rows of A and 32 columns of B per
+        // element of k; a register-blocked one has each of its 64 invocations load 4 + 4.
+        let groups = n.div_ceil(32) * m.div_ceil(32) * zs;
+        let loads = groups * k * if kernel.entry == "matmul" { 64 } else { 512 };
+        let b_esz = b.dtype.size_in_bytes();
+        let traffic = Traffic::bytes(loads / 2 * 4 + loads / 2 * b_esz, 4 * m * n * zs);
+        a.dev.launch(
+            kernel,
+            &p,
+            &[out.buffer(), a.buffer(), b.buffer()],
+            [n.div_ceil(32) as u32, m.div_ceil(32) as u32, zs as u32],
+            traffic,
+        )?;
     }
     Ok(out)
 }

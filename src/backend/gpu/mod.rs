@@ -81,14 +81,31 @@ pub struct MemoryStats {
     pub bytes_downloaded: u64,
 }
 
-/// Dispatches and (bound) bytes per kernel, for traffic reports.
+/// Dispatches and bytes per kernel entry point, for traffic reports: the bytes the shader's
+/// loads and stores request from storage buffers as written (each launcher states the
+/// count; caches may serve some of the loads, so compare with an analytic floor, not DRAM).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KernelCount {
     pub dispatches: u64,
-    /// Bytes of the buffers bound for reading, summed over dispatches (an upper bound).
     pub bytes_read: u64,
-    /// Bytes of the buffers bound for writing, summed over dispatches.
     pub bytes_written: u64,
+}
+
+/// The bytes one launch reads and writes (see [`KernelCount`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Traffic {
+    pub read: u64,
+    pub written: u64,
+}
+
+impl Traffic {
+    pub fn bytes(read: usize, written: usize) -> Traffic {
+        Traffic { read: read as u64, written: written as u64 }
+    }
+    /// Counts of 4-byte elements.
+    pub fn words(read: usize, written: usize) -> Traffic {
+        Traffic::bytes(4 * read, 4 * written)
+    }
 }
 
 #[derive(Default)]
@@ -604,7 +621,7 @@ impl GpuDevice {
     }
 
     /// Record one dispatch of `k` with `params` and the buffers for bindings 1.. .
-    pub(crate) fn launch(&self, k: &Kernel, params: &Params, buffers: &[&GpuBuffer], groups: [u32; 3]) -> Result<()> {
+    pub(crate) fn launch(&self, k: &Kernel, params: &Params, buffers: &[&GpuBuffer], groups: [u32; 3], traffic: Traffic) -> Result<()> {
         debug_assert_eq!(buffers.len(), k.access.len(), "{}: binding count", k.entry);
         if groups.contains(&0) {
             return Ok(());
@@ -632,12 +649,8 @@ impl GpuDevice {
             let mut counts = self.0.counts.lock().expect("counts lock");
             let c = counts.entry(k.entry).or_default();
             c.dispatches += 1;
-            for (b, (_, a)) in buffers.iter().zip(k.access) {
-                match a {
-                    Access::Read => c.bytes_read += b.class,
-                    Access::Write => c.bytes_written += b.class,
-                }
-            }
+            c.bytes_read += traffic.read;
+            c.bytes_written += traffic.written;
         }
         self.0.pool.lock().expect("pool lock").stats.dispatches += 1;
         self.with_encoder(|enc| {

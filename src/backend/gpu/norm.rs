@@ -1,7 +1,7 @@
 //! Launcher of `shaders/norm.wgsl`: layer/RMS norm forward, backward and parameter gradients.
 
 use super::softmax::rows_of;
-use super::{fbits, Access, GpuStorage, Kernel, Params};
+use super::{fbits, Access, GpuStorage, Kernel, Params, Traffic};
 use crate::error::Result;
 use crate::layout::Layout;
 
@@ -35,7 +35,15 @@ pub(super) fn norm_last(
     p.set(7, rec);
     let wb = w.map_or(x.buffer(), |w| w.buffer());
     let bb = b.map_or(x.buffer(), |b| b.buffer());
-    dev.launch(&FWD, &p, &[y.buffer(), mean.buffer(), rstd.buffer(), x.buffer(), wb, bb], dev.groups_1d(rows))?;
+    let n = layout.numel();
+    let passes = if rms { 2 } else { 3 } + w.is_some() as usize + b.is_some() as usize;
+    dev.launch(
+        &FWD,
+        &p,
+        &[y.buffer(), mean.buffer(), rstd.buffer(), x.buffer(), wb, bb],
+        dev.groups_1d(rows),
+        Traffic::words(passes * n, n + 2 * rows),
+    )?;
     Ok((y, mean, rstd))
 }
 
@@ -66,13 +74,22 @@ pub(super) fn norm_last_backward(
     p.set(6, rx);
     p.set(7, rg);
     let wb = w.map_or(x.buffer(), |w| w.buffer());
-    dev.launch(&BWD, &p, &[dx.buffer(), x.buffer(), wb, g.buffer(), mean.buffer(), rstd.buffer()], dev.groups_1d(rows))?;
+    let n = layout.numel();
+    let per = 2 + w.is_some() as usize;
+    dev.launch(
+        &BWD,
+        &p,
+        &[dx.buffer(), x.buffer(), wb, g.buffer(), mean.buffer(), rstd.buffer()],
+        dev.groups_1d(rows),
+        Traffic::words(2 * per * n + 2 * rows, n),
+    )?;
     if w.is_some() {
         dev.launch(
             &WGRAD,
             &p,
             &[dw.buffer(), db.buffer(), x.buffer(), g.buffer(), mean.buffer(), rstd.buffer()],
             dev.groups_1d(d.div_ceil(64)),
+            Traffic::words(4 * rows * d, 2 * d),
         )?;
     }
     Ok((dx, dw, db))

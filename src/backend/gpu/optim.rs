@@ -1,6 +1,6 @@
 //! Launcher of `shaders/optim.wgsl`: the fused AdamW step.
 
-use super::{fbits, Access, GpuStorage, Kernel, Params};
+use super::{fbits, Access, GpuStorage, Kernel, Params, Traffic};
 use crate::backend::AdamWStep;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
@@ -56,6 +56,7 @@ pub(super) fn adamw_step(
         &prm,
         &[po.buffer(), mo.buffer(), vo.buffer(), p.buffer(), g.buffer(), m.buffer(), v.buffer()],
         dev.groups_1d(n.div_ceil(256)),
+        Traffic::words(4 * n, 3 * n),
     )?;
     Ok((po, mo, vo))
 }

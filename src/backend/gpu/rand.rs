@@ -1,6 +1,6 @@
 //! Launcher of `shaders/rand.wgsl`: uniform and normal streams from Philox, as `crate::rng`.
 
-use super::{fbits, Access, GpuDevice, GpuStorage, Kernel, Params};
+use super::{fbits, Access, GpuDevice, GpuStorage, Kernel, Params, Traffic};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
@@ -29,6 +29,6 @@ pub(super) fn rand(dev: &GpuDevice, dtype: DType, n: usize, seed: u64, offset: u
     let blocks = n.div_ceil(if normal { 2 } else { 4 });
     let p =
         Params::new(&[n as u32, seed as u32, (seed >> 32) as u32, offset as u32, (offset >> 32) as u32, normal as u32, fbits(a), fbits(b)]);
-    dev.launch(&RAND, &p, &[out.buffer()], dev.groups_1d(blocks.div_ceil(256)))?;
+    dev.launch(&RAND, &p, &[out.buffer()], dev.groups_1d(blocks.div_ceil(256)), Traffic::words(0, n))?;
     Ok(out)
 }

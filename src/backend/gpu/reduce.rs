@@ -1,6 +1,6 @@
 //! Launcher of `shaders/reduce.wgsl`: sum/max/min/argmax/argmin along an axis.
 
-use super::{without_axis, Access, GpuStorage, Kernel, Params};
+use super::{without_axis, Access, GpuStorage, Kernel, Params, Traffic};
 use crate::backend::ReduceOp;
 use crate::dtype::DType;
 use crate::error::Result;
@@ -24,6 +24,6 @@ pub(super) fn reduce(x: &GpuStorage, op: ReduceOp, layout: &Layout, axis: usize)
     let mut p = Params::new(&[n as u32, layout.shape()[axis] as u32, layout.strides()[axis] as u32, code, 0]);
     let rec = p.layout(&outer)?;
     p.set(4, rec);
-    x.dev.launch(&REDUCE, &p, &[out.buffer(), x.buffer()], x.dev.groups_1d(n))?;
+    x.dev.launch(&REDUCE, &p, &[out.buffer(), x.buffer()], x.dev.groups_1d(n), Traffic::words(layout.numel(), n))?;
     Ok(out)
 }

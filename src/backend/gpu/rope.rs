@@ -1,7 +1,7 @@
 //! Launcher of `shaders/rope.wgsl`: rotary embedding, forward and inverse.
 
 use super::softmax::rows_of;
-use super::{Access, GpuStorage, Kernel, Params};
+use super::{Access, GpuStorage, Kernel, Params, Traffic};
 use crate::error::Result;
 use crate::layout::Layout;
 
@@ -35,6 +35,12 @@ pub(super) fn rope(
     let mut p = Params::new(&[n as u32, seq as u32, dim as u32, interleaved as u32, inverse as u32, stride as u32, 0]);
     let rec = p.layout(&outer)?;
     p.set(6, rec);
-    x.dev.launch(&ROPE, &p, &[out.buffer(), x.buffer(), cos.buffer(), sin.buffer()], x.dev.groups_1d(n.div_ceil(256)))?;
+    x.dev.launch(
+        &ROPE,
+        &p,
+        &[out.buffer(), x.buffer(), cos.buffer(), sin.buffer()],
+        x.dev.groups_1d(n.div_ceil(256)),
+        Traffic::words(4 * n, 2 * n),
+    )?;
     Ok(out)
 }

@@ -1,6 +1,6 @@
 //! Launcher of `shaders/softmax.wgsl`: (log-)softmax over the last axis, a workgroup per row.
 
-use super::{Access, GpuStorage, Kernel, Params};
+use super::{Access, GpuStorage, Kernel, Params, Traffic};
 use crate::error::Result;
 use crate::layout::Layout;
 
@@ -27,6 +27,6 @@ pub(super) fn softmax_last(x: &GpuStorage, layout: &Layout, log: bool) -> Result
     let mut p = Params::new(&[rows as u32, d as u32, stride as u32, log as u32, 0]);
     let rec = p.layout(&outer)?;
     p.set(4, rec);
-    x.dev.launch(&SOFTMAX, &p, &[out.buffer(), x.buffer()], x.dev.groups_1d(rows))?;
+    x.dev.launch(&SOFTMAX, &p, &[out.buffer(), x.buffer()], x.dev.groups_1d(rows), Traffic::words(3 * layout.numel(), layout.numel()))?;
     Ok(out)
 }

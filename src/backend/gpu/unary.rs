@@ -1,6 +1,6 @@
 //! Launcher of `shaders/unary.wgsl`: every [`UnaryOp`] in one pipeline, the op a parameter.
 
-use super::{fbits, Access, GpuStorage, Kernel, Params};
+use super::{fbits, Access, GpuStorage, Kernel, Params, Traffic};
 use crate::backend::{CmpOp, UnaryOp};
 use crate::error::Result;
 use crate::layout::Layout;
@@ -53,6 +53,6 @@ pub(super) fn unary(x: &GpuStorage, op: UnaryOp, layout: &Layout) -> Result<GpuS
     let mut p = Params::new(&[n as u32, c, fbits(a), fbits(b), cmp, 0]);
     let rec = p.layout(layout)?;
     p.set(5, rec);
-    x.dev.launch(&UNARY, &p, &[out.buffer(), x.buffer()], x.dev.groups_1d(n.div_ceil(256)))?;
+    x.dev.launch(&UNARY, &p, &[out.buffer(), x.buffer()], x.dev.groups_1d(n.div_ceil(256)), Traffic::words(n, n))?;
     Ok(out)
 }

@@ -1,7 +1,7 @@
 //! Launcher of `shaders/xent.wgsl`: fused cross-entropy forward and backward.
 
 use super::softmax::rows_of;
-use super::{Access, GpuStorage, Kernel, Params};
+use super::{Access, GpuStorage, Kernel, Params, Traffic};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
@@ -44,7 +44,13 @@ pub(super) fn cross_entropy(x: &GpuStorage, layout: &Layout, t: &GpuStorage, tl:
     let (rx, rt) = (p.layout(&outer)?, p.layout(tl)?);
     p.set(5, rx);
     p.set(6, rt);
-    x.dev.launch(&FWD, &p, &[out.buffer(), x.buffer(), t.buffer()], x.dev.groups_1d(rows))?;
+    x.dev.launch(
+        &FWD,
+        &p,
+        &[out.buffer(), x.buffer(), t.buffer()],
+        x.dev.groups_1d(rows),
+        Traffic::words(2 * rows * c + 2 * rows, rows),
+    )?;
     Ok(out)
 }
 
@@ -70,6 +76,12 @@ pub(super) fn cross_entropy_backward(
     p.set(5, rx);
     p.set(6, rt);
     p.set(7, rg);
-    x.dev.launch(&BWD, &p, &[out.buffer(), x.buffer(), t.buffer(), g.buffer()], x.dev.groups_1d(rows))?;
+    x.dev.launch(
+        &BWD,
+        &p,
+        &[out.buffer(), x.buffer(), t.buffer(), g.buffer()],
+        x.dev.groups_1d(rows),
+        Traffic::words(3 * rows * c + 2 * rows, rows * c),
+    )?;
     Ok(out)
 }
