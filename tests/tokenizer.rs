@@ -1,0 +1,275 @@
+//! Tokenizer parity with the Hugging Face stack: for every awkward string in
+//! tests/fixtures/tokenizer/reference.json (made by scripts/make_tokenizer_fixtures.py), our ids
+//! and decodes equal those of `transformers`, for
+//! - two tiny tokenizer.json files committed beside it (byte-level and SentencePiece-style BPE),
+//!   which need nothing fetched;
+//! - GPT-2 built from its original encoder.json + vocab.bpe, and SmolLM2's vocabulary read from
+//!   its GGUF file: these need scripts/fetch-assets.sh, and are skipped with a message when the
+//!   files are absent, unless TINYTUNE_REQUIRE_ASSETS=1, where a missing file fails the test.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tinytune::io::{ChatTemplate, Tokenizer};
+use tinytune::Error;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer")
+}
+
+fn reference() -> Value {
+    let text = std::fs::read_to_string(fixtures().join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn assets() -> PathBuf {
+    match std::env::var_os("TINYTUNE_ASSETS") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tinytune"),
+    }
+}
+
+/// The fetched asset at `rel`, or `None` (with the skip message) when it is absent; a panic when
+/// it is absent and TINYTUNE_REQUIRE_ASSETS=1.
+fn asset(rel: &str) -> Option<PathBuf> {
+    let path = assets().join(rel);
+    if path.exists() {
+        return Some(path);
+    }
+    if std::env::var("TINYTUNE_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
+        panic!("{} is missing and TINYTUNE_REQUIRE_ASSETS=1: run scripts/fetch-assets.sh", path.display());
+    }
+    eprintln!("skipped: run scripts/fetch-assets.sh ({} is absent)", path.display());
+    None
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// Every reference case: ids with and without special tokens, both decodes, the round trip, the
+/// special tokens and the vocabulary size.
+fn check_against(tok: &Tokenizer, name: &str) {
+    let r = &reference()[name];
+    assert_eq!(tok.vocab_size() as u64, r["vocab_size"].as_u64().unwrap(), "{name}: vocab size");
+    let special = |s: Option<&tinytune::io::SpecialToken>| s.map(|t| (t.token.clone(), t.id));
+    for (field, got) in [("bos", special(tok.bos())), ("eos", special(tok.eos())), ("pad", special(tok.pad())), ("unk", special(tok.unk()))]
+    {
+        let want = &r["special"][field];
+        let want = (!want.is_null()).then(|| (want["token"].as_str().unwrap().to_string(), want["id"].as_u64().unwrap() as u32));
+        assert_eq!(got, want, "{name}: {field} token");
+    }
+    let want_added: Vec<(u32, String, bool)> = r["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["id"].as_u64().unwrap() as u32, t["content"].as_str().unwrap().to_string(), t["special"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(tok.added_tokens(), want_added, "{name}: added tokens");
+
+    let mut failures = Vec::new();
+    for case in r["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let with = tok.encode(text, true).unwrap();
+        let without = tok.encode(text, false).unwrap();
+        if with != ids(&case["ids"]) {
+            failures.push(format!("{text:?}: ids {with:?}, transformers {:?}", ids(&case["ids"])));
+        }
+        if without != ids(&case["ids_no_special"]) {
+            failures.push(format!("{text:?}: ids without special tokens {without:?}, transformers {:?}", ids(&case["ids_no_special"])));
+        }
+        for (skip, key) in [(false, "decoded"), (true, "decoded_skip_special")] {
+            let got = tok.decode(&with, skip).unwrap();
+            let want = case[key].as_str().unwrap();
+            if got != want {
+                failures.push(format!("{text:?}: decode(skip_special={skip}) {got:?}, transformers {want:?}"));
+            }
+            // Where transformers round-trips, so do we.
+            if want == text {
+                assert_eq!(got, text, "{name}: round trip");
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{name}: {} mismatches with transformers:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn tiny_bytelevel_tokenizer_json_matches_transformers() {
+    let tok = Tokenizer::from_hf_json(fixtures().join("tiny-bytelevel.json")).unwrap();
+    // No tokenizer_config.json beside it: special-token names are set as the reference set them.
+    let tok = with_names(tok);
+    check_against(&tok, "tiny_bytelevel");
+    // The added special tokens are matched whole inside text, also next to other characters.
+    let im_start = tok.token_to_id("<|im_start|>").unwrap();
+    let ids = tok.encode("x<|im_start|>y", false).unwrap();
+    assert!(ids.contains(&im_start) && ids.len() == 3, "{ids:?}");
+}
+
+/// The tiny byte-level fixture has no config file; give it the names the reference used.
+fn with_names(tok: Tokenizer) -> Tokenizer {
+    let dir = std::env::temp_dir().join(format!("tinytune-tok-names-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixtures().join("tiny-bytelevel.json"), dir.join("tokenizer.json")).unwrap();
+    let config = r#"{"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}, "pad_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>", "chat_template": "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"}"#;
+    std::fs::write(dir.join("tokenizer_config.json"), config).unwrap();
+    let named = Tokenizer::from_hf_json(dir.join("tokenizer.json")).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(named.vocab_size(), tok.vocab_size());
+    assert!(tok.bos().is_none(), "no config beside the file, so no names");
+    assert_eq!(named.chat_template(), &ChatTemplate::ChatMl { default_system: None });
+    named
+}
+
+#[test]
+fn tiny_sentencepiece_tokenizer_json_matches_transformers() {
+    // Llama 2 style: "▁" for spaces, byte fallback, BOS added by the post-processor; the names
+    // come from tiny-sentencepiece_config.json beside it.
+    let tok = Tokenizer::from_hf_json(fixtures().join("tiny-sentencepiece.json")).unwrap();
+    check_against(&tok, "tiny_sentencepiece");
+    assert_eq!(tok.encode("Hello", true).unwrap()[0], tok.bos_id().unwrap());
+}
+
+#[test]
+fn gpt2_from_original_files_matches_transformers() {
+    let (Some(enc), Some(bpe)) = (asset("gpt2/encoder.json"), asset("gpt2/vocab.bpe")) else { return };
+    let tok = Tokenizer::from_gpt2_files(enc, bpe).unwrap();
+    check_against(&tok, "gpt2");
+    assert_eq!(tok.encode("Hello world", true).unwrap(), [15496, 995]);
+}
+
+#[test]
+fn smollm2_from_gguf_matches_transformers() {
+    let Some(path) = asset("SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let tok = Tokenizer::from_gguf(&path).unwrap();
+    check_against(&tok, "smollm2");
+    // No BOS is added for SmolLM2, as transformers does.
+    assert_eq!(tok.encode("Hi", true).unwrap(), tok.encode("Hi", false).unwrap());
+    let r = &reference()["smollm2"];
+    assert_eq!(tok.chat_template_source(), r["chat_template"].as_str());
+    for chat in r["chats"].as_array().unwrap() {
+        let msgs: Vec<(&str, &str)> =
+            chat["messages"].as_array().unwrap().iter().map(|m| (m[0].as_str().unwrap(), m[1].as_str().unwrap())).collect();
+        let gen = chat["add_generation_prompt"].as_bool().unwrap();
+        assert_eq!(tok.apply_chat_template(&msgs, gen), chat["rendered"].as_str().unwrap(), "chat {msgs:?}");
+    }
+}
+
+#[test]
+fn chatml_template_is_read_out_of_jinja() {
+    let smol = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    let t = ChatTemplate::from_jinja(smol).unwrap();
+    assert_eq!(t, ChatTemplate::ChatMl { default_system: Some("You are helpful".into()) });
+    assert_eq!(
+        t.render(&[("user", "Hi")], true),
+        "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(t.render(&[("system", "S"), ("user", "Hi")], false), "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+    assert_eq!(t.render(&[], true), "<|im_start|>assistant\n");
+    assert!(ChatTemplate::from_jinja("{{ bos_token }}[INST] {{ message }} [/INST]").is_none());
+}
+
+fn tmp(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tinytune-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn assert_format_naming(r: Result<Tokenizer, Error>, path: &Path, what: &str) {
+    match r {
+        Err(Error::Format { path: p, msg }) => {
+            assert_eq!(p, path.display().to_string());
+            assert!(msg.contains(what), "message {msg:?} should mention {what:?}");
+        }
+        other => panic!("expected a format error naming {}, got {other:?}", path.display()),
+    }
+}
+
+#[test]
+fn bad_files_give_errors_naming_the_file() {
+    // tokenizer.json: not JSON, truncated, an unknown model type.
+    let p = tmp("garbage.json", b"not json at all");
+    assert_format_naming(Tokenizer::from_hf_json(&p), &p, "tokenizer.json");
+    let good = std::fs::read(fixtures().join("tiny-bytelevel.json")).unwrap();
+    let p = tmp("truncated.json", &good[..good.len() / 2]);
+    assert_format_naming(Tokenizer::from_hf_json(&p), &p, "tokenizer.json");
+    let text = String::from_utf8(good.clone()).unwrap().replacen("\"type\":\"BPE\"", "\"type\":\"NoSuchModel\"", 1);
+    let p = tmp("unknown-model.json", text.as_bytes());
+    assert_format_naming(Tokenizer::from_hf_json(&p), &p, "tokenizer.json");
+    // A missing file is an I/O error naming it.
+    let missing = fixtures().join("no-such-tokenizer.json");
+    assert!(matches!(Tokenizer::from_hf_json(&missing), Err(Error::Io { path, .. }) if path == missing.display().to_string()));
+    // A tokenizer_config.json naming a token that is not in the vocabulary.
+    let dir = std::env::temp_dir().join(format!("tinytune-tok-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), &good).unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), br#"{"bos_token": "<nope>"}"#).unwrap();
+    assert_format_naming(Tokenizer::from_hf_json(dir.join("tokenizer.json")), &dir.join("tokenizer.json"), "bos_token");
+    std::fs::write(dir.join("tokenizer_config.json"), b"{broken").unwrap();
+    assert_format_naming(Tokenizer::from_hf_json(dir.join("tokenizer.json")), &dir.join("tokenizer_config.json"), "JSON");
+
+    // GPT-2 files: an encoder.json that is not a map of ids, a merges line that is not a pair,
+    // a merge of tokens the vocabulary lacks, no <|endoftext|>.
+    let enc = tmp("encoder.json", br#"{"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3}"#);
+    let bpe = tmp("vocab.bpe", b"#version: 0.2\na b\n");
+    let tok = Tokenizer::from_gpt2_files(&enc, &bpe).unwrap();
+    assert_eq!(tok.encode("ab<|endoftext|>", false).unwrap(), [2, 3]);
+    let bad_enc = tmp("bad-encoder.json", br#"{"a": "zero"}"#);
+    assert_format_naming(Tokenizer::from_gpt2_files(&bad_enc, &bpe), &bad_enc, "token");
+    let bad_bpe = tmp("bad-vocab.bpe", b"#version: 0.2\na b c\n");
+    assert_format_naming(Tokenizer::from_gpt2_files(&enc, &bad_bpe), &bad_bpe, "line 2");
+    let oov_bpe = tmp("oov-vocab.bpe", b"#version: 0.2\na z\n");
+    assert_format_naming(Tokenizer::from_gpt2_files(&enc, &oov_bpe), &oov_bpe, "BPE");
+    let no_eot = tmp("no-eot.json", br#"{"a": 0, "b": 1, "ab": 2}"#);
+    assert_format_naming(Tokenizer::from_gpt2_files(&no_eot, &bpe), &no_eot, "<|endoftext|>");
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(enc.parent().unwrap()).ok();
+}
+
+#[test]
+fn bad_gguf_vocabularies_give_errors_naming_the_field() {
+    use tinytune::io::GgufTokenizer;
+    let path = Path::new("model.gguf");
+    let good = GgufTokenizer {
+        model: "gpt2".into(),
+        tokens: ["a", "b", "ab", "<|endoftext|>"].map(String::from).to_vec(),
+        token_types: Some(vec![1, 1, 1, 3]),
+        merges: vec!["a b".into()],
+        bos_id: Some(3),
+        eos_id: Some(3),
+        ..Default::default()
+    };
+    let tok = Tokenizer::from_gguf_tokenizer(&good, path).unwrap();
+    assert_eq!(tok.encode("abab<|endoftext|>", true).unwrap(), [2, 2, 3]);
+    assert_eq!(tok.special_ids(), [3]);
+    let with_bos = GgufTokenizer { add_bos: Some(true), ..good.clone() };
+    assert_eq!(Tokenizer::from_gguf_tokenizer(&with_bos, path).unwrap().encode("ab", true).unwrap(), [3, 2]);
+
+    let sp = GgufTokenizer { model: "bert".into(), ..good.clone() };
+    assert_format_naming(Tokenizer::from_gguf_tokenizer(&sp, path), path, "tokenizer.ggml.model");
+    let bos = GgufTokenizer { bos_id: Some(99), ..good.clone() };
+    assert_format_naming(Tokenizer::from_gguf_tokenizer(&bos, path), path, "tokenizer.ggml.bos_token_id");
+    let pad = GgufTokenizer { pad_id: Some(4), ..good.clone() };
+    assert_format_naming(Tokenizer::from_gguf_tokenizer(&pad, path), path, "tokenizer.ggml.padding_token_id");
+    let merge = GgufTokenizer { merges: vec!["ab".into()], ..good.clone() };
+    assert_format_naming(Tokenizer::from_gguf_tokenizer(&merge, path), path, "tokenizer.ggml.merges[0]");
+    let oov = GgufTokenizer { merges: vec!["a q".into()], ..good };
+    assert_format_naming(Tokenizer::from_gguf_tokenizer(&oov, path), path, "BPE");
+}
+
+#[test]
+fn ids_out_of_range_are_errors() {
+    let tok = Tokenizer::from_hf_json(fixtures().join("tiny-bytelevel.json")).unwrap();
+    let n = tok.vocab_size() as u32;
+    assert!(tok.decode(&[0, n - 1], false).is_ok());
+    for bad in [n, u32::MAX] {
+        match tok.decode(&[5, bad], false) {
+            Err(Error::InvalidArgument { msg, .. }) => assert!(msg.contains(&bad.to_string()), "{msg}"),
+            other => panic!("decode of id {bad}: expected InvalidArgument, got {other:?}"),
+        }
+    }
+    assert_eq!(tok.encode("", true).unwrap(), Vec::<u32>::new());
+    assert_eq!(tok.decode(&[], true).unwrap(), "");
+}
