@@ -653,3 +653,33 @@ fn matmul_batch_beyond_one_launch() {
     // 70000 tiny products: more batches than one launch may have workgroups along z.
     check("batch 70000", &g, Tol { abs: 1e-6, rel: 1e-5 }, |d| rnd(&[70000, 1, 2], 1, d).matmul(&rnd(&[70000, 2, 1], 2, d)));
 }
+
+#[test]
+fn a_few_training_steps_follow_the_cpu() {
+    // SGD on a small MLP classifier: the loss curve on the GPU follows the CPU's.
+    let g = gpu_or_skip!();
+    let train = |d: &Device| -> Vec<f64> {
+        let x = rnd(&[32, 12], 1, d);
+        let y = Tensor::from_vec((0..32u32).map(|i| i % 5).collect::<Vec<_>>(), &[32], d).unwrap();
+        let w1 = rnd(&[12, 24], 2, d).mul_scalar(0.3).unwrap().requires_grad().unwrap();
+        let w2 = rnd(&[24, 5], 3, d).mul_scalar(0.3).unwrap().requires_grad().unwrap();
+        let mut rng = Rng::new(7);
+        (0..8)
+            .map(|_| {
+                let h = x.matmul(&w1).unwrap().rms_norm(None, 1e-6).unwrap().silu().unwrap().dropout(0.1, true, &mut rng).unwrap();
+                let loss = h.matmul(&w2).unwrap().cross_entropy(&y, -100, CrossEntropyReduction::Mean).unwrap();
+                loss.backward().unwrap();
+                for w in [&w1, &w2] {
+                    w.set_data(&w.detach().sub(&w.grad().unwrap().mul_scalar(0.5).unwrap()).unwrap()).unwrap();
+                    w.zero_grad();
+                }
+                loss.to_scalar().unwrap()
+            })
+            .collect()
+    };
+    let (c, r) = (train(&Device::Cpu), train(&g));
+    assert!(c.last() < c.first(), "the loss goes down: {c:?}");
+    for (i, (a, b)) in c.iter().zip(&r).enumerate() {
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "step {i}: cpu {a} gpu {b}\ncpu {c:?}\ngpu {r:?}");
+    }
+}
