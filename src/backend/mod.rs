@@ -46,9 +46,13 @@ impl Device {
         Ok(Device::Gpu(GpuDevice::shared(gpu::AdapterKind::Software)?))
     }
 
-    /// A hardware GPU when there is one, else the CPU.
+    /// A hardware GPU when there is one, else the CPU (saying so once on stderr).
     pub fn auto() -> Device {
-        Device::gpu().unwrap_or(Device::Cpu)
+        Device::gpu().unwrap_or_else(|e| {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| eprintln!("tinytune: device auto = cpu ({e})"));
+            Device::Cpu
+        })
     }
 
     /// `"auto"`, `"cpu"`, `"gpu"` or `"gpu-software"` (as accepted by `--device` and
