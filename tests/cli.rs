@@ -29,6 +29,16 @@ fn inspect_reports_architecture_and_parameters() {
 }
 
 #[test]
+fn inspect_reads_gguf_files() {
+    let (ok, out, err) = tinytune(&["inspect", &fixture("tiny-llama-gguf/tiny-llama.f32.gguf"), "--json"]);
+    assert!(ok, "{err}");
+    let v = json(&out);
+    assert_eq!(v["architecture"], "llama");
+    assert_eq!(v["parameters"], 24736);
+    assert_eq!(v["config"]["llama.attention.head_count_kv"], 2);
+}
+
+#[test]
 fn eval_and_generate_match_the_reference() {
     // ids of the fixture's first row: [1, 7] of reference.safetensors (read through the library).
     let r = tinytune::io::SafetensorsFile::open(PathBuf::from(fixture("tiny-llama")).join("reference.safetensors")).unwrap();

@@ -1,5 +1,5 @@
 //! The `tinytune` command line. Every subcommand has `--help`, and `--json` for output that
-//! programs read. MODEL is a Hugging Face directory (config.json + safetensors).
+//! programs read. MODEL is a Hugging Face directory (config.json + safetensors) or a .gguf file.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use tinytune::io::config::RawConfig;
-use tinytune::io::Checkpoint;
+use tinytune::io::{Checkpoint, GgufFile, GgufValue};
 use tinytune::models::{self, GenerateOptions, Sampling};
 use tinytune::{Device, Error, Result};
 
@@ -23,7 +23,7 @@ struct Cli {
 enum Command {
     /// Architecture, config, tensor count, dtypes and parameter count of a model.
     Inspect {
-        /// Model directory.
+        /// Model directory or .gguf file.
         model: PathBuf,
         #[arg(long)]
         json: bool,
@@ -68,7 +68,7 @@ enum Command {
 
 #[derive(Args)]
 struct Common {
-    /// Model directory.
+    /// Model directory or .gguf file.
     #[arg(long)]
     model: PathBuf,
     /// auto (a hardware GPU, else the CPU), cpu, gpu, or gpu-software. Default: $TINYTUNE_DEVICE or auto.
@@ -95,7 +95,58 @@ fn parse_ids(what: &'static str, text: &str) -> Result<Vec<u32>> {
         .collect()
 }
 
+/// A GGUF metadata value as JSON; long arrays (vocabularies) are summarised.
+fn gguf_json(v: &GgufValue) -> serde_json::Value {
+    match v {
+        GgufValue::Array(a) if a.len() > 16 => json!(format!("[{} values]", a.len())),
+        GgufValue::Array(a) => serde_json::Value::Array(a.iter().map(gguf_json).collect()),
+        GgufValue::String(s) => json!(s),
+        GgufValue::Bool(b) => json!(b),
+        other => other.as_i64().map(|i| json!(i)).or_else(|| other.as_f64().map(|f| json!(f))).unwrap_or(serde_json::Value::Null),
+    }
+}
+
+struct Summary {
+    architecture: String,
+    tensors: usize,
+    parameters: u64,
+    dtypes: std::collections::BTreeMap<String, usize>,
+    config: serde_json::Value,
+}
+
+fn summarize_gguf(path: &PathBuf) -> Result<Summary> {
+    let f = GgufFile::open(path)?;
+    let mut dtypes = std::collections::BTreeMap::<String, usize>::new();
+    for t in f.tensors() {
+        *dtypes.entry(t.ty.to_string()).or_default() += 1;
+    }
+    Ok(Summary {
+        architecture: f.architecture()?.to_string(),
+        tensors: f.tensors().len(),
+        parameters: f.tensors().iter().map(|t| t.n_elements()).sum(),
+        dtypes,
+        config: serde_json::Value::Object(f.metadata().map(|(k, v)| (k.to_string(), gguf_json(v))).collect()),
+    })
+}
+
 fn inspect(model: &PathBuf, as_json: bool) -> Result<()> {
+    let s = if model.is_file() { summarize_gguf(model)? } else { summarize_hf(model)? };
+    if as_json {
+        println!(
+            "{}",
+            json!({ "architecture": s.architecture, "tensors": s.tensors, "parameters": s.parameters, "dtypes": s.dtypes, "config": s.config })
+        );
+    } else {
+        println!("architecture: {}", s.architecture);
+        println!("tensors:      {}", s.tensors);
+        println!("parameters:   {}", s.parameters);
+        println!("dtypes:       {}", s.dtypes.iter().map(|(k, v)| format!("{k} ×{v}")).collect::<Vec<_>>().join(", "));
+        println!("config:       {}", serde_json::to_string_pretty(&s.config).unwrap_or_default());
+    }
+    Ok(())
+}
+
+fn summarize_hf(model: &PathBuf) -> Result<Summary> {
     let config_path = model.join("config.json");
     let raw = RawConfig::read(&config_path)?;
     let arch = raw.model_type()?;
@@ -113,16 +164,7 @@ fn inspect(model: &PathBuf, as_json: bool) -> Result<()> {
         &std::fs::read_to_string(&config_path).map_err(|e| Error::Io { path: config_path.display().to_string(), msg: e.to_string() })?,
     )
     .map_err(|e| Error::Format { path: config_path.display().to_string(), msg: e.to_string() })?;
-    if as_json {
-        println!("{}", json!({ "architecture": arch, "tensors": names.len(), "parameters": params, "dtypes": dtypes, "config": config }));
-    } else {
-        println!("architecture: {arch}");
-        println!("tensors:      {}", names.len());
-        println!("parameters:   {params}");
-        println!("dtypes:       {}", dtypes.iter().map(|(k, v)| format!("{k} ×{v}")).collect::<Vec<_>>().join(", "));
-        println!("config:       {}", serde_json::to_string_pretty(&config).unwrap_or_default());
-    }
-    Ok(())
+    Ok(Summary { architecture: arch, tensors: names.len(), parameters: params as u64, dtypes, config })
 }
 
 fn run(cli: Cli) -> Result<()> {
