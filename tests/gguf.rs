@@ -4,6 +4,8 @@
 //! transformers), and the real SmolLM2-135M-Instruct Q4_1 file when scripts/fetch-assets.sh
 //! has fetched it.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use tinytune::io::gguf::{llama_gguf_name, unpermute_rows, GgufLlamaWeights};
@@ -650,26 +652,7 @@ fn gguf_model_errors_name_the_file() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-fn assets_dir() -> PathBuf {
-    match std::env::var_os("TINYTUNE_ASSETS") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tinytune"),
-    }
-}
-
-/// The real-asset path, or `None` (printing why) when it has not been fetched; with
-/// TINYTUNE_REQUIRE_ASSETS=1 a missing asset is a failure.
-fn asset(name: &str) -> Option<PathBuf> {
-    let p = assets_dir().join(name);
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("TINYTUNE_REQUIRE_ASSETS").as_deref() == Ok("1") {
-        panic!("{} is missing and TINYTUNE_REQUIRE_ASSETS=1: run scripts/fetch-assets.sh", p.display());
-    }
-    println!("skipped: run scripts/fetch-assets.sh ({} not found)", p.display());
-    None
-}
+use common::asset;
 
 /// Mean of −log softmax(logits[t])[ids[t + 1]] over t, in f64.
 fn mean_nll(logits: &[f32], vocab: usize, ids: &[u32]) -> f64 {

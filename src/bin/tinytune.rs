@@ -2,13 +2,13 @@
 //! programs read. MODEL is a Hugging Face directory (config.json + safetensors) or a .gguf file.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use serde_json::json;
 use tinytune::io::config::RawConfig;
-use tinytune::io::{Checkpoint, GgufFile, GgufValue};
+use tinytune::io::{Checkpoint, GgufFile, GgufValue, Tokenizer};
 use tinytune::models::{self, GenerateOptions, Sampling};
 use tinytune::{Device, Error, Result};
 
@@ -28,23 +28,51 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Mean negative log-likelihood and perplexity of token sequences.
+    /// The token ids of a text, with special tokens added as the model's tokenizer does.
+    Tokenize {
+        /// Model directory or .gguf file (its tokenizer is used).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        text: String,
+        /// Do not add the tokenizer's special tokens (BOS and the like).
+        #[arg(long)]
+        no_special_tokens: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mean negative log-likelihood and perplexity of a text, a file, or token ids.
+    #[command(group(ArgGroup::new("input").required(true).args(["ids", "text", "data"])))]
     Eval {
         #[command(flatten)]
         common: Common,
         /// Token ids: comma-separated; several sequences separated by ';'.
         #[arg(long)]
-        ids: String,
+        ids: Option<String>,
+        #[arg(long)]
+        text: Option<String>,
+        /// A text file, or a .jsonl file whose lines have a "text" field (one sequence each).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Longer sequences are scored in consecutive windows of this many tokens.
+        #[arg(long, default_value_t = 1024)]
+        max_len: usize,
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
     },
-    /// Continue a prompt of token ids.
+    /// Continue a prompt (text, or token ids), streaming the new text.
+    #[command(group(ArgGroup::new("input").required(true).args(["ids", "prompt"])))]
     Generate {
         #[command(flatten)]
         common: Common,
+        #[arg(long)]
+        prompt: Option<String>,
         /// Prompt token ids, comma-separated.
         #[arg(long)]
-        ids: String,
+        ids: Option<String>,
+        /// Wrap the prompt as a user message in the model's chat template.
+        #[arg(long, requires = "prompt")]
+        chat: bool,
         #[arg(long, default_value_t = 32)]
         max_new_tokens: usize,
         /// Always take the most likely token (the default unless --temperature is given).
@@ -60,7 +88,7 @@ enum Command {
         repetition_penalty: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Stop after any of these token ids (comma-separated).
+        /// Stop after any of these token ids (comma-separated). Default: the tokenizer's EOS.
         #[arg(long)]
         stop: Option<String>,
     },
@@ -167,13 +195,78 @@ fn summarize_hf(model: &PathBuf) -> Result<Summary> {
     Ok(Summary { architecture: arch, tensors: names.len(), parameters: params as u64, dtypes, config })
 }
 
+/// The tokenizer that goes with a model: the vocabulary inside a GGUF file, or in a model
+/// directory `tokenizer.json`, else GPT-2's `encoder.json` + `vocab.bpe` (or `vocab.json` +
+/// `merges.txt`).
+fn load_tokenizer(model: &Path) -> Result<Tokenizer> {
+    if model.is_file() {
+        return Tokenizer::from_gguf(model);
+    }
+    if model.join("tokenizer.json").exists() {
+        return Tokenizer::from_hf_json(model.join("tokenizer.json"));
+    }
+    for (vocab, merges) in [("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")] {
+        if model.join(vocab).exists() && model.join(merges).exists() {
+            return Tokenizer::from_gpt2_files(model.join(vocab), model.join(merges));
+        }
+    }
+    Err(Error::Format { path: model.display().to_string(), msg: "no tokenizer found (tokenizer.json, or encoder.json + vocab.bpe)".into() })
+}
+
+/// The sequences a `--data` file holds: one per "text" line of a .jsonl file, else the whole file.
+fn read_texts(path: &Path) -> Result<Vec<String>> {
+    let io = |e: std::io::Error| Error::Io { path: path.display().to_string(), msg: e.to_string() };
+    let content = std::fs::read_to_string(path).map_err(io)?;
+    if path.extension().is_some_and(|e| e == "jsonl") {
+        let mut texts = Vec::new();
+        for (i, line) in content.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let bad = |msg: String| Error::Format { path: path.display().to_string(), msg: format!("line {}: {msg}", i + 1) };
+            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+            texts.push(v.get("text").and_then(|t| t.as_str()).ok_or_else(|| bad("no string field \"text\"".into()))?.to_string());
+        }
+        if texts.is_empty() {
+            return Err(Error::Format { path: path.display().to_string(), msg: "no lines with text".into() });
+        }
+        Ok(texts)
+    } else {
+        Ok(vec![content])
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { model, json } => inspect(&model, json),
-        Command::Eval { common, ids, batch_size } => {
+        Command::Tokenize { model, text, no_special_tokens, json } => {
+            let ids = load_tokenizer(&model)?.encode(&text, !no_special_tokens)?;
+            if json {
+                println!("{}", json!({ "ids": ids }));
+            } else {
+                println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" "));
+            }
+            Ok(())
+        }
+        Command::Eval { common, ids, text, data, max_len, batch_size } => {
+            if max_len < 2 {
+                return Err(Error::InvalidArgument { op: "eval", msg: format!("--max-len must be ≥ 2, got {max_len}") });
+            }
             let device = common.device()?;
             let model = models::load(&common.model, &device)?;
-            let seqs: Vec<Vec<u32>> = ids.split(';').map(|s| parse_ids("eval --ids", s)).collect::<Result<_>>()?;
+            let seqs: Vec<Vec<u32>> = match (ids, text, data) {
+                (Some(ids), _, _) => ids.split(';').map(|s| parse_ids("eval --ids", s)).collect::<Result<_>>()?,
+                (_, text, data) => {
+                    let tok = load_tokenizer(&common.model)?;
+                    let texts = match (text, data) {
+                        (Some(t), _) => vec![t],
+                        (_, Some(path)) => read_texts(&path)?,
+                        _ => unreachable!("clap requires one input"),
+                    };
+                    let mut seqs = Vec::new();
+                    for t in &texts {
+                        seqs.extend(tok.encode(t, true)?.chunks(max_len).map(|c| c.to_vec()));
+                    }
+                    seqs
+                }
+            };
             let r = models::sequence_nll(model.as_ref(), &seqs, batch_size, &device)?;
             if common.json {
                 println!("{}", json!({ "mean_nll": r.mean_nll(), "perplexity": r.perplexity(), "tokens": r.tokens }));
@@ -182,25 +275,68 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Generate { common, ids, max_new_tokens, greedy: _, temperature, top_k, top_p, repetition_penalty, seed, stop } => {
+        Command::Generate {
+            common,
+            prompt,
+            ids,
+            chat,
+            max_new_tokens,
+            greedy: _,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            stop,
+        } => {
             let device = common.device()?;
             let model = models::load(&common.model, &device)?;
-            let prompt = parse_ids("generate --ids", &ids)?;
+            let tok = load_tokenizer(&common.model).ok();
+            let prompt_ids = match (&ids, &prompt, &tok) {
+                (Some(ids), _, _) => parse_ids("generate --ids", ids)?,
+                (_, Some(p), Some(t)) => {
+                    let text = if chat { t.apply_chat_template(&[("user", p.as_str())], true) } else { p.clone() };
+                    t.encode(&text, true)?
+                }
+                (_, Some(_), None) => {
+                    return Err(load_tokenizer(&common.model)
+                        .err()
+                        .unwrap_or(Error::InvalidArgument { op: "generate", msg: "no tokenizer".into() }))
+                }
+                _ => unreachable!("clap requires one input"),
+            };
             let sampling = match (temperature, top_k, top_p) {
                 (None, None, None) => Sampling::Greedy,
                 (t, k, p) => Sampling::Sample { temperature: t.unwrap_or(1.0), top_k: k, top_p: p },
             };
-            let stop_tokens = stop.as_deref().map(|s| parse_ids("generate --stop", s)).transpose()?.unwrap_or_default();
+            let stop_tokens = match stop.as_deref() {
+                Some(s) => parse_ids("generate --stop", s)?,
+                None => tok.as_ref().and_then(|t| t.eos_id()).into_iter().collect(),
+            };
             let opts = GenerateOptions { max_new_tokens, sampling, repetition_penalty, seed, stop_tokens };
             let stream = !common.json;
             let mut out = std::io::stdout();
+            // Streaming text: decode everything generated so far and print what is new.
+            let (mut generated, mut shown) = (Vec::new(), 0usize);
             let new = models::generate(
                 model.as_ref(),
-                &prompt,
+                &prompt_ids,
                 &opts,
                 &mut |t| {
+                    generated.push(t);
                     if stream {
-                        let _ = write!(out, "{t} ");
+                        match &tok {
+                            Some(tok) => {
+                                let text = tok.decode(&generated, true)?;
+                                if text.len() > shown && text.is_char_boundary(shown) {
+                                    let _ = write!(out, "{}", &text[shown..]);
+                                    shown = text.len();
+                                }
+                            }
+                            None => {
+                                let _ = write!(out, "{t} ");
+                            }
+                        }
                         let _ = out.flush();
                     }
                     Ok(())
@@ -208,7 +344,11 @@ fn run(cli: Cli) -> Result<()> {
                 &device,
             )?;
             if common.json {
-                println!("{}", json!({ "ids": new }));
+                let text = match &tok {
+                    Some(t) => Some(t.decode(&new, true)?),
+                    None => None,
+                };
+                println!("{}", json!({ "ids": new, "text": text }));
             } else {
                 println!();
             }

@@ -312,3 +312,27 @@ pub fn gpu_device() -> Option<Device> {
         }
     }
 }
+
+/// Where scripts/fetch-assets.sh puts the real-model assets.
+pub fn assets_dir() -> std::path::PathBuf {
+    match std::env::var_os("TINYTUNE_ASSETS") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tinytune"),
+    }
+}
+
+/// The path of a fetched asset, or `None` (printing why) when it has not been fetched; with
+/// `TINYTUNE_REQUIRE_ASSETS=1` (CI) a missing asset is a failure.
+pub fn asset(name: &str) -> Option<std::path::PathBuf> {
+    let p = assets_dir().join(name);
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var("TINYTUNE_REQUIRE_ASSETS").as_deref() != Ok("1"),
+        "{} is missing and TINYTUNE_REQUIRE_ASSETS=1: run scripts/fetch-assets.sh",
+        p.display()
+    );
+    println!("skipped: run scripts/fetch-assets.sh ({} not found)", p.display());
+    None
+}

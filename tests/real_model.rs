@@ -1,0 +1,98 @@
+//! The real SmolLM2-135M-Instruct (Q4_1 GGUF, fetched by scripts/fetch-assets.sh) against the
+//! numbers transformers gives for the same file (tests/fixtures/smollm2_reference.json, made by
+//! scripts/make_smollm2_reference.py): token ids of a text, its mean NLL to 1e-3, the greedy
+//! answer to a chat prompt — on the CPU, on the GPU, and through the CLI.
+
+mod common;
+
+use std::process::Command;
+
+use tinytune::io::Tokenizer;
+use tinytune::models::{self, GenerateOptions};
+use tinytune::Device;
+
+const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+struct Reference {
+    text: String,
+    text_ids: Vec<u32>,
+    mean_nll: f64,
+    chat_prompt: String,
+    chat_prompt_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+}
+
+fn reference() -> Reference {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_reference.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ids = |k: &str| v[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
+    Reference {
+        text: v["text"].as_str().unwrap().to_string(),
+        text_ids: ids("text_ids"),
+        mean_nll: v["mean_nll"].as_f64().unwrap(),
+        chat_prompt: v["chat_prompt"].as_str().unwrap().to_string(),
+        chat_prompt_ids: ids("chat_prompt_ids"),
+        greedy_ids: ids("greedy_ids"),
+    }
+}
+
+fn check_on(device: &Device) {
+    let Some(path) = common::asset(MODEL) else { return };
+    let r = reference();
+    let tok = Tokenizer::from_gguf(&path).unwrap();
+    assert_eq!(tok.encode(&r.text, true).unwrap(), r.text_ids, "token ids of the text");
+    assert_eq!(tok.apply_chat_template(&[("user", "What is the capital of France?")], true), r.chat_prompt);
+    assert_eq!(tok.encode(&r.chat_prompt, true).unwrap(), r.chat_prompt_ids, "token ids of the chat prompt");
+
+    let model = models::load(&path, device).unwrap();
+    let nll = models::sequence_nll(model.as_ref(), &[r.text_ids.clone()], 1, device).unwrap();
+    assert!((nll.mean_nll() - r.mean_nll).abs() < 1e-3, "mean NLL {} vs transformers {}", nll.mean_nll(), r.mean_nll);
+
+    let opts = GenerateOptions { max_new_tokens: 16, stop_tokens: tok.eos_id().into_iter().collect(), ..Default::default() };
+    let got = models::generate(model.as_ref(), &r.chat_prompt_ids, &opts, &mut |_| Ok(()), device).unwrap();
+    assert_eq!(got, r.greedy_ids, "greedy answer: {:?}", tok.decode(&got, false));
+}
+
+#[test]
+fn smollm2_matches_transformers_on_the_cpu() {
+    check_on(&Device::Cpu);
+}
+
+#[test]
+fn smollm2_matches_transformers_on_the_gpu() {
+    let Some(gpu) = common::gpu_device() else { return };
+    check_on(&gpu);
+}
+
+#[test]
+fn smollm2_through_the_cli() {
+    let Some(path) = common::asset(MODEL) else { return };
+    let r = reference();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tinytune")).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let m = path.to_str().unwrap();
+    let v = run(&["tokenize", "--model", m, "--text", &r.text, "--json"]);
+    assert_eq!(v["ids"].as_array().unwrap().len(), r.text_ids.len());
+    let v = run(&["eval", "--model", m, "--text", &r.text, "--device", "cpu", "--json"]);
+    assert!((v["mean_nll"].as_f64().unwrap() - r.mean_nll).abs() < 1e-3, "{v}");
+    assert_eq!(v["tokens"], r.text_ids.len() - 1);
+    let v = run(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "What is the capital of France?",
+        "--chat",
+        "--max-new-tokens",
+        "16",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    let ids: Vec<u32> = v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    assert_eq!(ids, r.greedy_ids);
+    assert_eq!(v["text"], "The capital of France is Paris.");
+}
