@@ -683,3 +683,34 @@ fn a_few_training_steps_follow_the_cpu() {
         assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "step {i}: cpu {a} gpu {b}\ncpu {c:?}\ngpu {r:?}");
     }
 }
+
+/// Frozen weights in f16/bf16 meet f32 activations in `Tensor::matmul` on both devices: the
+/// GPU reads the half-precision weights in the kernel, the CPU converts them; the gradient of
+/// the f32 operand flows through the same mixed product.
+#[test]
+fn matmul_with_half_precision_weights() {
+    let gpu = gpu_or_skip!();
+    let mut rng = Rng::new(11);
+    for dt in [DType::F16, DType::BF16] {
+        let x = Tensor::randn(&[5, 2, 19], 0.0, 1.0, DType::F32, &Device::Cpu, &mut rng).unwrap();
+        let w = Tensor::randn(&[13, 19], 0.0, 0.5, DType::F32, &Device::Cpu, &mut rng).unwrap().to_dtype(dt).unwrap();
+        let want = x.matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap().to_vec::<f32>().unwrap();
+        for dev in [Device::Cpu, gpu.clone()] {
+            let xd = x.to_device(&dev).unwrap().requires_grad().unwrap();
+            let y = xd.matmul(&w.to_device(&dev).unwrap().t().unwrap()).unwrap();
+            assert_eq!(y.dtype(), DType::F32);
+            let got = y.to_vec::<f32>().unwrap();
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{dt:?} on {dev}: {a} vs {b}");
+            }
+            y.sum_all().unwrap().backward().unwrap();
+            // d Σy / dx[.., p] = Σ_j W[j, p] for every row.
+            let col_sums = w.to_dtype(DType::F32).unwrap().sum(&[0], false).unwrap().to_vec::<f32>().unwrap();
+            let grad = xd.grad().unwrap().to_vec::<f32>().unwrap();
+            assert_eq!(grad.len(), 5 * 2 * 19);
+            for (i, g) in grad.iter().enumerate() {
+                assert!((g - col_sums[i % 19]).abs() <= 1e-4 * (1.0 + col_sums[i % 19].abs()), "{dt:?} grad on {dev}: {g}");
+            }
+        }
+    }
+}

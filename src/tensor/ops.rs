@@ -375,8 +375,23 @@ impl Tensor {
 
     /// Matrix product `[.., m, k] · [.., k, n] → [.., m, n]`. Batch dims broadcast; a 1-d
     /// operand is a vector (as in NumPy). Transposed views are read in place, without a copy.
+    ///
+    /// An f32 left operand may meet an f16/bf16 right operand (frozen weights kept in half
+    /// precision): the GPU kernel reads the half-precision values directly and accumulates in
+    /// f32; the CPU converts them to f32 first. The result is f32.
     pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
-        check_same("matmul", self, rhs)?;
+        let half_rhs = self.dtype() == DType::F32 && matches!(rhs.dtype(), DType::F16 | DType::BF16);
+        if half_rhs {
+            check_compute("matmul", self)?;
+            if self.device() != rhs.device() {
+                return Err(Error::DeviceMismatch { op: "matmul", lhs: self.device().to_string(), rhs: rhs.device().to_string() });
+            }
+            if matches!(self.device(), crate::backend::Device::Cpu) {
+                return self.matmul(&rhs.to_dtype(DType::F32)?);
+            }
+        } else {
+            check_same("matmul", self, rhs)?;
+        }
         if self.rank() == 0 || rhs.rank() == 0 {
             return Err(Error::Shape {
                 op: "matmul",
