@@ -129,3 +129,40 @@ fn checkpoint_lists_and_converts() {
     let msg = ck.get("transformer.wte.weight", &[32, 96], DType::F32, &Device::Cpu).err().unwrap().to_string();
     assert!(msg.contains("has shape [96, 32]"), "{msg}");
 }
+
+/// A checkpoint split into shards with `model.safetensors.index.json` (as `save_pretrained`
+/// does for large models) loads to the same model; an index pointing outside the directory is
+/// refused.
+#[test]
+fn sharded_checkpoints_load() {
+    use safetensors::tensor::{SafeTensors, TensorView};
+    let src = std::fs::read(fixture("tiny-llama/model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&src).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
+    names.sort();
+    let tmp = std::env::temp_dir().join(format!("tinytune-sharded-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut map = serde_json::Map::new();
+    for (i, part) in names.chunks(names.len().div_ceil(3)).enumerate() {
+        let file = format!("model-{:05}-of-00003.safetensors", i + 1);
+        let views: Vec<(String, TensorView)> = part.iter().map(|n| (n.clone(), st.tensor(n).unwrap())).collect();
+        safetensors::serialize_to_file(views, None, &tmp.join(&file)).unwrap();
+        for n in part {
+            map.insert(n.clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(tmp.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::copy(fixture("tiny-llama/config.json"), tmp.join("config.json")).unwrap();
+    let ids = tinytune::Tensor::from_vec(vec![1u32, 5, 9, 2], &[1, 4], &Device::Cpu).unwrap();
+    let sharded = models::load(&tmp, &Device::Cpu).unwrap().forward(&ids, None).unwrap().to_vec::<f32>().unwrap();
+    let single = models::load(fixture("tiny-llama"), &Device::Cpu).unwrap().forward(&ids, None).unwrap().to_vec::<f32>().unwrap();
+    assert_eq!(sharded, single);
+
+    let mut evil = map.clone();
+    evil.insert(names[0].clone(), serde_json::Value::String("../model.safetensors".into()));
+    std::fs::write(tmp.join("model.safetensors.index.json"), serde_json::json!({ "weight_map": evil }).to_string()).unwrap();
+    let msg = models::load(&tmp, &Device::Cpu).err().unwrap().to_string();
+    assert!(msg.contains("index.json") && msg.contains("outside the directory"), "{msg}");
+    std::fs::remove_dir_all(&tmp).ok();
+}
