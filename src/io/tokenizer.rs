@@ -211,8 +211,7 @@ impl Tokenizer {
     /// of the BOS/EOS/PAD/UNK tokens and the chat template are read from it.
     pub fn from_hf_json(path: impl AsRef<Path>) -> Result<Tokenizer> {
         let path = path.as_ref();
-        let bytes = read(path)?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| format_err(path, format!("not a valid tokenizer.json: {e}")))?;
+        let inner = parse_hf_json(&read(path)?, path)?;
         let mut names = [None, None, None, None];
         let mut chat = None;
         let config_path = path.with_file_name(match path.file_stem().and_then(|s| s.to_str()) {
@@ -237,6 +236,13 @@ impl Tokenizer {
             };
         }
         Tokenizer::finish(inner, path.display().to_string(), names, chat, path)
+    }
+
+    /// A `tokenizer.json` already in memory (no `tokenizer_config.json` is looked for); `name`
+    /// is what errors name.
+    pub fn from_hf_json_bytes(bytes: &[u8], name: impl AsRef<Path>) -> Result<Tokenizer> {
+        let path = name.as_ref();
+        Tokenizer::finish(parse_hf_json(bytes, path)?, path.display().to_string(), [None, None, None, None], None, path)
     }
 
     /// GPT-2's original files: `encoder.json` (token → id) and `vocab.bpe` (a `#version` line,
@@ -469,6 +475,20 @@ impl Tokenizer {
     /// The Hugging Face tokenizer underneath, for what this type does not wrap.
     pub fn hf(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+}
+
+/// Parse a `tokenizer.json`. The JSON syntax is checked first: `tokenizers` 0.22 panics
+/// (`expect("Helper")`) instead of returning an error on some syntax errors inside a component,
+/// and a panic it still raises on a well-formed but wrong file is turned into an error too.
+fn parse_hf_json(bytes: &[u8], path: &Path) -> Result<tokenizers::Tokenizer> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format_err(path, format!("not a valid tokenizer.json (JSON syntax): {e}")))?;
+    let parsed = std::panic::catch_unwind(|| serde_json::from_value::<tokenizers::Tokenizer>(value));
+    match parsed {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(format_err(path, format!("not a valid tokenizer.json: {e}"))),
+        Err(_) => Err(format_err(path, "not a valid tokenizer.json: the tokenizers crate panicked reading it")),
     }
 }
 
