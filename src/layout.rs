@@ -125,10 +125,10 @@ impl Layout {
         if axis >= self.rank() {
             return Err(Error::AxisOutOfRange { op: "narrow", axis: axis as isize, shape: self.shape.clone() });
         }
-        if start + len > self.shape[axis] {
+        if start.checked_add(len).is_none_or(|end| end > self.shape[axis]) {
             return Err(Error::Shape {
                 op: "narrow",
-                msg: format!("range {start}..{} outside axis {axis} of shape {:?}", start + len, self.shape),
+                msg: format!("range {start}..{start}+{len} outside axis {axis} of shape {:?}", self.shape),
             });
         }
         let mut l = self.clone();

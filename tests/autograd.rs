@@ -127,13 +127,17 @@ fn causal_and_padding_masks() {
     assert_eq!(p.to_vec::<f32>().unwrap(), vec![1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]);
     let bias = m.mask_to_bias().unwrap().to_vec::<f32>().unwrap();
     assert_eq!(bias[..3], [0.0, 0.0, 0.0]);
-    assert_eq!(bias[3], f32::NEG_INFINITY);
+    assert_eq!(bias[3], f32::MIN);
     // Masked attention: softmax over scores + bias puts no weight on masked keys.
     let scores = Tensor::zeros(&[2, 4], DType::F32, &Device::Cpu).unwrap();
     let w = scores.add(&m.mask_to_bias().unwrap()).unwrap().softmax(-1).unwrap().to_vec::<f32>().unwrap();
     assert_eq!(w[3], 0.0);
     assert!((w[0] - 1.0 / 3.0).abs() < 1e-6 && (w[4] - 0.25).abs() < 1e-6);
     assert!(Tensor::padding_mask(&[5], 3, DType::F32, &Device::Cpu).is_err());
+    // A row whose keys are all masked (a padding query) stays finite: uniform, not NaN.
+    let none = Tensor::zeros(&[1, 3], DType::F32, &Device::Cpu).unwrap().mask_to_bias().unwrap();
+    let w = scores.narrow(0, 0, 1).unwrap().narrow(1, 0, 3).unwrap().add(&none).unwrap().softmax(-1).unwrap().to_vec::<f32>().unwrap();
+    assert!(w.iter().all(|&p| (p - 1.0 / 3.0).abs() < 1e-6), "{w:?}");
 }
 
 #[test]
@@ -163,6 +167,7 @@ fn errors_name_the_op_and_shapes() {
     assert!(e.contains("exp") && e.contains("F16"), "{e}");
     assert!(matches!(a.add(&a.to_dtype(DType::F64).unwrap()), Err(Error::DTypeMismatch { .. })));
     assert!(a.narrow(1, 2, 2).is_err());
+    assert!(a.narrow(1, usize::MAX, 2).is_err(), "start + len must not wrap around");
     assert!(a.permute(&[0, 0]).is_err());
     assert!(a.transpose(0, 5).is_err());
     assert!(a.layer_norm(Some(&t(&[1.0; 2], &[2])), None, 1e-5).is_err());

@@ -100,8 +100,10 @@ fn bad_checkpoints_give_errors_naming_the_file() {
     std::fs::write(tmp.join("config.json"), cfg.replace("\"intermediate_size\": 64", "\"intermediate_size\": 65")).unwrap();
     let msg = models::load(&tmp, &Device::Cpu).err().unwrap().to_string();
     assert!(msg.contains("model.layers.0.mlp.gate_proj.weight") && msg.contains("[65, 32]"), "{msg}");
-    // Missing field, unknown architecture, unsupported math, malformed JSON.
+    // Missing field, unknown architecture, unsupported math, malformed JSON, absurd sizes.
     for (cfg_text, expect) in [
+        (cfg.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1000000000000"), "num_hidden_layers"),
+        (cfg.replace("\"vocab_size\": 96", "\"vocab_size\": 0"), "vocab_size = 0"),
         (cfg.replace("\"vocab_size\": 96", "\"vocab_sz\": 96"), "missing field 'vocab_size'"),
         (cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"mamba\""), "unknown architecture 'mamba'"),
         (cfg.replace("\"hidden_act\": \"silu\"", "\"hidden_act\": \"relu\""), "hidden_act"),
@@ -117,6 +119,34 @@ fn bad_checkpoints_give_errors_naming_the_file() {
     std::fs::write(tmp.join("config.json"), &cfg).unwrap();
     let msg = models::load(&tmp, &Device::Cpu).err().unwrap().to_string();
     assert!(msg.contains("no model.safetensors"), "{msg}");
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+/// A left-padded row (padding before the text) has queries that see no real key; their
+/// attention must stay finite so that the real positions of the row are not poisoned by NaN.
+#[test]
+fn left_padding_stays_finite() {
+    let model = models::load(fixture("tiny-llama"), &Device::Cpu).unwrap();
+    let ids = tinytune::Tensor::from_vec(vec![0u32, 0, 5, 9, 2, 7, 1, 3], &[2, 4], &Device::Cpu).unwrap();
+    let keep = tinytune::Tensor::from_vec(vec![0f32, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], &[2, 4], &Device::Cpu).unwrap();
+    let logits = model.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
+    assert!(logits.iter().all(|x| x.is_finite()));
+}
+
+/// Mistral-style configs enable sliding-window attention by giving a window; within it the
+/// model is exact, beyond it the forward is refused rather than silently wrong.
+#[test]
+fn sliding_window_is_enforced() {
+    let tmp = std::env::temp_dir().join(format!("tinytune-window-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::copy(fixture("tiny-llama/model.safetensors"), tmp.join("model.safetensors")).unwrap();
+    let cfg = std::fs::read_to_string(fixture("tiny-llama/config.json")).unwrap();
+    std::fs::write(tmp.join("config.json"), cfg.replace("\"mlp_bias\": false", "\"mlp_bias\": false, \"sliding_window\": 4")).unwrap();
+    let model = models::load(&tmp, &Device::Cpu).unwrap();
+    let ids = |n: usize| tinytune::Tensor::from_vec((0..n as u32).collect::<Vec<_>>(), &[1, n], &Device::Cpu).unwrap();
+    assert!(model.forward(&ids(4), None).is_ok());
+    let msg = model.forward(&ids(5), None).err().unwrap().to_string();
+    assert!(msg.contains("sliding window of 4"), "{msg}");
     std::fs::remove_dir_all(&tmp).ok();
 }
 

@@ -297,6 +297,17 @@ fn norms() {
             },
         );
         check(
+            "layer_norm_bias_only",
+            &[shape, &[d]],
+            &[Dom::Normal],
+            TOL,
+            |t| t[0].layer_norm(None, Some(&t[1]), 1e-5),
+            |r| {
+                let b = r[1].data.clone();
+                r[0].along(shape.len() - 1, |v| ref_norm(v, None, Some(&b), 1e-5, false))
+            },
+        );
+        check(
             "layer_norm_plain",
             &[shape],
             &[Dom::Normal],
@@ -618,4 +629,24 @@ fn large_and_non_contiguous_kernels() {
         &wide.reduce(0, |v| v.iter().cloned().fold(f64::MIN, f64::max)).data,
         1e-7,
     );
+}
+
+/// Small operands the kernels read as plain slices (norm weights, RoPE tables) may be views
+/// with a storage offset: a narrowed weight or a table narrowed to later positions.
+#[test]
+fn norm_weights_and_rope_tables_may_be_offset_views() {
+    let mut rng = TestRng::new(21);
+    let x = random_nd(&[3, 4], Dom::Normal, &mut rng);
+    let wide = random_nd(&[12], Dom::Normal, &mut rng);
+    let (xt, _) = make_input(&x, DType::F64, false, false);
+    let (wt, _) = make_input(&wide, DType::F64, false, false);
+    let got = xt.rms_norm(Some(&wt.narrow(0, 8, 4).unwrap()), 1e-6).unwrap().to_vec_f64().unwrap();
+    let want = x.along(1, |v| ref_norm(v, Some(&wide.data[8..12]), None, 1e-6, true));
+    assert_close("rms_norm offset weight", "forward", &got, &want.data, 1e-12);
+
+    let q = random_nd(&[2, 3, 8], Dom::Normal, &mut rng);
+    let (qt, _) = make_input(&q, DType::F64, false, false);
+    let (cos, sin) = Tensor::rope_tables(0, 10, 8, 10000.0, DType::F64, &Device::Cpu).unwrap();
+    let got = qt.rope(&cos.narrow(0, 5, 3).unwrap(), &sin.narrow(0, 5, 3).unwrap(), RopeLayout::HalfSplit).unwrap();
+    assert_close("rope offset tables", "forward", &got.to_vec_f64().unwrap(), &ref_rope(&q, 5, 10000.0, false).data, 1e-12);
 }

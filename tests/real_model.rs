@@ -45,7 +45,7 @@ fn check_on(device: &Device) {
     assert_eq!(tok.encode(&r.chat_prompt, true).unwrap(), r.chat_prompt_ids, "token ids of the chat prompt");
 
     let model = models::load(&path, device).unwrap();
-    let nll = models::sequence_nll(model.as_ref(), &[r.text_ids.clone()], 1, device).unwrap();
+    let nll = models::sequence_nll(model.as_ref(), std::slice::from_ref(&r.text_ids), 1, device).unwrap();
     assert!((nll.mean_nll() - r.mean_nll).abs() < 1e-3, "mean NLL {} vs transformers {}", nll.mean_nll(), r.mean_nll);
 
     let opts = GenerateOptions { max_new_tokens: 16, stop_tokens: tok.eos_id().into_iter().collect(), ..Default::default() };

@@ -327,10 +327,13 @@ fn run(cli: Cli) -> Result<()> {
                     if stream {
                         match &tok {
                             Some(tok) => {
+                                // A character split across tokens decodes as U+FFFD until its
+                                // last byte arrives: print only up to the last complete one.
                                 let text = tok.decode(&generated, true)?;
-                                if text.len() > shown && text.is_char_boundary(shown) {
-                                    let _ = write!(out, "{}", &text[shown..]);
-                                    shown = text.len();
+                                let complete = text.trim_end_matches('\u{FFFD}');
+                                if complete.len() > shown && complete.is_char_boundary(shown) {
+                                    let _ = write!(out, "{}", &complete[shown..]);
+                                    shown = complete.len();
                                 }
                             }
                             None => {

@@ -17,7 +17,7 @@ use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::io::config::RawConfig;
 use crate::io::Weights;
-use crate::nn::{causal_attention, Embedding, Linear, Norm, COMPUTE};
+use crate::nn::{attention, attention_bias, Embedding, Linear, Norm, COMPUTE};
 use crate::tensor::Tensor;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -106,7 +106,7 @@ impl Gpt2 {
         let wte = Embedding { name: "transformer.wte".into(), weight: w.get(&resolve(w, "wte.weight"), &[c.vocab_size, d], COMPUTE, dev)? };
         let wpe =
             Embedding { name: "transformer.wpe".into(), weight: w.get(&resolve(w, "wpe.weight"), &[c.n_positions, d], COMPUTE, dev)? };
-        let mut blocks = Vec::with_capacity(c.n_layer);
+        let mut blocks = Vec::new();
         for i in 0..c.n_layer {
             let p = format!("h.{i}");
             blocks.push(Block {
@@ -136,6 +136,7 @@ impl CausalLm for Gpt2 {
         }
         let pos = Tensor::arange(start as f64, (start + t) as f64, 1.0, crate::DType::U32, ids.device())?;
         let mut h = self.wte.forward(ids)?.add(&self.wpe.forward(&pos)?)?;
+        let bias = attention_bias(t, start + t, keep, COMPUTE, ids.device())?;
         let (nh, hd) = (c.n_head as isize, (c.n_embd / c.n_head) as isize);
         let (bi, ti) = (b as isize, t as isize);
         for (i, blk) in self.blocks.iter().enumerate() {
@@ -147,7 +148,7 @@ impl CausalLm for Gpt2 {
                 Some(cache) => cache.append(i, k, v)?,
                 None => (k, v),
             };
-            let y = causal_attention(&heads(&parts[0])?, &k, &v, keep)?;
+            let y = attention(&heads(&parts[0])?, &k, &v, &bias)?;
             let y = y.transpose(1, 2)?.reshape(&[bi, ti, c.n_embd as isize])?;
             h = h.add(&blk.attn_proj.forward(&y)?)?;
             let m = blk.mlp_proj.forward(&blk.c_fc.forward(&blk.ln_2.forward(&h)?)?.gelu_tanh()?)?;

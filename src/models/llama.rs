@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::io::config::RawConfig;
 use crate::io::gguf::GgufFile;
 use crate::io::Weights;
-use crate::nn::{causal_attention, repeat_kv, Embedding, Linear, Norm, COMPUTE};
+use crate::nn::{attention, attention_bias, repeat_kv, Embedding, Linear, Norm, COMPUTE};
 use crate::tensor::{RopeLayout, Tensor};
 
 /// The config fields the math depends on.
@@ -34,9 +34,34 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     pub attention_bias: bool,
     pub mlp_bias: bool,
+    /// Mistral-style sliding-window attention span, when the config enables it. Within the
+    /// window it equals full attention; longer sequences are refused (not implemented).
+    pub sliding_window: Option<usize>,
 }
 
 impl LlamaConfig {
+    /// Refuse sizes no real model has before anything is allocated from them (a corrupt or
+    /// hostile config must give an error, not an allocation failure or an overflow).
+    fn checked(self) -> std::result::Result<LlamaConfig, String> {
+        const MAX_DIM: usize = 1 << 24;
+        let dims = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("head_dim", self.head_dim),
+            ("num_attention_heads × head_dim", self.num_attention_heads.saturating_mul(self.head_dim)),
+        ];
+        for (name, v) in dims {
+            if v == 0 || v > MAX_DIM {
+                return Err(format!("{name} = {v} is outside 1..={MAX_DIM}"));
+            }
+        }
+        if self.num_hidden_layers > 1 << 12 {
+            return Err(format!("num_hidden_layers = {} is implausibly large", self.num_hidden_layers));
+        }
+        Ok(self)
+    }
+
     pub fn from_raw(raw: &RawConfig) -> Result<LlamaConfig> {
         let hidden_size = raw.usize("hidden_size")?;
         let heads = raw.usize("num_attention_heads")?;
@@ -61,14 +86,12 @@ impl LlamaConfig {
         raw.reject_unless("rope_scaling", |_| false, "RoPE scaling variants are not implemented")?;
         let plain_rope = |p: &serde_json::Value| p.get("rope_type").and_then(|t| t.as_str()).is_none_or(|t| t == "default");
         raw.reject_unless("rope_parameters", plain_rope, "only the default RoPE type is implemented")?;
-        raw.reject_unless(
-            "sliding_window",
-            |_| !raw.bool_or("use_sliding_window", false).unwrap_or(true),
-            "sliding-window attention is not implemented",
-        )?;
+        // Qwen2 carries a window but disables it with use_sliding_window = false; Mistral v0.1
+        // enables it by giving a window at all.
+        let sliding_window = if raw.bool_or("use_sliding_window", true)? { raw.opt_usize("sliding_window")? } else { None };
         let model_type = raw.model_type()?;
         let qwen = model_type.starts_with("qwen2") || model_type.starts_with("Qwen2");
-        Ok(LlamaConfig {
+        LlamaConfig {
             vocab_size: raw.usize("vocab_size")?,
             hidden_size,
             intermediate_size: raw.usize("intermediate_size")?,
@@ -82,7 +105,10 @@ impl LlamaConfig {
             // Qwen2 has q/k/v biases without saying so in its config.
             attention_bias: raw.bool_or("attention_bias", qwen)?,
             mlp_bias: raw.bool_or("mlp_bias", false)?,
-        })
+            sliding_window,
+        }
+        .checked()
+        .map_err(|m| raw.error(m))
     }
 
     /// The config of a GGUF file with `general.architecture = "llama"`, from its `llama.*`
@@ -139,7 +165,7 @@ impl LlamaConfig {
                     .ok_or_else(|| file.error("cannot tell the vocabulary size: no llama.vocab_size, tokens or token_embd.weight"))?,
             },
         };
-        Ok(LlamaConfig {
+        LlamaConfig {
             vocab_size,
             hidden_size,
             intermediate_size: file.usize("llama.feed_forward_length")?,
@@ -154,7 +180,10 @@ impl LlamaConfig {
             tie_word_embeddings: !file.contains("output.weight"),
             attention_bias: file.contains("blk.0.attn_q.bias"),
             mlp_bias: file.contains("blk.0.ffn_up.bias"),
-        })
+            sliding_window: None,
+        }
+        .checked()
+        .map_err(|m| file.error(m))
     }
 }
 
@@ -195,7 +224,7 @@ impl Llama {
         let (d, hd) = (c.hidden_size, c.head_dim);
         let embed =
             Embedding { name: "model.embed_tokens".into(), weight: w.get("model.embed_tokens.weight", &[c.vocab_size, d], COMPUTE, dev)? };
-        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        let mut blocks = Vec::new();
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             blocks.push(Block {
@@ -226,7 +255,7 @@ impl Llama {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        keep: Option<&Tensor>,
+        bias: &Tensor,
         cache: Option<&mut KvCache>,
         layer: usize,
     ) -> Result<Tensor> {
@@ -243,7 +272,7 @@ impl Llama {
             None => (k, v),
         };
         let rep = c.num_attention_heads / c.num_key_value_heads;
-        let y = causal_attention(&q, &repeat_kv(&k, rep)?, &repeat_kv(&v, rep)?, keep)?;
+        let y = attention(&q, &repeat_kv(&k, rep)?, &repeat_kv(&v, rep)?, bias)?;
         let y = y.transpose(1, 2)?.reshape(&[b as isize, t as isize, (c.num_attention_heads * c.head_dim) as isize])?;
         blk.o.forward(&y)
     }
@@ -256,10 +285,17 @@ impl CausalLm for Llama {
         }
         let t = ids.shape()[1];
         let start = cache.as_ref().map_or(0, |c| c.len());
+        if let Some(w) = self.config.sliding_window.filter(|&w| start + t > w) {
+            return Err(Error::Shape {
+                op: "llama.forward",
+                msg: format!("{} positions exceed the sliding window of {w}; sliding-window attention is not implemented", start + t),
+            });
+        }
         let (cos, sin) = Tensor::rope_tables(start, t, self.config.head_dim, self.config.rope_theta, COMPUTE, ids.device())?;
+        let bias = attention_bias(t, start + t, keep, COMPUTE, ids.device())?;
         let mut h = self.embed.forward(ids)?;
         for (i, blk) in self.blocks.iter().enumerate() {
-            let a = self.attention(blk, &blk.input_norm.forward(&h)?, &cos, &sin, keep, cache.as_deref_mut(), i)?;
+            let a = self.attention(blk, &blk.input_norm.forward(&h)?, &cos, &sin, &bias, cache.as_deref_mut(), i)?;
             h = h.add(&a)?;
             let x = blk.post_norm.forward(&h)?;
             let m = blk.down.forward(&blk.gate.forward(&x)?.silu()?.mul(&blk.up.forward(&x)?)?)?;

@@ -76,22 +76,36 @@ impl Norm {
     }
 }
 
-/// Scaled dot-product attention with a causal mask and an optional padding keep-mask.
-/// `q: [b, h, tq, d]`, `k, v: [b, h, tk, d]` (queries are the last `tq` of the `tk` positions);
-/// `keep: [b, tk]` with 1 for real tokens and 0 for padding.
-/// `softmax(q kᵀ/√d + causal + padding) v`.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
-    let r = q.rank();
-    let (tq, d) = (q.shape()[r - 2], q.shape()[r - 1]);
-    let tk = k.shape()[r - 2];
-    let scores = q.matmul(&k.t()?)?.mul_scalar(1.0 / (d as f64).sqrt())?;
-    let mut bias = Tensor::causal_mask(tq, tk, q.dtype(), q.device())?.mask_to_bias()?;
-    if let Some(keep) = keep {
-        let b = keep.shape()[0];
-        let pad = keep.to_dtype(q.dtype())?.reshape(&[b as isize, 1, 1, tk as isize])?.mask_to_bias()?;
-        bias = bias.add(&pad)?;
+/// The additive attention bias for `tq` queries that are the last of `tk` positions: causal,
+/// plus padding when `keep: [batch, tk]` (1 real token, 0 padding) is given. Shape `[tq, tk]`,
+/// or `[batch, 1, tq, tk]` with padding. Built once per forward and shared by every layer.
+pub fn attention_bias(tq: usize, tk: usize, keep: Option<&Tensor>, dtype: DType, device: &crate::Device) -> Result<Tensor> {
+    let causal = Tensor::causal_mask(tq, tk, dtype, device)?;
+    let mask = match keep {
+        None => causal,
+        Some(keep) => {
+            if keep.rank() != 2 || keep.shape()[1] != tk {
+                return Err(Error::Shape { op: "attention", msg: format!("keep mask must be [batch, {tk}], got {:?}", keep.shape()) });
+            }
+            let b = keep.shape()[0] as isize;
+            causal.mul(&keep.to_dtype(dtype)?.reshape(&[b, 1, 1, tk as isize])?)?
+        }
+    };
+    mask.mask_to_bias()
+}
+
+/// Scaled dot-product attention `softmax(q kᵀ/√d + bias) v` with `q: [b, h, tq, d]`,
+/// `k, v: [b, h, tk, d]` and an additive `bias` from [`attention_bias`].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
+        return Err(Error::Shape {
+            op: "attention",
+            msg: format!("q, k, v must be [b, h, t, d], got {:?}, {:?}, {:?}", q.shape(), k.shape(), v.shape()),
+        });
     }
-    scores.add(&bias)?.softmax(-1)?.matmul(v)
+    let d = q.shape()[3];
+    let scores = q.matmul(&k.t()?)?.mul_scalar(1.0 / (d as f64).sqrt())?;
+    scores.add(bias)?.softmax(-1)?.matmul(v)
 }
 
 /// Repeat each of `n_kv` key/value heads `rep` times along the head axis:
@@ -99,6 +113,9 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, keep: Option<&Tensor
 pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
     if rep == 1 {
         return Ok(x.clone());
+    }
+    if x.rank() != 4 {
+        return Err(Error::Shape { op: "repeat_kv", msg: format!("expected [b, h, t, d], got {:?}", x.shape()) });
     }
     let s = x.shape().to_vec();
     let (b, h, t, d) = (s[0], s[1], s[2], s[3]);

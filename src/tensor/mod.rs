@@ -509,6 +509,16 @@ impl Tensor {
         Ok(Tensor::from_op(out, self.shape(), "contiguous", &[self], |g| Ok(vec![Some(g.clone())])))
     }
 
+    /// A row-major copy starting at storage offset 0, unless already so. For kernels that read
+    /// a small operand (norm weights, RoPE tables) as a plain slice from the buffer's start.
+    pub(crate) fn compact(&self) -> Result<Tensor> {
+        if self.is_contiguous() && self.layout().offset() == 0 {
+            return Ok(self.clone());
+        }
+        let out = self.storage_arc().cast(self.layout(), self.dtype())?;
+        Ok(Tensor::from_op(out, self.shape(), "compact", &[self], |g| Ok(vec![Some(g.clone())])))
+    }
+
     /// Sum a broadcast gradient back down to `shape` (the adjoint of broadcasting).
     pub fn sum_to_shape(&self, shape: &[usize]) -> Result<Tensor> {
         if self.shape() == shape {

@@ -96,7 +96,7 @@ impl Tensor {
                 return Err(Error::ShapeMismatch { op: name, lhs: self.shape().to_vec(), rhs: p.shape().to_vec() });
             }
         }
-        let (ws, bs) = (weight.map(|w| w.contiguous()).transpose()?, bias.map(|b| b.contiguous()).transpose()?);
+        let (ws, bs) = (weight.map(|w| w.compact()).transpose()?, bias.map(|b| b.compact()).transpose()?);
         let (wst, bst) = (ws.as_ref().map(|w| w.storage_arc()), bs.as_ref().map(|b| b.storage_arc()));
         let (y, mean, rstd) = self.storage_arc().norm_last(self.layout(), wst.as_deref(), bst.as_deref(), eps, rms)?;
         let x = self.detach();
@@ -114,7 +114,9 @@ impl Tensor {
                 grads.push(Some(Tensor::from_storage(dw, &[d])));
             }
             if has_b {
-                grads.push(Some(Tensor::from_storage(db, &[d])));
+                // The kernels sum db beside dw; without a weight, db is the row sum of g.
+                let db = if has_w { Tensor::from_storage(db, &[d]) } else { g.reshape(&[-1, d as isize])?.sum(&[0], false)? };
+                grads.push(Some(db));
             }
             Ok(grads)
         }))
@@ -222,7 +224,7 @@ impl Tensor {
                 return Err(Error::ShapeMismatch { op: "rope", lhs: self.shape().to_vec(), rhs: t.shape().to_vec() });
             }
         }
-        let (cos, sin) = (cos.contiguous()?.detach(), sin.contiguous()?.detach());
+        let (cos, sin) = (cos.compact()?.detach(), sin.compact()?.detach());
         let inter = layout == RopeLayout::Interleaved;
         let out = self.storage_arc().rope(self.layout(), &cos.storage_arc(), &sin.storage_arc(), inter, false)?;
         Ok(Tensor::from_op(out, self.shape(), "rope", &[self], move |g| {
@@ -274,12 +276,16 @@ impl Tensor {
         Tensor::from_vec(v, &[lengths.len(), len], &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
     }
 
-    /// Turn a keep-mask (1 keep, 0 drop) into an additive attention bias (0 or −∞).
+    /// Turn a keep-mask (1 keep, 0 drop) into an additive attention bias: 0 where kept, the
+    /// dtype's lowest finite value where dropped (as `transformers` does). Finite rather than
+    /// −∞ so that a row with every key dropped (a padding query) gives a harmless uniform
+    /// softmax instead of NaN, which would spread through the following layers.
     pub fn mask_to_bias(&self) -> Result<Tensor> {
-        self.eq_scalar(0.0)?.affine(f64::NEG_INFINITY, 0.0).and_then(|t| {
-            // 0·(−∞) is NaN: put the zeros back where the mask keeps.
-            t.masked_fill(&self.ne_scalar(0.0)?, 0.0)
-        })
+        check_compute("mask_to_bias", self)?;
+        let lowest = if self.dtype() == DType::F32 { f32::MIN as f64 } else { f64::MIN };
+        let zero = Tensor::full(&[], 0.0, self.dtype(), self.device())?;
+        let low = Tensor::full(&[], lowest, self.dtype(), self.device())?;
+        Tensor::where_cond(self, &zero, &low)
     }
 
     /// Inverted dropout: each element is kept with probability `1 − p` and scaled by

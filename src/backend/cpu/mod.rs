@@ -317,9 +317,8 @@ fn fold_slice<T: Float>(s: &[T], id: T, comb: impl Fn(T, T) -> T) -> T {
         }
     }
     let tail = chunks.remainder().iter().fold(id, |a, &b| comb(a, b));
-    let (l, r) = lanes.split_at(4);
-    let quads: Vec<T> = l.iter().zip(r).map(|(&a, &b)| comb(a, b)).collect();
-    comb(comb(comb(quads[0], quads[2]), comb(quads[1], quads[3])), tail)
+    let q = [comb(lanes[0], lanes[4]), comb(lanes[1], lanes[5]), comb(lanes[2], lanes[6]), comb(lanes[3], lanes[7])];
+    comb(comb(comb(q[0], q[2]), comb(q[1], q[3])), tail)
 }
 
 /// `Σ e^{v − shift}` over a row, with 8 independent accumulators so it vectorises.
