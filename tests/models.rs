@@ -94,6 +94,31 @@ fn bad_checkpoints_give_errors_naming_the_file() {
         let msg = e.to_string();
         assert!(matches!(e, Error::Format { .. }) && msg.contains("model.safetensors"), "{what}: {msg}");
     }
+    // Hand-made headers: offsets outside the data, an unknown dtype, a shape that does not
+    // match its byte range, a header that is not JSON.
+    let make = |header: &str, data_len: usize| {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend(header.as_bytes());
+        b.extend(vec![0u8; data_len]);
+        b
+    };
+    for (what, bytes) in [
+        ("offsets outside the data", make(r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 4)),
+        ("unknown dtype", make(r#"{"w":{"dtype":"Q9","shape":[2],"data_offsets":[0,8]}}"#, 8)),
+        ("shape vs bytes", make(r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, 8)),
+        ("header not JSON", make("{not json", 8)),
+    ] {
+        let p = tmp.join("model.safetensors");
+        std::fs::write(&p, &bytes).unwrap();
+        let e = SafetensorsFile::open(&p).err().unwrap_or_else(|| panic!("{what}: accepted"));
+        assert!(matches!(e, Error::Format { .. }) && e.to_string().contains("model.safetensors"), "{what}: {e}");
+    }
+    // A dtype the format knows but tinytune does not read: an error naming file and tensor.
+    std::fs::write(tmp.join("model.safetensors"), make(r#"{"w":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#, 8)).unwrap();
+    let st = SafetensorsFile::open(tmp.join("model.safetensors")).unwrap();
+    let msg = st.load("w", &Device::Cpu).err().unwrap().to_string();
+    assert!(msg.contains("model.safetensors") && msg.contains("'w'") && msg.contains("I64"), "{msg}");
+
     // A config that does not match the weights: a shape error naming the tensor.
     std::fs::copy(fixture("tiny-llama/model.safetensors"), tmp.join("model.safetensors")).unwrap();
     let cfg = std::fs::read_to_string(fixture("tiny-llama/config.json")).unwrap();

@@ -222,6 +222,10 @@ fn gemm_generic<T: Elem, const MR: usize, const NR: usize>(
         gemm_small(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c);
         return;
     }
+    if m <= SKINNY_M && (b_rs == 1 || b_cs == 1) {
+        gemm_skinny(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c);
+        return;
+    }
 
     let op = Operands { a, a_rs, a_cs, b, b_rs, b_cs, c: SendPtr(c.as_mut_ptr()), ldc: n, k };
     // A few tasks per thread rather than exactly one: rayon's work stealing then evens out
@@ -249,6 +253,53 @@ fn gemm_small<T: Elem>(m: usize, n: usize, k: usize, a: &[T], a_rs: usize, a_cs:
                 }
             }
         }
+    }
+}
+
+/// Up to this many rows of A, products skip packing (see [`gemm_skinny`]).
+const SKINNY_M: usize = 4;
+
+/// A few rows times a large matrix — decoding one token, `x · Wᵀ` with `x` of 1..4 rows. Packing
+/// B would copy the whole weight matrix to use each element only `m` times, so instead each C
+/// element is a dot product over a contiguous column of B (`b_rs == 1`, the `x · Wᵀ` case), or
+/// each C row accumulates contiguous rows of B (`b_cs == 1`). Columns of C are split across
+/// threads in blocks.
+#[allow(clippy::too_many_arguments)]
+fn gemm_skinny<T: Elem>(m: usize, n: usize, k: usize, a: &[T], a_rs: usize, a_cs: usize, b: &[T], b_rs: usize, b_cs: usize, c: &mut [T]) {
+    use rayon::prelude::*;
+    const COLS: usize = 128;
+    for (i, crow) in c.chunks_exact_mut(n).enumerate().take(m) {
+        let arow: Vec<T> = (0..k).map(|p| a[i * a_rs + p * a_cs]).collect();
+        crow.par_chunks_mut(COLS).enumerate().for_each(|(blk, cc)| {
+            let j0 = blk * COLS;
+            if b_rs == 1 {
+                for (jj, cj) in cc.iter_mut().enumerate() {
+                    let col = &b[(j0 + jj) * b_cs..(j0 + jj) * b_cs + k];
+                    // Eight independent partial sums so the loop vectorises.
+                    let mut acc = [T::ZERO; 8];
+                    let (ca, cb) = (arow.chunks_exact(8), col.chunks_exact(8));
+                    let (ra, rb) = (ca.remainder(), cb.remainder());
+                    for (x, y) in ca.zip(cb) {
+                        for l in 0..8 {
+                            acc[l] = acc[l] + x[l] * y[l];
+                        }
+                    }
+                    let mut sum = ra.iter().zip(rb).fold(T::ZERO, |s, (&x, &y)| s + x * y);
+                    for v in acc {
+                        sum = sum + v;
+                    }
+                    *cj = sum;
+                }
+            } else {
+                cc.fill(T::ZERO);
+                for (p, &ap) in arow.iter().enumerate() {
+                    let brow = &b[p * b_rs + j0..p * b_rs + j0 + cc.len()];
+                    for (cj, &bj) in cc.iter_mut().zip(brow) {
+                        *cj = *cj + ap * bj;
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -797,6 +848,18 @@ mod tests {
         check(300, 200, 400, Lay::Row, Lay::Row);
         check(300, 200, 400, Lay::Row, Lay::Col);
         check(130, 2100, 300, Lay::Col, Lay::Row); // crosses the NC block
+    }
+
+    /// A few rows times a large matrix takes the unpacked skinny path (decoding one token).
+    #[test]
+    fn skinny_products() {
+        for &(m, n, k) in &[(1, 1536, 576), (2, 300, 200), (3, 129, 257), (4, 70, 600)] {
+            for &la in &[Lay::Row, Lay::Col, Lay::BcastRows] {
+                for &lb in &[Lay::Row, Lay::Col, Lay::BcastRows, Lay::BcastAll] {
+                    check(m, n, k, la, lb);
+                }
+            }
+        }
     }
 
     #[test]
