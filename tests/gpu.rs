@@ -6,20 +6,13 @@
 //! no software adapter. With no adapter at all they print that they skipped and pass — unless
 //! `TINYTUNE_REQUIRE_GPU=1` (CI), then they fail.
 
+mod common;
+
 use tinytune::backend::gpu::{AdapterKind, MatmulKernel};
 use tinytune::{CmpOp, CrossEntropyReduction, DType, Device, Error, GpuDevice, Result, Rng, RopeLayout, Tensor};
 
 fn gpu() -> Option<Device> {
-    match Device::gpu_software().or_else(|_| Device::gpu()) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            if std::env::var("TINYTUNE_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("TINYTUNE_REQUIRE_GPU=1 but no GPU adapter: {e}");
-            }
-            eprintln!("gpu test skipped: no GPU adapter ({e})");
-            None
-        }
-    }
+    common::gpu_device()
 }
 
 macro_rules! gpu_or_skip {

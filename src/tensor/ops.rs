@@ -26,6 +26,15 @@ pub(crate) fn check_same(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()>
     Ok(())
 }
 
+/// `Some(f())` when `needed`, without running `f` otherwise.
+fn when(needed: bool, f: impl FnOnce() -> Result<Tensor>) -> Result<Option<Tensor>> {
+    if needed {
+        f().map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
 macro_rules! unary_ops {
     ($($(#[$doc:meta])* $name:ident => $op:expr, |$x:ident, $y:ident, $g:ident| $grad:expr;)*) => {
         impl Tensor {
@@ -164,7 +173,7 @@ impl Tensor {
         rhs: &Tensor,
         name: &'static str,
         op: BinaryOp,
-        grad: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync + 'static,
+        grad: impl Fn(&Tensor, &Tensor, &Tensor, [bool; 2]) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync + 'static,
     ) -> Result<Tensor> {
         check_same(name, self, rhs)?;
         let shape = broadcast_shapes(name, self.shape(), rhs.shape())?;
@@ -174,7 +183,8 @@ impl Tensor {
         let (sa, sb) = (self.shape().to_vec(), rhs.shape().to_vec());
         let (ra, rb) = (self.requires_grad_flag(), rhs.requires_grad_flag());
         Ok(Tensor::from_op(out, &shape, name, &[self, rhs], move |g| {
-            let (ga, gb) = grad(&a, &b, g)?;
+            // Only the operands that require a gradient get one computed.
+            let (ga, gb) = grad(&a, &b, g, [ra, rb])?;
             let ga = match ga {
                 Some(t) if ra => Some(t.sum_to_shape(&sa)?),
                 _ => None,
@@ -189,37 +199,39 @@ impl Tensor {
 
     /// `a + b` with broadcasting.
     pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_with(rhs, "add", BinaryOp::Add, |_, _, g| Ok((Some(g.clone()), Some(g.clone()))))
+        self.binary_with(rhs, "add", BinaryOp::Add, |_, _, g, n| Ok((n[0].then(|| g.clone()), n[1].then(|| g.clone()))))
     }
 
     /// `a − b` with broadcasting.
     pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_with(rhs, "sub", BinaryOp::Sub, |_, _, g| Ok((Some(g.clone()), Some(g.neg()?))))
+        self.binary_with(rhs, "sub", BinaryOp::Sub, |_, _, g, n| Ok((n[0].then(|| g.clone()), when(n[1], || g.neg())?)))
     }
 
     /// `a ⊙ b` with broadcasting.
     pub fn mul(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_with(rhs, "mul", BinaryOp::Mul, |a, b, g| Ok((Some(g.mul(b)?), Some(g.mul(a)?))))
+        self.binary_with(rhs, "mul", BinaryOp::Mul, |a, b, g, n| Ok((when(n[0], || g.mul(b))?, when(n[1], || g.mul(a))?)))
     }
 
     /// `a / b` with broadcasting; `∂/∂b = −a/b²`.
     pub fn div(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_with(rhs, "div", BinaryOp::Div, |a, b, g| Ok((Some(g.div(b)?), Some(g.mul(a)?.div(&b.sqr()?)?.neg()?))))
+        self.binary_with(rhs, "div", BinaryOp::Div, |a, b, g, n| {
+            Ok((when(n[0], || g.div(b))?, when(n[1], || g.mul(a)?.div(&b.sqr()?)?.neg())?))
+        })
     }
 
     /// Element-wise maximum; on ties the gradient is split evenly.
     pub fn maximum(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_with(rhs, "maximum", BinaryOp::Max, |a, b, g| {
+        self.binary_with(rhs, "maximum", BinaryOp::Max, |a, b, g, n| {
             let wa = a.cmp(b, CmpOp::Gt)?.add(&a.cmp(b, CmpOp::Eq)?.affine(0.5, 0.0)?)?;
-            Ok((Some(g.mul(&wa)?), Some(g.mul(&wa.affine(-1.0, 1.0)?)?)))
+            Ok((when(n[0], || g.mul(&wa))?, when(n[1], || g.mul(&wa.affine(-1.0, 1.0)?))?))
         })
     }
 
     /// Element-wise minimum; on ties the gradient is split evenly.
     pub fn minimum(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_with(rhs, "minimum", BinaryOp::Min, |a, b, g| {
+        self.binary_with(rhs, "minimum", BinaryOp::Min, |a, b, g, n| {
             let wa = a.cmp(b, CmpOp::Lt)?.add(&a.cmp(b, CmpOp::Eq)?.affine(0.5, 0.0)?)?;
-            Ok((Some(g.mul(&wa)?), Some(g.mul(&wa.affine(-1.0, 1.0)?)?)))
+            Ok((when(n[0], || g.mul(&wa))?, when(n[1], || g.mul(&wa.affine(-1.0, 1.0)?))?))
         })
     }
 
