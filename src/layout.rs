@@ -160,6 +160,15 @@ impl Layout {
         Ok(Layout { shape: shape.to_vec(), strides, offset: self.offset })
     }
 
+    /// The layout of the elements that remain when `axis` is dropped (the outer index space
+    /// of a reduction along that axis).
+    pub fn without_axis(&self, axis: usize) -> Layout {
+        let (mut shape, mut strides) = (self.shape.clone(), self.strides.clone());
+        shape.remove(axis);
+        strides.remove(axis);
+        Layout { shape, strides, offset: self.offset }
+    }
+
     /// A view with a new shape of the same element count, if the data allow it without a copy
     /// (always for contiguous data). `None` means the caller must copy first.
     pub fn reshape(&self, shape: &[usize]) -> Option<Layout> {

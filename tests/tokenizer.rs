@@ -7,6 +7,8 @@
 //!   its GGUF file: these need scripts/fetch-assets.sh, and are skipped with a message when the
 //!   files are absent, unless TINYTUNE_REQUIRE_ASSETS=1, where a missing file fails the test.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -20,27 +22,6 @@ fn fixtures() -> PathBuf {
 fn reference() -> Value {
     let text = std::fs::read_to_string(fixtures().join("reference.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn assets() -> PathBuf {
-    match std::env::var_os("TINYTUNE_ASSETS") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tinytune"),
-    }
-}
-
-/// The fetched asset at `rel`, or `None` (with the skip message) when it is absent; a panic when
-/// it is absent and TINYTUNE_REQUIRE_ASSETS=1.
-fn asset(rel: &str) -> Option<PathBuf> {
-    let path = assets().join(rel);
-    if path.exists() {
-        return Some(path);
-    }
-    if std::env::var("TINYTUNE_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-        panic!("{} is missing and TINYTUNE_REQUIRE_ASSETS=1: run scripts/fetch-assets.sh", path.display());
-    }
-    eprintln!("skipped: run scripts/fetch-assets.sh ({} is absent)", path.display());
-    None
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -132,7 +113,7 @@ fn tiny_sentencepiece_tokenizer_json_matches_transformers() {
 
 #[test]
 fn gpt2_from_original_files_matches_transformers() {
-    let (Some(enc), Some(bpe)) = (asset("gpt2/encoder.json"), asset("gpt2/vocab.bpe")) else { return };
+    let (Some(enc), Some(bpe)) = (common::asset("gpt2/encoder.json"), common::asset("gpt2/vocab.bpe")) else { return };
     let tok = Tokenizer::from_gpt2_files(enc, bpe).unwrap();
     check_against(&tok, "gpt2");
     assert_eq!(tok.encode("Hello world", true).unwrap(), [15496, 995]);
@@ -140,7 +121,7 @@ fn gpt2_from_original_files_matches_transformers() {
 
 #[test]
 fn smollm2_from_gguf_matches_transformers() {
-    let Some(path) = asset("SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let Some(path) = common::asset("SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
     let tok = Tokenizer::from_gguf(&path).unwrap();
     check_against(&tok, "smollm2");
     // No BOS is added for SmolLM2, as transformers does.

@@ -174,6 +174,12 @@ impl Tensor {
         Tensor::full(self.shape(), v, self.dtype(), self.device())
     }
 
+    /// A small table computed on the host in f64 (positions, masks, RoPE angles), stored as
+    /// `dtype` on `device`.
+    pub(crate) fn from_host_f64(v: Vec<f64>, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+    }
+
     /// `start, start+step, ..` below `end`, as a 1-d tensor of `dtype`.
     pub fn arange(start: f64, end: f64, step: f64, dtype: DType, device: &Device) -> Result<Tensor> {
         if step == 0.0 || !step.is_finite() || !start.is_finite() || !end.is_finite() {
@@ -184,7 +190,7 @@ impl Tensor {
         }
         let n = ((end - start) / step).ceil().max(0.0) as usize;
         let v: Vec<f64> = (0..n).map(|i| start + i as f64 * step).collect();
-        Tensor::from_vec(v, &[n], &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+        Tensor::from_host_f64(v, &[n], dtype, device)
     }
 
     /// Uniform in `[lo, hi)` from the counter-based stream `rng.next_stream()`.

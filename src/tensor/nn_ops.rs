@@ -251,8 +251,8 @@ impl Tensor {
                 s.push(angle.sin());
             }
         }
-        let cos = Tensor::from_vec(c, &[seq, half], &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
-        let sin = Tensor::from_vec(s, &[seq, half], &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
+        let cos = Tensor::from_host_f64(c, &[seq, half], dtype, device)?;
+        let sin = Tensor::from_host_f64(s, &[seq, half], dtype, device)?;
         Ok((cos, sin))
     }
 
@@ -264,7 +264,7 @@ impl Tensor {
         }
         let shift = kv_len - q_len;
         let v: Vec<f64> = (0..q_len).flat_map(|i| (0..kv_len).map(move |j| if j <= i + shift { 1.0 } else { 0.0 })).collect();
-        Tensor::from_vec(v, &[q_len, kv_len], &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+        Tensor::from_host_f64(v, &[q_len, kv_len], dtype, device)
     }
 
     /// Padding keep-mask `[batch, len]`: 1.0 for the first `lengths[b]` positions of row b.
@@ -273,7 +273,7 @@ impl Tensor {
             return Err(Error::InvalidArgument { op: "padding_mask", msg: format!("length {l} exceeds padded length {len}") });
         }
         let v: Vec<f64> = lengths.iter().flat_map(|&l| (0..len).map(move |j| if j < l { 1.0 } else { 0.0 })).collect();
-        Tensor::from_vec(v, &[lengths.len(), len], &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+        Tensor::from_host_f64(v, &[lengths.len(), len], dtype, device)
     }
 
     /// Turn a keep-mask (1 keep, 0 drop) into an additive attention bias: 0 where kept, the

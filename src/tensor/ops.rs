@@ -336,8 +336,7 @@ impl Tensor {
         }
         let out = std::sync::Arc::new(self.storage_arc().reduce(op, self.layout(), ax)?);
         let kept = self.kept_shape(&[ax]);
-        let out_shape =
-            if keepdim { kept.clone() } else { self.shape().iter().enumerate().filter(|&(i, _)| i != ax).map(|(_, &d)| d).collect() };
+        let out_shape = if keepdim { kept.clone() } else { self.layout().without_axis(ax).shape().to_vec() };
         let x = self.detach();
         let y = Tensor::leaf_shared(out.clone(), &kept);
         Ok(Tensor::from_op_shared(out, &out_shape, name, &[self], move |g| {
@@ -365,11 +364,7 @@ impl Tensor {
             return Err(Error::Shape { op: name, msg: format!("cannot reduce empty axis {ax} of shape {:?}", self.shape()) });
         }
         let out = self.storage_arc().reduce(op, self.layout(), ax)?;
-        let shape = if keepdim {
-            self.kept_shape(&[ax])
-        } else {
-            self.shape().iter().enumerate().filter(|&(i, _)| i != ax).map(|(_, &d)| d).collect()
-        };
+        let shape = if keepdim { self.kept_shape(&[ax]) } else { self.layout().without_axis(ax).shape().to_vec() };
         Ok(Tensor::from_storage(out, &shape))
     }
 

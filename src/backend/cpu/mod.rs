@@ -278,22 +278,13 @@ fn zip_layouts<T: Float>(a: &[T], la: &Layout, b: &[T], lb: &Layout, f: impl Fn(
     out
 }
 
-/// The layout of the elements that remain when `axis` is dropped (for reductions).
-fn without_axis(layout: &Layout, axis: usize) -> Layout {
-    let mut shape = layout.shape().to_vec();
-    let mut strides = layout.strides().to_vec();
-    shape.remove(axis);
-    strides.remove(axis);
-    Layout::new(shape, strides, layout.offset())
-}
-
 fn reduce_kernel<T: Float, R: Copy + Send + Sync + Default>(
     x: &[T],
     layout: &Layout,
     axis: usize,
     f: impl Fn(&mut dyn Iterator<Item = T>) -> R + Sync,
 ) -> Vec<R> {
-    let outer = without_axis(layout, axis);
+    let outer = layout.without_axis(axis);
     let (d, stride) = (layout.shape()[axis], layout.strides()[axis]);
     let mut out = vec![R::default(); outer.numel()];
     let chunk = (CHUNK / d.max(1)).max(1);

@@ -1024,12 +1024,3 @@ impl GpuStorage {
         rand::rand(dev, dtype, n, seed, offset, normal, a, b)
     }
 }
-
-/// The layout of the elements that remain when `axis` is dropped.
-pub(crate) fn without_axis(layout: &Layout, axis: usize) -> Layout {
-    let mut shape = layout.shape().to_vec();
-    let mut strides = layout.strides().to_vec();
-    shape.remove(axis);
-    strides.remove(axis);
-    Layout::new(shape, strides, layout.offset())
-}

@@ -1,6 +1,6 @@
 //! Launcher of `shaders/reduce.wgsl`: sum/max/min/argmax/argmin along an axis.
 
-use super::{without_axis, Access, GpuStorage, Kernel, Params, Traffic};
+use super::{Access, GpuStorage, Kernel, Params, Traffic};
 use crate::backend::ReduceOp;
 use crate::dtype::DType;
 use crate::error::Result;
@@ -11,7 +11,7 @@ const REDUCE: Kernel = Kernel { shader: "reduce", source: SRC, entry: "reduce_ax
 
 pub(super) fn reduce(x: &GpuStorage, op: ReduceOp, layout: &Layout, axis: usize) -> Result<GpuStorage> {
     x.need_f32("reduce")?;
-    let outer = without_axis(layout, axis);
+    let outer = layout.without_axis(axis);
     let n = outer.numel();
     let (code, dtype) = match op {
         ReduceOp::Sum => (0, DType::F32),

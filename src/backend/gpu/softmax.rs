@@ -13,7 +13,7 @@ pub(super) fn rows_of(l: &Layout) -> (usize, usize, usize, Layout) {
     if r == 0 {
         return (1, 1, 1, Layout::new(vec![], vec![], l.offset()));
     }
-    let outer = super::without_axis(l, r - 1);
+    let outer = l.without_axis(r - 1);
     (outer.numel(), l.shape()[r - 1], l.strides()[r - 1], outer)
 }
 
