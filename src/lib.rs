@@ -28,9 +28,12 @@ pub mod io;
 pub mod layout;
 pub mod models;
 pub mod nn;
+pub mod optim;
+pub mod peft;
 pub mod quant;
 pub mod rng;
 pub mod tensor;
+pub mod train;
 
 pub use autograd::{no_grad, with_no_grad};
 pub use backend::{CmpOp, Device, GpuDevice, MemoryStats};

@@ -1,0 +1,1 @@
+//! Fine-tuning methods that attach to a model's sites.

@@ -1,0 +1,3 @@
+//! Training: data, the trainer loop, checkpoints and metrics.
+
+pub mod data;
