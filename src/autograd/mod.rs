@@ -14,6 +14,9 @@ use std::collections::HashMap;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
+mod checkpoint;
+pub use checkpoint::{checkpoint, CheckpointFn};
+
 /// Maps the output gradient to one optional gradient per input.
 pub type BackwardFn = Box<dyn Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync>;
 
@@ -55,6 +58,12 @@ pub fn no_grad() -> NoGradGuard {
     NoGradGuard { prev: GRAD_ENABLED.with(|g| g.replace(false)) }
 }
 
+/// Turn graph recording back on until dropped (restores the previous state); used where a
+/// backward rule must build a graph, e.g. the recomputation of [`checkpoint`].
+pub fn enable_grad() -> NoGradGuard {
+    NoGradGuard { prev: GRAD_ENABLED.with(|g| g.replace(true)) }
+}
+
 /// Run `f` with graph recording off.
 pub fn with_no_grad<R>(f: impl FnOnce() -> R) -> R {
     let _g = no_grad();
@@ -90,16 +99,25 @@ fn topo_order(root: &Tensor) -> Vec<Tensor> {
 
 /// Back-propagate from the scalar `root`, accumulating into the leaves' gradients.
 pub fn backward(root: &Tensor) -> Result<()> {
+    if root.numel() != 1 {
+        return Err(Error::Backward(format!("can only start from a scalar, got shape {:?}", root.shape())));
+    }
+    backward_with_grad(root, &root.ones_like()?)
+}
+
+/// Back-propagate from `root` given the gradient of some scalar with respect to it
+/// (`grad`, the shape of `root`), accumulating into the leaves' gradients.
+pub fn backward_with_grad(root: &Tensor, grad: &Tensor) -> Result<()> {
     if !root.requires_grad_flag() {
         return Err(Error::Backward("the tensor does not require a gradient (no input of its graph has requires_grad)".into()));
     }
-    if root.numel() != 1 {
-        return Err(Error::Backward(format!("can only start from a scalar, got shape {:?}", root.shape())));
+    if grad.shape() != root.shape() {
+        return Err(Error::Backward(format!("seed gradient {:?} does not match the tensor {:?}", grad.shape(), root.shape())));
     }
     let _g = no_grad();
     let order = topo_order(root);
     let mut grads: HashMap<u64, Tensor> = HashMap::new();
-    grads.insert(root.id(), root.ones_like()?);
+    grads.insert(root.id(), grad.detach());
     for t in order.iter().rev() {
         let Some(g) = grads.remove(&t.id()) else { continue };
         match t.node() {

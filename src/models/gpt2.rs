@@ -12,7 +12,11 @@
 //! (`y = x W + b`); they are transposed once at load into the `[out, in]` layout of
 //! [`Linear`], so all models share one linear layer (and one site type for adapters).
 
+use std::sync::Arc;
+
+use super::llama::norm_weights;
 use super::{CausalLm, KvCache};
+use crate::autograd::checkpoint;
 use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::io::config::RawConfig;
@@ -57,6 +61,7 @@ impl Gpt2Config {
     }
 }
 
+#[derive(Clone)]
 struct Block {
     ln_1: Norm,
     c_attn: Linear,
@@ -72,6 +77,8 @@ pub struct Gpt2 {
     wpe: Embedding,
     blocks: Vec<Block>,
     ln_f: Norm,
+    lm_head: Linear,
+    checkpointing: bool,
 }
 
 /// Checkpoints may or may not carry the `transformer.` prefix.
@@ -119,46 +126,93 @@ impl Gpt2 {
             });
         }
         let ln_f = layer_norm(w, "ln_f", d, c.layer_norm_epsilon, dev)?;
-        Ok(Gpt2 { config, wte, wpe, blocks, ln_f })
+        let lm_head = Linear::new("lm_head", wte.weight.clone(), None);
+        Ok(Gpt2 { config, wte, wpe, blocks, ln_f, lm_head, checkpointing: false })
+    }
+}
+
+impl Block {
+    /// `h + Attn(LN(h))`, then `+ MLP(LN(·))`.
+    fn forward(&self, c: &Gpt2Config, h: &Tensor, bias: &Tensor, cache: Option<&mut KvCache>, layer: usize) -> Result<Tensor> {
+        let (b, t) = (h.shape()[0], h.shape()[1]);
+        let (nh, hd) = (c.n_head as isize, (c.n_embd / c.n_head) as isize);
+        let (bi, ti) = (b as isize, t as isize);
+        let qkv = self.c_attn.forward(&self.ln_1.forward(h)?)?;
+        let parts = qkv.split(&[c.n_embd; 3], -1)?;
+        let heads = |x: &Tensor| x.reshape(&[bi, ti, nh, hd])?.transpose(1, 2);
+        let (k, v) = (heads(&parts[1])?, heads(&parts[2])?);
+        let (k, v) = match cache {
+            Some(cache) => cache.append(layer, k, v)?,
+            None => (k, v),
+        };
+        let y = attention(&heads(&parts[0])?, &k, &v, bias)?;
+        let y = y.transpose(1, 2)?.reshape(&[bi, ti, c.n_embd as isize])?;
+        let h = h.add(&self.attn_proj.forward(&y)?)?;
+        let m = self.mlp_proj.forward(&self.c_fc.forward(&self.ln_2.forward(&h)?)?.gelu_tanh()?)?;
+        h.add(&m)
+    }
+
+    fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        [&mut self.c_attn, &mut self.attn_proj, &mut self.c_fc, &mut self.mlp_proj]
     }
 }
 
 impl CausalLm for Gpt2 {
-    fn forward_cached(&self, ids: &Tensor, keep: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn hidden_states(&self, ids: &Tensor, keep: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let c = &self.config;
         if ids.rank() != 2 {
             return Err(Error::Shape { op: "gpt2.forward", msg: format!("ids must be [batch, seq], got {:?}", ids.shape()) });
         }
-        let (b, t) = (ids.shape()[0], ids.shape()[1]);
+        let t = ids.shape()[1];
         let start = cache.as_ref().map_or(0, |c| c.len());
         if start + t > c.n_positions {
             return Err(Error::Shape { op: "gpt2.forward", msg: format!("position {} exceeds n_positions {}", start + t, c.n_positions) });
         }
         let pos = Tensor::arange(start as f64, (start + t) as f64, 1.0, crate::DType::U32, ids.device())?;
         let mut h = self.wte.forward(ids)?.add(&self.wpe.forward(&pos)?)?;
-        let bias = attention_bias(t, start + t, keep, COMPUTE, ids.device())?;
-        let (nh, hd) = (c.n_head as isize, (c.n_embd / c.n_head) as isize);
-        let (bi, ti) = (b as isize, t as isize);
+        let bias = attention_bias(t, start + t, keep, self.wte.weight.dtype(), ids.device())?;
         for (i, blk) in self.blocks.iter().enumerate() {
-            let qkv = blk.c_attn.forward(&blk.ln_1.forward(&h)?)?;
-            let parts = qkv.split(&[c.n_embd; 3], -1)?;
-            let heads = |x: &Tensor| x.reshape(&[bi, ti, nh, hd])?.transpose(1, 2);
-            let (k, v) = (heads(&parts[1])?, heads(&parts[2])?);
-            let (k, v) = match cache.as_deref_mut() {
-                Some(cache) => cache.append(i, k, v)?,
-                None => (k, v),
+            h = if self.checkpointing && cache.is_none() {
+                let (blk, c, bias) = (blk.clone(), c.clone(), bias.clone());
+                checkpoint(&[h], Arc::new(move |x: &[Tensor]| blk.forward(&c, &x[0], &bias, None, i)))?
+            } else {
+                blk.forward(c, &h, &bias, cache.as_deref_mut(), i)?
             };
-            let y = attention(&heads(&parts[0])?, &k, &v, &bias)?;
-            let y = y.transpose(1, 2)?.reshape(&[bi, ti, c.n_embd as isize])?;
-            h = h.add(&blk.attn_proj.forward(&y)?)?;
-            let m = blk.mlp_proj.forward(&blk.c_fc.forward(&blk.ln_2.forward(&h)?)?.gelu_tanh()?)?;
-            h = h.add(&m)?;
         }
         if let Some(c) = cache {
             c.advance(t);
         }
-        let x = self.ln_f.forward(&h)?;
-        Linear::new("lm_head", self.wte.weight.clone(), None).forward(&x)
+        self.ln_f.forward(&h)
+    }
+
+    fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.blocks.iter_mut().flat_map(|b| b.linears_mut()).collect()
+    }
+
+    fn visit_parameters(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        f("transformer.wte.weight", &mut self.wte.weight)?;
+        f("transformer.wpe.weight", &mut self.wpe.weight)?;
+        for blk in &mut self.blocks {
+            norm_weights(&mut blk.ln_1, f)?;
+            norm_weights(&mut blk.ln_2, f)?;
+            for l in blk.linears_mut() {
+                f(&format!("{}.weight", l.name), &mut l.weight)?;
+                if let Some(b) = l.bias.as_mut() {
+                    f(&format!("{}.bias", l.name), b)?;
+                }
+            }
+        }
+        norm_weights(&mut self.ln_f, f)?;
+        self.lm_head.weight = self.wte.weight.clone();
+        Ok(())
+    }
+
+    fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
     }
 
     fn num_layers(&self) -> usize {
@@ -169,7 +223,32 @@ impl CausalLm for Gpt2 {
         self.config.vocab_size
     }
 
+    fn hidden_size(&self) -> usize {
+        self.config.n_embd
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.config.n_positions)
+    }
+
     fn architecture(&self) -> &'static str {
         "gpt2"
+    }
+
+    fn config_json(&self) -> serde_json::Value {
+        let c = &self.config;
+        serde_json::json!({
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": c.vocab_size,
+            "n_embd": c.n_embd,
+            "n_layer": c.n_layer,
+            "n_head": c.n_head,
+            "n_inner": c.n_inner,
+            "n_positions": c.n_positions,
+            "layer_norm_epsilon": c.layer_norm_epsilon,
+            "activation_function": "gelu_new",
+            "torch_dtype": "float32",
+        })
     }
 }

@@ -10,7 +10,10 @@
 //! logits = RMSNorm(h_L) W_lmᵀ
 //! ```
 
+use std::sync::Arc;
+
 use super::{CausalLm, KvCache};
+use crate::autograd::checkpoint;
 use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::io::config::RawConfig;
@@ -37,6 +40,8 @@ pub struct LlamaConfig {
     /// Mistral-style sliding-window attention span, when the config enables it. Within the
     /// window it equals full attention; longer sequences are refused (not implemented).
     pub sliding_window: Option<usize>,
+    /// `max_position_embeddings` (GGUF: `llama.context_length`), when given.
+    pub max_position_embeddings: Option<usize>,
 }
 
 impl LlamaConfig {
@@ -106,6 +111,7 @@ impl LlamaConfig {
             attention_bias: raw.bool_or("attention_bias", qwen)?,
             mlp_bias: raw.bool_or("mlp_bias", false)?,
             sliding_window,
+            max_position_embeddings: raw.opt_usize("max_position_embeddings")?,
         }
         .checked()
         .map_err(|m| raw.error(m))
@@ -181,12 +187,14 @@ impl LlamaConfig {
             attention_bias: file.contains("blk.0.attn_q.bias"),
             mlp_bias: file.contains("blk.0.ffn_up.bias"),
             sliding_window: None,
+            max_position_embeddings: file.opt_usize("llama.context_length")?,
         }
         .checked()
         .map_err(|m| file.error(m))
     }
 }
 
+#[derive(Clone)]
 struct Block {
     input_norm: Norm,
     q: Linear,
@@ -206,6 +214,7 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: Norm,
     lm_head: Linear,
+    checkpointing: bool,
 }
 
 fn linear(w: &dyn Weights, name: &str, out: usize, inp: usize, bias: bool, dev: &Device) -> Result<Linear> {
@@ -245,41 +254,51 @@ impl Llama {
         } else {
             linear(w, "lm_head", c.vocab_size, d, false, dev)?
         };
-        Ok(Llama { config, embed, blocks, norm, lm_head })
+        Ok(Llama { config, embed, blocks, norm, lm_head, checkpointing: false })
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        blk: &Block,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        bias: &Tensor,
-        cache: Option<&mut KvCache>,
-        layer: usize,
-    ) -> Result<Tensor> {
-        let c = &self.config;
+/// The tables one forward shares between its blocks.
+#[derive(Clone)]
+struct Shared {
+    cos: Tensor,
+    sin: Tensor,
+    bias: Tensor,
+}
+
+impl Block {
+    fn attention(&self, c: &LlamaConfig, x: &Tensor, sh: &Shared, cache: Option<&mut KvCache>, layer: usize) -> Result<Tensor> {
         let (b, t) = (x.shape()[0], x.shape()[1]);
         let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
             lin.forward(x)?.reshape(&[b as isize, t as isize, n as isize, c.head_dim as isize])?.transpose(1, 2)
         };
-        let q = heads(&blk.q, c.num_attention_heads)?.rope(cos, sin, RopeLayout::HalfSplit)?;
-        let k = heads(&blk.k, c.num_key_value_heads)?.rope(cos, sin, RopeLayout::HalfSplit)?;
-        let v = heads(&blk.v, c.num_key_value_heads)?;
+        let q = heads(&self.q, c.num_attention_heads)?.rope(&sh.cos, &sh.sin, RopeLayout::HalfSplit)?;
+        let k = heads(&self.k, c.num_key_value_heads)?.rope(&sh.cos, &sh.sin, RopeLayout::HalfSplit)?;
+        let v = heads(&self.v, c.num_key_value_heads)?;
         let (k, v) = match cache {
             Some(cache) => cache.append(layer, k, v)?,
             None => (k, v),
         };
         let rep = c.num_attention_heads / c.num_key_value_heads;
-        let y = attention(&q, &repeat_kv(&k, rep)?, &repeat_kv(&v, rep)?, bias)?;
+        let y = attention(&q, &repeat_kv(&k, rep)?, &repeat_kv(&v, rep)?, &sh.bias)?;
         let y = y.transpose(1, 2)?.reshape(&[b as isize, t as isize, (c.num_attention_heads * c.head_dim) as isize])?;
-        blk.o.forward(&y)
+        self.o.forward(&y)
+    }
+
+    /// `h + Attn(RMSNorm(h))`, then `+ MLP(RMSNorm(·))`.
+    fn forward(&self, c: &LlamaConfig, h: &Tensor, sh: &Shared, cache: Option<&mut KvCache>, layer: usize) -> Result<Tensor> {
+        let h = h.add(&self.attention(c, &self.input_norm.forward(h)?, sh, cache, layer)?)?;
+        let x = self.post_norm.forward(&h)?;
+        h.add(&self.down.forward(&self.gate.forward(&x)?.silu()?.mul(&self.up.forward(&x)?)?)?)
+    }
+
+    fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down]
     }
 }
 
 impl CausalLm for Llama {
-    fn forward_cached(&self, ids: &Tensor, keep: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn hidden_states(&self, ids: &Tensor, keep: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         if ids.rank() != 2 {
             return Err(Error::Shape { op: "llama.forward", msg: format!("ids must be [batch, seq], got {:?}", ids.shape()) });
         }
@@ -291,20 +310,63 @@ impl CausalLm for Llama {
                 msg: format!("{} positions exceed the sliding window of {w}; sliding-window attention is not implemented", start + t),
             });
         }
-        let (cos, sin) = Tensor::rope_tables(start, t, self.config.head_dim, self.config.rope_theta, COMPUTE, ids.device())?;
-        let bias = attention_bias(t, start + t, keep, COMPUTE, ids.device())?;
+        // Tables in the weights' dtype: f32 normally, f64 when a test converts the model.
+        let dt = self.embed.weight.dtype();
+        let (cos, sin) = Tensor::rope_tables(start, t, self.config.head_dim, self.config.rope_theta, dt, ids.device())?;
+        let sh = Shared { cos, sin, bias: attention_bias(t, start + t, keep, dt, ids.device())? };
         let mut h = self.embed.forward(ids)?;
         for (i, blk) in self.blocks.iter().enumerate() {
-            let a = self.attention(blk, &blk.input_norm.forward(&h)?, &cos, &sin, &bias, cache.as_deref_mut(), i)?;
-            h = h.add(&a)?;
-            let x = blk.post_norm.forward(&h)?;
-            let m = blk.down.forward(&blk.gate.forward(&x)?.silu()?.mul(&blk.up.forward(&x)?)?)?;
-            h = h.add(&m)?;
+            h = if self.checkpointing && cache.is_none() {
+                let (blk, c, sh) = (blk.clone(), self.config.clone(), sh.clone());
+                checkpoint(&[h], Arc::new(move |x: &[Tensor]| blk.forward(&c, &x[0], &sh, None, i)))?
+            } else {
+                blk.forward(&self.config, &h, &sh, cache.as_deref_mut(), i)?
+            };
         }
         if let Some(c) = cache {
             c.advance(t);
         }
-        self.lm_head.forward(&self.norm.forward(&h)?)
+        self.norm.forward(&h)
+    }
+
+    fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out: Vec<&mut Linear> = self.blocks.iter_mut().flat_map(|b| b.linears_mut()).collect();
+        out.push(&mut self.lm_head);
+        out
+    }
+
+    fn visit_parameters(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        fn lin(l: &mut Linear, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+            f(&format!("{}.weight", l.name), &mut l.weight)?;
+            if let Some(b) = l.bias.as_mut() {
+                f(&format!("{}.bias", l.name), b)?;
+            }
+            Ok(())
+        }
+        let tied = self.lm_head.weight.id() == self.embed.weight.id();
+        f("model.embed_tokens.weight", &mut self.embed.weight)?;
+        for blk in &mut self.blocks {
+            norm_weights(&mut blk.input_norm, f)?;
+            for l in blk.linears_mut() {
+                lin(l, f)?;
+            }
+            norm_weights(&mut blk.post_norm, f)?;
+        }
+        norm_weights(&mut self.norm, f)?;
+        if tied {
+            self.lm_head.weight = self.embed.weight.clone();
+            Ok(())
+        } else {
+            lin(&mut self.lm_head, f)
+        }
+    }
+
+    fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
     }
 
     fn num_layers(&self) -> usize {
@@ -315,7 +377,55 @@ impl CausalLm for Llama {
         self.config.vocab_size
     }
 
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        self.config.max_position_embeddings
+    }
+
     fn architecture(&self) -> &'static str {
         "llama"
+    }
+
+    fn config_json(&self) -> serde_json::Value {
+        let c = &self.config;
+        let mut v = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": c.rope_theta,
+            "tie_word_embeddings": self.lm_head.weight.id() == self.embed.weight.id(),
+            "attention_bias": c.attention_bias,
+            "mlp_bias": c.mlp_bias,
+            "torch_dtype": "float32",
+        });
+        if let Some(m) = c.max_position_embeddings {
+            v["max_position_embeddings"] = m.into();
+        }
+        if let Some(w) = c.sliding_window {
+            v["sliding_window"] = w.into();
+        }
+        v
+    }
+}
+
+/// Visit a norm's weight (and bias) by checkpoint name.
+pub(crate) fn norm_weights(n: &mut Norm, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+    match n {
+        Norm::Rms { name, weight, .. } => f(&format!("{name}.weight"), weight),
+        Norm::Layer { name, weight, bias, .. } => {
+            f(&format!("{name}.weight"), weight)?;
+            f(&format!("{name}.bias"), bias)
+        }
     }
 }

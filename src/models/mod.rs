@@ -14,10 +14,15 @@ use crate::backend::Device;
 use crate::error::Result;
 use crate::io::config::RawConfig;
 use crate::io::{Checkpoint, GgufFile, GgufLlamaWeights};
+use crate::nn::Linear;
 use crate::tensor::Tensor;
 
 /// A causal language model: token ids in, next-token logits out.
-pub trait CausalLm {
+///
+/// Fine-tuning methods reach the model through its named sites: [`CausalLm::linears_mut`]
+/// (every linear layer, by its Hugging Face module path) and
+/// [`CausalLm::visit_parameters`] (every weight tensor, by its checkpoint name).
+pub trait CausalLm: Send + Sync {
     /// `ids: [batch, seq]` (U32) → logits `[batch, seq, vocab]`. `keep: [batch, seq]` marks
     /// real tokens (1) and padding (0), or `None` when every row is full.
     fn forward(&self, ids: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
@@ -26,12 +31,44 @@ pub trait CausalLm {
     /// Like `forward`, continuing from the keys and values in `cache` (positions start at
     /// `cache.len()`) and appending this step's to it. With a cache, `keep` covers the cached
     /// positions and the new ones: `[batch, cache.len() + seq]`.
-    fn forward_cached(&self, ids: &Tensor, keep: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor>;
+    fn forward_cached(&self, ids: &Tensor, keep: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.lm_head().forward(&self.hidden_states(ids, keep, cache)?)
+    }
+    /// The final hidden states `[batch, seq, hidden]` (after the last norm, before the LM
+    /// head): what a classification head reads.
+    fn hidden_states(&self, ids: &Tensor, keep: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor>;
+    /// The output layer (`lm_head`; its weight is the embedding's when they are tied).
+    fn lm_head(&self) -> &Linear;
+    /// Every linear layer, named by its Hugging Face module path
+    /// (`model.layers.0.self_attn.q_proj`, `transformer.h.0.attn.c_attn`, `lm_head`).
+    fn linears_mut(&mut self) -> Vec<&mut Linear>;
+    /// Call `f(name, tensor)` on every weight tensor, named as in a Hugging Face checkpoint
+    /// (`model.layers.0.input_layernorm.weight`). `f` may replace the tensor (e.g. by a
+    /// trainable leaf); a tied output layer follows its embedding and is not visited itself.
+    fn visit_parameters(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()>;
+    /// Recompute each transformer block in backward instead of keeping its activations.
+    fn set_gradient_checkpointing(&mut self, on: bool);
     /// Number of transformer blocks (the size of a [`KvCache`]).
     fn num_layers(&self) -> usize;
     fn vocab_size(&self) -> usize;
+    /// Width of the hidden states.
+    fn hidden_size(&self) -> usize;
+    /// The most positions the model accepts, when its config says.
+    fn max_positions(&self) -> Option<usize>;
     /// The `model_type` of its config.
     fn architecture(&self) -> &'static str;
+    /// A Hugging Face `config.json` describing this model (for writing a merged checkpoint).
+    fn config_json(&self) -> serde_json::Value;
+}
+
+/// Every weight tensor of `model` by checkpoint name (clones of the handles, sharing data).
+pub fn parameters(model: &mut dyn CausalLm) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
+    model.visit_parameters(&mut |name, t| {
+        out.push((name.to_string(), t.clone()));
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// Load a model: a Hugging Face directory (`config.json` + safetensors weights), or a GGUF

@@ -6,17 +6,30 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-/// `y = x Wᵀ + b` with `W: [out, in]` (PyTorch `nn.Linear` layout).
+/// A fine-tuning method attached to a [`Linear`] site (LoRA, DoRA, ...). When a linear has
+/// an adapter, the adapter computes the whole output from the frozen base layer and the
+/// input, so a method can change the math of the site without the model code knowing it.
+pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
+    /// `y: [rows, out]` for `x: [rows, in]` (leading axes already flattened), given the
+    /// base layer (its weight, bias and name).
+    fn forward(&self, base: &Linear, x: &Tensor) -> Result<Tensor>;
+    /// For downcasting to the method's own type (saving, merging).
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// `y = x Wᵀ + b` with `W: [out, in]` (PyTorch `nn.Linear` layout), plus an optional
+/// fine-tuning adapter that replaces the computation (see [`LinearAdapter`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub name: String,
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub adapter: Option<std::sync::Arc<dyn LinearAdapter>>,
 }
 
 impl Linear {
     pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Linear {
-        Linear { name: name.into(), weight, bias }
+        Linear { name: name.into(), weight, bias, adapter: None }
     }
 
     pub fn in_features(&self) -> usize {
@@ -27,7 +40,8 @@ impl Linear {
         self.weight.shape()[0]
     }
 
-    /// Apply to `x: [.., in]`. Leading axes are flattened so the product is one large matmul.
+    /// Apply to `x: [.., in]`. Leading axes are flattened so the product is one large matmul;
+    /// an attached adapter computes the output instead of the plain product.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let in_f = self.in_features();
         if x.shape().last() != Some(&in_f) {
@@ -36,12 +50,21 @@ impl Linear {
         let mut out_shape = x.shape().to_vec();
         *out_shape.last_mut().expect("rank ≥ 1 checked") = self.out_features();
         let rows = x.numel() / in_f.max(1);
-        let y = x.reshape(&[rows as isize, in_f as isize])?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.add(b)?,
-            None => y,
+        let x2 = x.reshape(&[rows as isize, in_f as isize])?;
+        let y = match &self.adapter {
+            Some(adapter) => adapter.forward(self, &x2)?,
+            None => self.forward_base(&x2)?,
         };
         y.reshape(&out_shape.iter().map(|&d| d as isize).collect::<Vec<_>>())
+    }
+
+    /// The base layer alone on `x: [rows, in]`: `x Wᵀ + b`, ignoring any adapter.
+    pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.add(b),
+            None => Ok(y),
+        }
     }
 }
 

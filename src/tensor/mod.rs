@@ -121,6 +121,20 @@ impl Tensor {
         Tensor::from_parts(storage, layout, node, track)
     }
 
+    /// `value`'s data as the output of a node recorded whenever recording is on, even when no
+    /// input requires a gradient: for ops whose backward reaches trainable tensors the graph
+    /// does not show (gradient checkpointing).
+    pub(crate) fn from_op_always(
+        value: &Tensor,
+        op: &'static str,
+        inputs: &[&Tensor],
+        backward: impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+    ) -> Tensor {
+        let track = autograd::is_grad_enabled();
+        let node = track.then(|| Node { op, inputs: inputs.iter().map(|t| (*t).clone()).collect(), backward: Box::new(backward) });
+        Tensor::from_parts(value.storage_arc(), value.layout().clone(), node, track)
+    }
+
     /// A view: same storage, another layout.
     pub(crate) fn view_op(
         &self,

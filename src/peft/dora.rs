@@ -1,0 +1,30 @@
+//! DoRA (Liu et al. 2024): LoRA's update sets the direction, a trainable vector the length
+//! of each output row,
+//!
+//! ```text
+//! W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖_row,    m ∈ R^{out}, init m = ‖W0‖_row
+//! y  = x W'ᵀ + b = (m / ‖W0 + s B A‖_row) ⊙ (x W0ᵀ + s (dropout(x) Aᵀ) Bᵀ) + b
+//! ```
+//!
+//! The row norm is treated as a constant in backward (detached), as the paper's reference
+//! code and PEFT do: gradients reach `m`, `A` and `B` only through the numerator. (With
+//! dropout in training PEFT also feeds the dropped input to the `x W0ᵀ` term; here the base
+//! term always sees `x`. In inference the two agree exactly.)
+
+use super::lora::{low_rank_linear, LoraLayer};
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// `‖W‖` of each row of `W: [out, in]` → `[out]`.
+pub fn row_norms(w: &Tensor) -> Result<Tensor> {
+    crate::autograd::with_no_grad(|| {
+        w.to_dtype(if w.dtype().is_compute() { w.dtype() } else { crate::nn::COMPUTE })?.sqr()?.sum(&[-1], false)?.sqrt()
+    })
+}
+
+/// The DoRA output (no bias) of `layer` with magnitude `m` on `x` (`xd`: dropped input).
+pub(crate) fn forward(layer: &LoraLayer, m: &Tensor, w0: &Tensor, x: &Tensor, xd: &Tensor) -> Result<Tensor> {
+    let norm = crate::autograd::with_no_grad(|| row_norms(&w0.to_dtype(layer.a.dtype())?.add(&layer.delta_weight()?)?))?;
+    let y = low_rank_linear(x, xd, w0, &layer.a, &layer.b, layer.scale)?;
+    y.mul(&m.div(&norm)?)
+}

@@ -1,0 +1,352 @@
+//! LoRA (Hu et al. 2021): a frozen linear `W0` plus a trainable low-rank update,
+//!
+//! ```text
+//! y = x W0ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ,    A ∈ R^{r×in}, B ∈ R^{out×r}
+//! s = α / r            (LoRA)
+//! s = α / √r           (rsLoRA, Kalajdzievski 2023: keeps the update's scale as r grows)
+//! ```
+//!
+//! Init: `B = 0` (the adapted model starts equal to the base), `A ~ U(−1/√in, 1/√in)` (the
+//! Kaiming-uniform bound with a = √5 of the reference code). Merge folds the update into the
+//! weight, `W = W0 + s·B A`; unmerge subtracts it again. With `dora` set, the site computes
+//! DoRA instead (see [`super::dora`]).
+
+use std::sync::Arc;
+
+use super::{dora, select_sites, DropoutState};
+use crate::backend::Device;
+use crate::error::{Error, Result};
+use crate::models::CausalLm;
+use crate::nn::{Linear, LinearAdapter, COMPUTE};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+
+/// The hyper-parameters of a LoRA/DoRA adapter (the fields of PEFT's `LoraConfig` that
+/// change the math).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    /// Rank `r` of the update.
+    pub r: usize,
+    /// `α`: the update is scaled by `α/r` (or `α/√r` with `rslora`).
+    pub alpha: f64,
+    /// Dropout probability on the input of the low-rank path, in training only.
+    pub dropout: f64,
+    pub rslora: bool,
+    /// Weight-decomposed LoRA: a trainable magnitude per output row.
+    pub dora: bool,
+    /// Module names, patterns or `all-linear` (see [`super::select_sites`]).
+    pub targets: Vec<String>,
+    /// Only these transformer blocks (PEFT's `layers_to_transform`).
+    pub layers: Option<Vec<usize>>,
+    /// Seed of the `A` init and of the dropout masks.
+    pub seed: u64,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            rslora: false,
+            dora: false,
+            targets: vec!["q_proj".into(), "v_proj".into()],
+            layers: None,
+            seed: 0,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// `s = α/r`, or `α/√r` with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::InvalidArgument { op: "lora config", msg });
+        if self.r == 0 {
+            return bad("rank r must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("dropout must be in [0, 1), got {}", self.dropout));
+        }
+        if !self.alpha.is_finite() {
+            return bad(format!("alpha must be finite, got {}", self.alpha));
+        }
+        Ok(())
+    }
+}
+
+/// The adapter of one linear site.
+#[derive(Debug)]
+pub struct LoraLayer {
+    /// The module path of the site (`model.layers.0.self_attn.q_proj`).
+    pub site: String,
+    /// `A: [r, in]`, trainable.
+    pub a: Tensor,
+    /// `B: [out, r]`, trainable.
+    pub b: Tensor,
+    /// DoRA's magnitude `m: [out]`, trainable; `None` for plain LoRA.
+    pub magnitude: Option<Tensor>,
+    pub scale: f64,
+    pub dropout: f64,
+    state: Arc<DropoutState>,
+    index: u64,
+}
+
+impl LoraLayer {
+    /// `dropout(x)` in training, `x` otherwise.
+    fn dropped(&self, x: &Tensor) -> Result<Tensor> {
+        if self.dropout > 0.0 && self.state.is_training() {
+            x.dropout(self.dropout, true, &mut self.state.rng(self.index))
+        } else {
+            Ok(x.clone())
+        }
+    }
+
+    /// `s · B A`, the update in the weight's layout `[out, in]`.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        self.b.detach().matmul(&self.a.detach())?.mul_scalar(self.scale)
+    }
+}
+
+/// `x W0ᵀ + s (xd Aᵀ) Bᵀ` (no bias).
+pub(crate) fn low_rank_linear(x: &Tensor, xd: &Tensor, w0: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
+    let base = x.matmul(&w0.t()?)?;
+    base.add(&xd.matmul(&a.t()?)?.matmul(&b.t()?)?.mul_scalar(s)?)
+}
+
+impl LinearAdapter for LoraLayer {
+    fn forward(&self, base: &Linear, x: &Tensor) -> Result<Tensor> {
+        let xd = self.dropped(x)?;
+        let y = match &self.magnitude {
+            None => low_rank_linear(x, &xd, &base.weight, &self.a, &self.b, self.scale)?,
+            Some(m) => dora::forward(self, m, &base.weight, x, &xd)?,
+        };
+        match &base.bias {
+            Some(b) => y.add(b),
+            None => Ok(y),
+        }
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// A LoRA (or DoRA) adapter attached to a model: its config and one layer per site.
+#[derive(Debug)]
+pub struct LoraAdapter {
+    pub config: LoraConfig,
+    pub layers: Vec<Arc<LoraLayer>>,
+    pub state: Arc<DropoutState>,
+}
+
+/// The names of a model's linear sites, in order.
+pub fn linear_sites(model: &mut dyn CausalLm) -> Vec<String> {
+    model.linears_mut().into_iter().map(|l| l.name.clone()).collect()
+}
+
+impl LoraAdapter {
+    /// Attach fresh adapters (`B = 0`, `A` uniform; DoRA: `m = ‖W0‖_row`) to the sites the
+    /// config selects.
+    pub fn attach(model: &mut dyn CausalLm, config: LoraConfig) -> Result<LoraAdapter> {
+        config.validate()?;
+        let sites = select_sites(&linear_sites(model), &config.targets, config.layers.as_deref())?;
+        let state = Arc::new(DropoutState::new(config.seed));
+        let mut init_rng = Rng::new(super::mix(config.seed, u64::MAX));
+        let mut layers = Vec::new();
+        for (index, lin) in model.linears_mut().into_iter().filter(|l| sites.contains(&l.name)).enumerate() {
+            check_free(lin)?;
+            let dev = lin.weight.device().clone();
+            let (out, inp) = (lin.out_features(), lin.in_features());
+            let bound = 1.0 / (inp as f64).sqrt();
+            let dt = adapter_dtype(&lin.weight);
+            let a = Tensor::rand_uniform(&[config.r, inp], -bound, bound, dt, &dev, &mut init_rng)?;
+            let b = Tensor::zeros(&[out, config.r], dt, &dev)?;
+            let magnitude = if config.dora { Some(dora::row_norms(&lin.weight)?) } else { None };
+            layers.push(Self::install(lin, &config, &state, index as u64, a, b, magnitude)?);
+        }
+        Ok(LoraAdapter { config, layers, state })
+    }
+
+    /// Attach given weights (a loaded adapter): `weights[site] = (A, B, magnitude)`.
+    pub fn attach_weights(
+        model: &mut dyn CausalLm,
+        config: LoraConfig,
+        weights: &std::collections::HashMap<String, (Tensor, Tensor, Option<Tensor>)>,
+        device: &Device,
+    ) -> Result<LoraAdapter> {
+        config.validate()?;
+        let state = Arc::new(DropoutState::new(config.seed));
+        let mut layers = Vec::new();
+        let known = linear_sites(model);
+        if let Some(missing) = weights.keys().find(|k| !known.contains(k)) {
+            return Err(Error::InvalidArgument {
+                op: "load adapter",
+                msg: format!("the adapter has weights for '{missing}', which is not a linear layer of this model"),
+            });
+        }
+        for (index, lin) in model.linears_mut().into_iter().filter(|l| weights.contains_key(&l.name)).enumerate() {
+            check_free(lin)?;
+            let (a, b, m) = &weights[&lin.name];
+            let (out, inp) = (lin.out_features(), lin.in_features());
+            let want = |t: &Tensor, shape: &[usize], what: &str| -> Result<Tensor> {
+                if t.shape() != shape {
+                    return Err(Error::Shape {
+                        op: "load adapter",
+                        msg: format!("{}.{what} has shape {:?}, expected {:?}", lin.name, t.shape(), shape),
+                    });
+                }
+                t.to_dtype(adapter_dtype(&lin.weight))?.to_device(device)?.contiguous()
+            };
+            let a = want(a, &[config.r, inp], "lora_A.weight")?;
+            let b = want(b, &[out, config.r], "lora_B.weight")?;
+            let m = m.as_ref().map(|m| want(m, &[out], "lora_magnitude_vector")).transpose()?;
+            if config.dora != m.is_some() {
+                return Err(Error::InvalidArgument {
+                    op: "load adapter",
+                    msg: format!(
+                        "{}: use_dora is {} but the magnitude vector is {}",
+                        lin.name,
+                        config.dora,
+                        if m.is_some() { "present" } else { "missing" }
+                    ),
+                });
+            }
+            layers.push(Self::install(lin, &config, &state, index as u64, a, b, m)?);
+        }
+        Ok(LoraAdapter { config, layers, state })
+    }
+
+    fn install(
+        lin: &mut Linear,
+        config: &LoraConfig,
+        state: &Arc<DropoutState>,
+        index: u64,
+        a: Tensor,
+        b: Tensor,
+        magnitude: Option<Tensor>,
+    ) -> Result<Arc<LoraLayer>> {
+        let layer = Arc::new(LoraLayer {
+            site: lin.name.clone(),
+            a: a.requires_grad()?,
+            b: b.requires_grad()?,
+            magnitude: magnitude.map(|m| m.requires_grad()).transpose()?,
+            scale: config.scale(),
+            dropout: config.dropout,
+            state: state.clone(),
+            index,
+        });
+        lin.adapter = Some(layer.clone());
+        Ok(layer)
+    }
+
+    /// The trainable tensors, named by their PEFT keys without the `base_model.model.`
+    /// prefix: `{site}.lora_A.weight`, `{site}.lora_B.weight`, `{site}.lora_magnitude_vector`.
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for l in &self.layers {
+            out.push((format!("{}.lora_A.weight", l.site), l.a.clone()));
+            out.push((format!("{}.lora_B.weight", l.site), l.b.clone()));
+            if let Some(m) = &l.magnitude {
+                out.push((format!("{}.lora_magnitude_vector", l.site), m.clone()));
+            }
+        }
+        out
+    }
+
+    /// Training mode: dropout on. Inference: off.
+    pub fn set_training(&self, on: bool) {
+        self.state.set_training(on);
+    }
+
+    /// Fold every update into its base weight (`W = W0 + s·B A`, DoRA: `m ⊙ (W0 + s·B A)/‖·‖_row`)
+    /// and take the adapters off the sites: the model then runs at the base model's cost.
+    /// Returns what [`LoraAdapter::unmerge`] needs to undo it.
+    pub fn merge(&self, model: &mut dyn CausalLm) -> Result<Merged> {
+        let mut norms = Vec::new();
+        crate::autograd::with_no_grad(|| -> Result<()> {
+            for (lin, layer) in self.sites(model)? {
+                let w = lin.weight.add(&layer.delta_weight()?.to_dtype(lin.weight.dtype())?)?;
+                let (w, norm) = match &layer.magnitude {
+                    None => (w, None),
+                    Some(m) => {
+                        let norm = dora::row_norms(&w)?;
+                        (w.mul(&m.detach().div(&norm)?.unsqueeze(1)?)?, Some(norm))
+                    }
+                };
+                lin.weight = w.contiguous()?;
+                lin.adapter = None;
+                norms.push(norm);
+            }
+            Ok(())
+        })?;
+        Ok(Merged { norms })
+    }
+
+    /// Undo [`LoraAdapter::merge`]: subtract the update again and re-attach the adapters.
+    pub fn unmerge(&self, model: &mut dyn CausalLm, merged: Merged) -> Result<()> {
+        crate::autograd::with_no_grad(|| -> Result<()> {
+            for ((lin, layer), norm) in self.sites(model)?.into_iter().zip(merged.norms) {
+                let w = match (&layer.magnitude, norm) {
+                    (Some(m), Some(norm)) => lin.weight.div(&m.detach().div(&norm)?.unsqueeze(1)?)?,
+                    _ => lin.weight.clone(),
+                };
+                lin.weight = w.sub(&layer.delta_weight()?.to_dtype(lin.weight.dtype())?)?.contiguous()?;
+                lin.adapter = Some(layer.clone());
+            }
+            Ok(())
+        })
+    }
+
+    /// Take the adapters off the model (the base model again, unmerged).
+    pub fn remove(&self, model: &mut dyn CausalLm) -> Result<()> {
+        for (lin, _) in self.sites(model)? {
+            lin.adapter = None;
+        }
+        Ok(())
+    }
+
+    fn sites<'m>(&self, model: &'m mut dyn CausalLm) -> Result<Vec<(&'m mut Linear, Arc<LoraLayer>)>> {
+        let mut out = Vec::new();
+        let mut lins = model.linears_mut();
+        for layer in &self.layers {
+            let pos = lins.iter().position(|l| l.name == layer.site).ok_or_else(|| Error::InvalidArgument {
+                op: "lora",
+                msg: format!("the model has no linear layer '{}' (was the adapter made for another model?)", layer.site),
+            })?;
+            out.push((lins.swap_remove(pos), layer.clone()));
+        }
+        Ok(out)
+    }
+}
+
+/// What [`LoraAdapter::merge`] changed, for [`LoraAdapter::unmerge`]: DoRA's row norms at
+/// merge time.
+#[derive(Debug)]
+pub struct Merged {
+    norms: Vec<Option<Tensor>>,
+}
+
+/// Adapters compute in the base weight's dtype when it is a compute dtype (f64 in gradient
+/// checks), else in f32 (f16/bf16 frozen weights).
+fn adapter_dtype(w: &Tensor) -> crate::DType {
+    if w.dtype().is_compute() {
+        w.dtype()
+    } else {
+        COMPUTE
+    }
+}
+
+fn check_free(lin: &Linear) -> Result<()> {
+    if lin.adapter.is_some() {
+        return Err(Error::InvalidArgument { op: "lora", msg: format!("{} already has an adapter attached", lin.name) });
+    }
+    Ok(())
+}
