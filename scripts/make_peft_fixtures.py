@@ -3,7 +3,9 @@
 
 Each fixture `tests/fixtures/peft/<name>/` is an adapter saved by PEFT's `save_pretrained`
 (`adapter_config.json` + `adapter_model.safetensors`) on one of the tiny base checkpoints in
-tests/fixtures/ (tiny-llama, tiny-gpt2-f16), plus `reference.json`:
+tests/fixtures/ (tiny-llama, tiny-gpt2-f16), plus `reference.json`. Three edits after saving:
+base_model_name_or_path is made relative to the repository root, target_modules is sorted (PEFT
+writes its set in hash order) and the boilerplate model-card README.md is dropped. reference.json:
 
     base            the base fixture directory, relative to tests/fixtures/
     model_class     the transformers class the adapter was made on
@@ -136,6 +138,10 @@ def make(name, base_dir, model_class, config, notes, num_labels=None, base_kwarg
     cfg_path = d / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = f"tests/fixtures/{base_dir}"
+    # PEFT keeps target_modules as a set and writes it in hash order; sort it so reruns are
+    # byte-identical (a reader must treat it as a set either way).
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
     # Reload what was saved, so the reference is exactly what a reader of the files gets.
