@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""The PyTorch + PEFT reference for the LoRA training bench (issue 6).
+
+SmolLM2-135M-Instruct (the project's Q4_1 GGUF from ${TINYTUNE_ASSETS:-~/.cache/tinytune},
+dequantised to float32 by transformers, as in scripts/bench_transformers.py; fetch it with
+scripts/fetch-assets.sh), LoRA r=8, alpha=16, dropout 0 on q_proj and v_proj, AdamW (lr 1e-4,
+torch's default weight decay 0.01, betas (0.9, 0.999), eps 1e-8) over the LoRA tensors only.
+One step on a batch of 4 × 128 seeded random token ids: forward, mean next-token cross
+entropy with labels = input ids, backward, optimizer step, zero_grad. Two warm-up steps,
+then 10 timed steps on the same batch. Prints one JSON line:
+
+    s_per_step      mean wall seconds of a timed step
+    tokens_per_s    batch × seq / s_per_step
+    peak_rss_mib    the process's peak resident memory during the training steps (VmHWM after
+                    resetting it via /proc/self/clear_refs once the model is loaded; null where
+                    that is not possible), and peak_rss_total_mib including the load
+    torch_threads   torch.get_num_threads() (set to os.cpu_count())
+    losses          the loss of every step (it falls: the same batch is fitted)
+    versions        torch, transformers, peft
+
+    /tmp/pyref/bin/python scripts/bench_peft.py [--steps 10 --warmup 2 --device cpu|cuda]
+
+Written against torch 2.15.0, transformers 5.23.0, peft 0.21.2, gguf (transformers' GGUF
+loader), Python 3.11.
+"""
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ASSETS = pathlib.Path(os.environ.get("TINYTUNE_ASSETS", pathlib.Path.home() / ".cache" / "tinytune"))
+
+
+def vm_kib(field):
+    """A `VmXXX:` line of /proc/self/status in KiB, or None off Linux."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss():
+    """Reset VmHWM to the current RSS (Linux >= 4.0); True when it worked."""
+    try:
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def main():
+    ap = argparse.ArgumentParser(description="PyTorch + PEFT LoRA training step bench")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    import peft
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.set_num_threads(os.cpu_count())
+    path = ASSETS / NAME
+    if not path.is_file():
+        sys.exit(f"{path} is missing: run scripts/fetch-assets.sh")
+    dev = torch.device(args.device)
+    model = transformers.AutoModelForCausalLM.from_pretrained(ASSETS, gguf_file=NAME, dtype=torch.float32)
+    model.config.use_cache = False
+    cfg = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(model, cfg).to(dev)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    n_total = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(dev)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()  # .item() also waits for a GPU to finish
+
+    losses = []
+    for _ in range(args.warmup):
+        losses.append(step())
+    rss_reset = reset_peak_rss()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        losses.append(step())
+    dt = (time.perf_counter() - t0) / args.steps
+    hwm = vm_kib("VmHWM")
+    out = {
+        "s_per_step": round(dt, 4),
+        "tokens_per_s": round(args.batch * args.seq / dt, 1),
+        "peak_rss_mib": round(hwm / 1024, 1) if rss_reset and hwm is not None else None,
+        "peak_rss_total_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "device": str(dev),
+        "batch": args.batch,
+        "seq": args.seq,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "trainable_params": n_train,
+        "total_params": n_total,
+        "losses": [round(v, 5) for v in losses],
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    }
+    if dev.type == "cuda":
+        out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        out["gpu"] = torch.cuda.get_device_name(dev)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
