@@ -187,3 +187,52 @@ impl Checkpoint {
         t.to_dtype(dtype)
     }
 }
+
+/// One tensor's bytes for the safetensors serializer.
+struct Owned {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl safetensors::View for &Owned {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// The bytes of a safetensors file holding `tensors` (in their own dtypes; F32, F64, F16,
+/// BF16, U32, I32) and string `metadata`.
+pub fn serialize(tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
+    let owned = tensors
+        .iter()
+        .map(|(name, t)| {
+            use safetensors::Dtype as D;
+            let (dtype, bytes) = match t.dtype() {
+                DType::F32 => (D::F32, bytemuck::cast_slice(&t.to_vec::<f32>()?).to_vec()),
+                DType::F64 => (D::F64, bytemuck::cast_slice(&t.to_vec::<f64>()?).to_vec()),
+                DType::F16 => (D::F16, t.to_vec::<f16>()?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect()),
+                DType::BF16 => (D::BF16, t.to_vec::<bf16>()?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect()),
+                DType::U32 => (D::U32, bytemuck::cast_slice(&t.to_vec::<u32>()?).to_vec()),
+                DType::I32 => (D::I32, bytemuck::cast_slice(&t.to_vec::<i32>()?).to_vec()),
+            };
+            Ok((name.clone(), Owned { dtype, shape: t.shape().to_vec(), bytes }))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(owned.iter().map(|(n, o)| (n.as_str(), o)), metadata)
+        .map_err(|e| Error::InvalidArgument { op: "save safetensors", msg: e.to_string() })
+}
+
+/// Write `tensors` to `path` as safetensors, atomically (temporary file, then rename).
+pub fn save(path: impl AsRef<Path>, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
+    super::write_atomic(path.as_ref(), &serialize(tensors, metadata)?)
+}

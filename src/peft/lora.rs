@@ -186,7 +186,9 @@ impl LoraAdapter {
         let state = Arc::new(DropoutState::new(config.seed));
         let mut layers = Vec::new();
         let known = linear_sites(model);
-        if let Some(missing) = weights.keys().find(|k| !known.contains(k)) {
+        let mut keys: Vec<&String> = weights.keys().collect();
+        keys.sort();
+        if let Some(missing) = keys.into_iter().find(|k| !known.contains(k)) {
             return Err(Error::InvalidArgument {
                 op: "load adapter",
                 msg: format!("the adapter has weights for '{missing}', which is not a linear layer of this model"),

@@ -11,6 +11,7 @@
 //! leaf, so backward builds no gradient for it and the optimizer holds no state for it.
 
 pub mod dora;
+pub mod format;
 pub mod full;
 pub mod head;
 pub mod lora;
