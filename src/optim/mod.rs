@@ -239,8 +239,10 @@ pub(crate) fn collect_state(
 
 /// A step counter as a rank-0 U32 tensor on the CPU.
 pub(crate) fn count_tensor(op: &'static str, name: &str, step: u64) -> Result<Tensor> {
-    let v = u32::try_from(step)
-        .map_err(|_| Error::InvalidArgument { op, msg: format!("step count {step} of parameter {name:?} does not fit a u32 state entry") })?;
+    let v = u32::try_from(step).map_err(|_| Error::InvalidArgument {
+        op,
+        msg: format!("step count {step} of parameter {name:?} does not fit a u32 state entry"),
+    })?;
     Tensor::from_vec(vec![v], &[], &Device::Cpu)
 }
 

@@ -86,7 +86,9 @@ impl Schedule {
         if kind != ScheduleKind::Constant && (total_steps == 0 || warmup_steps > total_steps) {
             return Err(Error::InvalidArgument {
                 op: "schedule",
-                msg: format!("{kind} schedule needs 0 < total steps and warm-up <= total steps, got warm-up {warmup_steps}, total {total_steps}"),
+                msg: format!(
+                    "{kind} schedule needs 0 < total steps and warm-up <= total steps, got warm-up {warmup_steps}, total {total_steps}"
+                ),
             });
         }
         Ok(Schedule { kind, warmup_steps, total_steps })
