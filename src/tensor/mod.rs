@@ -395,7 +395,12 @@ impl Tensor {
             return Err(Error::DeviceMismatch { op: "replace_storage", lhs: self.device().to_string(), rhs: storage.device().to_string() });
         }
         if storage.len() != self.numel() {
-            return Err(Error::ElementCount { op: "replace_storage", len: storage.len(), shape: self.shape().to_vec(), expected: self.numel() });
+            return Err(Error::ElementCount {
+                op: "replace_storage",
+                len: storage.len(),
+                shape: self.shape().to_vec(),
+                expected: self.numel(),
+            });
         }
         *self.0.storage.write().expect("storage lock poisoned") = storage;
         Ok(())
