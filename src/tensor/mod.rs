@@ -356,7 +356,9 @@ impl Tensor {
     }
 
     /// Replace this leaf's data with `value`'s (same shape and dtype), e.g. an optimizer step.
-    /// Views made earlier keep the old data.
+    /// Views made earlier keep the old data. On the same device the data never visits the
+    /// host: a contiguous `value` at offset 0 is shared as is (storages are never written in
+    /// place, so sharing is safe), any other layout is copied on the device.
     pub fn set_data(&self, value: &Tensor) -> Result<()> {
         if value.shape() != self.shape() {
             return Err(Error::ShapeMismatch { op: "set_data", lhs: self.shape().to_vec(), rhs: value.shape().to_vec() });
@@ -364,14 +366,76 @@ impl Tensor {
         if value.dtype() != self.dtype() {
             return Err(Error::DTypeMismatch { op: "set_data", lhs: self.dtype(), rhs: value.dtype() });
         }
+        self.check_updatable("set_data")?;
+        let src = value.storage_arc();
+        let fresh = if value.device() != self.device() {
+            Arc::new(Storage::from_cpu(self.device(), src.to_cpu(value.layout())?)?)
+        } else if value.is_contiguous() && value.layout().offset() == 0 && src.len() == value.numel() {
+            src
+        } else {
+            Arc::new(src.cast(value.layout(), value.dtype())?)
+        };
+        *self.0.storage.write().expect("storage lock poisoned") = fresh;
+        Ok(())
+    }
+
+    /// Only a contiguous tensor at offset 0 (a leaf made by a constructor or `requires_grad`)
+    /// can have its storage swapped: its layout then reads a whole buffer of `numel` elements.
+    fn check_updatable(&self, op: &'static str) -> Result<()> {
         if !self.is_contiguous() || self.layout().offset() != 0 {
             return Err(Error::Shape {
-                op: "set_data",
-                msg: "only a contiguous tensor (a leaf made by a constructor) can be updated in place".into(),
+                op,
+                msg: format!(
+                    "only a contiguous tensor at offset 0 (a leaf made by a constructor) can be updated in place; this one has shape {:?}, strides {:?}, offset {}",
+                    self.shape(),
+                    self.layout().strides(),
+                    self.layout().offset()
+                ),
             });
         }
-        let fresh = value.storage_arc().to_cpu(value.layout())?;
-        *self.0.storage.write().expect("storage lock poisoned") = Arc::new(Storage::from_cpu(self.device(), fresh)?);
+        Ok(())
+    }
+
+    /// Swap this tensor's buffer for `storage` (an optimizer's fresh parameter), without any
+    /// copy: `storage` must hold exactly `numel` elements of this dtype on this device, and this
+    /// tensor must be contiguous at offset 0. Every clone of this handle sees the new data;
+    /// views made earlier keep the old buffer.
+    pub(crate) fn replace_storage(&self, storage: Arc<Storage>) -> Result<()> {
+        self.check_updatable("replace_storage")?;
+        if storage.dtype() != self.dtype() {
+            return Err(Error::DTypeMismatch { op: "replace_storage", lhs: self.dtype(), rhs: storage.dtype() });
+        }
+        if &storage.device() != self.device() {
+            return Err(Error::DeviceMismatch { op: "replace_storage", lhs: self.device().to_string(), rhs: storage.device().to_string() });
+        }
+        if storage.len() != self.numel() {
+            return Err(Error::ElementCount {
+                op: "replace_storage",
+                len: storage.len(),
+                shape: self.shape().to_vec(),
+                expected: self.numel(),
+            });
+        }
+        *self.0.storage.write().expect("storage lock poisoned") = storage;
+        Ok(())
+    }
+
+    /// Set (or with `None` clear) the accumulated gradient of this tensor, e.g. a clipped
+    /// gradient. The gradient must have this tensor's shape, dtype and device; it is stored
+    /// detached.
+    pub fn set_grad(&self, g: Option<Tensor>) -> Result<()> {
+        if let Some(g) = &g {
+            if g.shape() != self.shape() {
+                return Err(Error::ShapeMismatch { op: "set_grad", lhs: self.shape().to_vec(), rhs: g.shape().to_vec() });
+            }
+            if g.dtype() != self.dtype() {
+                return Err(Error::DTypeMismatch { op: "set_grad", lhs: self.dtype(), rhs: g.dtype() });
+            }
+            if g.device() != self.device() {
+                return Err(Error::DeviceMismatch { op: "set_grad", lhs: self.device().to_string(), rhs: g.device().to_string() });
+            }
+        }
+        *self.0.grad.lock().expect("grad lock poisoned") = g.map(|g| g.detach());
         Ok(())
     }
 
