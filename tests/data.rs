@@ -18,7 +18,10 @@ fn fixture(name: &str) -> PathBuf {
 /// The tiny byte-level tokenizer fixture (ChatML special tokens at ids 0..3) with EOS
 /// `<|endoftext|>` = 0 and, when `pad`, PAD `<|im_end|>` = 2, from a config written beside a copy.
 fn tokenizer_with(pad: bool) -> Tokenizer {
-    let dir = std::env::temp_dir().join(format!("tinytune-data-tok-{}-{pad}", std::process::id()));
+    // One directory per call: tests run in parallel threads of one process.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("tinytune-data-tok-{}-{call}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/tiny-bytelevel.json");
     std::fs::copy(src, dir.join("tokenizer.json")).unwrap();
