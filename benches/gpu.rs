@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the GPU kernels: matmul (GFLOP/s, reported by criterion as
 //! "elements/s" where one element is one flop), softmax, layer/RMS norm and fused
-//! cross-entropy (GB/s of the tensor read and written).
+//! cross-entropy (GB/s of the tensor read and written), and the fused LoRA linear against the
+//! composition of plain ops (GFLOP/s of the useful flops, forward and forward + backward).
 //!
 //! Run `cargo bench --bench gpu`. The device is `TINYTUNE_DEVICE` (default `gpu`, a hardware
 //! adapter); `TINYTUNE_DEVICE=gpu-software` runs it on lavapipe at small shapes (lavapipe
@@ -98,5 +99,49 @@ fn rowwise(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matmul, rowwise);
+/// `x.lora_linear(xd, w0, a, b, s)` or its reference composition.
+type LoraFn = fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor, f64) -> tinytune::Result<Tensor>;
+
+/// The LoRA linear `y = x W0ᵀ + s (x Aᵀ) Bᵀ` on SmolLM2-135M shapes (512 tokens, d = 576,
+/// q/v projections 576 → 576 and the MLP up-projection 576 → 1536, rank 8): the fused op
+/// (`Tensor::lora_linear`) against the composition (`Tensor::lora_linear_reference`), forward
+/// and forward + backward (x, A and B get gradients, W0 is frozen; the loss is Σy for both).
+/// Flops counted: forward `2n·in·out + 2n·r·(in + out)`; backward adds `2n·in·out + 4n·r·(in + out)`.
+fn lora(c: &mut Criterion) {
+    let Some((dev, _soft)) = device() else { return };
+    let mut rng = Rng::new(2);
+    let mut g = c.benchmark_group("gpu_lora");
+    g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    let (n, r, s) = (512usize, 8usize, 2.0);
+    for (k, m) in [(576usize, 576usize), (576, 1536)] {
+        let x = randn(&[n, k], &dev, &mut rng).requires_grad().unwrap();
+        let w0 = Tensor::randn(&[m, k], 0.0, 0.04, DType::F32, &dev, &mut rng).unwrap();
+        let a = Tensor::randn(&[r, k], 0.0, 0.04, DType::F32, &dev, &mut rng).unwrap().requires_grad().unwrap();
+        let b = Tensor::randn(&[m, r], 0.0, 0.1, DType::F32, &dev, &mut rng).unwrap().requires_grad().unwrap();
+        let low = 2 * n * r * (k + m);
+        let fwd = 2 * n * k * m + low;
+        let paths: [(&str, LoraFn); 2] = [("fused", Tensor::lora_linear), ("unfused", Tensor::lora_linear_reference)];
+        for (name, f) in paths {
+            g.throughput(Throughput::Elements(fwd as u64));
+            g.bench_function(format!("{name}_fwd_{n}x{k}x{m}_r{r}"), |bch| {
+                bch.iter(|| run(&dev, || tinytune::with_no_grad(|| f(&x, &x, &w0, &a, &b, s).unwrap())))
+            });
+            g.throughput(Throughput::Elements((2 * fwd + low) as u64));
+            g.bench_function(format!("{name}_fwd_bwd_{n}x{k}x{m}_r{r}"), |bch| {
+                bch.iter(|| {
+                    f(&x, &x, &w0, &a, &b, s).unwrap().sum_all().unwrap().backward().unwrap();
+                    let grads = [x.grad(), a.grad(), b.grad()];
+                    for t in [&x, &a, &b] {
+                        t.zero_grad();
+                    }
+                    dev.synchronize().unwrap();
+                    drop(grads);
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, matmul, rowwise, lora);
 criterion_main!(benches);

@@ -346,6 +346,76 @@ impl Storage {
         }
     }
 
+    /// The LoRA linear map on rank-2 operands read through their layouts:
+    /// `x [n, k]`, `w [m, k]`, `xd [n, k]`, `a [r, k]`, `b [m, r]`; returns
+    /// `(y, u)` with `u = xd aᵀ` (`[n, r]`) and `y = x wᵀ + s·u bᵀ` (`[n, m]`), both contiguous.
+    /// `w` may be f16/bf16 storage beside f32 operands (a frozen base weight).
+    ///
+    /// The CPU computes the plain composition (two matmuls for `y`'s parts, a scale, an add);
+    /// the GPU runs one fused kernel after the small `u` matmul (`shaders/lora.wgsl`). The same
+    /// primitive gives the input gradient `dx = g W0 + s·(g B) A` with `x = xd = g`, `w = W0ᵀ`,
+    /// `a = Bᵀ`, `b = Aᵀ` (transposed layouts), returning `g B` as `u`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_linear(
+        &self,
+        layout: &Layout,
+        w: &Storage,
+        w_layout: &Layout,
+        xd: &Storage,
+        xd_layout: &Layout,
+        a: &Storage,
+        a_layout: &Layout,
+        b: &Storage,
+        b_layout: &Layout,
+        scale: f64,
+    ) -> Result<(Storage, Storage)> {
+        const OP: &str = "lora_linear";
+        for (l, what) in [(layout, "x"), (w_layout, "w"), (xd_layout, "xd"), (a_layout, "a"), (b_layout, "b")] {
+            if l.rank() != 2 {
+                return Err(Error::Shape { op: OP, msg: format!("{what} must be a matrix, got shape {:?}", l.shape()) });
+            }
+        }
+        let (n, k, m, r) = (layout.shape()[0], layout.shape()[1], w_layout.shape()[0], a_layout.shape()[0]);
+        let ok = w_layout.shape() == [m, k] && xd_layout.shape() == [n, k] && a_layout.shape() == [r, k] && b_layout.shape() == [m, r];
+        if !ok {
+            return Err(Error::Shape {
+                op: OP,
+                msg: format!(
+                    "need x [n, k], w [m, k], xd [n, k], a [r, k], b [m, r]; got x {:?}, w {:?}, xd {:?}, a {:?}, b {:?}",
+                    layout.shape(),
+                    w_layout.shape(),
+                    xd_layout.shape(),
+                    a_layout.shape(),
+                    b_layout.shape()
+                ),
+            });
+        }
+        match self {
+            Storage::Cpu(x) => {
+                let (w, xd, a, b) = (w.cpu(OP, self)?, xd.cpu(OP, self)?, a.cpu(OP, self)?, b.cpu(OP, self)?);
+                // A 16-bit base weight is widened first, as `Tensor::matmul` does on the CPU.
+                let widened;
+                let (w, wl) = if w.dtype() != x.dtype() {
+                    widened = (w.cast(w_layout, x.dtype())?, Layout::contiguous(&[m, k]));
+                    (&widened.0, &widened.1)
+                } else {
+                    (w, w_layout)
+                };
+                let y0 = x.matmul(layout, w, &wl.transpose(0, 1)?)?;
+                let u = xd.matmul(xd_layout, a, &a_layout.transpose(0, 1)?)?;
+                let v = u.matmul(&Layout::contiguous(&[n, r]), b, &b_layout.transpose(0, 1)?)?;
+                let out = Layout::contiguous(&[n, m]);
+                let v = v.unary(UnaryOp::Affine(scale, 0.0), &out)?;
+                Ok((Storage::Cpu(y0.binary(BinaryOp::Add, &out, &v, &out)?), Storage::Cpu(u)))
+            }
+            Storage::Gpu(x) => {
+                let (w, xd, a, b) = (w.gpu(OP, self)?, xd.gpu(OP, self)?, a.gpu(OP, self)?, b.gpu(OP, self)?);
+                let (y, u) = x.lora_linear(layout, w, w_layout, xd, xd_layout, a, a_layout, b, b_layout, scale)?;
+                Ok((Storage::Gpu(y), Storage::Gpu(u)))
+            }
+        }
+    }
+
     /// Softmax (or log-softmax) along the last axis.
     pub fn softmax_last(&self, layout: &Layout, log: bool) -> Result<Storage> {
         match self {

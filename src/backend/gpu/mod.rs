@@ -22,6 +22,7 @@
 mod binary;
 mod copy;
 mod index;
+mod lora;
 mod matmul;
 pub use matmul::MatmulKernel;
 mod norm;
@@ -936,6 +937,24 @@ impl GpuStorage {
 
     pub fn matmul(&self, layout: &Layout, rhs: &GpuStorage, rhs_layout: &Layout) -> Result<GpuStorage> {
         matmul::matmul(self, layout, rhs, rhs_layout)
+    }
+
+    /// The fused LoRA linear `(x wᵀ + s·(xd aᵀ) bᵀ, xd aᵀ)` (see `lora.rs`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_linear(
+        &self,
+        layout: &Layout,
+        w: &GpuStorage,
+        wl: &Layout,
+        xd: &GpuStorage,
+        xdl: &Layout,
+        a: &GpuStorage,
+        al: &Layout,
+        b: &GpuStorage,
+        bl: &Layout,
+        scale: f64,
+    ) -> Result<(GpuStorage, GpuStorage)> {
+        lora::lora_linear(self, layout, w, wl, xd, xdl, a, al, b, bl, scale)
     }
 
     pub fn softmax_last(&self, layout: &Layout, log: bool) -> Result<GpuStorage> {
