@@ -184,22 +184,29 @@ impl AdamWStep {
     }
 }
 
-/// The CPU reference of [`Storage::adamw_step`] on contiguous slices.
+/// The CPU reference of [`Storage::adamw_step`] on contiguous slices (element-wise, so split
+/// across threads in fixed chunks: the same bits whatever the thread count).
 fn adamw_cpu<T: crate::dtype::Float>(p: &[T], g: &[T], m: &[T], v: &[T], h: &AdamWStep) -> (Vec<T>, Vec<T>, Vec<T>) {
+    use rayon::prelude::*;
     let c = T::from_f64;
     let (step_size, bc2_sqrt) = h.corrections();
     let (b1, b2, eps, decay) = (c(h.beta1), c(h.beta2), c(h.eps), c(1.0 - h.lr * h.weight_decay));
     let (one, ss, bc) = (T::ONE, c(step_size), c(bc2_sqrt));
-    let mut out = (Vec::with_capacity(p.len()), Vec::with_capacity(p.len()), Vec::with_capacity(p.len()));
-    for i in 0..p.len() {
-        let mi = b1 * m[i] + (one - b1) * g[i];
-        let vi = b2 * v[i] + (one - b2) * g[i] * g[i];
-        let pi = p[i] * decay - ss * mi / (vi.sqrt() / bc + eps);
-        out.0.push(pi);
-        out.1.push(mi);
-        out.2.push(vi);
-    }
-    out
+    let n = p.len();
+    let (mut po, mut mo, mut vo) = (vec![T::ZERO; n], vec![T::ZERO; n], vec![T::ZERO; n]);
+    const CHUNK: usize = 1 << 14;
+    po.par_chunks_mut(CHUNK).zip(mo.par_chunks_mut(CHUNK)).zip(vo.par_chunks_mut(CHUNK)).enumerate().for_each(|(k, ((po, mo), vo))| {
+        let base = k * CHUNK;
+        for j in 0..po.len() {
+            let i = base + j;
+            let mi = b1 * m[i] + (one - b1) * g[i];
+            let vi = b2 * v[i] + (one - b2) * g[i] * g[i];
+            po[j] = p[i] * decay - ss * mi / (vi.sqrt() / bc + eps);
+            mo[j] = mi;
+            vo[j] = vi;
+        }
+    });
+    (po, mo, vo)
 }
 
 /// A flat buffer on one device.

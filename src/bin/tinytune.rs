@@ -9,8 +9,15 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 use serde_json::json;
 use tinytune::io::config::RawConfig;
 use tinytune::io::{Checkpoint, GgufFile, GgufValue, Tokenizer};
-use tinytune::models::{self, GenerateOptions, Sampling};
+use tinytune::models::{self, CausalLm, GenerateOptions, Sampling};
+use tinytune::peft::{format, ClassifierHead};
+use tinytune::train::data::{DataOptions, Dataset};
+use tinytune::train::{self};
 use tinytune::{Device, Error, Result};
+
+#[path = "tinytune/finetune.rs"]
+mod finetune;
+use finetune::{finetune, FinetuneArgs};
 
 #[derive(Parser)]
 #[command(name = "tinytune", version, about = "Fine-tune language models on any GPU, without CUDA")]
@@ -60,6 +67,21 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
     },
+    /// Fine-tune a model on a JSONL file (LoRA, DoRA, full, or a classification head).
+    Finetune(Box<FinetuneArgs>),
+    /// Fold an adapter into its base model and write a merged checkpoint (safetensors +
+    /// config.json + tokenizer).
+    Merge {
+        /// Base model directory or .gguf file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Adapter directory (PEFT layout: adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Continue a prompt (text, or token ids), streaming the new text.
     #[command(group(ArgGroup::new("input").required(true).args(["ids", "prompt"])))]
     Generate {
@@ -102,16 +124,33 @@ struct Common {
     /// auto (a hardware GPU, else the CPU), cpu, gpu, or gpu-software. Default: $TINYTUNE_DEVICE or auto.
     #[arg(long)]
     device: Option<String>,
+    /// A fine-tuned adapter directory (PEFT layout) to apply on top of the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
 
 impl Common {
     fn device(&self) -> Result<Device> {
-        match &self.device {
-            Some(name) => Device::from_name(name),
-            None => Device::from_env(),
-        }
+        device_from(self.device.as_deref())
+    }
+
+    /// The model with `--adapter` attached (if given), and the adapter's classification head.
+    fn load(&self, device: &Device) -> Result<(Box<dyn CausalLm>, Option<ClassifierHead>)> {
+        let mut model = models::load(&self.model, device)?;
+        let head = match &self.adapter {
+            Some(dir) => format::load(dir, model.as_mut(), device)?.head,
+            None => None,
+        };
+        Ok((model, head))
+    }
+}
+
+fn device_from(name: Option<&str>) -> Result<Device> {
+    match name {
+        Some(name) => Device::from_name(name),
+        None => Device::from_env(),
     }
 }
 
@@ -195,22 +234,20 @@ fn summarize_hf(model: &PathBuf) -> Result<Summary> {
     Ok(Summary { architecture: arch, tensors: names.len(), parameters: params as u64, dtypes, config })
 }
 
-/// The tokenizer that goes with a model: the vocabulary inside a GGUF file, or in a model
-/// directory `tokenizer.json`, else GPT-2's `encoder.json` + `vocab.bpe` (or `vocab.json` +
-/// `merges.txt`).
 fn load_tokenizer(model: &Path) -> Result<Tokenizer> {
-    if model.is_file() {
-        return Tokenizer::from_gguf(model);
-    }
-    if model.join("tokenizer.json").exists() {
-        return Tokenizer::from_hf_json(model.join("tokenizer.json"));
-    }
-    for (vocab, merges) in [("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")] {
-        if model.join(vocab).exists() && model.join(merges).exists() {
-            return Tokenizer::from_gpt2_files(model.join(vocab), model.join(merges));
-        }
-    }
-    Err(Error::Format { path: model.display().to_string(), msg: "no tokenizer found (tokenizer.json, or encoder.json + vocab.bpe)".into() })
+    Tokenizer::for_model(model)
+}
+
+/// Whether a .jsonl file's first line has a "label" (classification data).
+fn is_labelled(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "jsonl")
+        && std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| {
+                let line = t.lines().find(|l| !l.trim().is_empty())?.to_string();
+                serde_json::from_str::<serde_json::Value>(&line).ok()?.get("label").map(|_| ())
+            })
+            .is_some()
 }
 
 /// The sequences a `--data` file holds: one per "text" line of a .jsonl file, else the whole file.
@@ -250,7 +287,26 @@ fn run(cli: Cli) -> Result<()> {
                 return Err(Error::InvalidArgument { op: "eval", msg: format!("--max-len must be ≥ 2, got {max_len}") });
             }
             let device = common.device()?;
-            let model = models::load(&common.model, &device)?;
+            let (model, head) = common.load(&device)?;
+            if let Some(path) = data.as_ref().filter(|p| is_labelled(p)) {
+                // Labelled data: accuracy and mean loss of the adapter's classification head.
+                let head = head.ok_or_else(|| Error::InvalidArgument {
+                    op: "eval",
+                    msg: format!("{} is labelled data: give --adapter with a classification head", path.display()),
+                })?;
+                let tok = load_tokenizer(&common.model)?;
+                let opts = DataOptions { seq_len: max_len, context: model.max_positions(), ..DataOptions::default() };
+                let ds = Dataset::load(path, &tok, &opts)?;
+                ds.check_labels(head.num_classes())?;
+                let r = train::evaluate(model.as_ref(), Some(&head), &ds, batch_size, &device, 0)?;
+                let acc = r.accuracy.unwrap_or(0.0);
+                if common.json {
+                    println!("{}", json!({ "accuracy": acc, "mean_loss": r.loss, "examples": r.examples }));
+                } else {
+                    println!("accuracy {:.4}  mean loss {:.6}  examples {}", acc, r.loss, r.examples);
+                }
+                return Ok(());
+            }
             let seqs: Vec<Vec<u32>> = match (ids, text, data) {
                 (Some(ids), _, _) => ids.split(';').map(|s| parse_ids("eval --ids", s)).collect::<Result<_>>()?,
                 (_, text, data) => {
@@ -275,6 +331,23 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Finetune(args) => finetune(*args),
+        Command::Merge { model, adapter, out } => {
+            let mut m = models::load(&model, &Device::Cpu)?;
+            let loaded = format::load(&adapter, m.as_mut(), &Device::Cpu)?;
+            let lora = loaded.lora.ok_or_else(|| Error::InvalidArgument {
+                op: "merge",
+                msg: format!("{} holds no LoRA/DoRA weights to merge (a head alone is not part of the language model)", adapter.display()),
+            })?;
+            lora.merge(m.as_mut())?;
+            models::save_checkpoint(m.as_mut(), &out)?;
+            load_tokenizer(&model)?.save_hf(&out)?;
+            if loaded.head.is_some() {
+                eprintln!("note: the adapter's classification head is not part of the merged language model; keep using --adapter for it");
+            }
+            println!("merged {} adapter layers into {}", lora.layers.len(), out.display());
+            Ok(())
+        }
         Command::Generate {
             common,
             prompt,
@@ -290,7 +363,7 @@ fn run(cli: Cli) -> Result<()> {
             stop,
         } => {
             let device = common.device()?;
-            let model = models::load(&common.model, &device)?;
+            let (model, _) = common.load(&device)?;
             let tok = load_tokenizer(&common.model).ok();
             let prompt_ids = match (&ids, &prompt, &tok) {
                 (Some(ids), _, _) => parse_ids("generate --ids", ids)?,

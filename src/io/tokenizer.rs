@@ -207,6 +207,43 @@ impl Tokenizer {
         })
     }
 
+    /// The tokenizer that goes with a model: the vocabulary inside a GGUF file, or in a model
+    /// directory `tokenizer.json`, else GPT-2's `encoder.json` + `vocab.bpe` (or `vocab.json`
+    /// + `merges.txt`).
+    pub fn for_model(model: impl AsRef<Path>) -> Result<Tokenizer> {
+        let model = model.as_ref();
+        if model.is_file() {
+            return Tokenizer::from_gguf(model);
+        }
+        if model.join("tokenizer.json").exists() {
+            return Tokenizer::from_hf_json(model.join("tokenizer.json"));
+        }
+        for (vocab, merges) in [("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")] {
+            if model.join(vocab).exists() && model.join(merges).exists() {
+                return Tokenizer::from_gpt2_files(model.join(vocab), model.join(merges));
+            }
+        }
+        Err(format_err(model, "no tokenizer found (tokenizer.json, or encoder.json + vocab.bpe)"))
+    }
+
+    /// Write `tokenizer.json` and a `tokenizer_config.json` (special tokens, chat template)
+    /// into `dir`, so that this crate and `transformers` read the tokenizer back.
+    pub fn save_hf(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        let json = self.inner.to_string(false).map_err(|e| format_err(dir, format!("cannot serialize the tokenizer: {e}")))?;
+        crate::io::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+        let name = |t: &Option<SpecialToken>| t.as_ref().map(|t| t.token.clone());
+        let config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": name(&self.bos),
+            "eos_token": name(&self.eos),
+            "pad_token": name(&self.pad),
+            "unk_token": name(&self.unk),
+            "chat_template": self.chat_source,
+        });
+        crate::io::write_atomic(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config).unwrap_or_default().as_bytes())
+    }
+
     /// A Hugging Face `tokenizer.json`. When a `tokenizer_config.json` lies beside it, the names
     /// of the BOS/EOS/PAD/UNK tokens and the chat template are read from it.
     pub fn from_hf_json(path: impl AsRef<Path>) -> Result<Tokenizer> {

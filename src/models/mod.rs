@@ -116,3 +116,28 @@ fn load_gguf(path: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
         other => Err(file.error(format!("GGUF architecture '{other}' is not supported (tinytune reads 'llama' GGUF files)"))),
     }
 }
+
+/// Write `model` as a Hugging Face checkpoint directory: `model.safetensors` (f32, the
+/// checkpoint's own names and layouts: GPT-2's Conv1D weights transposed back to `in×out`)
+/// and `config.json`. Each file is written atomically. Adapters still attached are not
+/// included: merge them first.
+pub fn save_checkpoint(model: &mut dyn CausalLm, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| crate::Error::Io { path: dir.display().to_string(), msg: e.to_string() })?;
+    if let Some(site) = model.linears_mut().iter().find(|l| l.adapter.is_some()) {
+        return Err(crate::Error::InvalidArgument {
+            op: "save checkpoint",
+            msg: format!("{} still has an adapter attached: merge it (or remove it) before saving the model", site.name),
+        });
+    }
+    let gpt2 = model.architecture() == "gpt2";
+    let mut tensors = Vec::new();
+    model.visit_parameters(&mut |name, t| {
+        let conv1d = gpt2 && t.rank() == 2 && [".c_attn.weight", ".c_proj.weight", ".c_fc.weight"].iter().any(|s| name.ends_with(s));
+        let t = if conv1d { t.t()?.contiguous()? } else { t.clone() };
+        tensors.push((name.to_string(), t.detach().to_dtype(crate::DType::F32)?));
+        Ok(())
+    })?;
+    crate::io::safetensors::save(dir.join("model.safetensors"), &tensors, Some([("format".to_string(), "pt".to_string())].into()))?;
+    let config = serde_json::to_string_pretty(&model.config_json()).unwrap_or_default();
+    crate::io::write_atomic(&dir.join("config.json"), config.as_bytes())
+}

@@ -116,9 +116,9 @@ impl LoraLayer {
 }
 
 /// `x W0ᵀ + s (xd Aᵀ) Bᵀ` (no bias).
+/// One node: the fused WGSL kernel on the GPU, the composition on the CPU; no `dW0`.
 pub(crate) fn low_rank_linear(x: &Tensor, xd: &Tensor, w0: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
-    let base = x.matmul(&w0.t()?)?;
-    base.add(&xd.matmul(&a.t()?)?.matmul(&b.t()?)?.mul_scalar(s)?)
+    x.lora_linear(xd, w0, a, b, s)
 }
 
 impl LinearAdapter for LoraLayer {

@@ -327,6 +327,7 @@ fn record<'a>(obj: &'a Map<String, Value>, format: DataFormat, first: usize, pat
 /// block `k` of stream `s`; each block gives two 64-bit words `(w₀ | w₁ << 32)`, `(w₂ | w₃ << 32)`.
 const DOMAIN_EPOCH: u32 = 0x4550_4f43; // "EPOC"
 const DOMAIN_SPLIT: u32 = 0x5350_4c54; // "SPLT"
+const DOMAIN_SUBSET: u32 = 0x5355_4253; // "SUBS"
 
 /// A uniformly random permutation of `0..n`: Fisher–Yates from the top, `i = n−1 .. 1`, swapping
 /// `i` with `j = ⌊u · (i + 1) / 2⁶⁴⌋` for the next 64-bit draw `u` (bias below `n / 2⁶⁴`).
@@ -618,6 +619,20 @@ impl Dataset {
             ..self.clone_meta()
         };
         Ok((part(false), part(true)))
+    }
+
+    /// A seeded random subset of `n` examples (all of them when `n ≥ len`), kept in file
+    /// order: a small, unbiased slice of a large file for a quick run.
+    pub fn subset(&self, n: usize, seed: u64) -> Result<Dataset> {
+        if n == 0 {
+            return Err(Error::InvalidArgument { op: "Dataset::subset", msg: format!("a subset of 0 examples of {} is empty", self.path) });
+        }
+        if n >= self.len() {
+            return Ok(self.clone());
+        }
+        let mut pick = permutation(self.len(), seed, DOMAIN_SUBSET, 0)[..n].to_vec();
+        pick.sort_unstable();
+        Ok(Dataset { examples: pick.into_iter().map(|i| self.examples[i].clone()).collect(), ..self.clone_meta() })
     }
 
     fn clone_meta(&self) -> Dataset {

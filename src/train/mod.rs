@@ -1,3 +1,9 @@
 //! Training: data, the trainer loop, checkpoints and metrics.
 
 pub mod data;
+pub mod plot;
+pub mod trainer;
+
+pub use trainer::{
+    attach, evaluate, train, Attached, EvalRecord, Method, Observer, OptimizerKind, Quiet, StepRecord, TrainConfig, TrainReport,
+};

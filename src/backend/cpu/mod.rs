@@ -345,7 +345,10 @@ fn reduce_contiguous<T: Float>(x: &[T], shape: &[usize], axis: usize, id: T, com
             out.par_iter_mut().enumerate().for_each(|(o, r)| *r = fold_slice(&x[o * d..(o + 1) * d], id, comb));
         } else {
             for (o, r) in out.iter_mut().enumerate() {
-                *r = x[o * d..(o + 1) * d].par_chunks(CHUNK).map(|c| fold_slice(c, id, comb)).reduce(|| id, comb);
+                // Partial results combined in chunk order, not in rayon's (work-stealing) tree:
+                // the same input gives the same bits on every run (bitwise resume needs it).
+                let parts: Vec<T> = x[o * d..(o + 1) * d].par_chunks(CHUNK).map(|c| fold_slice(c, id, comb)).collect();
+                *r = parts.into_iter().fold(id, comb);
             }
         }
     } else {

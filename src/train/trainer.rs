@@ -1,0 +1,719 @@
+//! The training loop: methods attached, batches in a seeded order, token-weighted gradient
+//! accumulation, clipping, a scheduled optimizer step on the trainable tensors only,
+//! evaluation, metrics, checkpoints that resume to the same result.
+//!
+//! ```text
+//! for step in start..total:
+//!     for each of grad_accum micro-batches (a continuous stream over seeded epoch orders):
+//!         loss_μ = Σ CE(targets of μ) / (targets in the whole step)   → backward (grads add up)
+//!     loss = Σ_μ loss_μ   (the mean over every target of the step, as one big batch)
+//!     if loss or ‖g‖ is not finite: skip the step (stop after max_bad_steps in a row)
+//!     clip ‖g‖ to `clip`; optimizer.step(schedule(step)); zero grads
+//! ```
+//!
+//! Everything random is a pure function of the seed and a counter — the data order of epoch
+//! `e` is `epoch_order(e, seed)`, the dropout masks of micro-batch `μ` are stream `(site, μ)`
+//! — so a checkpoint holds the trainable tensors, the optimizer's moments, the step and the
+//! micro-batch counter, and a resumed run repeats the uninterrupted one bit for bit (CPU).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::data::{Batch, DataKind, Dataset};
+use super::plot;
+use crate::autograd::with_no_grad;
+use crate::backend::Device;
+use crate::error::{Error, Result};
+use crate::io::safetensors::SafetensorsFile;
+use crate::models::CausalLm;
+use crate::optim::{clip_grad_norm, grad_norm, AdamW, Optimizer, ParamGroup, Schedule, ScheduleKind, Sgd, SgdConfig};
+use crate::peft::{format, full, head, ClassifierHead, LoraAdapter, LoraConfig, Pooling};
+use crate::rng::Rng;
+use crate::tensor::{CrossEntropyReduction, Tensor};
+
+/// What is trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Every weight (plus a new head for classification data).
+    Full,
+    /// LoRA adapters (plus a new head for classification data).
+    Lora,
+    /// DoRA adapters (plus a new head for classification data).
+    Dora,
+    /// A new classification head alone; the body stays frozen.
+    Head,
+}
+
+impl std::str::FromStr for Method {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Method> {
+        match s {
+            "full" => Ok(Method::Full),
+            "lora" => Ok(Method::Lora),
+            "dora" => Ok(Method::Dora),
+            "head" => Ok(Method::Head),
+            _ => Err(Error::InvalidArgument { op: "method", msg: format!("unknown method '{s}' (full, lora, dora or head)") }),
+        }
+    }
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Full => "full",
+            Method::Lora => "lora",
+            Method::Dora => "dora",
+            Method::Head => "head",
+        }
+    }
+}
+
+/// Which optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimizerKind {
+    AdamW,
+    /// SGD with momentum 0.9.
+    Sgd,
+}
+
+/// Every setting of a run (the CLI's flags and `--config` file keys).
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub method: Method,
+    /// Rank, alpha, dropout, rsLoRA, target modules, layers (LoRA/DoRA; `dora` and `seed` are
+    /// set from `method` and `seed`).
+    pub lora: LoraConfig,
+    /// How a classification head pools the hidden states.
+    pub pooling: Pooling,
+    /// Classes of a new head (default: the largest label in the data + 1).
+    pub num_classes: Option<usize>,
+    pub optimizer: OptimizerKind,
+    pub lr: f64,
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (default: `epochs` passes over the data).
+    pub max_steps: Option<u64>,
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub warmup_steps: u64,
+    pub schedule: ScheduleKind,
+    /// Decoupled weight decay of the matrices (norm weights, biases and vectors get none).
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (`None`: no clipping).
+    pub clip: Option<f64>,
+    pub seed: u64,
+    pub gradient_checkpointing: bool,
+    /// Evaluate every this many steps (and always before and after).
+    pub eval_every: Option<u64>,
+    /// Write a checkpoint every this many steps (and at the end).
+    pub save_every: u64,
+    /// Stop when this many steps in a row have a non-finite loss or gradient.
+    pub max_bad_steps: usize,
+    /// Where checkpoints, the adapter, metrics and the loss picture go.
+    pub out: PathBuf,
+    /// Continue from the last checkpoint in `out`.
+    pub resume: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            method: Method::Lora,
+            lora: LoraConfig::default(),
+            pooling: Pooling::Last,
+            num_classes: None,
+            optimizer: OptimizerKind::AdamW,
+            lr: 2e-4,
+            epochs: 1,
+            max_steps: None,
+            batch_size: 8,
+            grad_accum: 1,
+            warmup_steps: 0,
+            schedule: ScheduleKind::Linear,
+            weight_decay: 0.0,
+            clip: Some(1.0),
+            seed: 0,
+            gradient_checkpointing: false,
+            eval_every: None,
+            save_every: 100,
+            max_bad_steps: 5,
+            out: PathBuf::from("tinytune-out"),
+            resume: false,
+        }
+    }
+}
+
+impl TrainConfig {
+    fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::InvalidArgument { op: "finetune", msg });
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return bad("batch size and gradient accumulation must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("learning rate must be positive, got {}", self.lr));
+        }
+        if self.epochs == 0 && self.max_steps.is_none() {
+            return bad("epochs must be at least 1 (or give max steps)".into());
+        }
+        if self.save_every == 0 {
+            return bad("save_every must be at least 1".into());
+        }
+        if self.clip.is_some_and(|c| c.is_nan() || c <= 0.0) {
+            return bad("clip must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// The settings that must not change across a resume (they change the math).
+    fn fingerprint(&self, train: &Dataset) -> Value {
+        json!({
+            "method": self.method.name(), "r": self.lora.r, "alpha": self.lora.alpha, "dropout": self.lora.dropout,
+            "rslora": self.lora.rslora, "targets": self.lora.targets, "layers": self.lora.layers, "seed": self.seed,
+            "batch_size": self.batch_size, "grad_accum": self.grad_accum, "lr": self.lr, "schedule": format!("{:?}", self.schedule),
+            "warmup": self.warmup_steps, "weight_decay": self.weight_decay, "clip": self.clip, "optimizer": format!("{:?}", self.optimizer),
+            "examples": train.len(), "data": train.path(),
+        })
+    }
+}
+
+/// One optimizer step, as reported and written to `metrics.jsonl`.
+#[derive(Debug, Clone)]
+pub struct StepRecord {
+    /// 1-based count of optimizer steps taken or skipped.
+    pub step: u64,
+    pub total_steps: u64,
+    /// Fractional epoch reached.
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Real tokens in the step.
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+    /// The step was skipped (non-finite loss or gradient).
+    pub skipped: bool,
+}
+
+/// An evaluation on the held-out data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalRecord {
+    pub step: u64,
+    /// Mean negative log-likelihood per target token (LM) or per example (classification).
+    pub loss: f64,
+    /// Classification accuracy.
+    pub accuracy: Option<f64>,
+    pub examples: usize,
+}
+
+impl EvalRecord {
+    pub fn perplexity(&self) -> f64 {
+        self.loss.exp()
+    }
+}
+
+/// Receives progress (the CLI draws a progress bar from it).
+pub trait Observer {
+    fn on_start(&mut self, _start_step: u64, _total_steps: u64) {}
+    fn on_step(&mut self, _r: &StepRecord) {}
+    fn on_eval(&mut self, _r: &EvalRecord) {}
+    fn on_message(&mut self, _msg: &str) {}
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    pub steps: u64,
+    pub skipped_steps: u64,
+    pub before: Option<EvalRecord>,
+    pub after: Option<EvalRecord>,
+    pub final_loss: Option<f64>,
+    pub trainable_parameters: usize,
+    /// Where the result was saved: the adapter directory or (full) the model directory.
+    pub saved: PathBuf,
+    pub resumed_from: Option<u64>,
+}
+
+/// The methods attached to a model and their trainable tensors.
+pub struct Attached {
+    pub lora: Option<LoraAdapter>,
+    pub head: Option<ClassifierHead>,
+    /// Every trainable tensor by name (adapter keys without the PEFT prefix, `score.weight`,
+    /// or checkpoint names for full fine-tuning).
+    pub params: Vec<(String, Tensor)>,
+}
+
+/// Attach what `cfg.method` trains to `model` (a head when the data is labelled).
+pub fn attach(
+    model: &mut dyn CausalLm,
+    cfg: &TrainConfig,
+    kind: DataKind,
+    num_classes: Option<usize>,
+    device: &Device,
+) -> Result<Attached> {
+    let mut params = Vec::new();
+    let lora = match cfg.method {
+        Method::Lora | Method::Dora => {
+            let lc = LoraConfig { dora: cfg.method == Method::Dora, seed: cfg.seed, ..cfg.lora.clone() };
+            let l = LoraAdapter::attach(model, lc)?;
+            params.extend(l.parameters());
+            Some(l)
+        }
+        Method::Full => {
+            params.extend(full::make_trainable(model)?);
+            None
+        }
+        Method::Head => None,
+    };
+    let head = match kind {
+        DataKind::Classification => {
+            let n = cfg.num_classes.or(num_classes).unwrap_or(2);
+            let h = ClassifierHead::new(model.hidden_size(), n, cfg.pooling, &mut Rng::new(crate::peft::mix(cfg.seed, 0xC1A55)), device)?;
+            params.extend(h.parameters());
+            Some(h)
+        }
+        DataKind::Lm if cfg.method == Method::Head => {
+            return Err(Error::InvalidArgument {
+                op: "finetune",
+                msg: "method 'head' trains a classifier: the data needs {\"text\", \"label\"} lines".into(),
+            })
+        }
+        DataKind::Lm => None,
+    };
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing);
+    Ok(Attached { lora, head, params })
+}
+
+/// The loss of one batch, summed (not averaged) over its targets, and the batch's
+/// correct-prediction count for classification.
+fn batch_loss_sum(model: &dyn CausalLm, head: Option<&ClassifierHead>, b: &Batch) -> Result<(Tensor, Option<usize>)> {
+    match (head, &b.labels) {
+        (Some(h), Some(labels)) => {
+            let logits = h.forward(&model.hidden_states(&b.ids, b.keep.as_ref(), None)?, b.keep.as_ref())?;
+            let correct = if crate::autograd::is_grad_enabled() { None } else { Some(head::correct(&logits, labels)?) };
+            Ok((logits.cross_entropy(labels, -100, CrossEntropyReduction::Sum)?, correct))
+        }
+        (None, None) => Ok((model.forward(&b.ids, b.keep.as_ref())?.cross_entropy(&b.targets, -100, CrossEntropyReduction::Sum)?, None)),
+        _ => Err(Error::InvalidArgument {
+            op: "finetune",
+            msg: "labelled data needs a classification head (and the other way round)".into(),
+        }),
+    }
+}
+
+/// Mean loss (and accuracy) of `model` on `data`, without gradients or dropout.
+pub fn evaluate(
+    model: &dyn CausalLm,
+    head: Option<&ClassifierHead>,
+    data: &Dataset,
+    batch_size: usize,
+    device: &Device,
+    step: u64,
+) -> Result<EvalRecord> {
+    with_no_grad(|| {
+        let (mut total, mut count, mut correct) = (0.0, 0usize, 0usize);
+        let order: Vec<usize> = (0..data.len()).collect();
+        for chunk in order.chunks(batch_size.max(1)) {
+            let b = data.batch(chunk, device)?;
+            let (loss, c) = batch_loss_sum(model, head, &b)?;
+            total += loss.to_scalar()?;
+            count += if head.is_some() { chunk.len() } else { b.n_target_tokens };
+            correct += c.unwrap_or(0);
+        }
+        if count == 0 {
+            return Err(Error::InvalidArgument { op: "evaluate", msg: format!("{}: no targets to evaluate", data.path()) });
+        }
+        Ok(EvalRecord {
+            step,
+            loss: total / count as f64,
+            accuracy: head.map(|_| correct as f64 / data.len() as f64),
+            examples: data.len(),
+        })
+    })
+}
+
+/// Weight decay applies to matrices; vectors (norm weights, biases, DoRA magnitudes) get none.
+fn param_groups(params: &[(String, Tensor)], weight_decay: f64) -> Vec<ParamGroup> {
+    let (matrices, vectors): (Vec<_>, Vec<_>) = params.iter().cloned().partition(|(_, t)| t.rank() >= 2);
+    let mut groups = vec![ParamGroup::new("decay", matrices, 1.0, weight_decay)];
+    if !vectors.is_empty() {
+        groups.push(ParamGroup::new("no_decay", vectors, 1.0, 0.0));
+    }
+    groups
+}
+
+const CHECKPOINT_DIR: &str = "checkpoint";
+const STATE_FILE: &str = "state.json";
+
+/// Saved training state (`checkpoint/state.json` beside `checkpoint/step-N.safetensors`).
+struct State {
+    step: u64,
+    micro: u64,
+    skipped: u64,
+    bad_streak: usize,
+    history: Vec<(f64, f64)>,
+    evals: Vec<EvalRecord>,
+    before: Option<EvalRecord>,
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Io { path: path.display().to_string(), msg: e.to_string() }
+}
+
+fn eval_json(e: &EvalRecord) -> Value {
+    json!({ "step": e.step, "loss": e.loss, "accuracy": e.accuracy, "examples": e.examples })
+}
+
+fn eval_from(v: &Value) -> Option<EvalRecord> {
+    Some(EvalRecord {
+        step: v.get("step")?.as_u64()?,
+        loss: v.get("loss")?.as_f64()?,
+        accuracy: v.get("accuracy").and_then(Value::as_f64),
+        examples: v.get("examples")?.as_u64()? as usize,
+    })
+}
+
+/// Write the checkpoint of `state`: the tensors file first, then `state.json` naming it (each
+/// atomically), then remove older tensor files. A crash at any point leaves a complete
+/// checkpoint: the previous one or the new one.
+fn save_checkpoint(out: &Path, st: &State, params: &[(String, Tensor)], opt: &dyn Optimizer, fingerprint: &Value) -> Result<()> {
+    let dir = out.join(CHECKPOINT_DIR);
+    std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+    let mut tensors: Vec<(String, Tensor)> = params.iter().map(|(n, t)| (format!("param/{n}"), t.detach())).collect();
+    tensors.extend(opt.state_tensors()?.into_iter().map(|(n, t)| (format!("optim/{n}"), t)));
+    let file = format!("step-{}.safetensors", st.step);
+    crate::io::safetensors::save(dir.join(&file), &tensors, None)?;
+    let state = json!({
+        "format": "tinytune checkpoint 1",
+        "tensors": file,
+        "step": st.step,
+        "micro_batches": st.micro,
+        "skipped": st.skipped,
+        "bad_streak": st.bad_streak,
+        "history": st.history,
+        "evals": st.evals.iter().map(eval_json).collect::<Vec<_>>(),
+        "before": st.before.as_ref().map(eval_json),
+        "config": fingerprint,
+    });
+    crate::io::write_atomic(&dir.join(STATE_FILE), serde_json::to_string_pretty(&state).unwrap_or_default().as_bytes())?;
+    for entry in std::fs::read_dir(&dir).map_err(|e| io_err(&dir, e))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("step-") && name.ends_with(".safetensors") && name != file {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// Load the checkpoint in `out` into `params` and `opt`; the saved state.
+fn load_checkpoint(out: &Path, params: &[(String, Tensor)], opt: &mut dyn Optimizer, fingerprint: &Value) -> Result<State> {
+    let dir = out.join(CHECKPOINT_DIR);
+    let spath = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&spath).map_err(|e| io_err(&spath, format!("cannot resume: {e}")))?;
+    let ferr = |msg: String| Error::Format { path: spath.display().to_string(), msg };
+    let v: Value = serde_json::from_str(&text).map_err(|e| ferr(format!("not valid JSON: {e}")))?;
+    if let Some(saved) = v.get("config") {
+        for (k, want) in fingerprint.as_object().into_iter().flatten() {
+            if saved.get(k) != Some(want) {
+                return Err(ferr(format!(
+                    "the checkpoint was made with {k} = {}, this run has {k} = {want}: resume with the same settings (or a new --out)",
+                    saved.get(k).unwrap_or(&Value::Null)
+                )));
+            }
+        }
+    }
+    let file = v.get("tensors").and_then(Value::as_str).ok_or_else(|| ferr("no 'tensors' entry".into()))?;
+    let st = SafetensorsFile::open(dir.join(file))?;
+    let dev = params.first().map(|(_, t)| t.device().clone()).unwrap_or(Device::Cpu);
+    for (name, p) in params {
+        let t = st.load(&format!("param/{name}"), &dev)?;
+        if t.shape() != p.shape() {
+            return Err(ferr(format!("param/{name} has shape {:?} in the checkpoint, the model has {:?}", t.shape(), p.shape())));
+        }
+        p.set_data(&t.to_dtype(p.dtype())?)?;
+    }
+    let mut optim = HashMap::new();
+    for n in st.names() {
+        if let Some(k) = n.strip_prefix("optim/") {
+            optim.insert(k.to_string(), st.load(n, &dev)?);
+        }
+    }
+    opt.load_state(&optim)?;
+    let num = |k: &str| v.get(k).and_then(Value::as_u64).ok_or_else(|| ferr(format!("missing '{k}'")));
+    Ok(State {
+        step: num("step")?,
+        micro: num("micro_batches")?,
+        skipped: num("skipped")?,
+        bad_streak: num("bad_streak")? as usize,
+        history: v
+            .get("history")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|p| Some((p.get(0)?.as_f64()?, p.get(1)?.as_f64()?))).collect())
+            .unwrap_or_default(),
+        evals: v.get("evals").and_then(Value::as_array).map(|a| a.iter().filter_map(eval_from).collect()).unwrap_or_default(),
+        before: v.get("before").and_then(eval_from),
+    })
+}
+
+/// Fine-tune `model` on `train` as `cfg` says, evaluating on `eval`; write everything under
+/// `cfg.out` (see the crate README for the layout). `base` names the base model in the
+/// adapter's config.
+pub fn train(
+    model: &mut dyn CausalLm,
+    train: &Dataset,
+    eval: Option<&Dataset>,
+    cfg: &TrainConfig,
+    base: &str,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<TrainReport> {
+    cfg.validate()?;
+    if train.is_empty() {
+        return Err(Error::InvalidArgument { op: "finetune", msg: format!("{}: no training examples", train.path()) });
+    }
+    let kind = train.kind();
+    let classes = cfg.num_classes.or(train.num_classes()).map(|n| n.max(eval.and_then(|e| e.num_classes()).unwrap_or(0)));
+    if let Some(n) = classes {
+        train.check_labels(n)?;
+        if let Some(e) = eval {
+            e.check_labels(n)?;
+        }
+    }
+    if let Some(e) = eval.filter(|e| e.kind() != kind) {
+        return Err(Error::InvalidArgument {
+            op: "finetune",
+            msg: format!("{}: evaluation data is {:?}, training data is {:?}", e.path(), e.kind(), kind),
+        });
+    }
+    let att = attach(model, cfg, kind, classes, device)?;
+    let params = att.params.clone();
+    let trainable: usize = params.iter().map(|(_, t)| t.numel()).sum();
+    let groups = param_groups(&params, cfg.weight_decay);
+    let mut opt: Box<dyn Optimizer> = match cfg.optimizer {
+        OptimizerKind::AdamW => Box::new(AdamW::new(groups)?),
+        OptimizerKind::Sgd => Box::new(Sgd::new(groups, SgdConfig { momentum: 0.9, dampening: 0.0, nesterov: false })?),
+    };
+    let batches_per_epoch = train.len().div_ceil(cfg.batch_size) as u64;
+    let total = cfg.max_steps.unwrap_or_else(|| (cfg.epochs as u64 * batches_per_epoch).div_ceil(cfg.grad_accum as u64)).max(1);
+    let schedule = Schedule::new(cfg.schedule, cfg.warmup_steps, total)?;
+    let fingerprint = cfg.fingerprint(train);
+    std::fs::create_dir_all(&cfg.out).map_err(|e| io_err(&cfg.out, e))?;
+    let head = att.head.as_ref();
+    let set_training = |on: bool| {
+        if let Some(l) = &att.lora {
+            l.set_training(on);
+        }
+    };
+
+    let mut st = if cfg.resume {
+        let st = load_checkpoint(&cfg.out, &params, opt.as_mut(), &fingerprint)?;
+        observer.on_message(&format!("resuming from step {} of {total}", st.step));
+        st
+    } else {
+        State { step: 0, micro: 0, skipped: 0, bad_streak: 0, history: Vec::new(), evals: Vec::new(), before: None }
+    };
+    let resumed_from = cfg.resume.then_some(st.step);
+    let metrics_path = cfg.out.join("metrics.jsonl");
+    let mut metrics = open_metrics(&metrics_path, st.step, cfg.resume)?;
+
+    if st.before.is_none() {
+        if let Some(e) = eval {
+            set_training(false);
+            let r = evaluate(model, head, e, cfg.batch_size, device, 0)?;
+            observer.on_eval(&r);
+            write_metric(&mut metrics, &metrics_path, &json!({ "eval": eval_json(&r) }))?;
+            st.before = Some(r);
+        }
+    }
+    observer.on_start(st.step, total);
+    let started = Instant::now();
+    let mut orders: HashMap<u64, Vec<usize>> = HashMap::new();
+    while st.step < total {
+        set_training(true);
+        // The micro-batches of this step and their target count (for token weighting).
+        let mut batches = Vec::with_capacity(cfg.grad_accum);
+        for _ in 0..cfg.grad_accum {
+            let (epoch, k) = (st.micro / batches_per_epoch, (st.micro % batches_per_epoch) as usize);
+            let order = orders.entry(epoch).or_insert_with(|| train.epoch_order(epoch, cfg.seed));
+            let idx = &order[k * cfg.batch_size..((k + 1) * cfg.batch_size).min(order.len())];
+            batches.push((st.micro, train.batch(idx, device)?));
+            st.micro += 1;
+        }
+        orders.retain(|&e, _| e + 1 >= st.micro / batches_per_epoch);
+        let denom: usize = batches.iter().map(|(_, b)| if head.is_some() { b.lengths.len() } else { b.n_target_tokens }).sum();
+        let tokens: usize = batches.iter().map(|(_, b)| b.n_tokens).sum();
+        let t0 = Instant::now();
+        let mut loss = 0.0;
+        for (micro, b) in &batches {
+            if let Some(l) = &att.lora {
+                l.state.set_step(*micro);
+            }
+            let (sum, _) = batch_loss_sum(model, head, b)?;
+            let part = sum.mul_scalar(1.0 / denom.max(1) as f64)?;
+            loss += part.to_scalar()?;
+            part.backward()?;
+        }
+        let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.clone()).collect();
+        let norm = match cfg.clip {
+            Some(c) if loss.is_finite() => clip_grad_norm(&tensors, c)?,
+            _ => grad_norm(&tensors)?,
+        };
+        let lr = schedule.lr_at(cfg.lr, st.step);
+        let skipped = !loss.is_finite() || !norm.is_finite();
+        if skipped {
+            st.skipped += 1;
+            st.bad_streak += 1;
+            observer.on_message(&format!("step {}: loss {loss} / gradient norm {norm} is not finite; step skipped", st.step + 1));
+            if st.bad_streak >= cfg.max_bad_steps {
+                return Err(Error::InvalidArgument {
+                    op: "finetune",
+                    msg: format!(
+                        "stopped at step {}: {} steps in a row had a non-finite loss or gradient (lower the learning rate, or check the data); the last checkpoint is in {}",
+                        st.step + 1,
+                        st.bad_streak,
+                        cfg.out.join(CHECKPOINT_DIR).display()
+                    ),
+                });
+            }
+        } else {
+            st.bad_streak = 0;
+            opt.step(lr)?;
+        }
+        opt.zero_grad();
+        st.step += 1;
+        if !skipped {
+            st.history.push((st.step as f64, loss));
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        let rec = StepRecord {
+            step: st.step,
+            total_steps: total,
+            epoch: st.micro as f64 / batches_per_epoch as f64,
+            loss,
+            lr,
+            grad_norm: norm,
+            tokens,
+            tokens_per_s: tokens as f64 / dt.max(1e-9),
+            elapsed_s: started.elapsed().as_secs_f64(),
+            skipped,
+        };
+        observer.on_step(&rec);
+        write_metric(
+            &mut metrics,
+            &metrics_path,
+            &json!({ "step": rec.step, "epoch": rec.epoch, "loss": finite_or_null(loss), "lr": lr, "grad_norm": finite_or_null(norm),
+                     "tokens": tokens, "tokens_per_s": rec.tokens_per_s, "elapsed_s": rec.elapsed_s, "skipped": skipped }),
+        )?;
+        let last = st.step == total;
+        if let (Some(e), Some(every)) = (eval, cfg.eval_every) {
+            if st.step % every == 0 && !last {
+                set_training(false);
+                let r = evaluate(model, head, e, cfg.batch_size, device, st.step)?;
+                observer.on_eval(&r);
+                write_metric(&mut metrics, &metrics_path, &json!({ "eval": eval_json(&r) }))?;
+                st.evals.push(r);
+            }
+        }
+        if st.step % cfg.save_every == 0 || last {
+            save_checkpoint(&cfg.out, &st, &params, opt.as_ref(), &fingerprint)?;
+        }
+    }
+    set_training(false);
+    let after = match eval {
+        Some(e) => {
+            let r = evaluate(model, head, e, cfg.batch_size, device, st.step)?;
+            observer.on_eval(&r);
+            write_metric(&mut metrics, &metrics_path, &json!({ "eval": eval_json(&r) }))?;
+            st.evals.push(r.clone());
+            Some(r)
+        }
+        None => None,
+    };
+
+    // The result: an adapter in the PEFT layout, or (full) the whole model.
+    let saved = match cfg.method {
+        Method::Full => {
+            let dir = cfg.out.join("model");
+            crate::models::save_checkpoint(model, &dir)?;
+            if let Some(h) = head {
+                format::save(&cfg.out.join("adapter"), model, None, Some(h), base)?;
+            }
+            dir
+        }
+        _ => {
+            let dir = cfg.out.join("adapter");
+            format::save(&dir, model, att.lora.as_ref(), head, base)?;
+            dir
+        }
+    };
+    let train_curve = &st.history;
+    let smooth = plot::smooth(train_curve, (train_curve.len() / 20).max(1));
+    let evals: Vec<(f64, f64)> = st.before.iter().chain(st.evals.iter()).map(|e| (e.step as f64, e.loss)).collect();
+    let picture = plot::svg(
+        &format!("{} fine-tuning: loss", cfg.method.name()),
+        &[
+            plot::Series { name: "train (per step)", points: train_curve, color: "#9ecae1", dots: false },
+            plot::Series { name: "train (running mean)", points: &smooth, color: "#1f77b4", dots: false },
+            plot::Series { name: "eval", points: &evals, color: "#d62728", dots: true },
+        ],
+    );
+    crate::io::write_atomic(&cfg.out.join("loss.svg"), picture.as_bytes())?;
+    let report = TrainReport {
+        steps: st.step,
+        skipped_steps: st.skipped,
+        before: st.before.clone(),
+        after,
+        final_loss: st.history.last().map(|p| p.1),
+        trainable_parameters: trainable,
+        saved,
+        resumed_from,
+    };
+    let summary = json!({
+        "steps": report.steps, "skipped_steps": report.skipped_steps, "trainable_parameters": trainable,
+        "before": report.before.as_ref().map(eval_json), "after": report.after.as_ref().map(eval_json),
+        "final_loss": report.final_loss, "saved": report.saved.display().to_string(),
+    });
+    crate::io::write_atomic(&cfg.out.join("report.json"), serde_json::to_string_pretty(&summary).unwrap_or_default().as_bytes())?;
+    Ok(report)
+}
+
+fn finite_or_null(v: f64) -> Value {
+    if v.is_finite() {
+        json!(v)
+    } else {
+        Value::Null
+    }
+}
+
+/// Open `metrics.jsonl` for appending; on resume keep only the lines up to the checkpoint's
+/// step (a crash may have written later ones, which the resumed run writes again).
+fn open_metrics(path: &Path, step: u64, resume: bool) -> Result<std::fs::File> {
+    let kept = if resume {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                let v: Value = serde_json::from_str(l).unwrap_or(Value::Null);
+                let s = v.get("step").or_else(|| v.get("eval").and_then(|e| e.get("step"))).and_then(Value::as_u64);
+                s.is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+    } else {
+        String::new()
+    };
+    crate::io::write_atomic(path, kept.as_bytes())?;
+    std::fs::OpenOptions::new().append(true).open(path).map_err(|e| io_err(path, e))
+}
+
+fn write_metric(f: &mut std::fs::File, path: &Path, v: &Value) -> Result<()> {
+    use std::io::Write;
+    writeln!(f, "{v}").map_err(|e| io_err(path, e))
+}
