@@ -1,0 +1,217 @@
+//! Adapters saved by tinytune, in the PEFT layout, for the Python `peft` library to load.
+//!
+//! Each case attaches a fresh adapter to a tiny base model (f32), fills its tensors with
+//! seeded random values (`B ≠ 0`, so the adapter changes the output), saves it with
+//! [`format::save`], loads it back with [`format::load`] onto a fresh base model and checks
+//! the logits are bit-identical. That part always runs.
+//!
+//! With `TINYTUNE_EXPORT_DIR` set, each case is also written to `$TINYTUNE_EXPORT_DIR/<case>/`:
+//! the adapter files plus `expect.json` (the base model directory, the inputs and our
+//! logits, in the layout of tests/fixtures/peft/*/reference.json), which
+//! scripts/check_peft_export.sh feeds to scripts/check_peft_adapter.py.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+use tinytune::models::{self, CausalLm};
+use tinytune::peft::{format, ClassifierHead, LoraAdapter, LoraConfig, Pooling};
+use tinytune::{DType, Device, Rng, Tensor};
+
+/// The padding id (transformers' sequence classifier pools the last token whose id is not it).
+const PAD: u32 = 0;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// The base model with every weight in f32 (the f16 GPT-2 checkpoint too, as PEFT's side
+/// loads it with `dtype=float32`).
+fn base_model(base: &str) -> Box<dyn CausalLm> {
+    let mut m = models::load(fixture(base), &Device::Cpu).unwrap();
+    m.visit_parameters(&mut |_, t| {
+        *t = t.to_dtype(DType::F32)?;
+        Ok(())
+    })
+    .unwrap();
+    m
+}
+
+/// Two rows of 7 ids in `1..vocab` (never the pad id); row 1 right-padded after 5 tokens
+/// with [`PAD`]. Returns `(ids, mask)` as nested rows.
+fn inputs(vocab: usize) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let mut rng = Rng::new(7);
+    let u = Tensor::rand_uniform(&[14], 0.0, 1.0, DType::F64, &Device::Cpu, &mut rng).unwrap().to_vec_f64().unwrap();
+    let mut ids: Vec<Vec<u32>> =
+        u.chunks(7).map(|r| r.iter().map(|&x| 1 + ((x * (vocab - 1) as f64) as u32).min(vocab as u32 - 2)).collect()).collect();
+    let mut mask = vec![vec![1u32; 7]; 2];
+    for t in 5..7 {
+        ids[1][t] = PAD;
+        mask[1][t] = 0;
+    }
+    (ids, mask)
+}
+
+/// Logits: `[b, t, vocab]` from the LM head, or `[b, classes]` from `head`.
+fn logits(model: &dyn CausalLm, head: Option<&ClassifierHead>, ids: &[Vec<u32>], mask: &[Vec<u32>]) -> Tensor {
+    let (b, t) = (ids.len(), ids[0].len());
+    let idt = Tensor::from_vec(ids.concat(), &[b, t], &Device::Cpu).unwrap();
+    let keep: Vec<f32> = mask.concat().into_iter().map(|v| v as f32).collect();
+    let keep = Tensor::from_vec(keep, &[b, t], &Device::Cpu).unwrap();
+    match head {
+        Some(h) => h.forward(&model.hidden_states(&idt, Some(&keep), None).unwrap(), Some(&keep)).unwrap(),
+        None => model.forward(&idt, Some(&keep)).unwrap(),
+    }
+}
+
+/// Overwrite `A` and `B` with seeded `N(0, 0.1²)` values (PEFT's init has `B = 0`, an adapter
+/// that changes nothing), scale DoRA's magnitudes by `1 + 0.1·N(0, 1)` and the head by a
+/// fresh `N(0, 0.3²)` weight.
+fn randomize(lora: &LoraAdapter, head: Option<&ClassifierHead>, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let fill = |t: &Tensor, std: f64, rng: &mut Rng| {
+        t.set_data(&Tensor::randn(t.shape(), 0.0, std, t.dtype(), &Device::Cpu, rng).unwrap()).unwrap();
+    };
+    for l in &lora.layers {
+        fill(&l.a, 0.1, &mut rng);
+        fill(&l.b, 0.1, &mut rng);
+        if let Some(m) = &l.magnitude {
+            let noise = Tensor::randn(m.shape(), 1.0, 0.1, m.dtype(), &Device::Cpu, &mut rng).unwrap();
+            m.set_data(&m.detach().mul(&noise).unwrap().contiguous().unwrap()).unwrap();
+        }
+    }
+    if let Some(h) = head {
+        fill(&h.linear.weight, 0.3, &mut rng);
+    }
+}
+
+struct Case {
+    name: &'static str,
+    base: &'static str,
+    config: LoraConfig,
+    /// Classes of a sequence-classification head (`None`: causal LM).
+    classes: Option<usize>,
+    /// Whether `target_modules` must be written as a regex string (the site set is not a
+    /// list of names with `layers_to_transform`).
+    regex: bool,
+}
+
+fn lora(r: usize, alpha: f64, targets: &[&str]) -> LoraConfig {
+    LoraConfig { r, alpha, dropout: 0.05, targets: targets.iter().map(|s| s.to_string()).collect(), seed: 11, ..LoraConfig::default() }
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case { name: "llama-lora", base: "tiny-llama", config: lora(4, 8.0, &["q_proj", "v_proj"]), classes: None, regex: false },
+        Case {
+            name: "llama-rslora-all-layer0",
+            base: "tiny-llama",
+            config: LoraConfig { rslora: true, layers: Some(vec![0]), ..lora(4, 16.0, &["all-linear"]) },
+            classes: None,
+            regex: false,
+        },
+        Case {
+            name: "llama-q0-v1",
+            base: "tiny-llama",
+            config: lora(4, 8.0, &["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]),
+            classes: None,
+            regex: true,
+        },
+        Case {
+            name: "llama-attn-layer1-glob",
+            base: "tiny-llama",
+            config: lora(2, 4.0, &["model.layers.1.self_attn.*"]),
+            classes: None,
+            regex: true,
+        },
+        Case {
+            name: "llama-dora",
+            base: "tiny-llama",
+            config: LoraConfig { dora: true, ..lora(4, 8.0, &["q_proj", "k_proj", "v_proj", "o_proj"]) },
+            classes: None,
+            regex: false,
+        },
+        Case { name: "gpt2-lora", base: "tiny-gpt2-f16", config: lora(4, 8.0, &["c_attn", "c_proj"]), classes: None, regex: false },
+        Case { name: "llama-seqcls", base: "tiny-llama", config: lora(4, 8.0, &["q_proj", "v_proj"]), classes: Some(3), regex: false },
+    ]
+}
+
+fn flat(t: &Tensor) -> Value {
+    let data: Vec<f64> = t.to_vec::<f32>().unwrap().into_iter().map(f64::from).collect();
+    json!({ "shape": t.shape(), "data": data })
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    a.to_vec::<f32>().unwrap().iter().zip(b.to_vec::<f32>().unwrap()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tinytune-export-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// Build one case, save it to `out`, reload it and check it; write `out/expect.json`.
+fn run_case(case: &Case, out: &Path) {
+    let name = case.name;
+    let mut model = base_model(case.base);
+    let (ids, mask) = inputs(model.vocab_size());
+    let mut rng = Rng::new(5);
+    let head = case.classes.map(|c| ClassifierHead::new(model.hidden_size(), c, Pooling::Last, &mut rng, &Device::Cpu).unwrap());
+    let before = logits(model.as_ref(), head.as_ref(), &ids, &mask);
+
+    let adapter = LoraAdapter::attach(model.as_mut(), case.config.clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    randomize(&adapter, head.as_ref(), 1000 + name.len() as u64);
+    let ours = logits(model.as_ref(), head.as_ref(), &ids, &mask);
+    let changed = max_diff(&ours, &before);
+    assert!(changed > 1e-2, "{name}: the adapter barely changes the output ({changed})");
+
+    format::save(out, model.as_mut(), Some(&adapter), head.as_ref(), &fixture(case.base).display().to_string()).unwrap();
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join(format::CONFIG_FILE)).unwrap()).unwrap();
+    assert_eq!(cfg["target_modules"].is_string(), case.regex, "{name}: target_modules form {}", cfg["target_modules"]);
+    assert_eq!(cfg["task_type"], if case.classes.is_some() { "SEQ_CLS" } else { "CAUSAL_LM" }, "{name}");
+
+    // Reloaded onto a fresh base model: the same sites, tensors and logits, bit for bit.
+    let mut again = base_model(case.base);
+    let loaded = format::load(out, again.as_mut(), &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert!(loaded.warnings.is_empty(), "{name}: {:?}", loaded.warnings);
+    let l = loaded.lora.as_ref().unwrap();
+    let sites = |a: &LoraAdapter| a.layers.iter().map(|l| l.site.clone()).collect::<Vec<_>>();
+    assert_eq!(sites(l), sites(&adapter), "{name}: sites");
+    assert_eq!(loaded.head.as_ref().map(|h| h.num_classes()), case.classes, "{name}: head");
+    for ((k, a), (k2, b)) in adapter.parameters().iter().zip(l.parameters()) {
+        assert_eq!(*k, k2, "{name}");
+        assert_eq!(a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap(), "{name}: {k}");
+    }
+    let back = logits(again.as_ref(), loaded.head.as_ref(), &ids, &mask);
+    assert_eq!(back.shape(), ours.shape(), "{name}");
+    assert_eq!(back.to_vec::<f32>().unwrap(), ours.to_vec::<f32>().unwrap(), "{name}: reloaded logits");
+
+    let mut expect = json!({
+        "case": name,
+        "base": fixture(case.base).display().to_string(),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pad_token_id": PAD,
+        "logits": flat(&ours),
+    });
+    if let Some(c) = case.classes {
+        expect["num_labels"] = json!(c);
+    }
+    std::fs::write(out.join("expect.json"), serde_json::to_vec_pretty(&expect).unwrap()).unwrap();
+}
+
+#[test]
+fn saved_adapters_reload_to_the_same_logits_and_export_for_peft() {
+    let export = std::env::var_os("TINYTUNE_EXPORT_DIR").map(PathBuf::from);
+    for case in cases() {
+        let out = match &export {
+            Some(d) => d.join(case.name),
+            None => scratch(case.name),
+        };
+        let _ = std::fs::remove_dir_all(&out);
+        run_case(&case, &out);
+        if export.is_none() {
+            std::fs::remove_dir_all(&out).unwrap();
+        }
+    }
+}
