@@ -140,7 +140,8 @@ fn config_json(model: &mut dyn CausalLm, lora: &LoraAdapter, head: Option<&Class
         "task_type": if head.is_some() { "SEQ_CLS" } else { "CAUSAL_LM" },
         "base_model_name_or_path": base,
         "r": c.r,
-        "lora_alpha": c.alpha,
+        // An integer when it is one, as PEFT writes it (stricter readers expect an int).
+        "lora_alpha": if c.alpha.fract() == 0.0 && c.alpha.abs() < 1e15 { json!(c.alpha as i64) } else { json!(c.alpha) },
         "lora_dropout": c.dropout,
         "target_modules": targets,
         "layers_to_transform": if same { json!(c.layers) } else { Value::Null },
