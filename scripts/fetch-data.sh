@@ -99,9 +99,16 @@ else
     say "downloading the Debian package r-cran-janeaustenr (about 1.6 MB)"
     # `apt-get download` writes into the current directory; as root it warns that the _apt user
     # cannot write there, which is harmless.
+    # A fresh machine may have empty package lists: as root, refresh them once and retry.
     (cd "$TMP" && apt-get download -q r-cran-janeaustenr >/dev/null 2>"$TMP/apt.err") || {
-        cat "$TMP/apt.err" >&2
-        say "error: apt-get download r-cran-janeaustenr failed (run apt-get update first?)"; exit 1
+        if [ "$(id -u)" = "0" ]; then
+            say "refreshing the package lists (apt-get update) and retrying"
+            apt-get update -qq >/dev/null 2>&1 || true
+        fi
+        (cd "$TMP" && apt-get download -q r-cran-janeaustenr >/dev/null 2>"$TMP/apt.err") || {
+            cat "$TMP/apt.err" >&2
+            say "error: apt-get download r-cran-janeaustenr failed (run apt-get update first?)"; exit 1
+        }
     }
     dpkg-deb -x "$TMP"/r-cran-janeaustenr_*.deb "$TMP/deb"
     "$PY" - "$TMP/deb/usr/lib/R/site-library/janeaustenr/data/Rdata" "$TMP/austen.jsonl" <<'EOF'
