@@ -16,7 +16,6 @@ use crate::error::{Error, Result};
 use crate::nn::{Linear, COMPUTE};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
-use crate::DType;
 
 /// How the sequence is reduced to one vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,7 +135,7 @@ impl ClassifierHead {
 /// Accuracy of `logits: [b, classes]` against `labels: [b]`: the count of rows whose argmax
 /// is the label.
 pub fn correct(logits: &Tensor, labels: &Tensor) -> Result<usize> {
-    let pred = logits.argmax(-1, false)?.to_dtype(DType::F64)?.to_vec_f64()?;
+    let pred = logits.argmax(-1, false)?.to_vec::<u32>()?;
     let labels = labels.to_vec_f64()?;
-    Ok(pred.iter().zip(&labels).filter(|(p, l)| p == l).count())
+    Ok(pred.iter().zip(&labels).filter(|(&p, &l)| p as f64 == l).count())
 }
