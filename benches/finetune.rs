@@ -6,6 +6,8 @@
 //! turns on gradient checkpointing. `scripts/bench_peft.py` measures Python PEFT + PyTorch on
 //! the same step, to report ratios measured in the same session.
 
+mod common;
+
 use std::time::Instant;
 
 use tinytune::models;
@@ -13,34 +15,8 @@ use tinytune::optim::{AdamW, Optimizer, ParamGroup};
 use tinytune::peft::{LoraAdapter, LoraConfig};
 use tinytune::{CrossEntropyReduction, Device, Tensor};
 
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-/// Reset the peak-RSS counter (Linux), so the peak covers the training steps only.
-fn reset_peak() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 fn main() {
-    let dir = std::env::var_os("TINYTUNE_ASSETS")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tinytune"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("finetune bench: run with `cargo bench --bench finetune`");
-        return;
-    }
-    if !path.exists() {
-        println!("finetune bench skipped: {} not found (run scripts/fetch-assets.sh)", path.display());
-        return;
-    }
+    let Some(path) = common::smollm2("finetune") else { return };
     let device = Device::from_env().expect("device");
     let mut model = models::load(&path, &device).expect("model loads");
     let ckpt = std::env::var("TINYTUNE_CHECKPOINTING").is_ok_and(|v| v == "1");
@@ -68,7 +44,7 @@ fn main() {
         step(&mut opt);
     }
     device.synchronize().unwrap();
-    reset_peak();
+    common::reset_peak();
     let (n, t0) = (10, Instant::now());
     let mut last = 0.0;
     for _ in 0..n {
@@ -80,7 +56,7 @@ fn main() {
     println!(
         "{{\"device\": \"{device}\", \"gradient_checkpointing\": {ckpt}, \"s_per_step\": {s:.3}, \"tokens_per_s\": {:.1}, \"peak_rss_mib\": {:.1}, \"gpu_peak_mib\": {}, \"trainable_params\": {trainable}, \"last_loss\": {last:.4}, \"threads\": {}}}",
         (b * t) as f64 / s,
-        peak_rss_mib(),
+        common::peak_rss_mib(),
         gpu_peak.map_or("null".to_string(), |v| format!("{v:.1}")),
         rayon::current_num_threads()
     );

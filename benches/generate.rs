@@ -3,36 +3,15 @@
 //! with `python3 scripts/bench_transformers.py`, the same measurement through `transformers`.
 //! Device: $TINYTUNE_DEVICE (default auto). Prints one line per measurement.
 
+mod common;
+
 use std::time::Instant;
 
 use tinytune::models::{self, KvCache};
 use tinytune::{no_grad, Device, Tensor};
 
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 fn main() {
-    let dir = std::env::var_os("TINYTUNE_ASSETS")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tinytune"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    // `cargo bench` passes --bench; `cargo test --all-targets` runs this binary without it, and
-    // then it only says what it would measure.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("generate bench: run with `cargo bench --bench generate`");
-        return;
-    }
-    if !path.exists() {
-        println!("generate bench skipped: {} not found (run scripts/fetch-assets.sh)", path.display());
-        return;
-    }
+    let Some(path) = common::smollm2("generate") else { return };
     let device = Device::from_env().expect("device");
     let model = models::load(&path, &device).expect("model loads");
     let _g = no_grad();
@@ -61,6 +40,6 @@ fn main() {
         "smollm2-135m q4_1->f32 on {device}: prefill {prompt_len} tokens {:.1} tok/s, decode {decode_len} tokens {:.1} tok/s, peak RSS {:.0} MiB",
         prompt_len as f64 / best_prefill,
         decode_len as f64 / best_decode,
-        peak_rss_mib()
+        common::peak_rss_mib()
     );
 }

@@ -1,0 +1,39 @@
+//! What the real-model benches share: the asset lookup, the `--bench` gate, peak memory.
+
+use std::path::PathBuf;
+
+/// The SmolLM2 GGUF in `${TINYTUNE_ASSETS:-~/.cache/tinytune}`, when this is a real bench run
+/// (`cargo bench` passes `--bench`; `cargo test --all-targets` runs the binary without it, and
+/// then it only says what it would measure) and the file exists.
+pub fn smollm2(bench: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("TINYTUNE_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tinytune"));
+    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("{bench} bench: run with `cargo bench --bench {bench}`");
+        return None;
+    }
+    if !path.exists() {
+        println!("{bench} bench skipped: {} not found (run scripts/fetch-assets.sh)", path.display());
+        return None;
+    }
+    Some(path)
+}
+
+/// The peak resident memory of this process (VmHWM), MiB.
+pub fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Reset the peak-RSS counter (Linux), so the peak covers what follows only.
+#[allow(dead_code)]
+pub fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
