@@ -25,8 +25,8 @@ target/release/tinytune finetune \
     --data "$ASSETS/data/movie_reviews.train.jsonl" \
     --eval-data "$ASSETS/data/movie_reviews.eval.jsonl" \
     --method lora --rank 8 --alpha 16 --dropout 0.05 --target-modules q_proj,v_proj \
-    --max-train-examples 640 --max-eval-examples 200 --seq-len 64 \
-    --batch-size 16 --lr 1e-3 --warmup 4 --schedule linear --seed 0 \
+    --max-train-examples 800 --max-eval-examples 200 --seq-len 48 \
+    --batch-size 16 --lr 3e-3 --warmup 5 --schedule linear --seed 0 \
     --device "${DEVICE:-auto}" --out "$OUT" "$@"
 echo
 echo "adapter: $OUT/adapter (load it with --adapter, or in Python with peft.PeftModel.from_pretrained)"
