@@ -396,8 +396,8 @@ fn eval_from(v: &Value) -> Option<EvalRecord> {
 }
 
 /// Write the checkpoint of `state`: the tensors file first, then `state.json` naming it (each
-/// atomically), then remove older tensor files. A crash at any point leaves a complete
-/// checkpoint: the previous one or the new one.
+/// atomically), then remove older tensor files and the temporary files of writes a killed run
+/// left. A crash at any point leaves a complete checkpoint: the previous one or the new one.
 fn save_checkpoint(out: &Path, st: &State, params: &[(String, Tensor)], opt: &dyn Optimizer, fingerprint: &Value) -> Result<()> {
     let dir = out.join(CHECKPOINT_DIR);
     std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
@@ -420,7 +420,9 @@ fn save_checkpoint(out: &Path, st: &State, params: &[(String, Tensor)], opt: &dy
     crate::io::write_atomic(&dir.join(STATE_FILE), serde_json::to_string_pretty(&state).unwrap_or_default().as_bytes())?;
     for entry in std::fs::read_dir(&dir).map_err(|e| io_err(&dir, e))?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("step-") && name.ends_with(".safetensors") && name != file {
+        let old = name.starts_with("step-") && name.ends_with(".safetensors") && name != file;
+        let stray = name.starts_with('.') && name.contains(".tmp-");
+        if old || stray {
             let _ = std::fs::remove_file(entry.path());
         }
     }
