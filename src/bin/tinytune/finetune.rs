@@ -208,10 +208,20 @@ fn parse_layers(s: &str) -> Result<Vec<usize>> {
     Ok(out)
 }
 
-/// Draws a progress bar (step, loss, tokens/s, ETA) and prints evaluations.
+/// Draws a progress bar (step, loss, tokens/s, ETA) and prints evaluations and messages. When
+/// stderr is not a terminal the bar is hidden, so messages are printed plainly (indicatif's
+/// `println` drops them then) and a step line is printed every tenth of the run.
 struct Progress {
     bar: ProgressBar,
     quiet: bool,
+    /// Hidden bar: print a step line every this many steps.
+    every: u64,
+}
+
+impl Progress {
+    fn say(&self, msg: &str) {
+        self.bar.suspend(|| eprintln!("{msg}"));
+    }
 }
 
 impl Observer for Progress {
@@ -219,18 +229,23 @@ impl Observer for Progress {
         self.bar.set_length(total);
         self.bar.set_position(start);
         self.bar.reset_eta();
+        self.every = (total / 10).max(1);
     }
     fn on_step(&mut self, r: &StepRecord) {
+        let msg = format!("loss {:.4}  lr {:.2e}  {:.0} tok/s  epoch {:.2}", r.loss, r.lr, r.tokens_per_s, r.epoch);
+        if self.bar.is_hidden() && (r.step % self.every == 0 || r.step == r.total_steps) {
+            self.say(&format!("step {}/{}: {msg}", r.step, r.total_steps));
+        }
         self.bar.set_position(r.step);
-        self.bar.set_message(format!("loss {:.4}  lr {:.2e}  {:.0} tok/s  epoch {:.2}", r.loss, r.lr, r.tokens_per_s, r.epoch));
+        self.bar.set_message(msg);
     }
     fn on_eval(&mut self, r: &EvalRecord) {
         if !self.quiet {
-            self.bar.println(describe_eval(r));
+            self.say(&describe_eval(r));
         }
     }
     fn on_message(&mut self, msg: &str) {
-        self.bar.println(msg);
+        self.say(msg);
     }
 }
 
@@ -323,7 +338,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     );
     let bar = ProgressBar::new(1);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}").expect("valid template"));
-    let mut progress = Progress { bar, quiet: false };
+    let mut progress = Progress { bar, quiet: false, every: 1 };
     let base = model_path.display().to_string();
     let report = train::train(model.as_mut(), &train_set, eval_set.as_ref(), &cfg, &base, &device, &mut progress)?;
     progress.bar.finish();
