@@ -407,6 +407,37 @@ fn every_method_lowers_the_loss() {
     }
 }
 
+/// GPT-2 (f16 checkpoint, Conv1D linears, tied embeddings) through the trainer: LoRA on c_attn
+/// and full fine-tuning (f16 weights trained as f32) both lower the held-out loss, and the
+/// saved adapter says fan_in_fan_out.
+#[test]
+fn gpt2_trains_through_the_trainer() {
+    let dir = scratch("gpt2");
+    let lm = load_data(&write_lines(&dir, "lm.jsonl", &lm_lines(16, 61)));
+    let lm_eval = load_data(&write_lines(&dir, "lm-eval.jsonl", &lm_lines(6, 62)));
+    for (name, method, lr) in [("lora", Method::Lora, 2e-2), ("full", Method::Full, 5e-3)] {
+        let out = dir.join(name);
+        let cfg = TrainConfig {
+            method,
+            lr,
+            lora: LoraConfig { r: 2, alpha: 4.0, targets: vec!["c_attn".into()], ..LoraConfig::default() },
+            max_steps: Some(16),
+            schedule: ScheduleKind::Constant,
+            ..config(&out)
+        };
+        let mut model = models::load(fixture("tiny-gpt2-f16"), &Device::Cpu).unwrap();
+        let r = train::train(model.as_mut(), &lm, Some(&lm_eval), &cfg, "tiny-gpt2", &Device::Cpu, &mut Quiet).unwrap();
+        let (before, after) = (r.before.unwrap().loss, r.after.unwrap().loss);
+        assert!(after < 0.9 * before, "{name}: held-out loss {before} -> {after}");
+        if method == Method::Lora {
+            let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap()).unwrap();
+            assert_eq!(config["fan_in_fan_out"], true);
+        } else {
+            assert!(out.join("model/model.safetensors").exists());
+        }
+    }
+}
+
 /// The tensor behind a frozen linear weight of `model` (sharing its storage).
 fn frozen_weight(model: &mut dyn CausalLm, site: &str) -> Tensor {
     model.linears_mut().into_iter().find(|l| l.name == site).unwrap().weight.clone()
@@ -564,6 +595,13 @@ fn bad_input_gives_errors_that_name_the_problem() {
     let r = run(&TrainConfig { method: Method::Head, max_steps: Some(2), ..config(&dir.join("o4")) }, &cls, None, &mut Quiet).unwrap();
     assert_eq!(r.steps, 2);
     assert!(dir.join("o4/adapter/adapter_model.safetensors").exists());
+    // Labels that are all 0 (a small subset of binary data) still get a 2-class head.
+    let zeros: Vec<String> = (0..4).map(|i| format!(r#"{{"text": "the plot was dull{}", "label": 0}}"#, " .".repeat(i + 1))).collect();
+    let zeros = load_data(&write_lines(&dir, "zeros.jsonl", &zeros));
+    let r = run(&TrainConfig { method: Method::Head, max_steps: Some(1), ..config(&dir.join("o4b")) }, &zeros, None, &mut Quiet).unwrap();
+    assert_eq!(r.steps, 1);
+    let head = SafetensorsFile::open(dir.join("o4b/adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(head.load("base_model.model.score.weight", &Device::Cpu).unwrap().shape(), [2, 32]);
     let e = run(&config(&dir.join("o5")), &cls, Some(&lm), &mut Quiet).unwrap_err().to_string();
     assert!(e.contains("lm.jsonl") && e.contains("not a classification data set"), "{e}");
 
@@ -634,4 +672,58 @@ fn gpu_training_follows_the_cpu() {
         eprintln!("{n}: largest difference {worst:.2e} (largest value {scale:.3})");
         assert!(worst <= 1e-4 * scale.max(1e-2), "{n}: the gpu adapter differs by {worst} (scale {scale})");
     }
+}
+
+/// SmolLM2-135M (Q4_1 GGUF: quantized frozen weights, tied embeddings, 30 blocks) with LoRA and
+/// a new head on 12 real movie reviews: the loss on them falls in 6 steps, and a run stopped
+/// after step 3 and resumed gives the same adapter bit for bit. (Fetched assets; a few seconds.)
+#[test]
+fn real_model_lora_head_on_movie_reviews() {
+    let (Some(model_path), Some(reviews)) =
+        (common::asset("SmolLM2-135M-Instruct.Q4_1.gguf"), common::asset("data/movie_reviews.eval.jsonl"))
+    else {
+        return;
+    };
+    let dir = scratch("real");
+    let tok = Tokenizer::from_gguf(&model_path).unwrap();
+    let all = Dataset::load(&reviews, &tok, &DataOptions { seq_len: 40, context: None, ..DataOptions::default() }).unwrap();
+    let data = all.subset(12, 3).unwrap();
+    let positive = data.examples().iter().filter(|e| e.label == Some(1)).count();
+    assert!((4..=8).contains(&positive), "both classes: {positive} of 12 positive");
+    let cfg = |out: PathBuf| TrainConfig {
+        lora: LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..LoraConfig::default() },
+        lr: 3e-3,
+        batch_size: 4,
+        max_steps: Some(6),
+        schedule: ScheduleKind::Constant,
+        ..config(&out)
+    };
+    let run_real = |cfg: &TrainConfig, obs: &mut dyn Observer| {
+        let mut model = models::load(&model_path, &Device::Cpu).unwrap();
+        train::train(model.as_mut(), &data, Some(&data), cfg, "SmolLM2-135M-Instruct", &Device::Cpu, obs).unwrap()
+    };
+    let t0 = std::time::Instant::now();
+    let (a, b) = (dir.join("straight"), dir.join("resumed"));
+    let r = run_real(&cfg(a.clone()), &mut Quiet);
+    let (before, after) = (r.before.unwrap(), r.after.unwrap());
+    println!(
+        "SmolLM2 LoRA + head, 6 steps of 4 of 12 reviews: loss {:.4} -> {:.4}, accuracy {:?} -> {:?} ({:.1} s)",
+        before.loss,
+        after.loss,
+        before.accuracy,
+        after.accuracy,
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(after.loss < 0.8 * before.loss, "loss {} -> {}", before.loss, after.loss);
+    let stopped = run_real(&cfg(b.clone()), &mut Recorder { stop_after: Some(3), ..Recorder::default() });
+    assert!(stopped.interrupted);
+    let resumed = run_real(&TrainConfig { resume: true, ..cfg(b.clone()) }, &mut Quiet);
+    assert_eq!(resumed.resumed_from, Some(3));
+    let file = "adapter/adapter_model.safetensors";
+    assert!(
+        std::fs::read(a.join(file)).unwrap() == std::fs::read(b.join(file)).unwrap(),
+        "{:?}",
+        differences(&a.join(file), &b.join(file))
+    );
+    assert_eq!(metrics(&a), metrics(&b));
 }

@@ -497,10 +497,11 @@ pub fn train(
     }
     let kind = train.kind();
     // An explicit class count is binding (a label beyond it is an error naming its line);
-    // otherwise the head is sized for the largest label of either data set.
+    // otherwise the head is sized for the largest label of either data set, and at least 2
+    // (a small subset of binary data may hold only 0s).
     let classes = match cfg.num_classes {
         Some(n) => Some(n),
-        None => train.num_classes().map(|n| n.max(eval.and_then(|e| e.num_classes()).unwrap_or(0))),
+        None => train.num_classes().map(|n| n.max(eval.and_then(|e| e.num_classes()).unwrap_or(0)).max(2)),
     };
     if let Some(n) = classes {
         train.check_labels(n)?;
