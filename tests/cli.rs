@@ -407,3 +407,35 @@ fn a_killed_finetune_resumes_to_the_same_adapter() {
         std::fs::read_dir(killed.join("checkpoint")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(leftovers.len(), 2, "state.json and one tensors file, no temporary files: {leftovers:?}");
 }
+
+#[test]
+fn finetune_checks_its_options() {
+    let dir = scratch("options");
+    let model = tiny_model_dir(&dir);
+    // A 100-token line: cut to the model's 64 positions by default, an error with a longer --seq-len.
+    let long = dir.join("long.jsonl");
+    let words = "the cat sat on the mat . ".repeat(14);
+    std::fs::write(&long, format!("{}\n{}\n", serde_json::json!({ "text": "the dog ran ." }), serde_json::json!({ "text": words })))
+        .unwrap();
+    let base =
+        ["finetune", "--model", path_str(&model), "--data", path_str(&long), "--device", "cpu", "--max-steps", "1", "--eval-split", "0"];
+    let with = |extra: &[&str]| {
+        let out = dir.join("out");
+        let mut a: Vec<&str> = base.to_vec();
+        a.extend(["--out", path_str(&out)]);
+        a.extend(extra);
+        tinytune(&a)
+    };
+    let (ok, _, err) = with(&[]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = with(&["--seq-len", "100"]);
+    assert!(!ok && err.contains("line 2") && err.contains("context of 64"), "{err}");
+    let (ok, _, err) = with(&["--clip=-1"]);
+    assert!(!ok && err.contains("--clip") && err.contains("-1"), "{err}");
+    let (ok, _, err) = with(&["--method", "prefix"]);
+    assert!(!ok && err.contains("unknown method 'prefix'"), "{err}");
+    let (ok, _, err) = with(&["--target-modules", "attn"]);
+    assert!(!ok && err.contains("'attn'") && err.contains("q_proj"), "{err}");
+    let (ok, _, err) = tinytune(&["finetune", "--model", path_str(&model)]);
+    assert!(!ok && err.contains("--data is required"), "{err}");
+}
