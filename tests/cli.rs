@@ -256,6 +256,7 @@ fn finetune_merge_and_adapters_end_to_end() {
         };
         assert_eq!(greedy(&bare, Some(&adapter)), greedy(&bare_merged, None), "{method}: greedy tokens with the adapter and merged");
     }
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -287,6 +288,7 @@ fn finetune_reads_a_config_file_that_flags_override() {
     assert!(!ok && err.contains("run.toml") && err.contains("learning-rate"), "{err}");
     let (ok, _, err) = tinytune(&["finetune", "--config", path_str(&dir.join("missing.toml")), "--model", path_str(&model)]);
     assert!(!ok && err.contains("missing.toml"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -329,6 +331,7 @@ fn eval_with_a_head_adapter_reports_accuracy() {
     let (ok, _, err) =
         tinytune(&["merge", "--model", path_str(&model), "--adapter", path_str(&adapter), "--out", path_str(&dir.join("m"))]);
     assert!(!ok && err.contains("no LoRA/DoRA weights"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -406,6 +409,7 @@ fn a_killed_finetune_resumes_to_the_same_adapter() {
     let leftovers: Vec<String> =
         std::fs::read_dir(killed.join("checkpoint")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(leftovers.len(), 2, "state.json and one tensors file, no temporary files: {leftovers:?}");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -438,4 +442,5 @@ fn finetune_checks_its_options() {
     assert!(!ok && err.contains("'attn'") && err.contains("q_proj"), "{err}");
     let (ok, _, err) = tinytune(&["finetune", "--model", path_str(&model)]);
     assert!(!ok && err.contains("--data is required"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -298,6 +298,7 @@ fn a_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
         assert_eq!(metrics(&a), metrics(&b), "{name}: a second resume of a finished run keeps the metrics as they were");
         assert!(std::fs::read(b.join("adapter/adapter_model.safetensors")).unwrap() == wa);
     }
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -358,6 +359,7 @@ fn gradient_accumulation_is_token_weighted() {
     let got = m2[0]["loss"].as_f64().unwrap();
     assert!(rel(got, weighted) < 1e-6, "loss {got}, token-weighted {weighted}");
     assert!(rel(got, mean_of_means) > 1e-4, "the check can tell the two apart: {got} vs {mean_of_means}");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -405,6 +407,7 @@ fn every_method_lowers_the_loss() {
         assert!(saved.exists(), "{name}: {} written", saved.display());
         assert!(std::fs::read_to_string(out.join("loss.svg")).unwrap().starts_with("<svg"));
     }
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// GPT-2 (f16 checkpoint, Conv1D linears, tied embeddings) through the trainer: LoRA on c_attn
@@ -436,6 +439,7 @@ fn gpt2_trains_through_the_trainer() {
             assert!(out.join("model/model.safetensors").exists());
         }
     }
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// The tensor behind a frozen linear weight of `model` (sharing its storage).
@@ -515,6 +519,7 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
     let e = run(&cfg, &data, None, &mut rec).unwrap_err().to_string();
     assert!(e.contains("3 steps in a row had a non-finite loss or gradient"), "{e}");
     assert_eq!(rec.steps.iter().rev().take(3).filter(|s| s.skipped).count(), 3);
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -564,6 +569,7 @@ fn a_failed_checkpoint_write_keeps_the_previous_checkpoint() {
     std::fs::write(&file, "x").unwrap();
     let e = run(&cfg(file.clone()), &data, None, &mut Quiet).unwrap_err().to_string();
     assert!(e.contains(&file.display().to_string()), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -636,6 +642,7 @@ fn bad_input_gives_errors_that_name_the_problem() {
         let e = run(&cfg, &lm, None, &mut Quiet).unwrap_err().to_string();
         assert!(e.contains(what), "{what}: {e}");
     }
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -672,6 +679,7 @@ fn gpu_training_follows_the_cpu() {
         eprintln!("{n}: largest difference {worst:.2e} (largest value {scale:.3})");
         assert!(worst <= 1e-4 * scale.max(1e-2), "{n}: the gpu adapter differs by {worst} (scale {scale})");
     }
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// SmolLM2-135M (Q4_1 GGUF: quantized frozen weights, tied embeddings, 30 blocks) with LoRA and
@@ -726,4 +734,5 @@ fn real_model_lora_head_on_movie_reviews() {
         differences(&a.join(file), &b.join(file))
     );
     assert_eq!(metrics(&a), metrics(&b));
+    std::fs::remove_dir_all(&dir).ok();
 }
