@@ -88,3 +88,359 @@ fn bad_input_fails_with_a_message() {
     let (ok, out, _) = tinytune(&["generate", "--help"]);
     assert!(ok && out.contains("--max-new-tokens") && out.contains("--top-p"));
 }
+
+// ---- fine-tuning: `finetune`, `--config`, `merge`, `--adapter` on eval/generate, and a run
+// killed mid-way then resumed ----
+
+/// A fresh directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tinytune-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The tiny Llama with the word-level tokenizer fixture (61 ids < its 96-row vocabulary), as
+/// a model directory `finetune` can read.
+fn tiny_model_dir(dir: &std::path::Path) -> PathBuf {
+    let m = dir.join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(PathBuf::from(fixture("tiny-llama")).join(f), m.join(f)).unwrap();
+    }
+    std::fs::copy(fixture("tokenizer/tiny-words.json"), m.join("tokenizer.json")).unwrap();
+    std::fs::copy(fixture("tokenizer/tiny-words_config.json"), m.join("tokenizer_config.json")).unwrap();
+    m
+}
+
+/// `{"text"}` lines of unequal lengths built from the tokenizer's words.
+fn write_lm_data(dir: &std::path::Path) -> PathBuf {
+    let (animals, verbs, places) = (["cat", "dog", "bird", "fish"], ["sat", "ran", "slept", "ate"], ["mat", "box", "tree", "pond"]);
+    let lines: Vec<String> = (0..40)
+        .map(|i| {
+            let mut t = format!("the {} {} on the {} .", animals[i % 4], verbs[(i / 4) % 4], places[(i / 3) % 4]);
+            for _ in 0..i % 5 {
+                t.push_str(" and then it ate the food .");
+            }
+            serde_json::json!({ "text": t }).to_string()
+        })
+        .collect();
+    let p = dir.join("lm.jsonl");
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p
+}
+
+/// `{"text", "label"}` lines: 1 for praise, 0 for complaints.
+fn write_cls_data(dir: &std::path::Path) -> PathBuf {
+    let subjects = ["the film", "the movie", "the story", "the acting", "the music", "the plot"];
+    let (good, bad) = (["good", "great", "wonderful", "lovely"], ["bad", "awful", "dull", "boring", "poor"]);
+    let lines: Vec<String> = (0..24)
+        .map(|i| {
+            let (adj, label) = if i % 2 == 0 { (good[(i / 2) % 4], 1) } else { (bad[(i / 2) % 5], 0) };
+            let adverb = ["", "very ", "really "][(i / 3) % 3];
+            serde_json::json!({ "text": format!("{} was {adverb}{adj} .", subjects[(i / 4) % 6]), "label": label }).to_string()
+        })
+        .collect();
+    let p = dir.join("cls.jsonl");
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p
+}
+
+fn path_str(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn read_json(p: &std::path::Path) -> serde_json::Value {
+    json(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+}
+
+/// The step lines of a metrics.jsonl without the wall-clock fields.
+fn step_metrics(out: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(json)
+        .filter(|v| v.get("step").is_some())
+        .map(|mut v| {
+            let o = v.as_object_mut().unwrap();
+            o.remove("tokens_per_s");
+            o.remove("elapsed_s");
+            v
+        })
+        .collect()
+}
+
+const LORA_FLAGS: [&str; 8] = ["--rank", "2", "--alpha", "4", "--seq-len", "32", "--device", "cpu"];
+
+fn finetune(model: &std::path::Path, data: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["finetune", "--model", path_str(model), "--data", path_str(data), "--out", path_str(out), "--json"];
+    args.extend(LORA_FLAGS);
+    args.extend(extra);
+    let (ok, stdout, err) = tinytune(&args);
+    assert!(ok, "finetune {extra:?} failed: {err}");
+    json(&stdout)
+}
+
+fn mean_nll(args: &[&str]) -> f64 {
+    let (ok, out, err) = tinytune(args);
+    assert!(ok, "{args:?}: {err}");
+    json(&out)["mean_nll"].as_f64().unwrap()
+}
+
+#[test]
+fn finetune_merge_and_adapters_end_to_end() {
+    let dir = scratch("e2e");
+    let (model, data) = (tiny_model_dir(&dir), write_lm_data(&dir));
+    let ids = "3,4,5,6,7,8,9,10;3,5,9,7,6,8";
+    let base_nll = mean_nll(&["eval", "--model", path_str(&model), "--ids", ids, "--device", "cpu", "--json"]);
+    for method in ["lora", "dora"] {
+        let out = dir.join(method);
+        let report = finetune(
+            &model,
+            &data,
+            &out,
+            &["--method", method, "--max-steps", "12", "--target-modules", "q_proj,v_proj,down_proj", "--lr", "1e-2", "--batch-size", "4"],
+        );
+        assert_eq!(report["steps"], 12);
+        let (before, after) = (report["before"]["loss"].as_f64().unwrap(), report["after"]["loss"].as_f64().unwrap());
+        assert!(after < before, "{method}: held-out loss {before} -> {after}");
+        assert_eq!(report["before"]["examples"], 4, "10% of 40 lines held out by default");
+        let adapter = out.join("adapter");
+        let config = read_json(&adapter.join("adapter_config.json"));
+        assert_eq!(
+            (config["peft_type"].as_str(), config["r"].as_u64(), config["use_dora"].as_bool()),
+            (Some("LORA"), Some(2), Some(method == "dora"))
+        );
+        assert_eq!(config["target_modules"], serde_json::json!(["down_proj", "q_proj", "v_proj"]));
+        let weights = tinytune::io::SafetensorsFile::open(adapter.join("adapter_model.safetensors")).unwrap();
+        assert_eq!(weights.names().len(), 2 * 3 * if method == "dora" { 3 } else { 2 });
+        assert!(weights.names().contains(&"base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"));
+        assert!(std::fs::read_to_string(out.join("loss.svg")).unwrap().starts_with("<svg"));
+        assert_eq!(step_metrics(&out).len(), 12);
+        let rep = read_json(&out.join("report.json"));
+        assert_eq!((rep["steps"].as_u64(), rep["final_loss"].as_f64()), (Some(12), report["final_loss"].as_f64()));
+
+        // merge: the merged model's numbers are the base model's with the adapter.
+        let merged = dir.join(format!("{method}-merged"));
+        let (ok, stdout, err) =
+            tinytune(&["merge", "--model", path_str(&model), "--adapter", path_str(&adapter), "--out", path_str(&merged)]);
+        assert!(ok && stdout.contains("merged 6 adapter layers"), "{stdout}{err}");
+        let with_adapter =
+            mean_nll(&["eval", "--model", path_str(&model), "--adapter", path_str(&adapter), "--ids", ids, "--device", "cpu", "--json"]);
+        let merged_nll = mean_nll(&["eval", "--model", path_str(&merged), "--ids", ids, "--device", "cpu", "--json"]);
+        assert!((merged_nll - with_adapter).abs() < 1e-5 * with_adapter, "{method}: merged {merged_nll}, base + adapter {with_adapter}");
+        assert!((with_adapter - base_nll).abs() > 1e-3, "{method}: the adapter changes the model ({with_adapter} vs {base_nll})");
+
+        // generate with the adapter: greedy tokens equal the merged model's. (The model's 96
+        // ids outnumber the tokenizer's 61, so ids are compared on copies without a tokenizer:
+        // the output is then ids only, and an id the tokenizer lacks cannot fail decoding.)
+        let untokenized = |m: &std::path::Path, name: &str| {
+            let d = dir.join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            for f in ["config.json", "model.safetensors"] {
+                std::fs::copy(m.join(f), d.join(f)).unwrap();
+            }
+            d
+        };
+        let (bare, bare_merged) = (untokenized(&model, "bare"), untokenized(&merged, &format!("{method}-bare-merged")));
+        let greedy = |m: &std::path::Path, adapter: Option<&std::path::Path>| {
+            let mut args = vec!["generate", "--model", path_str(m), "--ids", "3,4,5", "--max-new-tokens", "6", "--device", "cpu", "--json"];
+            if let Some(a) = adapter {
+                args.extend(["--adapter", path_str(a)]);
+            }
+            let (ok, out, err) = tinytune(&args);
+            assert!(ok, "{err}");
+            let v = json(&out);
+            assert_eq!(v["ids"].as_array().map(Vec::len), Some(6), "{v}");
+            v["ids"].clone()
+        };
+        assert_eq!(greedy(&bare, Some(&adapter)), greedy(&bare_merged, None), "{method}: greedy tokens with the adapter and merged");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn finetune_reads_a_config_file_that_flags_override() {
+    let dir = scratch("config");
+    let (model, data) = (tiny_model_dir(&dir), write_lm_data(&dir));
+    let toml = dir.join("run.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "model = {:?}\ndata = {:?}\nmax-steps = 3\nrank = 4\ntarget_modules = [\"q_proj\", \"o_proj\"]\neval-split = 0.25\nbatch-size = 4\nseq-len = 32\ndevice = \"cpu\"\n",
+            path_str(&model),
+            path_str(&data)
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let (ok, stdout, err) = tinytune(&["finetune", "--config", path_str(&toml), "--rank", "2", "--out", path_str(&out), "--json"]);
+    assert!(ok, "{err}");
+    let v = json(&stdout);
+    assert_eq!(v["steps"], 3, "max-steps from the file");
+    assert_eq!(v["before"]["examples"], 10, "eval-split from the file");
+    let config = read_json(&out.join("adapter/adapter_config.json"));
+    assert_eq!(config["r"], 2, "the flag wins over the file");
+    assert_eq!(config["target_modules"], serde_json::json!(["o_proj", "q_proj"]), "snake_case keys are read too");
+
+    std::fs::write(&toml, "max-steps = 3\nlearning-rate = 0.1\n").unwrap();
+    let (ok, _, err) = tinytune(&["finetune", "--config", path_str(&toml), "--model", path_str(&model), "--data", path_str(&data)]);
+    assert!(!ok && err.contains("run.toml") && err.contains("learning-rate"), "{err}");
+    let (ok, _, err) = tinytune(&["finetune", "--config", path_str(&dir.join("missing.toml")), "--model", path_str(&model)]);
+    assert!(!ok && err.contains("missing.toml"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn eval_with_a_head_adapter_reports_accuracy() {
+    let dir = scratch("head");
+    let (model, data) = (tiny_model_dir(&dir), write_cls_data(&dir));
+    let out = dir.join("out");
+    let report = finetune(
+        &model,
+        &data,
+        &out,
+        &["--method", "head", "--eval-data", path_str(&data), "--max-steps", "40", "--lr", "5e-2", "--batch-size", "4"],
+    );
+    let (before, after) = (report["before"]["accuracy"].as_f64().unwrap(), report["after"]["accuracy"].as_f64().unwrap());
+    assert!(after > before && after >= 0.85, "accuracy {before} -> {after}");
+    assert!(report["after"]["loss"].as_f64() < report["before"]["loss"].as_f64(), "{report}");
+    let adapter = out.join("adapter");
+    let (ok, stdout, err) = tinytune(&[
+        "eval",
+        "--model",
+        path_str(&model),
+        "--adapter",
+        path_str(&adapter),
+        "--data",
+        path_str(&data),
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v = json(&stdout);
+    assert_eq!(v["accuracy"].as_f64(), Some(after), "eval --adapter on the same data: {v}");
+    assert_eq!(v["examples"], 24);
+    let loss = report["after"]["loss"].as_f64().unwrap();
+    assert!((v["mean_loss"].as_f64().unwrap() - loss).abs() < 1e-5, "{v} vs {loss}");
+    // Labelled data needs the head.
+    let (ok, _, err) = tinytune(&["eval", "--model", path_str(&model), "--data", path_str(&data), "--device", "cpu"]);
+    assert!(!ok && err.contains("--adapter"), "{err}");
+    // A head alone cannot be merged into the language model.
+    let (ok, _, err) =
+        tinytune(&["merge", "--model", path_str(&model), "--adapter", path_str(&adapter), "--out", path_str(&dir.join("m"))]);
+    assert!(!ok && err.contains("no LoRA/DoRA weights"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_killed_finetune_resumes_to_the_same_adapter() {
+    let dir = scratch("kill");
+    let (model, data) = (tiny_model_dir(&dir), write_lm_data(&dir));
+    // Dropout on, 2 micro-batches a step, a checkpoint every step.
+    let steps = 60;
+    let args = |out: &std::path::Path| -> Vec<String> {
+        let mut a: Vec<String> = ["finetune", "--model", path_str(&model), "--data", path_str(&data), "--out", path_str(out)]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        a.extend(LORA_FLAGS.map(String::from));
+        a.extend(
+            [
+                "--dropout",
+                "0.1",
+                "--lr",
+                "1e-2",
+                "--grad-accum",
+                "2",
+                "--batch-size",
+                "2",
+                "--max-steps",
+                &steps.to_string(),
+                "--save-every",
+                "1",
+                "--json",
+            ]
+            .map(String::from),
+        );
+        a
+    };
+    let (straight, killed) = (dir.join("straight"), dir.join("killed"));
+    let run = |a: Vec<String>| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tinytune")).args(a).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(args(&straight));
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tinytune"))
+        .args(args(&killed))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = killed.join("checkpoint/state.json");
+    let saved_step = || {
+        std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["step"].as_u64())
+    };
+    let t0 = std::time::Instant::now();
+    while saved_step().is_none_or(|s| s < 3) {
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    let at = saved_step().unwrap();
+    assert!(!status.success() && at < steps, "the run was cut short (status {status}, checkpoint at step {at} of {steps})");
+    assert!(!killed.join("adapter").exists());
+    eprintln!("killed after the checkpoint of step {at} of {steps}");
+
+    let mut resume = args(&killed);
+    resume.push("--resume".into());
+    let out = Command::new(env!("CARGO_BIN_EXE_tinytune")).args(resume).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from step"));
+    let bytes = |o: &std::path::Path| std::fs::read(o.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(bytes(&straight) == bytes(&killed), "the resumed adapter (from step {at}) differs from the uninterrupted one");
+    assert_eq!(step_metrics(&straight), step_metrics(&killed));
+    let leftovers: Vec<String> =
+        std::fs::read_dir(killed.join("checkpoint")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(leftovers.len(), 2, "state.json and one tensors file, no temporary files: {leftovers:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn finetune_checks_its_options() {
+    let dir = scratch("options");
+    let model = tiny_model_dir(&dir);
+    // A 100-token line: cut to the model's 64 positions by default, an error with a longer --seq-len.
+    let long = dir.join("long.jsonl");
+    let words = "the cat sat on the mat . ".repeat(14);
+    std::fs::write(&long, format!("{}\n{}\n", serde_json::json!({ "text": "the dog ran ." }), serde_json::json!({ "text": words })))
+        .unwrap();
+    let base =
+        ["finetune", "--model", path_str(&model), "--data", path_str(&long), "--device", "cpu", "--max-steps", "1", "--eval-split", "0"];
+    let with = |extra: &[&str]| {
+        let out = dir.join("out");
+        let mut a: Vec<&str> = base.to_vec();
+        a.extend(["--out", path_str(&out)]);
+        a.extend(extra);
+        tinytune(&a)
+    };
+    let (ok, _, err) = with(&[]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = with(&["--seq-len", "100"]);
+    assert!(!ok && err.contains("line 2") && err.contains("context of 64"), "{err}");
+    let (ok, _, err) = with(&["--clip=-1"]);
+    assert!(!ok && err.contains("--clip") && err.contains("-1"), "{err}");
+    let (ok, _, err) = with(&["--method", "prefix"]);
+    assert!(!ok && err.contains("unknown method 'prefix'"), "{err}");
+    let (ok, _, err) = with(&["--target-modules", "attn"]);
+    assert!(!ok && err.contains("'attn'") && err.contains("q_proj"), "{err}");
+    let (ok, _, err) = tinytune(&["finetune", "--model", path_str(&model)]);
+    assert!(!ok && err.contains("--data is required"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

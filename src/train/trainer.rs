@@ -158,6 +158,9 @@ impl TrainConfig {
         if self.epochs == 0 && self.max_steps.is_none() {
             return bad("epochs must be at least 1 (or give max steps)".into());
         }
+        if self.max_steps == Some(0) {
+            return bad("max steps must be at least 1".into());
+        }
         if self.save_every == 0 {
             return bad("save_every must be at least 1".into());
         }
@@ -167,14 +170,15 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The settings that must not change across a resume (they change the math).
-    fn fingerprint(&self, train: &Dataset) -> Value {
+    /// The settings that must not change across a resume (they change the math), with the
+    /// schedule's length `total_steps` (the learning rate of every step depends on it).
+    fn fingerprint(&self, train: &Dataset, total_steps: u64) -> Value {
         json!({
             "method": self.method.name(), "r": self.lora.r, "alpha": self.lora.alpha, "dropout": self.lora.dropout,
             "rslora": self.lora.rslora, "targets": self.lora.targets, "layers": self.lora.layers, "seed": self.seed,
             "batch_size": self.batch_size, "grad_accum": self.grad_accum, "lr": self.lr, "schedule": format!("{:?}", self.schedule),
             "warmup": self.warmup_steps, "weight_decay": self.weight_decay, "clip": self.clip, "optimizer": format!("{:?}", self.optimizer),
-            "examples": train.len(), "data": train.path(),
+            "pooling": format!("{:?}", self.pooling), "total_steps": total_steps, "examples": train.len(), "data": train.path(),
         })
     }
 }
@@ -215,12 +219,20 @@ impl EvalRecord {
     }
 }
 
-/// Receives progress (the CLI draws a progress bar from it).
+/// Receives progress (the CLI draws a progress bar from it) and may stop a run early.
 pub trait Observer {
     fn on_start(&mut self, _start_step: u64, _total_steps: u64) {}
     fn on_step(&mut self, _r: &StepRecord) {}
     fn on_eval(&mut self, _r: &EvalRecord) {}
     fn on_message(&mut self, _msg: &str) {}
+    /// Asked after every step (after its checkpoint, if one is due): `false` stops the run
+    /// there, as an interruption (Ctrl-C) would, but cleanly: a checkpoint of that step is
+    /// written and [`train`] returns a report with `interrupted` set, without the final
+    /// evaluation or the adapter. `resume` then continues exactly where it stopped (the
+    /// schedule still runs to the configured total).
+    fn keep_going(&mut self) -> bool {
+        true
+    }
 }
 
 /// An observer that ignores everything.
@@ -239,6 +251,9 @@ pub struct TrainReport {
     /// Where the result was saved: the adapter directory or (full) the model directory.
     pub saved: PathBuf,
     pub resumed_from: Option<u64>,
+    /// The observer stopped the run before the last step ([`Observer::keep_going`]): `saved`
+    /// is then the checkpoint directory, `after` is `None`.
+    pub interrupted: bool,
 }
 
 /// The methods attached to a model and their trainable tensors.
@@ -381,8 +396,8 @@ fn eval_from(v: &Value) -> Option<EvalRecord> {
 }
 
 /// Write the checkpoint of `state`: the tensors file first, then `state.json` naming it (each
-/// atomically), then remove older tensor files. A crash at any point leaves a complete
-/// checkpoint: the previous one or the new one.
+/// atomically), then remove older tensor files and the temporary files of writes a killed run
+/// left. A crash at any point leaves a complete checkpoint: the previous one or the new one.
 fn save_checkpoint(out: &Path, st: &State, params: &[(String, Tensor)], opt: &dyn Optimizer, fingerprint: &Value) -> Result<()> {
     let dir = out.join(CHECKPOINT_DIR);
     std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
@@ -405,7 +420,9 @@ fn save_checkpoint(out: &Path, st: &State, params: &[(String, Tensor)], opt: &dy
     crate::io::write_atomic(&dir.join(STATE_FILE), serde_json::to_string_pretty(&state).unwrap_or_default().as_bytes())?;
     for entry in std::fs::read_dir(&dir).map_err(|e| io_err(&dir, e))?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("step-") && name.ends_with(".safetensors") && name != file {
+        let old = name.starts_with("step-") && name.ends_with(".safetensors") && name != file;
+        let stray = name.starts_with('.') && name.contains(".tmp-");
+        if old || stray {
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -479,7 +496,13 @@ pub fn train(
         return Err(Error::InvalidArgument { op: "finetune", msg: format!("{}: no training examples", train.path()) });
     }
     let kind = train.kind();
-    let classes = cfg.num_classes.or(train.num_classes()).map(|n| n.max(eval.and_then(|e| e.num_classes()).unwrap_or(0)));
+    // An explicit class count is binding (a label beyond it is an error naming its line);
+    // otherwise the head is sized for the largest label of either data set, and at least 2
+    // (a small subset of binary data may hold only 0s).
+    let classes = match cfg.num_classes {
+        Some(n) => Some(n),
+        None => train.num_classes().map(|n| n.max(eval.and_then(|e| e.num_classes()).unwrap_or(0)).max(2)),
+    };
     if let Some(n) = classes {
         train.check_labels(n)?;
         if let Some(e) = eval {
@@ -503,7 +526,7 @@ pub fn train(
     let batches_per_epoch = train.len().div_ceil(cfg.batch_size) as u64;
     let total = cfg.max_steps.unwrap_or_else(|| (cfg.epochs as u64 * batches_per_epoch).div_ceil(cfg.grad_accum as u64)).max(1);
     let schedule = Schedule::new(cfg.schedule, cfg.warmup_steps, total)?;
-    let fingerprint = cfg.fingerprint(train);
+    let fingerprint = cfg.fingerprint(train, total);
     std::fs::create_dir_all(&cfg.out).map_err(|e| io_err(&cfg.out, e))?;
     let head = att.head.as_ref();
     let set_training = |on: bool| {
@@ -521,7 +544,9 @@ pub fn train(
     };
     let resumed_from = cfg.resume.then_some(st.step);
     let metrics_path = cfg.out.join("metrics.jsonl");
-    let mut metrics = open_metrics(&metrics_path, st.step, cfg.resume)?;
+    let mut metrics = open_metrics(&metrics_path, st.step, total, cfg.resume)?;
+    // The step of the newest checkpoint on disk, for the message of a stopped run.
+    let mut saved_step = resumed_from;
 
     if st.before.is_none() {
         if let Some(e) = eval {
@@ -571,17 +596,6 @@ pub fn train(
             st.skipped += 1;
             st.bad_streak += 1;
             observer.on_message(&format!("step {}: loss {loss} / gradient norm {norm} is not finite; step skipped", st.step + 1));
-            if st.bad_streak >= cfg.max_bad_steps {
-                return Err(Error::InvalidArgument {
-                    op: "finetune",
-                    msg: format!(
-                        "stopped at step {}: {} steps in a row had a non-finite loss or gradient (lower the learning rate, or check the data); the last checkpoint is in {}",
-                        st.step + 1,
-                        st.bad_streak,
-                        cfg.out.join(CHECKPOINT_DIR).display()
-                    ),
-                });
-            }
         } else {
             st.bad_streak = 0;
             opt.step(lr)?;
@@ -611,6 +625,21 @@ pub fn train(
             &json!({ "step": rec.step, "epoch": rec.epoch, "loss": finite_or_null(loss), "lr": lr, "grad_norm": finite_or_null(norm),
                      "tokens": tokens, "tokens_per_s": rec.tokens_per_s, "elapsed_s": rec.elapsed_s, "skipped": skipped }),
         )?;
+        if skipped && st.bad_streak >= cfg.max_bad_steps {
+            // Stop (the step is reported above); the newest checkpoint stays as it is.
+            let dir = cfg.out.join(CHECKPOINT_DIR);
+            let ckpt = match saved_step {
+                Some(s) => format!("the last checkpoint (step {s}) is in {}", dir.display()),
+                None => format!("no checkpoint was written yet (one is written every {} steps to {})", cfg.save_every, dir.display()),
+            };
+            return Err(Error::InvalidArgument {
+                op: "finetune",
+                msg: format!(
+                    "stopped at step {}: {} steps in a row had a non-finite loss or gradient (lower the learning rate, or check the data); {ckpt}",
+                    st.step, st.bad_streak,
+                ),
+            });
+        }
         let last = st.step == total;
         if let (Some(e), Some(every)) = (eval, cfg.eval_every) {
             if st.step % every == 0 && !last {
@@ -623,6 +652,25 @@ pub fn train(
         }
         if st.step % cfg.save_every == 0 || last {
             save_checkpoint(&cfg.out, &st, &params, opt.as_ref(), &fingerprint)?;
+            saved_step = Some(st.step);
+        }
+        if !last && !observer.keep_going() {
+            if saved_step != Some(st.step) {
+                save_checkpoint(&cfg.out, &st, &params, opt.as_ref(), &fingerprint)?;
+            }
+            set_training(false);
+            observer.on_message(&format!("stopped at step {} of {total}; resume to continue", st.step));
+            return Ok(TrainReport {
+                steps: st.step,
+                skipped_steps: st.skipped,
+                before: st.before.clone(),
+                after: None,
+                final_loss: st.history.last().map(|p| p.1),
+                trainable_parameters: trainable,
+                saved: cfg.out.join(CHECKPOINT_DIR),
+                resumed_from,
+                interrupted: true,
+            });
         }
     }
     set_training(false);
@@ -674,6 +722,7 @@ pub fn train(
         trainable_parameters: trainable,
         saved,
         resumed_from,
+        interrupted: false,
     };
     let summary = json!({
         "steps": report.steps, "skipped_steps": report.skipped_steps, "trainable_parameters": trainable,
@@ -693,16 +742,21 @@ fn finite_or_null(v: f64) -> Value {
 }
 
 /// Open `metrics.jsonl` for appending; on resume keep only the lines up to the checkpoint's
-/// step (a crash may have written later ones, which the resumed run writes again).
-fn open_metrics(path: &Path, step: u64, resume: bool) -> Result<std::fs::File> {
+/// step (a crash may have written later ones, which the resumed run writes again). The final
+/// evaluation (at step `total`, after the last checkpoint) is always written again, so an old
+/// one is dropped.
+fn open_metrics(path: &Path, step: u64, total: u64, resume: bool) -> Result<std::fs::File> {
     let kept = if resume {
         std::fs::read_to_string(path)
             .unwrap_or_default()
             .lines()
             .filter(|l| {
                 let v: Value = serde_json::from_str(l).unwrap_or(Value::Null);
-                let s = v.get("step").or_else(|| v.get("eval").and_then(|e| e.get("step"))).and_then(Value::as_u64);
-                s.is_some_and(|s| s <= step)
+                match (v.get("step").and_then(Value::as_u64), v.get("eval").and_then(|e| e.get("step")).and_then(Value::as_u64)) {
+                    (Some(s), _) => s <= step,
+                    (None, Some(s)) => s <= step && s < total,
+                    (None, None) => false,
+                }
             })
             .map(|l| format!("{l}\n"))
             .collect::<String>()

@@ -73,7 +73,7 @@ pub struct FinetuneArgs {
     /// Micro-batches per optimizer step [default: 1].
     #[arg(long)]
     grad_accum: Option<usize>,
-    /// Most tokens per example (longer ones are truncated) [default: 256].
+    /// Most tokens per example (longer ones are truncated) [default: 256, or the model's context if shorter].
     #[arg(long)]
     seq_len: Option<usize>,
     /// Pack {"text"} documents into full windows of --seq-len tokens instead of padding.
@@ -208,10 +208,20 @@ fn parse_layers(s: &str) -> Result<Vec<usize>> {
     Ok(out)
 }
 
-/// Draws a progress bar (step, loss, tokens/s, ETA) and prints evaluations.
+/// Draws a progress bar (step, loss, tokens/s, ETA) and prints evaluations and messages. When
+/// stderr is not a terminal the bar is hidden, so messages are printed plainly (indicatif's
+/// `println` drops them then) and a step line is printed every tenth of the run.
 struct Progress {
     bar: ProgressBar,
     quiet: bool,
+    /// Hidden bar: print a step line every this many steps.
+    every: u64,
+}
+
+impl Progress {
+    fn say(&self, msg: &str) {
+        self.bar.suspend(|| eprintln!("{msg}"));
+    }
 }
 
 impl Observer for Progress {
@@ -219,18 +229,23 @@ impl Observer for Progress {
         self.bar.set_length(total);
         self.bar.set_position(start);
         self.bar.reset_eta();
+        self.every = (total / 10).max(1);
     }
     fn on_step(&mut self, r: &StepRecord) {
+        let msg = format!("loss {:.4}  lr {:.2e}  {:.0} tok/s  epoch {:.2}", r.loss, r.lr, r.tokens_per_s, r.epoch);
+        if self.bar.is_hidden() && (r.step % self.every == 0 || r.step == r.total_steps) {
+            self.say(&format!("step {}/{}: {msg}", r.step, r.total_steps));
+        }
         self.bar.set_position(r.step);
-        self.bar.set_message(format!("loss {:.4}  lr {:.2e}  {:.0} tok/s  epoch {:.2}", r.loss, r.lr, r.tokens_per_s, r.epoch));
+        self.bar.set_message(msg);
     }
     fn on_eval(&mut self, r: &EvalRecord) {
         if !self.quiet {
-            self.bar.println(describe_eval(r));
+            self.say(&describe_eval(r));
         }
     }
     fn on_message(&mut self, msg: &str) {
-        self.bar.println(msg);
+        self.say(msg);
     }
 }
 
@@ -248,12 +263,20 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     let model_path = need(a.model, "model")?;
     let data_path = need(a.data, "data")?;
     let method: Method = a.method.as_deref().unwrap_or("lora").parse()?;
+    let clip = match a.clip {
+        None => Some(1.0),
+        Some(0.0) => None,
+        Some(c) if c > 0.0 && c.is_finite() => Some(c),
+        Some(c) => return Err(Error::InvalidArgument { op: "--clip", msg: format!("must be positive (or 0 for no clipping), got {c}") }),
+    };
     let device = super::device_from(a.device.as_deref())?;
     let mut model = models::load(&model_path, &device)?;
     let tok = Tokenizer::for_model(&model_path)?;
     let seed = a.seed.unwrap_or(0);
-    let opts =
-        DataOptions { seq_len: a.seq_len.unwrap_or(256), context: model.max_positions(), pack: a.pack.unwrap_or(false), add_eos: true };
+    // Without --seq-len, examples are cut to fit the model (an explicit longer one is an error
+    // naming the line).
+    let seq_len = a.seq_len.unwrap_or_else(|| model.max_positions().map_or(256, |c| c.min(256)));
+    let opts = DataOptions { seq_len, context: model.max_positions(), pack: a.pack.unwrap_or(false), add_eos: true };
     let all = Dataset::load(&data_path, &tok, &opts)?;
     let (mut train_set, mut eval_set) = match &a.eval_data {
         Some(p) => (all, Some(Dataset::load(p, &tok, &DataOptions { pack: false, ..opts.clone() })?)),
@@ -300,7 +323,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         warmup_steps: a.warmup.unwrap_or(0),
         schedule: ScheduleKind::from_name(a.schedule.as_deref().unwrap_or("linear"))?,
         weight_decay: a.weight_decay.unwrap_or(0.0),
-        clip: a.clip.filter(|&c| c > 0.0).or(if a.clip == Some(0.0) { None } else { Some(1.0) }),
+        clip,
         seed,
         gradient_checkpointing: a.gradient_checkpointing.unwrap_or(false),
         eval_every: a.eval_every,
@@ -323,7 +346,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     );
     let bar = ProgressBar::new(1);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}").expect("valid template"));
-    let mut progress = Progress { bar, quiet: false };
+    let mut progress = Progress { bar, quiet: false, every: 1 };
     let base = model_path.display().to_string();
     let report = train::train(model.as_mut(), &train_set, eval_set.as_ref(), &cfg, &base, &device, &mut progress)?;
     progress.bar.finish();
