@@ -290,3 +290,14 @@ fn corrupted_tokenizer_json_never_panics() {
     }
     assert!(parsed > 0, "no corrupted file parsed at all; the test is not testing encode/decode");
 }
+
+#[test]
+fn lossy_decoding_drops_ids_outside_the_vocabulary() {
+    let tok = Tokenizer::from_hf_json(fixtures().join("tiny-bytelevel.json")).unwrap();
+    let ids = tok.encode("hello", false).unwrap();
+    let beyond = tok.vocab_size() as u32 + 3;
+    assert!(tok.decode(&[ids.clone(), vec![beyond]].concat(), true).is_err());
+    let mut with_pad = ids.clone();
+    with_pad.insert(1, beyond);
+    assert_eq!(tok.decode_lossy(&with_pad, true).unwrap(), tok.decode(&ids, true).unwrap());
+}

@@ -402,7 +402,7 @@ fn run(cli: Cli) -> Result<()> {
                             Some(tok) => {
                                 // A character split across tokens decodes as U+FFFD until its
                                 // last byte arrives: print only up to the last complete one.
-                                let text = tok.decode(&generated, true)?;
+                                let text = tok.decode_lossy(&generated, true)?;
                                 let complete = text.trim_end_matches('\u{FFFD}');
                                 if complete.len() > shown && complete.is_char_boundary(shown) {
                                     let _ = write!(out, "{}", &complete[shown..]);
@@ -421,7 +421,7 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             if common.json {
                 let text = match &tok {
-                    Some(t) => Some(t.decode(&new, true)?),
+                    Some(t) => Some(t.decode_lossy(&new, true)?),
                     None => None,
                 };
                 println!("{}", json!({ "ids": new, "text": text }));

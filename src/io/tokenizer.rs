@@ -438,6 +438,14 @@ impl Tokenizer {
             .map_err(|e| Error::InvalidArgument { op: "Tokenizer::decode", msg: format!("{}: {e}", self.source) })
     }
 
+    /// Like [`Tokenizer::decode`], but ids the vocabulary does not have (models often pad
+    /// their embedding table past the tokenizer) are dropped instead of being an error: for
+    /// showing what a model generated.
+    pub fn decode_lossy(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        let known: Vec<u32> = ids.iter().copied().filter(|&id| self.inner.id_to_token(id).is_some()).collect();
+        self.decode(&known, skip_special_tokens)
+    }
+
     /// Number of ids, added tokens included (`len(tokenizer)` in `transformers`).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
