@@ -13,14 +13,17 @@ pub struct Series<'a> {
     pub dots: bool,
 }
 
-/// "Nice" tick values covering `[lo, hi]` (steps of 1, 2 or 5 × 10ᵏ).
+/// "Nice" tick values covering `[lo, hi]` (steps of 1, 2 or 5 × 10ᵏ). Each tick is computed
+/// as an integer divided (or multiplied) by a power of ten, so 2.4 is 2.4, not 2.4000000000000004.
 fn ticks(lo: f64, hi: f64, want: usize) -> Vec<f64> {
     let span = (hi - lo).max(1e-12);
     let raw = span / want.max(1) as f64;
-    let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * mag).find(|s| span / s <= want as f64).unwrap_or(10.0 * mag);
-    let first = (lo / step).ceil() * step;
-    (0..).map(|i| first + i as f64 * step).take_while(|&v| v <= hi + step * 1e-9).collect()
+    let e = raw.log10().floor() as i32;
+    let m = [1.0, 2.0, 5.0, 10.0].into_iter().find(|m| span / (m * 10f64.powi(e)) <= want as f64).unwrap_or(10.0);
+    let at = |k: f64| if e >= 0 { k * m * 10f64.powi(e) } else { (k * m) / 10f64.powi(-e) };
+    let step = at(1.0);
+    let first = (lo / step).ceil();
+    (0..).map(|i| at(first + i as f64)).take_while(|&v| v <= hi + step * 1e-9).collect()
 }
 
 fn label(v: f64) -> String {
