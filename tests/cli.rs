@@ -444,3 +444,53 @@ fn finetune_checks_its_options() {
     assert!(!ok && err.contains("--data is required"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn ctrl_c_writes_a_checkpoint_that_resumes_to_the_same_adapter() {
+    let dir = scratch("sigint");
+    let (model, data) = (tiny_model_dir(&dir), write_lm_data(&dir));
+    let steps = 1500;
+    let args = |out: &std::path::Path| -> Vec<String> {
+        let mut a: Vec<String> = ["finetune", "--model", path_str(&model), "--data", path_str(&data), "--out", path_str(out)]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        a.extend(LORA_FLAGS.map(String::from));
+        // No periodic checkpoint: the one on disk after Ctrl-C is the interrupt's.
+        a.extend(["--dropout", "0.1", "--batch-size", "2", "--max-steps", &steps.to_string(), "--save-every", "100000"].map(String::from));
+        a
+    };
+    let (straight, stopped) = (dir.join("straight"), dir.join("stopped"));
+    let out = Command::new(env!("CARGO_BIN_EXE_tinytune")).args(args(&straight)).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let child = Command::new(env!("CARGO_BIN_EXE_tinytune"))
+        .args(args(&stopped))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(stopped.join("metrics.jsonl")).map_or(0, |m| m.matches("\"step\"").count()) < 3 {
+        assert!(t0.elapsed().as_secs() < 120, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let sent = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an interrupted run exits with an error status");
+    assert!(err.contains("stopped at step") && err.contains("--resume"), "{err}");
+    let state = read_json(&stopped.join("checkpoint/state.json"));
+    let at = state["step"].as_u64().unwrap();
+    assert!((3..steps).contains(&at), "checkpoint at step {at}");
+    assert!(!stopped.join("adapter").exists());
+
+    let mut resume = args(&stopped);
+    resume.push("--resume".into());
+    let out = Command::new(env!("CARGO_BIN_EXE_tinytune")).args(resume).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bytes = |o: &std::path::Path| std::fs::read(o.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(bytes(&straight) == bytes(&stopped), "the adapter resumed from step {at} differs from the uninterrupted one");
+    std::fs::remove_dir_all(&dir).ok();
+}

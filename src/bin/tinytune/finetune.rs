@@ -2,6 +2,8 @@
 //! given on the command line wins over the file).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -216,6 +218,8 @@ struct Progress {
     quiet: bool,
     /// Hidden bar: print a step line every this many steps.
     every: u64,
+    /// Set by Ctrl-C: stop after the current step (with a checkpoint).
+    stop: Arc<AtomicBool>,
 }
 
 impl Progress {
@@ -246,6 +250,9 @@ impl Observer for Progress {
     }
     fn on_message(&mut self, msg: &str) {
         self.say(msg);
+    }
+    fn keep_going(&mut self) -> bool {
+        !self.stop.load(Ordering::Relaxed)
     }
 }
 
@@ -346,10 +353,27 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     );
     let bar = ProgressBar::new(1);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}").expect("valid template"));
-    let mut progress = Progress { bar, quiet: false, every: 1 };
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    // A second Ctrl-C (or a failure to install the handler) falls back to the default: exit now.
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::Relaxed) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit at once)");
+    });
+    let mut progress = Progress { bar, quiet: false, every: 1, stop };
     let base = model_path.display().to_string();
     let report = train::train(model.as_mut(), &train_set, eval_set.as_ref(), &cfg, &base, &device, &mut progress)?;
     progress.bar.finish();
+    if report.interrupted {
+        eprintln!(
+            "stopped at step {}; the checkpoint is in {}: continue with the same command and --resume",
+            report.steps,
+            report.saved.display()
+        );
+        return Err(Error::InvalidArgument { op: "finetune", msg: "interrupted".into() });
+    }
     if method == Method::Full {
         tok.save_hf(&report.saved)?;
     }
