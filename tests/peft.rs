@@ -366,3 +366,26 @@ fn unknown_targets_and_layers_are_clear_errors() {
     let e = LoraAdapter::attach(model.as_mut(), lora_config(&["q_proj"])).unwrap_err().to_string();
     assert!(e.contains("already has an adapter"), "{e}");
 }
+
+#[test]
+fn merged_checkpoints_reload_to_the_same_logits() {
+    // GPT-2 (Conv1D weights written back as in×out, tied head) and LLaMA (untied head).
+    for name in ["tiny-gpt2-f16", "tiny-llama"] {
+        let mut model = load(name, DType::F32);
+        let targets: &[&str] = if name.contains("gpt2") { &["c_attn", "c_fc"] } else { &["q_proj", "down_proj"] };
+        let lora = LoraAdapter::attach(model.as_mut(), lora_config(targets)).unwrap();
+        for (i, (_, p)) in lora.parameters().iter().enumerate() {
+            randomize(p, 0.2, i as u64);
+        }
+        let (ids, keep, _) = batch(&Device::Cpu);
+        let want = model.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
+        lora.merge(model.as_mut()).unwrap();
+        let dir = std::env::temp_dir().join(format!("tinytune-merged-{}-{name}", std::process::id()));
+        models::save_checkpoint(model.as_mut(), &dir).unwrap();
+        let reloaded = models::load(&dir, &Device::Cpu).unwrap();
+        let got = reloaded.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
+        let worst = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{name}: the merged checkpoint's logits differ by {worst}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
