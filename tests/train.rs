@@ -623,6 +623,11 @@ fn bad_input_gives_errors_that_name_the_problem() {
         let e = run(&TrainConfig { resume: true, ..cfg }, &lm, None, &mut Quiet).unwrap_err().to_string();
         assert!(e.contains(&format!("made with {key} = ")) && e.contains("state.json"), "{key}: {e}");
     }
+    // The same file, tokenized to other examples (a shorter --seq-len): the data differ.
+    let short = Dataset::load(dir.join("lm.jsonl"), &tok, &DataOptions { seq_len: 5, ..opts.clone() }).unwrap();
+    assert_eq!(short.len(), lm.len());
+    let e = run(&TrainConfig { resume: true, ..config(&out) }, &short, None, &mut Quiet).unwrap_err().to_string();
+    assert!(e.contains("made with data = "), "{e}");
     let e = run(&TrainConfig { resume: true, ..config(&dir.join("o7")) }, &lm, None, &mut Quiet).unwrap_err().to_string();
     assert!(e.contains("cannot resume") && e.contains("o7/checkpoint/state.json"), "{e}");
 

@@ -172,15 +172,53 @@ impl TrainConfig {
 
     /// The settings that must not change across a resume (they change the math), with the
     /// schedule's length `total_steps` (the learning rate of every step depends on it).
-    fn fingerprint(&self, train: &Dataset, total_steps: u64) -> Value {
+    fn fingerprint(&self, train: &Dataset, total_steps: u64, model_id: &str) -> Value {
         json!({
             "method": self.method.name(), "r": self.lora.r, "alpha": self.lora.alpha, "dropout": self.lora.dropout,
             "rslora": self.lora.rslora, "targets": self.lora.targets, "layers": self.lora.layers, "seed": self.seed,
             "batch_size": self.batch_size, "grad_accum": self.grad_accum, "lr": self.lr, "schedule": format!("{:?}", self.schedule),
             "warmup": self.warmup_steps, "weight_decay": self.weight_decay, "clip": self.clip, "optimizer": format!("{:?}", self.optimizer),
-            "pooling": format!("{:?}", self.pooling), "total_steps": total_steps, "examples": train.len(), "data": train.path(),
+            "pooling": format!("{:?}", self.pooling), "total_steps": total_steps, "examples": train.len(),
+            // What the examples are (file content, tokenizer, seq_len, packing all change the
+            // token ids) and which base model they train: a path as typed would say neither.
+            "data": format!("{:016x}", data_hash(train)), "model": model_id,
         })
     }
+}
+
+/// FNV-1a over bytes.
+fn fnv(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3))
+}
+
+const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// A hash of every example's token ids, loss mask and label.
+fn data_hash(d: &Dataset) -> u64 {
+    d.examples().iter().fold(FNV_START, |h, e| {
+        let h = e.ids.iter().fold(h, |h, id| fnv(h, &id.to_le_bytes()));
+        let h = e.is_target.iter().fold(h, |h, &t| fnv(h, &[t as u8]));
+        fnv(h, &e.label.map_or(u32::MAX, |l| l).to_le_bytes())
+    })
+}
+
+/// The base model's identity: its config and a sample of every weight (the first and last
+/// 16 values), hashed, before any method is attached.
+fn model_hash(model: &mut dyn CausalLm) -> Result<String> {
+    let mut h = fnv(FNV_START, model.config_json().to_string().as_bytes());
+    let mut sample = Vec::new();
+    model.visit_parameters(&mut |_, t| {
+        let flat = t.flatten_all()?;
+        let n = flat.numel();
+        for (start, len) in [(0, n.min(16)), (n.saturating_sub(16), n.min(16))] {
+            sample.extend(flat.narrow(0, start, len)?.to_vec_f64()?);
+        }
+        Ok(())
+    })?;
+    for v in sample {
+        h = fnv(h, &v.to_le_bytes());
+    }
+    Ok(format!("{h:016x}"))
 }
 
 /// One optimizer step, as reported and written to `metrics.jsonl`.
@@ -515,6 +553,7 @@ pub fn train(
             msg: format!("{}: evaluation data is {:?}, training data is {:?}", e.path(), e.kind(), kind),
         });
     }
+    let model_id = model_hash(model)?;
     let att = attach(model, cfg, kind, classes, device)?;
     let params = att.params.clone();
     let trainable: usize = params.iter().map(|(_, t)| t.numel()).sum();
@@ -526,7 +565,7 @@ pub fn train(
     let batches_per_epoch = train.len().div_ceil(cfg.batch_size) as u64;
     let total = cfg.max_steps.unwrap_or_else(|| (cfg.epochs as u64 * batches_per_epoch).div_ceil(cfg.grad_accum as u64)).max(1);
     let schedule = Schedule::new(cfg.schedule, cfg.warmup_steps, total)?;
-    let fingerprint = cfg.fingerprint(train, total);
+    let fingerprint = cfg.fingerprint(train, total, &model_id);
     std::fs::create_dir_all(&cfg.out).map_err(|e| io_err(&cfg.out, e))?;
     let head = att.head.as_ref();
     let set_training = |on: bool| {
