@@ -14,7 +14,6 @@
 
 use std::sync::Arc;
 
-use super::llama::norm_weights;
 use super::{CausalLm, KvCache};
 use crate::autograd::checkpoint;
 use crate::backend::Device;
@@ -197,16 +196,13 @@ impl CausalLm for Gpt2 {
         f("transformer.wte.weight", &mut self.wte.weight)?;
         f("transformer.wpe.weight", &mut self.wpe.weight)?;
         for blk in &mut self.blocks {
-            norm_weights(&mut blk.ln_1, f)?;
-            norm_weights(&mut blk.ln_2, f)?;
+            blk.ln_1.visit_parameters(f)?;
+            blk.ln_2.visit_parameters(f)?;
             for l in blk.linears_mut() {
-                f(&format!("{}.weight", l.name), &mut l.weight)?;
-                if let Some(b) = l.bias.as_mut() {
-                    f(&format!("{}.bias", l.name), b)?;
-                }
+                l.visit_parameters(f)?;
             }
         }
-        norm_weights(&mut self.ln_f, f)?;
+        self.ln_f.visit_parameters(f)?;
         self.lm_head.weight = self.wte.weight.clone();
         Ok(())
     }

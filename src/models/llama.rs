@@ -340,28 +340,21 @@ impl CausalLm for Llama {
     }
 
     fn visit_parameters(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
-        fn lin(l: &mut Linear, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
-            f(&format!("{}.weight", l.name), &mut l.weight)?;
-            if let Some(b) = l.bias.as_mut() {
-                f(&format!("{}.bias", l.name), b)?;
-            }
-            Ok(())
-        }
         let tied = self.lm_head.weight.id() == self.embed.weight.id();
         f("model.embed_tokens.weight", &mut self.embed.weight)?;
         for blk in &mut self.blocks {
-            norm_weights(&mut blk.input_norm, f)?;
+            blk.input_norm.visit_parameters(f)?;
             for l in blk.linears_mut() {
-                lin(l, f)?;
+                l.visit_parameters(f)?;
             }
-            norm_weights(&mut blk.post_norm, f)?;
+            blk.post_norm.visit_parameters(f)?;
         }
-        norm_weights(&mut self.norm, f)?;
+        self.norm.visit_parameters(f)?;
         if tied {
             self.lm_head.weight = self.embed.weight.clone();
             Ok(())
         } else {
-            lin(&mut self.lm_head, f)
+            self.lm_head.visit_parameters(f)
         }
     }
 
@@ -416,16 +409,5 @@ impl CausalLm for Llama {
             v["sliding_window"] = w.into();
         }
         v
-    }
-}
-
-/// Visit a norm's weight (and bias) by checkpoint name.
-pub(crate) fn norm_weights(n: &mut Norm, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
-    match n {
-        Norm::Rms { name, weight, .. } => f(&format!("{name}.weight"), weight),
-        Norm::Layer { name, weight, bias, .. } => {
-            f(&format!("{name}.weight"), weight)?;
-            f(&format!("{name}.bias"), bias)
-        }
     }
 }

@@ -58,6 +58,15 @@ impl Linear {
         y.reshape(&out_shape.iter().map(|&d| d as isize).collect::<Vec<_>>())
     }
 
+    /// Call `f` on `{name}.weight` and `{name}.bias` (checkpoint names); `f` may replace them.
+    pub fn visit_parameters(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        f(&format!("{}.weight", self.name), &mut self.weight)?;
+        if let Some(b) = self.bias.as_mut() {
+            f(&format!("{}.bias", self.name), b)?;
+        }
+        Ok(())
+    }
+
     /// The base layer alone on `x: [rows, in]`: `x Wᵀ + b`, ignoring any adapter.
     pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.matmul(&self.weight.t()?)?;
@@ -91,6 +100,17 @@ pub enum Norm {
 }
 
 impl Norm {
+    /// Call `f` on `{name}.weight` (and `{name}.bias`), by checkpoint name.
+    pub fn visit_parameters(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        match self {
+            Norm::Rms { name, weight, .. } => f(&format!("{name}.weight"), weight),
+            Norm::Layer { name, weight, bias, .. } => {
+                f(&format!("{name}.weight"), weight)?;
+                f(&format!("{name}.bias"), bias)
+            }
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Norm::Rms { weight, eps, .. } => x.rms_norm(Some(weight), *eps),
