@@ -11,7 +11,7 @@ use tinytune::io::config::RawConfig;
 use tinytune::io::{Checkpoint, GgufFile, GgufValue, Tokenizer};
 use tinytune::models::{self, CausalLm, GenerateOptions, Sampling};
 use tinytune::peft::{format, ClassifierHead};
-use tinytune::train::data::{DataOptions, Dataset};
+use tinytune::train::data::{DataFormat, DataOptions, Dataset};
 use tinytune::train::{self};
 use tinytune::{Device, Error, Result};
 
@@ -234,20 +234,9 @@ fn summarize_hf(model: &PathBuf) -> Result<Summary> {
     Ok(Summary { architecture: arch, tensors: names.len(), parameters: params as u64, dtypes, config })
 }
 
-fn load_tokenizer(model: &Path) -> Result<Tokenizer> {
-    Tokenizer::for_model(model)
-}
-
-/// Whether a .jsonl file's first line has a "label" (classification data).
+/// Whether `path` is a .jsonl file of labelled (classification) lines.
 fn is_labelled(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e == "jsonl")
-        && std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| {
-                let line = t.lines().find(|l| !l.trim().is_empty())?.to_string();
-                serde_json::from_str::<serde_json::Value>(&line).ok()?.get("label").map(|_| ())
-            })
-            .is_some()
+    path.extension().is_some_and(|e| e == "jsonl") && DataFormat::of_file(path).ok().flatten() == Some(DataFormat::Classification)
 }
 
 /// The sequences a `--data` file holds: one per "text" line of a .jsonl file, else the whole file.
@@ -274,7 +263,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Tokenize { model, text, no_special_tokens, json } => {
-            let ids = load_tokenizer(&model)?.encode(&text, !no_special_tokens)?;
+            let ids = Tokenizer::for_model(&model)?.encode(&text, !no_special_tokens)?;
             if json {
                 println!("{}", json!({ "ids": ids }));
             } else {
@@ -294,7 +283,7 @@ fn run(cli: Cli) -> Result<()> {
                     op: "eval",
                     msg: format!("{} is labelled data: give --adapter with a classification head", path.display()),
                 })?;
-                let tok = load_tokenizer(&common.model)?;
+                let tok = Tokenizer::for_model(&common.model)?;
                 let opts = DataOptions { seq_len: max_len, context: model.max_positions(), ..DataOptions::default() };
                 let ds = Dataset::load(path, &tok, &opts)?;
                 ds.check_labels(head.num_classes())?;
@@ -310,7 +299,7 @@ fn run(cli: Cli) -> Result<()> {
             let seqs: Vec<Vec<u32>> = match (ids, text, data) {
                 (Some(ids), _, _) => ids.split(';').map(|s| parse_ids("eval --ids", s)).collect::<Result<_>>()?,
                 (_, text, data) => {
-                    let tok = load_tokenizer(&common.model)?;
+                    let tok = Tokenizer::for_model(&common.model)?;
                     let texts = match (text, data) {
                         (Some(t), _) => vec![t],
                         (_, Some(path)) => read_texts(&path)?,
@@ -341,7 +330,7 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             lora.merge(m.as_mut())?;
             models::save_checkpoint(m.as_mut(), &out)?;
-            load_tokenizer(&model)?.save_hf(&out)?;
+            Tokenizer::for_model(&model)?.save_hf(&out)?;
             if loaded.head.is_some() {
                 eprintln!("note: the adapter's classification head is not part of the merged language model; keep using --adapter for it");
             }
@@ -364,7 +353,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let device = common.device()?;
             let (model, _) = common.load(&device)?;
-            let tok = load_tokenizer(&common.model).ok();
+            let tok = Tokenizer::for_model(&common.model).ok();
             let prompt_ids = match (&ids, &prompt, &tok) {
                 (Some(ids), _, _) => parse_ids("generate --ids", ids)?,
                 (_, Some(p), Some(t)) => {
@@ -372,7 +361,7 @@ fn run(cli: Cli) -> Result<()> {
                     t.encode(&text, true)?
                 }
                 (_, Some(_), None) => {
-                    return Err(load_tokenizer(&common.model)
+                    return Err(Tokenizer::for_model(&common.model)
                         .err()
                         .unwrap_or(Error::InvalidArgument { op: "generate", msg: "no tokenizer".into() }))
                 }

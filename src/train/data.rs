@@ -95,6 +95,23 @@ impl DataFormat {
         }
     }
 
+    /// The format of a JSONL file, from its first non-blank line alone (`None` when that line
+    /// is not a JSON object with a format's keys); [`Dataset::load`] checks every line.
+    pub fn of_file(path: impl AsRef<Path>) -> Result<Option<DataFormat>> {
+        use std::io::BufRead;
+        let path = path.as_ref();
+        let io = |e: std::io::Error| Error::Io { path: path.display().to_string(), msg: e.to_string() };
+        let file = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+        for line in file.lines() {
+            let line = line.map_err(io)?;
+            let line = line.trim().trim_start_matches('\u{feff}');
+            if !line.is_empty() {
+                return Ok(serde_json::from_str::<Value>(line).ok().and_then(|v| v.as_object().and_then(DataFormat::of)));
+            }
+        }
+        Ok(None)
+    }
+
     /// The format a line's keys select: `messages`, else `prompt`/`completion`, else `text` with
     /// `label`, else `text`.
     fn of(obj: &Map<String, Value>) -> Option<DataFormat> {
