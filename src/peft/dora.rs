@@ -11,7 +11,7 @@
 //! dropout in training PEFT also feeds the dropped input to the `x W0ᵀ` term; here the base
 //! term always sees `x`. In inference the two agree exactly.)
 
-use super::lora::{low_rank_linear, LoraLayer};
+use super::lora::LoraLayer;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -24,7 +24,8 @@ pub fn row_norms(w: &Tensor) -> Result<Tensor> {
 
 /// The DoRA output (no bias) of `layer` with magnitude `m` on `x` (`xd`: dropped input).
 pub(crate) fn forward(layer: &LoraLayer, m: &Tensor, w0: &Tensor, x: &Tensor, xd: &Tensor) -> Result<Tensor> {
-    let norm = crate::autograd::with_no_grad(|| row_norms(&w0.to_dtype(layer.a.dtype())?.add(&layer.delta_weight()?)?))?;
-    let y = low_rank_linear(x, xd, w0, &layer.a, &layer.b, layer.scale)?;
+    // Both terms detached: the norm has no graph, a constant in backward.
+    let norm = row_norms(&w0.detach().to_dtype(layer.a.dtype())?.add(&layer.delta_weight()?)?)?;
+    let y = x.lora_linear(xd, w0, &layer.a, &layer.b, layer.scale)?;
     y.mul(&m.div(&norm)?)
 }

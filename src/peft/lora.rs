@@ -115,17 +115,12 @@ impl LoraLayer {
     }
 }
 
-/// `x W0ᵀ + s (xd Aᵀ) Bᵀ` (no bias).
-/// One node: the fused WGSL kernel on the GPU, the composition on the CPU; no `dW0`.
-pub(crate) fn low_rank_linear(x: &Tensor, xd: &Tensor, w0: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
-    x.lora_linear(xd, w0, a, b, s)
-}
-
 impl LinearAdapter for LoraLayer {
     fn forward(&self, base: &Linear, x: &Tensor) -> Result<Tensor> {
         let xd = self.dropped(x)?;
         let y = match &self.magnitude {
-            None => low_rank_linear(x, &xd, &base.weight, &self.a, &self.b, self.scale)?,
+            // x W0ᵀ + s (xd Aᵀ) Bᵀ, one node: the fused kernel on the GPU; no dW0.
+            None => x.lora_linear(&xd, &base.weight, &self.a, &self.b, self.scale)?,
             Some(m) => dora::forward(self, m, &base.weight, x, &xd)?,
         };
         match &base.bias {

@@ -344,13 +344,13 @@ pub fn attach(
     Ok(Attached { lora, head, params })
 }
 
-/// The loss of one batch, summed (not averaged) over its targets, and the batch's
-/// correct-prediction count for classification.
-fn batch_loss_sum(model: &dyn CausalLm, head: Option<&ClassifierHead>, b: &Batch) -> Result<(Tensor, Option<usize>)> {
+/// The loss of one batch, summed (not averaged) over its targets, and, when `count_correct`
+/// (evaluation), the batch's correct-prediction count for classification.
+fn batch_loss_sum(model: &dyn CausalLm, head: Option<&ClassifierHead>, b: &Batch, count_correct: bool) -> Result<(Tensor, Option<usize>)> {
     match (head, &b.labels) {
         (Some(h), Some(labels)) => {
             let logits = h.forward(&model.hidden_states(&b.ids, b.keep.as_ref(), None)?, b.keep.as_ref())?;
-            let correct = if crate::autograd::is_grad_enabled() { None } else { Some(head::correct(&logits, labels)?) };
+            let correct = if count_correct { Some(head::correct(&logits, labels)?) } else { None };
             Ok((logits.cross_entropy(labels, -100, CrossEntropyReduction::Sum)?, correct))
         }
         (None, None) => Ok((model.forward(&b.ids, b.keep.as_ref())?.cross_entropy(&b.targets, -100, CrossEntropyReduction::Sum)?, None)),
@@ -375,7 +375,7 @@ pub fn evaluate(
         let order: Vec<usize> = (0..data.len()).collect();
         for chunk in order.chunks(batch_size.max(1)) {
             let b = data.batch(chunk, device)?;
-            let (loss, c) = batch_loss_sum(model, head, &b)?;
+            let (loss, c) = batch_loss_sum(model, head, &b, true)?;
             total += loss.to_scalar()?;
             count += if head.is_some() { chunk.len() } else { b.n_target_tokens };
             correct += c.unwrap_or(0);
@@ -619,7 +619,7 @@ pub fn train(
             if let Some(l) = &att.lora {
                 l.state.set_step(*micro);
             }
-            let (sum, _) = batch_loss_sum(model, head, b)?;
+            let (sum, _) = batch_loss_sum(model, head, b, false)?;
             let part = sum.mul_scalar(1.0 / denom.max(1) as f64)?;
             loss += part.to_scalar()?;
             part.backward()?;
