@@ -172,11 +172,22 @@ fn step_metrics(out: &std::path::Path) -> Vec<serde_json::Value> {
 
 const LORA_FLAGS: [&str; 8] = ["--rank", "2", "--alpha", "4", "--seq-len", "32", "--device", "cpu"];
 
+/// `finetune` of the tiny model with LoRA_FLAGS and `extra`.
+fn finetune_args(model: &std::path::Path, data: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let head = ["finetune", "--model", path_str(model), "--data", path_str(data), "--out", path_str(out)];
+    head.iter().chain(&LORA_FLAGS).chain(extra).map(|s| s.to_string()).collect()
+}
+
+/// Run the binary, which must succeed; its stderr.
+fn run_ok(args: &[String]) -> String {
+    let (ok, _, err) = tinytune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{args:?} failed: {err}");
+    err
+}
+
 fn finetune(model: &std::path::Path, data: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> serde_json::Value {
-    let mut args = vec!["finetune", "--model", path_str(model), "--data", path_str(data), "--out", path_str(out), "--json"];
-    args.extend(LORA_FLAGS);
-    args.extend(extra);
-    let (ok, stdout, err) = tinytune(&args);
+    let args = finetune_args(model, data, out, &[extra, &["--json"]].concat());
+    let (ok, stdout, err) = tinytune(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(ok, "finetune {extra:?} failed: {err}");
     json(&stdout)
 }
@@ -340,38 +351,12 @@ fn a_killed_finetune_resumes_to_the_same_adapter() {
     let (model, data) = (tiny_model_dir(&dir), write_lm_data(&dir));
     // Dropout on, 2 micro-batches a step, a checkpoint every step.
     let steps = 60;
-    let args = |out: &std::path::Path| -> Vec<String> {
-        let mut a: Vec<String> = ["finetune", "--model", path_str(&model), "--data", path_str(&data), "--out", path_str(out)]
-            .into_iter()
-            .map(String::from)
-            .collect();
-        a.extend(LORA_FLAGS.map(String::from));
-        a.extend(
-            [
-                "--dropout",
-                "0.1",
-                "--lr",
-                "1e-2",
-                "--grad-accum",
-                "2",
-                "--batch-size",
-                "2",
-                "--max-steps",
-                &steps.to_string(),
-                "--save-every",
-                "1",
-                "--json",
-            ]
-            .map(String::from),
-        );
-        a
-    };
+    let n = steps.to_string();
+    let extra =
+        ["--dropout", "0.1", "--lr", "1e-2", "--grad-accum", "2", "--batch-size", "2", "--max-steps", &n, "--save-every", "1", "--json"];
+    let args = |out: &std::path::Path| finetune_args(&model, &data, out, &extra);
     let (straight, killed) = (dir.join("straight"), dir.join("killed"));
-    let run = |a: Vec<String>| {
-        let out = Command::new(env!("CARGO_BIN_EXE_tinytune")).args(a).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    };
-    run(args(&straight));
+    run_ok(&args(&straight));
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_tinytune"))
         .args(args(&killed))
@@ -400,9 +385,7 @@ fn a_killed_finetune_resumes_to_the_same_adapter() {
 
     let mut resume = args(&killed);
     resume.push("--resume".into());
-    let out = Command::new(env!("CARGO_BIN_EXE_tinytune")).args(resume).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from step"));
+    assert!(run_ok(&resume).contains("resuming from step"));
     let bytes = |o: &std::path::Path| std::fs::read(o.join("adapter/adapter_model.safetensors")).unwrap();
     assert!(bytes(&straight) == bytes(&killed), "the resumed adapter (from step {at}) differs from the uninterrupted one");
     assert_eq!(step_metrics(&straight), step_metrics(&killed));
@@ -450,19 +433,12 @@ fn ctrl_c_writes_a_checkpoint_that_resumes_to_the_same_adapter() {
     let dir = scratch("sigint");
     let (model, data) = (tiny_model_dir(&dir), write_lm_data(&dir));
     let steps = 1500;
-    let args = |out: &std::path::Path| -> Vec<String> {
-        let mut a: Vec<String> = ["finetune", "--model", path_str(&model), "--data", path_str(&data), "--out", path_str(out)]
-            .into_iter()
-            .map(String::from)
-            .collect();
-        a.extend(LORA_FLAGS.map(String::from));
-        // No periodic checkpoint: the one on disk after Ctrl-C is the interrupt's.
-        a.extend(["--dropout", "0.1", "--batch-size", "2", "--max-steps", &steps.to_string(), "--save-every", "100000"].map(String::from));
-        a
-    };
+    let n = steps.to_string();
+    // No periodic checkpoint: the one on disk after Ctrl-C is the interrupt's.
+    let extra = ["--dropout", "0.1", "--batch-size", "2", "--max-steps", &n, "--save-every", "100000"];
+    let args = |out: &std::path::Path| finetune_args(&model, &data, out, &extra);
     let (straight, stopped) = (dir.join("straight"), dir.join("stopped"));
-    let out = Command::new(env!("CARGO_BIN_EXE_tinytune")).args(args(&straight)).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    run_ok(&args(&straight));
 
     let child = Command::new(env!("CARGO_BIN_EXE_tinytune"))
         .args(args(&stopped))
@@ -488,8 +464,7 @@ fn ctrl_c_writes_a_checkpoint_that_resumes_to_the_same_adapter() {
 
     let mut resume = args(&stopped);
     resume.push("--resume".into());
-    let out = Command::new(env!("CARGO_BIN_EXE_tinytune")).args(resume).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    run_ok(&resume);
     let bytes = |o: &std::path::Path| std::fs::read(o.join("adapter/adapter_model.safetensors")).unwrap();
     assert!(bytes(&straight) == bytes(&stopped), "the adapter resumed from step {at} differs from the uninterrupted one");
     std::fs::remove_dir_all(&dir).ok();
