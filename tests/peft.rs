@@ -244,7 +244,7 @@ fn merged_equals_unmerged_and_unmerge_restores() {
         let plain = load("tiny-llama", DType::F32).forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
         let unmerged = model.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
         let merged_state = lora.merge(model.as_mut()).unwrap();
-        assert!(model.linears_mut().iter().all(|l| l.adapter.is_none()));
+        assert!(model.linears_mut().iter().all(|l| l.adapters.is_empty()));
         let merged = model.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
         let worst = unmerged.iter().zip(&merged).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         let changed = unmerged.iter().zip(&plain).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);

@@ -2,54 +2,12 @@
 //! the usual sampling controls, with the semantics of Hugging Face `generate`:
 //! repetition penalty, then temperature, top-k, top-p, then a draw from the softmax.
 
-use super::CausalLm;
+use super::{CausalLm, KvCache};
 use crate::autograd::no_grad;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::rng;
 use crate::tensor::Tensor;
-
-/// Keys and values of every layer for the positions seen so far, `[batch, kv_heads, len, d]`.
-/// Each step concatenates the new positions onto the old (a copy per step; a preallocated
-/// cache is future work).
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
-}
-
-impl KvCache {
-    pub fn new(num_layers: usize) -> KvCache {
-        KvCache { layers: vec![None; num_layers], len: 0 }
-    }
-
-    /// Positions cached so far.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Append this step's keys and values of `layer`; returns all of them.
-    pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let slot = self
-            .layers
-            .get_mut(layer)
-            .ok_or_else(|| Error::InvalidArgument { op: "kv_cache", msg: format!("layer {layer} of a cache for fewer layers") })?;
-        let (k, v) = match slot.take() {
-            Some((pk, pv)) => (Tensor::concat(&[&pk, &k], 2)?, Tensor::concat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
-        *slot = Some((k.clone(), v.clone()));
-        Ok((k, v))
-    }
-
-    /// Record that `t` more positions were processed (called once per forward).
-    pub fn advance(&mut self, t: usize) {
-        self.len += t;
-    }
-}
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]

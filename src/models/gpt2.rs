@@ -12,15 +12,12 @@
 //! (`y = x W + b`); they are transposed once at load into the `[out, in]` layout of
 //! [`Linear`], so all models share one linear layer (and one site type for adapters).
 
-use std::sync::Arc;
-
-use super::{CausalLm, KvCache};
-use crate::autograd::checkpoint;
+use super::CausalLm;
 use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::io::config::RawConfig;
 use crate::io::Weights;
-use crate::nn::{attention, attention_bias, Embedding, Linear, Norm, COMPUTE};
+use crate::nn::{Activation, BlockConfig, Decoder, DecoderBlock, Embedding, Linear, Mlp, Norm, Qkv, SelfAttention, COMPUTE};
 use crate::tensor::Tensor;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -60,24 +57,12 @@ impl Gpt2Config {
     }
 }
 
-#[derive(Clone)]
-struct Block {
-    ln_1: Norm,
-    c_attn: Linear,
-    attn_proj: Linear,
-    ln_2: Norm,
-    c_fc: Linear,
-    mlp_proj: Linear,
-}
-
 pub struct Gpt2 {
     pub config: Gpt2Config,
     wte: Embedding,
     wpe: Embedding,
-    blocks: Vec<Block>,
-    ln_f: Norm,
+    decoder: Decoder,
     lm_head: Linear,
-    checkpointing: bool,
 }
 
 /// Checkpoints may or may not carry the `transformer.` prefix.
@@ -105,6 +90,21 @@ fn layer_norm(w: &dyn Weights, name: &str, d: usize, eps: f64, dev: &Device) -> 
     })
 }
 
+impl Gpt2Config {
+    /// The shared block's configuration: multi-head attention, positions from the
+    /// embeddings, a plain GELU (tanh) MLP.
+    pub fn block_config(&self) -> BlockConfig {
+        BlockConfig {
+            heads: self.n_head,
+            kv_heads: self.n_head,
+            head_dim: self.n_embd / self.n_head,
+            rope: None,
+            act: Activation::GeluTanh,
+            window: None,
+        }
+    }
+}
+
 impl Gpt2 {
     pub fn load(config: Gpt2Config, w: &dyn Weights, dev: &Device) -> Result<Gpt2> {
         let c = &config;
@@ -115,73 +115,40 @@ impl Gpt2 {
         let mut blocks = Vec::new();
         for i in 0..c.n_layer {
             let p = format!("h.{i}");
-            blocks.push(Block {
-                ln_1: layer_norm(w, &format!("{p}.ln_1"), d, c.layer_norm_epsilon, dev)?,
-                c_attn: conv1d(w, &format!("{p}.attn.c_attn"), d, 3 * d, dev)?,
-                attn_proj: conv1d(w, &format!("{p}.attn.c_proj"), d, d, dev)?,
-                ln_2: layer_norm(w, &format!("{p}.ln_2"), d, c.layer_norm_epsilon, dev)?,
-                c_fc: conv1d(w, &format!("{p}.mlp.c_fc"), d, c.n_inner, dev)?,
-                mlp_proj: conv1d(w, &format!("{p}.mlp.c_proj"), c.n_inner, d, dev)?,
+            let conv = |name: &str, inp: usize, out: usize| conv1d(w, &format!("{p}.{name}"), inp, out, dev);
+            blocks.push(DecoderBlock {
+                name: format!("transformer.{p}"),
+                index: i,
+                attn_norm: layer_norm(w, &format!("{p}.ln_1"), d, c.layer_norm_epsilon, dev)?,
+                attn: SelfAttention { qkv: Qkv::Fused(conv("attn.c_attn", d, 3 * d)?), o: conv("attn.c_proj", d, d)? },
+                mlp_norm: layer_norm(w, &format!("{p}.ln_2"), d, c.layer_norm_epsilon, dev)?,
+                mlp: Mlp { gate: None, up: conv("mlp.c_fc", d, c.n_inner)?, down: conv("mlp.c_proj", c.n_inner, d)? },
+                hooks: Vec::new(),
             });
         }
-        let ln_f = layer_norm(w, "ln_f", d, c.layer_norm_epsilon, dev)?;
+        let norm = layer_norm(w, "ln_f", d, c.layer_norm_epsilon, dev)?;
         let lm_head = Linear::new("lm_head", wte.weight.clone(), None);
-        Ok(Gpt2 { config, wte, wpe, blocks, ln_f, lm_head, checkpointing: false })
-    }
-}
-
-impl Block {
-    /// `h + Attn(LN(h))`, then `+ MLP(LN(·))`.
-    fn forward(&self, c: &Gpt2Config, h: &Tensor, bias: &Tensor, cache: Option<&mut KvCache>, layer: usize) -> Result<Tensor> {
-        let (b, t) = (h.shape()[0], h.shape()[1]);
-        let (nh, hd) = (c.n_head as isize, (c.n_embd / c.n_head) as isize);
-        let (bi, ti) = (b as isize, t as isize);
-        let qkv = self.c_attn.forward(&self.ln_1.forward(h)?)?;
-        let parts = qkv.split(&[c.n_embd; 3], -1)?;
-        let heads = |x: &Tensor| x.reshape(&[bi, ti, nh, hd])?.transpose(1, 2);
-        let (k, v) = (heads(&parts[1])?, heads(&parts[2])?);
-        let (k, v) = match cache {
-            Some(cache) => cache.append(layer, k, v)?,
-            None => (k, v),
-        };
-        let y = attention(&heads(&parts[0])?, &k, &v, bias)?;
-        let y = y.transpose(1, 2)?.reshape(&[bi, ti, c.n_embd as isize])?;
-        let h = h.add(&self.attn_proj.forward(&y)?)?;
-        let m = self.mlp_proj.forward(&self.c_fc.forward(&self.ln_2.forward(&h)?)?.gelu_tanh()?)?;
-        h.add(&m)
-    }
-
-    fn linears_mut(&mut self) -> [&mut Linear; 4] {
-        [&mut self.c_attn, &mut self.attn_proj, &mut self.c_fc, &mut self.mlp_proj]
+        Ok(Gpt2 { decoder: Decoder { config: c.block_config(), blocks, norm, checkpointing: false }, config, wte, wpe, lm_head })
     }
 }
 
 impl CausalLm for Gpt2 {
-    fn hidden_states(&self, ids: &Tensor, keep: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let c = &self.config;
-        if ids.rank() != 2 {
-            return Err(Error::Shape { op: "gpt2.forward", msg: format!("ids must be [batch, seq], got {:?}", ids.shape()) });
-        }
-        let t = ids.shape()[1];
-        let start = cache.as_ref().map_or(0, |c| c.len());
+    /// Token embeddings plus the learned positions `start..start + t`.
+    fn embed(&self, ids: &Tensor, start: usize) -> Result<Tensor> {
+        let (t, c) = (ids.shape()[1], &self.config);
         if start + t > c.n_positions {
             return Err(Error::Shape { op: "gpt2.forward", msg: format!("position {} exceeds n_positions {}", start + t, c.n_positions) });
         }
         let pos = Tensor::arange(start as f64, (start + t) as f64, 1.0, crate::DType::U32, ids.device())?;
-        let mut h = self.wte.forward(ids)?.add(&self.wpe.forward(&pos)?)?;
-        let bias = attention_bias(t, start + t, keep, self.wte.weight.dtype(), ids.device())?;
-        for (i, blk) in self.blocks.iter().enumerate() {
-            h = if self.checkpointing && cache.is_none() {
-                let (blk, c, bias) = (blk.clone(), c.clone(), bias.clone());
-                checkpoint(&[h], Arc::new(move |x: &[Tensor]| blk.forward(&c, &x[0], &bias, None, i)))?
-            } else {
-                blk.forward(c, &h, &bias, cache.as_deref_mut(), i)?
-            };
-        }
-        if let Some(c) = cache {
-            c.advance(t);
-        }
-        self.ln_f.forward(&h)
+        self.wte.forward(ids)?.add(&self.wpe.forward(&pos)?)
+    }
+
+    fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    fn decoder_mut(&mut self) -> &mut Decoder {
+        &mut self.decoder
     }
 
     fn lm_head(&self) -> &Linear {
@@ -189,30 +156,15 @@ impl CausalLm for Gpt2 {
     }
 
     fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        self.blocks.iter_mut().flat_map(|b| b.linears_mut()).collect()
+        self.decoder.linears_mut()
     }
 
     fn visit_parameters(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
         f("transformer.wte.weight", &mut self.wte.weight)?;
         f("transformer.wpe.weight", &mut self.wpe.weight)?;
-        for blk in &mut self.blocks {
-            blk.ln_1.visit_parameters(f)?;
-            blk.ln_2.visit_parameters(f)?;
-            for l in blk.linears_mut() {
-                l.visit_parameters(f)?;
-            }
-        }
-        self.ln_f.visit_parameters(f)?;
+        self.decoder.visit_parameters(f)?;
         self.lm_head.weight = self.wte.weight.clone();
         Ok(())
-    }
-
-    fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.checkpointing = on;
-    }
-
-    fn num_layers(&self) -> usize {
-        self.blocks.len()
     }
 
     fn vocab_size(&self) -> usize {

@@ -10,16 +10,13 @@
 //! logits = RMSNorm(h_L) W_lmᵀ
 //! ```
 
-use std::sync::Arc;
-
-use super::{CausalLm, KvCache};
-use crate::autograd::checkpoint;
+use super::CausalLm;
 use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::io::config::RawConfig;
 use crate::io::gguf::GgufFile;
 use crate::io::Weights;
-use crate::nn::{attention, attention_bias, repeat_kv, Embedding, Linear, Norm, COMPUTE};
+use crate::nn::{Activation, BlockConfig, Decoder, DecoderBlock, Embedding, Linear, Mlp, Norm, Qkv, Rope, SelfAttention, COMPUTE};
 use crate::tensor::{RopeLayout, Tensor};
 
 /// The config fields the math depends on.
@@ -194,27 +191,12 @@ impl LlamaConfig {
     }
 }
 
-#[derive(Clone)]
-struct Block {
-    input_norm: Norm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    post_norm: Norm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-}
-
 /// A LLaMA-family causal language model.
 pub struct Llama {
     pub config: LlamaConfig,
     embed: Embedding,
-    blocks: Vec<Block>,
-    norm: Norm,
+    decoder: Decoder,
     lm_head: Linear,
-    checkpointing: bool,
 }
 
 fn linear(w: &dyn Weights, name: &str, out: usize, inp: usize, bias: bool, dev: &Device) -> Result<Linear> {
@@ -227,25 +209,50 @@ fn rms(w: &dyn Weights, name: &str, d: usize, eps: f64, dev: &Device) -> Result<
     Ok(Norm::Rms { name: name.to_string(), weight: w.get(&format!("{name}.weight"), &[d], COMPUTE, dev)?, eps })
 }
 
+impl LlamaConfig {
+    /// The shared block's configuration: grouped-query attention with half-split RoPE, SwiGLU.
+    pub fn block_config(&self) -> BlockConfig {
+        BlockConfig {
+            heads: self.num_attention_heads,
+            kv_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+            rope: Some(Rope { theta: self.rope_theta, layout: RopeLayout::HalfSplit }),
+            act: Activation::Silu,
+            // Refused beyond the window instead (see `embed`); the mask supports windows.
+            window: None,
+        }
+    }
+}
+
 impl Llama {
     pub fn load(config: LlamaConfig, w: &dyn Weights, dev: &Device) -> Result<Llama> {
         let c = &config;
-        let (d, hd) = (c.hidden_size, c.head_dim);
+        let (d, bc) = (c.hidden_size, c.block_config());
         let embed =
             Embedding { name: "model.embed_tokens".into(), weight: w.get("model.embed_tokens.weight", &[c.vocab_size, d], COMPUTE, dev)? };
         let mut blocks = Vec::new();
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            blocks.push(Block {
-                input_norm: rms(w, &format!("{p}.input_layernorm"), d, c.rms_norm_eps, dev)?,
-                q: linear(w, &format!("{p}.self_attn.q_proj"), c.num_attention_heads * hd, d, c.attention_bias, dev)?,
-                k: linear(w, &format!("{p}.self_attn.k_proj"), c.num_key_value_heads * hd, d, c.attention_bias, dev)?,
-                v: linear(w, &format!("{p}.self_attn.v_proj"), c.num_key_value_heads * hd, d, c.attention_bias, dev)?,
-                o: linear(w, &format!("{p}.self_attn.o_proj"), d, c.num_attention_heads * hd, false, dev)?,
-                post_norm: rms(w, &format!("{p}.post_attention_layernorm"), d, c.rms_norm_eps, dev)?,
-                gate: linear(w, &format!("{p}.mlp.gate_proj"), c.intermediate_size, d, c.mlp_bias, dev)?,
-                up: linear(w, &format!("{p}.mlp.up_proj"), c.intermediate_size, d, c.mlp_bias, dev)?,
-                down: linear(w, &format!("{p}.mlp.down_proj"), d, c.intermediate_size, c.mlp_bias, dev)?,
+            let lin = |name: &str, out: usize, inp: usize, bias: bool| linear(w, &format!("{p}.{name}"), out, inp, bias, dev);
+            blocks.push(DecoderBlock {
+                name: p.clone(),
+                index: i,
+                attn_norm: rms(w, &format!("{p}.input_layernorm"), d, c.rms_norm_eps, dev)?,
+                attn: SelfAttention {
+                    qkv: Qkv::Separate {
+                        q: lin("self_attn.q_proj", bc.q_dim(), d, c.attention_bias)?,
+                        k: lin("self_attn.k_proj", bc.kv_dim(), d, c.attention_bias)?,
+                        v: lin("self_attn.v_proj", bc.kv_dim(), d, c.attention_bias)?,
+                    },
+                    o: lin("self_attn.o_proj", d, bc.q_dim(), false)?,
+                },
+                mlp_norm: rms(w, &format!("{p}.post_attention_layernorm"), d, c.rms_norm_eps, dev)?,
+                mlp: Mlp {
+                    gate: Some(lin("mlp.gate_proj", c.intermediate_size, d, c.mlp_bias)?),
+                    up: lin("mlp.up_proj", c.intermediate_size, d, c.mlp_bias)?,
+                    down: lin("mlp.down_proj", d, c.intermediate_size, c.mlp_bias)?,
+                },
+                hooks: Vec::new(),
             });
         }
         let norm = rms(w, "model.norm", d, c.rms_norm_eps, dev)?;
@@ -254,79 +261,28 @@ impl Llama {
         } else {
             linear(w, "lm_head", c.vocab_size, d, false, dev)?
         };
-        Ok(Llama { config, embed, blocks, norm, lm_head, checkpointing: false })
-    }
-}
-
-/// The tables one forward shares between its blocks.
-#[derive(Clone)]
-struct Shared {
-    cos: Tensor,
-    sin: Tensor,
-    bias: Tensor,
-}
-
-impl Block {
-    fn attention(&self, c: &LlamaConfig, x: &Tensor, sh: &Shared, cache: Option<&mut KvCache>, layer: usize) -> Result<Tensor> {
-        let (b, t) = (x.shape()[0], x.shape()[1]);
-        let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
-            lin.forward(x)?.reshape(&[b as isize, t as isize, n as isize, c.head_dim as isize])?.transpose(1, 2)
-        };
-        let q = heads(&self.q, c.num_attention_heads)?.rope(&sh.cos, &sh.sin, RopeLayout::HalfSplit)?;
-        let k = heads(&self.k, c.num_key_value_heads)?.rope(&sh.cos, &sh.sin, RopeLayout::HalfSplit)?;
-        let v = heads(&self.v, c.num_key_value_heads)?;
-        let (k, v) = match cache {
-            Some(cache) => cache.append(layer, k, v)?,
-            None => (k, v),
-        };
-        let rep = c.num_attention_heads / c.num_key_value_heads;
-        let y = attention(&q, &repeat_kv(&k, rep)?, &repeat_kv(&v, rep)?, &sh.bias)?;
-        let y = y.transpose(1, 2)?.reshape(&[b as isize, t as isize, (c.num_attention_heads * c.head_dim) as isize])?;
-        self.o.forward(&y)
-    }
-
-    /// `h + Attn(RMSNorm(h))`, then `+ MLP(RMSNorm(·))`.
-    fn forward(&self, c: &LlamaConfig, h: &Tensor, sh: &Shared, cache: Option<&mut KvCache>, layer: usize) -> Result<Tensor> {
-        let h = h.add(&self.attention(c, &self.input_norm.forward(h)?, sh, cache, layer)?)?;
-        let x = self.post_norm.forward(&h)?;
-        h.add(&self.down.forward(&self.gate.forward(&x)?.silu()?.mul(&self.up.forward(&x)?)?)?)
-    }
-
-    fn linears_mut(&mut self) -> [&mut Linear; 7] {
-        [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down]
+        Ok(Llama { decoder: Decoder { config: bc, blocks, norm, checkpointing: false }, config, embed, lm_head })
     }
 }
 
 impl CausalLm for Llama {
-    fn hidden_states(&self, ids: &Tensor, keep: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
-        if ids.rank() != 2 {
-            return Err(Error::Shape { op: "llama.forward", msg: format!("ids must be [batch, seq], got {:?}", ids.shape()) });
-        }
+    fn embed(&self, ids: &Tensor, start: usize) -> Result<Tensor> {
         let t = ids.shape()[1];
-        let start = cache.as_ref().map_or(0, |c| c.len());
         if let Some(w) = self.config.sliding_window.filter(|&w| start + t > w) {
             return Err(Error::Shape {
                 op: "llama.forward",
                 msg: format!("{} positions exceed the sliding window of {w}; sliding-window attention is not implemented", start + t),
             });
         }
-        // Tables in the weights' dtype: f32 normally, f64 when a test converts the model.
-        let dt = self.embed.weight.dtype();
-        let (cos, sin) = Tensor::rope_tables(start, t, self.config.head_dim, self.config.rope_theta, dt, ids.device())?;
-        let sh = Shared { cos, sin, bias: attention_bias(t, start + t, keep, dt, ids.device())? };
-        let mut h = self.embed.forward(ids)?;
-        for (i, blk) in self.blocks.iter().enumerate() {
-            h = if self.checkpointing && cache.is_none() {
-                let (blk, c, sh) = (blk.clone(), self.config.clone(), sh.clone());
-                checkpoint(&[h], Arc::new(move |x: &[Tensor]| blk.forward(&c, &x[0], &sh, None, i)))?
-            } else {
-                blk.forward(&self.config, &h, &sh, cache.as_deref_mut(), i)?
-            };
-        }
-        if let Some(c) = cache {
-            c.advance(t);
-        }
-        self.norm.forward(&h)
+        self.embed.forward(ids)
+    }
+
+    fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    fn decoder_mut(&mut self) -> &mut Decoder {
+        &mut self.decoder
     }
 
     fn lm_head(&self) -> &Linear {
@@ -334,7 +290,7 @@ impl CausalLm for Llama {
     }
 
     fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        let mut out: Vec<&mut Linear> = self.blocks.iter_mut().flat_map(|b| b.linears_mut()).collect();
+        let mut out = self.decoder.linears_mut();
         out.push(&mut self.lm_head);
         out
     }
@@ -342,28 +298,13 @@ impl CausalLm for Llama {
     fn visit_parameters(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
         let tied = self.lm_head.weight.id() == self.embed.weight.id();
         f("model.embed_tokens.weight", &mut self.embed.weight)?;
-        for blk in &mut self.blocks {
-            blk.input_norm.visit_parameters(f)?;
-            for l in blk.linears_mut() {
-                l.visit_parameters(f)?;
-            }
-            blk.post_norm.visit_parameters(f)?;
-        }
-        self.norm.visit_parameters(f)?;
+        self.decoder.visit_parameters(f)?;
         if tied {
             self.lm_head.weight = self.embed.weight.clone();
             Ok(())
         } else {
             self.lm_head.visit_parameters(f)
         }
-    }
-
-    fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.checkpointing = on;
-    }
-
-    fn num_layers(&self) -> usize {
-        self.blocks.len()
     }
 
     fn vocab_size(&self) -> usize {

@@ -6,7 +6,8 @@ pub mod gpt2;
 pub mod llama;
 
 pub use eval::{sequence_nll, NllReport};
-pub use generate::{generate, GenerateOptions, KvCache, Sampling};
+pub use crate::nn::KvCache;
+pub use generate::{generate, GenerateOptions, Sampling};
 
 use std::path::Path;
 
@@ -14,14 +15,16 @@ use crate::backend::Device;
 use crate::error::Result;
 use crate::io::config::RawConfig;
 use crate::io::{Checkpoint, GgufFile, GgufLlamaWeights};
-use crate::nn::Linear;
+use crate::nn::{Decoder, Hidden, Linear};
 use crate::tensor::Tensor;
 
 /// A causal language model: token ids in, next-token logits out.
 ///
-/// Fine-tuning methods reach the model through its named sites: [`CausalLm::linears_mut`]
-/// (every linear layer, by its Hugging Face module path) and
-/// [`CausalLm::visit_parameters`] (every weight tensor, by its checkpoint name).
+/// A family provides its embeddings ([`CausalLm::embed`]), the shared [`Decoder`] and its
+/// output layer; the forward is the same for all. Fine-tuning methods reach the model through
+/// its named sites: [`CausalLm::linears_mut`] (every linear layer, by its Hugging Face module
+/// path), the blocks' hooks ([`CausalLm::decoder_mut`]) and [`CausalLm::visit_parameters`]
+/// (every weight tensor, by its checkpoint name).
 pub trait CausalLm: Send + Sync {
     /// `ids: [batch, seq]` (U32) → logits `[batch, seq, vocab]`. `keep: [batch, seq]` marks
     /// real tokens (1) and padding (0), or `None` when every row is full.
@@ -36,7 +39,28 @@ pub trait CausalLm: Send + Sync {
     }
     /// The final hidden states `[batch, seq, hidden]` (after the last norm, before the LM
     /// head): what a classification head reads.
-    fn hidden_states(&self, ids: &Tensor, keep: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor>;
+    fn hidden_states(&self, ids: &Tensor, keep: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        Ok(self.forward_hidden(ids, keep, cache, false)?.last)
+    }
+    /// The hidden states, with `all`: every layer's as well, as `transformers` returns them
+    /// with `output_hidden_states=True` (the embedded input, the residual stream after each
+    /// block but the last, the final normed states).
+    fn forward_hidden(&self, ids: &Tensor, keep: Option<&Tensor>, cache: Option<&mut KvCache>, all: bool) -> Result<Hidden> {
+        if ids.rank() != 2 {
+            return Err(crate::Error::Shape {
+                op: "forward",
+                msg: format!("{}: ids must be [batch, seq], got {:?}", self.architecture(), ids.shape()),
+            });
+        }
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        self.decoder().forward(self.embed(ids, start)?, keep, cache, all)
+    }
+    /// The embedded input `h₀: [batch, seq, hidden]` of `ids` whose first position is `start`
+    /// (token embeddings, plus learned positions where the family has them).
+    fn embed(&self, ids: &Tensor, start: usize) -> Result<Tensor>;
+    /// The blocks and the final norm.
+    fn decoder(&self) -> &Decoder;
+    fn decoder_mut(&mut self) -> &mut Decoder;
     /// The output layer (`lm_head`; its weight is the embedding's when they are tied).
     fn lm_head(&self) -> &Linear;
     /// Every linear layer, named by its Hugging Face module path
@@ -47,9 +71,13 @@ pub trait CausalLm: Send + Sync {
     /// trainable leaf); a tied output layer follows its embedding and is not visited itself.
     fn visit_parameters(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()>;
     /// Recompute each transformer block in backward instead of keeping its activations.
-    fn set_gradient_checkpointing(&mut self, on: bool);
+    fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.decoder_mut().checkpointing = on;
+    }
     /// Number of transformer blocks (the size of a [`KvCache`]).
-    fn num_layers(&self) -> usize;
+    fn num_layers(&self) -> usize {
+        self.decoder().blocks.len()
+    }
     fn vocab_size(&self) -> usize;
     /// Width of the hidden states.
     fn hidden_size(&self) -> usize;
@@ -123,10 +151,16 @@ fn load_gguf(path: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
 /// included: merge them first.
 pub fn save_checkpoint(model: &mut dyn CausalLm, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| crate::Error::Io { path: dir.display().to_string(), msg: e.to_string() })?;
-    if let Some(site) = model.linears_mut().iter().find(|l| l.adapter.is_some()) {
+    if let Some(site) = model.linears_mut().iter().find(|l| !l.adapters.is_empty()) {
         return Err(crate::Error::InvalidArgument {
             op: "save checkpoint",
             msg: format!("{} still has an adapter attached: merge it (or remove it) before saving the model", site.name),
+        });
+    }
+    if let Some(b) = model.decoder_mut().blocks.iter().find(|b| !b.hooks.is_empty()) {
+        return Err(crate::Error::InvalidArgument {
+            op: "save checkpoint",
+            msg: format!("{} still has a method attached at its sites: merge it (or remove it) before saving the model", b.name),
         });
     }
     let gpt2 = model.architecture() == "gpt2";

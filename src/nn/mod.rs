@@ -1,35 +1,116 @@
-//! Layers: linear, embedding, norms and attention, each a thin struct over tensors and the
-//! engine's ops. Every layer has the Hugging Face module path it was loaded from (`name`),
-//! the site that fine-tuning methods attach to.
+//! Layers: linear, embedding, norms, attention and the decoder block, each a thin struct
+//! over tensors and the engine's ops. Every layer has the Hugging Face module path it was
+//! loaded from (`name`): the sites that fine-tuning methods attach to are named by it.
+//!
+//! The sites:
+//! - `linear` ([`LinearAdapter`], at every [`Linear`]): before (transform the input), replace
+//!   (compute the output from the base layer and the input) or after (transform the output);
+//! - `attn.kv`, `mlp.act`, `attn.out`, `mlp.out`, `block.out` ([`BlockHook`], at every
+//!   [`DecoderBlock`]);
+//! - the adapters-off scope ([`adapters_off`]): inside it every site runs the base model.
+
+pub mod attention;
+pub mod block;
+
+pub use attention::{attention, attention_reference, repeat_kv, Mask};
+pub use block::{Activation, BlockConfig, BlockHook, Decoder, DecoderBlock, Hidden, KvCache, Mlp, Qkv, Rope, SelfAttention};
+
+use std::cell::Cell;
+use std::sync::Arc;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-/// A fine-tuning method attached to a [`Linear`] site (LoRA, DoRA, ...). When a linear has
-/// an adapter, the adapter computes the whole output from the frozen base layer and the
-/// input, so a method can change the math of the site without the model code knowing it.
+thread_local! {
+    static ADAPTERS_ON: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Whether the methods attached at the sites run on this thread (see [`adapters_off`]).
+pub fn adapters_enabled() -> bool {
+    ADAPTERS_ON.with(|a| a.get())
+}
+
+/// Switches every attached method off until dropped (restores the previous state), like
+/// [`crate::autograd::no_grad`]: `let _off = adapters_off();` and the model is its base model,
+/// with no second copy of the weights. For DPO's and PPO's reference policy and for
+/// evaluating the base model with an adapter attached.
+pub fn adapters_off() -> AdaptersGuard {
+    AdaptersGuard { prev: ADAPTERS_ON.with(|a| a.replace(false)) }
+}
+
+/// Run `f` with every attached method switched off.
+pub fn with_adapters_off<R>(f: impl FnOnce() -> R) -> R {
+    let _off = adapters_off();
+    f()
+}
+
+/// Restores the adapters' previous state when dropped.
+pub struct AdaptersGuard {
+    prev: bool,
+}
+
+impl Drop for AdaptersGuard {
+    fn drop(&mut self) {
+        ADAPTERS_ON.with(|a| a.set(self.prev));
+    }
+}
+
+/// The adapters' state at one moment, to run code later under it (the recomputation of a
+/// checkpointed block in backward must see what the forward saw).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdaptersScope(bool);
+
+impl AdaptersScope {
+    pub(crate) fn current() -> AdaptersScope {
+        AdaptersScope(adapters_enabled())
+    }
+
+    pub(crate) fn run<R>(self, f: impl FnOnce() -> R) -> R {
+        let _g = AdaptersGuard { prev: ADAPTERS_ON.with(|a| a.replace(self.0)) };
+        f()
+    }
+}
+
+/// Where at a [`Linear`] a method acts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinearSite {
+    /// On the input: `x → x'`, then the product (IA³ on a feed-forward input).
+    Before,
+    /// Instead of the product: `(base, x) → y` (LoRA, DoRA). At most one per linear.
+    Replace,
+    /// On the output: `y → y'` (IA³ on keys and values).
+    After,
+}
+
+/// A fine-tuning method attached to a [`Linear`] site. A method that scales an input or an
+/// output takes [`LinearSite::Before`] or [`LinearSite::After`] and never re-implements
+/// `x Wᵀ + b`; one that changes the product itself takes [`LinearSite::Replace`].
 pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
-    /// `y: [rows, out]` for `x: [rows, in]` (leading axes already flattened), given the
-    /// base layer (its weight, bias and name).
-    fn forward(&self, base: &Linear, x: &Tensor) -> Result<Tensor>;
+    fn site(&self) -> LinearSite;
+    /// `Before`: `t` is the input `[rows, in]`, returns the new input. `Replace`: `t` is the
+    /// input, returns `y: [rows, out]` computed from the base layer (its weight, bias and
+    /// name). `After`: `t` is the output `[rows, out]`, returns the new output. Leading axes
+    /// are already flattened.
+    fn forward(&self, base: &Linear, t: &Tensor) -> Result<Tensor>;
     /// For downcasting to the method's own type (saving, merging).
     fn as_any(&self) -> &dyn std::any::Any;
 }
 
-/// `y = x Wᵀ + b` with `W: [out, in]` (PyTorch `nn.Linear` layout), plus an optional
-/// fine-tuning adapter that replaces the computation (see [`LinearAdapter`]).
+/// `y = x Wᵀ + b` with `W: [out, in]` (PyTorch `nn.Linear` layout), plus the fine-tuning
+/// methods attached at it (see [`LinearAdapter`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub name: String,
     pub weight: Tensor,
     pub bias: Option<Tensor>,
-    pub adapter: Option<std::sync::Arc<dyn LinearAdapter>>,
+    /// Attached methods, applied in order (before → the one replace, or the base → after).
+    pub adapters: Vec<Arc<dyn LinearAdapter>>,
 }
 
 impl Linear {
     pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Linear {
-        Linear { name: name.into(), weight, bias, adapter: None }
+        Linear { name: name.into(), weight, bias, adapters: Vec::new() }
     }
 
     pub fn in_features(&self) -> usize {
@@ -40,8 +121,8 @@ impl Linear {
         self.weight.shape()[0]
     }
 
-    /// Apply to `x: [.., in]`. Leading axes are flattened so the product is one large matmul;
-    /// an attached adapter computes the output instead of the plain product.
+    /// Apply to `x: [.., in]`. Leading axes are flattened so the product is one large matmul.
+    /// Attached methods run at their sites, unless inside [`adapters_off`].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let in_f = self.in_features();
         if x.shape().last() != Some(&in_f) {
@@ -51,11 +132,35 @@ impl Linear {
         *out_shape.last_mut().expect("rank ≥ 1 checked") = self.out_features();
         let rows = x.numel() / in_f.max(1);
         let x2 = x.reshape(&[rows as isize, in_f as isize])?;
-        let y = match &self.adapter {
-            Some(adapter) => adapter.forward(self, &x2)?,
-            None => self.forward_base(&x2)?,
+        let y = if self.adapters.is_empty() || !adapters_enabled() {
+            self.forward_base(&x2)?
+        } else {
+            let at = |site| self.adapters.iter().filter(move |a| a.site() == site);
+            let x2 = at(LinearSite::Before).try_fold(x2, |x, a| a.forward(self, &x))?;
+            let y = match at(LinearSite::Replace).next() {
+                Some(a) => a.forward(self, &x2)?,
+                None => self.forward_base(&x2)?,
+            };
+            at(LinearSite::After).try_fold(y, |y, a| a.forward(self, &y))?
         };
         y.reshape(&out_shape.iter().map(|&d| d as isize).collect::<Vec<_>>())
+    }
+
+    /// Attach a method at this linear; a second [`LinearSite::Replace`] is an error.
+    pub fn attach(&mut self, adapter: Arc<dyn LinearAdapter>) -> Result<()> {
+        if adapter.site() == LinearSite::Replace && self.adapters.iter().any(|a| a.site() == LinearSite::Replace) {
+            return Err(Error::InvalidArgument {
+                op: "attach",
+                msg: format!("{} already has an adapter that replaces its product (LoRA or DoRA); a linear takes one", self.name),
+            });
+        }
+        self.adapters.push(adapter);
+        Ok(())
+    }
+
+    /// Take off the methods `f` picks (e.g. those of one adapter).
+    pub fn detach_where(&mut self, f: impl Fn(&dyn LinearAdapter) -> bool) {
+        self.adapters.retain(|a| !f(a.as_ref()));
     }
 
     /// Call `f` on `{name}.weight` and `{name}.bias` (checkpoint names); `f` may replace them.
@@ -117,52 +222,6 @@ impl Norm {
             Norm::Layer { weight, bias, eps, .. } => x.layer_norm(Some(weight), Some(bias), *eps),
         }
     }
-}
-
-/// The additive attention bias for `tq` queries that are the last of `tk` positions: causal,
-/// plus padding when `keep: [batch, tk]` (1 real token, 0 padding) is given. Shape `[tq, tk]`,
-/// or `[batch, 1, tq, tk]` with padding. Built once per forward and shared by every layer.
-pub fn attention_bias(tq: usize, tk: usize, keep: Option<&Tensor>, dtype: DType, device: &crate::Device) -> Result<Tensor> {
-    let causal = Tensor::causal_mask(tq, tk, dtype, device)?;
-    let mask = match keep {
-        None => causal,
-        Some(keep) => {
-            if keep.rank() != 2 || keep.shape()[1] != tk {
-                return Err(Error::Shape { op: "attention", msg: format!("keep mask must be [batch, {tk}], got {:?}", keep.shape()) });
-            }
-            let b = keep.shape()[0] as isize;
-            causal.mul(&keep.to_dtype(dtype)?.reshape(&[b, 1, 1, tk as isize])?)?
-        }
-    };
-    mask.mask_to_bias()
-}
-
-/// Scaled dot-product attention `softmax(q kᵀ/√d + bias) v` with `q: [b, h, tq, d]`,
-/// `k, v: [b, h, tk, d]` and an additive `bias` from [`attention_bias`].
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
-        return Err(Error::Shape {
-            op: "attention",
-            msg: format!("q, k, v must be [b, h, t, d], got {:?}, {:?}, {:?}", q.shape(), k.shape(), v.shape()),
-        });
-    }
-    let d = q.shape()[3];
-    let scores = q.matmul(&k.t()?)?.mul_scalar(1.0 / (d as f64).sqrt())?;
-    scores.add(bias)?.softmax(-1)?.matmul(v)
-}
-
-/// Repeat each of `n_kv` key/value heads `rep` times along the head axis:
-/// `[b, n_kv, t, d] → [b, n_kv·rep, t, d]` (grouped-query attention).
-pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
-    }
-    if x.rank() != 4 {
-        return Err(Error::Shape { op: "repeat_kv", msg: format!("expected [b, h, t, d], got {:?}", x.shape()) });
-    }
-    let s = x.shape().to_vec();
-    let (b, h, t, d) = (s[0], s[1], s[2], s[3]);
-    x.unsqueeze(2)?.broadcast_to(&[b, h, rep, t, d])?.contiguous()?.reshape(&[b as isize, (h * rep) as isize, t as isize, d as isize])
 }
 
 /// The dtype weights are computed in (f32; storage dtypes are converted on load).

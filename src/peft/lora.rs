@@ -17,7 +17,7 @@ use super::{dora, select_sites, DropoutState};
 use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::models::CausalLm;
-use crate::nn::{Linear, LinearAdapter, COMPUTE};
+use crate::nn::{Linear, LinearAdapter, LinearSite, COMPUTE};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
@@ -116,6 +116,10 @@ impl LoraLayer {
 }
 
 impl LinearAdapter for LoraLayer {
+    fn site(&self) -> LinearSite {
+        LinearSite::Replace
+    }
+
     fn forward(&self, base: &Linear, x: &Tensor) -> Result<Tensor> {
         let xd = self.dropped(x)?;
         let y = match &self.magnitude {
@@ -157,7 +161,6 @@ impl LoraAdapter {
         let mut init_rng = Rng::new(super::mix(config.seed, u64::MAX));
         let mut layers = Vec::new();
         for (index, lin) in model.linears_mut().into_iter().filter(|l| sites.contains(&l.name)).enumerate() {
-            check_free(lin)?;
             let dev = lin.weight.device().clone();
             let (out, inp) = (lin.out_features(), lin.in_features());
             let bound = 1.0 / (inp as f64).sqrt();
@@ -190,7 +193,6 @@ impl LoraAdapter {
             });
         }
         for (index, lin) in model.linears_mut().into_iter().filter(|l| weights.contains_key(&l.name)).enumerate() {
-            check_free(lin)?;
             let (a, b, m) = &weights[&lin.name];
             let (out, inp) = (lin.out_features(), lin.in_features());
             let want = |t: &Tensor, shape: &[usize], what: &str| -> Result<Tensor> {
@@ -240,7 +242,7 @@ impl LoraAdapter {
             state: state.clone(),
             index,
         });
-        lin.adapter = Some(layer.clone());
+        lin.attach(layer.clone())?;
         Ok(layer)
     }
 
@@ -279,7 +281,7 @@ impl LoraAdapter {
                     }
                 };
                 lin.weight = w.contiguous()?;
-                lin.adapter = None;
+                detach(lin, &layer);
                 norms.push(norm);
             }
             Ok(())
@@ -296,7 +298,7 @@ impl LoraAdapter {
                     _ => lin.weight.clone(),
                 };
                 lin.weight = w.sub(&layer.delta_weight()?.to_dtype(lin.weight.dtype())?)?.contiguous()?;
-                lin.adapter = Some(layer.clone());
+                lin.attach(layer.clone())?;
             }
             Ok(())
         })
@@ -304,8 +306,8 @@ impl LoraAdapter {
 
     /// Take the adapters off the model (the base model again, unmerged).
     pub fn remove(&self, model: &mut dyn CausalLm) -> Result<()> {
-        for (lin, _) in self.sites(model)? {
-            lin.adapter = None;
+        for (lin, layer) in self.sites(model)? {
+            detach(lin, &layer);
         }
         Ok(())
     }
@@ -341,9 +343,7 @@ fn adapter_dtype(w: &Tensor) -> crate::DType {
     }
 }
 
-fn check_free(lin: &Linear) -> Result<()> {
-    if lin.adapter.is_some() {
-        return Err(Error::InvalidArgument { op: "lora", msg: format!("{} already has an adapter attached", lin.name) });
-    }
-    Ok(())
+/// Take `layer` (this adapter's, not another method's) off `lin`.
+fn detach(lin: &mut Linear, layer: &Arc<LoraLayer>) {
+    lin.detach_where(|a| a.as_any().downcast_ref::<LoraLayer>().is_some_and(|l| std::ptr::eq(l, layer.as_ref())));
 }

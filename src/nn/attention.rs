@@ -1,0 +1,147 @@
+//! The one attention entry point, [`attention`], and the description of what each query may
+//! see, [`Mask`].
+//!
+//! ```text
+//! attention(q, k, v, mask) = softmax(q kᵀ/√d + bias(mask)) v
+//!     q: [b, h, tq, d]     k, v: [b, h_kv, tk, d]   (h a multiple of h_kv: grouped-query)
+//!     tk = prefix + offset + tq:  `prefix` keys every query sees (prefix tuning), then the
+//!          real positions 0..offset+tq, of which the queries are the last tq (offset > 0:
+//!          the earlier ones come from the KV cache)
+//!     query i (absolute position offset + i) sees real key j when
+//!          j ≤ offset + i                       (causal)
+//!          j > offset + i − window              (sliding window, when given)
+//!          keep[b, j] = 1                       (key padding, when given)
+//! ```
+//!
+//! The mask is a description, not a dense bias, so a fused kernel (flash attention) can read
+//! the rule instead of a `[tq, tk]` tensor, and K/V stay un-repeated for grouped-query
+//! attention. [`attention_reference`] is the composed implementation every faster one is
+//! tested against; today [`attention`] calls it.
+
+use std::sync::{Arc, Mutex};
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// Which keys each query of one forward may attend to (see the module docs). One `Mask` is
+/// built per forward and shared by every layer; the dense bias the reference needs is built
+/// once per (key count, dtype) and reused.
+#[derive(Debug, Clone)]
+pub struct Mask {
+    /// Queries see only keys at or before their own position.
+    pub causal: bool,
+    /// Real positions before the first query (held in the KV cache).
+    pub offset: usize,
+    /// Sliding-window span: a query sees at most the `window` latest real keys, itself included.
+    pub window: Option<usize>,
+    /// `[batch, offset + tq]`: 1 for a real token, 0 for padding; `None` when every row is full.
+    pub keep: Option<Tensor>,
+    bias: Arc<Mutex<Option<(usize, usize, DType, Tensor)>>>,
+}
+
+impl Mask {
+    /// Causal attention for queries that start at real position `offset`.
+    pub fn causal(offset: usize, keep: Option<&Tensor>) -> Mask {
+        Mask { causal: true, offset, window: None, keep: keep.cloned(), bias: Arc::default() }
+    }
+
+    /// The same with a sliding window of `window` keys (`None`: full attention).
+    pub fn with_window(mut self, window: Option<usize>) -> Mask {
+        self.window = window;
+        self
+    }
+
+    /// Whether query `i` (of `tq`) sees real key `j`, padding aside.
+    pub fn sees(&self, i: usize, j: usize) -> bool {
+        let pos = self.offset + i;
+        let causal = !self.causal || j <= pos;
+        let window = self.window.is_none_or(|w| j + w > pos);
+        causal && window
+    }
+
+    /// The additive bias `[tq, tk]` (or `[b, 1, tq, tk]` with padding) for `tq` queries and
+    /// `tk` keys, the first `tk − offset − tq` of which are a prefix every query sees.
+    pub fn bias(&self, tq: usize, tk: usize, dtype: DType, device: &crate::Device) -> Result<Tensor> {
+        let real = self.offset + tq;
+        if tk < real {
+            return Err(Error::Shape { op: "attention", msg: format!("{tk} keys for {tq} queries at offset {}: too few", self.offset) });
+        }
+        let prefix = tk - real;
+        let mut memo = self.bias.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((q, k, d, t)) = memo.as_ref() {
+            if (*q, *k, *d) == (tq, tk, dtype) {
+                return Ok(t.clone());
+            }
+        }
+        let allowed: Vec<f64> =
+            (0..tq).flat_map(|i| (0..tk).map(move |j| if j < prefix || self.sees(i, j - prefix) { 1.0 } else { 0.0 })).collect();
+        let allowed = Tensor::from_host_f64(allowed, &[tq, tk], dtype, device)?;
+        let mask = match &self.keep {
+            None => allowed,
+            Some(keep) => {
+                if keep.rank() != 2 || keep.shape()[1] != real {
+                    return Err(Error::Shape { op: "attention", msg: format!("keep mask must be [batch, {real}], got {:?}", keep.shape()) });
+                }
+                let b = keep.shape()[0];
+                // The prefix is never padding.
+                let keep = keep.to_dtype(dtype)?;
+                let keep = if prefix > 0 { Tensor::concat(&[&Tensor::ones(&[b, prefix], dtype, device)?, &keep], 1)? } else { keep };
+                allowed.mul(&keep.reshape(&[b as isize, 1, 1, tk as isize])?)?
+            }
+        };
+        let bias = mask.mask_to_bias()?;
+        *memo = Some((tq, tk, dtype, bias.clone()));
+        Ok(bias)
+    }
+}
+
+fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+    let bad = |why: &str| {
+        Err(Error::Shape {
+            op: "attention",
+            msg: format!("{why}: q {:?}, k {:?}, v {:?} (q: [b, h, tq, d], k and v: [b, h_kv, tk, d])", q.shape(), k.shape(), v.shape()),
+        })
+    };
+    if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
+        return bad("q, k, v must have rank 4");
+    }
+    let (qs, ks) = (q.shape(), k.shape());
+    if k.shape() != v.shape() || qs[0] != ks[0] || qs[3] != ks[3] {
+        return bad("batch, key count or head width differ");
+    }
+    if ks[1] == 0 || qs[1] % ks[1] != 0 {
+        return bad("the query heads are not a multiple of the key/value heads");
+    }
+    Ok(())
+}
+
+/// Scaled dot-product attention of `q` over `k, v` under `mask` (see the module docs).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> Result<Tensor> {
+    attention_reference(q, k, v, mask)
+}
+
+/// The composed reference: repeat the K/V heads, `softmax(q kᵀ/√d + bias) v`.
+pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> Result<Tensor> {
+    check_shapes(q, k, v)?;
+    let (tq, d) = (q.shape()[2], q.shape()[3]);
+    let rep = q.shape()[1] / k.shape()[1];
+    let (k, v) = (repeat_kv(k, rep)?, repeat_kv(v, rep)?);
+    let bias = mask.bias(tq, k.shape()[2], q.dtype(), q.device())?;
+    let scores = q.matmul(&k.t()?)?.mul_scalar(1.0 / (d as f64).sqrt())?;
+    scores.add(&bias)?.softmax(-1)?.matmul(&v)
+}
+
+/// Repeat each of `n_kv` key/value heads `rep` times along the head axis:
+/// `[b, n_kv, t, d] → [b, n_kv·rep, t, d]` (grouped-query attention).
+pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    if x.rank() != 4 {
+        return Err(Error::Shape { op: "repeat_kv", msg: format!("expected [b, h, t, d], got {:?}", x.shape()) });
+    }
+    let s = x.shape().to_vec();
+    let (b, h, t, d) = (s[0], s[1], s[2], s[3]);
+    x.unsqueeze(2)?.broadcast_to(&[b, h, rep, t, d])?.contiguous()?.reshape(&[b as isize, (h * rep) as isize, t as isize, d as isize])
+}

@@ -1,0 +1,358 @@
+//! The decoder block every model family shares, and the sites fine-tuning methods attach to.
+//!
+//! ```text
+//! block(h):                                   sites (see BlockHook)
+//!   x      = attn_norm(h)
+//!   q,k,v  = x W_qᵀ, x W_kᵀ, x W_vᵀ           linear sites (or one fused W_qkv, GPT-2)
+//!   q,k    = rope(q), rope(k)                 (when the family rotates)
+//!   k,v    = kv(k, v)                          attn.kv: after RoPE, before the cache
+//!   k,v    = cache ++ (k, v)
+//!   a      = attention(q, k, v, mask) W_oᵀ
+//!   h      = h + attn_out(a)                   attn.out: before the residual add
+//!   x      = mlp_norm(h)
+//!   m      = act(x W_gateᵀ) ⊙ x W_upᵀ          gated (LLaMA: SwiGLU), or act(x W_upᵀ) (GPT-2)
+//!   m      = mlp_act(m)                        mlp.act: the inner activation
+//!   h      = h + mlp_out(m W_downᵀ)            mlp.out
+//!   h      = block_out(h)                      block.out: the residual stream after the block
+//! ```
+//!
+//! A [`Decoder`] is the stack: positions (RoPE tables), one [`Mask`] per forward, the blocks
+//! (each recomputed in backward under gradient checkpointing, hooks included), the final norm,
+//! and, on request, every layer's hidden states as `output_hidden_states` returns them.
+//! A model family is a [`BlockConfig`] plus its embeddings and weight names.
+
+use std::sync::Arc;
+
+use super::{adapters_enabled, attention, AdaptersScope, Linear, Mask, Norm};
+use crate::autograd::checkpoint;
+use crate::error::{Error, Result};
+use crate::tensor::{RopeLayout, Tensor};
+
+/// The MLP's activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x σ(x)` (LLaMA's SwiGLU gate).
+    Silu,
+    /// `½x(1 + tanh(√(2/π)(x + 0.044715x³)))` (GPT-2's `gelu_new`).
+    GeluTanh,
+}
+
+impl Activation {
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Silu => x.silu(),
+            Activation::GeluTanh => x.gelu_tanh(),
+        }
+    }
+}
+
+/// Rotary position embedding of queries and keys.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rope {
+    pub theta: f64,
+    pub layout: RopeLayout,
+}
+
+/// What varies between families, the same for every block of a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockConfig {
+    pub heads: usize,
+    /// Key/value heads (`heads` for multi-head attention, fewer for grouped-query).
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// `None`: positions come from the embeddings (GPT-2).
+    pub rope: Option<Rope>,
+    pub act: Activation,
+    /// Sliding-window attention span, when the family has one.
+    pub window: Option<usize>,
+}
+
+impl BlockConfig {
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    /// Width of the keys (and values) of one position: `kv_heads · head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// The query, key and value projections: three linears, or one whose output is `[q | k | v]`.
+#[derive(Debug, Clone)]
+pub enum Qkv {
+    Separate { q: Linear, k: Linear, v: Linear },
+    /// GPT-2's `c_attn`.
+    Fused(Linear),
+}
+
+#[derive(Debug, Clone)]
+pub struct SelfAttention {
+    pub qkv: Qkv,
+    pub o: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// The gate of a gated MLP (`act(x W_gateᵀ) ⊙ x W_upᵀ`); `None`: `act(x W_upᵀ)`.
+    pub gate: Option<Linear>,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+/// A fine-tuning method's code at the block's sites. Every method has a default that
+/// leaves its tensor unchanged, so a method implements only the sites it needs. Each runs
+/// inside the block (so gradient checkpointing recomputes it) and not at all inside an
+/// [`super::adapters_off`] scope.
+pub trait BlockHook: Send + Sync + std::fmt::Debug {
+    /// `attn.kv`: the keys and values `[b, kv_heads, t, head_dim]` of this forward's positions,
+    /// after RoPE and before the KV cache. A method may prepend positions (prefix tuning):
+    /// they are seen by every query, are never padding, and are stored in the cache with the
+    /// rest. `offset` is the number of real positions already cached (0 on a fresh forward):
+    /// a prefix is prepended only then.
+    fn attn_kv(&self, _layer: usize, k: Tensor, v: Tensor, _offset: usize) -> Result<(Tensor, Tensor)> {
+        Ok((k, v))
+    }
+    /// `mlp.act`: the MLP's inner activation `[b, t, intermediate]`, before the down projection.
+    fn mlp_act(&self, _layer: usize, a: Tensor) -> Result<Tensor> {
+        Ok(a)
+    }
+    /// `attn.out`: the attention sublayer's output `[b, t, hidden]`, before the residual add.
+    fn attn_out(&self, _layer: usize, y: Tensor) -> Result<Tensor> {
+        Ok(y)
+    }
+    /// `mlp.out`: the MLP sublayer's output `[b, t, hidden]`, before the residual add.
+    fn mlp_out(&self, _layer: usize, y: Tensor) -> Result<Tensor> {
+        Ok(y)
+    }
+    /// `block.out`: the residual stream `[b, t, hidden]` after the block.
+    fn block_out(&self, _layer: usize, h: Tensor) -> Result<Tensor> {
+        Ok(h)
+    }
+    /// For downcasting to the method's own type.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// One transformer block: pre-norm attention and MLP sublayers with residual adds.
+#[derive(Debug, Clone)]
+pub struct DecoderBlock {
+    /// Module path (`model.layers.3`, `transformer.h.3`).
+    pub name: String,
+    pub index: usize,
+    pub attn_norm: Norm,
+    pub attn: SelfAttention,
+    pub mlp_norm: Norm,
+    pub mlp: Mlp,
+    /// Methods attached at this block's sites, run in order.
+    pub hooks: Vec<Arc<dyn BlockHook>>,
+}
+
+/// What one forward shares between its blocks.
+#[derive(Clone)]
+pub struct Shared {
+    /// RoPE tables for this forward's positions.
+    rope: Option<(Tensor, Tensor)>,
+    pub mask: Mask,
+}
+
+impl DecoderBlock {
+    /// Every linear layer of the block, in module order.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out: Vec<&mut Linear> = match &mut self.attn.qkv {
+            Qkv::Separate { q, k, v } => vec![q, k, v],
+            Qkv::Fused(l) => vec![l],
+        };
+        out.push(&mut self.attn.o);
+        out.extend(self.mlp.gate.as_mut());
+        out.push(&mut self.mlp.up);
+        out.push(&mut self.mlp.down);
+        out
+    }
+
+    /// Call `f` on every weight, by checkpoint name, in checkpoint order.
+    pub fn visit_parameters(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        self.attn_norm.visit_parameters(f)?;
+        for l in self.linears_mut() {
+            l.visit_parameters(f)?;
+        }
+        self.mlp_norm.visit_parameters(f)
+    }
+
+    /// `f` over the hooks (none inside an adapters-off scope).
+    fn hook(&self, x: Tensor, f: impl Fn(&dyn BlockHook, Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        if !adapters_enabled() {
+            return Ok(x);
+        }
+        self.hooks.iter().try_fold(x, |x, h| f(h.as_ref(), x))
+    }
+
+    fn attention(&self, c: &BlockConfig, x: &Tensor, sh: &Shared, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = (x.shape()[0], x.shape()[1]);
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            y.reshape(&[b as isize, t as isize, n as isize, c.head_dim as isize])?.transpose(1, 2)
+        };
+        let (q, k, v) = match &self.attn.qkv {
+            Qkv::Separate { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+            Qkv::Fused(l) => {
+                let mut p = l.forward(x)?.split(&[c.q_dim(), c.kv_dim(), c.kv_dim()], -1)?.into_iter();
+                let mut next = || p.next().expect("split gives three parts");
+                (next(), next(), next())
+            }
+        };
+        let (mut q, mut k, v) = (heads(q, c.heads)?, heads(k, c.kv_heads)?, heads(v, c.kv_heads)?);
+        if let Some((cos, sin)) = &sh.rope {
+            let layout = c.rope.map_or(RopeLayout::HalfSplit, |r| r.layout);
+            q = q.rope(cos, sin, layout)?;
+            k = k.rope(cos, sin, layout)?;
+        }
+        let (mut k, mut v) = (k, v);
+        if adapters_enabled() {
+            for h in &self.hooks {
+                (k, v) = h.attn_kv(self.index, k, v, sh.mask.offset)?;
+            }
+        }
+        let (k, v) = match cache {
+            Some(cache) => cache.append(self.index, k, v)?,
+            None => (k, v),
+        };
+        let y = attention(&q, &k, &v, &sh.mask)?;
+        let y = y.transpose(1, 2)?.reshape(&[b as isize, t as isize, c.q_dim() as isize])?;
+        self.attn.o.forward(&y)
+    }
+
+    fn mlp(&self, c: &BlockConfig, x: &Tensor) -> Result<Tensor> {
+        let up = self.mlp.up.forward(x)?;
+        let inner = match &self.mlp.gate {
+            Some(gate) => c.act.apply(&gate.forward(x)?)?.mul(&up)?,
+            None => c.act.apply(&up)?,
+        };
+        let inner = self.hook(inner, |h, a| h.mlp_act(self.index, a))?;
+        self.mlp.down.forward(&inner)
+    }
+
+    /// The block on the residual stream `h: [b, t, hidden]` (see the module docs).
+    pub fn forward(&self, c: &BlockConfig, h: &Tensor, sh: &Shared, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let a = self.attention(c, &self.attn_norm.forward(h)?, sh, cache)?;
+        let h = h.add(&self.hook(a, |hk, y| hk.attn_out(self.index, y))?)?;
+        let m = self.mlp(c, &self.mlp_norm.forward(&h)?)?;
+        let h = h.add(&self.hook(m, |hk, y| hk.mlp_out(self.index, y))?)?;
+        self.hook(h, |hk, h| hk.block_out(self.index, h))
+    }
+}
+
+/// The hidden states of a forward.
+#[derive(Debug, Clone)]
+pub struct Hidden {
+    /// The final hidden states (after the final norm), `[b, t, hidden]`.
+    pub last: Tensor,
+    /// When asked for: what `output_hidden_states` returns in `transformers`, `layers + 1`
+    /// tensors: the embedded input `h₀`, the residual stream after each block but the last,
+    /// and the final normed states (the same tensor as `last`).
+    pub all: Vec<Tensor>,
+}
+
+/// The stack of blocks with its final norm.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    pub config: BlockConfig,
+    pub blocks: Vec<DecoderBlock>,
+    pub norm: Norm,
+    /// Recompute each block in backward instead of keeping its activations.
+    pub checkpointing: bool,
+}
+
+impl Decoder {
+    /// The blocks on the embedded input `h: [b, t, hidden]` whose first position is real
+    /// position `cache.len()` (0 without a cache); `keep: [b, cache.len() + t]` marks padding.
+    /// With `all`, every layer's hidden states are returned too.
+    pub fn forward(&self, h: Tensor, keep: Option<&Tensor>, mut cache: Option<&mut KvCache>, all: bool) -> Result<Hidden> {
+        if h.rank() != 3 {
+            return Err(Error::Shape { op: "decoder", msg: format!("hidden states must be [batch, seq, hidden], got {:?}", h.shape()) });
+        }
+        let t = h.shape()[1];
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        // Tables in the weights' dtype: f32 normally, f64 when a test converts the model.
+        let dt = h.dtype();
+        let rope = match self.config.rope {
+            Some(r) => Some(Tensor::rope_tables(start, t, self.config.head_dim, r.theta, dt, h.device())?),
+            None => None,
+        };
+        let sh = Shared { rope, mask: Mask::causal(start, keep).with_window(self.config.window) };
+        let mut states = Vec::new();
+        let mut h = h;
+        for blk in &self.blocks {
+            if all {
+                states.push(h.clone());
+            }
+            h = if self.checkpointing && cache.is_none() {
+                let (blk, c, sh) = (blk.clone(), self.config.clone(), sh.clone());
+                // The recomputation in backward runs with the adapters as they were now.
+                let scope = AdaptersScope::current();
+                checkpoint(&[h], Arc::new(move |x: &[Tensor]| scope.run(|| blk.forward(&c, &x[0], &sh, None))))?
+            } else {
+                blk.forward(&self.config, &h, &sh, cache.as_deref_mut())?
+            };
+        }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        let last = self.norm.forward(&h)?;
+        if all {
+            states.push(last.clone());
+        }
+        Ok(Hidden { last, all: states })
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.blocks.iter_mut().flat_map(|b| b.linears_mut()).collect()
+    }
+
+    /// Every block weight and the final norm, by checkpoint name.
+    pub fn visit_parameters(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        for blk in &mut self.blocks {
+            blk.visit_parameters(f)?;
+        }
+        self.norm.visit_parameters(f)
+    }
+}
+
+/// Keys and values of every layer for the positions seen so far, `[batch, kv_heads, len, d]`
+/// (a prefix a method prepended included). Each step concatenates the new positions onto the
+/// old (a copy per step; a preallocated cache is future work).
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> KvCache {
+        KvCache { layers: vec![None; num_layers], len: 0 }
+    }
+
+    /// Real positions cached so far (a prefix not counted).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Append this step's keys and values of `layer`; returns all of them.
+    pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let slot = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| Error::InvalidArgument { op: "kv_cache", msg: format!("layer {layer} of a cache for fewer layers") })?;
+        let (k, v) = match slot.take() {
+            Some((pk, pv)) => (Tensor::concat(&[&pk, &k], 2)?, Tensor::concat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *slot = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+
+    /// Record that `t` more positions were processed (called once per forward).
+    pub fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+}
