@@ -172,10 +172,13 @@ fn step_metrics(out: &std::path::Path) -> Vec<serde_json::Value> {
 
 const LORA_FLAGS: [&str; 8] = ["--rank", "2", "--alpha", "4", "--seq-len", "32", "--device", "cpu"];
 
-/// `finetune` of the tiny model with LoRA_FLAGS and `extra`.
+/// `finetune` of the tiny model with LORA_FLAGS (the rank and alpha only for LoRA and DoRA:
+/// another method refuses them) and `extra`.
 fn finetune_args(model: &std::path::Path, data: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> Vec<String> {
     let head = ["finetune", "--model", path_str(model), "--data", path_str(data), "--out", path_str(out)];
-    head.iter().chain(&LORA_FLAGS).chain(extra).map(|s| s.to_string()).collect()
+    let lora = !extra.windows(2).any(|w| w[0] == "--method" && !matches!(w[1], "lora" | "dora"));
+    let flags = if lora { &LORA_FLAGS[..] } else { &LORA_FLAGS[4..] };
+    head.iter().chain(flags).chain(extra).map(|s| s.to_string()).collect()
 }
 
 /// Run the binary, which must succeed; its stderr.
@@ -315,6 +318,11 @@ fn eval_with_a_head_adapter_reports_accuracy() {
     );
     let (before, after) = (report["before"]["accuracy"].as_f64().unwrap(), report["after"]["accuracy"].as_f64().unwrap());
     assert!(after > before && after >= 0.85, "accuracy {before} -> {after}");
+    // A setting of another method is refused, naming it and its owners.
+    let mut args = finetune_args(&model, &data, &dir.join("wrong"), &["--method", "head", "--rank", "4"]);
+    args.push("--max-steps=1".into());
+    let (ok, _, err) = tinytune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && err.contains("--rank does not apply to method head (it is a setting of lora, dora)"), "{err}");
     assert!(report["after"]["loss"].as_f64() < report["before"]["loss"].as_f64(), "{report}");
     let adapter = out.join("adapter");
     let (ok, stdout, err) = tinytune(&[

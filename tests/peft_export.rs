@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use tinytune::models::{self, CausalLm};
-use tinytune::peft::{format, ClassifierHead, LoraAdapter, LoraConfig, Pooling};
+use tinytune::peft::{format, ClassifierHead, LoraAdapter, LoraConfig, Method, Pooling};
 use tinytune::{DType, Device, Rng, Tensor};
 
 /// The padding id (transformers' sequence classifier pools the last token whose id is not it).
@@ -165,7 +165,7 @@ fn run_case(case: &Case, out: &Path) {
     let changed = max_diff(&ours, &before);
     assert!(changed > 1e-2, "{name}: the adapter barely changes the output ({changed})");
 
-    format::save(out, model.as_mut(), Some(&adapter), head.as_ref(), &fixture(case.base).display().to_string()).unwrap();
+    format::save(out, model.as_mut(), Some(&adapter as &dyn Method), head.as_ref(), &fixture(case.base).display().to_string()).unwrap();
     let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join(format::CONFIG_FILE)).unwrap()).unwrap();
     assert_eq!(cfg["target_modules"].is_string(), case.regex, "{name}: target_modules form {}", cfg["target_modules"]);
     assert_eq!(cfg["task_type"], if case.classes.is_some() { "SEQ_CLS" } else { "CAUSAL_LM" }, "{name}");
@@ -174,7 +174,7 @@ fn run_case(case: &Case, out: &Path) {
     let mut again = base_model(case.base);
     let loaded = format::load(out, again.as_mut(), &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert!(loaded.warnings.is_empty(), "{name}: {:?}", loaded.warnings);
-    let l = loaded.lora.as_ref().unwrap();
+    let l = loaded.method_as::<LoraAdapter>().unwrap();
     let sites = |a: &LoraAdapter| a.layers.iter().map(|l| l.site.clone()).collect::<Vec<_>>();
     assert_eq!(sites(l), sites(&adapter), "{name}: sites");
     assert_eq!(loaded.head.as_ref().map(|h| h.num_classes()), case.classes, "{name}: head");

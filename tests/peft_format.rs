@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use tinytune::models::{self, CausalLm};
-use tinytune::peft::format;
+use tinytune::peft::{format, LoraAdapter};
 use tinytune::{CrossEntropyReduction, DType, Device, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
@@ -103,7 +103,7 @@ fn check_fixture(name: &str) {
     // Gradients of every trainable tensor equal PEFT's (eval mode: no dropout).
     loss.backward().unwrap();
     let mut ours: Vec<(String, Tensor)> = Vec::new();
-    if let Some(l) = &adapter.lora {
+    if let Some(l) = adapter.method_as::<LoraAdapter>() {
         ours.extend(l.parameters());
     }
     if let Some(h) = &adapter.head {
@@ -120,7 +120,7 @@ fn check_fixture(name: &str) {
     }
 
     // Merging reproduces PEFT's merged logits (LoRA/DoRA).
-    if let Some(l) = &adapter.lora {
+    if let Some(l) = adapter.method_as::<LoraAdapter>() {
         l.merge(model.as_mut()).unwrap();
         let (merged, _) = run(model.as_ref(), &adapter, &r);
         let d = worst(&merged.to_vec_f64().unwrap(), &floats(&r["logits_merged"]), &keepv, per_pos);
@@ -131,7 +131,7 @@ fn check_fixture(name: &str) {
     let mut model = base_model(&r);
     let adapter = format::load(&dir, model.as_mut(), &Device::Cpu).unwrap();
     let out = tempdir(name);
-    format::save(&out, model.as_mut(), adapter.lora.as_ref(), adapter.head.as_ref(), "base").unwrap();
+    format::save(&out, model.as_mut(), adapter.method.as_deref(), adapter.head.as_ref(), "base").unwrap();
     let saved = tinytune::io::SafetensorsFile::open(out.join(format::WEIGHTS_FILE)).unwrap();
     let mut names: Vec<&str> = saved.names();
     names.sort();

@@ -8,14 +8,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::Value;
 use tinytune::io::{SafetensorsFile, Tokenizer};
 use tinytune::models::{self, CausalLm};
 use tinytune::optim::ScheduleKind;
-use tinytune::peft::LoraConfig;
+use tinytune::peft::{Full, HeadOnly, LoraConfig, MethodConfig};
 use tinytune::train::data::{DataOptions, Dataset};
-use tinytune::train::{self, EvalRecord, Method, Observer, OptimizerKind, Quiet, StepRecord, TrainConfig, TrainReport};
+use tinytune::train::{self, EvalRecord, Observer, OptimizerKind, Quiet, StepRecord, TrainConfig, TrainReport};
 use tinytune::{CrossEntropyReduction, Device, Error, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
@@ -118,11 +119,15 @@ fn load_data(path: &Path) -> Dataset {
     d
 }
 
+/// LoRA of rank `r` on q_proj, v_proj.
+fn lora(r: usize, alpha: f64, dropout: f64) -> LoraConfig {
+    LoraConfig { r, alpha, dropout, ..LoraConfig::default() }
+}
+
 /// LoRA r=2 on q_proj, v_proj; AdamW; linear schedule; checkpoints only at the end.
 fn config(out: &Path) -> TrainConfig {
     TrainConfig {
-        method: Method::Lora,
-        lora: LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, ..LoraConfig::default() },
+        method: Arc::new(lora(2, 4.0, 0.0)),
         lr: 1e-2,
         batch_size: 4,
         max_steps: Some(6),
@@ -229,19 +234,16 @@ fn a_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
     // step, 10 examples in batches of 3 (4 batches an epoch, the last one short), so the 7
     // steps (14 micro-batches) cross epoch boundaries mid-step; the interruption is at a step
     // with no checkpoint due, the resumed part crosses the save at step 5 and an evaluation.
-    for (name, method, train_path, eval_path, stop) in
-        [("lora", Method::Lora, &lm, &lm_eval, 3), ("dora-head", Method::Dora, &cls, &cls_eval, 4)]
+    for (name, dora, train_path, eval_path, stop) in
+        [("lora", false, &lm, &lm_eval, 3), ("dora-head", true, &cls, &cls_eval, 4)]
     {
         let (train_set, eval_set) = (load_data(train_path), load_data(eval_path));
         let cfg = |out: PathBuf| TrainConfig {
-            method,
-            lora: LoraConfig {
-                r: 2,
-                alpha: 4.0,
-                dropout: 0.1,
+            method: Arc::new(LoraConfig {
+                dora,
                 targets: vec!["q_proj".into(), "v_proj".into(), "up_proj".into()],
-                ..LoraConfig::default()
-            },
+                ..lora(2, 4.0, 0.1)
+            }),
             batch_size: 3,
             grad_accum: 2,
             max_steps: Some(7),
@@ -284,7 +286,7 @@ fn a_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
         assert_eq!(report_json(&a), report_json(&b));
         assert_eq!((straight.final_loss, straight.after.clone()), (resumed.final_loss, resumed.after.clone()));
         assert_eq!(straight.before, resumed.before, "the evaluation before training is restored from the checkpoint");
-        if method == Method::Dora {
+        if dora {
             assert!(straight.after.as_ref().unwrap().accuracy.is_some());
             assert!(trained.iter().any(|(n, _)| n.ends_with("score.weight")));
         }
@@ -309,7 +311,7 @@ fn gradient_accumulation_is_token_weighted() {
     // Full fine-tuning with SGD (its update is proportional to the gradient, unlike Adam's
     // first step), no clipping: 4 examples at once against 2 + 2.
     let cfg = |out: PathBuf, batch_size, grad_accum| TrainConfig {
-        method: Method::Full,
+        method: Arc::new(Full),
         optimizer: OptimizerKind::Sgd,
         lr: 0.05,
         clip: None,
@@ -370,12 +372,12 @@ fn every_method_lowers_the_loss() {
     // Classification is evaluated on its training examples: a head on a random tiny model has
     // features too weak to generalise from 24 examples, but it must fit them.
     let cls = load_data(&write_lines(&dir, "cls.jsonl", &cls_lines(24, 13)));
-    let cases: [(&str, Method, &Dataset, &Dataset, f64); 5] = [
-        ("lora", Method::Lora, &lm, &lm_eval, 2e-2),
-        ("dora", Method::Dora, &lm, &lm_eval, 2e-2),
-        ("full", Method::Full, &lm, &lm_eval, 5e-3),
-        ("head", Method::Head, &cls, &cls, 3e-2),
-        ("lora+head", Method::Lora, &cls, &cls, 2e-2),
+    let cases: [(&str, Arc<dyn MethodConfig>, &Dataset, &Dataset, f64); 5] = [
+        ("lora", Arc::new(lora(2, 4.0, 0.0)), &lm, &lm_eval, 2e-2),
+        ("dora", Arc::new(LoraConfig { dora: true, ..lora(2, 4.0, 0.0) }), &lm, &lm_eval, 2e-2),
+        ("full", Arc::new(Full), &lm, &lm_eval, 5e-3),
+        ("head", Arc::new(HeadOnly), &cls, &cls, 3e-2),
+        ("lora+head", Arc::new(lora(2, 4.0, 0.0)), &cls, &cls, 2e-2),
     ];
     for (name, method, train_set, eval_set, lr) in cases {
         let out = dir.join(name);
@@ -403,7 +405,7 @@ fn every_method_lowers_the_loss() {
             assert!(before.accuracy.is_none() && after.accuracy.is_none());
         }
         let saved =
-            if method == Method::Full { out.join("model/model.safetensors") } else { out.join("adapter/adapter_model.safetensors") };
+            if name == "full" { out.join("model/model.safetensors") } else { out.join("adapter/adapter_model.safetensors") };
         assert!(saved.exists(), "{name}: {} written", saved.display());
         assert!(std::fs::read_to_string(out.join("loss.svg")).unwrap().starts_with("<svg"));
     }
@@ -418,12 +420,12 @@ fn gpt2_trains_through_the_trainer() {
     let dir = scratch("gpt2");
     let lm = load_data(&write_lines(&dir, "lm.jsonl", &lm_lines(16, 61)));
     let lm_eval = load_data(&write_lines(&dir, "lm-eval.jsonl", &lm_lines(6, 62)));
-    for (name, method, lr) in [("lora", Method::Lora, 2e-2), ("full", Method::Full, 5e-3)] {
+    let gpt2_lora = LoraConfig { targets: vec!["c_attn".into()], ..lora(2, 4.0, 0.0) };
+    for (name, method, lr) in [("lora", Arc::new(gpt2_lora) as Arc<dyn MethodConfig>, 2e-2), ("full", Arc::new(Full), 5e-3)] {
         let out = dir.join(name);
         let cfg = TrainConfig {
             method,
             lr,
-            lora: LoraConfig { r: 2, alpha: 4.0, targets: vec!["c_attn".into()], ..LoraConfig::default() },
             max_steps: Some(16),
             schedule: ScheduleKind::Constant,
             ..config(&out)
@@ -432,7 +434,7 @@ fn gpt2_trains_through_the_trainer() {
         let r = train::train(model.as_mut(), &lm, Some(&lm_eval), &cfg, "tiny-gpt2", &Device::Cpu, &mut Quiet).unwrap();
         let (before, after) = (r.before.unwrap().loss, r.after.unwrap().loss);
         assert!(after < 0.9 * before, "{name}: held-out loss {before} -> {after}");
-        if method == Method::Lora {
+        if name == "lora" {
             let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap()).unwrap();
             assert_eq!(config["fan_in_fan_out"], true);
         } else {
@@ -528,7 +530,7 @@ fn a_failed_checkpoint_write_keeps_the_previous_checkpoint() {
     let data_path = write_lines(&dir, "lm.jsonl", &lm_lines(12, 31));
     let data = load_data(&data_path);
     let cfg = |out: PathBuf| TrainConfig {
-        lora: LoraConfig { r: 2, alpha: 4.0, dropout: 0.1, ..LoraConfig::default() },
+        method: Arc::new(lora(2, 4.0, 0.1)),
         save_every: 2,
         ..config(&out)
     };
@@ -596,15 +598,15 @@ fn bad_input_gives_errors_that_name_the_problem() {
     assert!(e.contains("cls-bad.jsonl") && e.contains("line 5") && e.contains("2 classes"), "{e}");
 
     // A head needs labels; labelled data trains one.
-    let e = run(&TrainConfig { method: Method::Head, ..config(&dir.join("o3")) }, &lm, None, &mut Quiet).unwrap_err().to_string();
+    let e = run(&TrainConfig { method: Arc::new(HeadOnly), ..config(&dir.join("o3")) }, &lm, None, &mut Quiet).unwrap_err().to_string();
     assert!(e.contains("'head'") && e.contains("label"), "{e}");
-    let r = run(&TrainConfig { method: Method::Head, max_steps: Some(2), ..config(&dir.join("o4")) }, &cls, None, &mut Quiet).unwrap();
+    let r = run(&TrainConfig { method: Arc::new(HeadOnly), max_steps: Some(2), ..config(&dir.join("o4")) }, &cls, None, &mut Quiet).unwrap();
     assert_eq!(r.steps, 2);
     assert!(dir.join("o4/adapter/adapter_model.safetensors").exists());
     // Labels that are all 0 (a small subset of binary data) still get a 2-class head.
     let zeros: Vec<String> = (0..4).map(|i| format!(r#"{{"text": "the plot was dull{}", "label": 0}}"#, " .".repeat(i + 1))).collect();
     let zeros = load_data(&write_lines(&dir, "zeros.jsonl", &zeros));
-    let r = run(&TrainConfig { method: Method::Head, max_steps: Some(1), ..config(&dir.join("o4b")) }, &zeros, None, &mut Quiet).unwrap();
+    let r = run(&TrainConfig { method: Arc::new(HeadOnly), max_steps: Some(1), ..config(&dir.join("o4b")) }, &zeros, None, &mut Quiet).unwrap();
     assert_eq!(r.steps, 1);
     let head = SafetensorsFile::open(dir.join("o4b/adapter/adapter_model.safetensors")).unwrap();
     assert_eq!(head.load("base_model.model.score.weight", &Device::Cpu).unwrap().shape(), [2, 32]);
@@ -617,7 +619,7 @@ fn bad_input_gives_errors_that_name_the_problem() {
     for (cfg, key) in [
         (TrainConfig { lr: 2e-2, ..config(&out) }, "lr"),
         (TrainConfig { max_steps: Some(9), ..config(&out) }, "total_steps"),
-        (TrainConfig { lora: LoraConfig { r: 4, ..config(&out).lora }, ..config(&out) }, "r"),
+        (TrainConfig { method: Arc::new(lora(4, 4.0, 0.0)), ..config(&out) }, "r"),
         (TrainConfig { seed: 8, ..config(&out) }, "seed"),
     ] {
         let e = run(&TrainConfig { resume: true, ..cfg }, &lm, None, &mut Quiet).unwrap_err().to_string();
@@ -632,7 +634,7 @@ fn bad_input_gives_errors_that_name_the_problem() {
     assert!(e.contains("cannot resume") && e.contains("o7/checkpoint/state.json"), "{e}");
 
     // Target modules that match nothing list the valid names.
-    let cfg = TrainConfig { lora: LoraConfig { targets: vec!["qproj".into()], ..config(&dir).lora }, ..config(&dir.join("o8")) };
+    let cfg = TrainConfig { method: Arc::new(LoraConfig { targets: vec!["qproj".into()], ..lora(2, 4.0, 0.0) }), ..config(&dir.join("o8")) };
     let e = run(&cfg, &lm, None, &mut Quiet).unwrap_err().to_string();
     assert!(
         e.contains("'qproj'") && e.contains("down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj, all-linear"),
@@ -657,7 +659,7 @@ fn gpu_training_follows_the_cpu() {
     let data = load_data(&write_lines(&dir, "lm.jsonl", &lm_lines(12, 51)));
     let eval = load_data(&write_lines(&dir, "eval.jsonl", &lm_lines(4, 52)));
     let cfg = |out: PathBuf| TrainConfig {
-        lora: LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: vec!["all-linear".into()], ..LoraConfig::default() },
+        method: Arc::new(LoraConfig { targets: vec!["all-linear".into()], ..lora(2, 4.0, 0.0) }),
         max_steps: Some(5),
         ..config(&out)
     };
@@ -704,7 +706,7 @@ fn real_model_lora_head_on_movie_reviews() {
     let positive = data.examples().iter().filter(|e| e.label == Some(1)).count();
     assert!((4..=8).contains(&positive), "both classes: {positive} of 12 positive");
     let cfg = |out: PathBuf| TrainConfig {
-        lora: LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..LoraConfig::default() },
+        method: Arc::new(lora(4, 8.0, 0.1)),
         lr: 3e-3,
         batch_size: 4,
         max_steps: Some(6),

@@ -324,17 +324,17 @@ fn run(cli: Cli) -> Result<()> {
         Command::Merge { model, adapter, out } => {
             let mut m = models::load(&model, &Device::Cpu)?;
             let loaded = format::load(&adapter, m.as_mut(), &Device::Cpu)?;
-            let lora = loaded.lora.ok_or_else(|| Error::InvalidArgument {
+            let method = loaded.method.ok_or_else(|| Error::InvalidArgument {
                 op: "merge",
                 msg: format!("{} holds no LoRA/DoRA weights to merge (a head alone is not part of the language model)", adapter.display()),
             })?;
-            lora.merge(m.as_mut())?;
+            method.merge(m.as_mut()).map_err(|e| Error::InvalidArgument { op: "merge", msg: format!("{}: {e}", adapter.display()) })?;
             models::save_checkpoint(m.as_mut(), &out)?;
             Tokenizer::for_model(&model)?.save_hf(&out)?;
             if loaded.head.is_some() {
                 eprintln!("note: the adapter's classification head is not part of the merged language model; keep using --adapter for it");
             }
-            println!("merged {} adapter layers into {}", lora.layers.len(), out.display());
+            println!("merged {} adapter layers into {}", method.num_sites(), out.display());
             Ok(())
         }
         Command::Generate {

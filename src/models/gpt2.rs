@@ -120,9 +120,15 @@ impl Gpt2 {
                 name: format!("transformer.{p}"),
                 index: i,
                 attn_norm: layer_norm(w, &format!("{p}.ln_1"), d, c.layer_norm_epsilon, dev)?,
-                attn: SelfAttention { qkv: Qkv::Fused(conv("attn.c_attn", d, 3 * d)?), o: conv("attn.c_proj", d, d)? },
+                attn: SelfAttention {
+                    name: format!("transformer.{p}.attn"),
+                    qkv: Qkv::Fused(conv("attn.c_attn", d, 3 * d)?), o: conv("attn.c_proj", d, d)?,
+                },
                 mlp_norm: layer_norm(w, &format!("{p}.ln_2"), d, c.layer_norm_epsilon, dev)?,
-                mlp: Mlp { gate: None, up: conv("mlp.c_fc", d, c.n_inner)?, down: conv("mlp.c_proj", c.n_inner, d)? },
+                mlp: Mlp {
+                    name: format!("transformer.{p}.mlp"),
+                    gate: None, up: conv("mlp.c_fc", d, c.n_inner)?, down: conv("mlp.c_proj", c.n_inner, d)?,
+                },
                 hooks: Vec::new(),
             });
         }

@@ -239,6 +239,7 @@ impl Llama {
                 index: i,
                 attn_norm: rms(w, &format!("{p}.input_layernorm"), d, c.rms_norm_eps, dev)?,
                 attn: SelfAttention {
+                    name: format!("{p}.self_attn"),
                     qkv: Qkv::Separate {
                         q: lin("self_attn.q_proj", bc.q_dim(), d, c.attention_bias)?,
                         k: lin("self_attn.k_proj", bc.kv_dim(), d, c.attention_bias)?,
@@ -248,6 +249,7 @@ impl Llama {
                 },
                 mlp_norm: rms(w, &format!("{p}.post_attention_layernorm"), d, c.rms_norm_eps, dev)?,
                 mlp: Mlp {
+                    name: format!("{p}.mlp"),
                     gate: Some(lin("mlp.gate_proj", c.intermediate_size, d, c.mlp_bias)?),
                     up: lin("mlp.up_proj", c.intermediate_size, d, c.mlp_bias)?,
                     down: lin("mlp.down_proj", d, c.intermediate_size, c.mlp_bias)?,

@@ -87,12 +87,16 @@ pub enum Qkv {
 
 #[derive(Debug, Clone)]
 pub struct SelfAttention {
+    /// Module path (`model.layers.3.self_attn`, `transformer.h.3.attn`).
+    pub name: String,
     pub qkv: Qkv,
     pub o: Linear,
 }
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
+    /// Module path (`model.layers.3.mlp`).
+    pub name: String,
     /// The gate of a gated MLP (`act(x W_gateᵀ) ⊙ x W_upᵀ`); `None`: `act(x W_upᵀ)`.
     pub gate: Option<Linear>,
     pub up: Linear,

@@ -11,7 +11,11 @@
 //! Init `W ~ N(0, 0.02²)` (HF's `initializer_range`). Growing the head to more classes keeps
 //! the learned rows and initialises only the new ones.
 
+use serde_json::{json, Value};
+
+use super::method::{Method, MethodConfig, Registration};
 use crate::backend::Device;
+use crate::models::CausalLm;
 use crate::error::{Error, Result};
 use crate::nn::{Linear, COMPUTE};
 use crate::rng::Rng;
@@ -139,3 +143,71 @@ pub fn correct(logits: &Tensor, labels: &Tensor) -> Result<usize> {
     let labels = labels.to_vec_f64()?;
     Ok(pred.iter().zip(&labels).filter(|(&p, &l)| p as f64 == l).count())
 }
+
+/// Transfer learning with the body frozen: the method trains nothing of the body; the
+/// trainer's classification head is all that learns.
+#[derive(Debug, Clone, Default)]
+pub struct HeadOnly;
+
+impl MethodConfig for HeadOnly {
+    fn name(&self) -> &'static str {
+        "head"
+    }
+
+    fn attach(&self, _model: &mut dyn CausalLm, _seed: u64) -> Result<Box<dyn Method>> {
+        Ok(Box::new(HeadOnly))
+    }
+
+    fn fingerprint(&self) -> Value {
+        json!({})
+    }
+
+    fn head_only(&self) -> bool {
+        true
+    }
+}
+
+impl Method for HeadOnly {
+    fn name(&self) -> &'static str {
+        "head"
+    }
+
+    fn parameters(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+
+    fn num_sites(&self) -> usize {
+        0
+    }
+
+    fn adapter_config(&self, _model: &mut dyn CausalLm) -> Value {
+        json!({ "peft_type": "NONE" })
+    }
+
+    fn merge(&self, _model: &mut dyn CausalLm) -> Result<()> {
+        Err(Error::InvalidArgument {
+            op: "merge",
+            msg: "the adapter holds no LoRA/DoRA weights (nor any other method's) to merge: a classification head alone is not part of the language model".into(),
+        })
+    }
+
+    fn remove(&self, _model: &mut dyn CausalLm) -> Result<()> {
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+pub const HEAD: Registration = Registration {
+    name: "head",
+    about: "a new classification head alone; the body stays frozen",
+    settings: &[],
+    configure: |_| Ok(std::sync::Arc::new(HeadOnly)),
+    recognises: |c| c.get("peft_type").and_then(Value::as_str) == Some("NONE"),
+    load: |_, files, _| {
+        files.check_keys(&[], &[]);
+        Ok(Box::new(HeadOnly))
+    },
+};

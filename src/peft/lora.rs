@@ -11,8 +11,12 @@
 //! weight, `W = W0 + s·B A`; unmerge subtracts it again. With `dora` set, the site computes
 //! DoRA instead (see [`super::dora`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use serde_json::{json, Value};
+
+use super::method::{AdapterFiles, Method, MethodConfig, Registration, Settings};
 use super::{dora, select_sites, DropoutState};
 use crate::backend::Device;
 use crate::error::{Error, Result};
@@ -67,7 +71,7 @@ impl LoraConfig {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::InvalidArgument { op: "lora config", msg });
         if self.r == 0 {
             return bad("rank r must be at least 1".into());
@@ -177,21 +181,13 @@ impl LoraAdapter {
     pub fn attach_weights(
         model: &mut dyn CausalLm,
         config: LoraConfig,
-        weights: &std::collections::HashMap<String, (Tensor, Tensor, Option<Tensor>)>,
+        weights: &HashMap<String, (Tensor, Tensor, Option<Tensor>)>,
         device: &Device,
     ) -> Result<LoraAdapter> {
         config.validate()?;
         let state = Arc::new(DropoutState::new(config.seed));
         let mut layers = Vec::new();
-        let known = linear_sites(model);
-        let mut keys: Vec<&String> = weights.keys().collect();
-        keys.sort();
-        if let Some(missing) = keys.into_iter().find(|k| !known.contains(k)) {
-            return Err(Error::InvalidArgument {
-                op: "load adapter",
-                msg: format!("the adapter has weights for '{missing}', which is not a linear layer of this model"),
-            });
-        }
+        super::method::check_linear_sites(model, &weights.keys().cloned().collect::<Vec<_>>(), "weights")?;
         for (index, lin) in model.linears_mut().into_iter().filter(|l| weights.contains_key(&l.name)).enumerate() {
             let (a, b, m) = &weights[&lin.name];
             let (out, inp) = (lin.out_features(), lin.in_features());
@@ -346,4 +342,228 @@ fn adapter_dtype(w: &Tensor) -> crate::DType {
 /// Take `layer` (this adapter's, not another method's) off `lin`.
 fn detach(lin: &mut Linear, layer: &Arc<LoraLayer>) {
     lin.detach_where(|a| a.as_any().downcast_ref::<LoraLayer>().is_some_and(|l| std::ptr::eq(l, layer.as_ref())));
+}
+
+impl MethodConfig for LoraConfig {
+    fn name(&self) -> &'static str {
+        if self.dora {
+            "dora"
+        } else {
+            "lora"
+        }
+    }
+
+    fn attach(&self, model: &mut dyn CausalLm, seed: u64) -> Result<Box<dyn Method>> {
+        Ok(Box::new(LoraAdapter::attach(model, LoraConfig { seed, ..self.clone() })?))
+    }
+
+    fn fingerprint(&self) -> Value {
+        json!({ "r": self.r, "alpha": self.alpha, "dropout": self.dropout, "rslora": self.rslora, "dora": self.dora,
+                "targets": self.targets, "layers": self.layers })
+    }
+}
+
+impl Method for LoraAdapter {
+    fn name(&self) -> &'static str {
+        self.config.name()
+    }
+
+    fn parameters(&self) -> Vec<(String, Tensor)> {
+        LoraAdapter::parameters(self)
+    }
+
+    fn set_training(&self, on: bool) {
+        self.state.set_training(on);
+    }
+
+    fn set_step(&self, micro: u64) {
+        self.state.set_step(micro);
+    }
+
+    fn num_sites(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn adapter_config(&self, model: &mut dyn CausalLm) -> Value {
+        let c = &self.config;
+        let sites: Vec<String> = self.layers.iter().map(|l| l.site.clone()).collect();
+        let (targets, layers) = super::format::target_modules(model, &sites, c.layers.as_deref());
+        json!({
+            "peft_type": "LORA",
+            "r": c.r,
+            // An integer when it is one, as PEFT writes it (stricter readers expect an int).
+            "lora_alpha": if c.alpha.fract() == 0.0 && c.alpha.abs() < 1e15 { json!(c.alpha as i64) } else { json!(c.alpha) },
+            "lora_dropout": c.dropout,
+            "target_modules": targets,
+            "layers_to_transform": layers,
+            "use_rslora": c.rslora,
+            "use_dora": c.dora,
+            "fan_in_fan_out": model.architecture() == "gpt2",
+            "bias": "none",
+            "init_lora_weights": true,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        })
+    }
+
+    fn merge(&self, model: &mut dyn CausalLm) -> Result<()> {
+        LoraAdapter::merge(self, model).map(|_| ())
+    }
+
+    fn remove(&self, model: &mut dyn CausalLm) -> Result<()> {
+        LoraAdapter::remove(self, model)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// The settings LoRA and DoRA read.
+const SETTINGS: &[&str] = &["rank", "alpha", "dropout", "rslora", "target-modules", "layers"];
+
+fn configure(s: &Settings, dora: bool) -> Result<Arc<dyn MethodConfig>> {
+    let config = LoraConfig {
+        r: s.usize("rank")?.unwrap_or(8),
+        alpha: s.f64("alpha")?.unwrap_or(16.0),
+        dropout: s.f64("dropout")?.unwrap_or(0.05),
+        rslora: s.bool("rslora")?.unwrap_or(false),
+        dora,
+        targets: s.strings("target-modules")?.unwrap_or_else(|| vec!["q_proj".into(), "v_proj".into()]),
+        layers: s.usizes("layers")?,
+        seed: 0,
+    };
+    config.validate()?;
+    Ok(Arc::new(config))
+}
+
+pub const LORA: Registration = Registration {
+    name: "lora",
+    about: "low-rank updates s·B A beside frozen linear weights (rsLoRA too)",
+    settings: SETTINGS,
+    configure: |s| configure(s, false),
+    recognises: |c| c.get("peft_type").and_then(Value::as_str) == Some("LORA") && c.get("use_dora").and_then(Value::as_bool) != Some(true),
+    load,
+};
+
+pub const DORA: Registration = Registration {
+    name: "dora",
+    about: "LoRA's direction plus a trainable magnitude per output row",
+    settings: SETTINGS,
+    configure: |s| configure(s, true),
+    recognises: |c| c.get("peft_type").and_then(Value::as_str) == Some("LORA") && c.get("use_dora").and_then(Value::as_bool) == Some(true),
+    load,
+};
+
+/// Config keys PEFT writes that do not change the math of an adapter we can load.
+const IGNORED: &[&str] = &[
+    "init_lora_weights",
+    "layers_pattern",
+    "loftq_config",
+    "megatron_config",
+    "megatron_core",
+    "exclude_modules",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "qalora_group_size",
+    "ensure_weight_tying",
+];
+
+/// Keys of LoRA variants tinytune does not implement: fine while unset (null, false, empty),
+/// an error naming the key when set.
+const VARIANTS: &[&str] = &[
+    "use_qalora",
+    "lora_bias",
+    "layer_replication",
+    "trainable_token_indices",
+    "target_parameters",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "kasa_config",
+    "monteclora_config",
+    "velora_config",
+    "use_bdlora",
+];
+
+fn is_unset(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
+/// Attach a saved PEFT LoRA/DoRA adapter: `{site}.lora_A.weight` (`r×in`), `….lora_B.weight`
+/// (`out×r`), DoRA's `….lora_magnitude_vector` (`out`).
+fn load(model: &mut dyn CausalLm, files: &mut AdapterFiles, device: &Device) -> Result<Box<dyn Method>> {
+    let known = ["r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "fan_in_fan_out", "target_modules", "layers_to_transform"];
+    let mut ignored: Vec<&str> = IGNORED.to_vec();
+    for (k, v) in files.config {
+        let unsupported = match k.as_str() {
+            "rank_pattern" | "alpha_pattern" => {
+                v.as_object().is_some_and(|o| !o.is_empty()).then_some("per-module ranks/alphas are not implemented")
+            }
+            "bias" => (v.as_str().unwrap_or("none") != "none").then_some("trained biases are not implemented (bias must be \"none\")"),
+            k if VARIANTS.contains(&k) => (!is_unset(v)).then_some("this LoRA variant is not implemented"),
+            _ => None,
+        };
+        if let Some(why) = unsupported {
+            return Err(files.config_error(format!("field '{k}' = {v}: {why}")));
+        }
+    }
+    ignored.extend(["rank_pattern", "alpha_pattern", "bias"]);
+    ignored.extend(VARIANTS);
+    files.check_keys(&known, &ignored);
+    let cfg = files.config;
+    let num = |k: &str| cfg.get(k).and_then(Value::as_f64);
+    let flag = |k: &str| cfg.get(k).and_then(Value::as_bool).unwrap_or(false);
+    let r = num("r").filter(|&r| r >= 1.0 && r.fract() == 0.0).ok_or_else(|| files.config_error("field 'r' must be a positive integer"))?
+        as usize;
+    let layers = match cfg.get("layers_to_transform") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(vec![n.as_u64().ok_or_else(|| files.config_error("layers_to_transform must be integers"))? as usize]),
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .map(|v| v.as_u64().map(|v| v as usize).ok_or_else(|| files.config_error("layers_to_transform must be integers")))
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        Some(other) => return Err(files.config_error(format!("layers_to_transform = {other} is not a layer list"))),
+    };
+    let config = LoraConfig {
+        r,
+        alpha: num("lora_alpha").unwrap_or(8.0),
+        dropout: num("lora_dropout").unwrap_or(0.0),
+        rslora: flag("use_rslora"),
+        dora: flag("use_dora"),
+        targets: files.strings("target_modules")?.unwrap_or_default(),
+        layers,
+        seed: 0,
+    };
+
+    // The sites come from the weights: `{site}.lora_A.weight`.
+    let mut weights: HashMap<String, (Tensor, Tensor, Option<Tensor>)> = HashMap::new();
+    for key in &files.keys {
+        let Some(site) = key.strip_suffix(".lora_A.weight") else {
+            let known = key.ends_with(".lora_B.weight") || key.ends_with(".lora_magnitude_vector") || key.ends_with(".lora_magnitude_vector.weight");
+            if !known {
+                return Err(files.weights_error(format!("tensor '{}{key}' is not a LoRA weight tinytune knows", super::format::PREFIX)));
+            }
+            continue;
+        };
+        let b = files.tensor(&format!("{site}.lora_B.weight"), device).map_err(|_| files.weights_error(format!("{site} has lora_A but no lora_B.weight")))?;
+        let m = [".lora_magnitude_vector", ".lora_magnitude_vector.weight"]
+            .iter()
+            .map(|s| format!("{site}{s}"))
+            .find(|k| files.keys.contains(k))
+            .map(|k| files.tensor(&k, device))
+            .transpose()?;
+        weights.insert(site.to_string(), (files.tensor(key, device)?, b, m));
+    }
+    if weights.is_empty() {
+        return Err(files.weights_error("no lora_A/lora_B weights in the adapter"));
+    }
+    let lora = LoraAdapter::attach_weights(model, config, &weights, device).map_err(|e| files.config_error(e.to_string()))?;
+    Ok(Box::new(lora))
 }

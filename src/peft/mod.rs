@@ -5,19 +5,32 @@
 //! - [`full`]: every weight trainable (the baseline);
 //! - [`head`]: a new classification head on the hidden states, alone or with the body;
 //! - [`lora`]: low-rank updates `s·B A` beside frozen linear weights (rsLoRA scaling too);
-//! - [`dora`]: LoRA's direction plus a trainable magnitude per output row.
+//! - [`dora`]: LoRA's direction plus a trainable magnitude per output row;
+//! - [`ia3`]: learned vectors scaling keys, values and the MLP's inner activation;
+//! - [`bottleneck`]: small residual MLPs after the attention and/or MLP sublayers.
+//!
+//! Every method keeps the contract of [`method`] ([`MethodConfig`] to attach, [`Method`] once
+//! attached) and is named in its registry [`METHODS`]; the trainer, the adapter format and the
+//! CLI go through that and nothing else.
 //!
 //! Only the tensors a method returns require a gradient: every other weight stays a frozen
 //! leaf, so backward builds no gradient for it and the optimizer holds no state for it.
 
+pub mod bottleneck;
 pub mod dora;
 pub mod format;
 pub mod full;
 pub mod head;
+pub mod ia3;
 pub mod lora;
+pub mod method;
 
-pub use head::{ClassifierHead, Pooling};
+pub use bottleneck::{AdapterKind, BottleneckAdapter, BottleneckConfig};
+pub use full::Full;
+pub use head::{ClassifierHead, HeadOnly, Pooling};
+pub use ia3::{Ia3Adapter, Ia3Config};
 pub use lora::{LoraAdapter, LoraConfig, LoraLayer};
+pub use method::{configure, registration, Method, MethodConfig, Settings, METHODS};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 

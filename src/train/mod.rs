@@ -5,5 +5,5 @@ pub mod plot;
 pub mod trainer;
 
 pub use trainer::{
-    attach, evaluate, train, Attached, EvalRecord, Method, Observer, OptimizerKind, Quiet, StepRecord, TrainConfig, TrainReport,
+    attach, evaluate, train, Attached, EvalRecord, Observer, OptimizerKind, Quiet, StepRecord, TrainConfig, TrainReport,
 };

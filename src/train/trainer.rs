@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -30,46 +31,9 @@ use crate::error::{Error, Result};
 use crate::io::safetensors::SafetensorsFile;
 use crate::models::CausalLm;
 use crate::optim::{clip_grad_norm, grad_norm, AdamW, Optimizer, ParamGroup, Schedule, ScheduleKind, Sgd, SgdConfig};
-use crate::peft::{format, full, head, ClassifierHead, LoraAdapter, LoraConfig, Pooling};
+use crate::peft::{format, head, ClassifierHead, LoraConfig, Method, MethodConfig, Pooling};
 use crate::rng::Rng;
 use crate::tensor::{CrossEntropyReduction, Tensor};
-
-/// What is trained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    /// Every weight (plus a new head for classification data).
-    Full,
-    /// LoRA adapters (plus a new head for classification data).
-    Lora,
-    /// DoRA adapters (plus a new head for classification data).
-    Dora,
-    /// A new classification head alone; the body stays frozen.
-    Head,
-}
-
-impl std::str::FromStr for Method {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Method> {
-        match s {
-            "full" => Ok(Method::Full),
-            "lora" => Ok(Method::Lora),
-            "dora" => Ok(Method::Dora),
-            "head" => Ok(Method::Head),
-            _ => Err(Error::InvalidArgument { op: "method", msg: format!("unknown method '{s}' (full, lora, dora or head)") }),
-        }
-    }
-}
-
-impl Method {
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Full => "full",
-            Method::Lora => "lora",
-            Method::Dora => "dora",
-            Method::Head => "head",
-        }
-    }
-}
 
 /// Which optimizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,10 +46,9 @@ pub enum OptimizerKind {
 /// Every setting of a run (the CLI's flags and `--config` file keys).
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
-    pub method: Method,
-    /// Rank, alpha, dropout, rsLoRA, target modules, layers (LoRA/DoRA; `dora` and `seed` are
-    /// set from `method` and `seed`).
-    pub lora: LoraConfig,
+    /// What is trained: a method's config (`LoraConfig`, `Ia3Config`, `Full`, `HeadOnly`, ...;
+    /// its seed is `seed`). With labelled data a new classification head trains too.
+    pub method: Arc<dyn MethodConfig>,
     /// How a classification head pools the hidden states.
     pub pooling: Pooling,
     /// Classes of a new head (default: the largest label in the data + 1).
@@ -121,8 +84,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            method: Method::Lora,
-            lora: LoraConfig::default(),
+            method: Arc::new(LoraConfig::default()),
             pooling: Pooling::Last,
             num_classes: None,
             optimizer: OptimizerKind::AdamW,
@@ -173,16 +135,20 @@ impl TrainConfig {
     /// The settings that must not change across a resume (they change the math), with the
     /// schedule's length `total_steps` (the learning rate of every step depends on it).
     fn fingerprint(&self, train: &Dataset, total_steps: u64, model_id: &str) -> Value {
-        json!({
-            "method": self.method.name(), "r": self.lora.r, "alpha": self.lora.alpha, "dropout": self.lora.dropout,
-            "rslora": self.lora.rslora, "targets": self.lora.targets, "layers": self.lora.layers, "seed": self.seed,
+        let mut v = json!({
+            "method": self.method.name(), "seed": self.seed,
             "batch_size": self.batch_size, "grad_accum": self.grad_accum, "lr": self.lr, "schedule": format!("{:?}", self.schedule),
             "warmup": self.warmup_steps, "weight_decay": self.weight_decay, "clip": self.clip, "optimizer": format!("{:?}", self.optimizer),
             "pooling": format!("{:?}", self.pooling), "total_steps": total_steps, "examples": train.len(),
             // What the examples are (file content, tokenizer, seq_len, packing all change the
             // token ids) and which base model they train: a path as typed would say neither.
             "data": format!("{:016x}", data_hash(train)), "model": model_id,
-        })
+        });
+        // The method's own settings sit beside the trainer's, by their names (`r`, `alpha`, ...).
+        if let Value::Object(m) = self.method.fingerprint() {
+            v.as_object_mut().expect("an object").extend(m);
+        }
+        v
     }
 }
 
@@ -294,16 +260,16 @@ pub struct TrainReport {
     pub interrupted: bool,
 }
 
-/// The methods attached to a model and their trainable tensors.
+/// The method attached to a model, the classification head, and their trainable tensors.
 pub struct Attached {
-    pub lora: Option<LoraAdapter>,
+    pub method: Box<dyn Method>,
     pub head: Option<ClassifierHead>,
     /// Every trainable tensor by name (adapter keys without the PEFT prefix, `score.weight`,
     /// or checkpoint names for full fine-tuning).
     pub params: Vec<(String, Tensor)>,
 }
 
-/// Attach what `cfg.method` trains to `model` (a head when the data is labelled).
+/// Attach `cfg.method` to `model` (and a new head when the data is labelled).
 pub fn attach(
     model: &mut dyn CausalLm,
     cfg: &TrainConfig,
@@ -311,20 +277,14 @@ pub fn attach(
     num_classes: Option<usize>,
     device: &Device,
 ) -> Result<Attached> {
-    let mut params = Vec::new();
-    let lora = match cfg.method {
-        Method::Lora | Method::Dora => {
-            let lc = LoraConfig { dora: cfg.method == Method::Dora, seed: cfg.seed, ..cfg.lora.clone() };
-            let l = LoraAdapter::attach(model, lc)?;
-            params.extend(l.parameters());
-            Some(l)
-        }
-        Method::Full => {
-            params.extend(full::make_trainable(model)?);
-            None
-        }
-        Method::Head => None,
-    };
+    if kind == DataKind::Lm && cfg.method.head_only() {
+        return Err(Error::InvalidArgument {
+            op: "finetune",
+            msg: format!("method '{}' trains a classifier: the data needs {{\"text\", \"label\"}} lines", cfg.method.name()),
+        });
+    }
+    let method = cfg.method.attach(model, cfg.seed)?;
+    let mut params = method.parameters();
     let head = match kind {
         DataKind::Classification => {
             let n = cfg.num_classes.or(num_classes).unwrap_or(2);
@@ -332,16 +292,10 @@ pub fn attach(
             params.extend(h.parameters());
             Some(h)
         }
-        DataKind::Lm if cfg.method == Method::Head => {
-            return Err(Error::InvalidArgument {
-                op: "finetune",
-                msg: "method 'head' trains a classifier: the data needs {\"text\", \"label\"} lines".into(),
-            })
-        }
         DataKind::Lm => None,
     };
     model.set_gradient_checkpointing(cfg.gradient_checkpointing);
-    Ok(Attached { lora, head, params })
+    Ok(Attached { method, head, params })
 }
 
 /// The loss of one batch, summed (not averaged) over its targets, and, when `count_correct`
@@ -392,9 +346,10 @@ pub fn evaluate(
     })
 }
 
-/// Weight decay applies to matrices; vectors (norm weights, biases, DoRA magnitudes) get none.
+/// Weight decay applies to matrices; vectors (norm weights, biases, DoRA magnitudes, IA³'s
+/// `(out, 1)` scales: at most one axis longer than 1) get none.
 fn param_groups(params: &[(String, Tensor)], weight_decay: f64) -> Vec<ParamGroup> {
-    let (matrices, vectors): (Vec<_>, Vec<_>) = params.iter().cloned().partition(|(_, t)| t.rank() >= 2);
+    let (matrices, vectors): (Vec<_>, Vec<_>) = params.iter().cloned().partition(|(_, t)| t.shape().iter().filter(|&&d| d > 1).count() >= 2);
     let mut groups = vec![ParamGroup::new("decay", matrices, 1.0, weight_decay)];
     if !vectors.is_empty() {
         groups.push(ParamGroup::new("no_decay", vectors, 1.0, 0.0));
@@ -568,11 +523,7 @@ pub fn train(
     let fingerprint = cfg.fingerprint(train, total, &model_id);
     std::fs::create_dir_all(&cfg.out).map_err(|e| io_err(&cfg.out, e))?;
     let head = att.head.as_ref();
-    let set_training = |on: bool| {
-        if let Some(l) = &att.lora {
-            l.set_training(on);
-        }
-    };
+    let set_training = |on: bool| att.method.set_training(on);
 
     let mut st = if cfg.resume {
         let st = load_checkpoint(&cfg.out, &params, opt.as_mut(), &fingerprint)?;
@@ -616,9 +567,7 @@ pub fn train(
         let t0 = Instant::now();
         let mut loss = 0.0;
         for (micro, b) in &batches {
-            if let Some(l) = &att.lora {
-                l.state.set_step(*micro);
-            }
+            att.method.set_step(*micro);
             let (sum, _) = batch_loss_sum(model, head, b, false)?;
             let part = sum.mul_scalar(1.0 / denom.max(1) as f64)?;
             loss += part.to_scalar()?;
@@ -725,20 +674,17 @@ pub fn train(
     };
 
     // The result: an adapter in the PEFT layout, or (full) the whole model.
-    let saved = match cfg.method {
-        Method::Full => {
-            let dir = cfg.out.join("model");
-            crate::models::save_checkpoint(model, &dir)?;
-            if let Some(h) = head {
-                format::save(&cfg.out.join("adapter"), model, None, Some(h), base)?;
-            }
-            dir
+    let saved = if att.method.saves_model() {
+        let dir = cfg.out.join("model");
+        crate::models::save_checkpoint(model, &dir)?;
+        if let Some(h) = head {
+            format::save(&cfg.out.join("adapter"), model, None, Some(h), base)?;
         }
-        _ => {
-            let dir = cfg.out.join("adapter");
-            format::save(&dir, model, att.lora.as_ref(), head, base)?;
-            dir
-        }
+        dir
+    } else {
+        let dir = cfg.out.join("adapter");
+        format::save(&dir, model, Some(att.method.as_ref()), head, base)?;
+        dir
     };
     let train_curve = &st.history;
     let smooth = plot::smooth(train_curve, (train_curve.len() / 20).max(1));

@@ -12,9 +12,9 @@ use serde_json::json;
 use tinytune::io::Tokenizer;
 use tinytune::models;
 use tinytune::optim::ScheduleKind;
-use tinytune::peft::LoraConfig;
+use tinytune::peft::{self, Settings};
 use tinytune::train::data::{DataKind, DataOptions, Dataset, Holdout};
-use tinytune::train::{self, EvalRecord, Method, Observer, OptimizerKind, StepRecord, TrainConfig};
+use tinytune::train::{self, EvalRecord, Observer, OptimizerKind, StepRecord, TrainConfig};
 use tinytune::{Error, Result};
 
 /// Every option is optional so that a `--config` file can supply it; defaults are applied
@@ -39,7 +39,7 @@ pub struct FinetuneArgs {
     /// Fraction of the training data held out for evaluation when there is no --eval-data [default: 0.1].
     #[arg(long)]
     eval_split: Option<f64>,
-    /// full, lora, dora or head [default: lora].
+    /// lora, dora, full, head (a classifier head alone), ia3 or adapter (bottleneck) [default: lora].
     #[arg(long)]
     method: Option<String>,
     /// LoRA rank [default: 8].
@@ -60,6 +60,19 @@ pub struct FinetuneArgs {
     /// Only these transformer blocks: comma-separated indices or ranges (0-3,8).
     #[arg(long)]
     layers: Option<String>,
+    /// IA³: targets whose input is scaled instead of their output (a subset of
+    /// --target-modules) [default with default targets: down_proj / mlp.c_proj].
+    #[arg(long, value_delimiter = ',')]
+    feedforward_modules: Option<Vec<String>>,
+    /// Bottleneck adapters: houlsby (after attention and MLP) or pfeiffer (after the MLP) [default: houlsby].
+    #[arg(long)]
+    adapter_kind: Option<String>,
+    /// Bottleneck adapters: bottleneck width = hidden size / this [default: 16].
+    #[arg(long)]
+    reduction_factor: Option<usize>,
+    /// Bottleneck adapters: relu, silu or gelu_tanh [default: relu].
+    #[arg(long)]
+    non_linearity: Option<String>,
     /// Peak learning rate [default: 2e-4; full fine-tuning 2e-5].
     #[arg(long)]
     lr: Option<f64>,
@@ -162,6 +175,10 @@ impl FinetuneArgs {
             rslora,
             target_modules,
             layers,
+            feedforward_modules,
+            adapter_kind,
+            reduction_factor,
+            non_linearity,
             lr,
             epochs,
             max_steps,
@@ -269,7 +286,21 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         |v: Option<PathBuf>, flag: &str| v.ok_or_else(|| Error::InvalidArgument { op: "finetune", msg: format!("--{flag} is required") });
     let model_path = need(a.model, "model")?;
     let data_path = need(a.data, "data")?;
-    let method: Method = a.method.as_deref().unwrap_or("lora").parse()?;
+    let method_name = a.method.as_deref().unwrap_or("lora");
+    // The method's own settings, by flag name; the method says which it reads.
+    let mut settings = Settings::new();
+    settings
+        .set("rank", a.rank)
+        .set("alpha", a.alpha)
+        .set("dropout", a.dropout)
+        .set("rslora", a.rslora)
+        .set("target-modules", a.target_modules)
+        .set("layers", a.layers.as_deref().map(parse_layers).transpose()?)
+        .set("feedforward-modules", a.feedforward_modules)
+        .set("adapter-kind", a.adapter_kind)
+        .set("reduction-factor", a.reduction_factor)
+        .set("non-linearity", a.non_linearity);
+    let method = peft::configure(method_name, &settings)?;
     let clip = match a.clip {
         None => Some(1.0),
         Some(0.0) => None,
@@ -304,17 +335,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         *e = e.subset(n, seed)?;
     }
     let cfg = TrainConfig {
-        method,
-        lora: LoraConfig {
-            r: a.rank.unwrap_or(8),
-            alpha: a.alpha.unwrap_or(16.0),
-            dropout: a.dropout.unwrap_or(0.05),
-            rslora: a.rslora.unwrap_or(false),
-            dora: method == Method::Dora,
-            targets: a.target_modules.unwrap_or_else(|| vec!["q_proj".into(), "v_proj".into()]),
-            layers: a.layers.as_deref().map(parse_layers).transpose()?,
-            seed,
-        },
+        method: method.clone(),
         pooling: a.pooling.as_deref().unwrap_or("last").parse()?,
         num_classes: a.num_classes,
         optimizer: match a.optimizer.as_deref().unwrap_or("adamw") {
@@ -322,7 +343,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
             "sgd" => OptimizerKind::Sgd,
             o => return Err(Error::InvalidArgument { op: "--optimizer", msg: format!("unknown optimizer '{o}' (adamw or sgd)") }),
         },
-        lr: a.lr.unwrap_or(if method == Method::Full { 2e-5 } else { 2e-4 }),
+        lr: a.lr.unwrap_or(method.default_lr()),
         epochs: a.epochs.unwrap_or(1),
         max_steps: a.max_steps,
         batch_size: a.batch_size.unwrap_or(8),
@@ -374,7 +395,8 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         );
         return Err(Error::InvalidArgument { op: "finetune", msg: "interrupted".into() });
     }
-    if method == Method::Full {
+    if report.saved.join("config.json").exists() {
+        // A whole model (full fine-tuning): its tokenizer goes beside it.
         tok.save_hf(&report.saved)?;
     }
     if json_out {
