@@ -477,3 +477,42 @@ fn ctrl_c_writes_a_checkpoint_that_resumes_to_the_same_adapter() {
     assert!(bytes(&straight) == bytes(&stopped), "the adapter resumed from step {at} differs from the uninterrupted one");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The site methods through the CLI: `--method ia3` and `--method adapter` train, save their
+/// own `peft_type`, and load with `eval --adapter`; (IA)³ merges, a bottleneck adapter does
+/// not (it adds layers) and says so.
+#[test]
+fn ia3_and_bottleneck_adapters_from_the_cli() {
+    let dir = scratch("sites");
+    let (model, data) = (tiny_model_dir(&dir), write_lm_data(&dir));
+    let ids = "3,4,5,6,7,8,9,10;3,5,9,7,6,8";
+    let nll = |extra: &[&str]| mean_nll(&[&["eval", "--model", path_str(&model), "--ids", ids, "--device", "cpu", "--json"], extra].concat());
+    let base_nll = nll(&[]);
+    for (name, flags, peft_type) in [
+        ("ia3", vec!["--method", "ia3", "--lr", "5e-2"], "IA3"),
+        ("pfeiffer", vec!["--method", "adapter", "--adapter-kind", "pfeiffer", "--reduction-factor", "4", "--lr", "1e-2"], "BOTTLENECK"),
+    ] {
+        let out = dir.join(name);
+        let report = finetune(&model, &data, &out, &[&flags[..], &["--max-steps", "12", "--batch-size", "4"]].concat());
+        let (before, after) = (report["before"]["loss"].as_f64().unwrap(), report["after"]["loss"].as_f64().unwrap());
+        assert!(after < before, "{name}: held-out loss {before} -> {after}");
+        let adapter = out.join("adapter");
+        assert_eq!(read_json(&adapter.join("adapter_config.json"))["peft_type"], peft_type);
+        let with_adapter = nll(&["--adapter", path_str(&adapter)]);
+        assert!((with_adapter - base_nll).abs() > 1e-4, "{name}: the adapter changes the model ({with_adapter} vs {base_nll})");
+        let merged = dir.join(format!("{name}-merged"));
+        let (ok, stdout, err) = tinytune(&["merge", "--model", path_str(&model), "--adapter", path_str(&adapter), "--out", path_str(&merged)]);
+        if name == "ia3" {
+            assert!(ok && stdout.contains("merged 6 adapter layers"), "{stdout}{err}");
+            let merged_nll = mean_nll(&["eval", "--model", path_str(&merged), "--ids", ids, "--device", "cpu", "--json"]);
+            assert!((merged_nll - with_adapter).abs() < 1e-5 * with_adapter, "ia3: merged {merged_nll} vs {with_adapter}");
+        } else {
+            assert!(!ok && err.contains("cannot be merged") && err.contains("--adapter"), "{err}");
+        }
+    }
+    // A setting of another method is refused.
+    let args = finetune_args(&model, &data, &dir.join("x"), &["--method", "ia3", "--reduction-factor", "4"]);
+    let (ok, _, err) = tinytune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && err.contains("--reduction-factor does not apply to method ia3 (it is a setting of adapter)"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -707,3 +707,45 @@ fn matmul_with_half_precision_weights() {
         }
     }
 }
+
+/// The methods built on the block's sites — (IA)³ at linear inputs and outputs, bottleneck
+/// adapters at attn.out / mlp.out — give the CPU's logits and gradients on the GPU, on both
+/// model families.
+#[test]
+fn site_methods_follow_the_cpu() {
+    use tinytune::models::{self, CausalLm};
+    use tinytune::peft::{AdapterKind as Kind, BottleneckConfig, Ia3Config, Method, MethodConfig};
+    let g = gpu_or_skip!();
+    let fixture = |name: &str| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    for base in ["tiny-llama", "tiny-gpt2-f16"] {
+        let configs: [(&str, Box<dyn MethodConfig>, f64); 3] = [
+            ("ia3", Box::new(Ia3Config::default()), 1.0),
+            ("houlsby", Box::new(BottleneckConfig { kind: Kind::Houlsby, reduction_factor: 8, ..Default::default() }), 0.0),
+            ("pfeiffer", Box::new(BottleneckConfig { kind: Kind::Pfeiffer, reduction_factor: 8, ..Default::default() }), 0.0),
+        ];
+        for (name, cfg, mean) in configs {
+            let run = |dev: &Device| -> (Vec<f32>, Vec<Vec<f32>>) {
+                let mut model: Box<dyn CausalLm> = models::load(fixture(base), dev).unwrap();
+                let m: Box<dyn Method> = cfg.attach(model.as_mut(), 2).unwrap();
+                for (i, (_, p)) in m.parameters().iter().enumerate() {
+                    let v = Tensor::randn(p.shape(), mean, 0.3, DType::F32, &Device::Cpu, &mut Rng::new(i as u64)).unwrap();
+                    p.set_data(&v.to_device(dev).unwrap()).unwrap();
+                }
+                let ids = ids(&[3, 17, 5, 9, 22, 1, 7, 7, 30, 2, 0, 0], &[2, 6], dev);
+                let keep = Tensor::from_vec(vec![1f32, 1., 1., 1., 1., 1., 1., 1., 1., 1., 0., 0.], &[2, 6], dev).unwrap();
+                let logits = model.forward(&ids, Some(&keep)).unwrap();
+                let targets = Tensor::from_vec(vec![17i32, 5, 9, 22, 1, -100, 7, 30, 2, -100, -100, -100], &[2, 6], dev).unwrap();
+                logits.cross_entropy(&targets, -100, CrossEntropyReduction::Mean).unwrap().backward().unwrap();
+                let grads = m.parameters().iter().map(|(_, p)| p.grad().unwrap().to_vec::<f32>().unwrap()).collect();
+                (logits.to_vec::<f32>().unwrap(), grads)
+            };
+            let ((lc, gc), (lg, gg)) = (run(&Device::Cpu), run(&g));
+            let tol = Tol { abs: 2e-5, rel: 1e-4 };
+            let near = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| ((x - y).abs() as f64) <= tol.abs + tol.rel * (*x as f64).abs());
+            assert!(near(&lc, &lg), "{base} {name}: logits");
+            for (i, (c, r)) in gc.iter().zip(&gg).enumerate() {
+                assert!(near(c, r), "{base} {name}: gradient of parameter {i}");
+            }
+        }
+    }
+}

@@ -221,3 +221,61 @@ fn sharded_checkpoints_load() {
     assert!(msg.contains("index.json") && msg.contains("outside the directory"), "{msg}");
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+/// `nn::attention` under a mask description against plain float64 loops: grouped-query heads
+/// (K/V not repeated by the caller), a prefix every query sees, cached positions before the
+/// queries, a sliding window and key padding.
+#[test]
+fn attention_follows_its_mask_description() {
+    use tinytune::nn::{attention, Mask};
+    let (b, h, hkv, tq, d) = (2, 4, 2, 3, 5);
+    let dev = Device::Cpu;
+    for (prefix, offset, window, padded) in [(0, 0, None, false), (2, 0, None, true), (1, 2, Some(2), true), (0, 3, Some(3), false)] {
+        let tk = prefix + offset + tq;
+        let mut rng = tinytune::Rng::new(9 + prefix as u64);
+        let q = tinytune::Tensor::randn(&[b, h, tq, d], 0.0, 1.0, DType::F64, &dev, &mut rng).unwrap();
+        let k = tinytune::Tensor::randn(&[b, hkv, tk, d], 0.0, 1.0, DType::F64, &dev, &mut rng).unwrap();
+        let v = tinytune::Tensor::randn(&[b, hkv, tk, d], 0.0, 1.0, DType::F64, &dev, &mut rng).unwrap();
+        // Row 1 pads its first real position (left padding).
+        let real = offset + tq;
+        let keep: Vec<f64> = (0..b * real).map(|i| if padded && i == real { 0.0 } else { 1.0 }).collect();
+        let keep_t = tinytune::Tensor::from_vec(keep.clone(), &[b, real], &dev).unwrap();
+        let mask = Mask::causal(offset, padded.then_some(&keep_t)).with_window(window);
+        let got = attention(&q, &k, &v, &mask).unwrap().to_vec_f64().unwrap();
+        let (qv, kv, vv) = (q.to_vec_f64().unwrap(), k.to_vec_f64().unwrap(), v.to_vec_f64().unwrap());
+        for bi in 0..b {
+            for hi in 0..h {
+                let g = hi / (h / hkv);
+                for i in 0..tq {
+                    let pos = offset + i;
+                    let sees = |j: usize| {
+                        j < prefix || {
+                            let r = j - prefix;
+                            r <= pos && window.is_none_or(|w| r + w > pos) && keep[bi * real + r] > 0.5
+                        }
+                    };
+                    let score = |j: usize| {
+                        (0..d).map(|e| qv[((bi * h + hi) * tq + i) * d + e] * kv[((bi * hkv + g) * tk + j) * d + e]).sum::<f64>()
+                            / (d as f64).sqrt()
+                    };
+                    let js: Vec<usize> = (0..tk).filter(|&j| sees(j)).collect();
+                    let m = js.iter().map(|&j| score(j)).fold(f64::MIN, f64::max);
+                    let z: f64 = js.iter().map(|&j| (score(j) - m).exp()).sum();
+                    for e in 0..d {
+                        let want: f64 = js.iter().map(|&j| (score(j) - m).exp() / z * vv[((bi * hkv + g) * tk + j) * d + e]).sum();
+                        let at = ((bi * h + hi) * tq + i) * d + e;
+                        assert!((got[at] - want).abs() < 1e-12, "prefix {prefix} offset {offset} window {window:?}: [{bi},{hi},{i},{e}] {} vs {want}", got[at]);
+                    }
+                }
+            }
+        }
+    }
+    // Shapes that do not fit are errors naming them.
+    let q = tinytune::Tensor::zeros(&[1, 3, 2, 4], DType::F32, &dev).unwrap();
+    let k = tinytune::Tensor::zeros(&[1, 2, 2, 4], DType::F32, &dev).unwrap();
+    let e = attention(&q, &k, &k, &Mask::causal(0, None)).unwrap_err().to_string();
+    assert!(e.contains("multiple of the key/value heads") && e.contains("[1, 3, 2, 4]"), "{e}");
+    let k = tinytune::Tensor::zeros(&[1, 3, 1, 4], DType::F32, &dev).unwrap();
+    let e = attention(&q, &k, &k, &Mask::causal(0, None)).unwrap_err().to_string();
+    assert!(e.contains("too few"), "{e}");
+}

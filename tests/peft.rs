@@ -7,7 +7,11 @@ mod common;
 use std::path::PathBuf;
 
 use tinytune::models::{self, CausalLm};
-use tinytune::peft::{full, head, ClassifierHead, LoraAdapter, LoraConfig, Pooling};
+use tinytune::nn::{with_adapters_off, BlockHook};
+use tinytune::peft::{
+    format, full, head, AdapterKind, BottleneckAdapter, BottleneckConfig, ClassifierHead, Ia3Adapter, Ia3Config, LoraAdapter, LoraConfig, Method,
+    MethodConfig, Pooling,
+};
 use tinytune::{CrossEntropyReduction, DType, Device, Rng, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
@@ -387,5 +391,228 @@ fn merged_checkpoints_reload_to_the_same_logits() {
         let worst = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst < 1e-4, "{name}: the merged checkpoint's logits differ by {worst}");
         std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+// ---- The sites, the adapters-off scope and the methods built on them ----
+
+/// Every trainable tensor of `m`, set to `1 + N(0, std²)` (IA³) or `N(0, std²)`, seeded.
+fn perturb(m: &dyn Method, std: f64, around_one: bool) {
+    for (i, (_, p)) in m.parameters().iter().enumerate() {
+        let v = Tensor::randn(p.shape(), if around_one { 1.0 } else { 0.0 }, std, p.dtype(), p.device(), &mut Rng::new(40 + i as u64)).unwrap();
+        p.set_data(&v).unwrap();
+    }
+}
+
+fn ia3_default() -> Ia3Config {
+    Ia3Config::default()
+}
+
+fn bottleneck(kind: AdapterKind) -> BottleneckConfig {
+    BottleneckConfig { kind, reduction_factor: 8, ..BottleneckConfig::default() }
+}
+
+#[test]
+fn ia3_and_bottleneck_gradients_match_finite_differences() {
+    for base in ["tiny-llama", "tiny-gpt2-f16"] {
+        let configs: Vec<(&str, Box<dyn MethodConfig>, bool)> = vec![
+            ("ia3", Box::new(ia3_default()), true),
+            ("houlsby", Box::new(bottleneck(AdapterKind::Houlsby)), false),
+            ("pfeiffer", Box::new(bottleneck(AdapterKind::Pfeiffer)), false),
+        ];
+        for (name, cfg, around_one) in configs {
+            let mut model = load(base, DType::F64);
+            let m = cfg.attach(model.as_mut(), 3).unwrap();
+            assert!(!m.parameters().is_empty(), "{base} {name}");
+            perturb(m.as_ref(), 0.3, around_one);
+            lm_loss(model.as_ref()).backward().unwrap();
+            for (pname, p) in m.parameters().iter().step_by(3) {
+                check_grad(&format!("{base} {name} {pname}"), p, &|| lm_loss(model.as_ref()).to_scalar().unwrap());
+            }
+        }
+    }
+}
+
+#[test]
+fn ia3_sites_shapes_and_defaults() {
+    // LLaMA: k, v scale their outputs (out, 1); down_proj its input (1, in), as PEFT.
+    let mut model = load("tiny-llama", DType::F32);
+    let ia3 = Ia3Adapter::attach(model.as_mut(), ia3_default()).unwrap();
+    let names: Vec<String> = ia3.parameters().iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(names.len(), 2 * 3, "{names:?}");
+    let shape = |suffix: &str| ia3.parameters().into_iter().find(|(n, _)| n.ends_with(suffix)).unwrap().1.shape().to_vec();
+    let d = model.hidden_size();
+    let kv = model.linears_mut().into_iter().find(|l| l.name.ends_with("0.self_attn.k_proj")).unwrap().out_features();
+    let inter = model.linears_mut().into_iter().find(|l| l.name.ends_with("0.mlp.down_proj")).unwrap().in_features();
+    assert_eq!(shape("layers.0.self_attn.k_proj.ia3_l"), [kv, 1]);
+    assert_eq!(shape("layers.0.mlp.down_proj.ia3_l"), [1, inter]);
+    assert!(inter != d);
+    // Init 1: the model is the base model.
+    let (ids, keep, _) = batch(&Device::Cpu);
+    let base = load("tiny-llama", DType::F32).forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
+    assert_eq!(model.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap(), base);
+    // Bad targets name the field.
+    let mut model = load("tiny-llama", DType::F32);
+    let e = Ia3Adapter::attach(model.as_mut(), Ia3Config { targets: vec!["input_layernorm".into()], ..ia3_default() }).unwrap_err().to_string();
+    assert!(e.contains("ia3 target_modules") && e.contains("input_layernorm") && e.contains("k_proj"), "{e}");
+    let cfg = Ia3Config { targets: vec!["k_proj".into()], feedforward: vec!["down_proj".into()], layers: None };
+    let e = Ia3Adapter::attach(model.as_mut(), cfg).unwrap_err().to_string();
+    assert!(e.contains("feedforward_modules") && e.contains("subset"), "{e}");
+}
+
+#[test]
+fn ia3_merged_equals_unmerged_and_unmerge_restores() {
+    for base in ["tiny-llama", "tiny-gpt2-f16"] {
+        let mut model = load(base, DType::F32);
+        let w0: Vec<Vec<f32>> = model.linears_mut().iter().map(|l| l.weight.to_vec::<f32>().unwrap()).collect();
+        let ia3 = Ia3Adapter::attach(model.as_mut(), ia3_default()).unwrap();
+        perturb(&ia3, 0.3, true);
+        let (ids, keep, _) = batch(&Device::Cpu);
+        let plain = load(base, DType::F32).forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
+        let unmerged = model.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
+        Method::merge(&ia3, model.as_mut()).unwrap();
+        assert!(model.linears_mut().iter().all(|l| l.adapters.is_empty()));
+        let merged = model.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
+        let worst = unmerged.iter().zip(&merged).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let changed = unmerged.iter().zip(&plain).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4 && changed > 1e-2, "{base}: merged vs unmerged {worst}, change {changed}");
+        ia3.unmerge(model.as_mut()).unwrap();
+        for (l, w) in model.linears_mut().iter().zip(&w0) {
+            let worst = l.weight.to_vec::<f32>().unwrap().iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{base} {}: unmerge restores W0 (off by {worst})", l.name);
+        }
+        let again = model.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
+        assert!(again.iter().zip(&unmerged).all(|(a, b)| (a - b).abs() < 1e-4));
+    }
+}
+
+#[test]
+fn every_method_saves_and_loads_to_the_same_logits() {
+    let dir = std::env::temp_dir().join(format!("tinytune-methods-{}", std::process::id()));
+    for base in ["tiny-llama", "tiny-gpt2-f16"] {
+        let configs: Vec<(&str, Box<dyn MethodConfig>, bool)> = vec![
+            ("ia3", Box::new(ia3_default()), true),
+            ("houlsby", Box::new(BottleneckConfig { layers: Some(vec![1]), ..bottleneck(AdapterKind::Houlsby) }), false),
+            ("pfeiffer", Box::new(bottleneck(AdapterKind::Pfeiffer)), false),
+            ("lora", Box::new(lora_config(&[if base == "tiny-llama" { "q_proj" } else { "c_attn" }])), false),
+        ];
+        for (name, cfg, around_one) in configs {
+            let mut model = load(base, DType::F32);
+            let m = cfg.attach(model.as_mut(), 5).unwrap();
+            perturb(m.as_ref(), 0.3, around_one);
+            let (ids, keep, _) = batch(&Device::Cpu);
+            let want = model.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
+            let out = dir.join(format!("{base}-{name}"));
+            format::save(&out, model.as_mut(), Some(m.as_ref()), None, base).unwrap();
+            let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+            let mut again = load(base, DType::F32);
+            let loaded = format::load(&out, again.as_mut(), &Device::Cpu).unwrap_or_else(|e| panic!("{base} {name}: {e}"));
+            assert!(loaded.warnings.is_empty(), "{base} {name}: {:?}", loaded.warnings);
+            assert_eq!(loaded.method.as_ref().unwrap().name(), m.name(), "{base} {name}: {config}");
+            let got = again.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
+            assert_eq!(got, want, "{base} {name}: reloaded logits");
+            // Taken off again, the model is the base model.
+            loaded.method.as_ref().unwrap().remove(again.as_mut()).unwrap();
+            let plain = load(base, DType::F32).forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
+            assert_eq!(again.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap(), plain, "{base} {name}: removed");
+        }
+    }
+    // A bottleneck adapter made for another model (other width, other layer count) is refused
+    // naming the tensor or the module.
+    let mut gpt2 = load("tiny-gpt2-f16", DType::F32);
+    let e = format::load(&dir.join("tiny-llama-pfeiffer"), gpt2.as_mut(), &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("model.layers.0.mlp") && e.contains("not an attention or MLP module"), "{e}");
+    let src = dir.join("tiny-llama-houlsby");
+    let bad = dir.join("bad-width");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::copy(src.join("adapter_model.safetensors"), bad.join("adapter_model.safetensors")).unwrap();
+    let cfg = std::fs::read_to_string(src.join("adapter_config.json")).unwrap();
+    std::fs::write(bad.join("adapter_config.json"), cfg.replace("\"bottleneck_size\": 4", "\"bottleneck_size\": 5")).unwrap();
+    let e = format::load(&bad, load("tiny-llama", DType::F32).as_mut(), &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("bottleneck.down.weight has shape") && e.contains("bottleneck 5"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn adapters_off_is_the_base_model_also_when_recomputed() {
+    let (ids, keep, targets) = batch(&Device::Cpu);
+    // The reference: the plain model, its final norm trainable.
+    let trainable_norm = |m: &mut dyn CausalLm| -> Tensor {
+        let mut norm = None;
+        m.visit_parameters(&mut |name, t| {
+            if name == "model.norm.weight" {
+                *t = t.requires_grad()?;
+                norm = Some(t.clone());
+            }
+            Ok(())
+        })
+        .unwrap();
+        norm.unwrap()
+    };
+    let mut plain = load("tiny-llama", DType::F64);
+    let norm0 = trainable_norm(plain.as_mut());
+    let loss = |m: &dyn CausalLm| m.forward(&ids, Some(&keep.to_dtype(DType::F64).unwrap())).unwrap().cross_entropy(&targets, -100, CrossEntropyReduction::Mean).unwrap();
+    let l0 = loss(plain.as_ref());
+    l0.backward().unwrap();
+    for checkpointing in [false, true] {
+        let mut model = load("tiny-llama", DType::F64);
+        let norm = trainable_norm(model.as_mut());
+        model.set_gradient_checkpointing(checkpointing);
+        let lora = LoraAdapter::attach(model.as_mut(), lora_config(&["q_proj", "v_proj"])).unwrap();
+        perturb(&lora, 0.3, false);
+        let adapters = Ia3Adapter::attach(model.as_mut(), ia3_default()).unwrap();
+        perturb(&adapters, 0.3, true);
+        let bn = BottleneckAdapter::attach(model.as_mut(), bottleneck(AdapterKind::Houlsby), 1).unwrap();
+        perturb(&bn, 0.3, false);
+        assert!((loss(model.as_ref()).to_scalar().unwrap() - l0.to_scalar().unwrap()).abs() > 1e-3, "the methods change the loss");
+        // Off: the base model's loss; backward runs outside the scope, so a recomputation
+        // must restore the forward's state to give the base model's gradient.
+        let off = with_adapters_off(|| loss(model.as_ref()));
+        assert!((off.to_scalar().unwrap() - l0.to_scalar().unwrap()).abs() < 1e-12, "checkpointing={checkpointing}");
+        off.backward().unwrap();
+        let (g, g0) = (norm.grad().unwrap().to_vec_f64().unwrap(), norm0.grad().unwrap().to_vec_f64().unwrap());
+        let worst = g.iter().zip(&g0).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(worst < 1e-12, "checkpointing={checkpointing}: the norm's gradient differs from the base model's by {worst}");
+        for m in [&lora as &dyn Method, &adapters, &bn] {
+            assert!(m.parameters().iter().all(|(_, p)| p.grad().is_none()), "{}: no gradient with adapters off", m.name());
+        }
+        assert!(tinytune::nn::adapters_enabled(), "the scope ends");
+    }
+}
+
+/// A hook that records the residual stream after each block.
+#[derive(Debug, Default)]
+struct Recorder(std::sync::Mutex<Vec<(usize, Tensor)>>);
+
+impl BlockHook for Recorder {
+    fn block_out(&self, layer: usize, h: Tensor) -> tinytune::Result<Tensor> {
+        self.0.lock().unwrap().push((layer, h.clone()));
+        Ok(h)
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+#[test]
+fn every_layers_hidden_states_as_transformers_returns_them() {
+    for base in ["tiny-llama", "tiny-gpt2-f16"] {
+        let mut model = load(base, DType::F32);
+        let rec = std::sync::Arc::new(Recorder::default());
+        for b in model.decoder_mut().blocks.iter_mut() {
+            b.hooks.push(rec.clone());
+        }
+        let (ids, keep, _) = batch(&Device::Cpu);
+        let h = model.forward_hidden(&ids, Some(&keep), None, true).unwrap();
+        let n = model.num_layers();
+        assert_eq!(h.all.len(), n + 1, "{base}: embeddings, each block but the last, the final normed states");
+        assert_eq!(h.all[0].to_vec::<f32>().unwrap(), model.embed(&ids, 0).unwrap().to_vec::<f32>().unwrap());
+        assert_eq!(h.all[n].to_vec::<f32>().unwrap(), h.last.to_vec::<f32>().unwrap());
+        assert_eq!(h.last.to_vec::<f32>().unwrap(), model.hidden_states(&ids, Some(&keep), None).unwrap().to_vec::<f32>().unwrap());
+        let seen = rec.0.lock().unwrap();
+        assert_eq!(seen.iter().map(|(l, _)| *l).take(n).collect::<Vec<_>>(), (0..n).collect::<Vec<_>>());
+        for k in 1..n {
+            assert_eq!(h.all[k].to_vec::<f32>().unwrap(), seen[k - 1].1.to_vec::<f32>().unwrap(), "{base}: layer {k}");
+        }
     }
 }
