@@ -10,7 +10,7 @@ use tinytune::models::{self, CausalLm};
 use tinytune::nn::{with_adapters_off, BlockHook};
 use tinytune::peft::{
     format, full, head, AdapterKind, BottleneckAdapter, BottleneckConfig, ClassifierHead, Ia3Adapter, Ia3Config, LoraAdapter, LoraConfig, Method,
-    MethodConfig, Pooling,
+    MethodConfig, Pooling, PrefixConfig,
 };
 use tinytune::{CrossEntropyReduction, DType, Device, Rng, Tensor};
 
@@ -494,6 +494,8 @@ fn every_method_saves_and_loads_to_the_same_logits() {
             ("ia3", Box::new(ia3_default()), true),
             ("houlsby", Box::new(BottleneckConfig { layers: Some(vec![1]), ..bottleneck(AdapterKind::Houlsby) }), false),
             ("pfeiffer", Box::new(bottleneck(AdapterKind::Pfeiffer)), false),
+            ("prefix", Box::new(PrefixConfig { num_virtual_tokens: 3, ..PrefixConfig::default() }), false),
+            ("prefix-projection", Box::new(PrefixConfig { num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: 16 }), false),
             ("lora", Box::new(lora_config(&[if base == "tiny-llama" { "q_proj" } else { "c_attn" }])), false),
         ];
         for (name, cfg, around_one) in configs {
@@ -615,4 +617,82 @@ fn every_layers_hidden_states_as_transformers_returns_them() {
             assert_eq!(h.all[k].to_vec::<f32>().unwrap(), seen[k - 1].1.to_vec::<f32>().unwrap(), "{base}: layer {k}");
         }
     }
+}
+
+#[test]
+fn prefix_gradients_match_finite_differences() {
+    for base in ["tiny-llama", "tiny-gpt2-f16"] {
+        for projection in [false, true] {
+            let mut model = load(base, DType::F64);
+            let cfg = PrefixConfig { num_virtual_tokens: 3, prefix_projection: projection, encoder_hidden_size: 8 };
+            let m = cfg.attach(model.as_mut(), 1).unwrap();
+            lm_loss(model.as_ref()).backward().unwrap();
+            for (name, p) in m.parameters() {
+                check_grad(&format!("{base} projection={projection} {name}"), &p, &|| lm_loss(model.as_ref()).to_scalar().unwrap());
+            }
+        }
+    }
+}
+
+/// With a prefix, positions start after it (as Hugging Face counts a prefix in the cache),
+/// the prefix keys are not rotated, and every query sees the prefix: the KV-cached forward,
+/// one step at a time, gives the full forward's logits, and greedy generation is the same
+/// with and without the cache.
+#[test]
+fn prefix_with_the_kv_cache_equals_the_full_forward() {
+    use tinytune::models::KvCache;
+    for base in ["tiny-llama", "tiny-gpt2-f16"] {
+        let mut model = load(base, DType::F32);
+        let m = PrefixConfig { num_virtual_tokens: 4, ..PrefixConfig::default() }.attach(model.as_mut(), 2).unwrap();
+        perturb(m.as_ref(), 0.5, false);
+        let ids: Vec<u32> = vec![3, 17, 5, 9, 22, 1, 7];
+        let full = model.forward(&Tensor::from_vec(ids.clone(), &[1, 7], &Device::Cpu).unwrap(), None).unwrap().to_vec::<f32>().unwrap();
+        let plain = load(base, DType::F32).forward(&Tensor::from_vec(ids.clone(), &[1, 7], &Device::Cpu).unwrap(), None).unwrap();
+        let changed = full.iter().zip(plain.to_vec::<f32>().unwrap()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(changed > 1e-2, "{base}: the prefix changes the output ({changed})");
+        let mut cache = KvCache::new(model.num_layers());
+        let mut got = Vec::new();
+        for (a, b) in [(0, 3), (3, 4), (4, 7)] {
+            let step = Tensor::from_vec(ids[a..b].to_vec(), &[1, b - a], &Device::Cpu).unwrap();
+            got.extend(model.forward_cached(&step, None, Some(&mut cache)).unwrap().to_vec::<f32>().unwrap());
+        }
+        assert_eq!(cache.len(), 7, "the cache counts real positions");
+        let worst = got.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{base}: cached logits with a prefix differ by {worst}");
+        // Greedy generation (KV cache) against argmax of full forwards.
+        let opts = tinytune::models::GenerateOptions { max_new_tokens: 5, ..Default::default() };
+        let gen = tinytune::models::generate(model.as_ref(), &ids[..3], &opts, &mut |_| Ok(()), &Device::Cpu).unwrap();
+        let mut seq = ids[..3].to_vec();
+        for _ in 0..5 {
+            let logits = model.forward(&Tensor::from_vec(seq.clone(), &[1, seq.len()], &Device::Cpu).unwrap(), None).unwrap();
+            let last = logits.narrow(1, seq.len() - 1, 1).unwrap().argmax(-1, false).unwrap().to_vec::<u32>().unwrap()[0];
+            seq.push(last);
+        }
+        assert_eq!(gen, seq[3..], "{base}: greedy with the cache equals greedy without it");
+    }
+}
+
+#[test]
+fn prefix_bad_input_names_the_field() {
+    // Longer than the context (64 positions) allows.
+    let mut model = load("tiny-gpt2-f16", DType::F32);
+    let e = PrefixConfig { num_virtual_tokens: 64, ..PrefixConfig::default() }.attach(model.as_mut(), 0).unwrap_err().to_string();
+    assert!(e.contains("num_virtual_tokens = 64") && e.contains("64 positions"), "{e}");
+    // A forward that, with the prefix, runs past the context.
+    PrefixConfig { num_virtual_tokens: 60, ..PrefixConfig::default() }.attach(model.as_mut(), 0).unwrap();
+    let ids = Tensor::from_vec(vec![1u32; 5], &[1, 5], &Device::Cpu).unwrap();
+    let e = model.forward(&ids, None).unwrap_err().to_string();
+    assert!(e.contains("exceeds n_positions 64"), "{e}");
+    // An adapter for another model: layer count or width.
+    let dir = std::env::temp_dir().join(format!("tinytune-prefix-{}", std::process::id()));
+    let mut llama = load("tiny-llama", DType::F32);
+    let m = PrefixConfig { num_virtual_tokens: 2, ..PrefixConfig::default() }.attach(llama.as_mut(), 0).unwrap();
+    format::save(&dir, llama.as_mut(), Some(m.as_ref()), None, "tiny-llama").unwrap();
+    let e = format::load(&dir, load("tiny-gpt2-f16", DType::F32).as_mut(), &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("prompt_embeddings has shape [2, ") && e.contains("this model needs [2, "), "{e}");
+    let cfg = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+    std::fs::write(dir.join("adapter_config.json"), cfg.replace("\"num_layers\": 2", "\"num_layers\": 3")).unwrap();
+    let e = format::load(&dir, load("tiny-llama", DType::F32).as_mut(), &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("num_layers") && e.contains("another model"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
 }

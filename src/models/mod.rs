@@ -52,7 +52,8 @@ pub trait CausalLm: Send + Sync {
                 msg: format!("{}: ids must be [batch, seq], got {:?}", self.architecture(), ids.shape()),
             });
         }
-        let start = cache.as_ref().map_or(0, |c| c.len());
+        // The first position: after the cached ones and any a method puts first (a prefix).
+        let start = cache.as_ref().map_or(0, |c| c.len()) + self.decoder().positions_before();
         self.decoder().forward(self.embed(ids, start)?, keep, cache, all)
     }
     /// The embedded input `h₀: [batch, seq, hidden]` of `ids` whose first position is `start`

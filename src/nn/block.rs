@@ -116,6 +116,12 @@ pub trait BlockHook: Send + Sync + std::fmt::Debug {
     fn attn_kv(&self, _layer: usize, k: Tensor, v: Tensor, _offset: usize) -> Result<(Tensor, Tensor)> {
         Ok((k, v))
     }
+    /// Positions a method puts before the real tokens (prefix tuning: `p`, as Hugging Face
+    /// counts a prefix in the cache): the real tokens' positions (RoPE, learned positions)
+    /// start after them. Asked of the first block's hooks.
+    fn positions_before(&self) -> usize {
+        0
+    }
     /// `mlp.act`: the MLP's inner activation `[b, t, intermediate]`, before the down projection.
     fn mlp_act(&self, _layer: usize, a: Tensor) -> Result<Tensor> {
         Ok(a)
@@ -273,14 +279,15 @@ impl Decoder {
             return Err(Error::Shape { op: "decoder", msg: format!("hidden states must be [batch, seq, hidden], got {:?}", h.shape()) });
         }
         let t = h.shape()[1];
-        let start = cache.as_ref().map_or(0, |c| c.len());
+        let start = cache.as_ref().map_or(0, |c| c.len()) + self.positions_before();
         // Tables in the weights' dtype: f32 normally, f64 when a test converts the model.
         let dt = h.dtype();
         let rope = match self.config.rope {
             Some(r) => Some(Tensor::rope_tables(start, t, self.config.head_dim, r.theta, dt, h.device())?),
             None => None,
         };
-        let sh = Shared { rope, mask: Mask::causal(start, keep).with_window(self.config.window) };
+        let real_start = cache.as_ref().map_or(0, |c| c.len());
+        let sh = Shared { rope, mask: Mask::causal(real_start, keep).with_window(self.config.window) };
         let mut states = Vec::new();
         let mut h = h;
         for blk in &self.blocks {
@@ -304,6 +311,15 @@ impl Decoder {
             states.push(last.clone());
         }
         Ok(Hidden { last, all: states })
+    }
+
+    /// Positions methods put before the real tokens (see [`BlockHook::positions_before`]);
+    /// 0 inside an adapters-off scope.
+    pub fn positions_before(&self) -> usize {
+        match self.blocks.first() {
+            Some(b) if adapters_enabled() => b.hooks.iter().map(|h| h.positions_before()).sum(),
+            _ => 0,
+        }
     }
 
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {

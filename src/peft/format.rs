@@ -62,7 +62,7 @@ pub fn save(dir: &Path, model: &mut dyn CausalLm, method: Option<&dyn Method>, h
     std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.display().to_string(), msg: e.to_string() })?;
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     if let Some(m) = method {
-        tensors.extend(m.parameters().into_iter().map(|(n, t)| (format!("{PREFIX}{n}"), t.detach())));
+        tensors.extend(m.adapter_tensors()?);
     }
     if let Some(h) = head {
         tensors.extend(h.parameters().into_iter().map(|(n, t)| (format!("{PREFIX}{n}"), t.detach())));
@@ -132,14 +132,9 @@ pub fn load(dir: &Path, model: &mut dyn CausalLm, device: &Device) -> Result<Loa
         None
     };
 
-    let mut keys = Vec::new();
-    for name in file.names() {
-        match name.strip_prefix(PREFIX) {
-            Some("score.weight") => {}
-            Some(k) => keys.push(k.to_string()),
-            None => return Err(format_err(&wpath, format!("tensor '{name}' does not start with '{PREFIX}'"))),
-        }
-    }
+    // PEFT prefixes a module's tensors with `base_model.model.`; prompt-learning methods save
+    // `prompt_embeddings` bare. The methods check the keys they are given.
+    let keys: Vec<String> = file.names().into_iter().filter(|n| *n != head_key).map(|n| n.strip_prefix(PREFIX).unwrap_or(n).to_string()).collect();
     let peft_type = obj.get("peft_type").and_then(Value::as_str).unwrap_or("");
     let Some(reg) = METHODS.iter().find(|r| (r.recognises)(obj)) else {
         return Err(format_err(&cpath, format!("peft_type '{peft_type}' is not one tinytune loads ({})", known_types())));
@@ -155,5 +150,5 @@ pub fn load(dir: &Path, model: &mut dyn CausalLm, device: &Device) -> Result<Loa
 
 /// The `peft_type`s the registry loads, for error messages.
 fn known_types() -> &'static str {
-    "LORA, IA3, BOTTLENECK, or NONE with a classification head"
+    "LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, BOTTLENECK, or NONE with a classification head"
 }

@@ -47,6 +47,12 @@ pub trait Method: Send + Sync + std::fmt::Debug {
     /// The trainable tensors, named by their keys in the adapter file without the
     /// `base_model.model.` prefix (full fine-tuning: checkpoint names).
     fn parameters(&self) -> Vec<(String, Tensor)>;
+    /// The tensors of the adapter file, by their exact keys there. Default: the parameters
+    /// under `base_model.model.`; prompt-learning methods save `prompt_embeddings` as PEFT
+    /// does (unprefixed, and for prefix tuning with a projection, the projection's output).
+    fn adapter_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self.parameters().into_iter().map(|(n, t)| (format!("{}{n}", super::format::PREFIX), t.detach())).collect())
+    }
     /// Training mode (dropout, noise) on or off.
     fn set_training(&self, _on: bool) {}
     /// The micro-batch whose random draws the next forward makes (the trainer counts them).
@@ -81,7 +87,8 @@ pub struct AdapterFiles<'a> {
     pub config: &'a Map<String, Value>,
     /// `adapter_model.safetensors`.
     pub weights: &'a SafetensorsFile,
-    /// Keys of the weights without the `base_model.model.` prefix, except the head's.
+    /// Keys of the weights without the `base_model.model.` prefix (where they have it), except
+    /// the head's.
     pub keys: Vec<String>,
     pub warnings: &'a mut Vec<String>,
 }
@@ -145,13 +152,15 @@ impl AdapterFiles<'_> {
         }
     }
 
-    /// Load the tensor saved under `key` (without the prefix), or an error naming it.
+    /// Load the tensor saved under `key` (with or without the prefix), or an error naming it.
     pub fn tensor(&self, key: &str, device: &Device) -> Result<Tensor> {
         let full = format!("{}{key}", super::format::PREFIX);
-        if !self.weights.contains(&full) {
-            return Err(self.weights_error(format!("missing tensor '{full}'")));
+        for k in [&full, key] {
+            if self.weights.contains(k) {
+                return self.weights.load(k, device);
+            }
         }
-        self.weights.load(&full, device)
+        Err(self.weights_error(format!("missing tensor '{full}'")))
     }
 }
 
@@ -178,6 +187,7 @@ pub const METHODS: &[Registration] = &[
     super::full::FULL,
     super::head::HEAD,
     super::ia3::IA3,
+    super::prefix::PREFIX,
     super::bottleneck::BOTTLENECK,
 ];
 

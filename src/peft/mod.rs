@@ -7,6 +7,7 @@
 //! - [`lora`]: low-rank updates `s·B A` beside frozen linear weights (rsLoRA scaling too);
 //! - [`dora`]: LoRA's direction plus a trainable magnitude per output row;
 //! - [`ia3`]: learned vectors scaling keys, values and the MLP's inner activation;
+//! - [`prefix`]: trainable key/value prefixes in every attention layer;
 //! - [`bottleneck`]: small residual MLPs after the attention and/or MLP sublayers.
 //!
 //! Every method keeps the contract of [`method`] ([`MethodConfig`] to attach, [`Method`] once
@@ -24,12 +25,14 @@ pub mod head;
 pub mod ia3;
 pub mod lora;
 pub mod method;
+pub mod prefix;
 
 pub use bottleneck::{AdapterKind, BottleneckAdapter, BottleneckConfig};
 pub use full::Full;
 pub use head::{ClassifierHead, HeadOnly, Pooling};
 pub use ia3::{Ia3Adapter, Ia3Config};
 pub use lora::{LoraAdapter, LoraConfig, LoraLayer};
+pub use prefix::{PrefixAdapter, PrefixConfig};
 pub use method::{configure, registration, Method, MethodConfig, Settings, METHODS};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -39,7 +39,7 @@ pub struct FinetuneArgs {
     /// Fraction of the training data held out for evaluation when there is no --eval-data [default: 0.1].
     #[arg(long)]
     eval_split: Option<f64>,
-    /// lora, dora, full, head (a classifier head alone), ia3 or adapter (bottleneck) [default: lora].
+    /// lora, dora, full, head (a classifier head alone), ia3, prefix or adapter (bottleneck) [default: lora].
     #[arg(long)]
     method: Option<String>,
     /// LoRA rank [default: 8].
@@ -64,6 +64,16 @@ pub struct FinetuneArgs {
     /// --target-modules) [default with default targets: down_proj / mlp.c_proj].
     #[arg(long, value_delimiter = ',')]
     feedforward_modules: Option<Vec<String>>,
+    /// Prefix tuning: prefix length [default: 20].
+    #[arg(long)]
+    num_virtual_tokens: Option<usize>,
+    /// Prefix tuning: train the prefix through an MLP (hidden --encoder-hidden-size); the saved
+    /// adapter holds its output.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    prefix_projection: Option<bool>,
+    /// Prefix tuning: the projection MLP's hidden width [default: 512].
+    #[arg(long)]
+    encoder_hidden_size: Option<usize>,
     /// Bottleneck adapters: houlsby (after attention and MLP) or pfeiffer (after the MLP) [default: houlsby].
     #[arg(long)]
     adapter_kind: Option<String>,
@@ -176,6 +186,9 @@ impl FinetuneArgs {
             target_modules,
             layers,
             feedforward_modules,
+            num_virtual_tokens,
+            prefix_projection,
+            encoder_hidden_size,
             adapter_kind,
             reduction_factor,
             non_linearity,
@@ -297,6 +310,9 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         .set("target-modules", a.target_modules)
         .set("layers", a.layers.as_deref().map(parse_layers).transpose()?)
         .set("feedforward-modules", a.feedforward_modules)
+        .set("num-virtual-tokens", a.num_virtual_tokens)
+        .set("prefix-projection", a.prefix_projection)
+        .set("encoder-hidden-size", a.encoder_hidden_size)
         .set("adapter-kind", a.adapter_kind)
         .set("reduction-factor", a.reduction_factor)
         .set("non-linearity", a.non_linearity);
