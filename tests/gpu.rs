@@ -714,16 +714,17 @@ fn matmul_with_half_precision_weights() {
 #[test]
 fn site_methods_follow_the_cpu() {
     use tinytune::models::{self, CausalLm};
-    use tinytune::peft::{AdapterKind as Kind, BottleneckConfig, Ia3Config, Method, MethodConfig, PrefixConfig};
+    use tinytune::peft::{AdapterKind as Kind, BottleneckConfig, Ia3Config, Method, MethodConfig, PrefixConfig, PromptConfig};
     let g = gpu_or_skip!();
     let fixture = |name: &str| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
     for base in ["tiny-llama", "tiny-gpt2-f16"] {
-        let configs: [(&str, Box<dyn MethodConfig>, f64); 5] = [
+        let configs: [(&str, Box<dyn MethodConfig>, f64); 6] = [
             ("ia3", Box::new(Ia3Config::default()), 1.0),
             ("houlsby", Box::new(BottleneckConfig { kind: Kind::Houlsby, reduction_factor: 8, ..Default::default() }), 0.0),
             ("pfeiffer", Box::new(BottleneckConfig { kind: Kind::Pfeiffer, reduction_factor: 8, ..Default::default() }), 0.0),
             ("prefix", Box::new(PrefixConfig { num_virtual_tokens: 3, ..Default::default() }), 0.0),
             ("prefix-projection", Box::new(PrefixConfig { num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: 16 }), 0.0),
+            ("prompt", Box::new(PromptConfig { num_virtual_tokens: 3, ..Default::default() }), 0.0),
         ];
         for (name, cfg, mean) in configs {
             let run = |dev: &Device| -> (Vec<f32>, Vec<Vec<f32>>) {

@@ -10,7 +10,7 @@ use tinytune::models::{self, CausalLm};
 use tinytune::nn::{with_adapters_off, BlockHook};
 use tinytune::peft::{
     format, full, head, AdapterKind, BottleneckAdapter, BottleneckConfig, ClassifierHead, Ia3Adapter, Ia3Config, LoraAdapter, LoraConfig, Method,
-    MethodConfig, Pooling, PrefixConfig,
+    MethodConfig, Pooling, PrefixConfig, PromptConfig,
 };
 use tinytune::{CrossEntropyReduction, DType, Device, Rng, Tensor};
 
@@ -496,6 +496,7 @@ fn every_method_saves_and_loads_to_the_same_logits() {
             ("pfeiffer", Box::new(bottleneck(AdapterKind::Pfeiffer)), false),
             ("prefix", Box::new(PrefixConfig { num_virtual_tokens: 3, ..PrefixConfig::default() }), false),
             ("prefix-projection", Box::new(PrefixConfig { num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: 16 }), false),
+            ("prompt", Box::new(PromptConfig { num_virtual_tokens: 3, ..PromptConfig::default() }), false),
             ("lora", Box::new(lora_config(&[if base == "tiny-llama" { "q_proj" } else { "c_attn" }])), false),
         ];
         for (name, cfg, around_one) in configs {
@@ -694,5 +695,85 @@ fn prefix_bad_input_names_the_field() {
     std::fs::write(dir.join("adapter_config.json"), cfg.replace("\"num_layers\": 2", "\"num_layers\": 3")).unwrap();
     let e = format::load(&dir, load("tiny-llama", DType::F32).as_mut(), &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("num_layers") && e.contains("another model"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Prompt tuning initialised from a text's token embeddings is the base model reading that
+/// text first: positions 0..p for the virtual tokens, never padding, and only the real
+/// tokens' logits returned.
+#[test]
+fn prompt_tuning_is_reading_virtual_tokens_first() {
+    use tinytune::models::KvCache;
+    use tinytune::peft::PromptInit;
+    for base in ["tiny-llama", "tiny-gpt2-f16"] {
+        let text = vec![11u32, 12, 13];
+        let mut model = load(base, DType::F32);
+        let cfg = PromptConfig { num_virtual_tokens: 4, init: PromptInit::Text { ids: text.clone(), text: "x".into() } };
+        cfg.attach(model.as_mut(), 0).unwrap();
+        let (ids, keep, _) = batch(&Device::Cpu);
+        let got = model.forward(&ids, Some(&keep)).unwrap();
+        assert_eq!(got.shape(), &[2, 6, model.vocab_size()], "{base}: real tokens only");
+        // The base model on [11 12 13 11 ; ids] with the mask extended by ones.
+        let virt = [11u32, 12, 13, 11];
+        let (iv, kv) = (ids.to_vec::<u32>().unwrap(), keep.to_vec::<f32>().unwrap());
+        let mut long_ids: Vec<u32> = Vec::new();
+        let mut long_keep: Vec<f32> = Vec::new();
+        for r in 0..2 {
+            long_ids.extend(virt.iter().chain(&iv[r * 6..(r + 1) * 6]));
+            long_keep.extend([1f32; 4].iter().chain(&kv[r * 6..(r + 1) * 6]));
+        }
+        let plain = load(base, DType::F32);
+        let want = plain
+            .forward(&Tensor::from_vec(long_ids.clone(), &[2, 10], &Device::Cpu).unwrap(), Some(&Tensor::from_vec(long_keep, &[2, 10], &Device::Cpu).unwrap()))
+            .unwrap()
+            .narrow(1, 4, 6)
+            .unwrap();
+        let (g, w) = (got.to_vec::<f32>().unwrap(), want.to_vec::<f32>().unwrap());
+        let worst = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{base}: prompt tuning vs the text read first: {worst}");
+        // With the KV cache (the first forward adds the virtual tokens).
+        let row: Vec<u32> = iv[..6].to_vec();
+        let full = model.forward(&Tensor::from_vec(row.clone(), &[1, 6], &Device::Cpu).unwrap(), None).unwrap().to_vec::<f32>().unwrap();
+        let mut cache = KvCache::new(model.num_layers());
+        let mut steps = Vec::new();
+        for (a, b) in [(0, 2), (2, 3), (3, 6)] {
+            let step = Tensor::from_vec(row[a..b].to_vec(), &[1, b - a], &Device::Cpu).unwrap();
+            steps.extend(model.forward_cached(&step, None, Some(&mut cache)).unwrap().to_vec::<f32>().unwrap());
+        }
+        assert_eq!(cache.len(), 4 + 6, "{base}: the cache holds the virtual tokens");
+        let worst = steps.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{base}: cached prompt tuning differs by {worst}");
+    }
+}
+
+#[test]
+fn prompt_gradients_match_finite_differences_and_bad_input_is_named() {
+    for base in ["tiny-llama", "tiny-gpt2-f16"] {
+        let mut model = load(base, DType::F64);
+        let m = PromptConfig { num_virtual_tokens: 3, ..PromptConfig::default() }.attach(model.as_mut(), 1).unwrap();
+        lm_loss(model.as_ref()).backward().unwrap();
+        for (name, p) in m.parameters() {
+            check_grad(&format!("{base} {name}"), &p, &|| lm_loss(model.as_ref()).to_scalar().unwrap());
+        }
+        // Removed, the model is the base model again; adapters-off too.
+        let (ids, keep, _) = batch(&Device::Cpu);
+        let keep = keep.to_dtype(DType::F64).unwrap();
+        let plain = load(base, DType::F64).forward(&ids, Some(&keep)).unwrap().to_vec_f64().unwrap();
+        assert_eq!(with_adapters_off(|| model.forward(&ids, Some(&keep))).unwrap().to_vec_f64().unwrap(), plain);
+        m.remove(model.as_mut()).unwrap();
+        assert_eq!(model.forward(&ids, Some(&keep)).unwrap().to_vec_f64().unwrap(), plain);
+    }
+    let mut model = load("tiny-llama", DType::F32);
+    let e = PromptConfig { num_virtual_tokens: 64, ..PromptConfig::default() }.attach(model.as_mut(), 0).unwrap_err().to_string();
+    assert!(e.contains("num_virtual_tokens = 64") && e.contains("context of 64"), "{e}");
+    // A prompt adapter whose table does not fit its config (or the model) names the shapes.
+    let dir = std::env::temp_dir().join(format!("tinytune-prompt-{}", std::process::id()));
+    let m = PromptConfig { num_virtual_tokens: 2, ..PromptConfig::default() }.attach(model.as_mut(), 0).unwrap();
+    format::save(&dir, model.as_mut(), Some(m.as_ref()), None, "tiny-llama").unwrap();
+    let cfg = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+    std::fs::write(dir.join("adapter_config.json"), cfg.replace("\"num_virtual_tokens\": 2", "\"num_virtual_tokens\": 3")).unwrap();
+    let e = format::load(&dir, load("tiny-llama", DType::F32).as_mut(), &Device::Cpu).unwrap_err().to_string();
+    let d = model.hidden_size();
+    assert!(e.contains(&format!("prompt_embeddings has shape [2, {d}], this model needs [3, {d}]")), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }

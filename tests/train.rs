@@ -14,7 +14,7 @@ use serde_json::Value;
 use tinytune::io::{SafetensorsFile, Tokenizer};
 use tinytune::models::{self, CausalLm};
 use tinytune::optim::ScheduleKind;
-use tinytune::peft::{AdapterKind, BottleneckConfig, Full, HeadOnly, Ia3Config, LoraConfig, MethodConfig, PrefixConfig};
+use tinytune::peft::{AdapterKind, BottleneckConfig, Full, HeadOnly, Ia3Config, LoraConfig, MethodConfig, PrefixConfig, PromptConfig};
 use tinytune::train::data::{DataOptions, Dataset};
 use tinytune::train::{self, EvalRecord, Observer, OptimizerKind, Quiet, StepRecord, TrainConfig, TrainReport};
 use tinytune::{CrossEntropyReduction, Device, Error, Tensor};
@@ -374,7 +374,7 @@ fn every_method_lowers_the_loss() {
     let cls = load_data(&write_lines(&dir, "cls.jsonl", &cls_lines(24, 13)));
     let houlsby = BottleneckConfig { reduction_factor: 4, ..BottleneckConfig::default() };
     let pfeiffer = BottleneckConfig { kind: AdapterKind::Pfeiffer, ..houlsby.clone() };
-    let cases: [(&str, Arc<dyn MethodConfig>, &Dataset, &Dataset, f64); 10] = [
+    let cases: [(&str, Arc<dyn MethodConfig>, &Dataset, &Dataset, f64); 11] = [
         ("lora", Arc::new(lora(2, 4.0, 0.0)), &lm, &lm_eval, 2e-2),
         ("dora", Arc::new(LoraConfig { dora: true, ..lora(2, 4.0, 0.0) }), &lm, &lm_eval, 2e-2),
         ("full", Arc::new(Full), &lm, &lm_eval, 5e-3),
@@ -385,6 +385,7 @@ fn every_method_lowers_the_loss() {
         ("pfeiffer", Arc::new(pfeiffer), &lm, &lm_eval, 1e-2),
         ("prefix", Arc::new(PrefixConfig { num_virtual_tokens: 4, ..PrefixConfig::default() }), &lm, &lm_eval, 1e-1),
         ("prefix-projection", Arc::new(PrefixConfig { num_virtual_tokens: 4, prefix_projection: true, encoder_hidden_size: 32 }), &lm, &lm_eval, 1e-2),
+        ("prompt", Arc::new(PromptConfig { num_virtual_tokens: 4, ..PromptConfig::default() }), &lm, &lm_eval, 1e-1),
     ];
     for (name, method, train_set, eval_set, lr) in cases {
         let out = dir.join(name);

@@ -134,19 +134,23 @@ impl Gpt2 {
         }
         let norm = layer_norm(w, "ln_f", d, c.layer_norm_epsilon, dev)?;
         let lm_head = Linear::new("lm_head", wte.weight.clone(), None);
-        Ok(Gpt2 { decoder: Decoder { config: c.block_config(), blocks, norm, checkpointing: false }, config, wte, wpe, lm_head })
+        Ok(Gpt2 { decoder: Decoder { config: c.block_config(), blocks, norm, checkpointing: false, inputs: Vec::new() }, config, wte, wpe, lm_head })
     }
 }
 
 impl CausalLm for Gpt2 {
-    /// Token embeddings plus the learned positions `start..start + t`.
-    fn embed(&self, ids: &Tensor, start: usize) -> Result<Tensor> {
-        let (t, c) = (ids.shape()[1], &self.config);
+    fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        self.wte.forward(ids)
+    }
+
+    /// Plus the learned positions `start..start + t`.
+    fn embed_positions(&self, h: Tensor, start: usize) -> Result<Tensor> {
+        let (t, c) = (h.shape()[1], &self.config);
         if start + t > c.n_positions {
             return Err(Error::Shape { op: "gpt2.forward", msg: format!("position {} exceeds n_positions {}", start + t, c.n_positions) });
         }
-        let pos = Tensor::arange(start as f64, (start + t) as f64, 1.0, crate::DType::U32, ids.device())?;
-        self.wte.forward(ids)?.add(&self.wpe.forward(&pos)?)
+        let pos = Tensor::arange(start as f64, (start + t) as f64, 1.0, crate::DType::U32, h.device())?;
+        h.add(&self.wpe.forward(&pos)?)
     }
 
     fn decoder(&self) -> &Decoder {

@@ -263,20 +263,26 @@ impl Llama {
         } else {
             linear(w, "lm_head", c.vocab_size, d, false, dev)?
         };
-        Ok(Llama { decoder: Decoder { config: bc, blocks, norm, checkpointing: false }, config, embed, lm_head })
+        Ok(Llama { decoder: Decoder { config: bc, blocks, norm, checkpointing: false, inputs: Vec::new() }, config, embed, lm_head })
     }
 }
 
 impl CausalLm for Llama {
-    fn embed(&self, ids: &Tensor, start: usize) -> Result<Tensor> {
-        let t = ids.shape()[1];
+    fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed.forward(ids)
+    }
+
+    /// No learned positions (RoPE rotates inside the blocks); longer than a sliding window is
+    /// refused.
+    fn embed_positions(&self, h: Tensor, start: usize) -> Result<Tensor> {
+        let t = h.shape()[1];
         if let Some(w) = self.config.sliding_window.filter(|&w| start + t > w) {
             return Err(Error::Shape {
                 op: "llama.forward",
                 msg: format!("{} positions exceed the sliding window of {w}; sliding-window attention is not implemented", start + t),
             });
         }
-        self.embed.forward(ids)
+        Ok(h)
     }
 
     fn decoder(&self) -> &Decoder {

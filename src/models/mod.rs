@@ -33,7 +33,8 @@ pub trait CausalLm: Send + Sync {
     }
     /// Like `forward`, continuing from the keys and values in `cache` (positions start at
     /// `cache.len()`) and appending this step's to it. With a cache, `keep` covers the cached
-    /// positions and the new ones: `[batch, cache.len() + seq]`.
+    /// positions and the new ones: `[batch, cache.len() + seq]` (with prompt tuning the cache
+    /// holds the virtual tokens too: the first forward adds them).
     fn forward_cached(&self, ids: &Tensor, keep: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
         self.lm_head().forward(&self.hidden_states(ids, keep, cache)?)
     }
@@ -53,12 +54,39 @@ pub trait CausalLm: Send + Sync {
             });
         }
         // The first position: after the cached ones and any a method puts first (a prefix).
-        let start = cache.as_ref().map_or(0, |c| c.len()) + self.decoder().positions_before();
-        self.decoder().forward(self.embed(ids, start)?, keep, cache, all)
+        let cached = cache.as_ref().map_or(0, |c| c.len());
+        let start = cached + self.decoder().positions_before();
+        let prompt = if cached == 0 { self.decoder().virtual_tokens()? } else { None };
+        let Some(prompt) = prompt else {
+            return self.decoder().forward(self.embed(ids, start)?, keep, cache, all);
+        };
+        // Prompt tuning: virtual tokens first (never padding), then only the real tokens' states.
+        let (b, t, p) = (ids.shape()[0], ids.shape()[1], prompt.shape()[0]);
+        let tokens = self.embed_tokens(ids)?;
+        let d = tokens.shape()[2];
+        let prompt = prompt.to_dtype(tokens.dtype())?.unsqueeze(0)?.broadcast_to(&[b, p, d])?;
+        let h = self.embed_positions(Tensor::concat(&[&prompt, &tokens], 1)?, start)?;
+        let keep = match keep {
+            Some(k) => Some(Tensor::concat(&[&Tensor::ones(&[b, p], k.dtype(), k.device())?, k], 1)?),
+            None => None,
+        };
+        let mut out = self.decoder().forward(h, keep.as_ref(), cache, all)?;
+        out.last = out.last.narrow(1, p, t)?;
+        for h in &mut out.all {
+            *h = h.narrow(1, p, t)?;
+        }
+        Ok(out)
     }
-    /// The embedded input `h₀: [batch, seq, hidden]` of `ids` whose first position is `start`
-    /// (token embeddings, plus learned positions where the family has them).
-    fn embed(&self, ids: &Tensor, start: usize) -> Result<Tensor>;
+    /// The embedded input `h₀: [batch, seq, hidden]` of `ids` whose first position is `start`:
+    /// [`CausalLm::embed_tokens`] then [`CausalLm::embed_positions`].
+    fn embed(&self, ids: &Tensor, start: usize) -> Result<Tensor> {
+        self.embed_positions(self.embed_tokens(ids)?, start)
+    }
+    /// The token embeddings `[batch, seq, hidden]`.
+    fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor>;
+    /// Add what a family adds for positions `start..` (GPT-2's learned positions; LLaMA rotates
+    /// inside the blocks instead) to embedded inputs `h: [batch, seq, hidden]`.
+    fn embed_positions(&self, h: Tensor, start: usize) -> Result<Tensor>;
     /// The blocks and the final norm.
     fn decoder(&self) -> &Decoder;
     fn decoder_mut(&mut self) -> &mut Decoder;

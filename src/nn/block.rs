@@ -142,6 +142,15 @@ pub trait BlockHook: Send + Sync + std::fmt::Debug {
     fn as_any(&self) -> &dyn std::any::Any;
 }
 
+/// A method at the model's input (prompt tuning): virtual-token embeddings `[p, hidden]`
+/// put before the embedded tokens on a fresh forward (not when continuing from a cache, which
+/// already holds them). They take positions `0..p` and are never padding; the model returns
+/// the hidden states of the real tokens only.
+pub trait InputHook: Send + Sync + std::fmt::Debug {
+    fn virtual_tokens(&self) -> Result<Tensor>;
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
 /// One transformer block: pre-norm attention and MLP sublayers with residual adds.
 #[derive(Debug, Clone)]
 pub struct DecoderBlock {
@@ -268,6 +277,8 @@ pub struct Decoder {
     pub norm: Norm,
     /// Recompute each block in backward instead of keeping its activations.
     pub checkpointing: bool,
+    /// Methods at the input (see [`InputHook`]).
+    pub inputs: Vec<Arc<dyn InputHook>>,
 }
 
 impl Decoder {
@@ -311,6 +322,16 @@ impl Decoder {
             states.push(last.clone());
         }
         Ok(Hidden { last, all: states })
+    }
+
+    /// The virtual tokens `[p, hidden]` the input hooks put first (`None`: none, or inside an
+    /// adapters-off scope).
+    pub fn virtual_tokens(&self) -> Result<Option<Tensor>> {
+        if !adapters_enabled() || self.inputs.is_empty() {
+            return Ok(None);
+        }
+        let parts = self.inputs.iter().map(|h| h.virtual_tokens()).collect::<Result<Vec<_>>>()?;
+        Ok(Some(Tensor::concat(&parts.iter().collect::<Vec<_>>(), 0)?))
     }
 
     /// Positions methods put before the real tokens (see [`BlockHook::positions_before`]);

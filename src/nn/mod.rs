@@ -7,13 +7,14 @@
 //!   (compute the output from the base layer and the input) or after (transform the output);
 //! - `attn.kv`, `mlp.act`, `attn.out`, `mlp.out`, `block.out` ([`BlockHook`], at every
 //!   [`DecoderBlock`]);
+//! - `input` ([`InputHook`], at the [`Decoder`]): virtual tokens before the embedded input;
 //! - the adapters-off scope ([`adapters_off`]): inside it every site runs the base model.
 
 pub mod attention;
 pub mod block;
 
 pub use attention::{attention, attention_reference, repeat_kv, Mask};
-pub use block::{Activation, BlockConfig, BlockHook, Decoder, DecoderBlock, Hidden, KvCache, Mlp, Qkv, Rope, SelfAttention};
+pub use block::{Activation, BlockConfig, BlockHook, Decoder, DecoderBlock, Hidden, InputHook, KvCache, Mlp, Qkv, Rope, SelfAttention};
 
 use std::cell::Cell;
 use std::sync::Arc;

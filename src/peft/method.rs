@@ -188,6 +188,7 @@ pub const METHODS: &[Registration] = &[
     super::head::HEAD,
     super::ia3::IA3,
     super::prefix::PREFIX,
+    super::prompt::PROMPT,
     super::bottleneck::BOTTLENECK,
 ];
 

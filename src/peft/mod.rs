@@ -8,6 +8,7 @@
 //! - [`dora`]: LoRA's direction plus a trainable magnitude per output row;
 //! - [`ia3`]: learned vectors scaling keys, values and the MLP's inner activation;
 //! - [`prefix`]: trainable key/value prefixes in every attention layer;
+//! - [`prompt`]: trainable virtual-token embeddings before the input;
 //! - [`bottleneck`]: small residual MLPs after the attention and/or MLP sublayers.
 //!
 //! Every method keeps the contract of [`method`] ([`MethodConfig`] to attach, [`Method`] once
@@ -26,6 +27,7 @@ pub mod ia3;
 pub mod lora;
 pub mod method;
 pub mod prefix;
+pub mod prompt;
 
 pub use bottleneck::{AdapterKind, BottleneckAdapter, BottleneckConfig};
 pub use full::Full;
@@ -33,6 +35,7 @@ pub use head::{ClassifierHead, HeadOnly, Pooling};
 pub use ia3::{Ia3Adapter, Ia3Config};
 pub use lora::{LoraAdapter, LoraConfig, LoraLayer};
 pub use prefix::{PrefixAdapter, PrefixConfig};
+pub use prompt::{PromptAdapter, PromptConfig, PromptInit};
 pub use method::{configure, registration, Method, MethodConfig, Settings, METHODS};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

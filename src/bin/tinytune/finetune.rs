@@ -39,7 +39,7 @@ pub struct FinetuneArgs {
     /// Fraction of the training data held out for evaluation when there is no --eval-data [default: 0.1].
     #[arg(long)]
     eval_split: Option<f64>,
-    /// lora, dora, full, head (a classifier head alone), ia3, prefix or adapter (bottleneck) [default: lora].
+    /// lora, dora, full, head (a classifier head alone), ia3, prefix, prompt or adapter (bottleneck) [default: lora].
     #[arg(long)]
     method: Option<String>,
     /// LoRA rank [default: 8].
@@ -64,9 +64,16 @@ pub struct FinetuneArgs {
     /// --target-modules) [default with default targets: down_proj / mlp.c_proj].
     #[arg(long, value_delimiter = ',')]
     feedforward_modules: Option<Vec<String>>,
-    /// Prefix tuning: prefix length [default: 20].
+    /// Prefix and prompt tuning: the number of virtual tokens [default: 20].
     #[arg(long)]
     num_virtual_tokens: Option<usize>,
+    /// Prompt tuning: random, text (the embeddings of --prompt-init-text) or vocab (of random
+    /// vocabulary tokens) [default: random, or text when a text is given].
+    #[arg(long)]
+    prompt_init: Option<String>,
+    /// Prompt tuning: the text whose token embeddings start the virtual tokens (repeated to fill them).
+    #[arg(long)]
+    prompt_init_text: Option<String>,
     /// Prefix tuning: train the prefix through an MLP (hidden --encoder-hidden-size); the saved
     /// adapter holds its output.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -187,6 +194,8 @@ impl FinetuneArgs {
             layers,
             feedforward_modules,
             num_virtual_tokens,
+            prompt_init,
+            prompt_init_text,
             prefix_projection,
             encoder_hidden_size,
             adapter_kind,
@@ -299,6 +308,15 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         |v: Option<PathBuf>, flag: &str| v.ok_or_else(|| Error::InvalidArgument { op: "finetune", msg: format!("--{flag} is required") });
     let model_path = need(a.model, "model")?;
     let data_path = need(a.data, "data")?;
+    let clip = match a.clip {
+        None => Some(1.0),
+        Some(0.0) => None,
+        Some(c) if c > 0.0 && c.is_finite() => Some(c),
+        Some(c) => return Err(Error::InvalidArgument { op: "--clip", msg: format!("must be positive (or 0 for no clipping), got {c}") }),
+    };
+    let device = super::device_from(a.device.as_deref())?;
+    let mut model = models::load(&model_path, &device)?;
+    let tok = Tokenizer::for_model(&model_path)?;
     let method_name = a.method.as_deref().unwrap_or("lora");
     // The method's own settings, by flag name; the method says which it reads.
     let mut settings = Settings::new();
@@ -311,21 +329,15 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         .set("layers", a.layers.as_deref().map(parse_layers).transpose()?)
         .set("feedforward-modules", a.feedforward_modules)
         .set("num-virtual-tokens", a.num_virtual_tokens)
+        .set("prompt-init", a.prompt_init)
+        .set("prompt-init-ids", a.prompt_init_text.as_deref().map(|t| tok.encode(t, false)).transpose()?)
+        .set("prompt-init-text", a.prompt_init_text)
         .set("prefix-projection", a.prefix_projection)
         .set("encoder-hidden-size", a.encoder_hidden_size)
         .set("adapter-kind", a.adapter_kind)
         .set("reduction-factor", a.reduction_factor)
         .set("non-linearity", a.non_linearity);
     let method = peft::configure(method_name, &settings)?;
-    let clip = match a.clip {
-        None => Some(1.0),
-        Some(0.0) => None,
-        Some(c) if c > 0.0 && c.is_finite() => Some(c),
-        Some(c) => return Err(Error::InvalidArgument { op: "--clip", msg: format!("must be positive (or 0 for no clipping), got {c}") }),
-    };
-    let device = super::device_from(a.device.as_deref())?;
-    let mut model = models::load(&model_path, &device)?;
-    let tok = Tokenizer::for_model(&model_path)?;
     let seed = a.seed.unwrap_or(0);
     // Without --seq-len, examples are cut to fit the model (an explicit longer one is an error
     // naming the line).
