@@ -427,8 +427,8 @@ fn finetune_checks_its_options() {
     assert!(!ok && err.contains("line 2") && err.contains("context of 64"), "{err}");
     let (ok, _, err) = with(&["--clip=-1"]);
     assert!(!ok && err.contains("--clip") && err.contains("-1"), "{err}");
-    let (ok, _, err) = with(&["--method", "prefix"]);
-    assert!(!ok && err.contains("unknown method 'prefix'"), "{err}");
+    let (ok, _, err) = with(&["--method", "prefix-tuning"]);
+    assert!(!ok && err.contains("unknown method 'prefix-tuning'") && err.contains("lora, dora, full, head, ia3, prefix, prompt, adapter"), "{err}");
     let (ok, _, err) = with(&["--target-modules", "attn"]);
     assert!(!ok && err.contains("'attn'") && err.contains("q_proj"), "{err}");
     let (ok, _, err) = tinytune(&["finetune", "--model", path_str(&model)]);
