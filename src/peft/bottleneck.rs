@@ -184,7 +184,7 @@ impl BottleneckAdapter {
         }
         let mut rng = Rng::new(super::mix(seed, 0xADA9_7E25));
         let dev = model.lm_head().weight.device().clone();
-        let dt = adapter_dtype(&model.lm_head().weight);
+        let dt = super::trainable_dtype(model.lm_head().weight.dtype());
         let mut weights = HashMap::new();
         for blk in &model.decoder_mut().blocks {
             if !config.layers.as_ref().is_none_or(|l| l.contains(&blk.index)) {
@@ -259,14 +259,6 @@ impl BottleneckAdapter {
             return Err(Error::InvalidArgument { op: "bottleneck", msg: "no block to adapt".into() });
         }
         Ok(BottleneckAdapter { config, size: m, blocks })
-    }
-}
-
-fn adapter_dtype(w: &Tensor) -> crate::DType {
-    if w.dtype().is_compute() {
-        w.dtype()
-    } else {
-        crate::nn::COMPUTE
     }
 }
 

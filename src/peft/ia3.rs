@@ -104,7 +104,7 @@ impl Ia3Adapter {
         for lin in model.linears_mut().into_iter().filter(|l| sites.contains(&l.name)) {
             let is_ff = ff.contains(&lin.name);
             let shape = if is_ff { [1, lin.in_features()] } else { [lin.out_features(), 1] };
-            ones.insert(lin.name.clone(), Tensor::ones(&shape, vector_dtype(&lin.weight), lin.weight.device())?);
+            ones.insert(lin.name.clone(), Tensor::ones(&shape, super::trainable_dtype(lin.weight.dtype()), lin.weight.device())?);
         }
         Self::install(model, Ia3Config { targets, feedforward, ..config }, ones, &ff)
     }
@@ -131,7 +131,7 @@ impl Ia3Adapter {
                     ),
                 });
             }
-            let l = l.to_dtype(vector_dtype(&lin.weight))?.to_device(lin.weight.device())?.contiguous()?.requires_grad()?;
+            let l = l.to_dtype(super::trainable_dtype(lin.weight.dtype()))?.to_device(lin.weight.device())?.contiguous()?.requires_grad()?;
             let layer = Arc::new(Ia3Layer { site: lin.name.clone(), l, feedforward });
             lin.attach(layer.clone())?;
             layers.push(layer);
@@ -174,14 +174,6 @@ fn scale(lin: &mut Linear, layer: &Ia3Layer, inverse: bool) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn vector_dtype(w: &Tensor) -> crate::DType {
-    if w.dtype().is_compute() {
-        w.dtype()
-    } else {
-        crate::nn::COMPUTE
-    }
 }
 
 impl MethodConfig for Ia3Config {

@@ -21,7 +21,7 @@ use super::{dora, select_sites, DropoutState};
 use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::models::CausalLm;
-use crate::nn::{Linear, LinearAdapter, LinearSite, COMPUTE};
+use crate::nn::{Linear, LinearAdapter, LinearSite};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
@@ -168,7 +168,7 @@ impl LoraAdapter {
             let dev = lin.weight.device().clone();
             let (out, inp) = (lin.out_features(), lin.in_features());
             let bound = 1.0 / (inp as f64).sqrt();
-            let dt = adapter_dtype(&lin.weight);
+            let dt = super::trainable_dtype(lin.weight.dtype());
             let a = Tensor::rand_uniform(&[config.r, inp], -bound, bound, dt, &dev, &mut init_rng)?;
             let b = Tensor::zeros(&[out, config.r], dt, &dev)?;
             let magnitude = if config.dora { Some(dora::row_norms(&lin.weight)?) } else { None };
@@ -198,7 +198,7 @@ impl LoraAdapter {
                         msg: format!("{}.{what} has shape {:?}, expected {:?}", lin.name, t.shape(), shape),
                     });
                 }
-                t.to_dtype(adapter_dtype(&lin.weight))?.to_device(device)?.contiguous()
+                t.to_dtype(super::trainable_dtype(lin.weight.dtype()))?.to_device(device)?.contiguous()
             };
             let a = want(a, &[config.r, inp], "lora_A.weight")?;
             let b = want(b, &[out, config.r], "lora_B.weight")?;
@@ -327,16 +327,6 @@ impl LoraAdapter {
 #[derive(Debug)]
 pub struct Merged {
     norms: Vec<Option<Tensor>>,
-}
-
-/// Adapters compute in the base weight's dtype when it is a compute dtype (f64 in gradient
-/// checks), else in f32 (f16/bf16 frozen weights).
-fn adapter_dtype(w: &Tensor) -> crate::DType {
-    if w.dtype().is_compute() {
-        w.dtype()
-    } else {
-        COMPUTE
-    }
 }
 
 /// Take `layer` (this adapter's, not another method's) off `lin`.

@@ -80,6 +80,16 @@ impl DropoutState {
     }
 }
 
+/// The dtype a method trains its tensors in beside a frozen weight of dtype `w`: the weight's
+/// own when it is a compute dtype (f64 in gradient checks), else f32 (f16/bf16 frozen weights).
+pub(crate) fn trainable_dtype(w: crate::DType) -> crate::DType {
+    if w.is_compute() {
+        w
+    } else {
+        crate::nn::COMPUTE
+    }
+}
+
 /// SplitMix64 finaliser of `seed + site·golden`: well-separated seeds per site.
 pub(crate) fn mix(seed: u64, site: u64) -> u64 {
     let mut z = seed.wrapping_add(site.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));

@@ -119,7 +119,7 @@ impl PrefixAdapter {
         let (layers, kv_heads, head_dim, hidden, _) = shape_of(model);
         let width = layers * 2 * kv_heads * head_dim;
         let dev = model.lm_head().weight.device().clone();
-        let dt = dtype_of(model);
+        let dt = super::trainable_dtype(model.lm_head().weight.dtype());
         let mut rng = Rng::new(super::mix(seed, 0x9AEF_1C5E));
         let p = config.num_virtual_tokens;
         let source = if config.prefix_projection {
@@ -174,15 +174,6 @@ impl PrefixAdapter {
             blk.hooks.push(hook.clone());
         }
         Ok(PrefixAdapter { config, hook, hidden, heads })
-    }
-}
-
-fn dtype_of(model: &dyn CausalLm) -> crate::DType {
-    let dt = model.lm_head().weight.dtype();
-    if dt.is_compute() {
-        dt
-    } else {
-        crate::nn::COMPUTE
     }
 }
 
@@ -307,7 +298,7 @@ fn load(model: &mut dyn CausalLm, files: &mut AdapterFiles, device: &Device) -> 
         prefix_projection: false,
         encoder_hidden_size: files.usize("encoder_hidden_size")?.unwrap_or(512),
     };
-    let table = table.to_dtype(dtype_of(model))?;
+    let table = table.to_dtype(super::trainable_dtype(model.lm_head().weight.dtype()))?;
     let adapter = PrefixAdapter::install(model, config, Source::Plain(table)).map_err(|e| files.weights_error(e.to_string()))?;
     Ok(Box::new(adapter))
 }

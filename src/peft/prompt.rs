@@ -75,7 +75,7 @@ impl PromptAdapter {
     pub fn attach(model: &mut dyn CausalLm, config: PromptConfig, seed: u64) -> Result<PromptAdapter> {
         let (p, d) = (config.num_virtual_tokens, model.hidden_size());
         let table = model.embed_tokens(&Tensor::from_vec(vec![0u32], &[1, 1], model.lm_head().weight.device())?)?;
-        let (dt, dev) = (compute_dtype(table.dtype()), table.device().clone());
+        let (dt, dev) = (super::trainable_dtype(table.dtype()), table.device().clone());
         let mut rng = Rng::new(super::mix(seed, 0x9A0E_717E));
         let ids = |ids: Vec<u32>| -> Result<Tensor> {
             let t = Tensor::from_vec(ids, &[1, p], &dev)?;
@@ -122,14 +122,6 @@ impl PromptAdapter {
         model.decoder_mut().inputs.push(hook.clone());
         let (layers, heads) = (model.num_layers(), model.decoder().config.heads);
         Ok(PromptAdapter { config, hook, layers, heads })
-    }
-}
-
-fn compute_dtype(dt: crate::DType) -> crate::DType {
-    if dt.is_compute() {
-        dt
-    } else {
-        crate::nn::COMPUTE
     }
 }
 
@@ -252,7 +244,7 @@ fn load(model: &mut dyn CausalLm, files: &mut AdapterFiles, device: &Device) -> 
     }
     let table = files.tensor("prompt_embeddings", device)?;
     let p = files.usize("num_virtual_tokens")?.unwrap_or(table.shape().first().copied().unwrap_or(0));
-    let table = table.to_dtype(compute_dtype(model.lm_head().weight.dtype()))?;
+    let table = table.to_dtype(super::trainable_dtype(model.lm_head().weight.dtype()))?;
     let adapter = PromptAdapter::install(model, PromptConfig { num_virtual_tokens: p, init: PromptInit::Random }, table)
         .map_err(|e| files.weights_error(e.to_string()))?;
     Ok(Box::new(adapter))
