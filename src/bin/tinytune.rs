@@ -287,7 +287,7 @@ fn run(cli: Cli) -> Result<()> {
                 let opts = DataOptions { seq_len: max_len, context: model.max_positions(), ..DataOptions::default() };
                 let ds = Dataset::load(path, &tok, &opts)?;
                 ds.check_labels(head.num_classes())?;
-                let r = train::evaluate(model.as_ref(), Some(&head), &ds, batch_size, &device, 0)?;
+                let r = train::evaluate(model.as_ref(), &train::Classification { head }, &ds, batch_size, &device, 0)?;
                 let acc = r.accuracy.unwrap_or(0.0);
                 if common.json {
                     println!("{}", json!({ "accuracy": acc, "mean_loss": r.loss, "examples": r.examples }));

@@ -88,13 +88,24 @@ pub fn save(dir: &Path, model: &mut dyn CausalLm, method: Option<&dyn Method>, h
 }
 
 /// `target_modules` (and `layers_to_transform`) as PEFT writes them for `sites`: a list of
-/// module names when that (with `layers`) selects exactly these sites, otherwise a regex of
-/// the full paths (PEFT full-matches a string).
+/// module names when that (with `layers`) selects exactly these sites — each the shortest
+/// dotted suffix that picks no other module (`c_attn`, but `mlp.c_proj` beside GPT-2's
+/// `attn.c_proj`) — otherwise a regex of the full paths (PEFT full-matches a string).
 pub(crate) fn target_modules(model: &mut dyn CausalLm, sites: &[String], layers: Option<&[usize]>) -> (Value, Value) {
-    let mut names: Vec<String> = sites.iter().map(|s| s.rsplit('.').next().unwrap_or(s).to_string()).collect();
+    let all = super::lora::linear_sites(model);
+    let in_layers = |s: &String| layers.is_none_or(|l| super::layer_of(s).is_some_and(|i| l.contains(&i)));
+    let suffix = |s: &str, k: usize| s.rsplitn(k + 1, '.').take(k).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(".");
+    let mut names: Vec<String> = sites
+        .iter()
+        .map(|s| {
+            (1..=3)
+                .map(|k| suffix(s, k))
+                .find(|n| all.iter().filter(|a| in_layers(a) && (*a == n || a.ends_with(&format!(".{n}")))).all(|a| sites.contains(a)))
+                .unwrap_or_else(|| s.clone())
+        })
+        .collect();
     names.sort();
     names.dedup();
-    let all = super::lora::linear_sites(model);
     if select_sites(&all, &names, layers).is_ok_and(|s| s == sites) {
         (json!(names), json!(layers))
     } else {

@@ -102,21 +102,19 @@ impl BlockHook for PrefixHook {
 pub struct PrefixAdapter {
     pub config: PrefixConfig,
     pub hook: Arc<PrefixHook>,
-    hidden: usize,
-    heads: usize,
 }
 
-/// `(layers, kv_heads, head_dim, hidden, heads)` of `model`.
-fn shape_of(model: &dyn CausalLm) -> (usize, usize, usize, usize, usize) {
+/// `(layers, kv_heads, head_dim, hidden)` of `model`.
+fn shape_of(model: &dyn CausalLm) -> (usize, usize, usize, usize) {
     let c = &model.decoder().config;
-    (model.num_layers(), c.kv_heads, c.head_dim, model.hidden_size(), c.heads)
+    (model.num_layers(), c.kv_heads, c.head_dim, model.hidden_size())
 }
 
 impl PrefixAdapter {
     /// Attach a fresh prefix: `prompt_embeddings ~ N(0, 1)` (PEFT's `nn.Embedding` init), or
     /// with a projection `E ~ N(0, 1)` and the MLP's linears as `nn.Linear`'s default.
     pub fn attach(model: &mut dyn CausalLm, config: PrefixConfig, seed: u64) -> Result<PrefixAdapter> {
-        let (layers, kv_heads, head_dim, hidden, _) = shape_of(model);
+        let (layers, kv_heads, head_dim, hidden) = shape_of(model);
         let width = layers * 2 * kv_heads * head_dim;
         let dev = model.lm_head().weight.device().clone();
         let dt = super::trainable_dtype(model.lm_head().weight.dtype());
@@ -141,7 +139,7 @@ impl PrefixAdapter {
     }
 
     fn install(model: &mut dyn CausalLm, config: PrefixConfig, source: Source) -> Result<PrefixAdapter> {
-        let (layers, kv_heads, head_dim, hidden, heads) = shape_of(model);
+        let (layers, kv_heads, head_dim, _) = shape_of(model);
         let p = config.num_virtual_tokens;
         if p == 0 {
             return Err(Error::InvalidArgument { op: "prefix tuning", msg: "num_virtual_tokens must be at least 1".into() });
@@ -173,7 +171,7 @@ impl PrefixAdapter {
         for blk in model.decoder_mut().blocks.iter_mut() {
             blk.hooks.push(hook.clone());
         }
-        Ok(PrefixAdapter { config, hook, hidden, heads })
+        Ok(PrefixAdapter { config, hook })
     }
 }
 
@@ -229,9 +227,10 @@ impl Method for PrefixAdapter {
         json!({
             "peft_type": "PREFIX_TUNING",
             "num_virtual_tokens": self.config.num_virtual_tokens,
-            "token_dim": self.hidden,
+            // As PEFT writes them for a grouped-query model: the key/value width and heads.
+            "token_dim": self.hook.kv_heads * self.hook.head_dim,
             "num_transformer_submodules": 1,
-            "num_attention_heads": self.heads,
+            "num_attention_heads": self.hook.kv_heads,
             "num_layers": self.hook.layers,
             "encoder_hidden_size": self.config.encoder_hidden_size,
             "prefix_projection": self.config.prefix_projection,
@@ -274,10 +273,10 @@ pub const PREFIX: Registration = Registration {
 fn load(model: &mut dyn CausalLm, files: &mut AdapterFiles, device: &Device) -> Result<Box<dyn Method>> {
     files.check_keys(
         &["num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers", "encoder_hidden_size", "prefix_projection"],
-        &[],
+        &["init_weights"],
     );
-    let (layers, _, _, hidden, _) = shape_of(model);
-    for (field, want) in [("num_layers", layers), ("token_dim", hidden)] {
+    let (layers, kv_heads, head_dim, _) = shape_of(model);
+    for (field, want) in [("num_layers", layers), ("token_dim", kv_heads * head_dim)] {
         if let Some(got) = files.usize(field)? {
             if got != want {
                 return Err(files.config_error(format!("field '{field}' = {got}, but the model has {want}: the adapter was made for another model")));

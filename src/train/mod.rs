@@ -1,9 +1,11 @@
 //! Training: data, the trainer loop, checkpoints and metrics.
 
 pub mod data;
+pub mod objective;
 pub mod plot;
 pub mod trainer;
 
+pub use objective::{BatchLoss, Classification, LanguageModelling, Objective};
 pub use trainer::{
     attach, evaluate, train, Attached, EvalRecord, Observer, OptimizerKind, Quiet, StepRecord, TrainConfig, TrainReport,
 };

@@ -23,7 +23,8 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::data::{Batch, DataKind, Dataset};
+use super::data::{DataKind, Dataset};
+use super::objective::{Classification, LanguageModelling, Objective};
 use super::plot;
 use crate::autograd::with_no_grad;
 use crate::backend::Device;
@@ -31,9 +32,9 @@ use crate::error::{Error, Result};
 use crate::io::safetensors::SafetensorsFile;
 use crate::models::CausalLm;
 use crate::optim::{clip_grad_norm, grad_norm, AdamW, Optimizer, ParamGroup, Schedule, ScheduleKind, Sgd, SgdConfig};
-use crate::peft::{format, head, ClassifierHead, LoraConfig, Method, MethodConfig, Pooling};
+use crate::peft::{format, ClassifierHead, LoraConfig, Method, MethodConfig, Pooling};
 use crate::rng::Rng;
-use crate::tensor::{CrossEntropyReduction, Tensor};
+use crate::tensor::Tensor;
 
 /// Which optimizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,16 +261,18 @@ pub struct TrainReport {
     pub interrupted: bool,
 }
 
-/// The method attached to a model, the classification head, and their trainable tensors.
+/// The method attached to a model, the objective (with its classification head), and their
+/// trainable tensors.
 pub struct Attached {
     pub method: Box<dyn Method>,
-    pub head: Option<ClassifierHead>,
+    pub objective: Box<dyn Objective>,
     /// Every trainable tensor by name (adapter keys without the PEFT prefix, `score.weight`,
     /// or checkpoint names for full fine-tuning).
     pub params: Vec<(String, Tensor)>,
 }
 
-/// Attach `cfg.method` to `model` (and a new head when the data is labelled).
+/// Attach `cfg.method` to `model`; the objective follows the data (labelled: classification
+/// with a new head; otherwise language modelling).
 pub fn attach(
     model: &mut dyn CausalLm,
     cfg: &TrainConfig,
@@ -284,65 +287,39 @@ pub fn attach(
         });
     }
     let method = cfg.method.attach(model, cfg.seed)?;
-    let mut params = method.parameters();
-    let head = match kind {
+    let objective: Box<dyn Objective> = match kind {
         DataKind::Classification => {
             let n = cfg.num_classes.or(num_classes).unwrap_or(2);
             let h = ClassifierHead::new(model.hidden_size(), n, cfg.pooling, &mut Rng::new(crate::peft::mix(cfg.seed, 0xC1A55)), device)?;
-            params.extend(h.parameters());
-            Some(h)
+            Box::new(Classification { head: h })
         }
-        DataKind::Lm => None,
+        DataKind::Lm => Box::new(LanguageModelling),
     };
+    let mut params = method.parameters();
+    params.extend(objective.parameters());
     model.set_gradient_checkpointing(cfg.gradient_checkpointing);
-    Ok(Attached { method, head, params })
+    Ok(Attached { method, objective, params })
 }
 
-/// The loss of one batch, summed (not averaged) over its targets, and, when `count_correct`
-/// (evaluation), the batch's correct-prediction count for classification.
-fn batch_loss_sum(model: &dyn CausalLm, head: Option<&ClassifierHead>, b: &Batch, count_correct: bool) -> Result<(Tensor, Option<usize>)> {
-    match (head, &b.labels) {
-        (Some(h), Some(labels)) => {
-            let logits = h.forward(&model.hidden_states(&b.ids, b.keep.as_ref(), None)?, b.keep.as_ref())?;
-            let correct = if count_correct { Some(head::correct(&logits, labels)?) } else { None };
-            Ok((logits.cross_entropy(labels, -100, CrossEntropyReduction::Sum)?, correct))
-        }
-        (None, None) => Ok((model.forward(&b.ids, b.keep.as_ref())?.cross_entropy(&b.targets, -100, CrossEntropyReduction::Sum)?, None)),
-        _ => Err(Error::InvalidArgument {
-            op: "finetune",
-            msg: "labelled data needs a classification head (and the other way round)".into(),
-        }),
-    }
-}
-
-/// Mean loss (and accuracy) of `model` on `data`, without gradients or dropout.
-pub fn evaluate(
-    model: &dyn CausalLm,
-    head: Option<&ClassifierHead>,
-    data: &Dataset,
-    batch_size: usize,
-    device: &Device,
-    step: u64,
-) -> Result<EvalRecord> {
+/// Mean loss (and accuracy) of `model` on `data` under `objective`, without gradients or
+/// dropout.
+pub fn evaluate(model: &dyn CausalLm, objective: &dyn Objective, data: &Dataset, batch_size: usize, device: &Device, step: u64) -> Result<EvalRecord> {
     with_no_grad(|| {
-        let (mut total, mut count, mut correct) = (0.0, 0usize, 0usize);
+        let (mut total, mut count, mut correct) = (0.0, 0usize, None::<usize>);
         let order: Vec<usize> = (0..data.len()).collect();
         for chunk in order.chunks(batch_size.max(1)) {
             let b = data.batch(chunk, device)?;
-            let (loss, c) = batch_loss_sum(model, head, &b, true)?;
-            total += loss.to_scalar()?;
-            count += if head.is_some() { chunk.len() } else { b.n_target_tokens };
-            correct += c.unwrap_or(0);
+            let loss = objective.batch_loss(model, &b, true)?;
+            total += loss.sum.to_scalar()?;
+            count += objective.units(&b);
+            if let Some(c) = loss.correct {
+                correct = Some(correct.unwrap_or(0) + c);
+            }
         }
         if count == 0 {
             return Err(Error::InvalidArgument { op: "evaluate", msg: format!("{}: no targets to evaluate", data.path()) });
         }
-        Ok(EvalRecord {
-            step,
-            loss: total / count as f64,
-            accuracy: head.map(|_| correct as f64 / data.len() as f64),
-            examples: data.len(),
-        })
+        Ok(EvalRecord { step, loss: total / count as f64, accuracy: correct.map(|c| c as f64 / data.len() as f64), examples: data.len() })
     })
 }
 
@@ -522,7 +499,8 @@ pub fn train(
     let schedule = Schedule::new(cfg.schedule, cfg.warmup_steps, total)?;
     let fingerprint = cfg.fingerprint(train, total, &model_id);
     std::fs::create_dir_all(&cfg.out).map_err(|e| io_err(&cfg.out, e))?;
-    let head = att.head.as_ref();
+    let objective = att.objective.as_ref();
+    let head = objective.head();
     let set_training = |on: bool| att.method.set_training(on);
 
     let mut st = if cfg.resume {
@@ -541,7 +519,7 @@ pub fn train(
     if st.before.is_none() {
         if let Some(e) = eval {
             set_training(false);
-            let r = evaluate(model, head, e, cfg.batch_size, device, 0)?;
+            let r = evaluate(model, objective, e, cfg.batch_size, device, 0)?;
             observer.on_eval(&r);
             write_metric(&mut metrics, &metrics_path, &json!({ "eval": eval_json(&r) }))?;
             st.before = Some(r);
@@ -562,14 +540,13 @@ pub fn train(
             st.micro += 1;
         }
         orders.retain(|&e, _| e + 1 >= st.micro / batches_per_epoch);
-        let denom: usize = batches.iter().map(|(_, b)| if head.is_some() { b.lengths.len() } else { b.n_target_tokens }).sum();
+        let denom: usize = batches.iter().map(|(_, b)| objective.units(b)).sum();
         let tokens: usize = batches.iter().map(|(_, b)| b.n_tokens).sum();
         let t0 = Instant::now();
         let mut loss = 0.0;
         for (micro, b) in &batches {
             att.method.set_step(*micro);
-            let (sum, _) = batch_loss_sum(model, head, b, false)?;
-            let part = sum.mul_scalar(1.0 / denom.max(1) as f64)?;
+            let part = objective.batch_loss(model, b, false)?.sum.mul_scalar(1.0 / denom.max(1) as f64)?;
             loss += part.to_scalar()?;
             part.backward()?;
         }
@@ -632,7 +609,7 @@ pub fn train(
         if let (Some(e), Some(every)) = (eval, cfg.eval_every) {
             if st.step % every == 0 && !last {
                 set_training(false);
-                let r = evaluate(model, head, e, cfg.batch_size, device, st.step)?;
+                let r = evaluate(model, objective, e, cfg.batch_size, device, st.step)?;
                 observer.on_eval(&r);
                 write_metric(&mut metrics, &metrics_path, &json!({ "eval": eval_json(&r) }))?;
                 st.evals.push(r);
@@ -664,7 +641,7 @@ pub fn train(
     set_training(false);
     let after = match eval {
         Some(e) => {
-            let r = evaluate(model, head, e, cfg.batch_size, device, st.step)?;
+            let r = evaluate(model, objective, e, cfg.batch_size, device, st.step)?;
             observer.on_eval(&r);
             write_metric(&mut metrics, &metrics_path, &json!({ "eval": eval_json(&r) }))?;
             st.evals.push(r.clone());
