@@ -1,7 +1,8 @@
 //! Adapters saved by tinytune, in the PEFT layout, for the Python `peft` library to load.
 //!
-//! Each case attaches a fresh adapter to a tiny base model (f32), fills its tensors with
-//! seeded random values (`B ≠ 0`, so the adapter changes the output), saves it with
+//! Each case attaches a fresh adapter (LoRA, DoRA, IA3, prefix or prompt tuning) to a tiny
+//! base model (f32), fills its tensors with seeded random values (so the adapter changes the
+//! output), saves it with
 //! [`format::save`], loads it back with [`format::load`] onto a fresh base model and checks
 //! the logits are bit-identical. That part always runs.
 //!
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use tinytune::models::{self, CausalLm};
-use tinytune::peft::{format, ClassifierHead, LoraAdapter, LoraConfig, Method, Pooling};
+use tinytune::peft::{format, ClassifierHead, Ia3Config, LoraConfig, Method, MethodConfig, Pooling, PrefixConfig, PromptConfig};
 use tinytune::{DType, Device, Rng, Tensor};
 
 /// The padding id (transformers' sequence classifier pools the last token whose id is not it).
@@ -63,75 +64,66 @@ fn logits(model: &dyn CausalLm, head: Option<&ClassifierHead>, ids: &[Vec<u32>],
     }
 }
 
-/// Overwrite `A` and `B` with seeded `N(0, 0.1²)` values (PEFT's init has `B = 0`, an adapter
-/// that changes nothing), scale DoRA's magnitudes by `1 + 0.1·N(0, 1)` and the head by a
-/// fresh `N(0, 0.3²)` weight.
-fn randomize(lora: &LoraAdapter, head: Option<&ClassifierHead>, seed: u64) {
+/// Fill every trainable tensor with seeded values that make the adapter change the output
+/// (PEFT's inits leave it unchanged: `B = 0`, IA3 vectors of 1): LoRA's `A`, `B` `N(0, 0.1²)`,
+/// DoRA's magnitudes scaled by `1 + 0.1·N(0, 1)`, IA3 vectors `1 + N(0, 0.3²)`, prefix and
+/// prompt embeddings `N(0, 0.5²)`, and the head a fresh `N(0, 0.3²)` weight.
+fn randomize(method: &dyn Method, head: Option<&ClassifierHead>, seed: u64) {
     let mut rng = Rng::new(seed);
-    let fill = |t: &Tensor, std: f64, rng: &mut Rng| {
-        t.set_data(&Tensor::randn(t.shape(), 0.0, std, t.dtype(), &Device::Cpu, rng).unwrap()).unwrap();
-    };
-    for l in &lora.layers {
-        fill(&l.a, 0.1, &mut rng);
-        fill(&l.b, 0.1, &mut rng);
-        if let Some(m) = &l.magnitude {
-            let noise = Tensor::randn(m.shape(), 1.0, 0.1, m.dtype(), &Device::Cpu, &mut rng).unwrap();
-            m.set_data(&m.detach().mul(&noise).unwrap().contiguous().unwrap()).unwrap();
-        }
+    for (name, t) in method.parameters() {
+        let noise = |mean: f64, std: f64, rng: &mut Rng| Tensor::randn(t.shape(), mean, std, t.dtype(), &Device::Cpu, rng).unwrap();
+        let v = if name.ends_with("lora_magnitude_vector") {
+            t.detach().mul(&noise(1.0, 0.1, &mut rng)).unwrap().contiguous().unwrap()
+        } else if name.ends_with("ia3_l") {
+            noise(1.0, 0.3, &mut rng)
+        } else if name == "prompt_embeddings" {
+            noise(0.0, 0.5, &mut rng)
+        } else {
+            noise(0.0, 0.1, &mut rng)
+        };
+        t.set_data(&v).unwrap();
     }
     if let Some(h) = head {
-        fill(&h.linear.weight, 0.3, &mut rng);
+        let w = &h.linear.weight;
+        w.set_data(&Tensor::randn(w.shape(), 0.0, 0.3, w.dtype(), &Device::Cpu, &mut rng).unwrap()).unwrap();
     }
 }
 
 struct Case {
     name: &'static str,
     base: &'static str,
-    config: LoraConfig,
+    config: Box<dyn MethodConfig>,
     /// Classes of a sequence-classification head (`None`: causal LM).
     classes: Option<usize>,
     /// Whether `target_modules` must be written as a regex string (the site set is not a
-    /// list of names with `layers_to_transform`).
-    regex: bool,
+    /// list of names with `layers_to_transform`); `None` for methods without targets.
+    regex: Option<bool>,
 }
 
 fn lora(r: usize, alpha: f64, targets: &[&str]) -> LoraConfig {
     LoraConfig { r, alpha, dropout: 0.05, targets: targets.iter().map(|s| s.to_string()).collect(), seed: 11, ..LoraConfig::default() }
 }
 
+fn case(name: &'static str, base: &'static str, config: impl MethodConfig + 'static, classes: Option<usize>, regex: Option<bool>) -> Case {
+    Case { name, base, config: Box::new(config), classes, regex }
+}
+
 fn cases() -> Vec<Case> {
+    let prefix = |p| PrefixConfig { num_virtual_tokens: p, ..PrefixConfig::default() };
     vec![
-        Case { name: "llama-lora", base: "tiny-llama", config: lora(4, 8.0, &["q_proj", "v_proj"]), classes: None, regex: false },
-        Case {
-            name: "llama-rslora-all-layer0",
-            base: "tiny-llama",
-            config: LoraConfig { rslora: true, layers: Some(vec![0]), ..lora(4, 16.0, &["all-linear"]) },
-            classes: None,
-            regex: false,
-        },
-        Case {
-            name: "llama-q0-v1",
-            base: "tiny-llama",
-            config: lora(4, 8.0, &["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]),
-            classes: None,
-            regex: true,
-        },
-        Case {
-            name: "llama-attn-layer1-glob",
-            base: "tiny-llama",
-            config: lora(2, 4.0, &["model.layers.1.self_attn.*"]),
-            classes: None,
-            regex: true,
-        },
-        Case {
-            name: "llama-dora",
-            base: "tiny-llama",
-            config: LoraConfig { dora: true, ..lora(4, 8.0, &["q_proj", "k_proj", "v_proj", "o_proj"]) },
-            classes: None,
-            regex: false,
-        },
-        Case { name: "gpt2-lora", base: "tiny-gpt2-f16", config: lora(4, 8.0, &["c_attn", "c_proj"]), classes: None, regex: false },
-        Case { name: "llama-seqcls", base: "tiny-llama", config: lora(4, 8.0, &["q_proj", "v_proj"]), classes: Some(3), regex: false },
+        case("llama-lora", "tiny-llama", lora(4, 8.0, &["q_proj", "v_proj"]), None, Some(false)),
+        case("llama-rslora-all-layer0", "tiny-llama", LoraConfig { rslora: true, layers: Some(vec![0]), ..lora(4, 16.0, &["all-linear"]) }, None, Some(false)),
+        case("llama-q0-v1", "tiny-llama", lora(4, 8.0, &["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]), None, Some(true)),
+        case("llama-attn-layer1-glob", "tiny-llama", lora(2, 4.0, &["model.layers.1.self_attn.*"]), None, Some(true)),
+        case("llama-dora", "tiny-llama", LoraConfig { dora: true, ..lora(4, 8.0, &["q_proj", "k_proj", "v_proj", "o_proj"]) }, None, Some(false)),
+        case("gpt2-lora", "tiny-gpt2-f16", lora(4, 8.0, &["c_attn", "c_proj"]), None, Some(false)),
+        case("llama-seqcls", "tiny-llama", lora(4, 8.0, &["q_proj", "v_proj"]), Some(3), Some(false)),
+        case("llama-ia3", "tiny-llama", Ia3Config::default(), None, Some(false)),
+        case("gpt2-ia3", "tiny-gpt2-f16", Ia3Config::default(), None, Some(false)),
+        case("llama-prefix", "tiny-llama", prefix(3), None, None),
+        case("gpt2-prefix", "tiny-gpt2-f16", prefix(4), None, None),
+        case("llama-prompt", "tiny-llama", PromptConfig { num_virtual_tokens: 3, ..PromptConfig::default() }, None, None),
+        case("gpt2-prompt", "tiny-gpt2-f16", PromptConfig { num_virtual_tokens: 2, ..PromptConfig::default() }, None, None),
     ]
 }
 
@@ -159,24 +151,25 @@ fn run_case(case: &Case, out: &Path) {
     let head = case.classes.map(|c| ClassifierHead::new(model.hidden_size(), c, Pooling::Last, &mut rng, &Device::Cpu).unwrap());
     let before = logits(model.as_ref(), head.as_ref(), &ids, &mask);
 
-    let adapter = LoraAdapter::attach(model.as_mut(), case.config.clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
-    randomize(&adapter, head.as_ref(), 1000 + name.len() as u64);
+    let adapter = case.config.attach(model.as_mut(), 11).unwrap_or_else(|e| panic!("{name}: {e}"));
+    randomize(adapter.as_ref(), head.as_ref(), 1000 + name.len() as u64);
     let ours = logits(model.as_ref(), head.as_ref(), &ids, &mask);
     let changed = max_diff(&ours, &before);
     assert!(changed > 1e-2, "{name}: the adapter barely changes the output ({changed})");
 
-    format::save(out, model.as_mut(), Some(&adapter as &dyn Method), head.as_ref(), &fixture(case.base).display().to_string()).unwrap();
+    format::save(out, model.as_mut(), Some(adapter.as_ref()), head.as_ref(), &fixture(case.base).display().to_string()).unwrap();
     let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join(format::CONFIG_FILE)).unwrap()).unwrap();
-    assert_eq!(cfg["target_modules"].is_string(), case.regex, "{name}: target_modules form {}", cfg["target_modules"]);
+    if let Some(regex) = case.regex {
+        assert_eq!(cfg["target_modules"].is_string(), regex, "{name}: target_modules form {}", cfg["target_modules"]);
+    }
     assert_eq!(cfg["task_type"], if case.classes.is_some() { "SEQ_CLS" } else { "CAUSAL_LM" }, "{name}");
 
     // Reloaded onto a fresh base model: the same sites, tensors and logits, bit for bit.
     let mut again = base_model(case.base);
     let loaded = format::load(out, again.as_mut(), &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert!(loaded.warnings.is_empty(), "{name}: {:?}", loaded.warnings);
-    let l = loaded.method_as::<LoraAdapter>().unwrap();
-    let sites = |a: &LoraAdapter| a.layers.iter().map(|l| l.site.clone()).collect::<Vec<_>>();
-    assert_eq!(sites(l), sites(&adapter), "{name}: sites");
+    let l = loaded.method.as_ref().unwrap();
+    assert_eq!((l.name(), l.num_sites()), (adapter.name(), adapter.num_sites()), "{name}: method and sites");
     assert_eq!(loaded.head.as_ref().map(|h| h.num_classes()), case.classes, "{name}: head");
     for ((k, a), (k2, b)) in adapter.parameters().iter().zip(l.parameters()) {
         assert_eq!(*k, k2, "{name}");

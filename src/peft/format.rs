@@ -95,18 +95,20 @@ pub(crate) fn target_modules(model: &mut dyn CausalLm, sites: &[String], layers:
     let all = super::lora::linear_sites(model);
     let in_layers = |s: &String| layers.is_none_or(|l| super::layer_of(s).is_some_and(|i| l.contains(&i)));
     let suffix = |s: &str, k: usize| s.rsplitn(k + 1, '.').take(k).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(".");
-    let mut names: Vec<String> = sites
+    let names: Option<Vec<String>> = sites
         .iter()
         .map(|s| {
-            (1..=3)
+            // Module names only (never a suffix starting at a layer number).
+            (1..=2)
                 .map(|k| suffix(s, k))
+                .filter(|n| !n.starts_with(|c: char| c.is_ascii_digit()))
                 .find(|n| all.iter().filter(|a| in_layers(a) && (*a == n || a.ends_with(&format!(".{n}")))).all(|a| sites.contains(a)))
-                .unwrap_or_else(|| s.clone())
         })
         .collect();
+    let mut names = names.unwrap_or_default();
     names.sort();
     names.dedup();
-    if select_sites(&all, &names, layers).is_ok_and(|s| s == sites) {
+    if !names.is_empty() && select_sites(&all, &names, layers).is_ok_and(|s| s == sites) {
         (json!(names), json!(layers))
     } else {
         (json!(format!("^({})$", sites.iter().map(|s| s.replace('.', "\\.")).collect::<Vec<_>>().join("|"))), Value::Null)
