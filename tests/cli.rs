@@ -478,9 +478,9 @@ fn ctrl_c_writes_a_checkpoint_that_resumes_to_the_same_adapter() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// The site methods through the CLI: `--method ia3` and `--method adapter` train, save their
-/// own `peft_type`, and load with `eval --adapter`; (IA)³ merges, a bottleneck adapter does
-/// not (it adds layers) and says so.
+/// The site methods through the CLI: `--method ia3`, `adapter`, `prefix` and `prompt` train,
+/// save their own `peft_type`, and load with `eval --adapter`; (IA)³ merges, the others do
+/// not (they add layers or positions) and say so.
 #[test]
 fn ia3_and_bottleneck_adapters_from_the_cli() {
     let dir = scratch("sites");
@@ -491,6 +491,8 @@ fn ia3_and_bottleneck_adapters_from_the_cli() {
     for (name, flags, peft_type) in [
         ("ia3", vec!["--method", "ia3", "--lr", "5e-2"], "IA3"),
         ("pfeiffer", vec!["--method", "adapter", "--adapter-kind", "pfeiffer", "--reduction-factor", "4", "--lr", "1e-2"], "BOTTLENECK"),
+        ("prefix", vec!["--method", "prefix", "--num-virtual-tokens", "4", "--lr", "1e-1"], "PREFIX_TUNING"),
+        ("prompt", vec!["--method", "prompt", "--num-virtual-tokens", "4", "--prompt-init-text", "the cat sat", "--lr", "1e-1"], "PROMPT_TUNING"),
     ] {
         let out = dir.join(name);
         let report = finetune(&model, &data, &out, &[&flags[..], &["--max-steps", "12", "--batch-size", "4"]].concat());

@@ -7,5 +7,5 @@ pub mod trainer;
 
 pub use objective::{BatchLoss, Classification, LanguageModelling, Objective};
 pub use trainer::{
-    attach, evaluate, train, Attached, EvalRecord, Observer, OptimizerKind, Quiet, StepRecord, TrainConfig, TrainReport,
+    attach, evaluate, train, Attached, EvalRecord, Observer, OptimizerKind, Quiet, StepRecord, TrainConfig, TrainReport, Trainer,
 };

@@ -449,9 +449,214 @@ fn load_checkpoint(out: &Path, params: &[(String, Tensor)], opt: &mut dyn Optimi
     })
 }
 
+/// A fine-tuning run that a caller drives step by step; [`train`] is its loop with progress,
+/// metrics, evaluations, checkpoints and the saved result.
+///
+/// ```text
+/// let mut t = Trainer::new(model, &train_set, Some(&eval_set), &cfg, &device)?;  // attach, optimizer, resume
+/// while t.step_count() < t.total_steps() {
+///     let r = t.step()?;                 // one optimizer step over grad_accum micro-batches
+///     if r.step % 10 == 0 { t.evaluate(&eval_set)?; t.save_checkpoint()?; }
+/// }
+/// t.save("base model name")?;            // the adapter (or the model) in the PEFT layout
+/// ```
+pub struct Trainer<'a> {
+    model: &'a mut dyn CausalLm,
+    cfg: &'a TrainConfig,
+    train: &'a Dataset,
+    device: Device,
+    /// The method and objective attached, and every trainable tensor.
+    pub attached: Attached,
+    opt: Box<dyn Optimizer>,
+    schedule: Schedule,
+    fingerprint: Value,
+    st: State,
+    total: u64,
+    batches_per_epoch: u64,
+    orders: HashMap<u64, Vec<usize>>,
+    started: Instant,
+}
+
+impl<'a> Trainer<'a> {
+    /// Check the settings and the data, attach the method (and a head for labelled data),
+    /// build the optimizer and schedule; with `cfg.resume`, continue from the checkpoint in
+    /// `cfg.out`. `eval` is only checked here (labels, kind), not evaluated.
+    pub fn new(model: &'a mut dyn CausalLm, train: &'a Dataset, eval: Option<&Dataset>, cfg: &'a TrainConfig, device: &Device) -> Result<Trainer<'a>> {
+        cfg.validate()?;
+        if train.is_empty() {
+            return Err(Error::InvalidArgument { op: "finetune", msg: format!("{}: no training examples", train.path()) });
+        }
+        let kind = train.kind();
+        // An explicit class count is binding (a label beyond it is an error naming its line);
+        // otherwise the head is sized for the largest label of either data set, and at least
+        // 2 (a small subset of binary data may hold only 0s).
+        let classes = match cfg.num_classes {
+            Some(n) => Some(n),
+            None => train.num_classes().map(|n| n.max(eval.and_then(|e| e.num_classes()).unwrap_or(0)).max(2)),
+        };
+        if let Some(n) = classes {
+            train.check_labels(n)?;
+            if let Some(e) = eval {
+                e.check_labels(n)?;
+            }
+        }
+        if let Some(e) = eval.filter(|e| e.kind() != kind) {
+            return Err(Error::InvalidArgument {
+                op: "finetune",
+                msg: format!("{}: evaluation data is {:?}, training data is {:?}", e.path(), e.kind(), kind),
+            });
+        }
+        let model_id = model_hash(model)?;
+        let attached = attach(model, cfg, kind, classes, device)?;
+        let groups = param_groups(&attached.params, cfg.weight_decay);
+        let mut opt: Box<dyn Optimizer> = match cfg.optimizer {
+            OptimizerKind::AdamW => Box::new(AdamW::new(groups)?),
+            OptimizerKind::Sgd => Box::new(Sgd::new(groups, SgdConfig { momentum: 0.9, dampening: 0.0, nesterov: false })?),
+        };
+        let batches_per_epoch = train.len().div_ceil(cfg.batch_size) as u64;
+        let total = cfg.max_steps.unwrap_or_else(|| (cfg.epochs as u64 * batches_per_epoch).div_ceil(cfg.grad_accum as u64)).max(1);
+        let schedule = Schedule::new(cfg.schedule, cfg.warmup_steps, total)?;
+        let fingerprint = cfg.fingerprint(train, total, &model_id);
+        std::fs::create_dir_all(&cfg.out).map_err(|e| io_err(&cfg.out, e))?;
+        let st = if cfg.resume {
+            load_checkpoint(&cfg.out, &attached.params, opt.as_mut(), &fingerprint)?
+        } else {
+            State { step: 0, micro: 0, skipped: 0, bad_streak: 0, history: Vec::new(), evals: Vec::new(), before: None }
+        };
+        Ok(Trainer {
+            model,
+            cfg,
+            train,
+            device: device.clone(),
+            attached,
+            opt,
+            schedule,
+            fingerprint,
+            st,
+            total,
+            batches_per_epoch,
+            orders: HashMap::new(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Optimizer steps taken (or skipped) so far.
+    pub fn step_count(&self) -> u64 {
+        self.st.step
+    }
+
+    /// The schedule's length.
+    pub fn total_steps(&self) -> u64 {
+        self.total
+    }
+
+    /// Trainable parameters (method and head).
+    pub fn trainable_parameters(&self) -> usize {
+        self.attached.params.iter().map(|(_, t)| t.numel()).sum()
+    }
+
+    /// The model, with the method attached.
+    pub fn model(&mut self) -> &mut dyn CausalLm {
+        &mut *self.model
+    }
+
+    /// One optimizer step: `grad_accum` micro-batches of the seeded epoch order, the loss
+    /// weighted by the objective's units over the whole step, clipping, the scheduled
+    /// update. A step whose loss or gradient norm is not finite is skipped (`skipped`).
+    pub fn step(&mut self) -> Result<StepRecord> {
+        let cfg = self.cfg;
+        self.attached.method.set_training(true);
+        let mut batches = Vec::with_capacity(cfg.grad_accum);
+        for _ in 0..cfg.grad_accum {
+            let (epoch, k) = (self.st.micro / self.batches_per_epoch, (self.st.micro % self.batches_per_epoch) as usize);
+            let train = self.train;
+            let order = self.orders.entry(epoch).or_insert_with(|| train.epoch_order(epoch, cfg.seed));
+            let idx = &order[k * cfg.batch_size..((k + 1) * cfg.batch_size).min(order.len())];
+            batches.push((self.st.micro, self.train.batch(idx, &self.device)?));
+            self.st.micro += 1;
+        }
+        let bpe = self.batches_per_epoch;
+        let micro = self.st.micro;
+        self.orders.retain(|&e, _| e + 1 >= micro / bpe);
+        let objective = self.attached.objective.as_ref();
+        let denom: usize = batches.iter().map(|(_, b)| objective.units(b)).sum();
+        let tokens: usize = batches.iter().map(|(_, b)| b.n_tokens).sum();
+        let t0 = Instant::now();
+        let mut loss = 0.0;
+        for (micro, b) in &batches {
+            self.attached.method.set_step(*micro);
+            let part = objective.batch_loss(self.model, b, false)?.sum.mul_scalar(1.0 / denom.max(1) as f64)?;
+            loss += part.to_scalar()?;
+            part.backward()?;
+        }
+        let tensors: Vec<Tensor> = self.attached.params.iter().map(|(_, t)| t.clone()).collect();
+        let norm = match cfg.clip {
+            Some(c) if loss.is_finite() => clip_grad_norm(&tensors, c)?,
+            _ => grad_norm(&tensors)?,
+        };
+        let lr = self.schedule.lr_at(cfg.lr, self.st.step);
+        let skipped = !loss.is_finite() || !norm.is_finite();
+        if skipped {
+            self.st.skipped += 1;
+            self.st.bad_streak += 1;
+        } else {
+            self.st.bad_streak = 0;
+            self.opt.step(lr)?;
+        }
+        self.opt.zero_grad();
+        self.st.step += 1;
+        if !skipped {
+            self.st.history.push((self.st.step as f64, loss));
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        Ok(StepRecord {
+            step: self.st.step,
+            total_steps: self.total,
+            epoch: self.st.micro as f64 / self.batches_per_epoch as f64,
+            loss,
+            lr,
+            grad_norm: norm,
+            tokens,
+            tokens_per_s: tokens as f64 / dt.max(1e-9),
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+            skipped,
+        })
+    }
+
+    /// The mean loss (and accuracy) on `data` now, in inference mode (no dropout, no graph).
+    pub fn evaluate(&mut self, data: &Dataset) -> Result<EvalRecord> {
+        self.attached.method.set_training(false);
+        evaluate(self.model, self.attached.objective.as_ref(), data, self.cfg.batch_size, &self.device, self.st.step)
+    }
+
+    /// Write a checkpoint of this step to `cfg.out/checkpoint` (atomically; see the module docs).
+    pub fn save_checkpoint(&self) -> Result<()> {
+        save_checkpoint(&self.cfg.out, &self.st, &self.attached.params, self.opt.as_ref(), &self.fingerprint)
+    }
+
+    /// Save the result: the adapter in the PEFT layout (`cfg.out/adapter`), or for a method
+    /// that trains the whole model, the model (`cfg.out/model`, a head beside it as an
+    /// adapter). `base` names the base model in the adapter's config. Returns the directory.
+    pub fn save(&mut self, base: &str) -> Result<PathBuf> {
+        let (out, head) = (&self.cfg.out, self.attached.objective.head());
+        if self.attached.method.saves_model() {
+            let dir = out.join("model");
+            crate::models::save_checkpoint(self.model, &dir)?;
+            if let Some(h) = head {
+                format::save(&out.join("adapter"), self.model, None, Some(h), base)?;
+            }
+            Ok(dir)
+        } else {
+            let dir = out.join("adapter");
+            format::save(&dir, self.model, Some(self.attached.method.as_ref()), head, base)?;
+            Ok(dir)
+        }
+    }
+}
+
 /// Fine-tune `model` on `train` as `cfg` says, evaluating on `eval`; write everything under
 /// `cfg.out` (see the crate README for the layout). `base` names the base model in the
-/// adapter's config.
+/// adapter's config. The loop of a [`Trainer`], with the observer told of every step.
 pub fn train(
     model: &mut dyn CausalLm,
     train: &Dataset,
@@ -461,136 +666,42 @@ pub fn train(
     device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<TrainReport> {
-    cfg.validate()?;
-    if train.is_empty() {
-        return Err(Error::InvalidArgument { op: "finetune", msg: format!("{}: no training examples", train.path()) });
+    let mut t = Trainer::new(model, train, eval, cfg, device)?;
+    let total = t.total;
+    let trainable = t.trainable_parameters();
+    if cfg.resume {
+        observer.on_message(&format!("resuming from step {} of {total}", t.st.step));
     }
-    let kind = train.kind();
-    // An explicit class count is binding (a label beyond it is an error naming its line);
-    // otherwise the head is sized for the largest label of either data set, and at least 2
-    // (a small subset of binary data may hold only 0s).
-    let classes = match cfg.num_classes {
-        Some(n) => Some(n),
-        None => train.num_classes().map(|n| n.max(eval.and_then(|e| e.num_classes()).unwrap_or(0)).max(2)),
-    };
-    if let Some(n) = classes {
-        train.check_labels(n)?;
-        if let Some(e) = eval {
-            e.check_labels(n)?;
-        }
-    }
-    if let Some(e) = eval.filter(|e| e.kind() != kind) {
-        return Err(Error::InvalidArgument {
-            op: "finetune",
-            msg: format!("{}: evaluation data is {:?}, training data is {:?}", e.path(), e.kind(), kind),
-        });
-    }
-    let model_id = model_hash(model)?;
-    let att = attach(model, cfg, kind, classes, device)?;
-    let params = att.params.clone();
-    let trainable: usize = params.iter().map(|(_, t)| t.numel()).sum();
-    let groups = param_groups(&params, cfg.weight_decay);
-    let mut opt: Box<dyn Optimizer> = match cfg.optimizer {
-        OptimizerKind::AdamW => Box::new(AdamW::new(groups)?),
-        OptimizerKind::Sgd => Box::new(Sgd::new(groups, SgdConfig { momentum: 0.9, dampening: 0.0, nesterov: false })?),
-    };
-    let batches_per_epoch = train.len().div_ceil(cfg.batch_size) as u64;
-    let total = cfg.max_steps.unwrap_or_else(|| (cfg.epochs as u64 * batches_per_epoch).div_ceil(cfg.grad_accum as u64)).max(1);
-    let schedule = Schedule::new(cfg.schedule, cfg.warmup_steps, total)?;
-    let fingerprint = cfg.fingerprint(train, total, &model_id);
-    std::fs::create_dir_all(&cfg.out).map_err(|e| io_err(&cfg.out, e))?;
-    let objective = att.objective.as_ref();
-    let head = objective.head();
-    let set_training = |on: bool| att.method.set_training(on);
-
-    let mut st = if cfg.resume {
-        let st = load_checkpoint(&cfg.out, &params, opt.as_mut(), &fingerprint)?;
-        observer.on_message(&format!("resuming from step {} of {total}", st.step));
-        st
-    } else {
-        State { step: 0, micro: 0, skipped: 0, bad_streak: 0, history: Vec::new(), evals: Vec::new(), before: None }
-    };
-    let resumed_from = cfg.resume.then_some(st.step);
+    let resumed_from = cfg.resume.then_some(t.st.step);
     let metrics_path = cfg.out.join("metrics.jsonl");
-    let mut metrics = open_metrics(&metrics_path, st.step, total, cfg.resume)?;
+    let mut metrics = open_metrics(&metrics_path, t.st.step, total, cfg.resume)?;
     // The step of the newest checkpoint on disk, for the message of a stopped run.
     let mut saved_step = resumed_from;
 
-    if st.before.is_none() {
+    if t.st.before.is_none() {
         if let Some(e) = eval {
-            set_training(false);
-            let r = evaluate(model, objective, e, cfg.batch_size, device, 0)?;
+            let r = t.evaluate(e)?;
             observer.on_eval(&r);
             write_metric(&mut metrics, &metrics_path, &json!({ "eval": eval_json(&r) }))?;
-            st.before = Some(r);
+            t.st.before = Some(r);
         }
     }
-    observer.on_start(st.step, total);
-    let started = Instant::now();
-    let mut orders: HashMap<u64, Vec<usize>> = HashMap::new();
-    while st.step < total {
-        set_training(true);
-        // The micro-batches of this step and their target count (for token weighting).
-        let mut batches = Vec::with_capacity(cfg.grad_accum);
-        for _ in 0..cfg.grad_accum {
-            let (epoch, k) = (st.micro / batches_per_epoch, (st.micro % batches_per_epoch) as usize);
-            let order = orders.entry(epoch).or_insert_with(|| train.epoch_order(epoch, cfg.seed));
-            let idx = &order[k * cfg.batch_size..((k + 1) * cfg.batch_size).min(order.len())];
-            batches.push((st.micro, train.batch(idx, device)?));
-            st.micro += 1;
+    observer.on_start(t.st.step, total);
+    t.started = Instant::now();
+    while t.st.step < total {
+        let rec = t.step()?;
+        let (loss, norm) = (rec.loss, rec.grad_norm);
+        if rec.skipped {
+            observer.on_message(&format!("step {}: loss {loss} / gradient norm {norm} is not finite; step skipped", rec.step));
         }
-        orders.retain(|&e, _| e + 1 >= st.micro / batches_per_epoch);
-        let denom: usize = batches.iter().map(|(_, b)| objective.units(b)).sum();
-        let tokens: usize = batches.iter().map(|(_, b)| b.n_tokens).sum();
-        let t0 = Instant::now();
-        let mut loss = 0.0;
-        for (micro, b) in &batches {
-            att.method.set_step(*micro);
-            let part = objective.batch_loss(model, b, false)?.sum.mul_scalar(1.0 / denom.max(1) as f64)?;
-            loss += part.to_scalar()?;
-            part.backward()?;
-        }
-        let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.clone()).collect();
-        let norm = match cfg.clip {
-            Some(c) if loss.is_finite() => clip_grad_norm(&tensors, c)?,
-            _ => grad_norm(&tensors)?,
-        };
-        let lr = schedule.lr_at(cfg.lr, st.step);
-        let skipped = !loss.is_finite() || !norm.is_finite();
-        if skipped {
-            st.skipped += 1;
-            st.bad_streak += 1;
-            observer.on_message(&format!("step {}: loss {loss} / gradient norm {norm} is not finite; step skipped", st.step + 1));
-        } else {
-            st.bad_streak = 0;
-            opt.step(lr)?;
-        }
-        opt.zero_grad();
-        st.step += 1;
-        if !skipped {
-            st.history.push((st.step as f64, loss));
-        }
-        let dt = t0.elapsed().as_secs_f64();
-        let rec = StepRecord {
-            step: st.step,
-            total_steps: total,
-            epoch: st.micro as f64 / batches_per_epoch as f64,
-            loss,
-            lr,
-            grad_norm: norm,
-            tokens,
-            tokens_per_s: tokens as f64 / dt.max(1e-9),
-            elapsed_s: started.elapsed().as_secs_f64(),
-            skipped,
-        };
         observer.on_step(&rec);
         write_metric(
             &mut metrics,
             &metrics_path,
-            &json!({ "step": rec.step, "epoch": rec.epoch, "loss": finite_or_null(loss), "lr": lr, "grad_norm": finite_or_null(norm),
-                     "tokens": tokens, "tokens_per_s": rec.tokens_per_s, "elapsed_s": rec.elapsed_s, "skipped": skipped }),
+            &json!({ "step": rec.step, "epoch": rec.epoch, "loss": finite_or_null(loss), "lr": rec.lr, "grad_norm": finite_or_null(norm),
+                     "tokens": rec.tokens, "tokens_per_s": rec.tokens_per_s, "elapsed_s": rec.elapsed_s, "skipped": rec.skipped }),
         )?;
-        if skipped && st.bad_streak >= cfg.max_bad_steps {
+        if rec.skipped && t.st.bad_streak >= cfg.max_bad_steps {
             // Stop (the step is reported above); the newest checkpoint stays as it is.
             let dir = cfg.out.join(CHECKPOINT_DIR);
             let ckpt = match saved_step {
@@ -601,36 +712,35 @@ pub fn train(
                 op: "finetune",
                 msg: format!(
                     "stopped at step {}: {} steps in a row had a non-finite loss or gradient (lower the learning rate, or check the data); {ckpt}",
-                    st.step, st.bad_streak,
+                    t.st.step, t.st.bad_streak,
                 ),
             });
         }
-        let last = st.step == total;
+        let last = t.st.step == total;
         if let (Some(e), Some(every)) = (eval, cfg.eval_every) {
-            if st.step % every == 0 && !last {
-                set_training(false);
-                let r = evaluate(model, objective, e, cfg.batch_size, device, st.step)?;
+            if t.st.step % every == 0 && !last {
+                let r = t.evaluate(e)?;
                 observer.on_eval(&r);
                 write_metric(&mut metrics, &metrics_path, &json!({ "eval": eval_json(&r) }))?;
-                st.evals.push(r);
+                t.st.evals.push(r);
             }
         }
-        if st.step % cfg.save_every == 0 || last {
-            save_checkpoint(&cfg.out, &st, &params, opt.as_ref(), &fingerprint)?;
-            saved_step = Some(st.step);
+        if t.st.step % cfg.save_every == 0 || last {
+            t.save_checkpoint()?;
+            saved_step = Some(t.st.step);
         }
         if !last && !observer.keep_going() {
-            if saved_step != Some(st.step) {
-                save_checkpoint(&cfg.out, &st, &params, opt.as_ref(), &fingerprint)?;
+            if saved_step != Some(t.st.step) {
+                t.save_checkpoint()?;
             }
-            set_training(false);
-            observer.on_message(&format!("stopped at step {} of {total}; resume to continue", st.step));
+            t.attached.method.set_training(false);
+            observer.on_message(&format!("stopped at step {} of {total}; resume to continue", t.st.step));
             return Ok(TrainReport {
-                steps: st.step,
-                skipped_steps: st.skipped,
-                before: st.before.clone(),
+                steps: t.st.step,
+                skipped_steps: t.st.skipped,
+                before: t.st.before.clone(),
                 after: None,
-                final_loss: st.history.last().map(|p| p.1),
+                final_loss: t.st.history.last().map(|p| p.1),
                 trainable_parameters: trainable,
                 saved: cfg.out.join(CHECKPOINT_DIR),
                 resumed_from,
@@ -638,31 +748,19 @@ pub fn train(
             });
         }
     }
-    set_training(false);
+    t.attached.method.set_training(false);
     let after = match eval {
         Some(e) => {
-            let r = evaluate(model, objective, e, cfg.batch_size, device, st.step)?;
+            let r = t.evaluate(e)?;
             observer.on_eval(&r);
             write_metric(&mut metrics, &metrics_path, &json!({ "eval": eval_json(&r) }))?;
-            st.evals.push(r.clone());
+            t.st.evals.push(r.clone());
             Some(r)
         }
         None => None,
     };
-
-    // The result: an adapter in the PEFT layout, or (full) the whole model.
-    let saved = if att.method.saves_model() {
-        let dir = cfg.out.join("model");
-        crate::models::save_checkpoint(model, &dir)?;
-        if let Some(h) = head {
-            format::save(&cfg.out.join("adapter"), model, None, Some(h), base)?;
-        }
-        dir
-    } else {
-        let dir = cfg.out.join("adapter");
-        format::save(&dir, model, Some(att.method.as_ref()), head, base)?;
-        dir
-    };
+    let saved = t.save(base)?;
+    let st = &t.st;
     let train_curve = &st.history;
     let smooth = plot::smooth(train_curve, (train_curve.len() / 20).max(1));
     let evals: Vec<(f64, f64)> = st.before.iter().chain(st.evals.iter()).map(|e| (e.step as f64, e.loss)).collect();
