@@ -689,9 +689,16 @@ fn prefix_bad_input_names_the_field() {
     let mut llama = load("tiny-llama", DType::F32);
     let m = PrefixConfig { num_virtual_tokens: 2, ..PrefixConfig::default() }.attach(llama.as_mut(), 0).unwrap();
     format::save(&dir, llama.as_mut(), Some(m.as_ref()), None, "tiny-llama").unwrap();
+    // Another model: its key/value width differs (GQA LLaMA 16, GPT-2 32), named by the field;
+    // without the field, by the table's shape.
+    let e = format::load(&dir, load("tiny-gpt2-f16", DType::F32).as_mut(), &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("'token_dim' = 16, but the model has 32") && e.contains("another model"), "{e}");
+    let cfg = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    v.as_object_mut().unwrap().remove("token_dim");
+    std::fs::write(dir.join("adapter_config.json"), v.to_string()).unwrap();
     let e = format::load(&dir, load("tiny-gpt2-f16", DType::F32).as_mut(), &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("prompt_embeddings has shape [2, ") && e.contains("this model needs [2, "), "{e}");
-    let cfg = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
     std::fs::write(dir.join("adapter_config.json"), cfg.replace("\"num_layers\": 2", "\"num_layers\": 3")).unwrap();
     let e = format::load(&dir, load("tiny-llama", DType::F32).as_mut(), &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("num_layers") && e.contains("another model"), "{e}");

@@ -328,7 +328,10 @@ fn run(cli: Cli) -> Result<()> {
                 op: "merge",
                 msg: format!("{} holds no LoRA/DoRA weights to merge (a head alone is not part of the language model)", adapter.display()),
             })?;
-            method.merge(m.as_mut()).map_err(|e| Error::InvalidArgument { op: "merge", msg: format!("{}: {e}", adapter.display()) })?;
+            method.merge(m.as_mut()).map_err(|e| match e {
+                Error::InvalidArgument { msg, .. } => Error::InvalidArgument { op: "merge", msg: format!("{}: {msg}", adapter.display()) },
+                e => e,
+            })?;
             models::save_checkpoint(m.as_mut(), &out)?;
             Tokenizer::for_model(&model)?.save_hf(&out)?;
             if loaded.head.is_some() {
