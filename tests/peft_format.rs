@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tinytune::models::{self, CausalLm};
 use tinytune::peft::format;
+use tinytune::train::data::Batch;
+use tinytune::train::{LanguageModelling, Objective};
 use tinytune::{CrossEntropyReduction, DType, Device, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
@@ -62,12 +64,22 @@ fn run(model: &dyn CausalLm, adapter: &format::LoadedAdapter, r: &Value) -> (Ten
         }
         None => {
             let logits = model.forward(&ids, Some(&keep)).unwrap();
-            // labels = ids with padding −100, shifted by one (transformers' causal LM loss)
+            // labels = ids with padding −100, shifted by one (transformers' causal LM loss),
+            // through the trainer's objective (which, with prompt tuning, also scores the
+            // first real token from the last virtual one, as PEFT does).
             let (idv, kv) = (ids.to_vec::<u32>().unwrap(), keep.to_vec::<f32>().unwrap());
             let targets: Vec<i32> = (0..b * t).map(|i| if i % t == t - 1 || kv[i + 1] == 0.0 { -100 } else { idv[i + 1] as i32 }).collect();
-            let loss = logits
-                .cross_entropy(&Tensor::from_vec(targets, &[b, t], &Device::Cpu).unwrap(), -100, CrossEntropyReduction::Mean)
-                .unwrap();
+            let batch = Batch {
+                ids: ids.clone(),
+                keep: Some(keep.clone()),
+                n_target_tokens: targets.iter().filter(|&&x| x != -100).count(),
+                targets: Tensor::from_vec(targets, &[b, t], &Device::Cpu).unwrap(),
+                labels: None,
+                lengths: (0..b).map(|r| kv[r * t..(r + 1) * t].iter().filter(|&&k| k > 0.0).count()).collect(),
+                n_tokens: kv.iter().filter(|&&k| k > 0.0).count(),
+            };
+            let lm = LanguageModelling;
+            let loss = lm.batch_loss(model, &batch, false).unwrap().sum.mul_scalar(1.0 / lm.units(model, &batch) as f64).unwrap();
             (logits, loss)
         }
     }
@@ -101,13 +113,8 @@ fn check_fixture(name: &str) {
         let c: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format::CONFIG_FILE)).unwrap()).unwrap();
         c["peft_type"].as_str().unwrap().to_string()
     });
-    // PEFT's prompt-tuning loss also scores the first real token from the last virtual
-    // position, which tinytune's forward (real tokens only) does not return: logits only.
-    let prompt = peft_type == "PROMPT_TUNING";
-    if !prompt {
-        let dl = (loss.to_scalar().unwrap() - r["loss"].as_f64().unwrap()).abs();
-        assert!(dl < 1e-5, "{name}: loss differs from PEFT's by {dl}");
-    }
+    let dl = (loss.to_scalar().unwrap() - r["loss"].as_f64().unwrap()).abs();
+    assert!(dl < 1e-5, "{name}: loss differs from PEFT's by {dl}");
 
     // Gradients of every trainable tensor equal PEFT's (eval mode: no dropout).
     loss.backward().unwrap();
@@ -120,7 +127,7 @@ fn check_fixture(name: &str) {
     }
     let grads = r["grads"].as_object().unwrap();
     assert_eq!(grads.len(), ours.len(), "{name}: trainable tensors");
-    for (key, t) in ours.iter().filter(|_| !prompt) {
+    for (key, t) in &ours {
         let want = floats(grads.get(&format!("base_model.model.{key}")).unwrap_or_else(|| &grads[key]));
         let got = t.grad().unwrap().to_vec_f64().unwrap();
         let scale = want.iter().fold(1e-3, |m, v| f64::max(m, v.abs()));

@@ -71,6 +71,7 @@ pub trait CausalLm: Send + Sync {
             None => None,
         };
         let mut out = self.decoder().forward(h, keep.as_ref(), cache, all)?;
+        out.last_virtual = Some(out.last.narrow(1, p - 1, 1)?);
         out.last = out.last.narrow(1, p, t)?;
         for h in &mut out.all {
             *h = h.narrow(1, p, t)?;

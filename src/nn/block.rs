@@ -267,6 +267,9 @@ pub struct Hidden {
     /// tensors: the embedded input `h₀`, the residual stream after each block but the last,
     /// and the final normed states (the same tensor as `last`).
     pub all: Vec<Tensor>,
+    /// With virtual tokens (prompt tuning), the final state of the last one `[b, 1, hidden]`:
+    /// it predicts the first real token, which PEFT's loss scores too.
+    pub last_virtual: Option<Tensor>,
 }
 
 /// The stack of blocks with its final norm.
@@ -321,7 +324,7 @@ impl Decoder {
         if all {
             states.push(last.clone());
         }
-        Ok(Hidden { last, all: states })
+        Ok(Hidden { last, all: states, last_virtual: None })
     }
 
     /// The virtual tokens `[p, hidden]` the input hooks put first (`None`: none, or inside an

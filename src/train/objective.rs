@@ -19,8 +19,8 @@ pub struct BatchLoss {
 
 pub trait Objective: Send + Sync {
     fn name(&self) -> &'static str;
-    /// The units the loss of `b` is summed over (its denominator in the step's mean).
-    fn units(&self, b: &Batch) -> usize;
+    /// The units the loss of `b` on `model` is summed over (its denominator in the step's mean).
+    fn units(&self, model: &dyn CausalLm, b: &Batch) -> usize;
     /// The loss of `b` summed over its units; with `count_correct`, the correct predictions.
     fn batch_loss(&self, model: &dyn CausalLm, b: &Batch, count_correct: bool) -> Result<BatchLoss>;
     /// Trainable tensors the objective owns (a classification head), by adapter key.
@@ -33,23 +33,45 @@ pub trait Objective: Send + Sync {
     }
 }
 
-/// Next-token cross-entropy on the target tokens (`-100` elsewhere), per target token.
+/// Next-token cross-entropy on the target tokens (`-100` elsewhere), per target token. With
+/// virtual tokens before the input (prompt tuning) the last of them predicts the first real
+/// token, which is scored too, as PEFT does.
 pub struct LanguageModelling;
+
+/// Whether `model` puts virtual tokens before a fresh input.
+fn has_virtual_tokens(model: &dyn CausalLm) -> bool {
+    !model.decoder().inputs.is_empty() && crate::nn::adapters_enabled()
+}
 
 impl Objective for LanguageModelling {
     fn name(&self) -> &'static str {
         "language modelling"
     }
 
-    fn units(&self, b: &Batch) -> usize {
-        b.n_target_tokens
+    fn units(&self, model: &dyn CausalLm, b: &Batch) -> usize {
+        let first_scored = || {
+            let t = b.ids.shape()[1];
+            b.targets.to_vec::<i32>().map_or(0, |v| (0..b.lengths.len()).filter(|r| v[r * t] != -100).count())
+        };
+        b.n_target_tokens + if has_virtual_tokens(model) { first_scored() } else { 0 }
     }
 
     fn batch_loss(&self, model: &dyn CausalLm, b: &Batch, _count_correct: bool) -> Result<BatchLoss> {
         if b.labels.is_some() {
             return Err(Error::InvalidArgument { op: "finetune", msg: "labelled data needs a classification objective (a head)".into() });
         }
-        let sum = model.forward(&b.ids, b.keep.as_ref())?.cross_entropy(&b.targets, -100, CrossEntropyReduction::Sum)?;
+        let h = model.forward_hidden(&b.ids, b.keep.as_ref(), None, false)?;
+        let mut sum = model.lm_head().forward(&h.last)?.cross_entropy(&b.targets, -100, CrossEntropyReduction::Sum)?;
+        if let Some(v) = h.last_virtual {
+            // The first real token of each row, predicted by the last virtual one, where the
+            // loss covers the start of the example (its second token is a target: plain text,
+            // not a prompt of prompt/completion data).
+            let (ids, targets) = (b.ids.to_vec::<u32>()?, b.targets.to_vec::<i32>()?);
+            let t = b.ids.shape()[1];
+            let first: Vec<i32> = (0..b.lengths.len()).map(|r| if targets[r * t] != -100 { ids[r * t] as i32 } else { -100 }).collect();
+            let first = Tensor::from_vec(first, &[b.lengths.len(), 1], b.ids.device())?;
+            sum = sum.add(&model.lm_head().forward(&v)?.cross_entropy(&first, -100, CrossEntropyReduction::Sum)?)?;
+        }
         Ok(BatchLoss { sum, correct: None })
     }
 }
@@ -64,7 +86,7 @@ impl Objective for Classification {
         "classification"
     }
 
-    fn units(&self, b: &Batch) -> usize {
+    fn units(&self, _model: &dyn CausalLm, b: &Batch) -> usize {
         b.lengths.len()
     }
 

@@ -311,7 +311,7 @@ pub fn evaluate(model: &dyn CausalLm, objective: &dyn Objective, data: &Dataset,
             let b = data.batch(chunk, device)?;
             let loss = objective.batch_loss(model, &b, true)?;
             total += loss.sum.to_scalar()?;
-            count += objective.units(&b);
+            count += objective.units(model, &b);
             if let Some(c) = loss.correct {
                 correct = Some(correct.unwrap_or(0) + c);
             }
@@ -579,7 +579,7 @@ impl<'a> Trainer<'a> {
         let micro = self.st.micro;
         self.orders.retain(|&e, _| e + 1 >= micro / bpe);
         let objective = self.attached.objective.as_ref();
-        let denom: usize = batches.iter().map(|(_, b)| objective.units(b)).sum();
+        let denom: usize = batches.iter().map(|(_, b)| objective.units(self.model, b)).sum();
         let tokens: usize = batches.iter().map(|(_, b)| b.n_tokens).sum();
         let t0 = Instant::now();
         let mut loss = 0.0;
