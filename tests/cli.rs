@@ -516,5 +516,13 @@ fn ia3_and_bottleneck_adapters_from_the_cli() {
     let args = finetune_args(&model, &data, &dir.join("x"), &["--method", "ia3", "--reduction-factor", "4"]);
     let (ok, _, err) = tinytune(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!ok && err.contains("--reduction-factor does not apply to method ia3 (it is a setting of adapter)"), "{err}");
+    // Any setting by name with --set (what a method without flags of its own is given).
+    let out = dir.join("set");
+    let report = finetune(&model, &data, &out, &["--method", "prefix", "--set", "num-virtual-tokens=3", "--max-steps", "2", "--batch-size", "4"]);
+    assert_eq!(report["steps"], 2);
+    assert_eq!(read_json(&out.join("adapter/adapter_config.json"))["num_virtual_tokens"], 3);
+    let args = finetune_args(&model, &data, &dir.join("y"), &["--method", "prefix", "--set", "virtual-tokens=3"]);
+    let (ok, _, err) = tinytune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && err.contains("--virtual-tokens does not apply to method prefix"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }

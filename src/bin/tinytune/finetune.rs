@@ -90,7 +90,12 @@ pub struct FinetuneArgs {
     /// Bottleneck adapters: relu, silu or gelu_tanh [default: relu].
     #[arg(long)]
     non_linearity: Option<String>,
-    /// Peak learning rate [default: 2e-4; full fine-tuning 2e-5].
+    /// Any method setting by name, for settings without a flag of their own (a method added
+    /// to the registry needs no CLI edit): `--set num-virtual-tokens=8`; the value is read as
+    /// JSON when it parses (numbers, true/false, lists), else as a string. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Option<Vec<String>>,
+    /// Peak learning rate [default: 2e-4; full fine-tuning 2e-5, others as the method says].
     #[arg(long)]
     lr: Option<f64>,
     /// Passes over the training data [default: 1].
@@ -201,6 +206,7 @@ impl FinetuneArgs {
             adapter_kind,
             reduction_factor,
             non_linearity,
+            set,
             lr,
             epochs,
             max_steps,
@@ -337,6 +343,11 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         .set("adapter-kind", a.adapter_kind)
         .set("reduction-factor", a.reduction_factor)
         .set("non-linearity", a.non_linearity);
+    for kv in a.set.iter().flatten() {
+        let (k, v) = kv.split_once('=').ok_or_else(|| Error::InvalidArgument { op: "--set", msg: format!("'{kv}' is not KEY=VALUE") })?;
+        let value: serde_json::Value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+        settings.set(k.trim(), Some(value));
+    }
     let method = peft::configure(method_name, &settings)?;
     let seed = a.seed.unwrap_or(0);
     // Without --seq-len, examples are cut to fit the model (an explicit longer one is an error
