@@ -307,3 +307,14 @@ fn a_malformed_adapter_is_a_clear_error() {
     let e = load_err(&fixture("peft/does-not-exist"));
     assert!(e.contains("does-not-exist"), "{e}");
 }
+
+#[test]
+fn an_unknown_peft_type_lists_the_ones_that_load() {
+    let dir = tempdir("loha");
+    std::fs::copy(fixture("peft/llama-lora/adapter_model.safetensors"), dir.join(format::WEIGHTS_FILE)).unwrap();
+    std::fs::write(dir.join(format::CONFIG_FILE), r#"{"peft_type": "LOHA", "r": 4}"#).unwrap();
+    let mut model = base_model(&reference("llama-lora"));
+    let e = format::load(&dir, model.as_mut(), &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("'LOHA'") && e.contains("LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, BOTTLENECK, or NONE"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}

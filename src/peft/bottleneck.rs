@@ -319,6 +319,7 @@ impl Method for BottleneckAdapter {
 pub const BOTTLENECK: Registration = Registration {
     name: "adapter",
     about: "bottleneck adapters y + W_up f(W_down y) after the attention and/or MLP (Houlsby, Pfeiffer)",
+    peft_type: "BOTTLENECK",
     settings: &["adapter-kind", "reduction-factor", "non-linearity", "layers"],
     configure: |s: &Settings| {
         let d = BottleneckConfig::default();

@@ -162,6 +162,8 @@ pub fn load(dir: &Path, model: &mut dyn CausalLm, device: &Device) -> Result<Loa
 }
 
 /// The `peft_type`s the registry loads, for error messages.
-fn known_types() -> &'static str {
-    "LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, BOTTLENECK, or NONE with a classification head"
+fn known_types() -> String {
+    let mut types: Vec<&str> = METHODS.iter().filter(|r| r.peft_type != "NONE").map(|r| r.peft_type).collect();
+    types.dedup();
+    format!("{}, or NONE with a classification head", types.join(", "))
 }

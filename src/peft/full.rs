@@ -85,6 +85,7 @@ impl Method for FullModel {
 pub const FULL: Registration = Registration {
     name: "full",
     about: "every weight trainable (the baseline); the result is a whole model",
+    peft_type: "NONE",
     settings: &[],
     configure: |_| Ok(std::sync::Arc::new(Full)),
     // A full fine-tune is saved as a model, never as an adapter.

@@ -203,6 +203,7 @@ impl Method for HeadOnly {
 pub const HEAD: Registration = Registration {
     name: "head",
     about: "a new classification head alone; the body stays frozen",
+    peft_type: "NONE",
     settings: &[],
     configure: |_| Ok(std::sync::Arc::new(HeadOnly)),
     recognises: |c| c.get("peft_type").and_then(Value::as_str) == Some("NONE"),

@@ -253,6 +253,7 @@ fn detach(lin: &mut Linear, layer: &Arc<Ia3Layer>) {
 pub const IA3: Registration = Registration {
     name: "ia3",
     about: "learned vectors (init 1) scaling keys, values and the MLP's inner activation",
+    peft_type: "IA3",
     settings: &["target-modules", "feedforward-modules", "layers"],
     configure: |s: &Settings| {
         let targets = s.strings("target-modules")?.unwrap_or_default();

@@ -430,6 +430,7 @@ fn configure(s: &Settings, dora: bool) -> Result<Arc<dyn MethodConfig>> {
 pub const LORA: Registration = Registration {
     name: "lora",
     about: "low-rank updates s·B A beside frozen linear weights (rsLoRA too)",
+    peft_type: "LORA",
     settings: SETTINGS,
     configure: |s| configure(s, false),
     recognises: |c| c.get("peft_type").and_then(Value::as_str) == Some("LORA") && c.get("use_dora").and_then(Value::as_bool) != Some(true),
@@ -439,6 +440,7 @@ pub const LORA: Registration = Registration {
 pub const DORA: Registration = Registration {
     name: "dora",
     about: "LoRA's direction plus a trainable magnitude per output row",
+    peft_type: "LORA",
     settings: SETTINGS,
     configure: |s| configure(s, true),
     recognises: |c| c.get("peft_type").and_then(Value::as_str) == Some("LORA") && c.get("use_dora").and_then(Value::as_bool) == Some(true),

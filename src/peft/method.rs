@@ -170,6 +170,8 @@ pub struct Registration {
     pub name: &'static str,
     /// One line for `--help` and error messages.
     pub about: &'static str,
+    /// The `peft_type` its saved adapters carry (for messages; `recognises` decides).
+    pub peft_type: &'static str,
     /// The settings it reads (kebab-case, as the CLI flags); any other is an error.
     pub settings: &'static [&'static str],
     /// Build the config from the user's settings.

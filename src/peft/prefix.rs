@@ -252,6 +252,7 @@ impl Method for PrefixAdapter {
 pub const PREFIX: Registration = Registration {
     name: "prefix",
     about: "trainable key/value prefixes in every layer (prefix tuning; --prefix-projection reparameterises them)",
+    peft_type: "PREFIX_TUNING",
     settings: &["num-virtual-tokens", "prefix-projection", "encoder-hidden-size"],
     configure: |s: &Settings| {
         let d = PrefixConfig::default();

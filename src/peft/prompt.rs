@@ -197,6 +197,7 @@ impl Method for PromptAdapter {
 pub const PROMPT: Registration = Registration {
     name: "prompt",
     about: "trainable virtual-token embeddings before the input (prompt tuning)",
+    peft_type: "PROMPT_TUNING",
     settings: &["num-virtual-tokens", "prompt-init", "prompt-init-text", "prompt-init-ids"],
     configure: |s: &Settings| {
         let p = s.usize("num-virtual-tokens")?.unwrap_or(20);
