@@ -428,7 +428,10 @@ fn finetune_checks_its_options() {
     let (ok, _, err) = with(&["--clip=-1"]);
     assert!(!ok && err.contains("--clip") && err.contains("-1"), "{err}");
     let (ok, _, err) = with(&["--method", "prefix-tuning"]);
-    assert!(!ok && err.contains("unknown method 'prefix-tuning'") && err.contains("lora, dora, full, head, ia3, prefix, prompt, adapter"), "{err}");
+    assert!(
+        !ok && err.contains("unknown method 'prefix-tuning'") && err.contains("lora, dora, full, head, ia3, prefix, prompt, adapter"),
+        "{err}"
+    );
     let (ok, _, err) = with(&["--target-modules", "attn"]);
     assert!(!ok && err.contains("'attn'") && err.contains("q_proj"), "{err}");
     let (ok, _, err) = tinytune(&["finetune", "--model", path_str(&model)]);
@@ -486,13 +489,18 @@ fn ia3_and_bottleneck_adapters_from_the_cli() {
     let dir = scratch("sites");
     let (model, data) = (tiny_model_dir(&dir), write_lm_data(&dir));
     let ids = "3,4,5,6,7,8,9,10;3,5,9,7,6,8";
-    let nll = |extra: &[&str]| mean_nll(&[&["eval", "--model", path_str(&model), "--ids", ids, "--device", "cpu", "--json"], extra].concat());
+    let nll =
+        |extra: &[&str]| mean_nll(&[&["eval", "--model", path_str(&model), "--ids", ids, "--device", "cpu", "--json"], extra].concat());
     let base_nll = nll(&[]);
     for (name, flags, peft_type) in [
         ("ia3", vec!["--method", "ia3", "--lr", "5e-2"], "IA3"),
         ("pfeiffer", vec!["--method", "adapter", "--adapter-kind", "pfeiffer", "--reduction-factor", "4", "--lr", "1e-2"], "BOTTLENECK"),
         ("prefix", vec!["--method", "prefix", "--num-virtual-tokens", "4", "--lr", "1e-1"], "PREFIX_TUNING"),
-        ("prompt", vec!["--method", "prompt", "--num-virtual-tokens", "4", "--prompt-init-text", "the cat sat", "--lr", "1e-1"], "PROMPT_TUNING"),
+        (
+            "prompt",
+            vec!["--method", "prompt", "--num-virtual-tokens", "4", "--prompt-init-text", "the cat sat", "--lr", "1e-1"],
+            "PROMPT_TUNING",
+        ),
     ] {
         let out = dir.join(name);
         let report = finetune(&model, &data, &out, &[&flags[..], &["--max-steps", "12", "--batch-size", "4"]].concat());
@@ -503,7 +511,8 @@ fn ia3_and_bottleneck_adapters_from_the_cli() {
         let with_adapter = nll(&["--adapter", path_str(&adapter)]);
         assert!((with_adapter - base_nll).abs() > 1e-4, "{name}: the adapter changes the model ({with_adapter} vs {base_nll})");
         let merged = dir.join(format!("{name}-merged"));
-        let (ok, stdout, err) = tinytune(&["merge", "--model", path_str(&model), "--adapter", path_str(&adapter), "--out", path_str(&merged)]);
+        let (ok, stdout, err) =
+            tinytune(&["merge", "--model", path_str(&model), "--adapter", path_str(&adapter), "--out", path_str(&merged)]);
         if name == "ia3" {
             assert!(ok && stdout.contains("merged 6 adapter layers"), "{stdout}{err}");
             let merged_nll = mean_nll(&["eval", "--model", path_str(&merged), "--ids", ids, "--device", "cpu", "--json"]);
@@ -518,7 +527,8 @@ fn ia3_and_bottleneck_adapters_from_the_cli() {
     assert!(!ok && err.contains("--reduction-factor does not apply to method ia3 (it is a setting of adapter)"), "{err}");
     // Any setting by name with --set (what a method without flags of its own is given).
     let out = dir.join("set");
-    let report = finetune(&model, &data, &out, &["--method", "prefix", "--set", "num-virtual-tokens=3", "--max-steps", "2", "--batch-size", "4"]);
+    let report =
+        finetune(&model, &data, &out, &["--method", "prefix", "--set", "num-virtual-tokens=3", "--max-steps", "2", "--batch-size", "4"]);
     assert_eq!(report["steps"], 2);
     assert_eq!(read_json(&out.join("adapter/adapter_config.json"))["num_virtual_tokens"], 3);
     let args = finetune_args(&model, &data, &dir.join("y"), &["--method", "prefix", "--set", "virtual-tokens=3"]);

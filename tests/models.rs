@@ -264,7 +264,11 @@ fn attention_follows_its_mask_description() {
                     for e in 0..d {
                         let want: f64 = js.iter().map(|&j| (score(j) - m).exp() / z * vv[((bi * hkv + g) * tk + j) * d + e]).sum();
                         let at = ((bi * h + hi) * tq + i) * d + e;
-                        assert!((got[at] - want).abs() < 1e-12, "prefix {prefix} offset {offset} window {window:?}: [{bi},{hi},{i},{e}] {} vs {want}", got[at]);
+                        assert!(
+                            (got[at] - want).abs() < 1e-12,
+                            "prefix {prefix} offset {offset} window {window:?}: [{bi},{hi},{i},{e}] {} vs {want}",
+                            got[at]
+                        );
                     }
                 }
             }

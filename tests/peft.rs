@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use tinytune::models::{self, CausalLm};
 use tinytune::nn::{with_adapters_off, BlockHook};
 use tinytune::peft::{
-    format, full, head, AdapterKind, BottleneckAdapter, BottleneckConfig, ClassifierHead, Ia3Adapter, Ia3Config, LoraAdapter, LoraConfig, Method,
-    MethodConfig, Pooling, PrefixConfig, PromptConfig,
+    format, full, head, AdapterKind, BottleneckAdapter, BottleneckConfig, ClassifierHead, Ia3Adapter, Ia3Config, LoraAdapter, LoraConfig,
+    Method, MethodConfig, Pooling, PrefixConfig, PromptConfig,
 };
 use tinytune::{CrossEntropyReduction, DType, Device, Rng, Tensor};
 
@@ -399,7 +399,8 @@ fn merged_checkpoints_reload_to_the_same_logits() {
 /// Every trainable tensor of `m`, set to `1 + N(0, std²)` (IA³) or `N(0, std²)`, seeded.
 fn perturb(m: &dyn Method, std: f64, around_one: bool) {
     for (i, (_, p)) in m.parameters().iter().enumerate() {
-        let v = Tensor::randn(p.shape(), if around_one { 1.0 } else { 0.0 }, std, p.dtype(), p.device(), &mut Rng::new(40 + i as u64)).unwrap();
+        let v =
+            Tensor::randn(p.shape(), if around_one { 1.0 } else { 0.0 }, std, p.dtype(), p.device(), &mut Rng::new(40 + i as u64)).unwrap();
         p.set_data(&v).unwrap();
     }
 }
@@ -453,7 +454,8 @@ fn ia3_sites_shapes_and_defaults() {
     assert_eq!(model.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap(), base);
     // Bad targets name the field.
     let mut model = load("tiny-llama", DType::F32);
-    let e = Ia3Adapter::attach(model.as_mut(), Ia3Config { targets: vec!["input_layernorm".into()], ..ia3_default() }).unwrap_err().to_string();
+    let e =
+        Ia3Adapter::attach(model.as_mut(), Ia3Config { targets: vec!["input_layernorm".into()], ..ia3_default() }).unwrap_err().to_string();
     assert!(e.contains("ia3 target_modules") && e.contains("input_layernorm") && e.contains("k_proj"), "{e}");
     let cfg = Ia3Config { targets: vec!["k_proj".into()], feedforward: vec!["down_proj".into()], layers: None };
     let e = Ia3Adapter::attach(model.as_mut(), cfg).unwrap_err().to_string();
@@ -495,7 +497,11 @@ fn every_method_saves_and_loads_to_the_same_logits() {
             ("houlsby", Box::new(BottleneckConfig { layers: Some(vec![1]), ..bottleneck(AdapterKind::Houlsby) }), false),
             ("pfeiffer", Box::new(bottleneck(AdapterKind::Pfeiffer)), false),
             ("prefix", Box::new(PrefixConfig { num_virtual_tokens: 3, ..PrefixConfig::default() }), false),
-            ("prefix-projection", Box::new(PrefixConfig { num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: 16 }), false),
+            (
+                "prefix-projection",
+                Box::new(PrefixConfig { num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: 16 }),
+                false,
+            ),
             ("prompt", Box::new(PromptConfig { num_virtual_tokens: 3, ..PromptConfig::default() }), false),
             ("lora", Box::new(lora_config(&[if base == "tiny-llama" { "q_proj" } else { "c_attn" }])), false),
         ];
@@ -507,7 +513,8 @@ fn every_method_saves_and_loads_to_the_same_logits() {
             let want = model.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
             let out = dir.join(format!("{base}-{name}"));
             format::save(&out, model.as_mut(), Some(m.as_ref()), None, base).unwrap();
-            let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+            let config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
             let mut again = load(base, DType::F32);
             let loaded = format::load(&out, again.as_mut(), &Device::Cpu).unwrap_or_else(|e| panic!("{base} {name}: {e}"));
             assert!(loaded.warnings.is_empty(), "{base} {name}: {:?}", loaded.warnings);
@@ -554,7 +561,12 @@ fn adapters_off_is_the_base_model_also_when_recomputed() {
     };
     let mut plain = load("tiny-llama", DType::F64);
     let norm0 = trainable_norm(plain.as_mut());
-    let loss = |m: &dyn CausalLm| m.forward(&ids, Some(&keep.to_dtype(DType::F64).unwrap())).unwrap().cross_entropy(&targets, -100, CrossEntropyReduction::Mean).unwrap();
+    let loss = |m: &dyn CausalLm| {
+        m.forward(&ids, Some(&keep.to_dtype(DType::F64).unwrap()))
+            .unwrap()
+            .cross_entropy(&targets, -100, CrossEntropyReduction::Mean)
+            .unwrap()
+    };
     let l0 = loss(plain.as_ref());
     l0.backward().unwrap();
     for checkpointing in [false, true] {
@@ -731,7 +743,10 @@ fn prompt_tuning_is_reading_virtual_tokens_first() {
         }
         let plain = load(base, DType::F32);
         let want = plain
-            .forward(&Tensor::from_vec(long_ids.clone(), &[2, 10], &Device::Cpu).unwrap(), Some(&Tensor::from_vec(long_keep, &[2, 10], &Device::Cpu).unwrap()))
+            .forward(
+                &Tensor::from_vec(long_ids.clone(), &[2, 10], &Device::Cpu).unwrap(),
+                Some(&Tensor::from_vec(long_keep, &[2, 10], &Device::Cpu).unwrap()),
+            )
             .unwrap()
             .narrow(1, 4, 6)
             .unwrap();

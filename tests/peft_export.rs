@@ -112,10 +112,28 @@ fn cases() -> Vec<Case> {
     let prefix = |p| PrefixConfig { num_virtual_tokens: p, ..PrefixConfig::default() };
     vec![
         case("llama-lora", "tiny-llama", lora(4, 8.0, &["q_proj", "v_proj"]), None, Some(false)),
-        case("llama-rslora-all-layer0", "tiny-llama", LoraConfig { rslora: true, layers: Some(vec![0]), ..lora(4, 16.0, &["all-linear"]) }, None, Some(false)),
-        case("llama-q0-v1", "tiny-llama", lora(4, 8.0, &["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]), None, Some(true)),
+        case(
+            "llama-rslora-all-layer0",
+            "tiny-llama",
+            LoraConfig { rslora: true, layers: Some(vec![0]), ..lora(4, 16.0, &["all-linear"]) },
+            None,
+            Some(false),
+        ),
+        case(
+            "llama-q0-v1",
+            "tiny-llama",
+            lora(4, 8.0, &["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]),
+            None,
+            Some(true),
+        ),
         case("llama-attn-layer1-glob", "tiny-llama", lora(2, 4.0, &["model.layers.1.self_attn.*"]), None, Some(true)),
-        case("llama-dora", "tiny-llama", LoraConfig { dora: true, ..lora(4, 8.0, &["q_proj", "k_proj", "v_proj", "o_proj"]) }, None, Some(false)),
+        case(
+            "llama-dora",
+            "tiny-llama",
+            LoraConfig { dora: true, ..lora(4, 8.0, &["q_proj", "k_proj", "v_proj", "o_proj"]) },
+            None,
+            Some(false),
+        ),
         case("gpt2-lora", "tiny-gpt2-f16", lora(4, 8.0, &["c_attn", "c_proj"]), None, Some(false)),
         case("llama-seqcls", "tiny-llama", lora(4, 8.0, &["q_proj", "v_proj"]), Some(3), Some(false)),
         case("llama-ia3", "tiny-llama", Ia3Config::default(), None, Some(false)),

@@ -234,16 +234,10 @@ fn a_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
     // step, 10 examples in batches of 3 (4 batches an epoch, the last one short), so the 7
     // steps (14 micro-batches) cross epoch boundaries mid-step; the interruption is at a step
     // with no checkpoint due, the resumed part crosses the save at step 5 and an evaluation.
-    for (name, dora, train_path, eval_path, stop) in
-        [("lora", false, &lm, &lm_eval, 3), ("dora-head", true, &cls, &cls_eval, 4)]
-    {
+    for (name, dora, train_path, eval_path, stop) in [("lora", false, &lm, &lm_eval, 3), ("dora-head", true, &cls, &cls_eval, 4)] {
         let (train_set, eval_set) = (load_data(train_path), load_data(eval_path));
         let cfg = |out: PathBuf| TrainConfig {
-            method: Arc::new(LoraConfig {
-                dora,
-                targets: vec!["q_proj".into(), "v_proj".into(), "up_proj".into()],
-                ..lora(2, 4.0, 0.1)
-            }),
+            method: Arc::new(LoraConfig { dora, targets: vec!["q_proj".into(), "v_proj".into(), "up_proj".into()], ..lora(2, 4.0, 0.1) }),
             batch_size: 3,
             grad_accum: 2,
             max_steps: Some(7),
@@ -384,7 +378,13 @@ fn every_method_lowers_the_loss() {
         ("houlsby", Arc::new(houlsby), &lm, &lm_eval, 1e-2),
         ("pfeiffer", Arc::new(pfeiffer), &lm, &lm_eval, 1e-2),
         ("prefix", Arc::new(PrefixConfig { num_virtual_tokens: 4, ..PrefixConfig::default() }), &lm, &lm_eval, 1e-1),
-        ("prefix-projection", Arc::new(PrefixConfig { num_virtual_tokens: 4, prefix_projection: true, encoder_hidden_size: 32 }), &lm, &lm_eval, 1e-2),
+        (
+            "prefix-projection",
+            Arc::new(PrefixConfig { num_virtual_tokens: 4, prefix_projection: true, encoder_hidden_size: 32 }),
+            &lm,
+            &lm_eval,
+            1e-2,
+        ),
         ("prompt", Arc::new(PromptConfig { num_virtual_tokens: 4, ..PromptConfig::default() }), &lm, &lm_eval, 1e-1),
     ];
     for (name, method, train_set, eval_set, lr) in cases {
@@ -412,8 +412,7 @@ fn every_method_lowers_the_loss() {
         } else {
             assert!(before.accuracy.is_none() && after.accuracy.is_none());
         }
-        let saved =
-            if name == "full" { out.join("model/model.safetensors") } else { out.join("adapter/adapter_model.safetensors") };
+        let saved = if name == "full" { out.join("model/model.safetensors") } else { out.join("adapter/adapter_model.safetensors") };
         assert!(saved.exists(), "{name}: {} written", saved.display());
         assert!(std::fs::read_to_string(out.join("loss.svg")).unwrap().starts_with("<svg"));
     }
@@ -431,13 +430,7 @@ fn gpt2_trains_through_the_trainer() {
     let gpt2_lora = LoraConfig { targets: vec!["c_attn".into()], ..lora(2, 4.0, 0.0) };
     for (name, method, lr) in [("lora", Arc::new(gpt2_lora) as Arc<dyn MethodConfig>, 2e-2), ("full", Arc::new(Full), 5e-3)] {
         let out = dir.join(name);
-        let cfg = TrainConfig {
-            method,
-            lr,
-            max_steps: Some(16),
-            schedule: ScheduleKind::Constant,
-            ..config(&out)
-        };
+        let cfg = TrainConfig { method, lr, max_steps: Some(16), schedule: ScheduleKind::Constant, ..config(&out) };
         let mut model = models::load(fixture("tiny-gpt2-f16"), &Device::Cpu).unwrap();
         let r = train::train(model.as_mut(), &lm, Some(&lm_eval), &cfg, "tiny-gpt2", &Device::Cpu, &mut Quiet).unwrap();
         let (before, after) = (r.before.unwrap().loss, r.after.unwrap().loss);
@@ -537,11 +530,7 @@ fn a_failed_checkpoint_write_keeps_the_previous_checkpoint() {
     let dir = scratch("disk");
     let data_path = write_lines(&dir, "lm.jsonl", &lm_lines(12, 31));
     let data = load_data(&data_path);
-    let cfg = |out: PathBuf| TrainConfig {
-        method: Arc::new(lora(2, 4.0, 0.1)),
-        save_every: 2,
-        ..config(&out)
-    };
+    let cfg = |out: PathBuf| TrainConfig { method: Arc::new(lora(2, 4.0, 0.1)), save_every: 2, ..config(&out) };
     let (straight, broken) = (dir.join("straight"), dir.join("broken"));
     run(&cfg(straight.clone()), &data, None, &mut Quiet).unwrap();
 
@@ -608,13 +597,15 @@ fn bad_input_gives_errors_that_name_the_problem() {
     // A head needs labels; labelled data trains one.
     let e = run(&TrainConfig { method: Arc::new(HeadOnly), ..config(&dir.join("o3")) }, &lm, None, &mut Quiet).unwrap_err().to_string();
     assert!(e.contains("'head'") && e.contains("label"), "{e}");
-    let r = run(&TrainConfig { method: Arc::new(HeadOnly), max_steps: Some(2), ..config(&dir.join("o4")) }, &cls, None, &mut Quiet).unwrap();
+    let r =
+        run(&TrainConfig { method: Arc::new(HeadOnly), max_steps: Some(2), ..config(&dir.join("o4")) }, &cls, None, &mut Quiet).unwrap();
     assert_eq!(r.steps, 2);
     assert!(dir.join("o4/adapter/adapter_model.safetensors").exists());
     // Labels that are all 0 (a small subset of binary data) still get a 2-class head.
     let zeros: Vec<String> = (0..4).map(|i| format!(r#"{{"text": "the plot was dull{}", "label": 0}}"#, " .".repeat(i + 1))).collect();
     let zeros = load_data(&write_lines(&dir, "zeros.jsonl", &zeros));
-    let r = run(&TrainConfig { method: Arc::new(HeadOnly), max_steps: Some(1), ..config(&dir.join("o4b")) }, &zeros, None, &mut Quiet).unwrap();
+    let r =
+        run(&TrainConfig { method: Arc::new(HeadOnly), max_steps: Some(1), ..config(&dir.join("o4b")) }, &zeros, None, &mut Quiet).unwrap();
     assert_eq!(r.steps, 1);
     let head = SafetensorsFile::open(dir.join("o4b/adapter/adapter_model.safetensors")).unwrap();
     assert_eq!(head.load("base_model.model.score.weight", &Device::Cpu).unwrap().shape(), [2, 32]);
@@ -642,7 +633,8 @@ fn bad_input_gives_errors_that_name_the_problem() {
     assert!(e.contains("cannot resume") && e.contains("o7/checkpoint/state.json"), "{e}");
 
     // Target modules that match nothing list the valid names.
-    let cfg = TrainConfig { method: Arc::new(LoraConfig { targets: vec!["qproj".into()], ..lora(2, 4.0, 0.0) }), ..config(&dir.join("o8")) };
+    let cfg =
+        TrainConfig { method: Arc::new(LoraConfig { targets: vec!["qproj".into()], ..lora(2, 4.0, 0.0) }), ..config(&dir.join("o8")) };
     let e = run(&cfg, &lm, None, &mut Quiet).unwrap_err().to_string();
     assert!(
         e.contains("'qproj'") && e.contains("down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj, all-linear"),

@@ -122,19 +122,28 @@ impl Gpt2 {
                 attn_norm: layer_norm(w, &format!("{p}.ln_1"), d, c.layer_norm_epsilon, dev)?,
                 attn: SelfAttention {
                     name: format!("transformer.{p}.attn"),
-                    qkv: Qkv::Fused(conv("attn.c_attn", d, 3 * d)?), o: conv("attn.c_proj", d, d)?,
+                    qkv: Qkv::Fused(conv("attn.c_attn", d, 3 * d)?),
+                    o: conv("attn.c_proj", d, d)?,
                 },
                 mlp_norm: layer_norm(w, &format!("{p}.ln_2"), d, c.layer_norm_epsilon, dev)?,
                 mlp: Mlp {
                     name: format!("transformer.{p}.mlp"),
-                    gate: None, up: conv("mlp.c_fc", d, c.n_inner)?, down: conv("mlp.c_proj", c.n_inner, d)?,
+                    gate: None,
+                    up: conv("mlp.c_fc", d, c.n_inner)?,
+                    down: conv("mlp.c_proj", c.n_inner, d)?,
                 },
                 hooks: Vec::new(),
             });
         }
         let norm = layer_norm(w, "ln_f", d, c.layer_norm_epsilon, dev)?;
         let lm_head = Linear::new("lm_head", wte.weight.clone(), None);
-        Ok(Gpt2 { decoder: Decoder { config: c.block_config(), blocks, norm, checkpointing: false, inputs: Vec::new() }, config, wte, wpe, lm_head })
+        Ok(Gpt2 {
+            decoder: Decoder { config: c.block_config(), blocks, norm, checkpointing: false, inputs: Vec::new() },
+            config,
+            wte,
+            wpe,
+            lm_head,
+        })
     }
 }
 

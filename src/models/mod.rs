@@ -5,8 +5,8 @@ pub mod generate;
 pub mod gpt2;
 pub mod llama;
 
-pub use eval::{sequence_nll, NllReport};
 pub use crate::nn::KvCache;
+pub use eval::{sequence_nll, NllReport};
 pub use generate::{generate, GenerateOptions, Sampling};
 
 use std::path::Path;

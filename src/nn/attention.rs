@@ -81,7 +81,10 @@ impl Mask {
             None => allowed,
             Some(keep) => {
                 if keep.rank() != 2 || keep.shape()[1] != real {
-                    return Err(Error::Shape { op: "attention", msg: format!("keep mask must be [batch, {real}], got {:?}", keep.shape()) });
+                    return Err(Error::Shape {
+                        op: "attention",
+                        msg: format!("keep mask must be [batch, {real}], got {:?}", keep.shape()),
+                    });
                 }
                 let b = keep.shape()[0];
                 // The prefix is never padding.

@@ -80,7 +80,11 @@ impl BlockConfig {
 /// The query, key and value projections: three linears, or one whose output is `[q | k | v]`.
 #[derive(Debug, Clone)]
 pub enum Qkv {
-    Separate { q: Linear, k: Linear, v: Linear },
+    Separate {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
     /// GPT-2's `c_attn`.
     Fused(Linear),
 }

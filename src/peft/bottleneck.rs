@@ -208,7 +208,12 @@ impl BottleneckAdapter {
     }
 
     /// Attach given weights, by sublayer path.
-    fn install(model: &mut dyn CausalLm, config: BottleneckConfig, m: usize, mut weights: HashMap<String, Weights4>) -> Result<BottleneckAdapter> {
+    fn install(
+        model: &mut dyn CausalLm,
+        config: BottleneckConfig,
+        m: usize,
+        mut weights: HashMap<String, Weights4>,
+    ) -> Result<BottleneckAdapter> {
         let d = model.hidden_size();
         let mut blocks = Vec::new();
         let known: Vec<String> = model.decoder_mut().blocks.iter().flat_map(|b| [b.attn.name.clone(), b.mlp.name.clone()]).collect();
@@ -225,9 +230,17 @@ impl BottleneckAdapter {
             let mut take = |name: &str| -> Result<Option<Bottleneck>> {
                 let Some((dw, db, uw, ub)) = weights.remove(name) else { return Ok(None) };
                 let p = format!("{name}.bottleneck");
-                for (t, shape, what) in [(&dw, vec![m, d], "down.weight"), (&db, vec![m], "down.bias"), (&uw, vec![d, m], "up.weight"), (&ub, vec![d], "up.bias")] {
+                for (t, shape, what) in [
+                    (&dw, vec![m, d], "down.weight"),
+                    (&db, vec![m], "down.bias"),
+                    (&uw, vec![d, m], "up.weight"),
+                    (&ub, vec![d], "up.bias"),
+                ] {
                     if t.shape() != shape {
-                        return Err(Error::Shape { op: "bottleneck", msg: format!("{p}.{what} has shape {:?}, expected {shape:?} (hidden {d}, bottleneck {m})", t.shape()) });
+                        return Err(Error::Shape {
+                            op: "bottleneck",
+                            msg: format!("{p}.{what} has shape {:?}, expected {shape:?} (hidden {d}, bottleneck {m})", t.shape()),
+                        });
                     }
                 }
                 let leaf = |t: Tensor| t.contiguous()?.requires_grad();
@@ -241,15 +254,24 @@ impl BottleneckAdapter {
             let attn = take(&blk.attn.name.clone())?;
             let Some(mlp) = take(&blk.mlp.name.clone())? else {
                 if attn.is_some() {
-                    return Err(Error::InvalidArgument { op: "bottleneck", msg: format!("{}: an attention adapter without its MLP adapter", blk.name) });
+                    return Err(Error::InvalidArgument {
+                        op: "bottleneck",
+                        msg: format!("{}: an attention adapter without its MLP adapter", blk.name),
+                    });
                 }
                 continue;
             };
             if config.kind == AdapterKind::Houlsby && attn.is_none() {
-                return Err(Error::InvalidArgument { op: "bottleneck", msg: format!("{}: a Houlsby adapter needs one after the attention too", blk.name) });
+                return Err(Error::InvalidArgument {
+                    op: "bottleneck",
+                    msg: format!("{}: a Houlsby adapter needs one after the attention too", blk.name),
+                });
             }
             if config.kind == AdapterKind::Pfeiffer && attn.is_some() {
-                return Err(Error::InvalidArgument { op: "bottleneck", msg: format!("{}: a Pfeiffer adapter has none after the attention", blk.name) });
+                return Err(Error::InvalidArgument {
+                    op: "bottleneck",
+                    msg: format!("{}: a Pfeiffer adapter has none after the attention", blk.name),
+                });
             }
             let hook = Arc::new(BlockAdapters { attn, mlp });
             blk.hooks.push(hook.clone());
@@ -306,7 +328,9 @@ impl Method for BottleneckAdapter {
 
     fn remove(&self, model: &mut dyn CausalLm) -> Result<()> {
         for blk in model.decoder_mut().blocks.iter_mut() {
-            blk.hooks.retain(|h| !self.blocks.iter().any(|(_, b)| h.as_any().downcast_ref::<BlockAdapters>().is_some_and(|x| std::ptr::eq(x, b.as_ref()))));
+            blk.hooks.retain(|h| {
+                !self.blocks.iter().any(|(_, b)| h.as_any().downcast_ref::<BlockAdapters>().is_some_and(|x| std::ptr::eq(x, b.as_ref())))
+            });
         }
         Ok(())
     }
@@ -340,7 +364,8 @@ pub const BOTTLENECK: Registration = Registration {
 
 fn load(model: &mut dyn CausalLm, files: &mut AdapterFiles, device: &Device) -> Result<Box<dyn Method>> {
     files.check_keys(&["adapter_kind", "reduction_factor", "bottleneck_size", "non_linearity", "layers_to_transform"], &[]);
-    let str_field = |k: &str| files.config.get(k).and_then(Value::as_str).ok_or_else(|| files.config_error(format!("missing string field '{k}'")));
+    let str_field =
+        |k: &str| files.config.get(k).and_then(Value::as_str).ok_or_else(|| files.config_error(format!("missing string field '{k}'")));
     let kind = AdapterKind::parse(str_field("adapter_kind")?).map_err(|e| files.config_error(e.to_string()))?;
     let non_linearity = NonLinearity::parse(str_field("non_linearity")?).map_err(|e| files.config_error(e.to_string()))?;
     let reduction_factor = files.usize("reduction_factor")?.ok_or_else(|| files.config_error("missing field 'reduction_factor'"))?;

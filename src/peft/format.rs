@@ -147,7 +147,8 @@ pub fn load(dir: &Path, model: &mut dyn CausalLm, device: &Device) -> Result<Loa
 
     // PEFT prefixes a module's tensors with `base_model.model.`; prompt-learning methods save
     // `prompt_embeddings` bare. The methods check the keys they are given.
-    let keys: Vec<String> = file.names().into_iter().filter(|n| *n != head_key).map(|n| n.strip_prefix(PREFIX).unwrap_or(n).to_string()).collect();
+    let keys: Vec<String> =
+        file.names().into_iter().filter(|n| *n != head_key).map(|n| n.strip_prefix(PREFIX).unwrap_or(n).to_string()).collect();
     let peft_type = obj.get("peft_type").and_then(Value::as_str).unwrap_or("");
     let Some(reg) = METHODS.iter().find(|r| (r.recognises)(obj)) else {
         return Err(format_err(&cpath, format!("peft_type '{peft_type}' is not one tinytune loads ({})", known_types())));

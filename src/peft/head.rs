@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 
 use super::method::{Method, MethodConfig, Registration};
 use crate::backend::Device;
-use crate::models::CausalLm;
 use crate::error::{Error, Result};
+use crate::models::CausalLm;
 use crate::nn::{Linear, COMPUTE};
 use crate::rng::Rng;
 use crate::tensor::Tensor;

@@ -85,15 +85,17 @@ pub struct Ia3Adapter {
 impl Ia3Adapter {
     /// Attach fresh vectors (all ones: the model starts as the base model).
     pub fn attach(model: &mut dyn CausalLm, config: Ia3Config) -> Result<Ia3Adapter> {
-        let (targets, feedforward) = if config.targets.is_empty() {
-            defaults(model.architecture())
-        } else {
-            (config.targets.clone(), config.feedforward.clone())
-        };
+        let (targets, feedforward) =
+            if config.targets.is_empty() { defaults(model.architecture()) } else { (config.targets.clone(), config.feedforward.clone()) };
         let all = super::lora::linear_sites(model);
         let sites = select_sites(&all, &targets, config.layers.as_deref())
             .map_err(|e| Error::InvalidArgument { op: "ia3 target_modules", msg: e.to_string() })?;
-        let ff = if feedforward.is_empty() { Vec::new() } else { select_sites(&all, &feedforward, config.layers.as_deref()).map_err(|e| Error::InvalidArgument { op: "ia3 feedforward_modules", msg: e.to_string() })? };
+        let ff = if feedforward.is_empty() {
+            Vec::new()
+        } else {
+            select_sites(&all, &feedforward, config.layers.as_deref())
+                .map_err(|e| Error::InvalidArgument { op: "ia3 feedforward_modules", msg: e.to_string() })?
+        };
         if let Some(f) = ff.iter().find(|f| !sites.contains(f)) {
             return Err(Error::InvalidArgument {
                 op: "ia3 feedforward_modules",
@@ -131,7 +133,8 @@ impl Ia3Adapter {
                     ),
                 });
             }
-            let l = l.to_dtype(super::trainable_dtype(lin.weight.dtype()))?.to_device(lin.weight.device())?.contiguous()?.requires_grad()?;
+            let l =
+                l.to_dtype(super::trainable_dtype(lin.weight.dtype()))?.to_device(lin.weight.device())?.contiguous()?.requires_grad()?;
             let layer = Arc::new(Ia3Layer { site: lin.name.clone(), l, feedforward });
             lin.attach(layer.clone())?;
             layers.push(layer);
@@ -213,7 +216,8 @@ impl Method for Ia3Adapter {
         let sites: Vec<String> = self.layers.iter().map(|l| l.site.clone()).collect();
         let ff: Vec<String> = self.layers.iter().filter(|l| l.feedforward).map(|l| l.site.clone()).collect();
         let (targets, layers) = super::format::target_modules(model, &sites, self.config.layers.as_deref());
-        let (ff_modules, _) = if ff.is_empty() { (json!([]), Value::Null) } else { super::format::target_modules(model, &ff, self.config.layers.as_deref()) };
+        let (ff_modules, _) =
+            if ff.is_empty() { (json!([]), Value::Null) } else { super::format::target_modules(model, &ff, self.config.layers.as_deref()) };
         json!({
             "peft_type": "IA3",
             "target_modules": targets,
@@ -272,7 +276,10 @@ pub const IA3: Registration = Registration {
 
 /// Attach a saved PEFT IA3 adapter (`{site}.ia3_l`).
 fn load(model: &mut dyn CausalLm, files: &mut AdapterFiles, device: &Device) -> Result<Box<dyn Method>> {
-    files.check_keys(&["target_modules", "feedforward_modules", "layers_to_transform", "fan_in_fan_out", "init_ia3_weights"], &["exclude_modules"]);
+    files.check_keys(
+        &["target_modules", "feedforward_modules", "layers_to_transform", "fan_in_fan_out", "init_ia3_weights"],
+        &["exclude_modules"],
+    );
     let mut vectors = std::collections::HashMap::new();
     for key in &files.keys {
         let site = key

@@ -515,7 +515,9 @@ fn load(model: &mut dyn CausalLm, files: &mut AdapterFiles, device: &Device) -> 
         as usize;
     let layers = match cfg.get("layers_to_transform") {
         None | Some(Value::Null) => None,
-        Some(Value::Number(n)) => Some(vec![n.as_u64().ok_or_else(|| files.config_error("layers_to_transform must be integers"))? as usize]),
+        Some(Value::Number(n)) => {
+            Some(vec![n.as_u64().ok_or_else(|| files.config_error("layers_to_transform must be integers"))? as usize])
+        }
         Some(Value::Array(a)) => Some(
             a.iter()
                 .map(|v| v.as_u64().map(|v| v as usize).ok_or_else(|| files.config_error("layers_to_transform must be integers")))
@@ -538,13 +540,17 @@ fn load(model: &mut dyn CausalLm, files: &mut AdapterFiles, device: &Device) -> 
     let mut weights: HashMap<String, (Tensor, Tensor, Option<Tensor>)> = HashMap::new();
     for key in &files.keys {
         let Some(site) = key.strip_suffix(".lora_A.weight") else {
-            let known = key.ends_with(".lora_B.weight") || key.ends_with(".lora_magnitude_vector") || key.ends_with(".lora_magnitude_vector.weight");
+            let known = key.ends_with(".lora_B.weight")
+                || key.ends_with(".lora_magnitude_vector")
+                || key.ends_with(".lora_magnitude_vector.weight");
             if !known {
                 return Err(files.weights_error(format!("tensor '{}{key}' is not a LoRA weight tinytune knows", super::format::PREFIX)));
             }
             continue;
         };
-        let b = files.tensor(&format!("{site}.lora_B.weight"), device).map_err(|_| files.weights_error(format!("{site} has lora_A but no lora_B.weight")))?;
+        let b = files
+            .tensor(&format!("{site}.lora_B.weight"), device)
+            .map_err(|_| files.weights_error(format!("{site} has lora_A but no lora_B.weight")))?;
         let m = [".lora_magnitude_vector", ".lora_magnitude_vector.weight"]
             .iter()
             .map(|s| format!("{site}{s}"))

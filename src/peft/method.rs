@@ -134,7 +134,10 @@ impl AdapterFiles<'_> {
     pub fn usize(&self, key: &str) -> Result<Option<usize>> {
         match self.config.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| self.config_error(format!("field '{key}' = {v} must be a non-negative integer"))),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.config_error(format!("field '{key}' = {v} must be a non-negative integer"))),
         }
     }
 

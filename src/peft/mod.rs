@@ -34,9 +34,9 @@ pub use full::Full;
 pub use head::{ClassifierHead, HeadOnly, Pooling};
 pub use ia3::{Ia3Adapter, Ia3Config};
 pub use lora::{LoraAdapter, LoraConfig, LoraLayer};
+pub use method::{configure, registration, Method, MethodConfig, Settings, METHODS};
 pub use prefix::{PrefixAdapter, PrefixConfig};
 pub use prompt::{PromptAdapter, PromptConfig, PromptInit};
-pub use method::{configure, registration, Method, MethodConfig, Settings, METHODS};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 

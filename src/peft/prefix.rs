@@ -262,7 +262,10 @@ pub const PREFIX: Registration = Registration {
             encoder_hidden_size: s.usize("encoder-hidden-size")?.unwrap_or(d.encoder_hidden_size),
         };
         if config.num_virtual_tokens == 0 || config.encoder_hidden_size == 0 {
-            return Err(Error::InvalidArgument { op: "prefix tuning", msg: "--num-virtual-tokens and --encoder-hidden-size must be at least 1".into() });
+            return Err(Error::InvalidArgument {
+                op: "prefix tuning",
+                msg: "--num-virtual-tokens and --encoder-hidden-size must be at least 1".into(),
+            });
         }
         Ok(Arc::new(config))
     },
@@ -273,14 +276,23 @@ pub const PREFIX: Registration = Registration {
 /// Attach a saved PEFT `PREFIX_TUNING` adapter: `prompt_embeddings [p, layers·2·kv_dim]`.
 fn load(model: &mut dyn CausalLm, files: &mut AdapterFiles, device: &Device) -> Result<Box<dyn Method>> {
     files.check_keys(
-        &["num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers", "encoder_hidden_size", "prefix_projection"],
+        &[
+            "num_virtual_tokens",
+            "token_dim",
+            "num_transformer_submodules",
+            "num_attention_heads",
+            "num_layers",
+            "encoder_hidden_size",
+            "prefix_projection",
+        ],
         &["init_weights"],
     );
     let (layers, kv_heads, head_dim, _) = shape_of(model);
     for (field, want) in [("num_layers", layers), ("token_dim", kv_heads * head_dim)] {
         if let Some(got) = files.usize(field)? {
             if got != want {
-                return Err(files.config_error(format!("field '{field}' = {got}, but the model has {want}: the adapter was made for another model")));
+                return Err(files
+                    .config_error(format!("field '{field}' = {got}, but the model has {want}: the adapter was made for another model")));
             }
         }
     }

@@ -29,7 +29,10 @@ use crate::tensor::Tensor;
 pub enum PromptInit {
     Random,
     /// The embeddings of these token ids (a text, tokenized), repeated to fill `p`.
-    Text { ids: Vec<u32>, text: String },
+    Text {
+        ids: Vec<u32>,
+        text: String,
+    },
     /// The embeddings of `p` token ids drawn uniformly from the vocabulary.
     SampleVocab,
 }
@@ -112,7 +115,10 @@ impl PromptAdapter {
         if embeddings.shape() != [p, d] {
             return Err(Error::Shape {
                 op: "prompt tuning",
-                msg: format!("prompt_embeddings has shape {:?}, this model needs [{p}, {d}] (num_virtual_tokens × hidden size)", embeddings.shape()),
+                msg: format!(
+                    "prompt_embeddings has shape {:?}, this model needs [{p}, {d}] (num_virtual_tokens × hidden size)",
+                    embeddings.shape()
+                ),
             });
         }
         if !model.decoder().inputs.is_empty() {
@@ -185,7 +191,10 @@ impl Method for PromptAdapter {
     }
 
     fn remove(&self, model: &mut dyn CausalLm) -> Result<()> {
-        model.decoder_mut().inputs.retain(|h| !h.as_any().downcast_ref::<PromptHook>().is_some_and(|x| std::ptr::eq(x, self.hook.as_ref())));
+        model
+            .decoder_mut()
+            .inputs
+            .retain(|h| !h.as_any().downcast_ref::<PromptHook>().is_some_and(|x| std::ptr::eq(x, self.hook.as_ref())));
         Ok(())
     }
 
@@ -218,7 +227,10 @@ pub const PROMPT: Registration = Registration {
             (Some(o), t) => {
                 return Err(Error::InvalidArgument {
                     op: "--prompt-init",
-                    msg: format!("'{o}'{} (random, text with --prompt-init-text, or vocab)", if t.is_some() { " with --prompt-init-text" } else { "" }),
+                    msg: format!(
+                        "'{o}'{} (random, text with --prompt-init-text, or vocab)",
+                        if t.is_some() { " with --prompt-init-text" } else { "" }
+                    ),
                 });
             }
         };
@@ -234,7 +246,15 @@ pub const PROMPT: Registration = Registration {
 /// Attach a saved PEFT `PROMPT_TUNING` adapter: `prompt_embeddings [p, hidden]`.
 fn load(model: &mut dyn CausalLm, files: &mut AdapterFiles, device: &Device) -> Result<Box<dyn Method>> {
     files.check_keys(
-        &["num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers", "prompt_tuning_init", "prompt_tuning_init_text"],
+        &[
+            "num_virtual_tokens",
+            "token_dim",
+            "num_transformer_submodules",
+            "num_attention_heads",
+            "num_layers",
+            "prompt_tuning_init",
+            "prompt_tuning_init_text",
+        ],
         &["tokenizer_name_or_path", "tokenizer_kwargs"],
     );
     if files.usize("num_transformer_submodules")?.is_some_and(|n| n != 1) {

@@ -303,7 +303,14 @@ pub fn attach(
 
 /// Mean loss (and accuracy) of `model` on `data` under `objective`, without gradients or
 /// dropout.
-pub fn evaluate(model: &dyn CausalLm, objective: &dyn Objective, data: &Dataset, batch_size: usize, device: &Device, step: u64) -> Result<EvalRecord> {
+pub fn evaluate(
+    model: &dyn CausalLm,
+    objective: &dyn Objective,
+    data: &Dataset,
+    batch_size: usize,
+    device: &Device,
+    step: u64,
+) -> Result<EvalRecord> {
     with_no_grad(|| {
         let (mut total, mut count, mut correct) = (0.0, 0usize, None::<usize>);
         let order: Vec<usize> = (0..data.len()).collect();
@@ -326,7 +333,8 @@ pub fn evaluate(model: &dyn CausalLm, objective: &dyn Objective, data: &Dataset,
 /// Weight decay applies to matrices; vectors (norm weights, biases, DoRA magnitudes, IA³'s
 /// `(out, 1)` scales: at most one axis longer than 1) get none.
 fn param_groups(params: &[(String, Tensor)], weight_decay: f64) -> Vec<ParamGroup> {
-    let (matrices, vectors): (Vec<_>, Vec<_>) = params.iter().cloned().partition(|(_, t)| t.shape().iter().filter(|&&d| d > 1).count() >= 2);
+    let (matrices, vectors): (Vec<_>, Vec<_>) =
+        params.iter().cloned().partition(|(_, t)| t.shape().iter().filter(|&&d| d > 1).count() >= 2);
     let mut groups = vec![ParamGroup::new("decay", matrices, 1.0, weight_decay)];
     if !vectors.is_empty() {
         groups.push(ParamGroup::new("no_decay", vectors, 1.0, 0.0));
@@ -481,7 +489,13 @@ impl<'a> Trainer<'a> {
     /// Check the settings and the data, attach the method (and a head for labelled data),
     /// build the optimizer and schedule; with `cfg.resume`, continue from the checkpoint in
     /// `cfg.out`. `eval` is only checked here (labels, kind), not evaluated.
-    pub fn new(model: &'a mut dyn CausalLm, train: &'a Dataset, eval: Option<&Dataset>, cfg: &'a TrainConfig, device: &Device) -> Result<Trainer<'a>> {
+    pub fn new(
+        model: &'a mut dyn CausalLm,
+        train: &'a Dataset,
+        eval: Option<&Dataset>,
+        cfg: &'a TrainConfig,
+        device: &Device,
+    ) -> Result<Trainer<'a>> {
         cfg.validate()?;
         if train.is_empty() {
             return Err(Error::InvalidArgument { op: "finetune", msg: format!("{}: no training examples", train.path()) });
