@@ -518,11 +518,11 @@ fn every_method_saves_and_loads_to_the_same_logits() {
             let mut again = load(base, DType::F32);
             let loaded = format::load(&out, again.as_mut(), &Device::Cpu).unwrap_or_else(|e| panic!("{base} {name}: {e}"));
             assert!(loaded.warnings.is_empty(), "{base} {name}: {:?}", loaded.warnings);
-            assert_eq!(loaded.method.as_ref().unwrap().name(), m.name(), "{base} {name}: {config}");
+            assert_eq!(loaded.method.name(), m.name(), "{base} {name}: {config}");
             let got = again.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
             assert_eq!(got, want, "{base} {name}: reloaded logits");
             // Taken off again, the model is the base model.
-            loaded.method.as_ref().unwrap().remove(again.as_mut()).unwrap();
+            loaded.method.remove(again.as_mut()).unwrap();
             let plain = load(base, DType::F32).forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
             assert_eq!(again.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap(), plain, "{base} {name}: removed");
         }

@@ -186,7 +186,7 @@ fn run_case(case: &Case, out: &Path) {
     let mut again = base_model(case.base);
     let loaded = format::load(out, again.as_mut(), &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert!(loaded.warnings.is_empty(), "{name}: {:?}", loaded.warnings);
-    let l = loaded.method.as_ref().unwrap();
+    let l = &loaded.method;
     assert_eq!((l.name(), l.num_sites()), (adapter.name(), adapter.num_sites()), "{name}: method and sites");
     assert_eq!(loaded.head.as_ref().map(|h| h.num_classes()), case.classes, "{name}: head");
     for ((k, a), (k2, b)) in adapter.parameters().iter().zip(l.parameters()) {

@@ -119,9 +119,7 @@ fn check_fixture(name: &str) {
     // Gradients of every trainable tensor equal PEFT's (eval mode: no dropout).
     loss.backward().unwrap();
     let mut ours: Vec<(String, Tensor)> = Vec::new();
-    if let Some(m) = &adapter.method {
-        ours.extend(m.parameters());
-    }
+    ours.extend(adapter.method.parameters());
     if let Some(h) = &adapter.head {
         ours.extend(h.parameters());
     }
@@ -137,7 +135,7 @@ fn check_fixture(name: &str) {
 
     // Merging reproduces PEFT's merged logits (LoRA, DoRA, IA3).
     if r.get("logits_merged").is_some() {
-        adapter.method.as_ref().unwrap().merge(model.as_mut()).unwrap();
+        adapter.method.merge(model.as_mut()).unwrap();
         let (merged, _) = run(model.as_ref(), &adapter, &r);
         let d = worst(&merged.to_vec_f64().unwrap(), &floats(&r["logits_merged"]), &keepv, per_pos);
         assert!(d < 1e-4, "{name}: merged logits differ from PEFT's by {d}");
@@ -147,7 +145,7 @@ fn check_fixture(name: &str) {
     let mut model = base_model(&r);
     let adapter = format::load(&dir, model.as_mut(), &Device::Cpu).unwrap();
     let out = tempdir(name);
-    format::save(&out, model.as_mut(), adapter.method.as_deref(), adapter.head.as_ref(), "base").unwrap();
+    format::save(&out, model.as_mut(), Some(adapter.method.as_ref()), adapter.head.as_ref(), "base").unwrap();
     let saved = tinytune::io::SafetensorsFile::open(out.join(format::WEIGHTS_FILE)).unwrap();
     let mut names: Vec<&str> = saved.names();
     names.sort();

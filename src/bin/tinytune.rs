@@ -324,10 +324,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Merge { model, adapter, out } => {
             let mut m = models::load(&model, &Device::Cpu)?;
             let loaded = format::load(&adapter, m.as_mut(), &Device::Cpu)?;
-            let method = loaded.method.ok_or_else(|| Error::InvalidArgument {
-                op: "merge",
-                msg: format!("{} holds no LoRA/DoRA weights to merge (a head alone is not part of the language model)", adapter.display()),
-            })?;
+            // A head alone refuses (HeadOnly::merge), as every method that cannot be merged.
+            let method = &loaded.method;
             method.merge(m.as_mut()).map_err(|e| match e {
                 Error::InvalidArgument { msg, .. } => Error::InvalidArgument { op: "merge", msg: format!("{}: {msg}", adapter.display()) },
                 e => e,

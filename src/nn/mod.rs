@@ -159,11 +159,6 @@ impl Linear {
         Ok(())
     }
 
-    /// Take off the methods `f` picks (e.g. those of one adapter).
-    pub fn detach_where(&mut self, f: impl Fn(&dyn LinearAdapter) -> bool) {
-        self.adapters.retain(|a| !f(a.as_ref()));
-    }
-
     /// Call `f` on `{name}.weight` and `{name}.bias` (checkpoint names); `f` may replace them.
     pub fn visit_parameters(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
         f(&format!("{}.weight", self.name), &mut self.weight)?;

@@ -328,9 +328,7 @@ impl Method for BottleneckAdapter {
 
     fn remove(&self, model: &mut dyn CausalLm) -> Result<()> {
         for blk in model.decoder_mut().blocks.iter_mut() {
-            blk.hooks.retain(|h| {
-                !self.blocks.iter().any(|(_, b)| h.as_any().downcast_ref::<BlockAdapters>().is_some_and(|x| std::ptr::eq(x, b.as_ref())))
-            });
+            blk.hooks.retain(|h| !self.blocks.iter().any(|(_, b)| super::is_same(h, b)));
         }
         Ok(())
     }

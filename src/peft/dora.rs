@@ -17,9 +17,7 @@ use crate::tensor::Tensor;
 
 /// `‖W‖` of each row of `W: [out, in]` → `[out]`.
 pub fn row_norms(w: &Tensor) -> Result<Tensor> {
-    crate::autograd::with_no_grad(|| {
-        w.to_dtype(if w.dtype().is_compute() { w.dtype() } else { crate::nn::COMPUTE })?.sqr()?.sum(&[-1], false)?.sqrt()
-    })
+    crate::autograd::with_no_grad(|| w.to_dtype(super::trainable_dtype(w.dtype()))?.sqr()?.sum(&[-1], false)?.sqrt())
 }
 
 /// The DoRA output (no bias) of `layer` with magnitude `m` on `x` (`xd`: dropped input).

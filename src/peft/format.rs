@@ -39,7 +39,7 @@ pub const EXTRA_FILE: &str = "tinytune.json";
 pub struct LoadedAdapter {
     /// The method attached to the body (a head-only adapter: the `head` method, which
     /// attaches nothing).
-    pub method: Option<Box<dyn Method>>,
+    pub method: Box<dyn Method>,
     pub head: Option<ClassifierHead>,
     /// Config keys that were not understood (ignored).
     pub warnings: Vec<String>,
@@ -48,7 +48,7 @@ pub struct LoadedAdapter {
 impl LoadedAdapter {
     /// The attached method as its own type (`loaded.method_as::<LoraAdapter>()`).
     pub fn method_as<T: 'static>(&self) -> Option<&T> {
-        self.method.as_ref().and_then(|m| m.as_any().downcast_ref::<T>())
+        self.method.as_any().downcast_ref::<T>()
     }
 }
 
@@ -94,7 +94,10 @@ pub fn save(dir: &Path, model: &mut dyn CausalLm, method: Option<&dyn Method>, h
 pub(crate) fn target_modules(model: &mut dyn CausalLm, sites: &[String], layers: Option<&[usize]>) -> (Value, Value) {
     let all = super::lora::linear_sites(model);
     let in_layers = |s: &String| layers.is_none_or(|l| super::layer_of(s).is_some_and(|i| l.contains(&i)));
-    let suffix = |s: &str, k: usize| s.rsplitn(k + 1, '.').take(k).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(".");
+    let suffix = |s: &str, k: usize| {
+        let parts: Vec<&str> = s.split('.').collect();
+        parts[parts.len().saturating_sub(k)..].join(".")
+    };
     let names: Option<Vec<String>> = sites
         .iter()
         .map(|s| {
@@ -159,7 +162,7 @@ pub fn load(dir: &Path, model: &mut dyn CausalLm, device: &Device) -> Result<Loa
     if method.as_any().is::<super::head::HeadOnly>() && head.is_none() {
         return Err(format_err(&wpath, format!("peft_type '{peft_type}' with no classification head ({head_key}): nothing to load")));
     }
-    Ok(LoadedAdapter { method: Some(method), head, warnings })
+    Ok(LoadedAdapter { method, head, warnings })
 }
 
 /// The `peft_type`s the registry loads, for error messages.

@@ -13,7 +13,7 @@ pub fn make_trainable(model: &mut dyn CausalLm) -> Result<Vec<(String, Tensor)>>
     let mut out = Vec::new();
     model.visit_parameters(&mut |name, t| {
         // f16/bf16 storage becomes f32 to be trained; f32/f64 weights keep their dtype.
-        let w = if t.dtype().is_compute() { t.clone() } else { t.to_dtype(crate::nn::COMPUTE)? };
+        let w = t.to_dtype(super::trainable_dtype(t.dtype()))?;
         *t = w.requires_grad()?;
         out.push((name.to_string(), t.clone()));
         Ok(())

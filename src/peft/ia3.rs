@@ -251,7 +251,7 @@ impl Method for Ia3Adapter {
 }
 
 fn detach(lin: &mut Linear, layer: &Arc<Ia3Layer>) {
-    lin.detach_where(|a| a.as_any().downcast_ref::<Ia3Layer>().is_some_and(|l| std::ptr::eq(l, layer.as_ref())));
+    lin.adapters.retain(|a| !super::is_same(a, layer));
 }
 
 pub const IA3: Registration = Registration {

@@ -331,7 +331,7 @@ pub struct Merged {
 
 /// Take `layer` (this adapter's, not another method's) off `lin`.
 fn detach(lin: &mut Linear, layer: &Arc<LoraLayer>) {
-    lin.detach_where(|a| a.as_any().downcast_ref::<LoraLayer>().is_some_and(|l| std::ptr::eq(l, layer.as_ref())));
+    lin.adapters.retain(|a| !super::is_same(a, layer));
 }
 
 impl MethodConfig for LoraConfig {

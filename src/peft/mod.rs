@@ -90,6 +90,12 @@ pub(crate) fn trainable_dtype(w: crate::DType) -> crate::DType {
     }
 }
 
+/// Whether `attached` (an entry at a site) is `mine` (the same allocation): how a method finds
+/// its own entries among other methods' when it takes them off.
+pub(crate) fn is_same<T: ?Sized, U: ?Sized>(attached: &std::sync::Arc<T>, mine: &std::sync::Arc<U>) -> bool {
+    std::ptr::addr_eq(std::sync::Arc::as_ptr(attached), std::sync::Arc::as_ptr(mine))
+}
+
 /// SplitMix64 finaliser of `seed + site·golden`: well-separated seeds per site.
 pub(crate) fn mix(seed: u64, site: u64) -> u64 {
     let mut z = seed.wrapping_add(site.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));

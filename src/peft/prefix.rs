@@ -239,7 +239,7 @@ impl Method for PrefixAdapter {
 
     fn remove(&self, model: &mut dyn CausalLm) -> Result<()> {
         for blk in model.decoder_mut().blocks.iter_mut() {
-            blk.hooks.retain(|h| !h.as_any().downcast_ref::<PrefixHook>().is_some_and(|x| std::ptr::eq(x, self.hook.as_ref())));
+            blk.hooks.retain(|h| !super::is_same(h, &self.hook));
         }
         Ok(())
     }

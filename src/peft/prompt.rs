@@ -77,8 +77,8 @@ pub struct PromptAdapter {
 impl PromptAdapter {
     pub fn attach(model: &mut dyn CausalLm, config: PromptConfig, seed: u64) -> Result<PromptAdapter> {
         let (p, d) = (config.num_virtual_tokens, model.hidden_size());
-        let table = model.embed_tokens(&Tensor::from_vec(vec![0u32], &[1, 1], model.lm_head().weight.device())?)?;
-        let (dt, dev) = (super::trainable_dtype(table.dtype()), table.device().clone());
+        let w = &model.lm_head().weight;
+        let (dt, dev) = (super::trainable_dtype(w.dtype()), w.device().clone());
         let mut rng = Rng::new(super::mix(seed, 0x9A0E_717E));
         let ids = |ids: Vec<u32>| -> Result<Tensor> {
             let t = Tensor::from_vec(ids, &[1, p], &dev)?;
@@ -191,10 +191,7 @@ impl Method for PromptAdapter {
     }
 
     fn remove(&self, model: &mut dyn CausalLm) -> Result<()> {
-        model
-            .decoder_mut()
-            .inputs
-            .retain(|h| !h.as_any().downcast_ref::<PromptHook>().is_some_and(|x| std::ptr::eq(x, self.hook.as_ref())));
+        model.decoder_mut().inputs.retain(|h| !super::is_same(h, &self.hook));
         Ok(())
     }
 
