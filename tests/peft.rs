@@ -782,6 +782,11 @@ fn prompt_gradients_match_finite_differences_and_bad_input_is_named() {
         let keep = keep.to_dtype(DType::F64).unwrap();
         let plain = load(base, DType::F64).forward(&ids, Some(&keep)).unwrap().to_vec_f64().unwrap();
         assert_eq!(with_adapters_off(|| model.forward(&ids, Some(&keep))).unwrap().to_vec_f64().unwrap(), plain);
+        // Saving the model with virtual tokens still attached is refused (they are not weights).
+        let dir = std::env::temp_dir().join(format!("tinytune-prompt-save-{}-{base}", std::process::id()));
+        let e = models::save_checkpoint(model.as_mut(), &dir).unwrap_err().to_string();
+        assert!(e.contains("virtual tokens attached"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
         m.remove(model.as_mut()).unwrap();
         assert_eq!(model.forward(&ids, Some(&keep)).unwrap().to_vec_f64().unwrap(), plain);
     }

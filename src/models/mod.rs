@@ -187,6 +187,12 @@ pub fn save_checkpoint(model: &mut dyn CausalLm, dir: &Path) -> Result<()> {
             msg: format!("{} still has an adapter attached: merge it (or remove it) before saving the model", site.name),
         });
     }
+    if !model.decoder().inputs.is_empty() {
+        return Err(crate::Error::InvalidArgument {
+            op: "save checkpoint",
+            msg: "the model has virtual tokens attached at its input (prompt tuning): remove them before saving the model".into(),
+        });
+    }
     if let Some(b) = model.decoder_mut().blocks.iter().find(|b| !b.hooks.is_empty()) {
         return Err(crate::Error::InvalidArgument {
             op: "save checkpoint",
