@@ -67,6 +67,10 @@ pub enum Error {
     #[error("gpu: {0}")]
     Gpu(String),
 
+    /// A size that cannot be allocated: more than the machine's memory, or overflowing.
+    #[error("{what}: out of memory: {msg}")]
+    OutOfMemory { what: String, msg: String },
+
     /// A file could not be opened or read.
     #[error("{path}: {msg}")]
     Io { path: String, msg: String },

@@ -26,6 +26,7 @@ pub mod dtype;
 pub mod error;
 pub mod io;
 pub mod layout;
+pub mod mem;
 pub mod models;
 pub mod nn;
 pub mod optim;
@@ -41,3 +42,13 @@ pub use dtype::DType;
 pub use error::{Error, Result};
 pub use rng::Rng;
 pub use tensor::{CrossEntropyReduction, RopeLayout, Tensor};
+
+/// Print a line on standard error, ignoring a failure to write it (stderr closed, or on a
+/// full disk): a message must never stop the work or panic, as `eprintln!` would.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+pub(crate) use say;

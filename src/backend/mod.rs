@@ -50,7 +50,7 @@ impl Device {
     pub fn auto() -> Device {
         Device::gpu().unwrap_or_else(|e| {
             static SAID: std::sync::Once = std::sync::Once::new();
-            SAID.call_once(|| eprintln!("tinytune: device auto = cpu ({e})"));
+            SAID.call_once(|| crate::say!("tinytune: device auto = cpu ({e})"));
             Device::Cpu
         })
     }

@@ -31,7 +31,7 @@ impl<'a> RawConfig<'a> {
     }
 
     pub fn read(path: &'a Path) -> Result<RawConfig<'a>> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.display().to_string(), msg: e.to_string() })?;
+        let text = super::read_regular_string(path)?;
         RawConfig::parse(path, &text)
     }
 

@@ -332,7 +332,7 @@ impl GgufFile {
     /// Map and parse a GGUF file. Nothing is copied until a tensor is loaded.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+        let file = super::open_regular(path)?;
         // SAFETY: the map is read-only; like every mmap-based loader, we rely on the file not
         // being truncated by another process while it is mapped.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(path, e))?;

@@ -15,6 +15,35 @@ use crate::dtype::DType;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
+/// Open `path` for reading if it is a regular file (or a link to one). A FIFO, socket or
+/// device would block or stream forever where a model or adapter file is expected, so it is
+/// refused with an error naming the path before it is opened.
+pub fn open_regular(path: &std::path::Path) -> Result<std::fs::File> {
+    let err = |msg: String| crate::error::Error::Io { path: path.display().to_string(), msg };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() { "a directory" } else { "not a regular file (a pipe, socket or device)" };
+        return Err(err(format!("{what}: expected a regular file")));
+    }
+    std::fs::File::open(path).map_err(|e| err(e.to_string()))
+}
+
+/// The bytes of the regular file `path` (see [`open_regular`]).
+pub fn read_regular(path: &std::path::Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    open_regular(path)?
+        .read_to_end(&mut bytes)
+        .map_err(|e| crate::error::Error::Io { path: path.display().to_string(), msg: e.to_string() })?;
+    Ok(bytes)
+}
+
+/// The text of the regular file `path` (UTF-8; see [`open_regular`]).
+pub fn read_regular_string(path: &std::path::Path) -> Result<String> {
+    String::from_utf8(read_regular(path)?)
+        .map_err(|e| crate::error::Error::Format { path: path.display().to_string(), msg: format!("not UTF-8 text: {e}") })
+}
+
 /// Write `bytes` to `path` so that a reader sees the old file or the new one, never a part:
 /// write a temporary file beside it, flush it to disk, rename it over `path`. If anything
 /// fails (a full disk, no permission), the previous file is untouched and the error names

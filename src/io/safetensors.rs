@@ -42,7 +42,7 @@ impl SafetensorsFile {
     /// Map and validate a file. Nothing is copied until a tensor is loaded.
     pub fn open(path: impl AsRef<Path>) -> Result<SafetensorsFile> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+        let file = super::open_regular(path)?;
         // SAFETY: the map is read-only; like every mmap-based loader, we rely on the file not
         // being truncated by another process while it is mapped.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(path, e))?;
@@ -123,7 +123,7 @@ impl Checkpoint {
             if single.exists() {
                 vec![single]
             } else if index.exists() {
-                let text = std::fs::read_to_string(&index).map_err(|e| io_err(&index, e))?;
+                let text = super::read_regular_string(&index)?;
                 let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| format_err(&index, format!("invalid JSON: {e}")))?;
                 let map = json
                     .get("weight_map")

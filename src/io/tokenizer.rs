@@ -125,7 +125,7 @@ fn format_err(path: &Path, msg: impl Into<String>) -> Error {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| Error::Io { path: path.display().to_string(), msg: e.to_string() })
+    super::read_regular(path)
 }
 
 /// GPT-2's byte ↔ character table: each byte is spelled by one printable character, so byte-level
@@ -419,7 +419,18 @@ impl Tokenizer {
         let enc = self
             .inner
             .encode(text, add_special_tokens)
-            .map_err(|e| Error::InvalidArgument { op: "Tokenizer::encode", msg: format!("{}: {e}", self.source) })?;
+            .map_err(|e| {
+                let e = e.to_string();
+                // The BPE model's own words for a character no token spells and no unknown token stands for.
+                let msg = match e.strip_prefix("Token `").and_then(|r| r.strip_suffix("` out of vocabulary")) {
+                    Some(piece) => format!(
+                        "cannot encode the text: no token of the vocabulary ({} tokens) spells '{piece}', and it has no unknown token to stand for it",
+                        self.vocab_size()
+                    ),
+                    None => e,
+                };
+                Error::InvalidArgument { op: "Tokenizer::encode", msg: format!("{}: {msg}", self.source) }
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -547,7 +558,16 @@ fn byte_level(
     path: &Path,
 ) -> Result<tokenizers::Tokenizer> {
     let vocab: Vocab = vocab.into_iter().collect();
-    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| format_err(path, format!("BPE vocabulary: {e}")))?;
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| {
+        let e = e.to_string();
+        match e.strip_prefix("Token `").and_then(|r| r.strip_suffix("` out of vocabulary")) {
+            Some(t) => format_err(
+                path,
+                format!("BPE merges: a merge uses the token '{t}', which the vocabulary does not have: the tokenizer is malformed"),
+            ),
+            None => format_err(path, format!("BPE vocabulary: {e}")),
+        }
+    })?;
     let mut inner = tokenizers::Tokenizer::new(bpe);
     let pre: PreTokenizerWrapper = match split {
         None => ByteLevel::new(false, true, true).into(),

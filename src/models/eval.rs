@@ -34,6 +34,9 @@ pub fn sequence_nll(model: &dyn CausalLm, seqs: &[Vec<u32>], batch_size: usize, 
     if seqs.iter().all(|s| s.len() < 2) {
         return Err(Error::InvalidArgument { op: "eval", msg: "need at least one sequence of two or more tokens".into() });
     }
+    for (i, s) in seqs.iter().enumerate() {
+        model.check_tokens(&format!("eval: sequence {} ({} tokens)", i + 1, s.len()), s, s.len())?;
+    }
     let _g = no_grad();
     let mut report = NllReport { sum_nll: 0.0, tokens: 0 };
     for batch in seqs.chunks(batch_size) {

@@ -139,6 +139,11 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(Error::InvalidArgument { op: "generate", msg: "the prompt has no tokens".into() });
     }
+    model.check_tokens(
+        &format!("generate: a prompt of {} tokens + max_new_tokens {}", prompt.len(), opts.max_new_tokens),
+        prompt,
+        prompt.len().saturating_add(opts.max_new_tokens),
+    )?;
     let _g = no_grad();
     let mut cache = KvCache::new(model.num_layers());
     let mut history = prompt.to_vec();

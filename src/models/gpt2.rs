@@ -45,15 +45,25 @@ impl Gpt2Config {
         raw.reject_unless("scale_attn_by_inverse_layer_idx", |v| v == &serde_json::Value::Bool(false), "not implemented")?;
         raw.reject_unless("scale_attn_weights", |v| v == &serde_json::Value::Bool(true), "unscaled attention is not implemented")?;
         raw.reject_unless("reorder_and_upcast_attn", |v| v == &serde_json::Value::Bool(false), "not implemented")?;
-        Ok(Gpt2Config {
-            vocab_size: raw.usize("vocab_size")?,
-            n_positions: raw.usize("n_positions")?,
-            n_embd,
-            n_layer: raw.usize("n_layer")?,
-            n_head,
-            n_inner: raw.opt_usize("n_inner")?.unwrap_or(4 * n_embd),
-            layer_norm_epsilon: raw.f64_or("layer_norm_epsilon", 1e-5)?,
-        })
+        let n_positions = raw.usize("n_positions")?;
+        if n_positions == 0 || n_positions > super::MAX_CONTEXT {
+            return Err(raw.error(format!("field 'n_positions' = {n_positions} is outside 1..={}", super::MAX_CONTEXT)));
+        }
+        let layer_norm_epsilon = raw.f64_or("layer_norm_epsilon", 1e-5)?;
+        if !(layer_norm_epsilon.is_finite() && layer_norm_epsilon > 0.0 && layer_norm_epsilon < 1.0) {
+            return Err(raw.error(format!("field 'layer_norm_epsilon' = {layer_norm_epsilon} must be a small positive number")));
+        }
+        let (vocab_size, n_layer) = (raw.usize("vocab_size")?, raw.usize("n_layer")?);
+        let n_inner = raw.opt_usize("n_inner")?.unwrap_or(n_embd.saturating_mul(4));
+        for (k, v) in [("vocab_size", vocab_size), ("n_embd", n_embd), ("n_inner", n_inner)] {
+            if v == 0 || v > 1 << 24 {
+                return Err(raw.error(format!("field '{k}' = {v} is outside 1..={}", 1 << 24)));
+            }
+        }
+        if n_layer > 1 << 12 {
+            return Err(raw.error(format!("field 'n_layer' = {n_layer} is implausibly large")));
+        }
+        Ok(Gpt2Config { vocab_size, n_positions, n_embd, n_layer, n_head, n_inner, layer_norm_epsilon })
     }
 }
 

@@ -61,6 +61,15 @@ impl LlamaConfig {
         if self.num_hidden_layers > 1 << 12 {
             return Err(format!("num_hidden_layers = {} is implausibly large", self.num_hidden_layers));
         }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
+            return Err(format!("rms_norm_eps = {} must be a small positive number (real models use 1e-6 to 1e-5)", self.rms_norm_eps));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return Err(format!("rope_theta = {} must be a positive number above 1 (real models use 10000 to 10^6)", self.rope_theta));
+        }
+        if let Some(n) = self.max_position_embeddings.filter(|&n| n == 0 || n > super::MAX_CONTEXT) {
+            return Err(format!("max_position_embeddings = {n} is outside 1..={} (no real model has such a context)", super::MAX_CONTEXT));
+        }
         Ok(self)
     }
 
@@ -77,8 +86,8 @@ impl LlamaConfig {
             None => return Err(raw.error(format!("hidden_size {hidden_size} is not divisible by num_attention_heads {heads}"))),
         };
         // transformers ≥ 4.5x moves rope_theta into `rope_parameters`.
-        let rope_theta = match raw.get("rope_parameters").and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()) {
-            Some(t) => t,
+        let rope_theta = match raw.get("rope_parameters").and_then(|p| p.get("rope_theta")).filter(|v| !v.is_null()) {
+            Some(t) => t.as_f64().ok_or_else(|| raw.error(format!("field 'rope_parameters.rope_theta' must be a number, got {t}")))?,
             None => raw.f64_or("rope_theta", 10000.0)?,
         };
         let act = raw.str_or("hidden_act", "silu")?;

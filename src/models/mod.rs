@@ -12,7 +12,7 @@ pub use generate::{generate, GenerateOptions, Sampling};
 use std::path::Path;
 
 use crate::backend::Device;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::io::config::RawConfig;
 use crate::io::{Checkpoint, GgufFile, GgufLlamaWeights};
 use crate::nn::{Decoder, Hidden, Linear};
@@ -117,6 +117,25 @@ pub trait CausalLm: Send + Sync {
     fn architecture(&self) -> &'static str;
     /// A Hugging Face `config.json` describing this model (for writing a merged checkpoint).
     fn config_json(&self) -> serde_json::Value;
+    /// Refuse token ids the model has no embedding for, and more than `positions` tokens in
+    /// all when that exceeds its context: an error naming `what` (the input), instead of an
+    /// index error deep in the embedding or a silent run past the positions it was trained on.
+    fn check_tokens(&self, what: &str, ids: &[u32], positions: usize) -> Result<()> {
+        let v = self.vocab_size();
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= v) {
+            return Err(Error::InvalidArgument {
+                op: "tokens",
+                msg: format!("{what}: token id {bad} is not in the model's vocabulary (ids 0..{v})"),
+            });
+        }
+        match self.max_positions() {
+            Some(ctx) if positions > ctx => Err(Error::InvalidArgument {
+                op: "tokens",
+                msg: format!("{what}: {positions} positions exceed the model's context of {ctx} tokens"),
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Every weight tensor of `model` by checkpoint name (clones of the handles, sharing data).
@@ -127,6 +146,34 @@ pub fn parameters(model: &mut dyn CausalLm) -> Result<Vec<(String, Tensor)>> {
         Ok(())
     })?;
     Ok(out)
+}
+
+/// The longest context a config may declare. Real models reach 10M tokens (Llama 4 Scout); a
+/// larger value is a corrupt or hostile config, refused before anything is sized from it.
+pub const MAX_CONTEXT: usize = 1 << 26;
+
+/// The number of blocks a checkpoint's tensor names hold: one more than the largest index
+/// after a `layers` / `h` / `blk` segment (`model.layers.29.mlp…`, `h.11.attn…`, `blk.5.…`).
+fn layers_in(names: impl Iterator<Item = impl AsRef<str>>) -> Option<usize> {
+    names
+        .filter_map(|n| {
+            let parts: Vec<&str> = n.as_ref().split('.').collect();
+            parts.windows(2).find(|w| matches!(w[0], "layers" | "h" | "blk")).and_then(|w| w[1].parse::<usize>().ok())
+        })
+        .max()
+        .map(|m| m + 1)
+}
+
+/// A config that declares fewer blocks than its checkpoint holds would silently drop the rest:
+/// an error naming the key (more blocks than the checkpoint is the missing-tensor error).
+fn check_layer_count(path: &Path, key: &str, declared: usize, stored: Option<usize>) -> Result<()> {
+    match stored {
+        Some(n) if n > declared => Err(crate::Error::Format {
+            path: path.display().to_string(),
+            msg: format!("{key} = {declared}, but the checkpoint holds {n} blocks: the config does not describe these weights"),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Load a model: a Hugging Face directory (`config.json` + safetensors weights), or a GGUF
@@ -143,10 +190,12 @@ pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Box<dyn CausalLm>
     match raw.model_type()?.as_str() {
         "llama" | "LlamaForCausalLM" | "qwen2" | "Qwen2ForCausalLM" | "mistral" | "MistralForCausalLM" => {
             let cfg = llama::LlamaConfig::from_raw(&raw)?;
+            check_layer_count(&config_path, "num_hidden_layers", cfg.num_hidden_layers, layers_in(weights.names().iter()))?;
             Ok(Box::new(llama::Llama::load(cfg, &weights, device)?))
         }
         "gpt2" | "GPT2LMHeadModel" => {
             let cfg = gpt2::Gpt2Config::from_raw(&raw)?;
+            check_layer_count(&config_path, "n_layer", cfg.n_layer, layers_in(weights.names().iter()))?;
             Ok(Box::new(gpt2::Gpt2::load(cfg, &weights, device)?))
         }
         other => Err(raw.error(format!("unknown architecture '{other}' (tinytune runs llama-family and gpt2 models)"))),
@@ -168,6 +217,7 @@ fn load_gguf(path: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
     match file.architecture()? {
         "llama" => {
             let cfg = llama::LlamaConfig::from_gguf(&file)?;
+            check_layer_count(path, "llama.block_count", cfg.num_hidden_layers, layers_in(file.tensors().iter().map(|t| t.name.as_str())))?;
             let weights = GgufLlamaWeights::new(&file, cfg.num_attention_heads, cfg.num_key_value_heads);
             Ok(Box::new(llama::Llama::load(cfg, &weights, device)?))
         }

@@ -122,7 +122,7 @@ pub(crate) fn target_modules(model: &mut dyn CausalLm, sites: &[String], layers:
 /// and a classification head if the directory has one.
 pub fn load(dir: &Path, model: &mut dyn CausalLm, device: &Device) -> Result<LoadedAdapter> {
     let cpath = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&cpath).map_err(|e| Error::Io { path: cpath.display().to_string(), msg: e.to_string() })?;
+    let text = crate::io::read_regular_string(&cpath)?;
     let cfg: Value = serde_json::from_str(&text).map_err(|e| format_err(&cpath, format!("not valid JSON: {e}")))?;
     let obj = cfg.as_object().ok_or_else(|| format_err(&cpath, "the config must be a JSON object"))?;
     let wpath = dir.join(WEIGHTS_FILE);

@@ -167,6 +167,19 @@ impl LoraAdapter {
         for (index, lin) in model.linears_mut().into_iter().filter(|l| sites.contains(&l.name)).enumerate() {
             let dev = lin.weight.device().clone();
             let (out, inp) = (lin.out_features(), lin.in_features());
+            if config.r > inp.min(out) {
+                // B·A has rank at most min(in, out): a larger r adds parameters, never capacity
+                // (and an absurd one would be refused only by the allocator).
+                return Err(Error::InvalidArgument {
+                    op: "lora",
+                    msg: format!(
+                        "rank {} is more than the smallest dimension of {} ({out}×{inp}): use a rank of at most {}",
+                        config.r,
+                        lin.name,
+                        inp.min(out)
+                    ),
+                });
+            }
             let bound = 1.0 / (inp as f64).sqrt();
             let dt = super::trainable_dtype(lin.weight.dtype());
             let a = Tensor::rand_uniform(&[config.r, inp], -bound, bound, dt, &dev, &mut init_rng)?;

@@ -124,7 +124,7 @@ impl AdapterFiles<'_> {
         for k in self.config.keys() {
             if !(known.contains(&k.as_str()) || ignored.contains(&k.as_str()) || COMMON.contains(&k.as_str())) {
                 let w = format!("{}: ignoring unknown config key '{k}'", self.config_path());
-                eprintln!("warning: {w}");
+                crate::say!("warning: {w}");
                 self.warnings.push(w);
             }
         }

@@ -166,11 +166,11 @@ impl Tensor {
     }
 
     pub fn full(shape: &[usize], v: f64, dtype: DType, device: &Device) -> Result<Tensor> {
-        Ok(Tensor::from_storage(Storage::full(device, dtype, shape.iter().product(), v)?, shape))
+        Ok(Tensor::from_storage(Storage::full(device, dtype, crate::mem::checked_numel("full", shape, dtype.size_in_bytes())?, v)?, shape))
     }
 
     pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        Ok(Tensor::from_storage(Storage::zeros(device, dtype, shape.iter().product())?, shape))
+        Ok(Tensor::from_storage(Storage::zeros(device, dtype, crate::mem::checked_numel("zeros", shape, dtype.size_in_bytes())?)?, shape))
     }
 
     pub fn ones(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
@@ -211,13 +211,27 @@ impl Tensor {
     /// Uniform in `[lo, hi)` from the counter-based stream `rng.next_stream()`.
     pub fn rand_uniform(shape: &[usize], lo: f64, hi: f64, dtype: DType, device: &Device, rng: &mut Rng) -> Result<Tensor> {
         let (seed, offset) = rng.next_stream();
-        Ok(Tensor::from_storage(Storage::rand_uniform(device, dtype, shape.iter().product(), seed, offset, lo, hi)?, shape))
+        Ok(Tensor::from_storage(
+            Storage::rand_uniform(device, dtype, crate::mem::checked_numel("rand", shape, dtype.size_in_bytes())?, seed, offset, lo, hi)?,
+            shape,
+        ))
     }
 
     /// Normal with the given mean and standard deviation from `rng.next_stream()`.
     pub fn randn(shape: &[usize], mean: f64, std: f64, dtype: DType, device: &Device, rng: &mut Rng) -> Result<Tensor> {
         let (seed, offset) = rng.next_stream();
-        Ok(Tensor::from_storage(Storage::rand_normal(device, dtype, shape.iter().product(), seed, offset, mean, std)?, shape))
+        Ok(Tensor::from_storage(
+            Storage::rand_normal(
+                device,
+                dtype,
+                crate::mem::checked_numel("randn", shape, dtype.size_in_bytes())?,
+                seed,
+                offset,
+                mean,
+                std,
+            )?,
+            shape,
+        ))
     }
 
     // ----- accessors ----------------------------------------------------------------------

@@ -280,7 +280,7 @@ fn parse_label(v: &Value, path: &str, line: usize) -> Result<u32> {
     match v {
         Value::Bool(b) => Ok(*b as u32),
         Value::Number(n) => match n.as_u64() {
-            Some(x) => u32::try_from(x).map_err(|_| bad(format!("{x}, which is too large"))),
+            Some(x) => i32::try_from(x).map(|l| l as u32).map_err(|_| bad(format!("{x}, which is too large (at most {})", i32::MAX))),
             None => Err(bad(n.to_string())),
         },
         other => Err(bad(json_kind(other).to_string())),

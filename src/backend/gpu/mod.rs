@@ -260,7 +260,7 @@ impl GpuDevice {
             }));
         }
         let id = NEXT_DEVICE.fetch_add(1, Ordering::Relaxed);
-        eprintln!(
+        crate::say!(
             "tinytune: gpu:{id} = {} ({:?}, {:?}, driver {} {}); shader-f16: {}, subgroups: {}",
             info.name,
             info.backend,
