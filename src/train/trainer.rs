@@ -78,8 +78,17 @@ pub struct TrainConfig {
     pub max_bad_steps: usize,
     /// Where checkpoints, the adapter, metrics and the loss picture go.
     pub out: PathBuf,
-    /// Continue from the last checkpoint in `out`.
+    /// Continue from the last checkpoint in `out`: its trainable tensors, optimizer state,
+    /// step and data position, after checking its checksum and that its settings are these.
     pub resume: bool,
+    /// Start a new run (step 0, a fresh optimizer, these settings) from the trainable tensors
+    /// of the checkpoint in `out` only. For a checkpoint that cannot be resumed exactly (other
+    /// settings, no optimizer state, an older format).
+    pub resume_weights_only: bool,
+    /// A training loss that grows a hundredfold over the first step's (or an evaluation whose
+    /// perplexity is infinite) stops the run with an error naming the step and the last
+    /// checkpoint; `false` only warns (once) and goes on.
+    pub stop_on_divergence: bool,
 }
 
 impl Default for TrainConfig {
@@ -105,6 +114,8 @@ impl Default for TrainConfig {
             max_bad_steps: 5,
             out: PathBuf::from("tinytune-out"),
             resume: false,
+            resume_weights_only: false,
+            stop_on_divergence: true,
         }
     }
 }
@@ -126,6 +137,12 @@ impl TrainConfig {
         }
         if self.save_every == 0 {
             return bad("save_every must be at least 1".into());
+        }
+        if self.resume && self.resume_weights_only {
+            return bad("resume and resume_weights_only exclude each other (the second starts a new run from the weights)".into());
+        }
+        if self.eval_every == Some(0) {
+            return bad("eval_every must be at least 1 (leave it out to evaluate only before and after)".into());
         }
         if self.clip.is_some_and(|c| c.is_nan() || c <= 0.0) {
             return bad("clip must be positive".into());
@@ -153,12 +170,75 @@ impl TrainConfig {
     }
 }
 
+/// The schedule's length: `max_steps`, else `epochs` passes over the data. Sizes that cannot
+/// be right are refused before anything is allocated for them: an accumulation longer than an
+/// epoch (one step would count some examples twice: the same gradient as a shorter
+/// accumulation, at more cost) and a step count that overflows.
+fn total_steps(cfg: &TrainConfig, examples: usize, batches_per_epoch: u64) -> Result<u64> {
+    let bad = |msg: String| Err(Error::InvalidArgument { op: "finetune", msg });
+    if cfg.grad_accum as u64 > batches_per_epoch {
+        return bad(format!(
+            "grad_accum {} × batch_size {} is more than the {examples} training examples: one optimizer step would count \
+             some examples twice; use grad_accum ≤ {batches_per_epoch} (or a smaller batch size)",
+            cfg.grad_accum, cfg.batch_size
+        ));
+    }
+    let total = match cfg.max_steps {
+        Some(n) => n,
+        None => match (cfg.epochs as u64).checked_mul(batches_per_epoch) {
+            Some(micro) => micro.div_ceil(cfg.grad_accum as u64),
+            None => {
+                return bad(format!(
+                    "epochs {} × {batches_per_epoch} batches per epoch overflows the step count: give fewer epochs or max_steps",
+                    cfg.epochs
+                ))
+            }
+        },
+    };
+    Ok(total.max(1))
+}
+
+/// The classes of a new head when none are given: the largest label + 1 of either data set
+/// (at least 2: a small subset of binary data may hold only 0s). Every class below it must
+/// have an example, so that one stray label (100000 among 0s and 1s) is an error naming its
+/// line rather than a head of 100,001 classes.
+fn inferred_classes(train: &Dataset, eval: Option<&Dataset>) -> Result<Option<usize>> {
+    let sets: Vec<&Dataset> = std::iter::once(train).chain(eval).collect();
+    let labelled = || sets.iter().flat_map(|d| d.examples().iter().filter_map(move |e| e.label.map(|l| (l, e.line, d.path()))));
+    let Some((max, line, path)) = labelled().max_by_key(|&(l, ..)| l) else { return Ok(None) };
+    let n = (max as usize + 1).max(2);
+    let present: std::collections::BTreeSet<u32> = labelled().map(|(l, ..)| l).collect();
+    if n > 2 && present.len() < n {
+        let missing = (0..max).find(|l| !present.contains(l)).unwrap_or(0);
+        return Err(Error::Format {
+            path: path.to_string(),
+            msg: format!(
+                "line {line}: label {max} implies {n} classes, but no example has label {missing} ({} distinct labels in all): \
+                 fix the label, or give the number of classes (--num-classes) if the head should have {n} outputs",
+                present.len()
+            ),
+        });
+    }
+    Ok(Some(n))
+}
+
 /// FNV-1a over bytes.
 fn fnv(h: u64, bytes: &[u8]) -> u64 {
     bytes.iter().fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3))
 }
 
 const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// The checksum of a checkpoint file: FNV-1a over 8-byte little-endian words (then the tail
+/// bytes), as 16 hex digits. It detects corruption (flipped bytes, truncation), not tampering.
+fn checksum(bytes: &[u8]) -> String {
+    let mut words = bytes.chunks_exact(8);
+    let h =
+        words.by_ref().fold(FNV_START, |h, w| (h ^ u64::from_le_bytes(w.try_into().expect("8 bytes"))).wrapping_mul(0x0000_0100_0000_01B3));
+    format!("{:016x}", fnv(h, words.remainder()))
+}
+
+const CHECKSUM_KIND: &str = "fnv1a-64 over u64 words";
 
 /// A hash of every example's token ids, loss mask and label.
 fn data_hash(d: &Dataset) -> u64 {
@@ -344,6 +424,8 @@ fn param_groups(params: &[(String, Tensor)], weight_decay: f64) -> Vec<ParamGrou
 
 const CHECKPOINT_DIR: &str = "checkpoint";
 const STATE_FILE: &str = "state.json";
+const CHECKPOINT_FORMAT: &str = "tinytune checkpoint 2";
+const LOCK_FILE: &str = ".tinytune.lock";
 
 /// Saved training state (`checkpoint/state.json` beside `checkpoint/step-N.safetensors`).
 struct State {
@@ -354,6 +436,14 @@ struct State {
     history: Vec<(f64, f64)>,
     evals: Vec<EvalRecord>,
     before: Option<EvalRecord>,
+    /// A divergence was reported (warn mode warns once).
+    diverged: bool,
+}
+
+impl State {
+    fn new() -> State {
+        State { step: 0, micro: 0, skipped: 0, bad_streak: 0, history: Vec::new(), evals: Vec::new(), before: None, diverged: false }
+    }
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -382,10 +472,14 @@ fn save_checkpoint(out: &Path, st: &State, params: &[(String, Tensor)], opt: &dy
     let mut tensors: Vec<(String, Tensor)> = params.iter().map(|(n, t)| (format!("param/{n}"), t.detach())).collect();
     tensors.extend(opt.state_tensors()?.into_iter().map(|(n, t)| (format!("optim/{n}"), t)));
     let file = format!("step-{}.safetensors", st.step);
-    crate::io::safetensors::save(dir.join(&file), &tensors, None)?;
+    let bytes = crate::io::safetensors::serialize(&tensors, None)?;
+    crate::io::write_atomic(&dir.join(&file), &bytes)?;
+    let optimizer_entries = tensors.iter().filter(|(n, _)| n.starts_with("optim/")).count();
     let state = json!({
-        "format": "tinytune checkpoint 1",
+        "format": CHECKPOINT_FORMAT,
         "tensors": file,
+        "checksum": { "kind": CHECKSUM_KIND, "value": checksum(&bytes), "bytes": bytes.len() },
+        "optimizer_entries": optimizer_entries,
         "step": st.step,
         "micro_batches": st.micro,
         "skipped": st.skipped,
@@ -393,6 +487,7 @@ fn save_checkpoint(out: &Path, st: &State, params: &[(String, Tensor)], opt: &dy
         "history": st.history,
         "evals": st.evals.iter().map(eval_json).collect::<Vec<_>>(),
         "before": st.before.as_ref().map(eval_json),
+        "diverged": st.diverged,
         "config": fingerprint,
     });
     crate::io::write_atomic(&dir.join(STATE_FILE), serde_json::to_string_pretty(&state).unwrap_or_default().as_bytes())?;
@@ -407,25 +502,75 @@ fn save_checkpoint(out: &Path, st: &State, params: &[(String, Tensor)], opt: &dy
     Ok(())
 }
 
-/// Load the checkpoint in `out` into `params` and `opt`; the saved state.
-fn load_checkpoint(out: &Path, params: &[(String, Tensor)], opt: &mut dyn Optimizer, fingerprint: &Value) -> Result<State> {
+/// How much of a checkpoint a run takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Take {
+    /// Everything, checked: the run continues exactly.
+    All,
+    /// The trainable tensors only (a new run starts from them).
+    Weights,
+}
+
+/// Load the checkpoint in `out` into `params` (and, with [`Take::All`], `opt`); the saved
+/// state. Every part must prove itself: the tensors file's checksum, the settings fingerprint
+/// (equal to this run's), every optimizer entry, a step within the schedule. Anything missing
+/// or different is an error naming it, never a silent re-initialisation.
+fn load_checkpoint(
+    out: &Path,
+    params: &[(String, Tensor)],
+    opt: &mut dyn Optimizer,
+    fingerprint: &Value,
+    (total, grad_accum): (u64, u64),
+    take: Take,
+) -> Result<State> {
     let dir = out.join(CHECKPOINT_DIR);
     let spath = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&spath).map_err(|e| io_err(&spath, format!("cannot resume: {e}")))?;
     let ferr = |msg: String| Error::Format { path: spath.display().to_string(), msg };
+    let weights_only = "; --resume-weights-only starts a new run from its weights alone";
     let v: Value = serde_json::from_str(&text).map_err(|e| ferr(format!("not valid JSON: {e}")))?;
-    if let Some(saved) = v.get("config") {
+    let format = v.get("format").and_then(Value::as_str).unwrap_or("none");
+    if format != CHECKPOINT_FORMAT && take == Take::All {
+        return Err(ferr(format!("format '{format}', this tinytune resumes '{CHECKPOINT_FORMAT}' (with checksums) exactly{weights_only}")));
+    }
+    if take == Take::All {
+        let saved = v.get("config").ok_or_else(|| {
+            ferr(format!("no settings fingerprint ('config'): cannot check this run's settings against it{weights_only}"))
+        })?;
         for (k, want) in fingerprint.as_object().into_iter().flatten() {
             if saved.get(k) != Some(want) {
                 return Err(ferr(format!(
-                    "the checkpoint was made with {k} = {}, this run has {k} = {want}: resume with the same settings (or a new --out)",
+                    "the checkpoint was made with {k} = {}, this run has {k} = {want}: resume with the same settings (or a new --out){weights_only}",
                     saved.get(k).unwrap_or(&Value::Null)
                 )));
             }
         }
     }
     let file = v.get("tensors").and_then(Value::as_str).ok_or_else(|| ferr("no 'tensors' entry".into()))?;
-    let st = SafetensorsFile::open(dir.join(file))?;
+    if file.contains(['/', '\\']) || file.starts_with('.') {
+        return Err(ferr(format!("'tensors' = '{file}' must name a file in {}", dir.display())));
+    }
+    let tpath = dir.join(file);
+    let bytes = std::fs::read(&tpath).map_err(|e| io_err(&tpath, format!("cannot resume: {e}")))?;
+    match v.get("checksum").and_then(|c| c.get("value")).and_then(Value::as_str) {
+        Some(want) => {
+            let got = checksum(&bytes);
+            if got != want {
+                return Err(Error::Format {
+                    path: tpath.display().to_string(),
+                    msg: format!(
+                        "checksum {got} differs from {want} in {STATE_FILE} ({} bytes, {} expected): the file is damaged",
+                        bytes.len(),
+                        v["checksum"].get("bytes").and_then(Value::as_u64).map_or("?".into(), |b| b.to_string())
+                    ),
+                });
+            }
+        }
+        None if take == Take::All => return Err(ferr(format!("no checksum of {file}{weights_only}"))),
+        None => {}
+    }
+    drop(bytes);
+    let st = SafetensorsFile::open(&tpath)?;
     let dev = params.first().map(|(_, t)| t.device().clone()).unwrap_or(Device::Cpu);
     for (name, p) in params {
         let t = st.load(&format!("param/{name}"), &dev)?;
@@ -434,19 +579,37 @@ fn load_checkpoint(out: &Path, params: &[(String, Tensor)], opt: &mut dyn Optimi
         }
         p.set_data(&t.to_dtype(p.dtype())?)?;
     }
+    if take == Take::Weights {
+        return Ok(State::new());
+    }
     let mut optim = HashMap::new();
     for n in st.names() {
         if let Some(k) = n.strip_prefix("optim/") {
             optim.insert(k.to_string(), st.load(n, &dev)?);
         }
     }
+    let want = v.get("optimizer_entries").and_then(Value::as_u64).ok_or_else(|| ferr("missing 'optimizer_entries'".into()))?;
+    if optim.len() as u64 != want {
+        return Err(ferr(format!("{file} holds {} optimizer state entries, {STATE_FILE} says {want}{weights_only}", optim.len())));
+    }
     opt.load_state(&optim)?;
     let num = |k: &str| v.get(k).and_then(Value::as_u64).ok_or_else(|| ferr(format!("missing '{k}'")));
+    let step = num("step")?;
+    if step > total {
+        return Err(ferr(format!("step {step} is beyond this run's {total} steps")));
+    }
+    // Every step takes grad_accum micro-batches, skipped or not.
+    let (micro, skipped, bad_streak) = (num("micro_batches")?, num("skipped")?, num("bad_streak")?);
+    if Some(micro) != step.checked_mul(grad_accum) || skipped > step || bad_streak > skipped {
+        return Err(ferr(format!(
+            "inconsistent counters: step {step}, micro_batches {micro} (grad_accum {grad_accum}), skipped {skipped}, bad_streak {bad_streak}"
+        )));
+    }
     Ok(State {
-        step: num("step")?,
-        micro: num("micro_batches")?,
-        skipped: num("skipped")?,
-        bad_streak: num("bad_streak")? as usize,
+        step,
+        micro,
+        skipped,
+        bad_streak: bad_streak as usize,
         history: v
             .get("history")
             .and_then(Value::as_array)
@@ -454,7 +617,46 @@ fn load_checkpoint(out: &Path, params: &[(String, Tensor)], opt: &mut dyn Optimi
             .unwrap_or_default(),
         evals: v.get("evals").and_then(Value::as_array).map(|a| a.iter().filter_map(eval_from).collect()).unwrap_or_default(),
         before: v.get("before").and_then(eval_from),
+        diverged: v.get("diverged").and_then(Value::as_bool).unwrap_or(false),
     })
+}
+
+/// The lock of an output directory: one run writes to it at a time. It is an advisory lock on
+/// `.tinytune.lock` (holding the owner's process id), which the system releases when the
+/// process ends however it ends, so a crashed run leaves no stale lock behind.
+pub struct OutLock {
+    _file: std::fs::File,
+}
+
+impl OutLock {
+    /// Lock `out` (created if missing), or fail at once naming the process that holds it.
+    pub fn acquire(out: &Path) -> Result<OutLock> {
+        use std::io::{Read, Seek, Write};
+        std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
+        let path = out.join(LOCK_FILE);
+        let mut f =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(|e| io_err(&path, e))?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut owner = String::new();
+                let _ = f.read_to_string(&mut owner);
+                let owner = owner.trim();
+                let who = if owner.is_empty() { "another process".to_string() } else { format!("process {owner}") };
+                return Err(Error::InvalidArgument {
+                    op: "finetune",
+                    msg: format!(
+                        "{} is in use by another run ({who} holds {}): wait for it, or give another output directory",
+                        out.display(),
+                        path.display()
+                    ),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&path, format!("cannot lock: {e}"))),
+        }
+        let _ = f.set_len(0).and_then(|_| f.rewind()).and_then(|_| writeln!(f, "{}", std::process::id()));
+        Ok(OutLock { _file: f })
+    }
 }
 
 /// A fine-tuning run that a caller drives step by step; [`train`] is its loop with progress,
@@ -483,6 +685,8 @@ pub struct Trainer<'a> {
     batches_per_epoch: u64,
     orders: HashMap<u64, Vec<usize>>,
     started: Instant,
+    /// Held for the run: no second run writes to the same output directory.
+    _lock: OutLock,
 }
 
 impl<'a> Trainer<'a> {
@@ -506,9 +710,12 @@ impl<'a> Trainer<'a> {
         // 2 (a small subset of binary data may hold only 0s).
         let classes = match cfg.num_classes {
             Some(n) => Some(n),
-            None => train.num_classes().map(|n| n.max(eval.and_then(|e| e.num_classes()).unwrap_or(0)).max(2)),
+            None => inferred_classes(train, eval)?,
         };
-        if let Some(n) = classes {
+        if let Some(n) = classes.filter(|_| kind == DataKind::Classification) {
+            // The head, its gradient and two AdamW moments, before any of it is allocated.
+            let bytes = 16 * n as u128 * model.hidden_size() as u128;
+            crate::mem::check_available(&format!("a classification head of {n} classes × hidden size {}", model.hidden_size()), bytes)?;
             train.check_labels(n)?;
             if let Some(e) = eval {
                 e.check_labels(n)?;
@@ -528,14 +735,18 @@ impl<'a> Trainer<'a> {
             OptimizerKind::Sgd => Box::new(Sgd::new(groups, SgdConfig { momentum: 0.9, dampening: 0.0, nesterov: false })?),
         };
         let batches_per_epoch = train.len().div_ceil(cfg.batch_size) as u64;
-        let total = cfg.max_steps.unwrap_or_else(|| (cfg.epochs as u64 * batches_per_epoch).div_ceil(cfg.grad_accum as u64)).max(1);
+        let total = total_steps(cfg, train.len(), batches_per_epoch)?;
         let schedule = Schedule::new(cfg.schedule, cfg.warmup_steps, total)?;
         let fingerprint = cfg.fingerprint(train, total, &model_id);
-        std::fs::create_dir_all(&cfg.out).map_err(|e| io_err(&cfg.out, e))?;
-        let st = if cfg.resume {
-            load_checkpoint(&cfg.out, &attached.params, opt.as_mut(), &fingerprint)?
-        } else {
-            State { step: 0, micro: 0, skipped: 0, bad_streak: 0, history: Vec::new(), evals: Vec::new(), before: None }
+        let lock = OutLock::acquire(&cfg.out)?;
+        let st = match (cfg.resume, cfg.resume_weights_only) {
+            (true, _) => {
+                load_checkpoint(&cfg.out, &attached.params, opt.as_mut(), &fingerprint, (total, cfg.grad_accum as u64), Take::All)?
+            }
+            (_, true) => {
+                load_checkpoint(&cfg.out, &attached.params, opt.as_mut(), &fingerprint, (total, cfg.grad_accum as u64), Take::Weights)?
+            }
+            _ => State::new(),
         };
         Ok(Trainer {
             model,
@@ -551,6 +762,7 @@ impl<'a> Trainer<'a> {
             batches_per_epoch,
             orders: HashMap::new(),
             started: Instant::now(),
+            _lock: lock,
         })
     }
 
@@ -637,6 +849,27 @@ impl<'a> Trainer<'a> {
         })
     }
 
+    /// A divergence (`why`): an error naming the step and the last checkpoint, or with
+    /// `stop_on_divergence` off a warning, once.
+    fn diverged(&mut self, why: &str, saved_step: Option<u64>, observer: &mut dyn Observer) -> Result<()> {
+        let advice = "lower the learning rate (or raise --warmup, or clip harder)";
+        if self.cfg.stop_on_divergence {
+            return Err(Error::InvalidArgument {
+                op: "finetune",
+                msg: format!(
+                    "stopped at step {}: {why}; {advice}; {} (--on-divergence warn goes on)",
+                    self.st.step,
+                    last_checkpoint(self.cfg, saved_step)
+                ),
+            });
+        }
+        if !self.st.diverged {
+            self.st.diverged = true;
+            observer.on_message(&format!("warning: step {}: {why}; {advice}. Going on (--on-divergence warn).", self.st.step));
+        }
+        Ok(())
+    }
+
     /// The mean loss (and accuracy) on `data` now, in inference mode (no dropout, no graph).
     pub fn evaluate(&mut self, data: &Dataset) -> Result<EvalRecord> {
         self.attached.method.set_training(false);
@@ -717,18 +950,18 @@ pub fn train(
         )?;
         if rec.skipped && t.st.bad_streak >= cfg.max_bad_steps {
             // Stop (the step is reported above); the newest checkpoint stays as it is.
-            let dir = cfg.out.join(CHECKPOINT_DIR);
-            let ckpt = match saved_step {
-                Some(s) => format!("the last checkpoint (step {s}) is in {}", dir.display()),
-                None => format!("no checkpoint was written yet (one is written every {} steps to {})", cfg.save_every, dir.display()),
-            };
             return Err(Error::InvalidArgument {
                 op: "finetune",
                 msg: format!(
-                    "stopped at step {}: {} steps in a row had a non-finite loss or gradient (lower the learning rate, or check the data); {ckpt}",
-                    t.st.step, t.st.bad_streak,
+                    "stopped at step {}: {} steps in a row had a non-finite loss or gradient (lower the learning rate, or check the data); {}",
+                    t.st.step,
+                    t.st.bad_streak,
+                    last_checkpoint(cfg, saved_step)
                 ),
             });
+        }
+        if let Some(why) = diverging_loss(&t.st.history, &rec) {
+            t.diverged(&why, saved_step, observer)?;
         }
         let last = t.st.step == total;
         if let (Some(e), Some(every)) = (eval, cfg.eval_every) {
@@ -736,7 +969,11 @@ pub fn train(
                 let r = t.evaluate(e)?;
                 observer.on_eval(&r);
                 write_metric(&mut metrics, &metrics_path, &json!({ "eval": eval_json(&r) }))?;
-                t.st.evals.push(r);
+                let infinite = !r.perplexity().is_finite();
+                t.st.evals.push(r.clone());
+                if infinite {
+                    t.diverged(&format!("the evaluation's perplexity is infinite (mean loss {})", r.loss), saved_step, observer)?;
+                }
             }
         }
         if t.st.step % cfg.save_every == 0 || last {
@@ -769,6 +1006,9 @@ pub fn train(
             observer.on_eval(&r);
             write_metric(&mut metrics, &metrics_path, &json!({ "eval": eval_json(&r) }))?;
             t.st.evals.push(r.clone());
+            if !r.perplexity().is_finite() {
+                t.diverged(&format!("the final evaluation's perplexity is infinite (mean loss {})", r.loss), saved_step, observer)?;
+            }
             Some(r)
         }
         None => None,
@@ -805,6 +1045,29 @@ pub fn train(
     });
     crate::io::write_atomic(&cfg.out.join("report.json"), serde_json::to_string_pretty(&summary).unwrap_or_default().as_bytes())?;
     Ok(report)
+}
+
+/// Where the newest checkpoint is, for the message of a stopped run.
+fn last_checkpoint(cfg: &TrainConfig, saved_step: Option<u64>) -> String {
+    let dir = cfg.out.join(CHECKPOINT_DIR);
+    match saved_step {
+        Some(s) => format!("the last checkpoint (step {s}) is in {}", dir.display()),
+        None => format!("no checkpoint was written yet (one is written every {} steps to {})", cfg.save_every, dir.display()),
+    }
+}
+
+/// A training loss this many times the first step's (and above 1) has diverged: two orders
+/// of magnitude, far beyond the noise of any healthy run.
+const DIVERGENCE_FACTOR: f64 = 100.0;
+
+/// Why the loss of `rec` says the run diverged, if it does (`history`: the finite losses so
+/// far, the first of the run included).
+fn diverging_loss(history: &[(f64, f64)], rec: &StepRecord) -> Option<String> {
+    let &(_, first) = history.first()?;
+    let limit = DIVERGENCE_FACTOR * first.max(1.0);
+    (!rec.skipped && rec.loss > limit).then(|| {
+        format!("the training loss {:.4e} is more than {DIVERGENCE_FACTOR}× the first step's {first:.4}: the run diverged", rec.loss)
+    })
 }
 
 fn finite_or_null(v: f64) -> Value {
