@@ -15,6 +15,30 @@ use tinytune::train::data::{DataFormat, DataOptions, Dataset};
 use tinytune::train::{self};
 use tinytune::{Device, Error, Result};
 
+/// Print a line on standard output (see [`emit`]).
+macro_rules! outln {
+    () => { crate::emit(format_args!("\n"))? };
+    ($($t:tt)*) => { crate::emit(format_args!("{}\n", format_args!($($t)*)))? };
+}
+
+/// Print a line on standard error. A message that cannot be written (stderr closed or on a
+/// full disk) is dropped: there is nowhere left to report it, and it must not stop the work.
+macro_rules! note {
+    ($($t:tt)*) => {{ let _ = writeln!(std::io::stderr(), $($t)*); }};
+}
+
+/// Write to standard output and flush. A closed pipe (`tinytune … | head`) ends the program
+/// quietly with the status a shell gives a process killed by SIGPIPE (128 + 13); any other
+/// failure, such as a full disk (`> /dev/full`), is an error naming standard output.
+fn emit(args: std::fmt::Arguments) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(args).and_then(|_| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(141),
+        Err(e) => Err(Error::Io { path: "standard output".into(), msg: e.to_string() }),
+    }
+}
+
 #[path = "tinytune/finetune.rs"]
 mod finetune;
 use finetune::{finetune, FinetuneArgs};
@@ -61,9 +85,11 @@ enum Command {
         /// A text file, or a .jsonl file whose lines have a "text" field (one sequence each).
         #[arg(long)]
         data: Option<PathBuf>,
-        /// Longer sequences are scored in consecutive windows of this many tokens.
-        #[arg(long, default_value_t = 1024)]
-        max_len: usize,
+        /// Longer sequences are scored in consecutive windows of this many tokens; with labelled
+        /// data, examples are cut to this many [default: 1024, or the model's context if shorter].
+        #[arg(long)]
+        max_len: Option<usize>,
+        /// Sequences scored at once.
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
     },
@@ -199,16 +225,16 @@ fn summarize_gguf(path: &PathBuf) -> Result<Summary> {
 fn inspect(model: &PathBuf, as_json: bool) -> Result<()> {
     let s = if model.is_file() { summarize_gguf(model)? } else { summarize_hf(model)? };
     if as_json {
-        println!(
+        outln!(
             "{}",
             json!({ "architecture": s.architecture, "tensors": s.tensors, "parameters": s.parameters, "dtypes": s.dtypes, "config": s.config })
         );
     } else {
-        println!("architecture: {}", s.architecture);
-        println!("tensors:      {}", s.tensors);
-        println!("parameters:   {}", s.parameters);
-        println!("dtypes:       {}", s.dtypes.iter().map(|(k, v)| format!("{k} ×{v}")).collect::<Vec<_>>().join(", "));
-        println!("config:       {}", serde_json::to_string_pretty(&s.config).unwrap_or_default());
+        outln!("architecture: {}", s.architecture);
+        outln!("tensors:      {}", s.tensors);
+        outln!("parameters:   {}", s.parameters);
+        outln!("dtypes:       {}", s.dtypes.iter().map(|(k, v)| format!("{k} ×{v}")).collect::<Vec<_>>().join(", "));
+        outln!("config:       {}", serde_json::to_string_pretty(&s.config).unwrap_or_default());
     }
     Ok(())
 }
@@ -243,6 +269,8 @@ fn is_labelled(path: &Path) -> bool {
 fn read_texts(path: &Path) -> Result<Vec<String>> {
     let io = |e: std::io::Error| Error::Io { path: path.display().to_string(), msg: e.to_string() };
     let content = std::fs::read_to_string(path).map_err(io)?;
+    // A byte-order mark (Windows editors write one) is not part of the text, as in `finetune`.
+    let content = content.strip_prefix('\u{feff}').map(str::to_string).unwrap_or(content);
     if path.extension().is_some_and(|e| e == "jsonl") {
         let mut texts = Vec::new();
         for (i, line) in content.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
@@ -259,24 +287,70 @@ fn read_texts(path: &Path) -> Result<Vec<String>> {
     }
 }
 
+/// `path` made absolute with its links resolved, as far as it exists (an output directory
+/// may not exist yet: its nearest existing ancestor is resolved and the rest appended).
+fn resolved(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut rest = Vec::new();
+    let mut p = abs.as_path();
+    loop {
+        if let Ok(c) = p.canonicalize() {
+            return rest.iter().rev().fold(c, |acc, r| acc.join(r));
+        }
+        match (p.parent(), p.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                p = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
+/// No command writes over its own input: refuse an output directory that is one of the
+/// inputs (a model directory, an adapter directory, or the file itself).
+fn refuse_overwrite(flag: &str, out: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
+    let o = resolved(out);
+    for (name, input) in inputs {
+        if resolved(input) == o {
+            return Err(Error::InvalidArgument {
+                op: "output",
+                msg: format!("{flag} {} is the {name} it reads: choose another output directory", out.display()),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Tokenize { model, text, no_special_tokens, json } => {
             let ids = Tokenizer::for_model(&model)?.encode(&text, !no_special_tokens)?;
             if json {
-                println!("{}", json!({ "ids": ids }));
+                outln!("{}", json!({ "ids": ids }));
             } else {
-                println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" "));
+                outln!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" "));
             }
             Ok(())
         }
         Command::Eval { common, ids, text, data, max_len, batch_size } => {
-            if max_len < 2 {
-                return Err(Error::InvalidArgument { op: "eval", msg: format!("--max-len must be ≥ 2, got {max_len}") });
-            }
             let device = common.device()?;
             let (model, head) = common.load(&device)?;
+            let context = model.max_positions();
+            let max_len = match (max_len, context) {
+                (Some(n), _) if n < 2 => {
+                    return Err(Error::InvalidArgument { op: "eval", msg: format!("--max-len must be ≥ 2, got {n}") })
+                }
+                (Some(n), Some(ctx)) if n > ctx => {
+                    return Err(Error::InvalidArgument {
+                        op: "eval",
+                        msg: format!("--max-len {n} is longer than the model's context of {ctx} tokens"),
+                    })
+                }
+                (Some(n), _) => n,
+                (None, ctx) => ctx.map_or(1024, |c| c.min(1024)),
+            };
             if let Some(path) = data.as_ref().filter(|p| is_labelled(p)) {
                 // Labelled data: accuracy and mean loss of the adapter's classification head.
                 let head = head.ok_or_else(|| Error::InvalidArgument {
@@ -290,9 +364,9 @@ fn run(cli: Cli) -> Result<()> {
                 let r = train::evaluate(model.as_ref(), &train::Classification { head }, &ds, batch_size, &device, 0)?;
                 let acc = r.accuracy.unwrap_or(0.0);
                 if common.json {
-                    println!("{}", json!({ "accuracy": acc, "mean_loss": r.loss, "examples": r.examples }));
+                    outln!("{}", json!({ "accuracy": acc, "mean_loss": r.loss, "examples": r.examples }));
                 } else {
-                    println!("accuracy {:.4}  mean loss {:.6}  examples {}", acc, r.loss, r.examples);
+                    outln!("accuracy {:.4}  mean loss {:.6}  examples {}", acc, r.loss, r.examples);
                 }
                 return Ok(());
             }
@@ -314,14 +388,15 @@ fn run(cli: Cli) -> Result<()> {
             };
             let r = models::sequence_nll(model.as_ref(), &seqs, batch_size, &device)?;
             if common.json {
-                println!("{}", json!({ "mean_nll": r.mean_nll(), "perplexity": r.perplexity(), "tokens": r.tokens }));
+                outln!("{}", json!({ "mean_nll": r.mean_nll(), "perplexity": r.perplexity(), "tokens": r.tokens }));
             } else {
-                println!("mean NLL {:.6}  perplexity {:.4}  tokens {}", r.mean_nll(), r.perplexity(), r.tokens);
+                outln!("mean NLL {:.6}  perplexity {:.4}  tokens {}", r.mean_nll(), r.perplexity(), r.tokens);
             }
             Ok(())
         }
         Command::Finetune(args) => finetune(*args),
         Command::Merge { model, adapter, out } => {
+            refuse_overwrite("merge --out", &out, &[("--model", &model), ("--adapter", &adapter)])?;
             let mut m = models::load(&model, &Device::Cpu)?;
             let loaded = format::load(&adapter, m.as_mut(), &Device::Cpu)?;
             // A head alone refuses (HeadOnly::merge), as every method that cannot be merged.
@@ -333,9 +408,9 @@ fn run(cli: Cli) -> Result<()> {
             models::save_checkpoint(m.as_mut(), &out)?;
             Tokenizer::for_model(&model)?.save_hf(&out)?;
             if loaded.head.is_some() {
-                eprintln!("note: the adapter's classification head is not part of the merged language model; keep using --adapter for it");
+                note!("note: the adapter's classification head is not part of the merged language model; keep using --adapter for it");
             }
-            println!("merged {} adapter layers into {}", method.num_sites(), out.display());
+            outln!("merged {} adapter layers into {}", method.num_sites(), out.display());
             Ok(())
         }
         Command::Generate {
@@ -376,9 +451,20 @@ fn run(cli: Cli) -> Result<()> {
                 Some(s) => parse_ids("generate --stop", s)?,
                 None => tok.as_ref().and_then(|t| t.eos_id()).into_iter().collect(),
             };
+            // The model's context bounds what can be generated: say so rather than run past it.
+            let mut max_new_tokens = max_new_tokens;
+            if let Some(ctx) = model.max_positions() {
+                model.check_tokens("generate: the prompt", &prompt_ids, prompt_ids.len())?;
+                if prompt_ids.len() + max_new_tokens > ctx {
+                    max_new_tokens = ctx - prompt_ids.len();
+                    note!(
+                        "note: at most {max_new_tokens} new tokens: the prompt's {} and the model's context of {ctx} tokens leave no room for more",
+                        prompt_ids.len()
+                    );
+                }
+            }
             let opts = GenerateOptions { max_new_tokens, sampling, repetition_penalty, seed, stop_tokens };
             let stream = !common.json;
-            let mut out = std::io::stdout();
             // Streaming text: decode everything generated so far and print what is new.
             let (mut generated, mut shown) = (Vec::new(), 0usize);
             let new = models::generate(
@@ -395,15 +481,14 @@ fn run(cli: Cli) -> Result<()> {
                                 let text = tok.decode_lossy(&generated, true)?;
                                 let complete = text.trim_end_matches('\u{FFFD}');
                                 if complete.len() > shown && complete.is_char_boundary(shown) {
-                                    let _ = write!(out, "{}", &complete[shown..]);
+                                    emit(format_args!("{}", &complete[shown..]))?;
                                     shown = complete.len();
                                 }
                             }
                             None => {
-                                let _ = write!(out, "{t} ");
+                                emit(format_args!("{t} "))?;
                             }
                         }
-                        let _ = out.flush();
                     }
                     Ok(())
                 },
@@ -414,9 +499,9 @@ fn run(cli: Cli) -> Result<()> {
                     Some(t) => Some(t.decode_lossy(&new, true)?),
                     None => None,
                 };
-                println!("{}", json!({ "ids": new, "text": text }));
+                outln!("{}", json!({ "ids": new, "text": text }));
             } else {
-                println!();
+                outln!();
             }
             Ok(())
         }
@@ -427,7 +512,7 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            note!("error: {e}");
             ExitCode::FAILURE
         }
     }

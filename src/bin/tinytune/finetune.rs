@@ -1,6 +1,7 @@
 //! `tinytune finetune`: flags, or a TOML file with the same keys (`--config run.toml`; a flag
 //! given on the command line wins over the file).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -158,9 +159,18 @@ pub struct FinetuneArgs {
     /// Output directory [default: tinytune-out].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue from the last checkpoint in --out.
+    /// Continue from the last checkpoint in --out (checked: its checksum, optimizer state and
+    /// settings must match this run).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     resume: Option<bool>,
+    /// Start a new run (step 0, new optimizer, these settings) from the trained weights of the
+    /// checkpoint in --out alone.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", conflicts_with = "resume")]
+    resume_weights_only: Option<bool>,
+    /// When the loss grows a hundredfold or the perplexity becomes infinite: stop (naming the
+    /// last checkpoint) or warn and go on [default: stop].
+    #[arg(long)]
+    on_divergence: Option<String>,
     /// auto, cpu, gpu or gpu-software [default: $TINYTUNE_DEVICE or auto].
     #[arg(long)]
     device: Option<String>,
@@ -229,6 +239,8 @@ impl FinetuneArgs {
             save_every,
             out,
             resume,
+            resume_weights_only,
+            on_divergence,
             device,
             json
         );
@@ -269,7 +281,7 @@ struct Progress {
 
 impl Progress {
     fn say(&self, msg: &str) {
-        self.bar.suspend(|| eprintln!("{msg}"));
+        self.bar.suspend(|| note!("{msg}"));
     }
 }
 
@@ -398,13 +410,19 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         max_bad_steps: 5,
         out: a.out.unwrap_or_else(|| PathBuf::from("tinytune-out")),
         resume: a.resume.unwrap_or(false),
+        resume_weights_only: a.resume_weights_only.unwrap_or(false),
+        stop_on_divergence: match a.on_divergence.as_deref().unwrap_or("stop") {
+            "stop" => true,
+            "warn" => false,
+            o => return Err(Error::InvalidArgument { op: "--on-divergence", msg: format!("'{o}' is not stop or warn") }),
+        },
     };
     let json_out = a.json.unwrap_or(false);
     let kind = match train_set.kind() {
         DataKind::Lm => "language modelling",
         DataKind::Classification => "classification",
     };
-    eprintln!(
+    note!(
         "{} on {} ({kind}): {} training examples, {} held out; device {device}",
         method.name(),
         data_path.display(),
@@ -420,14 +438,14 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         if flag.swap(true, Ordering::Relaxed) {
             std::process::exit(130);
         }
-        eprintln!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit at once)");
+        note!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit at once)");
     });
     let mut progress = Progress { bar, quiet: false, every: 1, stop };
     let base = model_path.display().to_string();
     let report = train::train(model.as_mut(), &train_set, eval_set.as_ref(), &cfg, &base, &device, &mut progress)?;
     progress.bar.finish();
     if report.interrupted {
-        eprintln!(
+        note!(
             "stopped at step {}; the checkpoint is in {}: continue with the same command and --resume",
             report.steps,
             report.saved.display()
@@ -440,21 +458,21 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     }
     if json_out {
         let ev = |e: &Option<EvalRecord>| e.as_ref().map(|e| json!({ "loss": e.loss, "accuracy": e.accuracy, "examples": e.examples }));
-        println!(
+        outln!(
             "{}",
             json!({ "steps": report.steps, "skipped_steps": report.skipped_steps, "trainable_parameters": report.trainable_parameters,
                     "before": ev(&report.before), "after": ev(&report.after), "final_loss": report.final_loss,
                     "saved": report.saved, "out": cfg.out })
         );
     } else {
-        println!("trainable parameters: {}", report.trainable_parameters);
+        outln!("trainable parameters: {}", report.trainable_parameters);
         if let Some(b) = &report.before {
-            println!("before: {}", describe_eval(b));
+            outln!("before: {}", describe_eval(b));
         }
         if let Some(b) = &report.after {
-            println!("after:  {}", describe_eval(b));
+            outln!("after:  {}", describe_eval(b));
         }
-        println!(
+        outln!(
             "saved {} ; loss curve {} ; metrics {}",
             report.saved.display(),
             cfg.out.join("loss.svg").display(),
