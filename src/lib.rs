@@ -22,6 +22,8 @@
 
 pub mod autograd;
 pub mod backend;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod dtype;
 pub mod error;
 pub mod io;

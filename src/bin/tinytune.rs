@@ -41,7 +41,8 @@ fn emit(args: std::fmt::Arguments) -> Result<()> {
 
 #[path = "tinytune/finetune.rs"]
 mod finetune;
-use finetune::{finetune, FinetuneArgs};
+use finetune::finetune;
+use tinytune::cli::FinetuneArgs;
 
 #[derive(Parser)]
 #[command(name = "tinytune", version, about = "Fine-tune language models on any GPU, without CUDA")]

@@ -195,8 +195,19 @@ fn total_steps(cfg: &TrainConfig, examples: usize, batches_per_epoch: u64) -> Re
             }
         },
     };
+    if total > MAX_STEPS {
+        return bad(format!(
+            "{total} optimizer steps (epochs {} × {batches_per_epoch} batches / grad_accum {}, or max_steps) is more than any run takes \
+             (at most {MAX_STEPS}): give fewer epochs or max_steps",
+            cfg.epochs, cfg.grad_accum
+        ));
+    }
     Ok(total.max(1))
 }
+
+/// More steps than any run takes (a billion; at a millisecond a step, twelve days): a larger
+/// count is a typo or an overflow, refused instead of running for ever.
+const MAX_STEPS: u64 = 1_000_000_000;
 
 /// The classes of a new head when none are given: the largest label + 1 of either data set
 /// (at least 2: a small subset of binary data may hold only 0s). Every class below it must

@@ -6,266 +6,16 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Deserialize;
 use serde_json::json;
+use tinytune::cli::FinetuneArgs;
 use tinytune::io::Tokenizer;
 use tinytune::models;
 use tinytune::optim::ScheduleKind;
-use tinytune::peft::{self, Settings};
+use tinytune::peft;
 use tinytune::train::data::{DataKind, DataOptions, Dataset, Holdout};
 use tinytune::train::{self, EvalRecord, Observer, OptimizerKind, StepRecord, TrainConfig};
 use tinytune::{Error, Result};
-
-/// Every option is optional so that a `--config` file can supply it; defaults are applied
-/// after merging (see `resolve`).
-#[derive(Args, Deserialize, Default, Debug)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct FinetuneArgs {
-    /// A TOML file with any of these options (keys as the flag names: `lr = 1e-4`,
-    /// `target-modules = ["q_proj", "v_proj"]`).
-    #[arg(long)]
-    #[serde(skip)]
-    config: Option<PathBuf>,
-    /// Model directory or .gguf file.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Training data, JSONL: {"text"}, {"prompt","completion"}, {"messages"} or {"text","label"}.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Held-out data (same format). Without it, --eval-split of the training data is held out.
-    #[arg(long)]
-    eval_data: Option<PathBuf>,
-    /// Fraction of the training data held out for evaluation when there is no --eval-data [default: 0.1].
-    #[arg(long)]
-    eval_split: Option<f64>,
-    /// lora, dora, full, head (a classifier head alone), ia3, prefix, prompt or adapter (bottleneck) [default: lora].
-    #[arg(long)]
-    method: Option<String>,
-    /// LoRA rank [default: 8].
-    #[arg(long)]
-    rank: Option<usize>,
-    /// LoRA alpha; the update is scaled by alpha/rank [default: 16].
-    #[arg(long)]
-    alpha: Option<f64>,
-    /// Dropout on the LoRA input [default: 0.05].
-    #[arg(long)]
-    dropout: Option<f64>,
-    /// rsLoRA scaling alpha/√rank.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    rslora: Option<bool>,
-    /// Module names (comma-separated), patterns with *, or all-linear [default: q_proj,v_proj].
-    #[arg(long, value_delimiter = ',')]
-    target_modules: Option<Vec<String>>,
-    /// Only these transformer blocks: comma-separated indices or ranges (0-3,8).
-    #[arg(long)]
-    layers: Option<String>,
-    /// IA³: targets whose input is scaled instead of their output (a subset of
-    /// --target-modules) [default with default targets: down_proj / mlp.c_proj].
-    #[arg(long, value_delimiter = ',')]
-    feedforward_modules: Option<Vec<String>>,
-    /// Prefix and prompt tuning: the number of virtual tokens [default: 20].
-    #[arg(long)]
-    num_virtual_tokens: Option<usize>,
-    /// Prompt tuning: random, text (the embeddings of --prompt-init-text) or vocab (of random
-    /// vocabulary tokens) [default: random, or text when a text is given].
-    #[arg(long)]
-    prompt_init: Option<String>,
-    /// Prompt tuning: the text whose token embeddings start the virtual tokens (repeated to fill them).
-    #[arg(long)]
-    prompt_init_text: Option<String>,
-    /// Prefix tuning: train the prefix through an MLP (hidden --encoder-hidden-size); the saved
-    /// adapter holds its output.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    prefix_projection: Option<bool>,
-    /// Prefix tuning: the projection MLP's hidden width [default: 512].
-    #[arg(long)]
-    encoder_hidden_size: Option<usize>,
-    /// Bottleneck adapters: houlsby (after attention and MLP) or pfeiffer (after the MLP) [default: houlsby].
-    #[arg(long)]
-    adapter_kind: Option<String>,
-    /// Bottleneck adapters: bottleneck width = hidden size / this [default: 16].
-    #[arg(long)]
-    reduction_factor: Option<usize>,
-    /// Bottleneck adapters: relu, silu or gelu_tanh [default: relu].
-    #[arg(long)]
-    non_linearity: Option<String>,
-    /// Any method setting by name, for settings without a flag of their own (a method added
-    /// to the registry needs no CLI edit): `--set num-virtual-tokens=8`; the value is read as
-    /// JSON when it parses (numbers, true/false, lists), else as a string. Repeatable.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Option<Vec<String>>,
-    /// Peak learning rate [default: 2e-4; full fine-tuning 2e-5, others as the method says].
-    #[arg(long)]
-    lr: Option<f64>,
-    /// Passes over the training data [default: 1].
-    #[arg(long)]
-    epochs: Option<usize>,
-    /// Stop after this many optimizer steps.
-    #[arg(long)]
-    max_steps: Option<u64>,
-    /// Examples per micro-batch [default: 8].
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Micro-batches per optimizer step [default: 1].
-    #[arg(long)]
-    grad_accum: Option<usize>,
-    /// Most tokens per example (longer ones are truncated) [default: 256, or the model's context if shorter].
-    #[arg(long)]
-    seq_len: Option<usize>,
-    /// Pack {"text"} documents into full windows of --seq-len tokens instead of padding.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pack: Option<bool>,
-    /// Use a seeded random N of the training examples (after the held-out split).
-    #[arg(long)]
-    max_train_examples: Option<usize>,
-    /// Use a seeded random N of the held-out examples.
-    #[arg(long)]
-    max_eval_examples: Option<usize>,
-    /// Warm-up steps [default: 0].
-    #[arg(long)]
-    warmup: Option<u64>,
-    /// constant, linear or cosine [default: linear].
-    #[arg(long)]
-    schedule: Option<String>,
-    /// Decoupled weight decay of the matrices [default: 0].
-    #[arg(long)]
-    weight_decay: Option<f64>,
-    /// Clip the global gradient norm; 0 turns clipping off [default: 1].
-    #[arg(long)]
-    clip: Option<f64>,
-    /// adamw or sgd [default: adamw].
-    #[arg(long)]
-    optimizer: Option<String>,
-    /// Seed of the data order, the initialisation and dropout [default: 0].
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Recompute each transformer block in backward (less memory, ~30% more compute).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    gradient_checkpointing: Option<bool>,
-    /// Classification: pool the last real token (last) or the mean (mean) [default: last].
-    #[arg(long)]
-    pooling: Option<String>,
-    /// Classification: classes of the new head [default: largest label + 1].
-    #[arg(long)]
-    num_classes: Option<usize>,
-    /// Evaluate every N steps (always before and after).
-    #[arg(long)]
-    eval_every: Option<u64>,
-    /// Write a checkpoint every N steps (always at the end) [default: 50].
-    #[arg(long)]
-    save_every: Option<u64>,
-    /// Output directory [default: tinytune-out].
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Continue from the last checkpoint in --out (checked: its checksum, optimizer state and
-    /// settings must match this run).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    resume: Option<bool>,
-    /// Start a new run (step 0, new optimizer, these settings) from the trained weights of the
-    /// checkpoint in --out alone.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", conflicts_with = "resume")]
-    resume_weights_only: Option<bool>,
-    /// When the loss grows a hundredfold or the perplexity becomes infinite: stop (naming the
-    /// last checkpoint) or warn and go on [default: stop].
-    #[arg(long)]
-    on_divergence: Option<String>,
-    /// auto, cpu, gpu or gpu-software [default: $TINYTUNE_DEVICE or auto].
-    #[arg(long)]
-    device: Option<String>,
-    /// Print the final report as JSON.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    json: Option<bool>,
-}
-
-macro_rules! merge_fields {
-    ($cli:ident, $file:ident, $($f:ident),*) => { $( if $cli.$f.is_none() { $cli.$f = $file.$f.take(); } )* };
-}
-
-impl FinetuneArgs {
-    /// Fill the options not given on the command line from the `--config` file.
-    fn with_file(mut self) -> Result<FinetuneArgs> {
-        let Some(path) = self.config.clone() else { return Ok(self) };
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.display().to_string(), msg: e.to_string() })?;
-        let ferr = |msg: String| Error::Format { path: path.display().to_string(), msg };
-        let value: toml::Table = toml::from_str(&text).map_err(|e| ferr(e.to_string()))?;
-        // Accept snake_case keys too: normalise to the flags' kebab-case.
-        let value: toml::Table = value.into_iter().map(|(k, v)| (k.replace('_', "-"), v)).collect();
-        let mut file: FinetuneArgs = value.try_into().map_err(|e: toml::de::Error| ferr(e.message().to_string()))?;
-        merge_fields!(
-            self,
-            file,
-            model,
-            data,
-            eval_data,
-            eval_split,
-            method,
-            rank,
-            alpha,
-            dropout,
-            rslora,
-            target_modules,
-            layers,
-            feedforward_modules,
-            num_virtual_tokens,
-            prompt_init,
-            prompt_init_text,
-            prefix_projection,
-            encoder_hidden_size,
-            adapter_kind,
-            reduction_factor,
-            non_linearity,
-            set,
-            lr,
-            epochs,
-            max_steps,
-            batch_size,
-            grad_accum,
-            seq_len,
-            pack,
-            max_train_examples,
-            max_eval_examples,
-            warmup,
-            schedule,
-            weight_decay,
-            clip,
-            optimizer,
-            seed,
-            gradient_checkpointing,
-            pooling,
-            num_classes,
-            eval_every,
-            save_every,
-            out,
-            resume,
-            resume_weights_only,
-            on_divergence,
-            device,
-            json
-        );
-        Ok(self)
-    }
-}
-
-/// `0-3,8` → [0, 1, 2, 3, 8].
-fn parse_layers(s: &str) -> Result<Vec<usize>> {
-    let bad = |p: &str| Error::InvalidArgument { op: "--layers", msg: format!("'{p}' is not a layer index or range (e.g. 0-3,8)") };
-    let mut out = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad(part))?, b.trim().parse().map_err(|_| bad(part))?);
-                if a > b {
-                    return Err(bad(part));
-                }
-                out.extend(a..=b);
-            }
-            None => out.push(part.parse().map_err(|_| bad(part))?),
-        }
-    }
-    Ok(out)
-}
 
 /// Draws a progress bar (step, loss, tokens/s, ETA) and prints evaluations and messages. When
 /// stderr is not a terminal the bar is hidden, so messages are printed plainly (indicatif's
@@ -324,8 +74,8 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     let a = args.with_file()?;
     let need =
         |v: Option<PathBuf>, flag: &str| v.ok_or_else(|| Error::InvalidArgument { op: "finetune", msg: format!("--{flag} is required") });
-    let model_path = need(a.model, "model")?;
-    let data_path = need(a.data, "data")?;
+    let model_path = need(a.model.clone(), "model")?;
+    let data_path = need(a.data.clone(), "data")?;
     let clip = match a.clip {
         None => Some(1.0),
         Some(0.0) => None,
@@ -337,29 +87,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     let tok = Tokenizer::for_model(&model_path)?;
     let method_name = a.method.as_deref().unwrap_or("lora");
     // The method's own settings, by flag name; the method says which it reads.
-    let mut settings = Settings::new();
-    settings
-        .set("rank", a.rank)
-        .set("alpha", a.alpha)
-        .set("dropout", a.dropout)
-        .set("rslora", a.rslora)
-        .set("target-modules", a.target_modules)
-        .set("layers", a.layers.as_deref().map(parse_layers).transpose()?)
-        .set("feedforward-modules", a.feedforward_modules)
-        .set("num-virtual-tokens", a.num_virtual_tokens)
-        .set("prompt-init", a.prompt_init)
-        .set("prompt-init-ids", a.prompt_init_text.as_deref().map(|t| tok.encode(t, false)).transpose()?)
-        .set("prompt-init-text", a.prompt_init_text)
-        .set("prefix-projection", a.prefix_projection)
-        .set("encoder-hidden-size", a.encoder_hidden_size)
-        .set("adapter-kind", a.adapter_kind)
-        .set("reduction-factor", a.reduction_factor)
-        .set("non-linearity", a.non_linearity);
-    for kv in a.set.iter().flatten() {
-        let (k, v) = kv.split_once('=').ok_or_else(|| Error::InvalidArgument { op: "--set", msg: format!("'{kv}' is not KEY=VALUE") })?;
-        let value: serde_json::Value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
-        settings.set(k.trim(), Some(value));
-    }
+    let settings = a.method_settings(&|t| tok.encode(t, false))?;
     let method = peft::configure(method_name, &settings)?;
     let seed = a.seed.unwrap_or(0);
     // Without --seq-len, examples are cut to fit the model (an explicit longer one is an error
