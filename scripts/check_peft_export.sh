@@ -10,19 +10,23 @@
 #    give logits within TOL (default 1e-5) of tinytune's;
 # 3. prints a table of the max abs logit differences; exits 1 if any case fails.
 #
-# Environment: PYTHON (default /tmp/pyref/bin/python: torch, transformers, peft, safetensors),
+# Environment: PYTHON (default: python3 on PATH; it needs torch, transformers, peft and
+# safetensors: `python3 -m venv ~/.venvs/pyref && ~/.venvs/pyref/bin/pip install torch
+# transformers peft safetensors`, then PYTHON=~/.venvs/pyref/bin/python),
 # TOL, CARGO_TARGET_DIR as for cargo.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-python="${PYTHON:-/tmp/pyref/bin/python}"
+python="${PYTHON:-python3}"
 tol="${TOL:-1e-5}"
 out="${1:-$(mktemp -d "${TMPDIR:-/tmp}/tinytune-peft-export.XXXXXX")}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 
 if ! "$python" -c "import peft, transformers, torch, safetensors" 2>/dev/null; then
-    echo "error: $python cannot import peft/transformers/torch/safetensors (set PYTHON)" >&2
+    echo "error: $python cannot import peft/transformers/torch/safetensors; install them" >&2
+    echo "  (python3 -m venv ~/.venvs/pyref && ~/.venvs/pyref/bin/pip install torch transformers peft safetensors)" >&2
+    echo "  and run with PYTHON=~/.venvs/pyref/bin/python" >&2
     exit 2
 fi
 

@@ -536,3 +536,17 @@ fn ia3_and_bottleneck_adapters_from_the_cli() {
     assert!(!ok && err.contains("--virtual-tokens does not apply to method prefix"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn every_flag_of_every_command_says_what_it_does() {
+    for cmd in ["inspect", "tokenize", "eval", "finetune", "merge", "generate"] {
+        let (ok, out, err) = tinytune(&[cmd, "-h"]);
+        assert!(ok, "{cmd} -h: {err}");
+        let bare: Vec<&str> = out
+            .lines()
+            .filter(|l| l.trim_start().starts_with('-'))
+            .filter(|l| l.trim().split("  ").filter(|p| !p.trim().is_empty()).count() < 2)
+            .collect();
+        assert!(bare.is_empty(), "{cmd}: flags without a description: {bare:?}");
+    }
+}

@@ -57,6 +57,7 @@ enum Command {
     Inspect {
         /// Model directory or .gguf file.
         model: PathBuf,
+        /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -65,11 +66,13 @@ enum Command {
         /// Model directory or .gguf file (its tokenizer is used).
         #[arg(long)]
         model: PathBuf,
+        /// The text to tokenize.
         #[arg(long)]
         text: String,
         /// Do not add the tokenizer's special tokens (BOS and the like).
         #[arg(long)]
         no_special_tokens: bool,
+        /// Print {"ids": [...]} instead of the ids separated by spaces.
         #[arg(long)]
         json: bool,
     },
@@ -81,6 +84,7 @@ enum Command {
         /// Token ids: comma-separated; several sequences separated by ';'.
         #[arg(long)]
         ids: Option<String>,
+        /// A text to score (tokenized with the model's tokenizer, special tokens added).
         #[arg(long)]
         text: Option<String>,
         /// A text file, or a .jsonl file whose lines have a "text" field (one sequence each).
@@ -114,6 +118,7 @@ enum Command {
     Generate {
         #[command(flatten)]
         common: Common,
+        /// The prompt text (tokenized with the model's tokenizer).
         #[arg(long)]
         prompt: Option<String>,
         /// Prompt token ids, comma-separated.
@@ -122,19 +127,25 @@ enum Command {
         /// Wrap the prompt as a user message in the model's chat template.
         #[arg(long, requires = "prompt")]
         chat: bool,
+        /// Most tokens to generate (fewer when a stop token comes, or the context is full).
         #[arg(long, default_value_t = 32)]
         max_new_tokens: usize,
         /// Always take the most likely token (the default unless --temperature is given).
         #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
         greedy: bool,
+        /// Sample: divide the logits by this (higher = more varied) [default with --top-k/--top-p: 1].
         #[arg(long)]
         temperature: Option<f64>,
+        /// Sample from the k most likely tokens only.
         #[arg(long)]
         top_k: Option<usize>,
+        /// Sample from the smallest set of tokens whose probabilities add up to p (nucleus sampling).
         #[arg(long)]
         top_p: Option<f64>,
+        /// Scale down the logits of tokens already in the text (> 1 repeats less; 1 = off).
         #[arg(long, default_value_t = 1.0)]
         repetition_penalty: f64,
+        /// Seed of the sampling.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Stop after any of these token ids (comma-separated). Default: the tokenizer's EOS.
@@ -154,6 +165,7 @@ struct Common {
     /// A fine-tuned adapter directory (PEFT layout) to apply on top of the model.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
 }
@@ -510,6 +522,13 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Mesa's Vulkan loader, probed for a GPU, prints "error: XDG_RUNTIME_DIR is invalid or not
+    // set" twice when the variable is missing (containers, ssh, CI), which reads as a tinytune
+    // error. Nothing here uses that directory; point it at the temporary one when unset.
+    #[cfg(unix)]
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
