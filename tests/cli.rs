@@ -542,11 +542,15 @@ fn every_flag_of_every_command_says_what_it_does() {
     for cmd in ["inspect", "tokenize", "eval", "finetune", "merge", "generate"] {
         let (ok, out, err) = tinytune(&[cmd, "-h"]);
         assert!(ok, "{cmd} -h: {err}");
-        let bare: Vec<&str> = out
-            .lines()
-            .filter(|l| l.trim_start().starts_with('-'))
-            .filter(|l| l.trim().split("  ").filter(|p| !p.trim().is_empty()).count() < 2)
-            .collect();
+        // clap puts a description beside the flag, or (long help) on the lines below it.
+        let lines: Vec<&str> = out.lines().collect();
+        let described = |i: usize| {
+            let beside = lines[i].trim().split("  ").filter(|p| !p.trim().is_empty()).count() >= 2;
+            let below = lines.get(i + 1).is_some_and(|n| !n.trim().is_empty() && !n.trim_start().starts_with('-'));
+            beside || below
+        };
+        let bare: Vec<&str> =
+            (0..lines.len()).filter(|&i| lines[i].trim_start().starts_with('-') && !described(i)).map(|i| lines[i]).collect();
         assert!(bare.is_empty(), "{cmd}: flags without a description: {bare:?}");
     }
 }
