@@ -15,11 +15,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ASSETS="${TINYTUNE_ASSETS:-$HOME/.cache/tinytune}"
-OUT="${OUT:-tinytune-demo}"
+# Each run gets a directory of its own: an earlier run's results are never overwritten.
+OUT="${OUT:-tinytune-demo/run-$(date +%Y%m%d-%H%M%S)}"
 
+# Check the tools before downloading ~100 MB.
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "finetune-demo: cargo not found: install Rust 1.89 or newer (https://rustup.rs), then run this again" >&2
+    exit 1
+fi
 bash scripts/fetch-assets.sh
-cargo build --release --quiet
-rm -rf "$OUT"
+echo "finetune-demo: building tinytune (release; the first build takes a few minutes)"
+cargo build --release
 target/release/tinytune finetune \
     --model "$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf" \
     --data "$ASSETS/data/movie_reviews.train.jsonl" \
@@ -29,5 +35,8 @@ target/release/tinytune finetune \
     --batch-size 16 --lr 3e-3 --warmup 5 --schedule linear --seed 0 \
     --device "${DEVICE:-auto}" --out "$OUT" "$@"
 echo
-echo "adapter: $OUT/adapter (load it with --adapter, or in Python with peft.PeftModel.from_pretrained)"
+echo "adapter: $OUT/adapter (load it with --adapter; in Python, on the same base as a classifier:"
+echo "  base = transformers.AutoModelForSequenceClassification.from_pretrained(<SmolLM2-135M-Instruct>, num_labels=2)"
+echo "  model = peft.PeftModel.from_pretrained(base, \"$OUT/adapter\")"
+echo "  where <SmolLM2-135M-Instruct> is the Hugging Face id HuggingFaceTB/SmolLM2-135M-Instruct or a local copy)"
 echo "evaluate it again: target/release/tinytune eval --model $ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf --adapter $OUT/adapter --data $ASSETS/data/movie_reviews.eval.jsonl"

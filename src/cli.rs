@@ -155,6 +155,9 @@ pub struct FinetuneArgs {
     /// settings must match this run).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub resume: Option<bool>,
+    /// Replace the run already in --out (its checkpoint, adapter and metrics) instead of refusing.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub overwrite: Option<bool>,
     /// Start a new run (step 0, new optimizer, these settings) from the trained weights of the
     /// checkpoint in --out alone.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", conflicts_with = "resume")]
@@ -268,6 +271,7 @@ impl FinetuneArgs {
             out,
             resume,
             resume_weights_only,
+            overwrite,
             on_divergence,
             device,
             json

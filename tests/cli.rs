@@ -417,7 +417,7 @@ fn finetune_checks_its_options() {
     let with = |extra: &[&str]| {
         let out = dir.join("out");
         let mut a: Vec<&str> = base.to_vec();
-        a.extend(["--out", path_str(&out)]);
+        a.extend(["--out", path_str(&out), "--overwrite"]);
         a.extend(extra);
         tinytune(&a)
     };
@@ -553,4 +553,104 @@ fn every_flag_of_every_command_says_what_it_does() {
             (0..lines.len()).filter(|&i| lines[i].trim_start().starts_with('-') && !described(i)).map(|i| lines[i]).collect();
         assert!(bare.is_empty(), "{cmd}: flags without a description: {bare:?}");
     }
+}
+
+/// The data step of the demo works where there is no apt-get (macOS, Fedora, Arch): the Austen
+/// data, which only needs Debian, is skipped with a warning. Runs on a copy of the cached
+/// movie-review files (fetched assets), with apt-get and dpkg-deb left out of PATH.
+#[cfg(unix)]
+#[test]
+fn the_data_step_works_without_apt_get() {
+    let cache = std::env::var_os("TINYTUNE_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tinytune"));
+    let names = ["movie_reviews.jsonl", "movie_reviews.train.jsonl", "movie_reviews.eval.jsonl"];
+    if !names.iter().all(|n| cache.join("data").join(n).exists()) {
+        assert!(std::env::var_os("TINYTUNE_REQUIRE_ASSETS").is_none(), "the movie-review data is not in {}", cache.display());
+        return;
+    }
+    let dir = scratch("no-apt");
+    let assets = dir.join("assets");
+    std::fs::create_dir_all(assets.join("data")).unwrap();
+    for n in names {
+        std::fs::copy(cache.join("data").join(n), assets.join("data").join(n)).unwrap();
+    }
+    // A PATH of everything on this one but apt-get and dpkg-deb.
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for d in std::env::split_paths(&std::env::var_os("PATH").unwrap()) {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let name = e.file_name();
+            if name != "apt-get" && name != "dpkg-deb" && !bin.join(&name).exists() {
+                let _ = std::os::unix::fs::symlink(e.path(), bin.join(&name));
+            }
+        }
+    }
+    let out = Command::new("bash")
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-data.sh"))
+        .env("PATH", &bin)
+        .env("TINYTUNE_ASSETS", &assets)
+        .env_remove("TINYTUNE_REQUIRE_ASSETS")
+        .output()
+        .unwrap();
+    let err = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "fetch-data.sh without apt-get: {err}");
+    assert!(err.contains("skipping austen.jsonl"), "{err}");
+    // Where the assets are required (CI), the missing tool is an error.
+    let out = Command::new("bash")
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-data.sh"))
+        .env("PATH", &bin)
+        .env("TINYTUNE_ASSETS", &assets)
+        .env("TINYTUNE_REQUIRE_ASSETS", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn merge_writes_the_dtype_asked_for_and_refuses_a_used_out() {
+    let dir = scratch("merge-dtype");
+    let (model, data) = (tiny_model_dir(&dir), write_lm_data(&dir));
+    let out = dir.join("run");
+    finetune(&model, &data, &out, &["--max-steps", "2", "--lr", "1e-2"]);
+    // The same --out again is refused (it holds a run), --overwrite replaces it.
+    let again = finetune_args(&model, &data, &out, &["--max-steps", "2"]);
+    let (ok, _, err) = tinytune(&again.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && err.contains("already holds a run's checkpoint (step 2)") && err.contains("--overwrite"), "{err}");
+    finetune(&model, &data, &out, &["--max-steps", "2", "--lr", "1e-2", "--overwrite"]);
+    let adapter = out.join("adapter");
+    let ids = "1,5,9,13,17,21,25,29";
+    let with_adapter =
+        mean_nll(&["eval", "--model", path_str(&model), "--adapter", path_str(&adapter), "--ids", ids, "--device", "cpu", "--json"]);
+    for (dtype, stored, torch) in [(None, "F32", "float32"), (Some("f16"), "F16", "float16"), (Some("bf16"), "BF16", "bfloat16")] {
+        let merged = dir.join(format!("merged-{stored}"));
+        let mut args = vec!["merge", "--model", path_str(&model), "--adapter", path_str(&adapter), "--out", path_str(&merged)];
+        if let Some(d) = dtype {
+            args.extend(["--dtype", d]);
+        }
+        let (ok, _, err) = tinytune(&args);
+        assert!(ok, "{err}");
+        let (ok, info, err) = tinytune(&["inspect", "--model", path_str(&merged), "--json"]);
+        assert!(ok, "{err}");
+        let info = json(&info);
+        assert_eq!(info["dtypes"].as_object().unwrap().keys().collect::<Vec<_>>(), vec![stored], "{info}");
+        assert_eq!(info["config"]["torch_dtype"], torch);
+        let nll = mean_nll(&["eval", "--model", path_str(&merged), "--ids", ids, "--device", "cpu", "--json"]);
+        let tol = if stored == "F32" { 1e-5 } else { 2e-2 };
+        assert!((nll - with_adapter).abs() < tol * with_adapter, "{stored}: merged {nll}, base + adapter {with_adapter}");
+    }
+    let (ok, _, err) = tinytune(&[
+        "merge",
+        "--model",
+        path_str(&model),
+        "--adapter",
+        path_str(&adapter),
+        "--out",
+        path_str(&dir.join("x")),
+        "--dtype",
+        "f8",
+    ]);
+    assert!(!ok && err.contains("'f8' is not f32, f16 or bf16"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -346,9 +346,9 @@ fn chains_of_kill_9_at_random_moments_resume_bit_for_bit() {
         // starting over when none was written yet), then a run to the end.
         for _ in 0..6 {
             let mut args = finetune_args(&model, &data, &out, steps);
-            if out.join("checkpoint/state.json").exists() {
-                args.push("--resume".into());
-            }
+            // Resume the last checkpoint, or start over (replacing what a run killed before its
+            // first checkpoint left) when there is none yet.
+            args.push(if out.join("checkpoint/state.json").exists() { "--resume" } else { "--overwrite" }.into());
             let mut child = Command::new(env!("CARGO_BIN_EXE_tinytune"))
                 .args(&args)
                 .env("TINYTUNE_DEVICE", "cpu")
@@ -367,9 +367,7 @@ fn chains_of_kill_9_at_random_moments_resume_bit_for_bit() {
             }
         }
         let mut args = finetune_args(&model, &data, &out, steps);
-        if out.join("checkpoint/state.json").exists() {
-            args.push("--resume".into());
-        }
+        args.push(if out.join("checkpoint/state.json").exists() { "--resume" } else { "--overwrite" }.into());
         let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert_eq!(o.code, Some(0), "chain {chain}: {}", o.stderr);
         if (adapter_bytes(&out), metrics(&out)) == want {
@@ -576,7 +574,7 @@ fn a_diverging_run_stops_naming_the_last_checkpoint() {
     ];
     refused("full fine-tuning at lr 5", &base, &["diverged", "the last checkpoint (step", "--on-divergence warn"]);
     let mut warn = base.to_vec();
-    warn.extend(["--on-divergence", "warn"]);
+    warn.extend(["--on-divergence", "warn", "--overwrite"]);
     let o = run(&warn);
     assert!(o.stderr.contains("warning:") && o.stderr.contains("diverged"), "warn mode warns: {}", o.stderr);
     assert_eq!(o.stderr.matches("diverged").count(), 1, "once: {}", o.stderr);

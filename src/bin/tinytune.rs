@@ -13,7 +13,7 @@ use tinytune::models::{self, CausalLm, GenerateOptions, Sampling};
 use tinytune::peft::{format, ClassifierHead};
 use tinytune::train::data::{DataFormat, DataOptions, Dataset};
 use tinytune::train::{self};
-use tinytune::{Device, Error, Result};
+use tinytune::{DType, Device, Error, Result};
 
 /// Print a line on standard output (see [`emit`]).
 macro_rules! outln {
@@ -54,9 +54,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Architecture, config, tensor count, dtypes and parameter count of a model.
+    #[command(group(ArgGroup::new("which").required(true).args(["model", "model_flag"])))]
     Inspect {
         /// Model directory or .gguf file.
-        model: PathBuf,
+        model: Option<PathBuf>,
+        /// The same, as every other command takes it.
+        #[arg(long = "model", value_name = "MODEL")]
+        model_flag: Option<PathBuf>,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -112,6 +116,10 @@ enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+        /// f32, f16 or bf16 [default: the base model's: the dtype of most of its weights; f16
+        /// for a quantised GGUF].
+        #[arg(long)]
+        dtype: Option<String>,
     },
     /// Continue a prompt (text, or token ids), streaming the new text.
     #[command(group(ArgGroup::new("input").required(true).args(["ids", "prompt"])))]
@@ -273,6 +281,31 @@ fn summarize_hf(model: &PathBuf) -> Result<Summary> {
     Ok(Summary { architecture: arch, tensors: names.len(), parameters: params as u64, dtypes, config })
 }
 
+/// The dtype a model's weights are stored in: that of most of its matrices (a quantised GGUF
+/// block format counts as f16, which holds its dequantised values closely).
+fn stored_dtype(model: &Path) -> Result<DType> {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    if model.is_file() {
+        for t in GgufFile::open(model)?.tensors().iter().filter(|t| t.ne.len() >= 2) {
+            *counts.entry(t.ty.to_string().to_uppercase()).or_default() += 1;
+        }
+    } else {
+        let ck = Checkpoint::open(model)?;
+        for n in ck.names() {
+            if let Some((shape, dtype)) = ck.info(&n).filter(|(shape, _)| shape.len() >= 2) {
+                let _ = shape;
+                *counts.entry(dtype.to_uppercase()).or_default() += 1;
+            }
+        }
+    }
+    let most = counts.iter().max_by_key(|(_, &n)| n).map(|(k, _)| k.as_str()).unwrap_or("F32");
+    Ok(match most {
+        "F32" | "FLOAT32" => DType::F32,
+        "BF16" | "BFLOAT16" => DType::BF16,
+        _ => DType::F16,
+    })
+}
+
 /// Whether `path` is a .jsonl file of labelled (classification) lines.
 fn is_labelled(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "jsonl") && DataFormat::of_file(path).ok().flatten() == Some(DataFormat::Classification)
@@ -337,7 +370,9 @@ fn refuse_overwrite(flag: &str, out: &Path, inputs: &[(&str, &Path)]) -> Result<
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Inspect { model, json } => inspect(&model, json),
+        Command::Inspect { model, model_flag, json } => {
+            inspect(&model.or(model_flag).ok_or_else(|| Error::InvalidArgument { op: "inspect", msg: "give a model".into() })?, json)
+        }
         Command::Tokenize { model, text, no_special_tokens, json } => {
             let ids = Tokenizer::for_model(&model)?.encode(&text, !no_special_tokens)?;
             if json {
@@ -408,8 +443,15 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Finetune(args) => finetune(*args),
-        Command::Merge { model, adapter, out } => {
+        Command::Merge { model, adapter, out, dtype } => {
             refuse_overwrite("merge --out", &out, &[("--model", &model), ("--adapter", &adapter)])?;
+            let dtype = match dtype.as_deref() {
+                Some("f32") => DType::F32,
+                Some("f16") => DType::F16,
+                Some("bf16") => DType::BF16,
+                Some(o) => return Err(Error::InvalidArgument { op: "merge --dtype", msg: format!("'{o}' is not f32, f16 or bf16") }),
+                None => stored_dtype(&model)?,
+            };
             let mut m = models::load(&model, &Device::Cpu)?;
             let loaded = format::load(&adapter, m.as_mut(), &Device::Cpu)?;
             // A head alone refuses (HeadOnly::merge), as every method that cannot be merged.
@@ -418,12 +460,12 @@ fn run(cli: Cli) -> Result<()> {
                 Error::InvalidArgument { msg, .. } => Error::InvalidArgument { op: "merge", msg: format!("{}: {msg}", adapter.display()) },
                 e => e,
             })?;
-            models::save_checkpoint(m.as_mut(), &out)?;
+            models::save_checkpoint_as(m.as_mut(), &out, dtype)?;
             Tokenizer::for_model(&model)?.save_hf(&out)?;
             if loaded.head.is_some() {
                 note!("note: the adapter's classification head is not part of the merged language model; keep using --adapter for it");
             }
-            outln!("merged {} adapter layers into {}", method.num_sites(), out.display());
+            outln!("merged {} adapter layers into {} ({dtype:?})", method.num_sites(), out.display());
             Ok(())
         }
         Command::Generate {

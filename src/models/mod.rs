@@ -230,6 +230,23 @@ fn load_gguf(path: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
 /// and `config.json`. Each file is written atomically. Adapters still attached are not
 /// included: merge them first.
 pub fn save_checkpoint(model: &mut dyn CausalLm, dir: &Path) -> Result<()> {
+    save_checkpoint_as(model, dir, crate::DType::F32)
+}
+
+/// [`save_checkpoint`] with the weights stored as `dtype` (F32, F16 or BF16; `config.json`'s
+/// `torch_dtype` says which).
+pub fn save_checkpoint_as(model: &mut dyn CausalLm, dir: &Path, dtype: crate::DType) -> Result<()> {
+    let torch_dtype = match dtype {
+        crate::DType::F32 => "float32",
+        crate::DType::F16 => "float16",
+        crate::DType::BF16 => "bfloat16",
+        other => {
+            return Err(Error::InvalidArgument {
+                op: "save checkpoint",
+                msg: format!("weights are stored as f32, f16 or bf16, not {other:?}"),
+            })
+        }
+    };
     std::fs::create_dir_all(dir).map_err(|e| crate::Error::Io { path: dir.display().to_string(), msg: e.to_string() })?;
     if let Some(site) = model.linears_mut().iter().find(|l| !l.adapters.is_empty()) {
         return Err(crate::Error::InvalidArgument {
@@ -254,10 +271,14 @@ pub fn save_checkpoint(model: &mut dyn CausalLm, dir: &Path) -> Result<()> {
     model.visit_parameters(&mut |name, t| {
         let conv1d = gpt2 && t.rank() == 2 && [".c_attn.weight", ".c_proj.weight", ".c_fc.weight"].iter().any(|s| name.ends_with(s));
         let t = if conv1d { t.t()?.contiguous()? } else { t.clone() };
-        tensors.push((name.to_string(), t.detach().to_dtype(crate::DType::F32)?));
+        tensors.push((name.to_string(), t.detach().to_dtype(dtype)?));
         Ok(())
     })?;
     crate::io::safetensors::save(dir.join("model.safetensors"), &tensors, Some([("format".to_string(), "pt".to_string())].into()))?;
-    let config = serde_json::to_string_pretty(&model.config_json()).unwrap_or_default();
+    let mut config = model.config_json();
+    if let Some(c) = config.as_object_mut() {
+        c.insert("torch_dtype".into(), torch_dtype.into());
+    }
+    let config = serde_json::to_string_pretty(&config).unwrap_or_default();
     crate::io::write_atomic(&dir.join("config.json"), config.as_bytes())
 }

@@ -23,6 +23,8 @@ use tinytune::{Error, Result};
 struct Progress {
     bar: ProgressBar,
     quiet: bool,
+    /// The classification head starts untrained (not from a checkpoint's weights).
+    fresh_head: bool,
     /// Hidden bar: print a step line every this many steps.
     every: u64,
     /// Set by Ctrl-C: stop after the current step (with a checkpoint).
@@ -52,7 +54,7 @@ impl Observer for Progress {
     }
     fn on_eval(&mut self, r: &EvalRecord) {
         if !self.quiet {
-            self.say(&describe_eval(r));
+            self.say(&describe_eval(r, self.fresh_head));
         }
     }
     fn on_message(&mut self, msg: &str) {
@@ -63,11 +65,29 @@ impl Observer for Progress {
     }
 }
 
-fn describe_eval(r: &EvalRecord) -> String {
+fn describe_eval(r: &EvalRecord, fresh_head: bool) -> String {
     match r.accuracy {
+        // The head is new: before training its accuracy is chance by construction.
+        Some(a) if r.step == 0 && fresh_head => format!(
+            "eval @ step {:>4}: accuracy {:.2}%  mean loss {:.4}  ({} examples; a new, untrained head: chance level)",
+            r.step,
+            100.0 * a,
+            r.loss,
+            r.examples
+        ),
         Some(a) => format!("eval @ step {:>4}: accuracy {:.2}%  mean loss {:.4}  ({} examples)", r.step, 100.0 * a, r.loss, r.examples),
         None => format!("eval @ step {:>4}: mean NLL {:.4}  perplexity {:.3}  ({} examples)", r.step, r.loss, r.perplexity(), r.examples),
     }
+}
+
+/// What a directory holds of an earlier run (a checkpoint, a result, metrics), if anything.
+fn previous_run(out: &std::path::Path) -> Option<String> {
+    let state = out.join("checkpoint/state.json");
+    if let Ok(text) = std::fs::read_to_string(&state) {
+        let step = serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| v["step"].as_u64());
+        return Some(step.map_or("a checkpoint".into(), |s| format!("a run's checkpoint (step {s})")));
+    }
+    ["adapter", "model", "metrics.jsonl"].iter().find(|n| out.join(n).exists()).map(|n| format!("the {n} of an earlier run"))
 }
 
 pub fn finetune(args: FinetuneArgs) -> Result<()> {
@@ -145,6 +165,17 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
             o => return Err(Error::InvalidArgument { op: "--on-divergence", msg: format!("'{o}' is not stop or warn") }),
         },
     };
+    if !(cfg.resume || cfg.resume_weights_only || a.overwrite.unwrap_or(false)) {
+        if let Some(what) = previous_run(&cfg.out) {
+            return Err(Error::InvalidArgument {
+                op: "finetune",
+                msg: format!(
+                    "{} already holds {what}: --resume continues it, --overwrite replaces it, or give another --out",
+                    cfg.out.display()
+                ),
+            });
+        }
+    }
     let json_out = a.json.unwrap_or(false);
     let kind = match train_set.kind() {
         DataKind::Lm => "language modelling",
@@ -157,6 +188,18 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         train_set.len(),
         eval_set.as_ref().map_or(0, |e| e.len())
     );
+    // Counts are per file (a held-out split shares its file's).
+    let separate_eval = eval_set.as_ref().filter(|_| a.eval_data.is_some());
+    for set in std::iter::once(&train_set).chain(separate_eval) {
+        if set.stats().truncated > 0 {
+            note!(
+                "note: {} examples of {} were longer than --seq-len {} and were cut to it",
+                set.stats().truncated,
+                set.path(),
+                set.seq_len()
+            );
+        }
+    }
     let bar = ProgressBar::new(1);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}").expect("valid template"));
     let stop = Arc::new(AtomicBool::new(false));
@@ -168,7 +211,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         }
         note!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit at once)");
     });
-    let mut progress = Progress { bar, quiet: false, every: 1, stop };
+    let mut progress = Progress { bar, quiet: false, fresh_head: !cfg.resume_weights_only, every: 1, stop };
     let base = model_path.display().to_string();
     let report = train::train(model.as_mut(), &train_set, eval_set.as_ref(), &cfg, &base, &device, &mut progress)?;
     progress.bar.finish();
@@ -195,10 +238,10 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     } else {
         outln!("trainable parameters: {}", report.trainable_parameters);
         if let Some(b) = &report.before {
-            outln!("before: {}", describe_eval(b));
+            outln!("before: {}", describe_eval(b, progress.fresh_head));
         }
         if let Some(b) = &report.after {
-            outln!("after:  {}", describe_eval(b));
+            outln!("after:  {}", describe_eval(b, false));
         }
         outln!(
             "saved {} ; loss curve {} ; metrics {}",
