@@ -35,6 +35,13 @@ target/release/tinytune finetune \
     --batch-size 16 --lr 3e-3 --warmup 5 --schedule linear --seed 0 \
     --device "${DEVICE:-auto}" --out "$OUT" "$@"
 echo
+echo "== three fresh sentences, zero-shot by the base model and then by the fine-tuned adapter"
+SENTENCES=(--text "A warm, funny and beautifully acted film." --text "Two hours I will never get back." --text "The plot is thin, but the music carries it.")
+target/release/tinytune classify --model "$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf" --labels negative,positive \
+    --device "${DEVICE:-auto}" "${SENTENCES[@]}"
+target/release/tinytune classify --model "$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf" --adapter "$OUT/adapter" \
+    --labels negative,positive --max-len 48 --device "${DEVICE:-auto}" "${SENTENCES[@]}"
+echo
 echo "adapter: $OUT/adapter (load it with --adapter; in Python, on the same base as a classifier:"
 echo "  base = transformers.AutoModelForSequenceClassification.from_pretrained(<SmolLM2-135M-Instruct>, num_labels=2)"
 echo "  model = peft.PeftModel.from_pretrained(base, \"$OUT/adapter\")"

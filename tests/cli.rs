@@ -654,3 +654,100 @@ fn merge_writes_the_dtype_asked_for_and_refuses_a_used_out() {
     assert!(!ok && err.contains("'f8' is not f32, f16 or bf16"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn classify_with_a_head_agrees_with_eval_and_zero_shot_with_the_likelihoods() {
+    let dir = scratch("classify");
+    let (model, data) = (tiny_model_dir(&dir), write_cls_data(&dir));
+    let out = dir.join("out");
+    finetune(
+        &model,
+        &data,
+        &out,
+        &["--method", "head", "--eval-data", path_str(&data), "--max-steps", "40", "--lr", "5e-2", "--batch-size", "4"],
+    );
+    let adapter = out.join("adapter");
+    let (ok, stdout, err) = tinytune(&[
+        "eval",
+        "--model",
+        path_str(&model),
+        "--adapter",
+        path_str(&adapter),
+        "--data",
+        path_str(&data),
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let eval_acc = json(&stdout)["accuracy"].as_f64().unwrap();
+    let classify = |extra: &[&str]| {
+        let mut a = vec!["classify", "--model", path_str(&model), "--device", "cpu"];
+        a.extend(extra);
+        let (ok, stdout, err) = tinytune(&a);
+        assert!(ok, "{extra:?}: {err}");
+        stdout
+    };
+    let v = json(&classify(&["--adapter", path_str(&adapter), "--data", path_str(&data), "--labels", "bad,good", "--json"]));
+    assert_eq!(v["accuracy"].as_f64(), Some(eval_acc), "classify and eval agree on the same data: {v}");
+    let preds = v["predictions"].as_array().unwrap();
+    assert_eq!(preds.len(), 24);
+    for p in preds {
+        let probs: Vec<f64> = p["probabilities"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-9 && probs.len() == 2, "{p}");
+        assert_eq!(p["name"], ["bad", "good"][p["label"].as_u64().unwrap() as usize]);
+    }
+    let confusion = v["confusion"].as_array().unwrap();
+    let total: u64 = confusion.iter().flat_map(|r| r.as_array().unwrap()).map(|n| n.as_u64().unwrap()).sum();
+    let diagonal: u64 = (0..2).map(|i| confusion[i][i].as_u64().unwrap()).sum();
+    assert_eq!((total, diagonal as f64 / 24.0), (24, eval_acc), "{v}");
+    // Plain --text: one line per text with its label and probabilities.
+    let text = classify(&["--adapter", path_str(&adapter), "--text", "the film was great .", "--text", "the plot was dull ."]);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    // eval of unlabelled text with a head adapter points to classify instead of an LM number.
+    let (ok, _, err) = tinytune(&[
+        "eval",
+        "--model",
+        path_str(&model),
+        "--adapter",
+        path_str(&adapter),
+        "--text",
+        "the film was great .",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && err.contains("tinytune classify"), "{err}");
+
+    // Zero-shot: the probabilities are the softmax of each label's log-likelihood after the
+    // prompt, which eval --ids gives independently (sum NLL of prompt+label minus the prompt's).
+    let v = json(&classify(&["--labels", "good,bad", "--prompt-template", "{text} it was", "--text", "the film was", "--json"]));
+    let probs: Vec<f64> = v["predictions"][0]["probabilities"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let ids = |t: &str, special: bool| {
+        let mut a = vec!["tokenize", "--model", path_str(&model), "--text", t, "--json"];
+        if !special {
+            a.push("--no-special-tokens");
+        }
+        let (ok, out, err) = tinytune(&a);
+        assert!(ok, "{err}");
+        json(&out)["ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap()).collect::<Vec<_>>()
+    };
+    let prompt = ids("the film was it was", true);
+    let sum_nll = |seq: &[u64]| {
+        let s = seq.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+        mean_nll(&["eval", "--model", path_str(&model), "--ids", &s, "--device", "cpu", "--json"]) * (seq.len() - 1) as f64
+    };
+    let loglik: Vec<f64> = ["good", "bad"]
+        .iter()
+        .map(|l| {
+            let seq: Vec<u64> = prompt.iter().copied().chain(ids(&format!(" {l}"), false)).collect();
+            sum_nll(&prompt) - sum_nll(&seq)
+        })
+        .collect();
+    let z: f64 = loglik.iter().map(|l| l.exp()).sum();
+    for (p, l) in probs.iter().zip(&loglik) {
+        assert!((p - l.exp() / z).abs() < 1e-4, "zero-shot {probs:?} vs likelihoods {loglik:?}");
+    }
+    let (ok, _, err) = tinytune(&["classify", "--model", path_str(&model), "--text", "x", "--device", "cpu"]);
+    assert!(!ok && err.contains("--adapter") && err.contains("--labels"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -42,6 +42,8 @@ fn emit(args: std::fmt::Arguments) -> Result<()> {
 #[path = "tinytune/finetune.rs"]
 mod finetune;
 use finetune::finetune;
+#[path = "tinytune/classify.rs"]
+mod classify;
 use tinytune::cli::FinetuneArgs;
 
 #[derive(Parser)]
@@ -104,6 +106,10 @@ enum Command {
     },
     /// Fine-tune a model on a JSONL file (LoRA, DoRA, full, or a classification head).
     Finetune(Box<FinetuneArgs>),
+    /// The label and class probabilities of texts: by a fine-tuned head (--adapter), or
+    /// zero-shot by the label words' likelihood (--labels negative,positive). Example:
+    /// `tinytune classify --model M --adapter run/adapter --text "A wonderful film."`
+    Classify(Box<classify::ClassifyArgs>),
     /// Fold an adapter into its base model and write a merged checkpoint (safetensors +
     /// config.json + tokenizer).
     Merge {
@@ -163,7 +169,7 @@ enum Command {
 }
 
 #[derive(Args)]
-struct Common {
+pub struct Common {
     /// Model directory or .gguf file.
     #[arg(long)]
     model: PathBuf,
@@ -179,12 +185,12 @@ struct Common {
 }
 
 impl Common {
-    fn device(&self) -> Result<Device> {
+    pub fn device(&self) -> Result<Device> {
         device_from(self.device.as_deref())
     }
 
     /// The model with `--adapter` attached (if given), and the adapter's classification head.
-    fn load(&self, device: &Device) -> Result<(Box<dyn CausalLm>, Option<ClassifierHead>)> {
+    pub fn load(&self, device: &Device) -> Result<(Box<dyn CausalLm>, Option<ClassifierHead>)> {
         let mut model = models::load(&self.model, device)?;
         let head = match &self.adapter {
             Some(dir) => format::load(dir, model.as_mut(), device)?.head,
@@ -418,6 +424,17 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 return Ok(());
             }
+            if head.is_some() {
+                // The adapter classifies: language-model NLL of its text would be another question.
+                return Err(Error::InvalidArgument {
+                    op: "eval",
+                    msg: format!(
+                        "{} has a classification head: eval needs labelled data ({{\"text\", \"label\"}} lines) for its accuracy; \
+                         `tinytune classify` labels unlabelled text",
+                        common.adapter.as_ref().map_or(String::new(), |a| a.display().to_string())
+                    ),
+                });
+            }
             let seqs: Vec<Vec<u32>> = match (ids, text, data) {
                 (Some(ids), _, _) => ids.split(';').map(|s| parse_ids("eval --ids", s)).collect::<Result<_>>()?,
                 (_, text, data) => {
@@ -443,6 +460,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Finetune(args) => finetune(*args),
+        Command::Classify(args) => classify::classify(*args),
         Command::Merge { model, adapter, out, dtype } => {
             refuse_overwrite("merge --out", &out, &[("--model", &model), ("--adapter", &adapter)])?;
             let dtype = match dtype.as_deref() {

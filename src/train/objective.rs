@@ -108,3 +108,65 @@ impl Objective for Classification {
         Some(&self.head)
     }
 }
+
+/// The class probabilities `softmax(head(pool(hidden)))` of every example of `data`, in order,
+/// without gradients or dropout: what `tinytune classify` prints for a trained head.
+pub fn class_probabilities(
+    model: &dyn CausalLm,
+    head: &ClassifierHead,
+    data: &super::data::Dataset,
+    batch_size: usize,
+    device: &crate::Device,
+) -> Result<Vec<Vec<f64>>> {
+    crate::autograd::with_no_grad(|| {
+        let order: Vec<usize> = (0..data.len()).collect();
+        let mut out = Vec::with_capacity(data.len());
+        for chunk in order.chunks(batch_size.max(1)) {
+            let b = data.batch(chunk, device)?;
+            let logits = head.forward(&model.hidden_states(&b.ids, b.keep.as_ref(), None)?, b.keep.as_ref())?;
+            let p = logits.to_dtype(crate::DType::F64)?.softmax(-1)?.to_vec_f64()?;
+            out.extend(p.chunks(head.num_classes()).map(<[f64]>::to_vec));
+        }
+        Ok(out)
+    })
+}
+
+/// Zero-shot classification by the language model itself: for each label, the log-likelihood
+/// `Σ log p(label token | prompt, earlier label tokens)` of the label's tokens after `prompt`,
+/// and their softmax over the labels. `labels[i]` are the token ids of label i (as they follow
+/// the prompt, e.g. " positive"). Returns `(log_likelihoods, probabilities)`.
+pub fn label_scores(model: &dyn CausalLm, prompt: &[u32], labels: &[Vec<u32>], device: &crate::Device) -> Result<(Vec<f64>, Vec<f64>)> {
+    if prompt.is_empty() || labels.is_empty() || labels.iter().any(Vec::is_empty) {
+        return Err(Error::InvalidArgument { op: "classify", msg: "need a prompt and labels of at least one token each".into() });
+    }
+    let len = prompt.len() + labels.iter().map(Vec::len).max().unwrap_or(0);
+    model.check_tokens(
+        "classify: the prompt and the longest label",
+        &prompt.iter().chain(labels.iter().flatten()).copied().collect::<Vec<_>>(),
+        len,
+    )?;
+    crate::autograd::with_no_grad(|| {
+        let b = labels.len();
+        let (mut ids, mut keep) = (Vec::with_capacity(b * len), Vec::with_capacity(b * len));
+        for l in labels {
+            let seq: Vec<u32> = prompt.iter().chain(l).copied().collect();
+            keep.extend((0..len).map(|i| if i < seq.len() { 1.0f32 } else { 0.0 }));
+            ids.extend(seq.iter().copied().chain(std::iter::repeat_n(0, len - seq.len())));
+        }
+        let keep = Tensor::from_vec(keep, &[b, len], device)?;
+        let logits = model.forward(&Tensor::from_vec(ids, &[b, len], device)?, Some(&keep))?;
+        let logp = logits.to_dtype(crate::DType::F64)?.log_softmax(-1)?;
+        let v = logp.shape()[2];
+        let logp = logp.to_vec_f64()?;
+        // Label token j of sequence i is predicted at position prompt.len() + j - 1.
+        let scores: Vec<f64> = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| l.iter().enumerate().map(|(j, &tok)| logp[(i * len + prompt.len() + j - 1) * v + tok as usize]).sum())
+            .collect();
+        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+        let probs = scores.iter().map(|s| (s - max).exp() / z).collect();
+        Ok((scores, probs))
+    })
+}
