@@ -145,6 +145,9 @@ pub struct FinetuneArgs {
     /// Evaluate every N steps (always before and after).
     #[arg(long)]
     pub eval_every: Option<u64>,
+    /// Skip the evaluation before the first step (the report then has no "before").
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub skip_eval_before: Option<bool>,
     /// Write a checkpoint every N steps (always at the end) [default: 50].
     #[arg(long)]
     pub save_every: Option<u64>,
@@ -267,6 +270,7 @@ impl FinetuneArgs {
             pooling,
             num_classes,
             eval_every,
+            skip_eval_before,
             save_every,
             out,
             resume,

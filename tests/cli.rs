@@ -751,3 +751,57 @@ fn classify_with_a_head_agrees_with_eval_and_zero_shot_with_the_likelihoods() {
     assert!(!ok && err.contains("--adapter") && err.contains("--labels"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_run_in_a_log_file_says_what_it_is_doing() {
+    let dir = scratch("log");
+    let (model, data) = (tiny_model_dir(&dir), write_cls_data(&dir));
+    let out = dir.join("out");
+    // stderr is a pipe here, as in a log file or CI: the bar is hidden, lines are printed.
+    let args = finetune_args(&model, &data, &out, &["--max-steps", "10", "--eval-every", "5", "--json"]);
+    let (ok, stdout, err) = tinytune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    assert!(err.contains("s/step, ETA 0:00:") && err.contains(" elapsed"), "step lines carry time per step and ETA: {err}");
+    assert_eq!(err.matches("evaluating 2 held-out examples").count(), 3, "before, at step 5, after: {err}");
+    assert!(err.contains("a new, untrained head: chance level"), "{err}");
+    // The adapter records the length it was trained with; eval and classify cut to it.
+    let extra = read_json(&out.join("adapter/tinytune.json"));
+    assert_eq!(extra["seq_len"], 32, "LORA_FLAGS' --seq-len: {extra}");
+    assert!(json(&stdout)["after"]["accuracy"].as_f64().is_some());
+    let adapter = out.join("adapter");
+    let (ok, o, err) = tinytune(&[
+        "eval",
+        "--model",
+        path_str(&model),
+        "--adapter",
+        path_str(&adapter),
+        "--data",
+        path_str(&data),
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert!(json(&o)["accuracy"].as_f64().is_some());
+    // generate with a classification adapter says what it does.
+    let (ok, _, err) = tinytune(&[
+        "generate",
+        "--model",
+        path_str(&model),
+        "--adapter",
+        path_str(&adapter),
+        "--ids",
+        "1,5",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok && err.contains("trained for classification"), "{err}");
+    // --skip-eval-before: no "before".
+    let args = finetune_args(&model, &data, &dir.join("nobefore"), &["--max-steps", "2", "--skip-eval-before", "--json"]);
+    let (ok, stdout, err) = tinytune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    assert!(json(&stdout)["before"].is_null() && err.matches("evaluating").count() == 1, "{stdout} {err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -82,7 +82,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Mean negative log-likelihood and perplexity of a text, a file, or token ids.
+    /// Mean negative log-likelihood and perplexity of a text, a file, or token ids; with
+    /// --adapter of a classifier on labelled --data ({"text", "label"} lines), its accuracy.
     #[command(group(ArgGroup::new("input").required(true).args(["ids", "text", "data"])))]
     Eval {
         #[command(flatten)]
@@ -191,12 +192,21 @@ impl Common {
 
     /// The model with `--adapter` attached (if given), and the adapter's classification head.
     pub fn load(&self, device: &Device) -> Result<(Box<dyn CausalLm>, Option<ClassifierHead>)> {
-        let mut model = models::load(&self.model, device)?;
-        let head = match &self.adapter {
-            Some(dir) => format::load(dir, model.as_mut(), device)?.head,
-            None => None,
-        };
+        let (model, head, _) = self.load_adapter(device)?;
         Ok((model, head))
+    }
+
+    /// [`Common::load`], with the example length the adapter was trained with (if it says).
+    pub fn load_adapter(&self, device: &Device) -> Result<(Box<dyn CausalLm>, Option<ClassifierHead>, Option<usize>)> {
+        let mut model = models::load(&self.model, device)?;
+        let (head, seq_len) = match &self.adapter {
+            Some(dir) => {
+                let loaded = format::load(dir, model.as_mut(), device)?;
+                (loaded.head, loaded.seq_len)
+            }
+            None => (None, None),
+        };
+        Ok((model, head, seq_len))
     }
 }
 
@@ -390,7 +400,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval { common, ids, text, data, max_len, batch_size } => {
             let device = common.device()?;
-            let (model, head) = common.load(&device)?;
+            let (model, head, trained_len) = common.load_adapter(&device)?;
             let context = model.max_positions();
             let max_len = match (max_len, context) {
                 (Some(n), _) if n < 2 => {
@@ -403,7 +413,11 @@ fn run(cli: Cli) -> Result<()> {
                     })
                 }
                 (Some(n), _) => n,
-                (None, ctx) => ctx.map_or(1024, |c| c.min(1024)),
+                // Labelled data is cut as the adapter's training cut it, so accuracy matches the run's.
+                (None, ctx) => match (trained_len, data.as_ref().is_some_and(|p| is_labelled(p))) {
+                    (Some(n), true) => ctx.map_or(n, |c| c.min(n)),
+                    _ => ctx.map_or(1024, |c| c.min(1024)),
+                },
             };
             if let Some(path) = data.as_ref().filter(|p| is_labelled(p)) {
                 // Labelled data: accuracy and mean loss of the adapter's classification head.
@@ -501,7 +515,13 @@ fn run(cli: Cli) -> Result<()> {
             stop,
         } => {
             let device = common.device()?;
-            let (model, _) = common.load(&device)?;
+            let (model, head) = common.load(&device)?;
+            if head.is_some() {
+                note!(
+                    "note: this adapter was trained for classification: its weights change the text generated here, and its \
+                     classification head is not used (`tinytune classify` applies it)"
+                );
+            }
             let tok = Tokenizer::for_model(&common.model).ok();
             let prompt_ids = match (&ids, &prompt, &tok) {
                 (Some(ids), _, _) => parse_ids("generate --ids", ids)?,

@@ -41,6 +41,9 @@ pub struct LoadedAdapter {
     /// attaches nothing).
     pub method: Box<dyn Method>,
     pub head: Option<ClassifierHead>,
+    /// The longest example (tokens) it was trained on, when its `tinytune.json` says: the
+    /// length to cut examples to when evaluating or classifying with it.
+    pub seq_len: Option<usize>,
     /// Config keys that were not understood (ignored).
     pub warnings: Vec<String>,
 }
@@ -85,6 +88,19 @@ pub fn save(dir: &Path, model: &mut dyn CausalLm, method: Option<&dyn Method>, h
     let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON values serialize");
     crate::io::write_atomic(&dir.join(CONFIG_FILE), &pretty(&config))?;
     crate::io::write_atomic(&dir.join(EXTRA_FILE), &pretty(&extra))
+}
+
+/// Add `key = value` to the `tinytune.json` of the adapter in `dir` (written atomically), for
+/// what the trainer knows and the adapter files do not say (`seq_len`).
+pub fn record(dir: &Path, key: &str, value: Value) -> Result<()> {
+    let path = dir.join(EXTRA_FILE);
+    let mut extra: Value = match std::fs::read_to_string(&path) {
+        Ok(t) => serde_json::from_str(&t).map_err(|e| format_err(&path, format!("not valid JSON: {e}")))?,
+        Err(_) => json!({}),
+    };
+    let obj = extra.as_object_mut().ok_or_else(|| format_err(&path, "must be a JSON object"))?;
+    obj.insert(key.to_string(), value);
+    crate::io::write_atomic(&path, &serde_json::to_vec_pretty(&extra).expect("JSON values serialize"))
 }
 
 /// `target_modules` (and `layers_to_transform`) as PEFT writes them for `sites`: a list of
@@ -162,7 +178,8 @@ pub fn load(dir: &Path, model: &mut dyn CausalLm, device: &Device) -> Result<Loa
     if method.as_any().is::<super::head::HeadOnly>() && head.is_none() {
         return Err(format_err(&wpath, format!("peft_type '{peft_type}' with no classification head ({head_key}): nothing to load")));
     }
-    Ok(LoadedAdapter { method, head, warnings })
+    let seq_len = extra.get("seq_len").and_then(Value::as_u64).map(|n| n as usize).filter(|&n| n >= 2);
+    Ok(LoadedAdapter { method, head, seq_len, warnings })
 }
 
 /// The `peft_type`s the registry loads, for error messages.

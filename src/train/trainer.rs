@@ -76,6 +76,8 @@ pub struct TrainConfig {
     pub save_every: u64,
     /// Stop when this many steps in a row have a non-finite loss or gradient.
     pub max_bad_steps: usize,
+    /// Evaluate before the first step (the "before" of the report).
+    pub eval_before: bool,
     /// Where checkpoints, the adapter, metrics and the loss picture go.
     pub out: PathBuf,
     /// Continue from the last checkpoint in `out`: its trainable tensors, optimizer state,
@@ -112,6 +114,7 @@ impl Default for TrainConfig {
             eval_every: None,
             save_every: 100,
             max_bad_steps: 5,
+            eval_before: true,
             out: PathBuf::from("tinytune-out"),
             resume: false,
             resume_weights_only: false,
@@ -320,6 +323,8 @@ pub trait Observer {
     fn on_start(&mut self, _start_step: u64, _total_steps: u64) {}
     fn on_step(&mut self, _r: &StepRecord) {}
     fn on_eval(&mut self, _r: &EvalRecord) {}
+    /// An evaluation of `examples` held-out examples begins (at `step`).
+    fn on_eval_start(&mut self, _step: u64, _examples: usize) {}
     fn on_message(&mut self, _msg: &str) {}
     /// Asked after every step (after its checkpoint, if one is due): `false` stops the run
     /// there, as an interruption (Ctrl-C) would, but cleanly: a checkpoint of that step is
@@ -907,6 +912,7 @@ impl<'a> Trainer<'a> {
         } else {
             let dir = out.join("adapter");
             format::save(&dir, self.model, Some(self.attached.method.as_ref()), head, base)?;
+            format::record(&dir, "seq_len", json!(self.train.seq_len()))?;
             Ok(dir)
         }
     }
@@ -936,8 +942,9 @@ pub fn train(
     // The step of the newest checkpoint on disk, for the message of a stopped run.
     let mut saved_step = resumed_from;
 
-    if t.st.before.is_none() {
+    if t.st.before.is_none() && cfg.eval_before {
         if let Some(e) = eval {
+            observer.on_eval_start(t.st.step, e.len());
             let r = t.evaluate(e)?;
             observer.on_eval(&r);
             write_metric(&mut metrics, &metrics_path, &json!({ "eval": eval_json(&r) }))?;
@@ -977,6 +984,7 @@ pub fn train(
         let last = t.st.step == total;
         if let (Some(e), Some(every)) = (eval, cfg.eval_every) {
             if t.st.step % every == 0 && !last {
+                observer.on_eval_start(t.st.step, e.len());
                 let r = t.evaluate(e)?;
                 observer.on_eval(&r);
                 write_metric(&mut metrics, &metrics_path, &json!({ "eval": eval_json(&r) }))?;
@@ -1013,6 +1021,7 @@ pub fn train(
     t.attached.method.set_training(false);
     let after = match eval {
         Some(e) => {
+            observer.on_eval_start(t.st.step, e.len());
             let r = t.evaluate(e)?;
             observer.on_eval(&r);
             write_metric(&mut metrics, &metrics_path, &json!({ "eval": eval_json(&r) }))?;

@@ -27,6 +27,8 @@ struct Progress {
     fresh_head: bool,
     /// Hidden bar: print a step line every this many steps.
     every: u64,
+    /// The first step of this run (a resumed run starts later), for the time per step.
+    start: u64,
     /// Set by Ctrl-C: stop after the current step (with a checkpoint).
     stop: Arc<AtomicBool>,
 }
@@ -43,11 +45,21 @@ impl Observer for Progress {
         self.bar.set_position(start);
         self.bar.reset_eta();
         self.every = (total / 10).max(1);
+        self.start = start;
     }
     fn on_step(&mut self, r: &StepRecord) {
         let msg = format!("loss {:.4}  lr {:.2e}  {:.0} tok/s  epoch {:.2}", r.loss, r.lr, r.tokens_per_s, r.epoch);
         if self.bar.is_hidden() && (r.step % self.every == 0 || r.step == r.total_steps) {
-            self.say(&format!("step {}/{}: {msg}", r.step, r.total_steps));
+            // A log file gets what the bar shows: elapsed time, the mean time per step, the ETA.
+            let per_step = r.elapsed_s / (r.step - self.start).max(1) as f64;
+            let eta = per_step * (r.total_steps - r.step) as f64;
+            self.say(&format!(
+                "step {}/{}: {msg}  [{} elapsed, {per_step:.2} s/step, ETA {}]",
+                r.step,
+                r.total_steps,
+                clock(r.elapsed_s),
+                clock(eta)
+            ));
         }
         self.bar.set_position(r.step);
         self.bar.set_message(msg);
@@ -57,12 +69,25 @@ impl Observer for Progress {
             self.say(&describe_eval(r, self.fresh_head));
         }
     }
+    fn on_eval_start(&mut self, step: u64, examples: usize) {
+        if self.bar.is_hidden() {
+            self.say(&format!("evaluating {examples} held-out examples at step {step}..."));
+        } else {
+            self.bar.set_message(format!("evaluating {examples} held-out examples..."));
+        }
+    }
     fn on_message(&mut self, msg: &str) {
         self.say(msg);
     }
     fn keep_going(&mut self) -> bool {
         !self.stop.load(Ordering::Relaxed)
     }
+}
+
+/// Seconds as `h:mm:ss`.
+fn clock(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
 }
 
 fn describe_eval(r: &EvalRecord, fresh_head: bool) -> String {
@@ -156,6 +181,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         eval_every: a.eval_every,
         save_every: a.save_every.unwrap_or(50),
         max_bad_steps: 5,
+        eval_before: !a.skip_eval_before.unwrap_or(false),
         out: a.out.unwrap_or_else(|| PathBuf::from("tinytune-out")),
         resume: a.resume.unwrap_or(false),
         resume_weights_only: a.resume_weights_only.unwrap_or(false),
@@ -211,7 +237,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         }
         note!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit at once)");
     });
-    let mut progress = Progress { bar, quiet: false, fresh_head: !cfg.resume_weights_only, every: 1, stop };
+    let mut progress = Progress { bar, quiet: false, fresh_head: !cfg.resume_weights_only, every: 1, start: 0, stop };
     let base = model_path.display().to_string();
     let report = train::train(model.as_mut(), &train_set, eval_set.as_ref(), &cfg, &base, &device, &mut progress)?;
     progress.bar.finish();
