@@ -767,6 +767,11 @@ fn a_run_in_a_log_file_says_what_it_is_doing() {
     // The adapter records the length it was trained with; eval and classify cut to it.
     let extra = read_json(&out.join("adapter/tinytune.json"));
     assert_eq!(extra["seq_len"], 32, "LORA_FLAGS' --seq-len: {extra}");
+    // The picture: titled with the method, model, data and settings; accuracy on its own axis.
+    let svg = std::fs::read_to_string(out.join("loss.svg")).unwrap();
+    assert!(svg.contains("lora · model · cls.jsonl · r 2, alpha 4.0, lr 0.0002"), "{}", &svg[..400.min(svg.len())]);
+    assert!(svg.contains("eval accuracy (%)") && svg.matches(r#"width="7" height="7""#).count() == 3, "before, step 5, after");
+    assert!(!svg.contains("running mean"), "10 steps: no running mean that would repeat the raw curve");
     assert!(json(&stdout)["after"]["accuracy"].as_f64().is_some());
     let adapter = out.join("adapter");
     let (ok, o, err) = tinytune(&[

@@ -36,7 +36,13 @@ fn label(v: f64) -> String {
 
 /// An SVG document plotting `series` (x: step, y: loss) under `title`.
 pub fn svg(title: &str, series: &[Series]) -> String {
-    let (w, h, left, right, top, bottom) = (720.0, 420.0, 64.0, 20.0, 36.0, 48.0);
+    svg_with_axis(title, series, None)
+}
+
+/// [`svg`], with a second series on its own right-hand axis (`axis` names it, e.g. the
+/// evaluation accuracy in % beside the loss).
+pub fn svg_with_axis(title: &str, series: &[Series], second: Option<(&str, &Series)>) -> String {
+    let (w, h, left, right, top, bottom) = (720.0, 420.0, 64.0, if second.is_some() { 64.0 } else { 20.0 }, 36.0, 48.0);
     let all: Vec<(f64, f64)> =
         series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
     let (mut x0, mut x1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
@@ -44,10 +50,19 @@ pub fn svg(title: &str, series: &[Series]) -> String {
     if all.is_empty() {
         (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
     }
+    if let Some((_, se)) = second {
+        for &(x, _) in se.points.iter().filter(|(x, y)| x.is_finite() && y.is_finite()) {
+            (x0, x1) = (x0.min(x), x1.max(x));
+        }
+    }
     if x1 <= x0 {
         x1 = x0 + 1.0;
     }
-    let pad = ((y1 - y0) * 0.05).max(1e-6);
+    // Margins inside the frame, so that the first and last points (evaluation dots at step 0
+    // and at the end) are not drawn on it.
+    let xpad = (x1 - x0) * 0.03;
+    (x0, x1) = (x0 - xpad, x1 + xpad);
+    let pad = ((y1 - y0) * 0.08).max(1e-6);
     (y0, y1) = (y0 - pad, y1 + pad);
     let px = |x: f64| left + (x - x0) / (x1 - x0) * (w - left - right);
     let py = |y: f64| top + (y1 - y) / (y1 - y0) * (h - top - bottom);
@@ -114,6 +129,49 @@ pub fn svg(title: &str, series: &[Series]) -> String {
             escape(se.name)
         );
     }
+    if let Some((axis, se)) = second {
+        let pts: Vec<(f64, f64)> = se.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+        let (mut lo, mut hi) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+        if pts.is_empty() || hi <= lo {
+            (lo, hi) = if pts.is_empty() { (0.0, 1.0) } else { (lo - 0.5, hi + 0.5) };
+        }
+        let pad = (hi - lo) * 0.08;
+        let (lo, hi) = (lo - pad, hi + pad);
+        let qy = |y: f64| top + (hi - y) / (hi - lo) * (h - top - bottom);
+        for t in ticks(lo, hi, 6) {
+            let _ = writeln!(s, r#"<text x="{}" y="{:.1}" fill="{}">{}</text>"#, w - right + 6.0, qy(t) + 4.0, se.color, label(t));
+        }
+        let (cx, cy) = (w - 14.0, (top + h - bottom) / 2.0);
+        let _ = writeln!(
+            s,
+            r#"<text x="{cx}" y="{cy}" text-anchor="middle" fill="{}" transform="rotate(90 {cx} {cy})">{}</text>"#,
+            se.color,
+            escape(axis)
+        );
+        if !pts.is_empty() {
+            let path: Vec<String> = pts.iter().map(|(x, y)| format!("{:.1},{:.1}", px(*x), qy(*y))).collect();
+            let _ = writeln!(
+                s,
+                r#"<polyline fill="none" stroke="{}" stroke-width="1" stroke-dasharray="4 3" points="{}"/>"#,
+                se.color,
+                path.join(" ")
+            );
+            for (x, y) in &pts {
+                let _ = writeln!(s, r#"<rect x="{:.1}" y="{:.1}" width="7" height="7" fill="{}"/>"#, px(*x) - 3.5, qy(*y) - 3.5, se.color);
+            }
+        }
+        let ly = top + 16.0 + 16.0 * series.len() as f64;
+        let _ = writeln!(
+            s,
+            r#"<rect x="{}" y="{}" width="12" height="3" fill="{}"/><text x="{}" y="{}">{} (right axis)</text>"#,
+            w - right - 190.0,
+            ly - 4.0,
+            se.color,
+            w - right - 172.0,
+            ly,
+            escape(se.name)
+        );
+    }
     s.push_str("</svg>\n");
     s
 }
@@ -160,5 +218,19 @@ mod tests {
         assert_eq!(doc.matches("<circle").count(), 2);
         assert!(doc.contains("loss &lt;test&gt;"));
         assert_eq!(smooth(&[(0.0, 1.0), (1.0, 3.0), (2.0, 5.0)], 2), vec![(0.0, 1.0), (1.0, 2.0), (2.0, 4.0)]);
+    }
+
+    #[test]
+    fn a_second_axis_has_its_own_ticks_and_points() {
+        let train = [(1.0, 0.7), (2.0, 0.6), (3.0, 0.5)];
+        let acc = [(0.0, 50.0), (3.0, 80.0)];
+        let doc = svg_with_axis(
+            "t",
+            &[Series { name: "train", points: &train, color: "#1f77b4", dots: false }],
+            Some(("eval accuracy (%)", &Series { name: "eval accuracy", points: &acc, color: "#2ca02c", dots: true })),
+        );
+        assert!(doc.contains("eval accuracy (%)") && doc.contains("eval accuracy (right axis)"));
+        assert_eq!(doc.matches(r#"width="7" height="7""#).count(), 2);
+        assert!(doc.contains(">60<") && doc.contains(">80<"), "right-axis ticks in the accuracy's own range: {doc}");
     }
 }

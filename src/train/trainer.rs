@@ -1036,16 +1036,36 @@ pub fn train(
     let saved = t.save(base)?;
     let st = &t.st;
     let train_curve = &st.history;
-    let smooth = plot::smooth(train_curve, (train_curve.len() / 20).max(1));
-    let evals: Vec<(f64, f64)> = st.before.iter().chain(st.evals.iter()).map(|e| (e.step as f64, e.loss)).collect();
-    let picture = plot::svg(
-        &format!("{} fine-tuning: loss", cfg.method.name()),
-        &[
-            plot::Series { name: "train (per step)", points: train_curve, color: "#9ecae1", dots: false },
-            plot::Series { name: "train (running mean)", points: &smooth, color: "#1f77b4", dots: false },
-            plot::Series { name: "eval", points: &evals, color: "#d62728", dots: true },
-        ],
-    );
+    // The running mean only where it differs from the raw curve (a window of 2 steps or more).
+    let window = train_curve.len() / 20;
+    let smooth = if window >= 2 { plot::smooth(train_curve, window) } else { Vec::new() };
+    let all_evals: Vec<&EvalRecord> = st.before.iter().chain(st.evals.iter()).collect();
+    let classification = all_evals.iter().any(|e| e.accuracy.is_some());
+    let eval_loss: Vec<(f64, f64)> = all_evals.iter().map(|e| (e.step as f64, e.loss)).collect();
+    let accuracy: Vec<(f64, f64)> = all_evals.iter().filter_map(|e| Some((e.step as f64, 100.0 * e.accuracy?))).collect();
+    let data_name = Path::new(train.path()).file_name().map_or(train.path().to_string(), |n| n.to_string_lossy().into_owned());
+    let model_name = Path::new(base).file_name().map_or(base.to_string(), |n| n.to_string_lossy().into_owned());
+    let mut settings: Vec<String> = match cfg.method.fingerprint() {
+        Value::Object(m) => ["r", "alpha", "num_virtual_tokens", "reduction_factor", "adapter_kind"]
+            .iter()
+            .filter_map(|k| m.get(*k).filter(|v| !v.is_null()).map(|v| format!("{k} {v}")))
+            .collect(),
+        _ => Vec::new(),
+    };
+    settings.extend([format!("lr {}", cfg.lr), format!("batch {}×{}", cfg.batch_size, cfg.grad_accum), format!("{} steps", st.step)]);
+    let title = format!("{} · {model_name} · {data_name} · {}", cfg.method.name(), settings.join(", "));
+    let mut series = vec![plot::Series { name: "train loss (per step)", points: train_curve, color: "#9ecae1", dots: false }];
+    if !smooth.is_empty() {
+        series.push(plot::Series { name: "train loss (running mean)", points: &smooth, color: "#1f77b4", dots: false });
+    }
+    series.push(plot::Series {
+        name: if classification { "eval loss" } else { "eval NLL" },
+        points: &eval_loss,
+        color: "#d62728",
+        dots: true,
+    });
+    let acc_series = plot::Series { name: "eval accuracy", points: &accuracy, color: "#2ca02c", dots: true };
+    let picture = plot::svg_with_axis(&title, &series, classification.then_some(("eval accuracy (%)", &acc_series)));
     crate::io::write_atomic(&cfg.out.join("loss.svg"), picture.as_bytes())?;
     let report = TrainReport {
         steps: st.step,
