@@ -106,6 +106,14 @@ pub struct FinetuneArgs {
     /// Most tokens per example (longer ones are truncated) [default: 256, or the model's context if shorter].
     #[arg(long)]
     pub seq_len: Option<usize>,
+    /// Encode the data without the tokenizer's special tokens (BOS and the like), as
+    /// `add_special_tokens=False` in transformers.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub no_special_tokens: Option<bool>,
+    /// The base model's name written into the adapter (`base_model_name_or_path`), e.g. its
+    /// Hugging Face id [default: GGUF's general.source.huggingface.repository, else --model].
+    #[arg(long)]
+    pub base_model_name: Option<String>,
     /// Pack {"text"} documents into full windows of --seq-len tokens instead of padding.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub pack: Option<bool>,
@@ -258,6 +266,8 @@ impl FinetuneArgs {
             grad_accum,
             seq_len,
             pack,
+            no_special_tokens,
+            base_model_name,
             max_train_examples,
             max_eval_examples,
             warmup,

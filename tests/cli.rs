@@ -810,3 +810,19 @@ fn a_run_in_a_log_file_says_what_it_is_doing() {
     assert!(json(&stdout)["before"].is_null() && err.matches("evaluating").count() == 1, "{stdout} {err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn an_adapter_can_name_its_base_and_its_encoding() {
+    let dir = scratch("base-name");
+    let (model, data) = (tiny_model_dir(&dir), write_cls_data(&dir));
+    let out = dir.join("out");
+    finetune(&model, &data, &out, &["--max-steps", "1", "--base-model-name", "HuggingFaceTB/SmolLM2-135M-Instruct", "--no-special-tokens"]);
+    let config = read_json(&out.join("adapter/adapter_config.json"));
+    assert_eq!(config["base_model_name_or_path"], "HuggingFaceTB/SmolLM2-135M-Instruct");
+    assert_eq!(read_json(&out.join("adapter/tinytune.json"))["add_special_tokens"], false);
+    let plain = dir.join("plain");
+    finetune(&model, &data, &plain, &["--max-steps", "1"]);
+    assert_eq!(read_json(&plain.join("adapter/adapter_config.json"))["base_model_name_or_path"], path_str(&model));
+    assert!(read_json(&plain.join("adapter/tinytune.json")).get("add_special_tokens").is_none());
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -503,3 +503,16 @@ fn real_movie_reviews_and_austen_load() {
     println!("austen: {} paragraphs packed into {} windows of 256 tokens", ds.stats().lines, ds.len());
     assert!(ds.len() > 3_000, "about 900k tokens: {} windows", ds.len());
 }
+
+#[test]
+fn special_tokens_can_be_left_out() {
+    let tok = sentencepiece();
+    let bos = tok.bos_id().expect("a BOS");
+    let text = "{\"text\": \"hello world\", \"label\": 1}\n{\"text\": \"world\", \"label\": 0}\n";
+    let with = Dataset::from_jsonl_str(text, "with.jsonl", &tok, &opts(16)).unwrap();
+    let without = Dataset::from_jsonl_str(text, "without.jsonl", &tok, &DataOptions { add_special_tokens: false, ..opts(16) }).unwrap();
+    for (a, b) in with.examples().iter().zip(without.examples()) {
+        assert_eq!(a.ids[0], bos, "by default the tokenizer's BOS starts every text");
+        assert_eq!(&a.ids[1..], &b.ids[..], "without special tokens: the same ids, no BOS");
+    }
+}

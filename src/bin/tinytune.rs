@@ -185,6 +185,12 @@ pub struct Common {
     json: bool,
 }
 
+/// How an adapter's training data was encoded, so evaluating with it encodes the same way.
+pub struct Trained {
+    pub seq_len: Option<usize>,
+    pub add_special_tokens: bool,
+}
+
 impl Common {
     pub fn device(&self) -> Result<Device> {
         device_from(self.device.as_deref())
@@ -196,17 +202,17 @@ impl Common {
         Ok((model, head))
     }
 
-    /// [`Common::load`], with the example length the adapter was trained with (if it says).
-    pub fn load_adapter(&self, device: &Device) -> Result<(Box<dyn CausalLm>, Option<ClassifierHead>, Option<usize>)> {
+    /// [`Common::load`], with how the adapter's training encoded its data (if it says).
+    pub fn load_adapter(&self, device: &Device) -> Result<(Box<dyn CausalLm>, Option<ClassifierHead>, Trained)> {
         let mut model = models::load(&self.model, device)?;
-        let (head, seq_len) = match &self.adapter {
+        let (head, trained) = match &self.adapter {
             Some(dir) => {
                 let loaded = format::load(dir, model.as_mut(), device)?;
-                (loaded.head, loaded.seq_len)
+                (loaded.head, Trained { seq_len: loaded.seq_len, add_special_tokens: loaded.add_special_tokens })
             }
-            None => (None, None),
+            None => (None, Trained { seq_len: None, add_special_tokens: true }),
         };
-        Ok((model, head, seq_len))
+        Ok((model, head, trained))
     }
 }
 
@@ -400,7 +406,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval { common, ids, text, data, max_len, batch_size } => {
             let device = common.device()?;
-            let (model, head, trained_len) = common.load_adapter(&device)?;
+            let (model, head, trained) = common.load_adapter(&device)?;
             let context = model.max_positions();
             let max_len = match (max_len, context) {
                 (Some(n), _) if n < 2 => {
@@ -414,7 +420,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 (Some(n), _) => n,
                 // Labelled data is cut as the adapter's training cut it, so accuracy matches the run's.
-                (None, ctx) => match (trained_len, data.as_ref().is_some_and(|p| is_labelled(p))) {
+                (None, ctx) => match (trained.seq_len, data.as_ref().is_some_and(|p| is_labelled(p))) {
                     (Some(n), true) => ctx.map_or(n, |c| c.min(n)),
                     _ => ctx.map_or(1024, |c| c.min(1024)),
                 },
@@ -426,7 +432,12 @@ fn run(cli: Cli) -> Result<()> {
                     msg: format!("{} is labelled data: give --adapter with a classification head", path.display()),
                 })?;
                 let tok = Tokenizer::for_model(&common.model)?;
-                let opts = DataOptions { seq_len: max_len, context: model.max_positions(), ..DataOptions::default() };
+                let opts = DataOptions {
+                    seq_len: max_len,
+                    context: model.max_positions(),
+                    add_special_tokens: trained.add_special_tokens,
+                    ..DataOptions::default()
+                };
                 let ds = Dataset::load(path, &tok, &opts)?;
                 ds.check_labels(head.num_classes())?;
                 let r = train::evaluate(model.as_ref(), &train::Classification { head }, &ds, batch_size, &device, 0)?;

@@ -44,6 +44,9 @@ pub struct LoadedAdapter {
     /// The longest example (tokens) it was trained on, when its `tinytune.json` says: the
     /// length to cut examples to when evaluating or classifying with it.
     pub seq_len: Option<usize>,
+    /// Whether its training data was encoded with the tokenizer's special tokens (the
+    /// default; `false` when trained with `--no-special-tokens`).
+    pub add_special_tokens: bool,
     /// Config keys that were not understood (ignored).
     pub warnings: Vec<String>,
 }
@@ -179,7 +182,8 @@ pub fn load(dir: &Path, model: &mut dyn CausalLm, device: &Device) -> Result<Loa
         return Err(format_err(&wpath, format!("peft_type '{peft_type}' with no classification head ({head_key}): nothing to load")));
     }
     let seq_len = extra.get("seq_len").and_then(Value::as_u64).map(|n| n as usize).filter(|&n| n >= 2);
-    Ok(LoadedAdapter { method, head, seq_len, warnings })
+    let add_special_tokens = extra.get("add_special_tokens").and_then(Value::as_bool).unwrap_or(true);
+    Ok(LoadedAdapter { method, head, seq_len, add_special_tokens, warnings })
 }
 
 /// The `peft_type`s the registry loads, for error messages.

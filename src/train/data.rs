@@ -153,12 +153,15 @@ pub struct DataOptions {
     /// always separates documents with EOS). Not used for `messages` (the chat template ends
     /// every turn) or classification.
     pub add_eos: bool,
+    /// Encode `text`, `prompt` and labelled text with the tokenizer's special tokens (a BOS
+    /// for Llama 2, SmolLM2's nothing): `add_special_tokens` of `transformers`.
+    pub add_special_tokens: bool,
 }
 
 impl Default for DataOptions {
     /// `seq_len` 512, no context limit, no packing, EOS appended.
     fn default() -> Self {
-        DataOptions { seq_len: 512, context: None, pack: false, add_eos: true }
+        DataOptions { seq_len: 512, context: None, pack: false, add_eos: true, add_special_tokens: true }
     }
 }
 
@@ -437,7 +440,7 @@ impl Dataset {
                     if stream.is_empty() {
                         window_line = line;
                     }
-                    stream.extend(encode(t, true)?);
+                    stream.extend(encode(t, opts.add_special_tokens)?);
                     stream.extend(eos);
                     while stream.len() >= opts.seq_len {
                         let rest = stream.split_off(opts.seq_len);
@@ -450,13 +453,13 @@ impl Dataset {
                     continue;
                 }
                 Record::Text(t) => {
-                    let mut ids = encode(t, true)?;
+                    let mut ids = encode(t, opts.add_special_tokens)?;
                     ids.extend(eos.filter(|_| opts.add_eos));
                     let n = ids.len();
                     (ids, vec![true; n], None)
                 }
                 Record::PromptCompletion(p, c) => {
-                    let mut ids = encode(p, true)?;
+                    let mut ids = encode(p, opts.add_special_tokens)?;
                     let n_prompt = ids.len();
                     ids.extend(encode(c, false)?);
                     ids.extend(eos.filter(|_| opts.add_eos));
@@ -468,7 +471,7 @@ impl Dataset {
                     (ids, is_target, None)
                 }
                 Record::Classification(t, label) => {
-                    let ids = encode(t, true)?;
+                    let ids = encode(t, opts.add_special_tokens)?;
                     if ids.is_empty() {
                         return Err(format_err(name, format!("line {line}: the text has no tokens to classify")));
                     }

@@ -22,6 +22,7 @@ pub fn run(data: &[u8]) {
         context: if o & 16 != 0 { Some(12) } else { None },
         pack: o & 32 != 0,
         add_eos: o & 64 != 0,
+        add_special_tokens: o & 128 == 0,
     };
     let Ok(ds) = Dataset::from_jsonl_str(&text, "fuzz.jsonl", tokenizer(), &opts) else { return };
     let _ = ds.num_classes();

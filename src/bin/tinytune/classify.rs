@@ -70,7 +70,7 @@ fn read(args: &ClassifyArgs) -> Result<(Vec<String>, Option<Vec<usize>>)> {
 pub fn classify(args: ClassifyArgs) -> Result<()> {
     let device = args.common.device()?;
     let (texts, truth) = read(&args)?;
-    let (model, head, trained_len) = args.common.load_adapter(&device)?;
+    let (model, head, trained) = args.common.load_adapter(&device)?;
     let tok = Tokenizer::for_model(&args.common.model)?;
     let probs: Vec<Vec<f64>> = match (&head, &args.labels) {
         (Some(head), _) => {
@@ -81,10 +81,15 @@ pub fn classify(args: ClassifyArgs) -> Result<()> {
                     msg: format!("--labels names {} classes, the adapter's head has {n}", l.len()),
                 });
             }
-            let default = trained_len.unwrap_or(256);
+            let default = trained.seq_len.unwrap_or(256);
             let max_len = args.max_len.unwrap_or_else(|| model.max_positions().map_or(default, |c| c.min(default)));
             let lines: String = texts.iter().map(|t| format!("{}\n", json!({ "text": t, "label": 0 }))).collect();
-            let opts = DataOptions { seq_len: max_len, context: model.max_positions(), ..DataOptions::default() };
+            let opts = DataOptions {
+                seq_len: max_len,
+                context: model.max_positions(),
+                add_special_tokens: trained.add_special_tokens,
+                ..DataOptions::default()
+            };
             let name = args.data.as_deref().map_or("--text".into(), |p: &Path| p.display().to_string());
             let ds = Dataset::from_jsonl_str(&lines, &name, &tok, &opts)?;
             class_probabilities(model.as_ref(), head, &ds, args.batch_size, &device)?

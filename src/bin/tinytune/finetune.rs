@@ -138,7 +138,8 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     // Without --seq-len, examples are cut to fit the model (an explicit longer one is an error
     // naming the line).
     let seq_len = a.seq_len.unwrap_or_else(|| model.max_positions().map_or(256, |c| c.min(256)));
-    let opts = DataOptions { seq_len, context: model.max_positions(), pack: a.pack.unwrap_or(false), add_eos: true };
+    let add_special_tokens = !a.no_special_tokens.unwrap_or(false);
+    let opts = DataOptions { seq_len, context: model.max_positions(), pack: a.pack.unwrap_or(false), add_eos: true, add_special_tokens };
     let all = Dataset::load(&data_path, &tok, &opts)?;
     let (mut train_set, mut eval_set) = match &a.eval_data {
         Some(p) => (all, Some(Dataset::load(p, &tok, &DataOptions { pack: false, ..opts.clone() })?)),
@@ -238,7 +239,14 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         note!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit at once)");
     });
     let mut progress = Progress { bar, quiet: false, fresh_head: !cfg.resume_weights_only, every: 1, start: 0, stop };
-    let base = model_path.display().to_string();
+    // The adapter names its base: a name given, a GGUF's own record of its source, or the path.
+    let base = match &a.base_model_name {
+        Some(n) => n.clone(),
+        None => tinytune::io::GgufFile::open(&model_path)
+            .ok()
+            .and_then(|f| f.opt_str("general.source.huggingface.repository").ok().flatten().map(str::to_string))
+            .unwrap_or_else(|| model_path.display().to_string()),
+    };
     let report = train::train(model.as_mut(), &train_set, eval_set.as_ref(), &cfg, &base, &device, &mut progress)?;
     progress.bar.finish();
     if report.interrupted {
@@ -248,6 +256,9 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
             report.saved.display()
         );
         return Err(Error::InvalidArgument { op: "finetune", msg: "interrupted".into() });
+    }
+    if !add_special_tokens && report.saved.join(tinytune::peft::format::EXTRA_FILE).exists() {
+        tinytune::peft::format::record(&report.saved, "add_special_tokens", json!(false))?;
     }
     if report.saved.join("config.json").exists() {
         // A whole model (full fine-tuning): its tokenizer goes beside it.
