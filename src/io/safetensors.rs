@@ -38,14 +38,23 @@ pub struct SafetensorsFile {
     entries: HashMap<String, Entry>,
 }
 
+/// Map the regular file `path` read-only.
+pub fn map(path: &Path) -> Result<memmap2::Mmap> {
+    let file = super::open_regular(path)?;
+    // SAFETY: the map is read-only; like every mmap-based loader, we rely on the file not
+    // being truncated by another process while it is mapped.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(path, e))
+}
+
 impl SafetensorsFile {
     /// Map and validate a file. Nothing is copied until a tensor is loaded.
     pub fn open(path: impl AsRef<Path>) -> Result<SafetensorsFile> {
         let path = path.as_ref();
-        let file = super::open_regular(path)?;
-        // SAFETY: the map is read-only; like every mmap-based loader, we rely on the file not
-        // being truncated by another process while it is mapped.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(path, e))?;
+        SafetensorsFile::from_map(path, map(path)?)
+    }
+
+    /// Validate a file already mapped with [`map`] (whose bytes a caller may have checked).
+    pub fn from_map(path: &Path, mmap: memmap2::Mmap) -> Result<SafetensorsFile> {
         let parsed =
             safetensors::SafeTensors::deserialize(&mmap).map_err(|e| format_err(path, format!("not a valid safetensors file: {e}")))?;
         let base = mmap.as_ptr() as usize;

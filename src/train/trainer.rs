@@ -567,7 +567,11 @@ fn load_checkpoint(
         return Err(ferr(format!("'tensors' = '{file}' must name a file in {}", dir.display())));
     }
     let tpath = dir.join(file);
-    let bytes = std::fs::read(&tpath).map_err(|e| io_err(&tpath, format!("cannot resume: {e}")))?;
+    // One map serves the checksum and the tensors (a full fine-tune's file is gigabytes).
+    let bytes = crate::io::safetensors::map(&tpath).map_err(|e| match e {
+        Error::Io { path, msg } => Error::Io { path, msg: format!("cannot resume: {msg}") },
+        e => e,
+    })?;
     match v.get("checksum").and_then(|c| c.get("value")).and_then(Value::as_str) {
         Some(want) => {
             let got = checksum(&bytes);
@@ -585,8 +589,7 @@ fn load_checkpoint(
         None if take == Take::All => return Err(ferr(format!("no checksum of {file}{weights_only}"))),
         None => {}
     }
-    drop(bytes);
-    let st = SafetensorsFile::open(&tpath)?;
+    let st = SafetensorsFile::from_map(&tpath, bytes)?;
     let dev = params.first().map(|(_, t)| t.device().clone()).unwrap_or(Device::Cpu);
     for (name, p) in params {
         let t = st.load(&format!("param/{name}"), &dev)?;
@@ -944,11 +947,7 @@ pub fn train(
 
     if t.st.before.is_none() && cfg.eval_before {
         if let Some(e) = eval {
-            observer.on_eval_start(t.st.step, e.len());
-            let r = t.evaluate(e)?;
-            observer.on_eval(&r);
-            write_metric(&mut metrics, &metrics_path, &json!({ "eval": eval_json(&r) }))?;
-            t.st.before = Some(r);
+            t.st.before = Some(report_eval(&mut t, e, observer, &mut metrics, &metrics_path)?);
         }
     }
     observer.on_start(t.st.step, total);
@@ -984,13 +983,9 @@ pub fn train(
         let last = t.st.step == total;
         if let (Some(e), Some(every)) = (eval, cfg.eval_every) {
             if t.st.step % every == 0 && !last {
-                observer.on_eval_start(t.st.step, e.len());
-                let r = t.evaluate(e)?;
-                observer.on_eval(&r);
-                write_metric(&mut metrics, &metrics_path, &json!({ "eval": eval_json(&r) }))?;
-                let infinite = !r.perplexity().is_finite();
+                let r = report_eval(&mut t, e, observer, &mut metrics, &metrics_path)?;
                 t.st.evals.push(r.clone());
-                if infinite {
+                if !r.perplexity().is_finite() {
                     t.diverged(&format!("the evaluation's perplexity is infinite (mean loss {})", r.loss), saved_step, observer)?;
                 }
             }
@@ -1021,10 +1016,7 @@ pub fn train(
     t.attached.method.set_training(false);
     let after = match eval {
         Some(e) => {
-            observer.on_eval_start(t.st.step, e.len());
-            let r = t.evaluate(e)?;
-            observer.on_eval(&r);
-            write_metric(&mut metrics, &metrics_path, &json!({ "eval": eval_json(&r) }))?;
+            let r = report_eval(&mut t, e, observer, &mut metrics, &metrics_path)?;
             t.st.evals.push(r.clone());
             if !r.perplexity().is_finite() {
                 t.diverged(&format!("the final evaluation's perplexity is infinite (mean loss {})", r.loss), saved_step, observer)?;
@@ -1085,6 +1077,22 @@ pub fn train(
     });
     crate::io::write_atomic(&cfg.out.join("report.json"), serde_json::to_string_pretty(&summary).unwrap_or_default().as_bytes())?;
     Ok(report)
+}
+
+/// One evaluation of a [`train`] run: announced, run, told to the observer, written to the
+/// metrics.
+fn report_eval(
+    t: &mut Trainer,
+    e: &Dataset,
+    observer: &mut dyn Observer,
+    metrics: &mut std::fs::File,
+    metrics_path: &Path,
+) -> Result<EvalRecord> {
+    observer.on_eval_start(t.st.step, e.len());
+    let r = t.evaluate(e)?;
+    observer.on_eval(&r);
+    write_metric(metrics, metrics_path, &json!({ "eval": eval_json(&r) }))?;
+    Ok(r)
 }
 
 /// Where the newest checkpoint is, for the message of a stopped run.
