@@ -117,17 +117,7 @@ pub fn svg_with_axis(title: &str, series: &[Series], second: Option<(&str, &Seri
             let path: Vec<String> = pts.iter().map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y))).collect();
             let _ = writeln!(s, r#"<polyline fill="none" stroke="{}" stroke-width="1.5" points="{}"/>"#, se.color, path.join(" "));
         }
-        let ly = top + 16.0 + 16.0 * i as f64;
-        let _ = writeln!(
-            s,
-            r#"<rect x="{}" y="{}" width="12" height="3" fill="{}"/><text x="{}" y="{}">{}</text>"#,
-            w - right - 150.0,
-            ly - 4.0,
-            se.color,
-            w - right - 132.0,
-            ly,
-            escape(se.name)
-        );
+        legend(&mut s, w - right - 150.0, top + 16.0 + 16.0 * i as f64, se.color, se.name);
     }
     if let Some((axis, se)) = second {
         let pts: Vec<(f64, f64)> = se.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
@@ -160,20 +150,21 @@ pub fn svg_with_axis(title: &str, series: &[Series], second: Option<(&str, &Seri
                 let _ = writeln!(s, r#"<rect x="{:.1}" y="{:.1}" width="7" height="7" fill="{}"/>"#, px(*x) - 3.5, qy(*y) - 3.5, se.color);
             }
         }
-        let ly = top + 16.0 + 16.0 * series.len() as f64;
-        let _ = writeln!(
-            s,
-            r#"<rect x="{}" y="{}" width="12" height="3" fill="{}"/><text x="{}" y="{}">{} (right axis)</text>"#,
-            w - right - 190.0,
-            ly - 4.0,
-            se.color,
-            w - right - 172.0,
-            ly,
-            escape(se.name)
-        );
+        legend(&mut s, w - right - 190.0, top + 16.0 + 16.0 * series.len() as f64, se.color, &format!("{} (right axis)", se.name));
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// A legend entry at `(x, y)`: a swatch of `color` and `name`.
+fn legend(s: &mut String, x: f64, y: f64, color: &str, name: &str) {
+    let _ = writeln!(
+        s,
+        r#"<rect x="{x}" y="{}" width="12" height="3" fill="{color}"/><text x="{}" y="{y}">{}</text>"#,
+        y - 4.0,
+        x + 18.0,
+        escape(name)
+    );
 }
 
 /// The running mean of `points` over a window of `k` (for a noisy training curve).
