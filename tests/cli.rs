@@ -1,8 +1,12 @@
 //! The `tinytune` binary on the committed fixtures: JSON output, numbers equal to the
 //! library's (and so to transformers'), and errors that name what is wrong.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
+
+use common::tiny_model_dir;
 
 fn fixture(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name).display().to_string()
@@ -98,19 +102,6 @@ fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// The tiny Llama with the word-level tokenizer fixture (61 ids < its 96-row vocabulary), as
-/// a model directory `finetune` can read.
-fn tiny_model_dir(dir: &std::path::Path) -> PathBuf {
-    let m = dir.join("model");
-    std::fs::create_dir_all(&m).unwrap();
-    for f in ["config.json", "model.safetensors", "generation_config.json"] {
-        std::fs::copy(PathBuf::from(fixture("tiny-llama")).join(f), m.join(f)).unwrap();
-    }
-    std::fs::copy(fixture("tokenizer/tiny-words.json"), m.join("tokenizer.json")).unwrap();
-    std::fs::copy(fixture("tokenizer/tiny-words_config.json"), m.join("tokenizer_config.json")).unwrap();
-    m
 }
 
 /// `{"text"}` lines of unequal lengths built from the tokenizer's words.

@@ -22,21 +22,9 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// The tiny Llama with the word-level tokenizer fixture, as a model directory.
-fn tiny_model(dir: &Path) -> PathBuf {
-    let m = dir.join("model");
-    std::fs::create_dir_all(&m).unwrap();
-    for f in ["config.json", "model.safetensors", "generation_config.json"] {
-        std::fs::copy(fixture("tiny-llama").join(f), m.join(f)).unwrap();
-    }
-    std::fs::copy(fixture("tokenizer/tiny-words.json"), m.join("tokenizer.json")).unwrap();
-    std::fs::copy(fixture("tokenizer/tiny-words_config.json"), m.join("tokenizer_config.json")).unwrap();
-    m
-}
-
 /// A copy of the tiny model whose config.json has `edit` applied.
 fn edited_model(dir: &Path, name: &str, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
-    let m = tiny_model(&dir.join(name));
+    let m = common::tiny_model_dir(&dir.join(name));
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
     edit(&mut cfg);
     std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
@@ -102,7 +90,7 @@ fn s(p: &Path) -> &str {
 #[test]
 fn absurd_sizes_and_bad_settings_are_refused_naming_them() {
     let dir = scratch("sizes");
-    let model = tiny_model(&dir);
+    let model = common::tiny_model_dir(&dir);
     let cls = write(&dir, "cls.jsonl", &cls_lines());
     let out = dir.join("out");
     let ft = |extra: &[&str]| -> Vec<String> {
@@ -170,7 +158,7 @@ fn configs_that_change_the_math_are_strict() {
     check("context-huge", &|c| c["max_position_embeddings"] = json!(1_000_000_000_000_000u64), &["max_position_embeddings"]);
     check("fewer-layers", &|c| c["num_hidden_layers"] = json!(1), &["num_hidden_layers = 1", "holds 2 blocks"]);
     // Unchanged, the same command works (the cases above fail for their edit alone).
-    let m = tiny_model(&dir.join("plain"));
+    let m = common::tiny_model_dir(&dir.join("plain"));
     let a = eval(&m);
     let o = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(o.code, Some(0), "{}", o.stderr);
@@ -180,7 +168,7 @@ fn configs_that_change_the_math_are_strict() {
 #[test]
 fn inputs_outside_the_model_are_named() {
     let dir = scratch("inputs");
-    let model = tiny_model(&dir);
+    let model = common::tiny_model_dir(&dir);
     refused("a bad token id", &["eval", "--model", s(&model), "--ids", "1,99999"], &["token id 99999", "vocabulary"]);
     refused(
         "--max-len past the context",
@@ -243,7 +231,7 @@ fn inputs_outside_the_model_are_named() {
 #[test]
 fn output_that_cannot_be_written_never_panics() {
     let dir = scratch("output");
-    let model = tiny_model(&dir);
+    let model = common::tiny_model_dir(&dir);
     let data = write(&dir, "lm.jsonl", &lm_lines());
     let bin = env!("CARGO_BIN_EXE_tinytune");
     let sh = |script: &str| {
@@ -330,7 +318,7 @@ fn metrics(out: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn chains_of_kill_9_at_random_moments_resume_bit_for_bit() {
     let dir = scratch("kills");
-    let (model, data) = (tiny_model(&dir), write(&dir, "lm.jsonl", &lm_lines()));
+    let (model, data) = (common::tiny_model_dir(&dir), write(&dir, "lm.jsonl", &lm_lines()));
     let steps = 40;
     let straight = dir.join("straight");
     let t0 = std::time::Instant::now();
@@ -392,7 +380,7 @@ fn resumes_to(model: &Path, data: &Path, out: &Path, steps: u64, want: &[u8]) {
 #[test]
 fn checkpoints_survive_a_full_disk_and_refuse_damage() {
     let dir = scratch("disk");
-    let (model, data) = (tiny_model(&dir), write(&dir, "lm.jsonl", &lm_lines()));
+    let (model, data) = (common::tiny_model_dir(&dir), write(&dir, "lm.jsonl", &lm_lines()));
     let steps = 30;
     let straight = dir.join("straight");
     let o = run(&finetune_args(&model, &data, &straight, steps).iter().map(String::as_str).collect::<Vec<_>>());
@@ -521,7 +509,7 @@ fn checkpoints_survive_a_full_disk_and_refuse_damage() {
 #[test]
 fn one_run_owns_an_output_directory() {
     let dir = scratch("lock");
-    let (model, data) = (tiny_model(&dir), write(&dir, "lm.jsonl", &lm_lines()));
+    let (model, data) = (common::tiny_model_dir(&dir), write(&dir, "lm.jsonl", &lm_lines()));
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();
     // Another run holds the lock (this process, standing in for it).
@@ -548,7 +536,7 @@ fn one_run_owns_an_output_directory() {
 #[test]
 fn a_diverging_run_stops_naming_the_last_checkpoint() {
     let dir = scratch("diverge");
-    let model = tiny_model(&dir);
+    let model = common::tiny_model_dir(&dir);
     let cls = write(&dir, "cls.jsonl", &cls_lines());
     let out = dir.join("out");
     let base = [

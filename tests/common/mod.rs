@@ -336,3 +336,17 @@ pub fn asset(name: &str) -> Option<std::path::PathBuf> {
     println!("skipped: run scripts/fetch-assets.sh ({} not found)", p.display());
     None
 }
+
+/// The tiny Llama fixture with the word-level tokenizer fixture (61 ids < its 96-row
+/// vocabulary), as a model directory `dir/model` that the CLI and `Tokenizer::for_model` read.
+pub fn tiny_model_dir(dir: &std::path::Path) -> std::path::PathBuf {
+    let fixtures = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let m = dir.join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(fixtures.join("tiny-llama").join(f), m.join(f)).unwrap();
+    }
+    std::fs::copy(fixtures.join("tokenizer/tiny-words.json"), m.join("tokenizer.json")).unwrap();
+    std::fs::copy(fixtures.join("tokenizer/tiny-words_config.json"), m.join("tokenizer_config.json")).unwrap();
+    m
+}
