@@ -1,26 +1,35 @@
 #!/usr/bin/env python3
-"""The PyTorch + PEFT reference for the LoRA training bench (issue 6).
+"""The PyTorch + PEFT reference of `tinytune bench` (and of `cargo bench --bench finetune`).
 
 SmolLM2-135M-Instruct (the project's Q4_1 GGUF from ${TINYTUNE_ASSETS:-~/.cache/tinytune},
 dequantised to float32 by transformers, as in scripts/bench_transformers.py; fetch it with
-scripts/fetch-assets.sh), LoRA r=8, alpha=16, dropout 0 on q_proj and v_proj, AdamW (lr 1e-4,
-torch's default weight decay 0.01, betas (0.9, 0.999), eps 1e-8) over the LoRA tensors only.
-One step on a batch of 4 × 128 seeded random token ids: forward, mean next-token cross
-entropy with labels = input ids, backward, optimizer step, zero_grad. Two warm-up steps,
-then 10 timed steps on the same batch. Prints one JSON line:
+scripts/fetch-assets.sh). The cases are those of `tinytune bench` (src/bin/tinytune/bench.rs):
 
-    s_per_step      mean wall seconds of a timed step
-    tokens_per_s    batch × seq / s_per_step
-    peak_rss_mib    the process's peak resident memory during the training steps (VmHWM after
-                    resetting it via /proc/self/clear_refs once the model is loaded; null where
-                    that is not possible), and peak_rss_total_mib including the load
+    lora-step   LoRA r=8, alpha=16, dropout 0 on q_proj and v_proj, AdamW (lr 1e-4, weight
+                decay 0.01, betas (0.9, 0.999), eps 1e-8) over the LoRA tensors only; one step
+                on 4 x 128 seeded random token ids: forward, mean next-token cross entropy with
+                labels = input ids, backward, optimizer step, zero_grad.
+    cls-step    the main job's step: the first 16 lines of --data ({"text", "label"}), cut to
+                64 tokens and padded to the longest, AutoModelForSequenceClassification
+                (2 labels, pad_token_id set) with LoRA r=8 on all seven projections and the
+                new `score` head trained (task SEQ_CLS), AdamW as above.
+    cls-eval    the same batch forward only, under torch.no_grad(), model.eval().
+    prefill     one 512-token sequence forward only (logits of every position).
+
+Each case: --warmup untimed repetitions, then --steps timed ones. Prints one JSON line:
+
+    s_per_step      mean wall seconds of a timed repetition
+    tokens_per_s    real tokens of a repetition / s_per_step
+    peak_rss_mib    the process's peak resident memory during the timed repetitions (VmHWM
+                    after resetting it via /proc/self/clear_refs once the model is loaded;
+                    null where that is not possible), and peak_rss_total_mib including the load
     torch_threads   torch.get_num_threads() (set to os.cpu_count())
-    losses          the loss of every step (it falls: the same batch is fitted)
+    losses          the loss of every repetition (training cases)
     versions        torch, transformers, peft
 
-    /tmp/pyref/bin/python scripts/bench_peft.py [--steps 10 --warmup 2 --device cpu|cuda]
+    /tmp/pyref/bin/python scripts/bench_peft.py [--case lora-step] [--steps 10 --warmup 2 --device cpu|cuda]
 
-Written against torch 2.15.0, transformers 5.23.0, peft 0.21.2, gguf (transformers' GGUF
+Written against torch 2.15.0, transformers 5.24.0, peft 0.21.2, gguf (transformers' GGUF
 loader), Python 3.11.
 """
 import argparse
@@ -59,11 +68,13 @@ def reset_peak_rss():
 
 
 def main():
-    ap = argparse.ArgumentParser(description="PyTorch + PEFT LoRA training step bench")
+    ap = argparse.ArgumentParser(description="PyTorch + PEFT reference of tinytune bench")
+    ap.add_argument("--case", default="lora-step", choices=["lora-step", "cls-step", "cls-eval", "prefill"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--data", default=str(ASSETS / "data" / "movie_reviews.train.jsonl"))
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
@@ -76,27 +87,56 @@ def main():
     if not path.is_file():
         sys.exit(f"{path} is missing: run scripts/fetch-assets.sh")
     dev = torch.device(args.device)
-    model = transformers.AutoModelForCausalLM.from_pretrained(ASSETS, gguf_file=NAME, dtype=torch.float32)
-    model.config.use_cache = False
-    cfg = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    model = get_peft_model(model, cfg).to(dev)
-    model.train()
+    losses = []
+    if args.case == "lora-step":
+        model = transformers.AutoModelForCausalLM.from_pretrained(ASSETS, gguf_file=NAME, dtype=torch.float32)
+        model.config.use_cache = False
+        cfg = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+        model = get_peft_model(model, cfg).to(dev)
+        model.train()
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(dev)
+        inputs, tokens = {"input_ids": ids, "labels": ids}, args.batch * args.seq
+    elif args.case in ("cls-step", "cls-eval"):
+        tok = transformers.AutoTokenizer.from_pretrained(ASSETS, gguf_file=NAME)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            ASSETS, gguf_file=NAME, dtype=torch.float32, num_labels=2, pad_token_id=pad)
+        model.config.use_cache = False
+        rows = [json.loads(l) for l in pathlib.Path(args.data).read_text().splitlines() if l.strip()][:16]
+        tok.pad_token_id = pad
+        enc = tok([r["text"] for r in rows], truncation=True, max_length=64, padding="longest", return_tensors="pt")
+        labels = torch.tensor([int(r["label"]) for r in rows])
+        cfg = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
+        model = get_peft_model(model, cfg).to(dev)
+        inputs = {"input_ids": enc["input_ids"].to(dev), "attention_mask": enc["attention_mask"].to(dev), "labels": labels.to(dev)}
+        tokens = int(enc["attention_mask"].sum())
+        if args.case == "cls-eval":
+            model.eval()
+        else:
+            model.train()
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(ASSETS, gguf_file=NAME, dtype=torch.float32).to(dev)
+        model.config.use_cache = False
+        model.eval()
+        g = torch.Generator().manual_seed(0)
+        inputs, tokens = {"input_ids": torch.randint(0, model.config.vocab_size, (1, 512), generator=g).to(dev)}, 512
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(trainable, lr=1e-4)
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(dev)
+    training = args.case in ("lora-step", "cls-step")
+    opt = torch.optim.AdamW(trainable, lr=1e-4) if training else None
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        if not training:
+            with torch.no_grad():
+                return float(model(**inputs).logits.float().sum())  # float() waits for a GPU
+        loss = model(**inputs).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()  # .item() also waits for a GPU to finish
 
-    losses = []
     for _ in range(args.warmup):
         losses.append(step())
     rss_reset = reset_peak_rss()
@@ -108,20 +148,20 @@ def main():
     dt = (time.perf_counter() - t0) / args.steps
     hwm = vm_kib("VmHWM")
     out = {
+        "case": args.case,
         "s_per_step": round(dt, 4),
-        "tokens_per_s": round(args.batch * args.seq / dt, 1),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / dt, 1),
         "peak_rss_mib": round(hwm / 1024, 1) if rss_reset and hwm is not None else None,
         "peak_rss_total_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "device": str(dev),
-        "batch": args.batch,
-        "seq": args.seq,
         "warmup": args.warmup,
         "steps": args.steps,
         "trainable_params": n_train,
         "total_params": n_total,
-        "losses": [round(v, 5) for v in losses],
+        "losses": [round(v, 5) for v in losses] if training else None,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
     }
     if dev.type == "cuda":

@@ -43,7 +43,9 @@ target/release/tinytune classify --model "$ASSETS/SmolLM2-135M-Instruct.Q4_1.ggu
     --labels negative,positive --max-len 48 --device "${DEVICE:-auto}" "${SENTENCES[@]}"
 echo
 echo "adapter: $OUT/adapter (load it with --adapter; in Python, on the same base as a classifier:"
-echo "  base = transformers.AutoModelForSequenceClassification.from_pretrained(<SmolLM2-135M-Instruct>, num_labels=2)"
+echo "  base = transformers.AutoModelForSequenceClassification.from_pretrained(<SmolLM2-135M-Instruct>, num_labels=2,"
+echo "           pad_token_id=tokenizer.pad_token_id)"
 echo "  model = peft.PeftModel.from_pretrained(base, \"$OUT/adapter\")"
-echo "  where <SmolLM2-135M-Instruct> is the Hugging Face id HuggingFaceTB/SmolLM2-135M-Instruct or a local copy)"
+echo "  where <SmolLM2-135M-Instruct> is the Hugging Face id HuggingFaceTB/SmolLM2-135M-Instruct or a local copy;"
+echo "  README.md, 'Load the outputs in Python', has the whole snippet)"
 echo "evaluate it again: target/release/tinytune eval --model $ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf --adapter $OUT/adapter --data $ASSETS/data/movie_reviews.eval.jsonl"

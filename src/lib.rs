@@ -33,6 +33,7 @@ pub mod models;
 pub mod nn;
 pub mod optim;
 pub mod peft;
+pub mod profile;
 pub mod quant;
 pub mod rng;
 pub mod tensor;

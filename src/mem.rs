@@ -63,3 +63,16 @@ pub fn checked_numel(op: &'static str, shape: &[usize], dtype_bytes: usize) -> R
         _ => Ok(n),
     }
 }
+
+/// The peak resident memory of this process (Linux `VmHWM`), bytes; `None` elsewhere.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+    Some(kb * 1024)
+}
+
+/// Reset the peak-RSS counter to the current resident memory (Linux ≥ 4.0), so that
+/// [`peak_rss_bytes`] covers what follows only. `false` where that is not possible.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}

@@ -529,10 +529,12 @@ fn ia3_and_bottleneck_adapters_from_the_cli() {
 }
 
 #[test]
-fn every_flag_of_every_command_says_what_it_does() {
-    for cmd in ["inspect", "tokenize", "eval", "finetune", "merge", "generate"] {
+fn every_flag_of_every_command_says_what_it_does_with_an_example() {
+    for cmd in ["inspect", "tokenize", "eval", "finetune", "classify", "merge", "generate"] {
         let (ok, out, err) = tinytune(&[cmd, "-h"]);
         assert!(ok, "{cmd} -h: {err}");
+        let examples = out.split_once("Example").map(|(_, e)| e).unwrap_or_default();
+        assert!(examples.contains(&format!("tinytune {cmd} --")), "{cmd} -h shows no example of itself:\n{out}");
         // clap puts a description beside the flag, or (long help) on the lines below it.
         let lines: Vec<&str> = out.lines().collect();
         let described = |i: usize| {
@@ -815,5 +817,93 @@ fn an_adapter_can_name_its_base_and_its_encoding() {
     finetune(&model, &data, &plain, &["--max-steps", "1"]);
     assert_eq!(read_json(&plain.join("adapter/adapter_config.json"))["base_model_name_or_path"], path_str(&model));
     assert!(read_json(&plain.join("adapter/tinytune.json")).get("add_special_tokens").is_none());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn eval_with_the_seq_len_of_a_run_reproduces_its_held_out_nll() {
+    let dir = scratch("heldout-nll");
+    let (model, data) = (tiny_model_dir(&dir), write_lm_data(&dir));
+    // Held-out documents, some longer than LORA_FLAGS' --seq-len 32 (cut), as finetune's --eval-data.
+    let lines: Vec<String> = std::fs::read_to_string(&data).unwrap().lines().skip(30).map(str::to_string).collect();
+    let held = dir.join("held.jsonl");
+    std::fs::write(&held, lines.join("\n")).unwrap();
+    let out = dir.join("run");
+    let report = finetune(&model, &data, &out, &["--eval-data", path_str(&held), "--max-steps", "3", "--lr", "1e-2"]);
+    let (before, after) = (&report["before"], &report["after"]);
+    let eval = |adapter: Option<&std::path::Path>, extra: &[&str]| {
+        let mut args = vec!["eval", "--model", path_str(&model), "--data", path_str(&held), "--device", "cpu", "--json"];
+        args.extend(extra);
+        if let Some(a) = adapter {
+            args.extend(["--adapter", path_str(a)]);
+        }
+        let (ok, stdout, err) = tinytune(&args);
+        assert!(ok, "{args:?}: {err}");
+        (json(&stdout), err)
+    };
+    let (base, err) = eval(None, &["--seq-len", "32"]);
+    assert!(err.contains("were longer than 32 tokens and were cut"), "{err}");
+    let close = |a: &serde_json::Value, b: &serde_json::Value| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-5;
+    assert!(close(&base["mean_nll"], &before["loss"]), "eval {base} vs the run's before {before}");
+    assert_eq!(base["tokens"], before["tokens"], "the same tokens scored");
+    let adapter = out.join("adapter");
+    let (tuned, _) = eval(Some(&adapter), &["--seq-len", "32"]);
+    assert!(close(&tuned["mean_nll"], &after["loss"]), "eval {tuned} vs the run's after {after}");
+    // Without --seq-len, eval scores every token of each document as written (no EOS, no cut),
+    // as transformers' loss does: other tokens, another number.
+    let (whole, _) = eval(None, &[]);
+    assert_ne!(whole["tokens"], base["tokens"], "{whole} vs {base}");
+    assert!(!close(&whole["mean_nll"], &base["mean_nll"]), "{whole} vs {base}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `tinytune bench` on the tiny model: every case runs, the profile prints, and with
+/// `--python` the reference's JSON is read and the ratio computed. (The "python" here is a
+/// stand-in script printing a fixed measurement: this tests the plumbing, not PyTorch.)
+#[cfg(unix)]
+#[test]
+fn bench_times_every_case_profiles_and_reads_the_reference() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("bench");
+    let (model, data) = (tiny_model_dir(&dir), write_cls_data(&dir));
+    let python = dir.join("python");
+    std::fs::write(
+        &python,
+        "#!/bin/sh\necho 'a log line'\necho '{\"s_per_step\": 2.0, \"peak_rss_mib\": 100.0, \"versions\": {\"torch\": \"x\"}}'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (ok, stdout, err) = tinytune(&[
+        "bench",
+        "--model",
+        path_str(&model),
+        "--data",
+        path_str(&data),
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--profile",
+        "--python",
+        path_str(&python),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v = json(&stdout);
+    let cases = v["cases"].as_array().unwrap();
+    let names: Vec<&str> = cases.iter().map(|c| c["case"].as_str().unwrap()).collect();
+    assert_eq!(names, ["lora-step", "cls-step", "cls-eval", "prefill"]);
+    for c in cases {
+        let s = c["s_per_step"].as_f64().unwrap();
+        assert!(s > 0.0 && c["tokens"].as_u64().unwrap() > 0, "{c}");
+        assert!((c["speedup"].as_f64().unwrap() - 2.0 / s).abs() < 1e-9 * (2.0 / s), "{c}");
+    }
+    assert_eq!(cases[1]["tokens"], cases[2]["tokens"], "the step and the eval see the same batch");
+    assert_eq!(err.matches("(outside kernels)").count(), 4, "one profile per case:\n{err}");
+    assert!(err.contains("backward:lora_linear") && err.contains("optimizer"), "{err}");
+    let (ok, _, err) = tinytune(&["bench", "--model", path_str(&model), "--data", path_str(&data), "--cases", "nope"]);
+    assert!(!ok && err.contains("unknown case 'nope'"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -23,17 +23,11 @@ pub fn smollm2(bench: &str) -> Option<PathBuf> {
 
 /// The peak resident memory of this process (VmHWM), MiB.
 pub fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    tinytune::mem::peak_rss_bytes().map_or(f64::NAN, |b| b as f64 / (1 << 20) as f64)
 }
 
 /// Reset the peak-RSS counter (Linux), so the peak covers what follows only.
 #[allow(dead_code)]
 pub fn reset_peak() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    tinytune::mem::reset_peak_rss();
 }

@@ -121,9 +121,9 @@ pub fn backward_with_grad(root: &Tensor, grad: &Tensor) -> Result<()> {
     for t in order.iter().rev() {
         let Some(g) = grads.remove(&t.id()) else { continue };
         match t.node() {
-            None => t.accumulate_grad(&g)?,
+            None => crate::profile::in_phase("backward:leaf", || t.accumulate_grad(&g))?,
             Some(node) => {
-                let input_grads = (node.backward)(&g)?;
+                let input_grads = crate::profile::in_phase(crate::profile::backward_phase(node.op), || (node.backward)(&g))?;
                 for (input, ig) in node.inputs.iter().zip(input_grads) {
                     let Some(ig) = ig else { continue };
                     if !input.requires_grad_flag() {
@@ -138,7 +138,7 @@ pub fn backward_with_grad(root: &Tensor, grad: &Tensor) -> Result<()> {
                         )));
                     }
                     let acc = match grads.remove(&input.id()) {
-                        Some(prev) => prev.add(&ig)?,
+                        Some(prev) => crate::profile::in_phase("backward:fan-in", || prev.add(&ig))?,
                         None => ig,
                     };
                     grads.insert(input.id(), acc);

@@ -140,6 +140,34 @@ pub enum UnaryOp {
     Cmp(CmpOp, f64),
 }
 
+impl UnaryOp {
+    /// The kernel's name in the profile.
+    pub fn kernel(&self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "unary:neg",
+            UnaryOp::Exp => "unary:exp",
+            UnaryOp::Log => "unary:log",
+            UnaryOp::Sqrt => "unary:sqrt",
+            UnaryOp::Rsqrt => "unary:rsqrt",
+            UnaryOp::Recip => "unary:recip",
+            UnaryOp::Sqr => "unary:sqr",
+            UnaryOp::Abs => "unary:abs",
+            UnaryOp::Sign => "unary:sign",
+            UnaryOp::Tanh => "unary:tanh",
+            UnaryOp::Sigmoid => "unary:sigmoid",
+            UnaryOp::Erf => "unary:erf",
+            UnaryOp::Relu => "unary:relu",
+            UnaryOp::GeluErf => "unary:gelu",
+            UnaryOp::GeluTanh => "unary:gelu_tanh",
+            UnaryOp::Silu => "unary:silu",
+            UnaryOp::Powf(_) => "unary:powf",
+            UnaryOp::Affine(..) => "unary:affine",
+            UnaryOp::Clamp(..) => "unary:clamp",
+            UnaryOp::Cmp(..) => "unary:cmp",
+        }
+    }
+}
+
 /// Element-wise functions of two tensors of the same (already broadcast) shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BinaryOp {
@@ -152,6 +180,21 @@ pub enum BinaryOp {
     Cmp(CmpOp),
 }
 
+impl BinaryOp {
+    /// The kernel's name in the profile.
+    pub fn kernel(&self) -> &'static str {
+        match self {
+            BinaryOp::Add => "binary:add",
+            BinaryOp::Sub => "binary:sub",
+            BinaryOp::Mul => "binary:mul",
+            BinaryOp::Div => "binary:div",
+            BinaryOp::Max => "binary:max",
+            BinaryOp::Min => "binary:min",
+            BinaryOp::Cmp(_) => "binary:cmp",
+        }
+    }
+}
+
 /// Reductions along one axis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReduceOp {
@@ -162,6 +205,19 @@ pub enum ReduceOp {
     ArgMax,
     /// Index of the first minimum, as U32.
     ArgMin,
+}
+
+impl ReduceOp {
+    /// The kernel's name in the profile.
+    pub fn kernel(&self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "reduce:sum",
+            ReduceOp::Max => "reduce:max",
+            ReduceOp::Min => "reduce:min",
+            ReduceOp::ArgMax => "reduce:argmax",
+            ReduceOp::ArgMin => "reduce:argmin",
+        }
+    }
 }
 
 /// Hyper-parameters of one AdamW step (decoupled weight decay, as PyTorch's `AdamW`).
@@ -207,6 +263,57 @@ fn adamw_cpu<T: crate::dtype::Float>(p: &[T], g: &[T], m: &[T], v: &[T], h: &Ada
         }
     });
     (po, mo, vo)
+}
+
+/// Bytes of a kernel's output, for the profile.
+trait OutBytes {
+    fn out_bytes(&self) -> usize;
+}
+
+impl OutBytes for Storage {
+    fn out_bytes(&self) -> usize {
+        self.len() * self.dtype().size_in_bytes()
+    }
+}
+
+impl OutBytes for CpuStorage {
+    fn out_bytes(&self) -> usize {
+        self.len() * self.dtype().size_in_bytes()
+    }
+}
+
+impl<A: OutBytes, B: OutBytes> OutBytes for (A, B) {
+    fn out_bytes(&self) -> usize {
+        self.0.out_bytes() + self.1.out_bytes()
+    }
+}
+
+impl<A: OutBytes, B: OutBytes, C: OutBytes> OutBytes for (A, B, C) {
+    fn out_bytes(&self) -> usize {
+        self.0.out_bytes() + self.1.out_bytes() + self.2.out_bytes()
+    }
+}
+
+fn out_bytes<T: OutBytes>(r: &Result<T>) -> usize {
+    r.as_ref().map_or(0, OutBytes::out_bytes)
+}
+
+/// `2·m·n·k` per batch of a matmul `[.., m, k] · [.., k, n]`.
+fn matmul_flops(a: &Layout, b: &Layout) -> f64 {
+    let (sa, sb) = (a.shape(), b.shape());
+    if sa.len() < 2 || sb.len() < 2 {
+        return 0.0;
+    }
+    let batch: usize = sa[..sa.len() - 2].iter().product();
+    2.0 * (batch * sa[sa.len() - 2] * sa[sa.len() - 1] * sb[sb.len() - 1]) as f64
+}
+
+/// The LoRA linear's `x wᵀ` (`2nkm`), `xd aᵀ` (`2nkr`) and `u bᵀ` (`2nrm`).
+fn lora_flops(x: &Layout, w: &Layout, a: &Layout) -> f64 {
+    match (x.shape(), w.shape(), a.shape()) {
+        ([n, k], [m, _], [r, _]) => 2.0 * (n * k * m + n * k * r + n * r * m) as f64,
+        _ => 0.0,
+    }
 }
 
 /// A flat buffer on one device.
@@ -273,73 +380,120 @@ impl Storage {
 
     /// All-zero buffer of `n` elements on `device`.
     pub fn zeros(device: &Device, dtype: DType, n: usize) -> Result<Storage> {
-        match device {
+        let prof = crate::profile::span("fill", 0.0);
+        let out = match device {
             Device::Cpu => Ok(Storage::Cpu(CpuStorage::zeros(dtype, n))),
-            Device::Gpu(g) => Ok(Storage::Gpu(GpuStorage::full(g, dtype, n, 0.0)?)),
-        }
+            Device::Gpu(g) => GpuStorage::full(g, dtype, n, 0.0).map(Storage::Gpu),
+        };
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// Buffer of `n` copies of `v` (converted to `dtype`).
     pub fn full(device: &Device, dtype: DType, n: usize, v: f64) -> Result<Storage> {
-        match device {
-            Device::Cpu => Ok(Storage::Cpu(CpuStorage::full(dtype, n, v))),
-            Device::Gpu(g) => Ok(Storage::Gpu(GpuStorage::full(g, dtype, n, v)?)),
-        }
+        let prof = crate::profile::span("fill", 0.0);
+        let out = (|| -> Result<Storage> {
+            match device {
+                Device::Cpu => Ok(Storage::Cpu(CpuStorage::full(dtype, n, v))),
+                Device::Gpu(g) => Ok(Storage::Gpu(GpuStorage::full(g, dtype, n, v)?)),
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// Upload host data.
     pub fn from_cpu(device: &Device, data: CpuStorage) -> Result<Storage> {
-        match device {
-            Device::Cpu => Ok(Storage::Cpu(data)),
-            Device::Gpu(g) => Ok(Storage::Gpu(GpuStorage::from_cpu(g, &data)?)),
-        }
+        let prof = crate::profile::span("upload", 0.0);
+        let out = (|| -> Result<Storage> {
+            match device {
+                Device::Cpu => Ok(Storage::Cpu(data)),
+                Device::Gpu(g) => Ok(Storage::Gpu(GpuStorage::from_cpu(g, &data)?)),
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// Copy the elements selected by `layout` to host memory, contiguous, in row-major order.
     pub fn to_cpu(&self, layout: &Layout) -> Result<CpuStorage> {
-        match self {
-            Storage::Cpu(s) => s.copy_strided(layout),
-            Storage::Gpu(s) => s.to_cpu(layout),
-        }
+        let prof = crate::profile::span("to_cpu", 0.0);
+        let out = (|| -> Result<CpuStorage> {
+            match self {
+                Storage::Cpu(s) => s.copy_strided(layout),
+                Storage::Gpu(s) => s.to_cpu(layout),
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// Copy into a contiguous buffer of dtype `dtype` (a plain copy when the dtype is the same).
     pub fn cast(&self, layout: &Layout, dtype: DType) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.cast(layout, dtype)?)),
-            Storage::Gpu(s) => Ok(Storage::Gpu(s.cast(layout, dtype)?)),
-        }
+        let prof = crate::profile::span(if self.dtype() == dtype { "copy" } else { "cast" }, 0.0);
+        let out = (|| -> Result<Storage> {
+            match self {
+                Storage::Cpu(s) => Ok(Storage::Cpu(s.cast(layout, dtype)?)),
+                Storage::Gpu(s) => Ok(Storage::Gpu(s.cast(layout, dtype)?)),
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     pub fn unary(&self, op: UnaryOp, layout: &Layout) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.unary(op, layout)?)),
-            Storage::Gpu(s) => Ok(Storage::Gpu(s.unary(op, layout)?)),
-        }
+        let prof = crate::profile::span(op.kernel(), 0.0);
+        let out = (|| -> Result<Storage> {
+            match self {
+                Storage::Cpu(s) => Ok(Storage::Cpu(s.unary(op, layout)?)),
+                Storage::Gpu(s) => Ok(Storage::Gpu(s.unary(op, layout)?)),
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// `self` and `rhs` are read through layouts of the same shape (broadcast already applied).
     pub fn binary(&self, op: BinaryOp, layout: &Layout, rhs: &Storage, rhs_layout: &Layout) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.binary(op, layout, rhs.cpu("binary", self)?, rhs_layout)?)),
-            Storage::Gpu(s) => Ok(Storage::Gpu(s.binary(op, layout, rhs.gpu("binary", self)?, rhs_layout)?)),
-        }
+        let prof = crate::profile::span(op.kernel(), 0.0);
+        let out = (|| -> Result<Storage> {
+            match self {
+                Storage::Cpu(s) => Ok(Storage::Cpu(s.binary(op, layout, rhs.cpu("binary", self)?, rhs_layout)?)),
+                Storage::Gpu(s) => Ok(Storage::Gpu(s.binary(op, layout, rhs.gpu("binary", self)?, rhs_layout)?)),
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// `cond ? t : f` element-wise; `self` is the condition (non-zero = true); same shapes.
     pub fn where_cond(&self, layout: &Layout, t: &Storage, t_layout: &Layout, f: &Storage, f_layout: &Layout) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.where_cond(layout, t.cpu("where", self)?, t_layout, f.cpu("where", self)?, f_layout)?)),
-            Storage::Gpu(s) => Ok(Storage::Gpu(s.where_cond(layout, t.gpu("where", self)?, t_layout, f.gpu("where", self)?, f_layout)?)),
-        }
+        let prof = crate::profile::span("where", 0.0);
+        let out = (|| -> Result<Storage> {
+            match self {
+                Storage::Cpu(s) => {
+                    Ok(Storage::Cpu(s.where_cond(layout, t.cpu("where", self)?, t_layout, f.cpu("where", self)?, f_layout)?))
+                }
+                Storage::Gpu(s) => {
+                    Ok(Storage::Gpu(s.where_cond(layout, t.gpu("where", self)?, t_layout, f.gpu("where", self)?, f_layout)?))
+                }
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// Reduce along `axis`; the output has the input's shape with that axis removed.
     pub fn reduce(&self, op: ReduceOp, layout: &Layout, axis: usize) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.reduce(op, layout, axis)?)),
-            Storage::Gpu(s) => Ok(Storage::Gpu(s.reduce(op, layout, axis)?)),
-        }
+        let prof = crate::profile::span(op.kernel(), 0.0);
+        let out = (|| -> Result<Storage> {
+            match self {
+                Storage::Cpu(s) => Ok(Storage::Cpu(s.reduce(op, layout, axis)?)),
+                Storage::Gpu(s) => Ok(Storage::Gpu(s.reduce(op, layout, axis)?)),
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// Batched matrix product. Both layouts have rank ≥ 2 and identical batch dims (broadcast
@@ -347,10 +501,15 @@ impl Storage {
     /// On the GPU, `rhs` may also be f16/bf16 storage with an f32 `self` (a frozen weight,
     /// dequantised inside the kernel, accumulated in f32).
     pub fn matmul(&self, layout: &Layout, rhs: &Storage, rhs_layout: &Layout) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.matmul(layout, rhs.cpu("matmul", self)?, rhs_layout)?)),
-            Storage::Gpu(s) => Ok(Storage::Gpu(s.matmul(layout, rhs.gpu("matmul", self)?, rhs_layout)?)),
-        }
+        let prof = crate::profile::span("matmul", matmul_flops(layout, rhs_layout));
+        let out = (|| -> Result<Storage> {
+            match self {
+                Storage::Cpu(s) => Ok(Storage::Cpu(s.matmul(layout, rhs.cpu("matmul", self)?, rhs_layout)?)),
+                Storage::Gpu(s) => Ok(Storage::Gpu(s.matmul(layout, rhs.gpu("matmul", self)?, rhs_layout)?)),
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// The LoRA linear map on rank-2 operands read through their layouts:
@@ -376,59 +535,69 @@ impl Storage {
         b_layout: &Layout,
         scale: f64,
     ) -> Result<(Storage, Storage)> {
-        const OP: &str = "lora_linear";
-        for (l, what) in [(layout, "x"), (w_layout, "w"), (xd_layout, "xd"), (a_layout, "a"), (b_layout, "b")] {
-            if l.rank() != 2 {
-                return Err(Error::Shape { op: OP, msg: format!("{what} must be a matrix, got shape {:?}", l.shape()) });
+        let prof = crate::profile::span("lora_linear", lora_flops(layout, w_layout, a_layout));
+        let out = (|| -> Result<(Storage, Storage)> {
+            const OP: &str = "lora_linear";
+            for (l, what) in [(layout, "x"), (w_layout, "w"), (xd_layout, "xd"), (a_layout, "a"), (b_layout, "b")] {
+                if l.rank() != 2 {
+                    return Err(Error::Shape { op: OP, msg: format!("{what} must be a matrix, got shape {:?}", l.shape()) });
+                }
             }
-        }
-        let (n, k, m, r) = (layout.shape()[0], layout.shape()[1], w_layout.shape()[0], a_layout.shape()[0]);
-        let ok = w_layout.shape() == [m, k] && xd_layout.shape() == [n, k] && a_layout.shape() == [r, k] && b_layout.shape() == [m, r];
-        if !ok {
-            return Err(Error::Shape {
-                op: OP,
-                msg: format!(
-                    "need x [n, k], w [m, k], xd [n, k], a [r, k], b [m, r]; got x {:?}, w {:?}, xd {:?}, a {:?}, b {:?}",
-                    layout.shape(),
-                    w_layout.shape(),
-                    xd_layout.shape(),
-                    a_layout.shape(),
-                    b_layout.shape()
-                ),
-            });
-        }
-        match self {
-            Storage::Cpu(x) => {
-                let (w, xd, a, b) = (w.cpu(OP, self)?, xd.cpu(OP, self)?, a.cpu(OP, self)?, b.cpu(OP, self)?);
-                // A 16-bit base weight is widened first, as `Tensor::matmul` does on the CPU.
-                let widened;
-                let (w, wl) = if w.dtype() != x.dtype() {
-                    widened = (w.cast(w_layout, x.dtype())?, Layout::contiguous(&[m, k]));
-                    (&widened.0, &widened.1)
-                } else {
-                    (w, w_layout)
-                };
-                let y0 = x.matmul(layout, w, &wl.transpose(0, 1)?)?;
-                let u = xd.matmul(xd_layout, a, &a_layout.transpose(0, 1)?)?;
-                let v = u.matmul(&Layout::contiguous(&[n, r]), b, &b_layout.transpose(0, 1)?)?;
-                let out = Layout::contiguous(&[n, m]);
-                let v = v.unary(UnaryOp::Affine(scale, 0.0), &out)?;
-                Ok((Storage::Cpu(y0.binary(BinaryOp::Add, &out, &v, &out)?), Storage::Cpu(u)))
+            let (n, k, m, r) = (layout.shape()[0], layout.shape()[1], w_layout.shape()[0], a_layout.shape()[0]);
+            let ok = w_layout.shape() == [m, k] && xd_layout.shape() == [n, k] && a_layout.shape() == [r, k] && b_layout.shape() == [m, r];
+            if !ok {
+                return Err(Error::Shape {
+                    op: OP,
+                    msg: format!(
+                        "need x [n, k], w [m, k], xd [n, k], a [r, k], b [m, r]; got x {:?}, w {:?}, xd {:?}, a {:?}, b {:?}",
+                        layout.shape(),
+                        w_layout.shape(),
+                        xd_layout.shape(),
+                        a_layout.shape(),
+                        b_layout.shape()
+                    ),
+                });
             }
-            Storage::Gpu(x) => {
-                let (w, xd, a, b) = (w.gpu(OP, self)?, xd.gpu(OP, self)?, a.gpu(OP, self)?, b.gpu(OP, self)?);
-                let (y, u) = x.lora_linear(layout, w, w_layout, xd, xd_layout, a, a_layout, b, b_layout, scale)?;
-                Ok((Storage::Gpu(y), Storage::Gpu(u)))
+            match self {
+                Storage::Cpu(x) => {
+                    let (w, xd, a, b) = (w.cpu(OP, self)?, xd.cpu(OP, self)?, a.cpu(OP, self)?, b.cpu(OP, self)?);
+                    // A 16-bit base weight is widened first, as `Tensor::matmul` does on the CPU.
+                    let widened;
+                    let (w, wl) = if w.dtype() != x.dtype() {
+                        widened = (w.cast(w_layout, x.dtype())?, Layout::contiguous(&[m, k]));
+                        (&widened.0, &widened.1)
+                    } else {
+                        (w, w_layout)
+                    };
+                    let y0 = x.matmul(layout, w, &wl.transpose(0, 1)?)?;
+                    let u = xd.matmul(xd_layout, a, &a_layout.transpose(0, 1)?)?;
+                    let v = u.matmul(&Layout::contiguous(&[n, r]), b, &b_layout.transpose(0, 1)?)?;
+                    let out = Layout::contiguous(&[n, m]);
+                    let v = v.unary(UnaryOp::Affine(scale, 0.0), &out)?;
+                    Ok((Storage::Cpu(y0.binary(BinaryOp::Add, &out, &v, &out)?), Storage::Cpu(u)))
+                }
+                Storage::Gpu(x) => {
+                    let (w, xd, a, b) = (w.gpu(OP, self)?, xd.gpu(OP, self)?, a.gpu(OP, self)?, b.gpu(OP, self)?);
+                    let (y, u) = x.lora_linear(layout, w, w_layout, xd, xd_layout, a, a_layout, b, b_layout, scale)?;
+                    Ok((Storage::Gpu(y), Storage::Gpu(u)))
+                }
             }
-        }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// Softmax (or log-softmax) along the last axis.
     pub fn softmax_last(&self, layout: &Layout, log: bool) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.softmax_last(layout, log)?)),
-            Storage::Gpu(s) => Ok(Storage::Gpu(s.softmax_last(layout, log)?)),
-        }
+        let prof = crate::profile::span("softmax", 0.0);
+        let out = (|| -> Result<Storage> {
+            match self {
+                Storage::Cpu(s) => Ok(Storage::Cpu(s.softmax_last(layout, log)?)),
+                Storage::Gpu(s) => Ok(Storage::Gpu(s.softmax_last(layout, log)?)),
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// Layer norm (or RMS norm) over the last axis of `x`, with optional affine weight and
@@ -442,18 +611,23 @@ impl Storage {
         eps: f64,
         rms: bool,
     ) -> Result<(Storage, Storage, Storage)> {
-        match self {
-            Storage::Cpu(s) => {
-                let (w, b) = (Self::opt_cpu(weight, "norm", self)?, Self::opt_cpu(bias, "norm", self)?);
-                let (y, m, r) = s.norm_last(layout, w, b, eps, rms)?;
-                Ok((Storage::Cpu(y), Storage::Cpu(m), Storage::Cpu(r)))
+        let prof = crate::profile::span("norm", 0.0);
+        let out = (|| -> Result<(Storage, Storage, Storage)> {
+            match self {
+                Storage::Cpu(s) => {
+                    let (w, b) = (Self::opt_cpu(weight, "norm", self)?, Self::opt_cpu(bias, "norm", self)?);
+                    let (y, m, r) = s.norm_last(layout, w, b, eps, rms)?;
+                    Ok((Storage::Cpu(y), Storage::Cpu(m), Storage::Cpu(r)))
+                }
+                Storage::Gpu(s) => {
+                    let (w, b) = (Self::opt_gpu(weight, "norm", self)?, Self::opt_gpu(bias, "norm", self)?);
+                    let (y, m, r) = s.norm_last(layout, w, b, eps, rms)?;
+                    Ok((Storage::Gpu(y), Storage::Gpu(m), Storage::Gpu(r)))
+                }
             }
-            Storage::Gpu(s) => {
-                let (w, b) = (Self::opt_gpu(weight, "norm", self)?, Self::opt_gpu(bias, "norm", self)?);
-                let (y, m, r) = s.norm_last(layout, w, b, eps, rms)?;
-                Ok((Storage::Gpu(y), Storage::Gpu(m), Storage::Gpu(r)))
-            }
-        }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// Backward of [`Storage::norm_last`]: from `x`, weight, the output gradient `g` and the saved
@@ -469,88 +643,136 @@ impl Storage {
         rstd: &Storage,
         rms: bool,
     ) -> Result<(Storage, Storage, Storage)> {
-        const OP: &str = "norm_backward";
-        match self {
-            Storage::Cpu(s) => {
-                let w = Self::opt_cpu(weight, OP, self)?;
-                let (dx, dw, db) =
-                    s.norm_last_backward(layout, w, g.cpu(OP, self)?, g_layout, mean.cpu(OP, self)?, rstd.cpu(OP, self)?, rms)?;
-                Ok((Storage::Cpu(dx), Storage::Cpu(dw), Storage::Cpu(db)))
+        let prof = crate::profile::span("norm_backward", 0.0);
+        let out = (|| -> Result<(Storage, Storage, Storage)> {
+            const OP: &str = "norm_backward";
+            match self {
+                Storage::Cpu(s) => {
+                    let w = Self::opt_cpu(weight, OP, self)?;
+                    let (dx, dw, db) =
+                        s.norm_last_backward(layout, w, g.cpu(OP, self)?, g_layout, mean.cpu(OP, self)?, rstd.cpu(OP, self)?, rms)?;
+                    Ok((Storage::Cpu(dx), Storage::Cpu(dw), Storage::Cpu(db)))
+                }
+                Storage::Gpu(s) => {
+                    let w = Self::opt_gpu(weight, OP, self)?;
+                    let (dx, dw, db) =
+                        s.norm_last_backward(layout, w, g.gpu(OP, self)?, g_layout, mean.gpu(OP, self)?, rstd.gpu(OP, self)?, rms)?;
+                    Ok((Storage::Gpu(dx), Storage::Gpu(dw), Storage::Gpu(db)))
+                }
             }
-            Storage::Gpu(s) => {
-                let w = Self::opt_gpu(weight, OP, self)?;
-                let (dx, dw, db) =
-                    s.norm_last_backward(layout, w, g.gpu(OP, self)?, g_layout, mean.gpu(OP, self)?, rstd.gpu(OP, self)?, rms)?;
-                Ok((Storage::Gpu(dx), Storage::Gpu(dw), Storage::Gpu(db)))
-            }
-        }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// `out[.., j, ..] = self[.., idx[j], ..]` along `axis`; `idx` is a contiguous U32/I32 list.
     pub fn index_select(&self, layout: &Layout, axis: usize, idx: &Storage, idx_layout: &Layout) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.index_select(layout, axis, idx.cpu("index_select", self)?, idx_layout)?)),
-            Storage::Gpu(s) => Ok(Storage::Gpu(s.index_select(layout, axis, idx.gpu("index_select", self)?, idx_layout)?)),
-        }
+        let prof = crate::profile::span("index_select", 0.0);
+        let out = (|| -> Result<Storage> {
+            match self {
+                Storage::Cpu(s) => Ok(Storage::Cpu(s.index_select(layout, axis, idx.cpu("index_select", self)?, idx_layout)?)),
+                Storage::Gpu(s) => Ok(Storage::Gpu(s.index_select(layout, axis, idx.gpu("index_select", self)?, idx_layout)?)),
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// Adjoint of index_select: a zero tensor of `shape` with `self[.., j, ..]` added into row
     /// `idx[j]` of `axis` (duplicate indices accumulate).
     pub fn index_add(&self, layout: &Layout, shape: &[usize], axis: usize, idx: &Storage, idx_layout: &Layout) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.index_add(layout, shape, axis, idx.cpu("index_add", self)?, idx_layout)?)),
-            Storage::Gpu(s) => Ok(Storage::Gpu(s.index_add(layout, shape, axis, idx.gpu("index_add", self)?, idx_layout)?)),
-        }
+        let prof = crate::profile::span("index_add", 0.0);
+        let out = (|| -> Result<Storage> {
+            match self {
+                Storage::Cpu(s) => Ok(Storage::Cpu(s.index_add(layout, shape, axis, idx.cpu("index_add", self)?, idx_layout)?)),
+                Storage::Gpu(s) => Ok(Storage::Gpu(s.index_add(layout, shape, axis, idx.gpu("index_add", self)?, idx_layout)?)),
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// `out[i..] = self[i with i_axis replaced by idx[i..]]`; idx has the output's shape.
     pub fn gather(&self, layout: &Layout, axis: usize, idx: &Storage, idx_layout: &Layout) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.gather(layout, axis, idx.cpu("gather", self)?, idx_layout)?)),
-            Storage::Gpu(s) => Ok(Storage::Gpu(s.gather(layout, axis, idx.gpu("gather", self)?, idx_layout)?)),
-        }
+        let prof = crate::profile::span("gather", 0.0);
+        let out = (|| -> Result<Storage> {
+            match self {
+                Storage::Cpu(s) => Ok(Storage::Cpu(s.gather(layout, axis, idx.cpu("gather", self)?, idx_layout)?)),
+                Storage::Gpu(s) => Ok(Storage::Gpu(s.gather(layout, axis, idx.gpu("gather", self)?, idx_layout)?)),
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// Adjoint of gather: zeros of `shape`, then `out[i with i_axis = idx[i]] += self[i]`.
     pub fn scatter_add(&self, layout: &Layout, shape: &[usize], axis: usize, idx: &Storage, idx_layout: &Layout) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.scatter_add(layout, shape, axis, idx.cpu("scatter_add", self)?, idx_layout)?)),
-            Storage::Gpu(s) => Ok(Storage::Gpu(s.scatter_add(layout, shape, axis, idx.gpu("scatter_add", self)?, idx_layout)?)),
-        }
+        let prof = crate::profile::span("scatter_add", 0.0);
+        let out = (|| -> Result<Storage> {
+            match self {
+                Storage::Cpu(s) => Ok(Storage::Cpu(s.scatter_add(layout, shape, axis, idx.cpu("scatter_add", self)?, idx_layout)?)),
+                Storage::Gpu(s) => Ok(Storage::Gpu(s.scatter_add(layout, shape, axis, idx.gpu("scatter_add", self)?, idx_layout)?)),
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// Concatenate along `axis`; all parts have the same dtype and agree on the other axes.
     pub fn concat(parts: &[(&Storage, &Layout)], axis: usize) -> Result<Storage> {
-        let first = parts[0].0;
-        match first {
-            Storage::Cpu(_) => {
-                let cpu = parts.iter().map(|(s, l)| Ok((s.cpu("concat", first)?, *l))).collect::<Result<Vec<_>>>()?;
-                Ok(Storage::Cpu(CpuStorage::concat(&cpu, axis)?))
+        let prof = crate::profile::span("concat", 0.0);
+        let out = (|| -> Result<Storage> {
+            let first = parts[0].0;
+            match first {
+                Storage::Cpu(_) => {
+                    let cpu = parts.iter().map(|(s, l)| Ok((s.cpu("concat", first)?, *l))).collect::<Result<Vec<_>>>()?;
+                    Ok(Storage::Cpu(CpuStorage::concat(&cpu, axis)?))
+                }
+                Storage::Gpu(_) => {
+                    let gpu = parts.iter().map(|(s, l)| Ok((s.gpu("concat", first)?, *l))).collect::<Result<Vec<_>>>()?;
+                    Ok(Storage::Gpu(GpuStorage::concat(&gpu, axis)?))
+                }
             }
-            Storage::Gpu(_) => {
-                let gpu = parts.iter().map(|(s, l)| Ok((s.gpu("concat", first)?, *l))).collect::<Result<Vec<_>>>()?;
-                Ok(Storage::Gpu(GpuStorage::concat(&gpu, axis)?))
-            }
-        }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// Rotary embedding of `x[.., seq, dim]` with `cos`/`sin` of shape `[seq, dim/2]` (contiguous).
     /// `interleaved`: pairs are (2i, 2i+1) (GPT-J / llama.cpp); otherwise (i, i + dim/2)
     /// (Hugging Face LLaMA). `inverse` rotates by −θ (the backward pass).
     pub fn rope(&self, layout: &Layout, cos: &Storage, sin: &Storage, interleaved: bool, inverse: bool) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.rope(layout, cos.cpu("rope", self)?, sin.cpu("rope", self)?, interleaved, inverse)?)),
-            Storage::Gpu(s) => Ok(Storage::Gpu(s.rope(layout, cos.gpu("rope", self)?, sin.gpu("rope", self)?, interleaved, inverse)?)),
-        }
+        let prof = crate::profile::span("rope", 0.0);
+        let out = (|| -> Result<Storage> {
+            match self {
+                Storage::Cpu(s) => {
+                    Ok(Storage::Cpu(s.rope(layout, cos.cpu("rope", self)?, sin.cpu("rope", self)?, interleaved, inverse)?))
+                }
+                Storage::Gpu(s) => {
+                    Ok(Storage::Gpu(s.rope(layout, cos.gpu("rope", self)?, sin.gpu("rope", self)?, interleaved, inverse)?))
+                }
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// Cross-entropy per row of logits `[n, c]` with integer targets `[n]`; rows whose target
     /// equals `ignore_index` get loss 0. Returns the per-row losses `[n]`.
     pub fn cross_entropy(&self, layout: &Layout, targets: &Storage, t_layout: &Layout, ignore_index: i64) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.cross_entropy(layout, targets.cpu("cross_entropy", self)?, t_layout, ignore_index)?)),
-            Storage::Gpu(s) => Ok(Storage::Gpu(s.cross_entropy(layout, targets.gpu("cross_entropy", self)?, t_layout, ignore_index)?)),
-        }
+        let prof = crate::profile::span("cross_entropy", 0.0);
+        let out = (|| -> Result<Storage> {
+            match self {
+                Storage::Cpu(s) => {
+                    Ok(Storage::Cpu(s.cross_entropy(layout, targets.cpu("cross_entropy", self)?, t_layout, ignore_index)?))
+                }
+                Storage::Gpu(s) => {
+                    Ok(Storage::Gpu(s.cross_entropy(layout, targets.gpu("cross_entropy", self)?, t_layout, ignore_index)?))
+                }
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// Gradient of the per-row losses wrt the logits: `(softmax(row) − onehot(target))·g[row]`,
@@ -564,25 +786,30 @@ impl Storage {
         g_layout: &Layout,
         ignore_index: i64,
     ) -> Result<Storage> {
-        const OP: &str = "cross_entropy_backward";
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.cross_entropy_backward(
-                layout,
-                targets.cpu(OP, self)?,
-                t_layout,
-                g.cpu(OP, self)?,
-                g_layout,
-                ignore_index,
-            )?)),
-            Storage::Gpu(s) => Ok(Storage::Gpu(s.cross_entropy_backward(
-                layout,
-                targets.gpu(OP, self)?,
-                t_layout,
-                g.gpu(OP, self)?,
-                g_layout,
-                ignore_index,
-            )?)),
-        }
+        let prof = crate::profile::span("cross_entropy_backward", 0.0);
+        let out = (|| -> Result<Storage> {
+            const OP: &str = "cross_entropy_backward";
+            match self {
+                Storage::Cpu(s) => Ok(Storage::Cpu(s.cross_entropy_backward(
+                    layout,
+                    targets.cpu(OP, self)?,
+                    t_layout,
+                    g.cpu(OP, self)?,
+                    g_layout,
+                    ignore_index,
+                )?)),
+                Storage::Gpu(s) => Ok(Storage::Gpu(s.cross_entropy_backward(
+                    layout,
+                    targets.gpu(OP, self)?,
+                    t_layout,
+                    g.gpu(OP, self)?,
+                    g_layout,
+                    ignore_index,
+                )?)),
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// One fused AdamW step: from the parameter `self`, its gradient and the moments `m`, `v`
@@ -598,44 +825,60 @@ impl Storage {
         v: &Storage,
         h: &AdamWStep,
     ) -> Result<(Storage, Storage, Storage)> {
-        const OP: &str = "adamw_step";
-        match self {
-            Storage::Cpu(s) => {
-                let (g, m, v) = (grad.cpu(OP, self)?, m.cpu(OP, self)?, v.cpu(OP, self)?);
-                let whole = Layout::contiguous(&[m.len()]);
-                let (p, g, m, v) = (s.copy_strided(layout)?, g.copy_strided(g_layout)?, m.copy_strided(&whole)?, v.copy_strided(&whole)?);
-                match (p, g, m, v) {
-                    (CpuStorage::F32(p), CpuStorage::F32(g), CpuStorage::F32(m), CpuStorage::F32(v)) => {
-                        let (p, m, v) = adamw_cpu(&p, &g, &m, &v, h);
-                        Ok((Storage::Cpu(CpuStorage::F32(p)), Storage::Cpu(CpuStorage::F32(m)), Storage::Cpu(CpuStorage::F32(v))))
+        let prof = crate::profile::span("adamw", 0.0);
+        let out = (|| -> Result<(Storage, Storage, Storage)> {
+            const OP: &str = "adamw_step";
+            match self {
+                Storage::Cpu(s) => {
+                    let (g, m, v) = (grad.cpu(OP, self)?, m.cpu(OP, self)?, v.cpu(OP, self)?);
+                    let whole = Layout::contiguous(&[m.len()]);
+                    let (p, g, m, v) =
+                        (s.copy_strided(layout)?, g.copy_strided(g_layout)?, m.copy_strided(&whole)?, v.copy_strided(&whole)?);
+                    match (p, g, m, v) {
+                        (CpuStorage::F32(p), CpuStorage::F32(g), CpuStorage::F32(m), CpuStorage::F32(v)) => {
+                            let (p, m, v) = adamw_cpu(&p, &g, &m, &v, h);
+                            Ok((Storage::Cpu(CpuStorage::F32(p)), Storage::Cpu(CpuStorage::F32(m)), Storage::Cpu(CpuStorage::F32(v))))
+                        }
+                        (CpuStorage::F64(p), CpuStorage::F64(g), CpuStorage::F64(m), CpuStorage::F64(v)) => {
+                            let (p, m, v) = adamw_cpu(&p, &g, &m, &v, h);
+                            Ok((Storage::Cpu(CpuStorage::F64(p)), Storage::Cpu(CpuStorage::F64(m)), Storage::Cpu(CpuStorage::F64(v))))
+                        }
+                        (p, g, ..) => Err(Error::DTypeMismatch { op: OP, lhs: p.dtype(), rhs: g.dtype() }),
                     }
-                    (CpuStorage::F64(p), CpuStorage::F64(g), CpuStorage::F64(m), CpuStorage::F64(v)) => {
-                        let (p, m, v) = adamw_cpu(&p, &g, &m, &v, h);
-                        Ok((Storage::Cpu(CpuStorage::F64(p)), Storage::Cpu(CpuStorage::F64(m)), Storage::Cpu(CpuStorage::F64(v))))
-                    }
-                    (p, g, ..) => Err(Error::DTypeMismatch { op: OP, lhs: p.dtype(), rhs: g.dtype() }),
+                }
+                Storage::Gpu(s) => {
+                    let (p, m, v) = s.adamw_step(layout, grad.gpu(OP, self)?, g_layout, m.gpu(OP, self)?, v.gpu(OP, self)?, h)?;
+                    Ok((Storage::Gpu(p), Storage::Gpu(m), Storage::Gpu(v)))
                 }
             }
-            Storage::Gpu(s) => {
-                let (p, m, v) = s.adamw_step(layout, grad.gpu(OP, self)?, g_layout, m.gpu(OP, self)?, v.gpu(OP, self)?, h)?;
-                Ok((Storage::Gpu(p), Storage::Gpu(m), Storage::Gpu(v)))
-            }
-        }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// `n` elements of the uniform stream `(seed, offset)` mapped to `[lo, hi)`.
     pub fn rand_uniform(device: &Device, dtype: DType, n: usize, seed: u64, offset: u64, lo: f64, hi: f64) -> Result<Storage> {
-        match device {
-            Device::Cpu => Ok(Storage::Cpu(CpuStorage::rand_uniform(dtype, n, seed, offset, lo, hi)?)),
-            Device::Gpu(g) => Ok(Storage::Gpu(GpuStorage::rand(g, dtype, n, seed, offset, false, lo, hi)?)),
-        }
+        let prof = crate::profile::span("rand", 0.0);
+        let out = (|| -> Result<Storage> {
+            match device {
+                Device::Cpu => Ok(Storage::Cpu(CpuStorage::rand_uniform(dtype, n, seed, offset, lo, hi)?)),
+                Device::Gpu(g) => Ok(Storage::Gpu(GpuStorage::rand(g, dtype, n, seed, offset, false, lo, hi)?)),
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 
     /// `n` elements of the normal stream `(seed, offset)`, `mean + std·z`.
     pub fn rand_normal(device: &Device, dtype: DType, n: usize, seed: u64, offset: u64, mean: f64, std: f64) -> Result<Storage> {
-        match device {
-            Device::Cpu => Ok(Storage::Cpu(CpuStorage::rand_normal(dtype, n, seed, offset, mean, std)?)),
-            Device::Gpu(g) => Ok(Storage::Gpu(GpuStorage::rand(g, dtype, n, seed, offset, true, mean, std)?)),
-        }
+        let prof = crate::profile::span("rand", 0.0);
+        let out = (|| -> Result<Storage> {
+            match device {
+                Device::Cpu => Ok(Storage::Cpu(CpuStorage::rand_normal(dtype, n, seed, offset, mean, std)?)),
+                Device::Gpu(g) => Ok(Storage::Gpu(GpuStorage::rand(g, dtype, n, seed, offset, true, mean, std)?)),
+            }
+        })();
+        prof.done(out_bytes(&out));
+        out
     }
 }

@@ -42,8 +42,12 @@ fn emit(args: std::fmt::Arguments) -> Result<()> {
 #[path = "tinytune/finetune.rs"]
 mod finetune;
 use finetune::finetune;
+#[path = "tinytune/bench.rs"]
+mod bench;
 #[path = "tinytune/classify.rs"]
 mod classify;
+#[path = "tinytune/progress.rs"]
+mod progress;
 use tinytune::cli::FinetuneArgs;
 
 #[derive(Parser)]
@@ -57,6 +61,9 @@ struct Cli {
 enum Command {
     /// Architecture, config, tensor count, dtypes and parameter count of a model.
     #[command(group(ArgGroup::new("which").required(true).args(["model", "model_flag"])))]
+    #[command(
+        after_help = "Examples:\n  tinytune inspect --model ~/.cache/tinytune/smollm2-135m-instruct/SmolLM2-135M-Instruct-Q8_0.gguf\n  tinytune inspect --model path/to/hf-dir --json"
+    )]
     Inspect {
         /// Model directory or .gguf file.
         model: Option<PathBuf>,
@@ -68,6 +75,7 @@ enum Command {
         json: bool,
     },
     /// The token ids of a text, with special tokens added as the model's tokenizer does.
+    #[command(after_help = "Example:\n  tinytune tokenize --model M --text \"Hello, world\" --json")]
     Tokenize {
         /// Model directory or .gguf file (its tokenizer is used).
         #[arg(long)]
@@ -85,6 +93,9 @@ enum Command {
     /// Mean negative log-likelihood and perplexity of a text, a file, or token ids; with
     /// --adapter of a classifier on labelled --data ({"text", "label"} lines), its accuracy.
     #[command(group(ArgGroup::new("input").required(true).args(["ids", "text", "data"])))]
+    #[command(after_help = "Examples:\n  tinytune eval --model M --text \"It was a truth universally acknowledged\"\n  \
+tinytune eval --model M --data held-out.jsonl --seq-len 128       # finetune's held-out NLL of a run with --seq-len 128\n  \
+tinytune eval --model M --adapter run/adapter --data test.jsonl   # {\"text\",\"label\"} lines: accuracy of a classifier")]
     Eval {
         #[command(flatten)]
         common: Common,
@@ -98,21 +109,49 @@ enum Command {
         #[arg(long)]
         data: Option<PathBuf>,
         /// Longer sequences are scored in consecutive windows of this many tokens; with labelled
-        /// data, examples are cut to this many [default: 1024, or the model's context if shorter].
+        /// data, examples are cut to this many [default: 1024, or the model's context if shorter;
+        /// labelled data with --adapter: the length the adapter was trained with].
         #[arg(long)]
         max_len: Option<usize>,
+        /// Score a .jsonl --data file as `finetune --seq-len N` scores its held-out data: each
+        /// {"text"} document followed by EOS and cut to its first N tokens, prompts and chat
+        /// turns masked as in training; the NLL is then the one the run reported.
+        #[arg(long, conflicts_with = "max_len", requires = "data")]
+        seq_len: Option<usize>,
+        /// Encode without the tokenizer's special tokens (BOS and the like), as
+        /// `add_special_tokens=False` in transformers [default: as the adapter was trained].
+        #[arg(long)]
+        no_special_tokens: bool,
         /// Sequences scored at once.
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
     },
     /// Fine-tune a model on a JSONL file (LoRA, DoRA, full, or a classification head).
+    #[command(
+        after_help = "Examples:\n  tinytune finetune --model M --data train.jsonl --out run                # LoRA r=8 on q_proj,v_proj\n  \
+tinytune finetune --model M --data reviews.jsonl --target-modules all-linear --max-steps 100 --out run\n  \
+tinytune finetune --model M --data austen.jsonl --pack --seq-len 256 --lr 1e-3 --out run\n  \
+tinytune finetune --config run.toml --resume                             # continue an interrupted run"
+    )]
     Finetune(Box<FinetuneArgs>),
     /// The label and class probabilities of texts: by a fine-tuned head (--adapter), or
-    /// zero-shot by the label words' likelihood (--labels negative,positive). Example:
-    /// `tinytune classify --model M --adapter run/adapter --text "A wonderful film."`
+    /// zero-shot by the label words' likelihood (--labels negative,positive).
+    #[command(
+        after_help = "Examples:\n  tinytune classify --model M --adapter run/adapter --labels negative,positive --text \"A wonderful film.\"\n  \
+tinytune classify --model M --adapter run/adapter --data test.jsonl --json\n  \
+tinytune classify --model M --labels negative,positive --chat --text \"Dull and far too long.\"   # zero-shot"
+    )]
     Classify(Box<classify::ClassifyArgs>),
+    /// Time the training and inference steps of the project's jobs on this machine; with
+    /// --python, the same steps in PyTorch + PEFT in the same run, and the ratios; with
+    /// --profile, where the time of one step goes, kernel by kernel.
+    #[command(after_help = "Examples:\n  tinytune bench --device cpu\n  \
+tinytune bench --cases cls-step --profile\n  \
+tinytune bench --python /tmp/pyref/bin/python --steps 5     # against PyTorch + PEFT, same run")]
+    Bench(Box<bench::BenchArgs>),
     /// Fold an adapter into its base model and write a merged checkpoint (safetensors +
     /// config.json + tokenizer).
+    #[command(after_help = "Example:\n  tinytune merge --model M --adapter run/adapter --out merged --dtype bf16")]
     Merge {
         /// Base model directory or .gguf file.
         #[arg(long)]
@@ -130,6 +169,8 @@ enum Command {
     },
     /// Continue a prompt (text, or token ids), streaming the new text.
     #[command(group(ArgGroup::new("input").required(true).args(["ids", "prompt"])))]
+    #[command(after_help = "Examples:\n  tinytune generate --model M --prompt \"Once upon a time\" --max-new-tokens 40\n  \
+tinytune generate --model M --adapter run/adapter --chat --prompt \"Write a haiku about rust.\" --temperature 0.7 --seed 1")]
     Generate {
         #[command(flatten)]
         common: Common,
@@ -204,7 +245,7 @@ impl Common {
 
     /// [`Common::load`], with how the adapter's training encoded its data (if it says).
     pub fn load_adapter(&self, device: &Device) -> Result<(Box<dyn CausalLm>, Option<ClassifierHead>, Trained)> {
-        let mut model = models::load(&self.model, device)?;
+        let mut model = load_model(&self.model, device)?;
         let (head, trained) = match &self.adapter {
             Some(dir) => {
                 let loaded = format::load(dir, model.as_mut(), device)?;
@@ -213,6 +254,30 @@ impl Common {
             None => (None, Trained { seq_len: None, add_special_tokens: true }),
         };
         Ok((model, head, trained))
+    }
+}
+
+/// [`models::load`] under a spinner; a log file is told first when the weights are large.
+fn load_model(path: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
+    let bytes = weight_bytes(path);
+    let what = format!("loading {} ({:.0} MB) onto {device}", path.display(), bytes as f64 / 1e6);
+    progress::spin(&what, bytes > 500_000_000, || models::load(path, device))
+}
+
+/// Bytes of a model's weight files: a .gguf file, or the .safetensors files of a directory.
+fn weight_bytes(path: &Path) -> u64 {
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    if path.is_dir() {
+        std::fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .map(|p| size(&p))
+            .sum()
+    } else {
+        size(path)
     }
 }
 
@@ -329,6 +394,25 @@ fn stored_dtype(model: &Path) -> Result<DType> {
 }
 
 /// Whether `path` is a .jsonl file of labelled (classification) lines.
+/// Prints eval's language-modelling result: mean NLL over `tokens` predicted tokens.
+fn report_nll(json: bool, mean_nll: f64, tokens: usize) -> Result<()> {
+    let ppl = mean_nll.exp();
+    if json {
+        outln!("{}", json!({ "mean_nll": mean_nll, "perplexity": ppl, "tokens": tokens }));
+    } else {
+        outln!("mean NLL {mean_nll:.6}  perplexity {ppl:.4}  tokens {tokens}");
+    }
+    Ok(())
+}
+
+/// Says how many examples of `ds` were cut to `len` tokens, so a score is not read as the whole text's.
+fn note_truncated(ds: &Dataset, len: usize) {
+    let cut = ds.stats().truncated;
+    if cut > 0 {
+        note!("note: {cut} of {} examples were longer than {len} tokens and were cut to their first {len}", ds.stats().lines);
+    }
+}
+
 fn is_labelled(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "jsonl") && DataFormat::of_file(path).ok().flatten() == Some(DataFormat::Classification)
 }
@@ -404,18 +488,18 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Eval { common, ids, text, data, max_len, batch_size } => {
+        Command::Eval { common, ids, text, data, max_len, seq_len, no_special_tokens, batch_size } => {
             let device = common.device()?;
             let (model, head, trained) = common.load_adapter(&device)?;
+            let add_special_tokens = trained.add_special_tokens && !no_special_tokens;
             let context = model.max_positions();
-            let max_len = match (max_len, context) {
-                (Some(n), _) if n < 2 => {
-                    return Err(Error::InvalidArgument { op: "eval", msg: format!("--max-len must be ≥ 2, got {n}") })
-                }
+            let flag = if seq_len.is_some() { "--seq-len" } else { "--max-len" };
+            let max_len = match (max_len.or(seq_len), context) {
+                (Some(n), _) if n < 2 => return Err(Error::InvalidArgument { op: "eval", msg: format!("{flag} must be ≥ 2, got {n}") }),
                 (Some(n), Some(ctx)) if n > ctx => {
                     return Err(Error::InvalidArgument {
                         op: "eval",
-                        msg: format!("--max-len {n} is longer than the model's context of {ctx} tokens"),
+                        msg: format!("{flag} {n} is longer than the model's context of {ctx} tokens"),
                     })
                 }
                 (Some(n), _) => n,
@@ -432,15 +516,14 @@ fn run(cli: Cli) -> Result<()> {
                     msg: format!("{} is labelled data: give --adapter with a classification head", path.display()),
                 })?;
                 let tok = Tokenizer::for_model(&common.model)?;
-                let opts = DataOptions {
-                    seq_len: max_len,
-                    context: model.max_positions(),
-                    add_special_tokens: trained.add_special_tokens,
-                    ..DataOptions::default()
-                };
+                let opts = DataOptions { seq_len: max_len, context: model.max_positions(), add_special_tokens, ..DataOptions::default() };
                 let ds = Dataset::load(path, &tok, &opts)?;
+                note_truncated(&ds, max_len);
                 ds.check_labels(head.num_classes())?;
-                let r = train::evaluate(model.as_ref(), &train::Classification { head }, &ds, batch_size, &device, 0)?;
+                let mut task = progress::Task::new(format!("classifying {} examples", ds.len()), ds.len());
+                let objective = train::Classification { head };
+                let r = train::evaluate_observed(model.as_ref(), &objective, &ds, batch_size, &device, 0, &mut |d, n| task.set(d, n))?;
+                task.finish();
                 let acc = r.accuracy.unwrap_or(0.0);
                 if common.json {
                     outln!("{}", json!({ "accuracy": acc, "mean_loss": r.loss, "examples": r.examples }));
@@ -460,6 +543,18 @@ fn run(cli: Cli) -> Result<()> {
                     ),
                 });
             }
+            if let (Some(seq_len), Some(path)) = (seq_len, data.as_ref()) {
+                // As finetune's held-out evaluation: the same loader, options and objective.
+                let tok = Tokenizer::for_model(&common.model)?;
+                let opts = DataOptions { seq_len, context, add_special_tokens, ..DataOptions::default() };
+                let ds = Dataset::load(path, &tok, &opts)?;
+                note_truncated(&ds, seq_len);
+                let mut task = progress::Task::new(format!("scoring {} examples", ds.len()), ds.len());
+                let objective = train::LanguageModelling;
+                let r = train::evaluate_observed(model.as_ref(), &objective, &ds, batch_size, &device, 0, &mut |d, n| task.set(d, n))?;
+                task.finish();
+                return report_nll(common.json, r.loss, r.units);
+            }
             let seqs: Vec<Vec<u32>> = match (ids, text, data) {
                 (Some(ids), _, _) => ids.split(';').map(|s| parse_ids("eval --ids", s)).collect::<Result<_>>()?,
                 (_, text, data) => {
@@ -471,21 +566,19 @@ fn run(cli: Cli) -> Result<()> {
                     };
                     let mut seqs = Vec::new();
                     for t in &texts {
-                        seqs.extend(tok.encode(t, true)?.chunks(max_len).map(|c| c.to_vec()));
+                        seqs.extend(tok.encode(t, add_special_tokens)?.chunks(max_len).map(|c| c.to_vec()));
                     }
                     seqs
                 }
             };
-            let r = models::sequence_nll(model.as_ref(), &seqs, batch_size, &device)?;
-            if common.json {
-                outln!("{}", json!({ "mean_nll": r.mean_nll(), "perplexity": r.perplexity(), "tokens": r.tokens }));
-            } else {
-                outln!("mean NLL {:.6}  perplexity {:.4}  tokens {}", r.mean_nll(), r.perplexity(), r.tokens);
-            }
-            Ok(())
+            let mut task = progress::Task::new(format!("scoring {} sequences", seqs.len()), seqs.len());
+            let r = models::sequence_nll_observed(model.as_ref(), &seqs, batch_size, &device, &mut |d, n| task.set(d, n))?;
+            task.finish();
+            report_nll(common.json, r.mean_nll(), r.tokens)
         }
         Command::Finetune(args) => finetune(*args),
         Command::Classify(args) => classify::classify(*args),
+        Command::Bench(args) => bench::bench(*args),
         Command::Merge { model, adapter, out, dtype } => {
             refuse_overwrite("merge --out", &out, &[("--model", &model), ("--adapter", &adapter)])?;
             let dtype = match dtype.as_deref() {
@@ -495,15 +588,20 @@ fn run(cli: Cli) -> Result<()> {
                 Some(o) => return Err(Error::InvalidArgument { op: "merge --dtype", msg: format!("'{o}' is not f32, f16 or bf16") }),
                 None => stored_dtype(&model)?,
             };
-            let mut m = models::load(&model, &Device::Cpu)?;
+            let mut m = load_model(&model, &Device::Cpu)?;
             let loaded = format::load(&adapter, m.as_mut(), &Device::Cpu)?;
             // A head alone refuses (HeadOnly::merge), as every method that cannot be merged.
             let method = &loaded.method;
-            method.merge(m.as_mut()).map_err(|e| match e {
-                Error::InvalidArgument { msg, .. } => Error::InvalidArgument { op: "merge", msg: format!("{}: {msg}", adapter.display()) },
-                e => e,
+            progress::spin(&format!("merging {} adapter layers", method.num_sites()), false, || method.merge(m.as_mut())).map_err(|e| {
+                match e {
+                    Error::InvalidArgument { msg, .. } => {
+                        Error::InvalidArgument { op: "merge", msg: format!("{}: {msg}", adapter.display()) }
+                    }
+                    e => e,
+                }
             })?;
-            models::save_checkpoint_as(m.as_mut(), &out, dtype)?;
+            let what = format!("writing {} ({dtype:?})", out.join("model.safetensors").display());
+            progress::spin(&what, weight_bytes(&model) > 500_000_000, || models::save_checkpoint_as(m.as_mut(), &out, dtype))?;
             Tokenizer::for_model(&model)?.save_hf(&out)?;
             if loaded.head.is_some() {
                 note!("note: the adapter's classification head is not part of the merged language model; keep using --adapter for it");
@@ -620,7 +718,15 @@ fn main() -> ExitCode {
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
     }
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // TINYTUNE_PROFILE=1: where the whole command's time went, kernel by kernel (`bench
+    // --profile` gives one step of each case instead).
+    let profiled = !matches!(cli.command, Command::Bench(_)) && tinytune::profile::enabled();
+    let result = run(cli);
+    if profiled {
+        note!("{}", tinytune::profile::table());
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             note!("error: {e}");

@@ -28,6 +28,17 @@ impl NllReport {
 /// Score `seqs` in batches of `batch_size` (right-padded, with a padding mask), returning the
 /// summed NLL of predicting token `i` from tokens `0..i` of each sequence.
 pub fn sequence_nll(model: &dyn CausalLm, seqs: &[Vec<u32>], batch_size: usize, device: &Device) -> Result<NllReport> {
+    sequence_nll_observed(model, seqs, batch_size, device, &mut |_, _| {})
+}
+
+/// [`sequence_nll`], calling `progress(sequences_done, sequences)` after each batch.
+pub fn sequence_nll_observed(
+    model: &dyn CausalLm,
+    seqs: &[Vec<u32>],
+    batch_size: usize,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<NllReport> {
     if batch_size == 0 {
         return Err(Error::InvalidArgument { op: "eval", msg: "batch size must be ≥ 1".into() });
     }
@@ -39,7 +50,12 @@ pub fn sequence_nll(model: &dyn CausalLm, seqs: &[Vec<u32>], batch_size: usize, 
     }
     let _g = no_grad();
     let mut report = NllReport { sum_nll: 0.0, tokens: 0 };
-    for batch in seqs.chunks(batch_size) {
+    // Batches of similar lengths, so a batch is not mostly padding (the sums do not depend on
+    // the order).
+    let mut sorted: Vec<&Vec<u32>> = seqs.iter().collect();
+    sorted.sort_by_key(|s| s.len());
+    for (i, batch) in sorted.chunks(batch_size).enumerate() {
+        progress((i * batch_size).min(seqs.len()), seqs.len());
         let len = batch.iter().map(|s| s.len()).max().unwrap_or(0);
         if len < 2 {
             continue;
@@ -60,5 +76,6 @@ pub fn sequence_nll(model: &dyn CausalLm, seqs: &[Vec<u32>], batch_size: usize, 
         report.sum_nll += logits.cross_entropy(&targets_t, -100, CrossEntropyReduction::Sum)?.to_scalar()?;
         report.tokens += targets.iter().filter(|&&t| t != -100).count();
     }
+    progress(seqs.len(), seqs.len());
     Ok(report)
 }

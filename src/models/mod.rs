@@ -6,7 +6,7 @@ pub mod gpt2;
 pub mod llama;
 
 pub use crate::nn::KvCache;
-pub use eval::{sequence_nll, NllReport};
+pub use eval::{sequence_nll, sequence_nll_observed, NllReport};
 pub use generate::{generate, GenerateOptions, Sampling};
 
 use std::path::Path;

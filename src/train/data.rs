@@ -558,6 +558,15 @@ impl Dataset {
         &self.stats
     }
 
+    /// The example indices from the shortest to the longest (ties in file order). Evaluation
+    /// batches in this order, so a batch is not mostly padding; a sum over the data does not
+    /// depend on the order.
+    pub fn by_length(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.examples.len()).collect();
+        order.sort_by_key(|&i| self.examples[i].ids.len());
+        order
+    }
+
     pub fn examples(&self) -> &[Example] {
         &self.examples
     }

@@ -5,7 +5,10 @@ pub mod objective;
 pub mod plot;
 pub mod trainer;
 
-pub use objective::{class_probabilities, label_scores, BatchLoss, Classification, LanguageModelling, Objective};
+pub use objective::{
+    class_probabilities, class_probabilities_observed, label_scores, BatchLoss, Classification, LanguageModelling, Objective,
+};
 pub use trainer::{
-    attach, evaluate, train, Attached, EvalRecord, Observer, OptimizerKind, Quiet, StepRecord, TrainConfig, TrainReport, Trainer,
+    attach, evaluate, evaluate_observed, train, Attached, EvalRecord, Observer, OptimizerKind, Quiet, StepRecord, TrainConfig, TrainReport,
+    Trainer,
 };

@@ -118,14 +118,32 @@ pub fn class_probabilities(
     batch_size: usize,
     device: &crate::Device,
 ) -> Result<Vec<Vec<f64>>> {
+    class_probabilities_observed(model, head, data, batch_size, device, &mut |_, _| {})
+}
+
+/// [`class_probabilities`], calling `progress(examples_done, examples)` after each batch.
+pub fn class_probabilities_observed(
+    model: &dyn CausalLm,
+    head: &ClassifierHead,
+    data: &super::data::Dataset,
+    batch_size: usize,
+    device: &crate::Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Vec<f64>>> {
     crate::autograd::with_no_grad(|| {
-        let order: Vec<usize> = (0..data.len()).collect();
-        let mut out = Vec::with_capacity(data.len());
+        // Batches of similar lengths (little padding); the rows go back to the data's order.
+        let order = data.by_length();
+        let mut out = vec![Vec::new(); data.len()];
+        let mut done = 0;
         for chunk in order.chunks(batch_size.max(1)) {
             let b = data.batch(chunk, device)?;
             let logits = head.forward(&model.hidden_states(&b.ids, b.keep.as_ref(), None)?, b.keep.as_ref())?;
             let p = logits.to_dtype(crate::DType::F64)?.softmax(-1)?.to_vec_f64()?;
-            out.extend(p.chunks(head.num_classes()).map(<[f64]>::to_vec));
+            for (&i, row) in chunk.iter().zip(p.chunks(head.num_classes())) {
+                out[i] = row.to_vec();
+            }
+            done += chunk.len();
+            progress(done, data.len());
         }
         Ok(out)
     })

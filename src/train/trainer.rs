@@ -310,6 +310,8 @@ pub struct EvalRecord {
     /// Classification accuracy.
     pub accuracy: Option<f64>,
     pub examples: usize,
+    /// What `loss` is the mean over: the target tokens scored (LM) or the examples.
+    pub units: usize,
 }
 
 impl EvalRecord {
@@ -325,6 +327,8 @@ pub trait Observer {
     fn on_eval(&mut self, _r: &EvalRecord) {}
     /// An evaluation of `examples` held-out examples begins (at `step`).
     fn on_eval_start(&mut self, _step: u64, _examples: usize) {}
+    /// `done` of the evaluation's `examples` are scored (after each batch).
+    fn on_eval_progress(&mut self, _done: usize, _examples: usize) {}
     fn on_message(&mut self, _msg: &str) {}
     /// Asked after every step (after its checkpoint, if one is due): `false` stops the run
     /// there, as an interruption (Ctrl-C) would, but cleanly: a checkpoint of that step is
@@ -407,9 +411,23 @@ pub fn evaluate(
     device: &Device,
     step: u64,
 ) -> Result<EvalRecord> {
+    evaluate_observed(model, objective, data, batch_size, device, step, &mut |_, _| {})
+}
+
+/// [`evaluate`], calling `progress(examples_done, examples)` after each batch (a progress bar).
+pub fn evaluate_observed(
+    model: &dyn CausalLm,
+    objective: &dyn Objective,
+    data: &Dataset,
+    batch_size: usize,
+    device: &Device,
+    step: u64,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<EvalRecord> {
     with_no_grad(|| {
         let (mut total, mut count, mut correct) = (0.0, 0usize, None::<usize>);
-        let order: Vec<usize> = (0..data.len()).collect();
+        let order = data.by_length();
+        let mut done = 0;
         for chunk in order.chunks(batch_size.max(1)) {
             let b = data.batch(chunk, device)?;
             let loss = objective.batch_loss(model, &b, true)?;
@@ -418,11 +436,19 @@ pub fn evaluate(
             if let Some(c) = loss.correct {
                 correct = Some(correct.unwrap_or(0) + c);
             }
+            done += chunk.len();
+            progress(done, data.len());
         }
         if count == 0 {
             return Err(Error::InvalidArgument { op: "evaluate", msg: format!("{}: no targets to evaluate", data.path()) });
         }
-        Ok(EvalRecord { step, loss: total / count as f64, accuracy: correct.map(|c| c as f64 / data.len() as f64), examples: data.len() })
+        Ok(EvalRecord {
+            step,
+            loss: total / count as f64,
+            accuracy: correct.map(|c| c as f64 / data.len() as f64),
+            examples: data.len(),
+            units: count,
+        })
     })
 }
 
@@ -467,7 +493,7 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 fn eval_json(e: &EvalRecord) -> Value {
-    json!({ "step": e.step, "loss": e.loss, "accuracy": e.accuracy, "examples": e.examples })
+    json!({ "step": e.step, "loss": e.loss, "accuracy": e.accuracy, "examples": e.examples, "units": e.units })
 }
 
 fn eval_from(v: &Value) -> Option<EvalRecord> {
@@ -476,6 +502,7 @@ fn eval_from(v: &Value) -> Option<EvalRecord> {
         loss: v.get("loss")?.as_f64()?,
         accuracy: v.get("accuracy").and_then(Value::as_f64),
         examples: v.get("examples")?.as_u64()? as usize,
+        units: v.get("units").and_then(Value::as_u64).unwrap_or(0) as usize,
     })
 }
 
@@ -835,10 +862,10 @@ impl<'a> Trainer<'a> {
             part.backward()?;
         }
         let tensors: Vec<Tensor> = self.attached.params.iter().map(|(_, t)| t.clone()).collect();
-        let norm = match cfg.clip {
-            Some(c) if loss.is_finite() => clip_grad_norm(&tensors, c)?,
-            _ => grad_norm(&tensors)?,
-        };
+        let norm = crate::profile::in_phase("optimizer", || match cfg.clip {
+            Some(c) if loss.is_finite() => clip_grad_norm(&tensors, c),
+            _ => grad_norm(&tensors),
+        })?;
         let lr = self.schedule.lr_at(cfg.lr, self.st.step);
         let skipped = !loss.is_finite() || !norm.is_finite();
         if skipped {
@@ -846,7 +873,7 @@ impl<'a> Trainer<'a> {
             self.st.bad_streak += 1;
         } else {
             self.st.bad_streak = 0;
-            self.opt.step(lr)?;
+            crate::profile::in_phase("optimizer", || self.opt.step(lr))?;
         }
         self.opt.zero_grad();
         self.st.step += 1;
@@ -891,8 +918,14 @@ impl<'a> Trainer<'a> {
 
     /// The mean loss (and accuracy) on `data` now, in inference mode (no dropout, no graph).
     pub fn evaluate(&mut self, data: &Dataset) -> Result<EvalRecord> {
+        self.evaluate_observed(data, &mut |_, _| {})
+    }
+
+    /// [`Trainer::evaluate`], calling `progress(examples_done, examples)` after each batch.
+    pub fn evaluate_observed(&mut self, data: &Dataset, progress: &mut dyn FnMut(usize, usize)) -> Result<EvalRecord> {
         self.attached.method.set_training(false);
-        evaluate(self.model, self.attached.objective.as_ref(), data, self.cfg.batch_size, &self.device, self.st.step)
+        let (objective, batch) = (self.attached.objective.as_ref(), self.cfg.batch_size);
+        evaluate_observed(self.model, objective, data, batch, &self.device, self.st.step, progress)
     }
 
     /// Write a checkpoint of this step to `cfg.out/checkpoint` (atomically; see the module docs).
@@ -1089,7 +1122,7 @@ fn report_eval(
     metrics_path: &Path,
 ) -> Result<EvalRecord> {
     observer.on_eval_start(t.st.step, e.len());
-    let r = t.evaluate(e)?;
+    let r = t.evaluate_observed(e, &mut |done, total| observer.on_eval_progress(done, total))?;
     observer.on_eval(&r);
     write_metric(metrics, metrics_path, &json!({ "eval": eval_json(&r) }))?;
     Ok(r)

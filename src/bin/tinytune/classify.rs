@@ -9,7 +9,7 @@ use clap::{ArgGroup, Args};
 use serde_json::json;
 use tinytune::io::Tokenizer;
 use tinytune::train::data::{DataOptions, Dataset};
-use tinytune::train::{class_probabilities, label_scores};
+use tinytune::train::{class_probabilities_observed, label_scores};
 use tinytune::{Error, Result};
 
 #[derive(Args)]
@@ -92,7 +92,10 @@ pub fn classify(args: ClassifyArgs) -> Result<()> {
             };
             let name = args.data.as_deref().map_or("--text".into(), |p: &Path| p.display().to_string());
             let ds = Dataset::from_jsonl_str(&lines, &name, &tok, &opts)?;
-            class_probabilities(model.as_ref(), head, &ds, args.batch_size, &device)?
+            let mut task = super::progress::Task::new(format!("classifying {} texts", ds.len()), ds.len());
+            let p = class_probabilities_observed(model.as_ref(), head, &ds, args.batch_size, &device, &mut |d, n| task.set(d, n))?;
+            task.finish();
+            p
         }
         (None, Some(labels)) => {
             if labels.len() < 2 {
@@ -104,11 +107,14 @@ pub fn classify(args: ClassifyArgs) -> Result<()> {
             // A label word follows the prompt after a space, as it would in running text.
             let label_ids = labels.iter().map(|l| tok.encode(&format!(" {}", l.trim()), false)).collect::<Result<Vec<_>>>()?;
             let mut out = Vec::new();
+            let mut task = super::progress::Task::new(format!("scoring {} labels for {} texts", labels.len(), texts.len()), texts.len());
             for t in &texts {
                 let prompt = args.prompt_template.replace("{text}", t);
                 let prompt = if args.chat { tok.apply_chat_template(&[("user", prompt.as_str())], true) } else { prompt };
                 out.push(label_scores(model.as_ref(), &tok.encode(&prompt, true)?, &label_ids, &device)?.1);
+                task.set(out.len(), texts.len());
             }
+            task.finish();
             out
         }
         (None, None) => {

@@ -5,17 +5,19 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tinytune::cli::FinetuneArgs;
 use tinytune::io::Tokenizer;
-use tinytune::models;
 use tinytune::optim::ScheduleKind;
 use tinytune::peft;
 use tinytune::train::data::{DataKind, DataOptions, Dataset, Holdout};
 use tinytune::train::{self, EvalRecord, Observer, OptimizerKind, StepRecord, TrainConfig};
 use tinytune::{Error, Result};
+
+use super::progress;
 
 /// Draws a progress bar (step, loss, tokens/s, ETA) and prints evaluations and messages. When
 /// stderr is not a terminal the bar is hidden, so messages are printed plainly (indicatif's
@@ -31,11 +33,38 @@ struct Progress {
     start: u64,
     /// Set by Ctrl-C: stop after the current step (with a checkpoint).
     stop: Arc<AtomicBool>,
+    /// Evaluations every this many steps (besides before and after), and whether there is
+    /// held-out data at all: the ETA counts the evaluations still to come.
+    eval_every: Option<u64>,
+    evaluates: bool,
+    /// Seconds spent in training steps (not evaluating) in this run, and when the current
+    /// stretch of steps began.
+    train_secs: f64,
+    mark: Instant,
+    /// The current evaluation: what it is and when it began; the last one's duration.
+    eval: Option<(progress::Task, Instant)>,
+    last_eval_secs: Option<f64>,
+    total: u64,
 }
 
 impl Progress {
     fn say(&self, msg: &str) {
         self.bar.suspend(|| note!("{msg}"));
+    }
+
+    /// Time left after `step`: the remaining steps at this run's mean time per training step,
+    /// plus the evaluations still to come at the last one's duration.
+    fn eta(&self, step: u64) -> Option<f64> {
+        let done = step.checked_sub(self.start).filter(|&d| d > 0)?;
+        let per_step = self.train_secs / done as f64;
+        let left = self.total.saturating_sub(step);
+        let evals_left = match (self.evaluates, self.eval_every) {
+            (false, _) => 0,
+            // Periodic ones strictly between here and the end, and the final one.
+            (true, Some(e)) => (self.total.saturating_sub(1) / e).saturating_sub(step / e) + 1,
+            (true, None) => 1,
+        };
+        Some(per_step * left as f64 + self.last_eval_secs.unwrap_or(0.0) * evals_left as f64)
     }
 }
 
@@ -43,37 +72,56 @@ impl Observer for Progress {
     fn on_start(&mut self, start: u64, total: u64) {
         self.bar.set_length(total);
         self.bar.set_position(start);
-        self.bar.reset_eta();
         self.every = (total / 10).max(1);
         self.start = start;
+        self.total = total;
+        self.mark = Instant::now();
     }
     fn on_step(&mut self, r: &StepRecord) {
+        self.train_secs += self.mark.elapsed().as_secs_f64();
+        self.mark = Instant::now();
         let msg = format!("loss {:.4}  lr {:.2e}  {:.0} tok/s  epoch {:.2}", r.loss, r.lr, r.tokens_per_s, r.epoch);
+        let eta = self.eta(r.step).map_or("?".into(), progress::clock);
         if self.bar.is_hidden() && (r.step % self.every == 0 || r.step == r.total_steps) {
             // A log file gets what the bar shows: elapsed time, the mean time per step, the ETA.
-            let per_step = r.elapsed_s / (r.step - self.start).max(1) as f64;
-            let eta = per_step * (r.total_steps - r.step) as f64;
+            let per_step = self.train_secs / (r.step - self.start).max(1) as f64;
             self.say(&format!(
-                "step {}/{}: {msg}  [{} elapsed, {per_step:.2} s/step, ETA {}]",
+                "step {}/{}: {msg}  [{} elapsed, {per_step:.2} s/step, ETA {eta}]",
                 r.step,
                 r.total_steps,
-                clock(r.elapsed_s),
-                clock(eta)
+                progress::clock(r.elapsed_s),
             ));
         }
+        self.bar.set_prefix(eta);
         self.bar.set_position(r.step);
         self.bar.set_message(msg);
     }
     fn on_eval(&mut self, r: &EvalRecord) {
+        if let Some((task, began)) = self.eval.take() {
+            task.finish();
+            self.last_eval_secs = Some(began.elapsed().as_secs_f64());
+        }
+        self.mark = Instant::now();
         if !self.quiet {
             self.say(&describe_eval(r, self.fresh_head));
         }
     }
     fn on_eval_start(&mut self, step: u64, examples: usize) {
+        let what = format!("evaluating {examples} held-out examples at step {step}");
         if self.bar.is_hidden() {
-            self.say(&format!("evaluating {examples} held-out examples at step {step}..."));
+            self.say(&format!("{what}..."));
+            self.eval = Some((progress::Task::new(what, examples), Instant::now()));
         } else {
-            self.bar.set_message(format!("evaluating {examples} held-out examples..."));
+            self.bar.set_message(format!("{what}: 0/{examples}"));
+            self.eval = Some((progress::Task::hidden(what, examples), Instant::now()));
+        }
+    }
+    fn on_eval_progress(&mut self, done: usize, examples: usize) {
+        if let Some((task, _)) = self.eval.as_mut() {
+            task.set(done, examples);
+            if !self.bar.is_hidden() {
+                self.bar.set_message(format!("{}: {done}/{examples}", task.what()));
+            }
         }
     }
     fn on_message(&mut self, msg: &str) {
@@ -82,12 +130,6 @@ impl Observer for Progress {
     fn keep_going(&mut self) -> bool {
         !self.stop.load(Ordering::Relaxed)
     }
-}
-
-/// Seconds as `h:mm:ss`.
-fn clock(s: f64) -> String {
-    let s = s.max(0.0).round() as u64;
-    format!("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
 }
 
 fn describe_eval(r: &EvalRecord, fresh_head: bool) -> String {
@@ -128,7 +170,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         Some(c) => return Err(Error::InvalidArgument { op: "--clip", msg: format!("must be positive (or 0 for no clipping), got {c}") }),
     };
     let device = super::device_from(a.device.as_deref())?;
-    let mut model = models::load(&model_path, &device)?;
+    let mut model = super::load_model(&model_path, &device)?;
     let tok = Tokenizer::for_model(&model_path)?;
     let method_name = a.method.as_deref().unwrap_or("lora");
     // The method's own settings, by flag name; the method says which it reads.
@@ -228,7 +270,9 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         }
     }
     let bar = ProgressBar::new(1);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}").expect("valid template"));
+    // The ETA (prefix) is the Progress's own: steps and evaluations still to come.
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {prefix}] {msg}").expect("valid template"));
+    bar.set_prefix("?");
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     // A second Ctrl-C (or a failure to install the handler) falls back to the default: exit now.
@@ -238,7 +282,21 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         }
         note!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit at once)");
     });
-    let mut progress = Progress { bar, quiet: false, fresh_head: !cfg.resume_weights_only, every: 1, start: 0, stop };
+    let mut progress = Progress {
+        bar,
+        quiet: false,
+        fresh_head: !cfg.resume_weights_only,
+        every: 1,
+        start: 0,
+        stop,
+        eval_every: cfg.eval_every,
+        evaluates: eval_set.is_some(),
+        train_secs: 0.0,
+        mark: Instant::now(),
+        eval: None,
+        last_eval_secs: None,
+        total: 0,
+    };
     // The adapter names its base: a name given, a GGUF's own record of its source, or the path.
     let base = match &a.base_model_name {
         Some(n) => n.clone(),
@@ -265,7 +323,13 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         tok.save_hf(&report.saved)?;
     }
     if json_out {
-        let ev = |e: &Option<EvalRecord>| e.as_ref().map(|e| json!({ "loss": e.loss, "accuracy": e.accuracy, "examples": e.examples }));
+        // `tokens`: the target tokens a language-modelling loss is the mean over.
+        let ev = |e: &Option<EvalRecord>| {
+            e.as_ref().map(|e| {
+                let tokens = e.accuracy.is_none().then_some(e.units);
+                json!({ "loss": e.loss, "accuracy": e.accuracy, "examples": e.examples, "tokens": tokens })
+            })
+        };
         outln!(
             "{}",
             json!({ "steps": report.steps, "skipped_steps": report.skipped_steps, "trainable_parameters": report.trainable_parameters,

@@ -1,0 +1,303 @@
+//! `tinytune bench`: the training and inference work of the project's two jobs, timed on this
+//! machine; with `--python`, the same work in PyTorch + PEFT (`scripts/bench_peft.py`) in the
+//! same run, and the ratios; with `--profile`, where one step's time goes, kernel by kernel.
+//!
+//! Cases (SmolLM2-135M-Instruct unless `--model`):
+//! - `lora-step`: LoRA r=8 (α 16, no dropout) on q_proj, v_proj; 4 × 128 tokens; mean
+//!   next-token cross-entropy, backward, AdamW (lr 1e-4, weight decay 0.01).
+//! - `cls-step`: the main job's step: 16 real movie reviews cut to ≤ 64 tokens (padded to the
+//!   longest), LoRA r=8 on all seven projections plus a new 2-class head, AdamW.
+//! - `cls-eval`: the same batch forward only (no graph), as evaluation and `classify` run it.
+//! - `prefill`: one 512-token sequence forward only, the logits of every position.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+use serde_json::{json, Value};
+use tinytune::io::Tokenizer;
+use tinytune::models::CausalLm;
+use tinytune::optim::{AdamW, Optimizer, ParamGroup};
+use tinytune::peft::LoraConfig;
+use tinytune::train::data::{DataKind, DataOptions, Dataset};
+use tinytune::train::{self, TrainConfig};
+use tinytune::{profile, CrossEntropyReduction, Device, Error, Result, Tensor};
+
+const CASES: [&str; 4] = ["lora-step", "cls-step", "cls-eval", "prefill"];
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Model directory or .gguf file [default: the SmolLM2-135M-Instruct GGUF that
+    /// scripts/fetch-assets.sh puts in ~/.cache/tinytune].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// {"text", "label"} lines for the classification cases [default: the cached movie reviews].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Which cases, comma-separated: lora-step, cls-step, cls-eval, prefill [default: all].
+    #[arg(long, value_delimiter = ',')]
+    cases: Option<Vec<String>>,
+    /// Timed repetitions of each case (their mean is reported).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Untimed repetitions before them.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Print where one repetition of each case spends its time, kernel by kernel.
+    #[arg(long)]
+    profile: bool,
+    /// A Python with torch, transformers and peft: run the same cases in PyTorch
+    /// (scripts/bench_peft.py) in this run and print the ratios.
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// auto, cpu, gpu or gpu-software [default: $TINYTUNE_DEVICE or auto].
+    #[arg(long)]
+    device: Option<String>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One case's measurement.
+struct Measured {
+    s_per_step: f64,
+    tokens: usize,
+    peak_rss: Option<u64>,
+}
+
+fn assets() -> PathBuf {
+    std::env::var_os("TINYTUNE_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tinytune"))
+}
+
+const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// A repeatable unit of work: returns the number of tokens it processed.
+type Work<'a> = Box<dyn FnMut() -> Result<usize> + 'a>;
+
+/// Time `work`: `warmup` untimed runs, one profiled run when asked, then `steps` timed runs.
+fn measure(name: &str, mut work: Work, args: &BenchArgs, device: &Device) -> Result<Measured> {
+    for _ in 0..args.warmup {
+        work()?;
+    }
+    if args.profile {
+        profile::set_enabled(true);
+        profile::reset();
+        work()?;
+        device.synchronize()?;
+        profile::set_enabled(false);
+        note!("== {name}: one repetition\n{}", profile::table());
+    }
+    device.synchronize()?;
+    tinytune::mem::reset_peak_rss();
+    let (t0, mut tokens) = (Instant::now(), 0);
+    for _ in 0..args.steps.max(1) {
+        tokens = work()?;
+    }
+    device.synchronize()?;
+    Ok(Measured { s_per_step: t0.elapsed().as_secs_f64() / args.steps.max(1) as f64, tokens, peak_rss: tinytune::mem::peak_rss_bytes() })
+}
+
+/// Deterministic ids spread over the vocabulary (the tokens do not change the work).
+fn spread_ids(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n as u64).map(|i| ((i * 2_654_435_761 + 12_345) % vocab as u64) as u32).collect()
+}
+
+/// The first 16 examples of the labelled data, cut to 64 tokens.
+fn review_batch(data: &Path, tok: &Tokenizer, model: &dyn CausalLm) -> Result<Dataset> {
+    let text = tinytune::io::read_regular_string(data)?;
+    let lines: String = text.lines().filter(|l| !l.trim().is_empty()).take(16).map(|l| format!("{l}\n")).collect();
+    let opts = DataOptions { seq_len: 64, context: model.max_positions(), ..DataOptions::default() };
+    let ds = Dataset::from_jsonl_str(&lines, &data.display().to_string(), tok, &opts)?;
+    if ds.kind() != DataKind::Classification || ds.len() < 16 {
+        return Err(Error::InvalidArgument {
+            op: "bench",
+            msg: format!("{}: the classification cases need 16 {{\"text\", \"label\"}} lines", data.display()),
+        });
+    }
+    Ok(ds)
+}
+
+fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device: &Device) -> Result<Measured> {
+    let mut model = super::load_model(model_path, device)?;
+    match case {
+        "lora-step" => {
+            let cfg =
+                LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, targets: vec!["q_proj".into(), "v_proj".into()], ..LoraConfig::default() };
+            let lora = tinytune::peft::LoraAdapter::attach(model.as_mut(), cfg)?;
+            let mut opt = AdamW::new(vec![ParamGroup::new("lora", lora.parameters(), 1.0, 0.01)])?;
+            let (b, t) = (4usize, 128.min(model.max_positions().unwrap_or(128)));
+            let ids = spread_ids(b * t, model.vocab_size());
+            let targets: Vec<i32> = (0..b * t).map(|i| if i % t == t - 1 { -100 } else { ids[i + 1] as i32 }).collect();
+            let ids = Tensor::from_vec(ids, &[b, t], device)?;
+            let targets = Tensor::from_vec(targets, &[b, t], device)?;
+            let m = model.as_ref();
+            measure(
+                case,
+                Box::new(move || {
+                    let loss = m.forward(&ids, None)?.cross_entropy(&targets, -100, CrossEntropyReduction::Mean)?;
+                    loss.backward()?;
+                    profile::in_phase("optimizer", || opt.step(1e-4))?;
+                    opt.zero_grad();
+                    loss.to_scalar()?;
+                    Ok(b * t)
+                }),
+                args,
+                device,
+            )
+        }
+        "cls-step" | "cls-eval" => {
+            let tok = Tokenizer::for_model(model_path)?;
+            let ds = review_batch(data, &tok, model.as_ref())?;
+            let lora = LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, targets: vec!["all-linear".into()], ..LoraConfig::default() };
+            let cfg = TrainConfig { method: Arc::new(lora), num_classes: Some(2), ..TrainConfig::default() };
+            let attached = train::attach(model.as_mut(), &cfg, DataKind::Classification, Some(2), device)?;
+            let batch = ds.batch(&(0..ds.len()).collect::<Vec<_>>(), device)?;
+            let tokens = batch.n_tokens;
+            let (m, objective) = (model.as_ref(), attached.objective);
+            if case == "cls-eval" {
+                attached.method.as_ref().set_training(false);
+                return measure(
+                    case,
+                    Box::new(move || {
+                        tinytune::autograd::with_no_grad(|| objective.batch_loss(m, &batch, true)?.sum.to_scalar())?;
+                        Ok(tokens)
+                    }),
+                    args,
+                    device,
+                );
+            }
+            let mut opt = AdamW::new(vec![ParamGroup::new("all", attached.params, 1.0, 0.01)])?;
+            measure(
+                case,
+                Box::new(move || {
+                    let loss = objective.batch_loss(m, &batch, false)?.sum.mul_scalar(1.0 / 16.0)?;
+                    loss.backward()?;
+                    profile::in_phase("optimizer", || opt.step(1e-4))?;
+                    opt.zero_grad();
+                    loss.to_scalar()?;
+                    Ok(tokens)
+                }),
+                args,
+                device,
+            )
+        }
+        "prefill" => {
+            let t = 512.min(model.max_positions().unwrap_or(512));
+            let ids = Tensor::from_vec(spread_ids(t, model.vocab_size()), &[1, t], device)?;
+            let m = model.as_ref();
+            measure(
+                case,
+                Box::new(move || {
+                    tinytune::autograd::with_no_grad(|| m.forward(&ids, None)?.sum_all()?.to_scalar())?;
+                    Ok(t)
+                }),
+                args,
+                device,
+            )
+        }
+        other => Err(Error::InvalidArgument { op: "bench", msg: format!("unknown case '{other}' (one of {})", CASES.join(", ")) }),
+    }
+}
+
+/// The PyTorch side of `case`, measured by `scripts/bench_peft.py` under `python`.
+fn run_torch(python: &Path, case: &str, data: &Path, args: &BenchArgs, device: &Device) -> Result<Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_peft.py");
+    let dev = if device.is_gpu() { "cuda" } else { "cpu" };
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args(["--case", case, "--steps", &args.steps.max(1).to_string(), "--warmup", &args.warmup.to_string(), "--device", dev])
+        .arg("--data")
+        .arg(data)
+        .output()
+        .map_err(|e| Error::Io { path: python.display().to_string(), msg: e.to_string() })?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    match serde_json::from_str::<Value>(line) {
+        Ok(v) if out.status.success() => Ok(v),
+        _ => Err(Error::InvalidArgument {
+            op: "bench --python",
+            msg: format!("{} {} --case {case} failed: {}", python.display(), script.display(), String::from_utf8_lossy(&out.stderr).trim()),
+        }),
+    }
+}
+
+pub fn bench(args: BenchArgs) -> Result<()> {
+    let device = super::device_from(args.device.as_deref())?;
+    let model = args.model.clone().unwrap_or_else(|| assets().join(GGUF));
+    let data = args.data.clone().unwrap_or_else(|| assets().join("data/movie_reviews.train.jsonl"));
+    for (p, what) in [(&model, "--model"), (&data, "--data")] {
+        if !p.exists() {
+            return Err(Error::InvalidArgument {
+                op: "bench",
+                msg: format!("{what} {} does not exist (scripts/fetch-assets.sh fetches the defaults)", p.display()),
+            });
+        }
+    }
+    let cases: Vec<String> = args.cases.clone().unwrap_or_else(|| CASES.iter().map(|c| c.to_string()).collect());
+    if let Some(bad) = cases.iter().find(|c| !CASES.contains(&c.as_str())) {
+        return Err(Error::InvalidArgument { op: "bench", msg: format!("unknown case '{bad}' (one of {})", CASES.join(", ")) });
+    }
+    let threads = rayon::current_num_threads();
+    note!("bench: {} on {device}, {threads} threads; {} timed after {} warm-up repetitions", model.display(), args.steps, args.warmup);
+    let mut rows = Vec::new();
+    for case in &cases {
+        let ours = run_case(case, &model, &data, &args, &device)?;
+        let torch = match &args.python {
+            Some(py) => Some(run_torch(py, case, &data, &args, &device)?),
+            None => None,
+        };
+        let torch_s = torch.as_ref().and_then(|v| v["s_per_step"].as_f64());
+        let row = json!({
+            "case": case,
+            "tokens": ours.tokens,
+            "s_per_step": ours.s_per_step,
+            "tokens_per_s": ours.tokens as f64 / ours.s_per_step,
+            "peak_rss_mib": ours.peak_rss.map(|b| b as f64 / (1 << 20) as f64),
+            "torch_s_per_step": torch_s,
+            "torch_peak_rss_mib": torch.as_ref().and_then(|v| v["peak_rss_mib"].as_f64()),
+            "speedup": torch_s.map(|t| t / ours.s_per_step),
+            "torch_versions": torch.as_ref().map(|v| v["versions"].clone()),
+        });
+        if !args.json {
+            print_row(&row, rows.is_empty())?;
+        }
+        rows.push(row);
+    }
+    if args.json {
+        outln!("{}", json!({ "device": device.to_string(), "threads": threads, "model": model, "cases": rows }));
+    }
+    Ok(())
+}
+
+fn print_row(r: &Value, first: bool) -> Result<()> {
+    if first {
+        outln!(
+            "{:<10} {:>7} {:>10} {:>10} {:>9}   {:>10} {:>9} {:>8}",
+            "case",
+            "tokens",
+            "s/step",
+            "tokens/s",
+            "peak MiB",
+            "torch s",
+            "torch MiB",
+            "speedup"
+        );
+    }
+    let f = |v: &Value, prec: usize| v.as_f64().map_or("-".to_string(), |x| format!("{x:.prec$}"));
+    outln!(
+        "{:<10} {:>7} {:>10} {:>10} {:>9}   {:>10} {:>9} {:>8}",
+        r["case"].as_str().unwrap_or(""),
+        r["tokens"],
+        f(&r["s_per_step"], 3),
+        f(&r["tokens_per_s"], 0),
+        f(&r["peak_rss_mib"], 0),
+        f(&r["torch_s_per_step"], 3),
+        f(&r["torch_peak_rss_mib"], 0),
+        r["speedup"].as_f64().map_or("-".to_string(), |x| format!("{x:.2}×")),
+    );
+    Ok(())
+}
