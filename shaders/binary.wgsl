@@ -3,6 +3,8 @@
 // Math:
 //   binary:       out[i] = a[strided_a(i)] ∘ b[strided_b(i)], ∘ by params[1]:
 //                 0 +  1 −  2 ×  3 ÷  4 max  5 min  6 compare (params[2]: = ≠ < ≤ > ≥) → 1.0/0.0
+//                 7 SiLU backward: y · σ(x)(1 + x(1 − σ(x))) (x = a, the SiLU input; y = b, the
+//                   gradient of its output), σ(x) = 1/(1 + e^−x) evaluated stably
 //   where_select: out[i] = cond[strided_c(i)] ≠ 0 ? t[strided_t(i)] : f[strided_f(i)]
 //                 (cond of any dtype: f32 (0), f16 (1), bf16 (2), u32 (3), i32 (4); −0.0 is zero,
 //                 NaN is not)
@@ -45,7 +47,12 @@ fn binary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         case 3u: { r = x / y; }
         case 4u: { r = max(x, y); }
         case 5u: { r = min(x, y); }
-        default: { r = cmp_f(params[2], x, y); }
+        case 6u: { r = cmp_f(params[2], x, y); }
+        default: {
+            let e = exp(-abs(x));
+            let sg = select(e / (1.0 + e), 1.0 / (1.0 + e), x >= 0.0);
+            r = y * sg * (1.0 + x * (1.0 - sg));
+        }
     }
     out[i] = r;
 }

@@ -178,6 +178,9 @@ pub enum BinaryOp {
     Max,
     Min,
     Cmp(CmpOp),
+    /// `b · σ(a)(1 + a(1 − σ(a)))`: the gradient `b` of SiLU's output taken back to its input
+    /// `a`, in one pass instead of six (SiLU's backward rule).
+    SiluBackward,
 }
 
 impl BinaryOp {
@@ -191,6 +194,7 @@ impl BinaryOp {
             BinaryOp::Max => "binary:max",
             BinaryOp::Min => "binary:min",
             BinaryOp::Cmp(_) => "binary:cmp",
+            BinaryOp::SiluBackward => "binary:silu_backward",
         }
     }
 }
@@ -517,8 +521,8 @@ impl Storage {
     /// `(y, u)` with `u = xd aᵀ` (`[n, r]`) and `y = x wᵀ + s·u bᵀ` (`[n, m]`), both contiguous.
     /// `w` may be f16/bf16 storage beside f32 operands (a frozen base weight).
     ///
-    /// The CPU computes the plain composition (two matmuls for `y`'s parts, a scale, an add);
-    /// the GPU runs one fused kernel after the small `u` matmul (`shaders/lora.wgsl`). The same
+    /// The CPU runs `x wᵀ`, the small `u`, and accumulates `(s·u) bᵀ` into the first product
+    /// (no temporary of `y`'s size); the GPU runs one fused kernel after the small `u` matmul (`shaders/lora.wgsl`). The same
     /// primitive gives the input gradient `dx = g W0 + s·(g B) A` with `x = xd = g`, `w = W0ᵀ`,
     /// `a = Bᵀ`, `b = Aᵀ` (transposed layouts), returning `g B` as `u`.
     #[allow(clippy::too_many_arguments)]
@@ -569,12 +573,8 @@ impl Storage {
                     } else {
                         (w, w_layout)
                     };
-                    let y0 = x.matmul(layout, w, &wl.transpose(0, 1)?)?;
-                    let u = xd.matmul(xd_layout, a, &a_layout.transpose(0, 1)?)?;
-                    let v = u.matmul(&Layout::contiguous(&[n, r]), b, &b_layout.transpose(0, 1)?)?;
-                    let out = Layout::contiguous(&[n, m]);
-                    let v = v.unary(UnaryOp::Affine(scale, 0.0), &out)?;
-                    Ok((Storage::Cpu(y0.binary(BinaryOp::Add, &out, &v, &out)?), Storage::Cpu(u)))
+                    let (y, u) = x.lora_linear(layout, w, wl, xd, xd_layout, a, a_layout, b, b_layout, scale)?;
+                    Ok((Storage::Cpu(y), Storage::Cpu(u)))
                 }
                 Storage::Gpu(x) => {
                     let (w, xd, a, b) = (w.gpu(OP, self)?, xd.gpu(OP, self)?, a.gpu(OP, self)?, b.gpu(OP, self)?);

@@ -719,6 +719,7 @@ fn main() -> ExitCode {
         std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
     }
     let cli = Cli::parse();
+    tinytune::mem::tune_allocator();
     // TINYTUNE_PROFILE=1: where the whole command's time went, kernel by kernel (`bench
     // --profile` gives one step of each case instead).
     let profiled = !matches!(cli.command, Command::Bench(_)) && tinytune::profile::enabled();

@@ -91,10 +91,7 @@ unary_ops! {
         g.mul(&d)
     };
     /// SiLU / swish `x σ(x)`; `d/dx = σ(x)(1 + x(1 − σ(x)))`
-    silu => UnaryOp::Silu, |x, _y, g| {
-        let s = x.sigmoid()?;
-        g.mul(&s.mul(&x.mul(&s.affine(-1.0, 1.0)?)?.affine(1.0, 1.0)?)?)
-    };
+    silu => UnaryOp::Silu, |x, _y, g| x.silu_backward(g);
 }
 
 impl Tensor {
@@ -233,6 +230,18 @@ impl Tensor {
             let wa = a.cmp(b, CmpOp::Lt)?.add(&a.cmp(b, CmpOp::Eq)?.affine(0.5, 0.0)?)?;
             Ok((when(n[0], || g.mul(&wa))?, when(n[1], || g.mul(&wa.affine(-1.0, 1.0)?))?))
         })
+    }
+
+    /// SiLU's backward in one pass: `g · σ(x)(1 + x(1 − σ(x)))` for `self` = `x` and the
+    /// gradient `g` of `silu(x)` (same shape). Not differentiable itself (backward runs
+    /// without a graph).
+    pub fn silu_backward(&self, g: &Tensor) -> Result<Tensor> {
+        check_same("silu_backward", self, g)?;
+        if self.shape() != g.shape() {
+            return Err(Error::Shape { op: "silu_backward", msg: format!("x {:?} and g {:?} differ", self.shape(), g.shape()) });
+        }
+        let out = self.storage_arc().binary(BinaryOp::SiluBackward, self.layout(), &g.storage_arc(), g.layout())?;
+        Ok(Tensor::from_storage(out, self.shape()))
     }
 
     /// Element-wise comparison with broadcasting: 1.0 where it holds, else 0.0 (no gradient).

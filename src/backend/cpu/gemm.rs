@@ -95,29 +95,65 @@ use std::ops::{Add, Mul};
 /// Panics only if a slice is shorter than the shape and strides require.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_f32(m: usize, n: usize, k: usize, a: &[f32], a_rs: usize, a_cs: usize, b: &[f32], b_rs: usize, b_cs: usize, c: &mut [f32]) {
+    gemm_f32_into(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, false)
+}
+
+/// [`gemm_f32`], adding `A · B` to C (`C += A·B`) when `accumulate`, instead of overwriting it.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [f32],
+    accumulate: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             let plan = Plan { kc: KC_F32, mc: MC_F32, nc: NC_F32, kernel: x86::kernel_f32_6x16 };
-            return gemm_generic::<f32, 6, 16>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan);
+            return gemm_generic::<f32, 6, 16>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate);
         }
     }
     let plan = Plan { kc: 256, mc: 128, nc: 2048, kernel: kernel_portable::<f32, 4, 16> };
-    gemm_generic::<f32, 4, 16>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan)
+    gemm_generic::<f32, 4, 16>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
 }
 
 /// Same as [`gemm_f32`] in double precision (used as the reference path for gradient checks).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_f64(m: usize, n: usize, k: usize, a: &[f64], a_rs: usize, a_cs: usize, b: &[f64], b_rs: usize, b_cs: usize, c: &mut [f64]) {
+    gemm_f64_into(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, false)
+}
+
+/// [`gemm_f64`], adding to C when `accumulate`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f64_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f64],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f64],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [f64],
+    accumulate: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             let plan = Plan { kc: 256, mc: 96, nc: 1024, kernel: x86::kernel_f64_6x8 };
-            return gemm_generic::<f64, 6, 8>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan);
+            return gemm_generic::<f64, 6, 8>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate);
         }
     }
     let plan = Plan { kc: 256, mc: 96, nc: 1024, kernel: kernel_portable::<f64, 4, 8> };
-    gemm_generic::<f64, 4, 8>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan)
+    gemm_generic::<f64, 4, 8>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -200,6 +236,7 @@ fn gemm_generic<T: Elem, const MR: usize, const NR: usize>(
     b_cs: usize,
     c: &mut [T],
     plan: Plan<T>,
+    acc: bool,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -208,7 +245,9 @@ fn gemm_generic<T: Elem, const MR: usize, const NR: usize>(
     assert!(c.len() >= mn, "gemm: C has {} elements, needs {}", c.len(), mn);
     let c = &mut c[..mn];
     if k == 0 {
-        c.fill(T::ZERO);
+        if !acc {
+            c.fill(T::ZERO);
+        }
         return;
     }
     // These two checks make every unchecked read below in bounds: all indices read are
@@ -219,15 +258,15 @@ fn gemm_generic<T: Elem, const MR: usize, const NR: usize>(
     assert!(matches!(b_last, Some(l) if l < b.len()), "gemm: B slice too short for its shape");
 
     if m.saturating_mul(n).saturating_mul(k) < SMALL_MNK {
-        gemm_small(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c);
+        gemm_small(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, acc);
         return;
     }
     if m <= SKINNY_M && (b_rs == 1 || b_cs == 1) {
-        gemm_skinny(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c);
+        gemm_skinny(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, acc);
         return;
     }
 
-    let op = Operands { a, a_rs, a_cs, b, b_rs, b_cs, c: SendPtr(c.as_mut_ptr()), ldc: n, k };
+    let op = Operands { a, a_rs, a_cs, b, b_rs, b_cs, c: SendPtr(c.as_mut_ptr()), ldc: n, k, acc };
     // A few tasks per thread rather than exactly one: rayon's work stealing then evens out
     // cores that are slowed by other work, for a few percent of duplicated packing.
     let leaves = rayon::current_num_threads().max(1) * TASKS_PER_THREAD;
@@ -237,9 +276,23 @@ fn gemm_generic<T: Elem, const MR: usize, const NR: usize>(
 /// Direct loop for tiny products: row i of C accumulates `A[i][p] · B[p][..]` over p, which
 /// the compiler vectorises along j when B rows are contiguous.
 #[allow(clippy::too_many_arguments)]
-fn gemm_small<T: Elem>(m: usize, n: usize, k: usize, a: &[T], a_rs: usize, a_cs: usize, b: &[T], b_rs: usize, b_cs: usize, c: &mut [T]) {
+fn gemm_small<T: Elem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[T],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [T],
+    acc: bool,
+) {
     for (i, crow) in c.chunks_exact_mut(n).enumerate().take(m) {
-        crow.fill(T::ZERO);
+        if !acc {
+            crow.fill(T::ZERO);
+        }
         for p in 0..k {
             let aip = a[i * a_rs + p * a_cs];
             if b_cs == 1 {
@@ -265,7 +318,19 @@ const SKINNY_M: usize = 4;
 /// each C row accumulates contiguous rows of B (`b_cs == 1`). Columns of C are split across
 /// threads in blocks.
 #[allow(clippy::too_many_arguments)]
-fn gemm_skinny<T: Elem>(m: usize, n: usize, k: usize, a: &[T], a_rs: usize, a_cs: usize, b: &[T], b_rs: usize, b_cs: usize, c: &mut [T]) {
+fn gemm_skinny<T: Elem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[T],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [T],
+    acc: bool,
+) {
     use rayon::prelude::*;
     const COLS: usize = 128;
     for (i, crow) in c.chunks_exact_mut(n).enumerate().take(m) {
@@ -276,22 +341,24 @@ fn gemm_skinny<T: Elem>(m: usize, n: usize, k: usize, a: &[T], a_rs: usize, a_cs
                 for (jj, cj) in cc.iter_mut().enumerate() {
                     let col = &b[(j0 + jj) * b_cs..(j0 + jj) * b_cs + k];
                     // Eight independent partial sums so the loop vectorises.
-                    let mut acc = [T::ZERO; 8];
+                    let mut partial = [T::ZERO; 8];
                     let (ca, cb) = (arow.chunks_exact(8), col.chunks_exact(8));
                     let (ra, rb) = (ca.remainder(), cb.remainder());
                     for (x, y) in ca.zip(cb) {
                         for l in 0..8 {
-                            acc[l] = acc[l] + x[l] * y[l];
+                            partial[l] = partial[l] + x[l] * y[l];
                         }
                     }
                     let mut sum = ra.iter().zip(rb).fold(T::ZERO, |s, (&x, &y)| s + x * y);
-                    for v in acc {
+                    for v in partial {
                         sum = sum + v;
                     }
-                    *cj = sum;
+                    *cj = if acc { *cj + sum } else { sum };
                 }
             } else {
-                cc.fill(T::ZERO);
+                if !acc {
+                    cc.fill(T::ZERO);
+                }
                 for (p, &ap) in arow.iter().enumerate() {
                     let brow = &b[p * b_rs + j0..p * b_rs + j0 + cc.len()];
                     for (cj, &bj) in cc.iter_mut().zip(brow) {
@@ -325,6 +392,8 @@ struct Operands<'s, T> {
     c: SendPtr<T>,
     ldc: usize,
     k: usize,
+    /// Add to C instead of overwriting it.
+    acc: bool,
 }
 
 /// Recursively cut the rectangle `rows i0..i1, cols j0..j1` of C into `leaves` pieces (halving
@@ -465,7 +534,7 @@ unsafe fn gemm_serial<T: Elem, const MR: usize, const NR: usize>(
                             // Full tile: the kernel reads/writes C in place.
                             // SAFETY: the whole MR×NR tile lies inside our rectangle; the
                             // panels hold kb steps; the plan's kernel matches this CPU.
-                            unsafe { kernel(kb, ap, bp, cp, op.ldc, pc > 0) };
+                            unsafe { kernel(kb, ap, bp, cp, op.ldc, pc > 0 || op.acc) };
                         } else {
                             // Ragged edge: compute the full tile into `tile`, copy the valid
                             // part. SAFETY: `tile` holds MR·NR ≤ MAX_TILE elements, ldc = NR.
@@ -476,7 +545,7 @@ unsafe fn gemm_serial<T: Elem, const MR: usize, const NR: usize>(
                                     // SAFETY: r < rows and j < cols keep us inside C's tile.
                                     unsafe {
                                         let d = cp.add(r * op.ldc + j);
-                                        *d = if pc > 0 { *d + t } else { t };
+                                        *d = if pc > 0 || op.acc { *d + t } else { t };
                                     }
                                 }
                             }
@@ -857,6 +926,33 @@ mod tests {
             for &la in &[Lay::Row, Lay::Col, Lay::BcastRows] {
                 for &lb in &[Lay::Row, Lay::Col, Lay::BcastRows, Lay::BcastAll] {
                     check(m, n, k, la, lb);
+                }
+            }
+        }
+    }
+
+    /// `accumulate` adds the product to what C holds, on every path (tiny, skinny, blocked with
+    /// ragged edges and several k blocks), f32 and f64.
+    #[test]
+    fn accumulate_adds_to_c() {
+        for &(m, n, k) in &[(3, 5, 4), (2, 300, 200), (33, 65, 17), (130, 70, 600), (4, 6, 0)] {
+            for &(la, lb) in &[(Lay::Row, Lay::Col), (Lay::Col, Lay::Row)] {
+                let (a_rs, a_cs) = strides(la, m, k);
+                let (b_rs, b_cs) = strides(lb, k, n);
+                let a = fill(needed(m, k, a_rs, a_cs), 3);
+                let b = fill(needed(k, n, b_rs, b_cs), 4);
+                let c0 = fill(m * n, 5);
+                let prod = reference(m, n, k, &a, a_rs, a_cs, &b, b_rs, b_cs);
+                let tol = 16.0 * (k.max(1) as f64).sqrt();
+                let mut c64 = c0.clone();
+                gemm_f64_into(m, n, k, &a, a_rs, a_cs, &b, b_rs, b_cs, &mut c64, true);
+                let (a32, b32): (Vec<f32>, Vec<f32>) = (a.iter().map(|&x| x as f32).collect(), b.iter().map(|&x| x as f32).collect());
+                let mut c32: Vec<f32> = c0.iter().map(|&x| x as f32).collect();
+                gemm_f32_into(m, n, k, &a32, a_rs, a_cs, &b32, b_rs, b_cs, &mut c32, true);
+                for i in 0..m * n {
+                    let want = c0[i] + prod[i];
+                    assert!((c64[i] - want).abs() <= tol * f64::EPSILON, "f64 {m}x{n}x{k} at {i}: {} vs {want}", c64[i]);
+                    assert!((c32[i] as f64 - want).abs() <= tol * f32::EPSILON as f64, "f32 {m}x{n}x{k} at {i}: {} vs {want}", c32[i]);
                 }
             }
         }

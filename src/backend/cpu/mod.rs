@@ -157,7 +157,7 @@ fn map<T: Float>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
     out
 }
 
-#[inline]
+#[inline(always)]
 fn cmp<T: Float>(op: CmpOp, a: T, b: T) -> T {
     let r = match op {
         CmpOp::Eq => a == b,
@@ -174,14 +174,16 @@ fn cmp<T: Float>(op: CmpOp, a: T, b: T) -> T {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn sigmoid<T: Float>(x: T) -> T {
-    // Stable on both tails: exp of a non-positive number only.
+    // Stable on both tails: exp of a non-positive number only, e = e^{−|x|} ∈ (0, 1]:
+    // σ(|x|) = 1/(1+e) and σ(−|x|) = e/(1+e). Branch-free (a select), so loops vectorise.
+    let e = (-x.abs()).exp_fast();
+    let p = T::ONE / (T::ONE + e);
     if x >= T::ZERO {
-        T::ONE / (T::ONE + (-x).exp())
+        p
     } else {
-        let e = x.exp();
-        e / (T::ONE + e)
+        e * p
     }
 }
 
@@ -245,16 +247,28 @@ fn unary_kernel<T: Float>(x: &[T], op: UnaryOp) -> Vec<T> {
     }
 }
 
-fn binary_fn<T: Float>(op: BinaryOp) -> impl Fn(T, T) -> T + Sync + Copy {
-    move |a: T, b: T| match op {
-        BinaryOp::Add => a + b,
-        BinaryOp::Sub => a - b,
-        BinaryOp::Mul => a * b,
-        BinaryOp::Div => a / b,
-        BinaryOp::Max => a.max(b),
-        BinaryOp::Min => a.min(b),
-        BinaryOp::Cmp(c) => cmp(c, a, b),
+/// `a ∘ b` element-wise. The op is matched once, outside the loop, so each arm's loop is its
+/// own monomorphic (vectorised) function.
+fn binary_kernel<T: Float>(a: &[T], la: &Layout, b: &[T], lb: &Layout, op: BinaryOp) -> Vec<T> {
+    match op {
+        BinaryOp::Add => zip_layouts(a, la, b, lb, |a, b| a + b),
+        BinaryOp::Sub => zip_layouts(a, la, b, lb, |a, b| a - b),
+        BinaryOp::Mul => zip_layouts(a, la, b, lb, |a, b| a * b),
+        BinaryOp::Div => zip_layouts(a, la, b, lb, |a, b| a / b),
+        BinaryOp::Max => zip_layouts(a, la, b, lb, |a: T, b| a.max(b)),
+        BinaryOp::Min => zip_layouts(a, la, b, lb, |a: T, b| a.min(b)),
+        BinaryOp::Cmp(c) => zip_layouts(a, la, b, lb, move |a, b| cmp(c, a, b)),
+        BinaryOp::SiluBackward => zip_layouts(a, la, b, lb, |x, g| {
+            let s = sigmoid(x);
+            g * s * (T::ONE + x * (T::ONE - s))
+        }),
     }
+}
+
+/// Rows of `d` elements per rayon task for a row-wise kernel: about CHUNK elements, so that
+/// short rows (a 64-wide attention head, 512 scores) are not one task each.
+fn rows_per_task(d: usize) -> usize {
+    (CHUNK / d.max(1)).max(1)
 }
 
 /// Apply `f` element-wise over two (or three) layouts of the same shape.
@@ -268,6 +282,25 @@ fn zip_layouts<T: Float>(a: &[T], la: &Layout, b: &[T], lb: &Layout, f: impl Fn(
                 *o = f(a, b);
             }
         });
+    } else if let Some((d, sa, sb)) = row_strides(la, lb) {
+        // Rows contiguous or broadcast (an attention mask, a bias, a per-row scale): find each
+        // row's start once, then run the row as slices (or a slice and a scalar), which
+        // vectorises, instead of stepping a strided index per element.
+        let r = la.rank();
+        let lead = |l: &Layout| Layout::new(l.shape()[..r - 1].to_vec(), l.strides()[..r - 1].to_vec(), l.offset());
+        let (ra, rb): (Vec<usize>, Vec<usize>) = (lead(la).offsets().collect(), lead(lb).offsets().collect());
+        let rows_per = (CHUNK / d).max(1);
+        out.par_chunks_mut(d * rows_per).enumerate().for_each(|(c, o)| {
+            for (i, orow) in o.chunks_mut(d).enumerate() {
+                let (oa, ob) = (ra[c * rows_per + i], rb[c * rows_per + i]);
+                match (sa, sb) {
+                    (1, 1) => orow.iter_mut().zip(&a[oa..oa + d]).zip(&b[ob..ob + d]).for_each(|((o, &x), &y)| *o = f(x, y)),
+                    (1, _) => orow.iter_mut().zip(&a[oa..oa + d]).for_each(|(o, &x)| *o = f(x, b[ob])),
+                    (_, 1) => orow.iter_mut().zip(&b[ob..ob + d]).for_each(|(o, &y)| *o = f(a[oa], y)),
+                    _ => orow.iter_mut().for_each(|o| *o = f(a[oa], b[ob])),
+                }
+            }
+        });
     } else {
         out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
             for ((o, ia), ib) in o.iter_mut().zip(la.offsets_from(c * CHUNK)).zip(lb.offsets_from(c * CHUNK)) {
@@ -276,6 +309,17 @@ fn zip_layouts<T: Float>(a: &[T], la: &Layout, b: &[T], lb: &Layout, f: impl Fn(
         });
     }
     out
+}
+
+/// `(last-axis length, its stride in a, in b)` when both layouts step by 0 or 1 along a
+/// last axis long enough for row-wise loops to pay off; `None` otherwise.
+fn row_strides(la: &Layout, lb: &Layout) -> Option<(usize, usize, usize)> {
+    let r = la.rank();
+    if r == 0 || lb.rank() != r {
+        return None;
+    }
+    let (d, sa, sb) = (la.shape()[r - 1], la.strides()[r - 1], lb.strides()[r - 1]);
+    (d >= 16 && sa <= 1 && sb <= 1).then_some((d, sa, sb))
 }
 
 fn reduce_kernel<T: Float, R: Copy + Send + Sync + Default>(
@@ -418,18 +462,95 @@ impl From<Vec<f64>> for CpuStorage {
 
 /// Numbers the matmul kernel multiplies: each has its own gemm.
 pub trait GemmFloat: Float {
+    /// `C = A·B`, or `C += A·B` when `acc` (see [`gemm::gemm_f32_into`]).
     #[allow(clippy::too_many_arguments)]
-    fn gemm(m: usize, n: usize, k: usize, a: &[Self], a_rs: usize, a_cs: usize, b: &[Self], b_rs: usize, b_cs: usize, c: &mut [Self]);
+    fn gemm_into(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[Self],
+        a_rs: usize,
+        a_cs: usize,
+        b: &[Self],
+        b_rs: usize,
+        b_cs: usize,
+        c: &mut [Self],
+        acc: bool,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(m: usize, n: usize, k: usize, a: &[Self], a_rs: usize, a_cs: usize, b: &[Self], b_rs: usize, b_cs: usize, c: &mut [Self]) {
+        Self::gemm_into(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, false)
+    }
 }
 impl GemmFloat for f32 {
-    fn gemm(m: usize, n: usize, k: usize, a: &[f32], a_rs: usize, a_cs: usize, b: &[f32], b_rs: usize, b_cs: usize, c: &mut [f32]) {
-        gemm::gemm_f32(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c)
+    fn gemm_into(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        a_rs: usize,
+        a_cs: usize,
+        b: &[f32],
+        b_rs: usize,
+        b_cs: usize,
+        c: &mut [f32],
+        acc: bool,
+    ) {
+        gemm::gemm_f32_into(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, acc)
     }
 }
 impl GemmFloat for f64 {
-    fn gemm(m: usize, n: usize, k: usize, a: &[f64], a_rs: usize, a_cs: usize, b: &[f64], b_rs: usize, b_cs: usize, c: &mut [f64]) {
-        gemm::gemm_f64(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c)
+    fn gemm_into(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f64],
+        a_rs: usize,
+        a_cs: usize,
+        b: &[f64],
+        b_rs: usize,
+        b_cs: usize,
+        c: &mut [f64],
+        acc: bool,
+    ) {
+        gemm::gemm_f64_into(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, acc)
     }
+}
+
+/// `C (rows×cols) ⊕= X · Wᵀ` for matrices read through their layouts: X `[rows, k]`, W
+/// `[cols, k]` (Wᵀ read in place by swapping W's strides).
+fn gemm_xwt<T: GemmFloat>(x: &[T], lx: &Layout, w: &[T], lw: &Layout, c: &mut [T], acc: bool) {
+    let (rows, k, cols) = (lx.shape()[0], lx.shape()[1], lw.shape()[0]);
+    let (xs, ws) = (lx.strides(), lw.strides());
+    T::gemm_into(rows, cols, k, &x[lx.offset()..], xs[0], xs[1], &w[lw.offset()..], ws[1], ws[0], c, acc);
+}
+
+/// The LoRA linear on the CPU (see [`crate::backend::Storage::lora_linear`]):
+/// `y = x wᵀ` into a fresh buffer, `u = xd aᵀ` (`[n, r]`), then `y += (s·u) bᵀ` accumulated
+/// by the GEMM into `y` itself, so no temporary of `y`'s size and no separate scale or add
+/// pass exist. Returns `(y, u)`.
+#[allow(clippy::too_many_arguments)]
+fn lora_kernel<T: GemmFloat>(
+    x: &[T],
+    lx: &Layout,
+    w: &[T],
+    lw: &Layout,
+    xd: &[T],
+    lxd: &Layout,
+    a: &[T],
+    la: &Layout,
+    b: &[T],
+    lb: &Layout,
+    scale: T,
+) -> (Vec<T>, Vec<T>) {
+    let (n, m, r) = (lx.shape()[0], lw.shape()[0], la.shape()[0]);
+    let mut y = vec![T::ZERO; n * m];
+    gemm_xwt(x, lx, w, lw, &mut y, false);
+    let mut u = vec![T::ZERO; n * r];
+    gemm_xwt(xd, lxd, a, la, &mut u, false);
+    let us: Vec<T> = u.iter().map(|&v| v * scale).collect();
+    gemm_xwt(&us, &Layout::contiguous(&[n, r]), b, lb, &mut y, true);
+    (y, u)
 }
 
 fn matmul_kernel<T: GemmFloat>(a: &[T], la: &Layout, b: &[T], lb: &Layout) -> Vec<T> {
@@ -454,7 +575,7 @@ fn softmax_kernel<T: Float>(x: &[T], d: usize, log: bool) -> Vec<T> {
     if d == 0 {
         return out;
     }
-    out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, row)| {
+    out.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(|(o, row)| {
         let max = row_max(row);
         // Separate loops so each one vectorises: exponentials, then their sum.
         for (o, &v) in o.iter_mut().zip(row) {
@@ -491,7 +612,8 @@ fn norm_kernel<T: Float>(x: &[T], d: usize, w: Option<&[T]>, b: Option<&[T]>, ep
     if d == 0 {
         return (y, mean, rstd);
     }
-    y.par_chunks_mut(d).zip(x.par_chunks(d)).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).for_each(|((y, row), (m, r))| {
+    let rows = y.par_chunks_mut(d).zip(x.par_chunks(d)).zip(mean.par_iter_mut().zip(rstd.par_iter_mut()));
+    rows.with_min_len(rows_per_task(d)).for_each(|((y, row), (m, r))| {
         let (mu, rs) = row_stats(row, eps, rms);
         let (mu_t, rs_t) = (T::from_f64(mu), T::from_f64(rs));
         (*m, *r) = (mu_t, rs_t);
@@ -518,21 +640,20 @@ fn norm_backward_kernel<T: Float>(x: &[T], d: usize, w: Option<&[T]>, g: &[T], m
         return (dx, vec![], vec![]);
     }
     let dn = T::from_f64(d as f64);
-    dx.par_chunks_mut(d).zip(x.par_chunks(d).zip(g.par_chunks(d))).zip(mean.par_iter().zip(rstd.par_iter())).for_each(
-        |((dx, (x, g)), (&mu, &r))| {
-            let (mut s_g, mut s_gx) = (T::ZERO, T::ZERO);
-            for j in 0..d {
-                let gh = if let Some(w) = w { g[j] * w[j] } else { g[j] };
-                s_g += gh;
-                s_gx += gh * (x[j] - mu) * r;
-            }
-            let (m_g, m_gx) = (if rms { T::ZERO } else { s_g / dn }, s_gx / dn);
-            for j in 0..d {
-                let gh = if let Some(w) = w { g[j] * w[j] } else { g[j] };
-                dx[j] = r * (gh - m_g - (x[j] - mu) * r * m_gx);
-            }
-        },
-    );
+    let rows = dx.par_chunks_mut(d).zip(x.par_chunks(d).zip(g.par_chunks(d))).zip(mean.par_iter().zip(rstd.par_iter()));
+    rows.with_min_len(rows_per_task(d)).for_each(|((dx, (x, g)), (&mu, &r))| {
+        let (mut s_g, mut s_gx) = (T::ZERO, T::ZERO);
+        for j in 0..d {
+            let gh = if let Some(w) = w { g[j] * w[j] } else { g[j] };
+            s_g += gh;
+            s_gx += gh * (x[j] - mu) * r;
+        }
+        let (m_g, m_gx) = (if rms { T::ZERO } else { s_g / dn }, s_gx / dn);
+        for j in 0..d {
+            let gh = if let Some(w) = w { g[j] * w[j] } else { g[j] };
+            dx[j] = r * (gh - m_g - (x[j] - mu) * r * m_gx);
+        }
+    });
     if w.is_none() {
         return (dx, vec![], vec![]);
     }
@@ -604,7 +725,7 @@ fn rope_kernel<T: Float>(x: &[T], seq: usize, dim: usize, cos: &[T], sin: &[T], 
     if dim == 0 {
         return out;
     }
-    out.par_chunks_mut(dim).zip(x.par_chunks(dim)).enumerate().for_each(|(r, (o, x))| {
+    out.par_chunks_mut(dim).zip(x.par_chunks(dim)).enumerate().with_min_len(rows_per_task(dim)).for_each(|(r, (o, x))| {
         let p = r % seq;
         for i in 0..half {
             let (c, mut s) = (cos[p * half + i], sin[p * half + i]);
@@ -647,7 +768,7 @@ fn cross_entropy_backward_kernel<T: Float>(x: &[T], c: usize, t: &[i64], g: &[T]
     if c == 0 {
         return out;
     }
-    out.par_chunks_mut(c).zip(x.par_chunks(c)).enumerate().for_each(|(r, (o, row))| {
+    out.par_chunks_mut(c).zip(x.par_chunks(c)).enumerate().with_min_len(rows_per_task(c)).for_each(|(r, (o, row))| {
         if t[r] == ignore {
             return;
         }
@@ -754,7 +875,7 @@ impl CpuStorage {
     }
 
     pub fn binary(&self, op: BinaryOp, layout: &Layout, rhs: &CpuStorage, rhs_layout: &Layout) -> Result<CpuStorage> {
-        Ok(float_op!(self, "binary", v => zip_layouts(v, layout, FromStorage::slice(rhs, "binary")?, rhs_layout, binary_fn(op))))
+        Ok(float_op!(self, "binary", v => binary_kernel(v, layout, FromStorage::slice(rhs, "binary")?, rhs_layout, op)))
     }
 
     pub fn where_cond(&self, layout: &Layout, t: &CpuStorage, tl: &Layout, f: &CpuStorage, fl: &Layout) -> Result<CpuStorage> {
@@ -777,6 +898,37 @@ impl CpuStorage {
 
     pub fn matmul(&self, layout: &Layout, rhs: &CpuStorage, rhs_layout: &Layout) -> Result<CpuStorage> {
         Ok(float_op!(self, "matmul", v => matmul_kernel(v, layout, FromStorage::slice(rhs, "matmul")?, rhs_layout)))
+    }
+
+    /// The LoRA linear `(y, u)` on rank-2 operands of one dtype (see [`lora_kernel`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_linear(
+        &self,
+        layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+        xd: &CpuStorage,
+        xd_layout: &Layout,
+        a: &CpuStorage,
+        a_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+        scale: f64,
+    ) -> Result<(CpuStorage, CpuStorage)> {
+        const OP: &str = "lora_linear";
+        macro_rules! run {
+            ($t:ty, $var:ident, $x:expr) => {{
+                let (w, xd) = (<$t>::slice(w, OP)?, <$t>::slice(xd, OP)?);
+                let (a, b) = (<$t>::slice(a, OP)?, <$t>::slice(b, OP)?);
+                let (y, u) = lora_kernel($x, layout, w, w_layout, xd, xd_layout, a, a_layout, b, b_layout, scale as $t);
+                Ok((CpuStorage::$var(y), CpuStorage::$var(u)))
+            }};
+        }
+        match self {
+            CpuStorage::F32(x) => run!(f32, F32, x),
+            CpuStorage::F64(x) => run!(f64, F64, x),
+            other => Err(Error::DType { op: OP, expected: "f32 or f64", got: other.dtype() }),
+        }
     }
 
     pub fn softmax_last(&self, layout: &Layout, log: bool) -> Result<CpuStorage> {

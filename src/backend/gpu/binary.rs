@@ -32,6 +32,7 @@ pub(super) fn binary(a: &GpuStorage, op: BinaryOp, la: &Layout, b: &GpuStorage, 
         BinaryOp::Max => (4, 0),
         BinaryOp::Min => (5, 0),
         BinaryOp::Cmp(c) => (6, cmp_code(c)),
+        BinaryOp::SiluBackward => (7, 0),
     };
     let mut p = Params::new(&[n as u32, code, cmp, 0, 0]);
     let ra = p.layout(la)?;

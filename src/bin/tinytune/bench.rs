@@ -92,6 +92,8 @@ fn measure(name: &str, mut work: Work, args: &BenchArgs, device: &Device) -> Res
         note!("== {name}: one repetition\n{}", profile::table());
     }
     device.synchronize()?;
+    // The peak covers this case's timed steps: memory freed earlier goes back first.
+    tinytune::mem::release_free_memory();
     tinytune::mem::reset_peak_rss();
     let (t0, mut tokens) = (Instant::now(), 0);
     for _ in 0..args.steps.max(1) {
