@@ -176,33 +176,31 @@ pub fn table() -> String {
     let faults = faults.map_or(String::new(), |f| format!(", {f} minor page faults"));
     out.push_str(&format!("profile: {wall_s:.3} s wall, {in_kernels:.3} s in kernels{faults}\n"));
     header(&mut out, "kernel");
-    let mut by_kernel: HashMap<&str, Row> = HashMap::new();
-    for r in &rows {
-        let e = by_kernel.entry(r.kernel).or_default();
-        (e.calls, e.secs, e.flops, e.bytes) = (e.calls + r.calls, e.secs + r.secs, e.flops + r.flops, e.bytes + r.bytes);
-    }
-    let mut kernels: Vec<(&str, Row)> = by_kernel.into_iter().collect();
-    kernels.sort_by(|a, b| b.1.secs.total_cmp(&a.1.secs));
-    for (k, r) in &kernels {
+    for (k, r) in &totals(&rows, |r| r.kernel) {
         line(&mut out, k, r.secs, r.calls, r.flops, r.bytes);
     }
     line(&mut out, "(outside kernels)", (wall_s - in_kernels).max(0.0), 0, 0.0, 0);
     out.push('\n');
     header(&mut out, "phase / kernel");
-    let mut by_phase: HashMap<&str, Row> = HashMap::new();
-    for r in &rows {
-        let e = by_phase.entry(r.phase).or_default();
-        (e.calls, e.secs, e.flops, e.bytes) = (e.calls + r.calls, e.secs + r.secs, e.flops + r.flops, e.bytes + r.bytes);
-    }
-    let mut phases: Vec<(&str, Row)> = by_phase.into_iter().collect();
-    phases.sort_by(|a, b| b.1.secs.total_cmp(&a.1.secs));
-    for (p, total) in &phases {
+    for (p, total) in &totals(&rows, |r| r.phase) {
         line(&mut out, p, total.secs, total.calls, total.flops, total.bytes);
         // The phase's three largest kernels, indented.
         for r in rows.iter().filter(|r| r.phase == *p).take(3) {
             line(&mut out, &format!("  {}", r.kernel), r.secs, r.calls, r.flops, r.bytes);
         }
     }
+    out
+}
+
+/// The rows summed by `key` (the kernel or the phase), largest time first.
+fn totals(rows: &[Row], key: fn(&Row) -> &'static str) -> Vec<(&'static str, Row)> {
+    let mut by: HashMap<&'static str, Row> = HashMap::new();
+    for r in rows {
+        let e = by.entry(key(r)).or_default();
+        (e.calls, e.secs, e.flops, e.bytes) = (e.calls + r.calls, e.secs + r.secs, e.flops + r.flops, e.bytes + r.bytes);
+    }
+    let mut out: Vec<(&'static str, Row)> = by.into_iter().collect();
+    out.sort_by(|a, b| b.1.secs.total_cmp(&a.1.secs));
     out
 }
 

@@ -554,9 +554,7 @@ fn every_flag_of_every_command_says_what_it_does_with_an_example() {
 #[cfg(unix)]
 #[test]
 fn the_data_step_works_without_apt_get() {
-    let cache = std::env::var_os("TINYTUNE_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tinytune"));
+    let cache = tinytune::io::assets_dir();
     let names = ["movie_reviews.jsonl", "movie_reviews.train.jsonl", "movie_reviews.eval.jsonl"];
     if !names.iter().all(|n| cache.join("data").join(n).exists()) {
         assert!(std::env::var_os("TINYTUNE_REQUIRE_ASSETS").is_none(), "the movie-review data is not in {}", cache.display());

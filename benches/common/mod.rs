@@ -6,10 +6,7 @@ use std::path::PathBuf;
 /// (`cargo bench` passes `--bench`; `cargo test --all-targets` runs the binary without it, and
 /// then it only says what it would measure) and the file exists.
 pub fn smollm2(bench: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("TINYTUNE_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tinytune"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = tinytune::io::assets_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
     if !std::env::args().any(|a| a == "--bench") {
         println!("{bench} bench: run with `cargo bench --bench {bench}`");
         return None;

@@ -298,8 +298,14 @@ impl<A: OutBytes, B: OutBytes, C: OutBytes> OutBytes for (A, B, C) {
     }
 }
 
-fn out_bytes<T: OutBytes>(r: &Result<T>) -> usize {
-    r.as_ref().map_or(0, OutBytes::out_bytes)
+/// Run one primitive under the profile (`crate::profile`): its time, `flops` and output bytes
+/// are recorded under `kernel`.
+#[inline]
+fn profiled<T: OutBytes>(kernel: &'static str, flops: f64, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let prof = crate::profile::span(kernel, flops);
+    let out = f();
+    prof.done(out.as_ref().map_or(0, OutBytes::out_bytes));
+    out
 }
 
 /// `2·m·n·k` per batch of a matmul `[.., m, k] · [.., k, n]`.
@@ -384,96 +390,74 @@ impl Storage {
 
     /// All-zero buffer of `n` elements on `device`.
     pub fn zeros(device: &Device, dtype: DType, n: usize) -> Result<Storage> {
-        let prof = crate::profile::span("fill", 0.0);
-        let out = match device {
+        profiled("fill", 0.0, || match device {
             Device::Cpu => Ok(Storage::Cpu(CpuStorage::zeros(dtype, n))),
             Device::Gpu(g) => GpuStorage::full(g, dtype, n, 0.0).map(Storage::Gpu),
-        };
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// Buffer of `n` copies of `v` (converted to `dtype`).
     pub fn full(device: &Device, dtype: DType, n: usize, v: f64) -> Result<Storage> {
-        let prof = crate::profile::span("fill", 0.0);
-        let out = (|| -> Result<Storage> {
+        profiled("fill", 0.0, || -> Result<Storage> {
             match device {
                 Device::Cpu => Ok(Storage::Cpu(CpuStorage::full(dtype, n, v))),
                 Device::Gpu(g) => Ok(Storage::Gpu(GpuStorage::full(g, dtype, n, v)?)),
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// Upload host data.
     pub fn from_cpu(device: &Device, data: CpuStorage) -> Result<Storage> {
-        let prof = crate::profile::span("upload", 0.0);
-        let out = (|| -> Result<Storage> {
+        profiled("upload", 0.0, || -> Result<Storage> {
             match device {
                 Device::Cpu => Ok(Storage::Cpu(data)),
                 Device::Gpu(g) => Ok(Storage::Gpu(GpuStorage::from_cpu(g, &data)?)),
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// Copy the elements selected by `layout` to host memory, contiguous, in row-major order.
     pub fn to_cpu(&self, layout: &Layout) -> Result<CpuStorage> {
-        let prof = crate::profile::span("to_cpu", 0.0);
-        let out = (|| -> Result<CpuStorage> {
+        profiled("to_cpu", 0.0, || -> Result<CpuStorage> {
             match self {
                 Storage::Cpu(s) => s.copy_strided(layout),
                 Storage::Gpu(s) => s.to_cpu(layout),
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// Copy into a contiguous buffer of dtype `dtype` (a plain copy when the dtype is the same).
     pub fn cast(&self, layout: &Layout, dtype: DType) -> Result<Storage> {
-        let prof = crate::profile::span(if self.dtype() == dtype { "copy" } else { "cast" }, 0.0);
-        let out = (|| -> Result<Storage> {
+        profiled(if self.dtype() == dtype { "copy" } else { "cast" }, 0.0, || -> Result<Storage> {
             match self {
                 Storage::Cpu(s) => Ok(Storage::Cpu(s.cast(layout, dtype)?)),
                 Storage::Gpu(s) => Ok(Storage::Gpu(s.cast(layout, dtype)?)),
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     pub fn unary(&self, op: UnaryOp, layout: &Layout) -> Result<Storage> {
-        let prof = crate::profile::span(op.kernel(), 0.0);
-        let out = (|| -> Result<Storage> {
+        profiled(op.kernel(), 0.0, || -> Result<Storage> {
             match self {
                 Storage::Cpu(s) => Ok(Storage::Cpu(s.unary(op, layout)?)),
                 Storage::Gpu(s) => Ok(Storage::Gpu(s.unary(op, layout)?)),
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// `self` and `rhs` are read through layouts of the same shape (broadcast already applied).
     pub fn binary(&self, op: BinaryOp, layout: &Layout, rhs: &Storage, rhs_layout: &Layout) -> Result<Storage> {
-        let prof = crate::profile::span(op.kernel(), 0.0);
-        let out = (|| -> Result<Storage> {
+        profiled(op.kernel(), 0.0, || -> Result<Storage> {
             match self {
                 Storage::Cpu(s) => Ok(Storage::Cpu(s.binary(op, layout, rhs.cpu("binary", self)?, rhs_layout)?)),
                 Storage::Gpu(s) => Ok(Storage::Gpu(s.binary(op, layout, rhs.gpu("binary", self)?, rhs_layout)?)),
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// `cond ? t : f` element-wise; `self` is the condition (non-zero = true); same shapes.
     pub fn where_cond(&self, layout: &Layout, t: &Storage, t_layout: &Layout, f: &Storage, f_layout: &Layout) -> Result<Storage> {
-        let prof = crate::profile::span("where", 0.0);
-        let out = (|| -> Result<Storage> {
+        profiled("where", 0.0, || -> Result<Storage> {
             match self {
                 Storage::Cpu(s) => {
                     Ok(Storage::Cpu(s.where_cond(layout, t.cpu("where", self)?, t_layout, f.cpu("where", self)?, f_layout)?))
@@ -482,22 +466,17 @@ impl Storage {
                     Ok(Storage::Gpu(s.where_cond(layout, t.gpu("where", self)?, t_layout, f.gpu("where", self)?, f_layout)?))
                 }
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// Reduce along `axis`; the output has the input's shape with that axis removed.
     pub fn reduce(&self, op: ReduceOp, layout: &Layout, axis: usize) -> Result<Storage> {
-        let prof = crate::profile::span(op.kernel(), 0.0);
-        let out = (|| -> Result<Storage> {
+        profiled(op.kernel(), 0.0, || -> Result<Storage> {
             match self {
                 Storage::Cpu(s) => Ok(Storage::Cpu(s.reduce(op, layout, axis)?)),
                 Storage::Gpu(s) => Ok(Storage::Gpu(s.reduce(op, layout, axis)?)),
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// Batched matrix product. Both layouts have rank ≥ 2 and identical batch dims (broadcast
@@ -505,15 +484,12 @@ impl Storage {
     /// On the GPU, `rhs` may also be f16/bf16 storage with an f32 `self` (a frozen weight,
     /// dequantised inside the kernel, accumulated in f32).
     pub fn matmul(&self, layout: &Layout, rhs: &Storage, rhs_layout: &Layout) -> Result<Storage> {
-        let prof = crate::profile::span("matmul", matmul_flops(layout, rhs_layout));
-        let out = (|| -> Result<Storage> {
+        profiled("matmul", matmul_flops(layout, rhs_layout), || -> Result<Storage> {
             match self {
                 Storage::Cpu(s) => Ok(Storage::Cpu(s.matmul(layout, rhs.cpu("matmul", self)?, rhs_layout)?)),
                 Storage::Gpu(s) => Ok(Storage::Gpu(s.matmul(layout, rhs.gpu("matmul", self)?, rhs_layout)?)),
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// The LoRA linear map on rank-2 operands read through their layouts:
@@ -539,8 +515,7 @@ impl Storage {
         b_layout: &Layout,
         scale: f64,
     ) -> Result<(Storage, Storage)> {
-        let prof = crate::profile::span("lora_linear", lora_flops(layout, w_layout, a_layout));
-        let out = (|| -> Result<(Storage, Storage)> {
+        profiled("lora_linear", lora_flops(layout, w_layout, a_layout), || -> Result<(Storage, Storage)> {
             const OP: &str = "lora_linear";
             for (l, what) in [(layout, "x"), (w_layout, "w"), (xd_layout, "xd"), (a_layout, "a"), (b_layout, "b")] {
                 if l.rank() != 2 {
@@ -582,22 +557,17 @@ impl Storage {
                     Ok((Storage::Gpu(y), Storage::Gpu(u)))
                 }
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// Softmax (or log-softmax) along the last axis.
     pub fn softmax_last(&self, layout: &Layout, log: bool) -> Result<Storage> {
-        let prof = crate::profile::span("softmax", 0.0);
-        let out = (|| -> Result<Storage> {
+        profiled("softmax", 0.0, || -> Result<Storage> {
             match self {
                 Storage::Cpu(s) => Ok(Storage::Cpu(s.softmax_last(layout, log)?)),
                 Storage::Gpu(s) => Ok(Storage::Gpu(s.softmax_last(layout, log)?)),
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// Layer norm (or RMS norm) over the last axis of `x`, with optional affine weight and
@@ -611,8 +581,7 @@ impl Storage {
         eps: f64,
         rms: bool,
     ) -> Result<(Storage, Storage, Storage)> {
-        let prof = crate::profile::span("norm", 0.0);
-        let out = (|| -> Result<(Storage, Storage, Storage)> {
+        profiled("norm", 0.0, || -> Result<(Storage, Storage, Storage)> {
             match self {
                 Storage::Cpu(s) => {
                     let (w, b) = (Self::opt_cpu(weight, "norm", self)?, Self::opt_cpu(bias, "norm", self)?);
@@ -625,9 +594,7 @@ impl Storage {
                     Ok((Storage::Gpu(y), Storage::Gpu(m), Storage::Gpu(r)))
                 }
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// Backward of [`Storage::norm_last`]: from `x`, weight, the output gradient `g` and the saved
@@ -643,8 +610,7 @@ impl Storage {
         rstd: &Storage,
         rms: bool,
     ) -> Result<(Storage, Storage, Storage)> {
-        let prof = crate::profile::span("norm_backward", 0.0);
-        let out = (|| -> Result<(Storage, Storage, Storage)> {
+        profiled("norm_backward", 0.0, || -> Result<(Storage, Storage, Storage)> {
             const OP: &str = "norm_backward";
             match self {
                 Storage::Cpu(s) => {
@@ -660,68 +626,53 @@ impl Storage {
                     Ok((Storage::Gpu(dx), Storage::Gpu(dw), Storage::Gpu(db)))
                 }
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// `out[.., j, ..] = self[.., idx[j], ..]` along `axis`; `idx` is a contiguous U32/I32 list.
     pub fn index_select(&self, layout: &Layout, axis: usize, idx: &Storage, idx_layout: &Layout) -> Result<Storage> {
-        let prof = crate::profile::span("index_select", 0.0);
-        let out = (|| -> Result<Storage> {
+        profiled("index_select", 0.0, || -> Result<Storage> {
             match self {
                 Storage::Cpu(s) => Ok(Storage::Cpu(s.index_select(layout, axis, idx.cpu("index_select", self)?, idx_layout)?)),
                 Storage::Gpu(s) => Ok(Storage::Gpu(s.index_select(layout, axis, idx.gpu("index_select", self)?, idx_layout)?)),
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// Adjoint of index_select: a zero tensor of `shape` with `self[.., j, ..]` added into row
     /// `idx[j]` of `axis` (duplicate indices accumulate).
     pub fn index_add(&self, layout: &Layout, shape: &[usize], axis: usize, idx: &Storage, idx_layout: &Layout) -> Result<Storage> {
-        let prof = crate::profile::span("index_add", 0.0);
-        let out = (|| -> Result<Storage> {
+        profiled("index_add", 0.0, || -> Result<Storage> {
             match self {
                 Storage::Cpu(s) => Ok(Storage::Cpu(s.index_add(layout, shape, axis, idx.cpu("index_add", self)?, idx_layout)?)),
                 Storage::Gpu(s) => Ok(Storage::Gpu(s.index_add(layout, shape, axis, idx.gpu("index_add", self)?, idx_layout)?)),
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// `out[i..] = self[i with i_axis replaced by idx[i..]]`; idx has the output's shape.
     pub fn gather(&self, layout: &Layout, axis: usize, idx: &Storage, idx_layout: &Layout) -> Result<Storage> {
-        let prof = crate::profile::span("gather", 0.0);
-        let out = (|| -> Result<Storage> {
+        profiled("gather", 0.0, || -> Result<Storage> {
             match self {
                 Storage::Cpu(s) => Ok(Storage::Cpu(s.gather(layout, axis, idx.cpu("gather", self)?, idx_layout)?)),
                 Storage::Gpu(s) => Ok(Storage::Gpu(s.gather(layout, axis, idx.gpu("gather", self)?, idx_layout)?)),
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// Adjoint of gather: zeros of `shape`, then `out[i with i_axis = idx[i]] += self[i]`.
     pub fn scatter_add(&self, layout: &Layout, shape: &[usize], axis: usize, idx: &Storage, idx_layout: &Layout) -> Result<Storage> {
-        let prof = crate::profile::span("scatter_add", 0.0);
-        let out = (|| -> Result<Storage> {
+        profiled("scatter_add", 0.0, || -> Result<Storage> {
             match self {
                 Storage::Cpu(s) => Ok(Storage::Cpu(s.scatter_add(layout, shape, axis, idx.cpu("scatter_add", self)?, idx_layout)?)),
                 Storage::Gpu(s) => Ok(Storage::Gpu(s.scatter_add(layout, shape, axis, idx.gpu("scatter_add", self)?, idx_layout)?)),
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// Concatenate along `axis`; all parts have the same dtype and agree on the other axes.
     pub fn concat(parts: &[(&Storage, &Layout)], axis: usize) -> Result<Storage> {
-        let prof = crate::profile::span("concat", 0.0);
-        let out = (|| -> Result<Storage> {
+        profiled("concat", 0.0, || -> Result<Storage> {
             let first = parts[0].0;
             match first {
                 Storage::Cpu(_) => {
@@ -733,17 +684,14 @@ impl Storage {
                     Ok(Storage::Gpu(GpuStorage::concat(&gpu, axis)?))
                 }
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// Rotary embedding of `x[.., seq, dim]` with `cos`/`sin` of shape `[seq, dim/2]` (contiguous).
     /// `interleaved`: pairs are (2i, 2i+1) (GPT-J / llama.cpp); otherwise (i, i + dim/2)
     /// (Hugging Face LLaMA). `inverse` rotates by −θ (the backward pass).
     pub fn rope(&self, layout: &Layout, cos: &Storage, sin: &Storage, interleaved: bool, inverse: bool) -> Result<Storage> {
-        let prof = crate::profile::span("rope", 0.0);
-        let out = (|| -> Result<Storage> {
+        profiled("rope", 0.0, || -> Result<Storage> {
             match self {
                 Storage::Cpu(s) => {
                     Ok(Storage::Cpu(s.rope(layout, cos.cpu("rope", self)?, sin.cpu("rope", self)?, interleaved, inverse)?))
@@ -752,16 +700,13 @@ impl Storage {
                     Ok(Storage::Gpu(s.rope(layout, cos.gpu("rope", self)?, sin.gpu("rope", self)?, interleaved, inverse)?))
                 }
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// Cross-entropy per row of logits `[n, c]` with integer targets `[n]`; rows whose target
     /// equals `ignore_index` get loss 0. Returns the per-row losses `[n]`.
     pub fn cross_entropy(&self, layout: &Layout, targets: &Storage, t_layout: &Layout, ignore_index: i64) -> Result<Storage> {
-        let prof = crate::profile::span("cross_entropy", 0.0);
-        let out = (|| -> Result<Storage> {
+        profiled("cross_entropy", 0.0, || -> Result<Storage> {
             match self {
                 Storage::Cpu(s) => {
                     Ok(Storage::Cpu(s.cross_entropy(layout, targets.cpu("cross_entropy", self)?, t_layout, ignore_index)?))
@@ -770,9 +715,7 @@ impl Storage {
                     Ok(Storage::Gpu(s.cross_entropy(layout, targets.gpu("cross_entropy", self)?, t_layout, ignore_index)?))
                 }
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// Gradient of the per-row losses wrt the logits: `(softmax(row) − onehot(target))·g[row]`,
@@ -786,8 +729,7 @@ impl Storage {
         g_layout: &Layout,
         ignore_index: i64,
     ) -> Result<Storage> {
-        let prof = crate::profile::span("cross_entropy_backward", 0.0);
-        let out = (|| -> Result<Storage> {
+        profiled("cross_entropy_backward", 0.0, || -> Result<Storage> {
             const OP: &str = "cross_entropy_backward";
             match self {
                 Storage::Cpu(s) => Ok(Storage::Cpu(s.cross_entropy_backward(
@@ -807,9 +749,7 @@ impl Storage {
                     ignore_index,
                 )?)),
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// One fused AdamW step: from the parameter `self`, its gradient and the moments `m`, `v`
@@ -825,8 +765,7 @@ impl Storage {
         v: &Storage,
         h: &AdamWStep,
     ) -> Result<(Storage, Storage, Storage)> {
-        let prof = crate::profile::span("adamw", 0.0);
-        let out = (|| -> Result<(Storage, Storage, Storage)> {
+        profiled("adamw", 0.0, || -> Result<(Storage, Storage, Storage)> {
             const OP: &str = "adamw_step";
             match self {
                 Storage::Cpu(s) => {
@@ -851,34 +790,26 @@ impl Storage {
                     Ok((Storage::Gpu(p), Storage::Gpu(m), Storage::Gpu(v)))
                 }
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// `n` elements of the uniform stream `(seed, offset)` mapped to `[lo, hi)`.
     pub fn rand_uniform(device: &Device, dtype: DType, n: usize, seed: u64, offset: u64, lo: f64, hi: f64) -> Result<Storage> {
-        let prof = crate::profile::span("rand", 0.0);
-        let out = (|| -> Result<Storage> {
+        profiled("rand", 0.0, || -> Result<Storage> {
             match device {
                 Device::Cpu => Ok(Storage::Cpu(CpuStorage::rand_uniform(dtype, n, seed, offset, lo, hi)?)),
                 Device::Gpu(g) => Ok(Storage::Gpu(GpuStorage::rand(g, dtype, n, seed, offset, false, lo, hi)?)),
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 
     /// `n` elements of the normal stream `(seed, offset)`, `mean + std·z`.
     pub fn rand_normal(device: &Device, dtype: DType, n: usize, seed: u64, offset: u64, mean: f64, std: f64) -> Result<Storage> {
-        let prof = crate::profile::span("rand", 0.0);
-        let out = (|| -> Result<Storage> {
+        profiled("rand", 0.0, || -> Result<Storage> {
             match device {
                 Device::Cpu => Ok(Storage::Cpu(CpuStorage::rand_normal(dtype, n, seed, offset, mean, std)?)),
                 Device::Gpu(g) => Ok(Storage::Gpu(GpuStorage::rand(g, dtype, n, seed, offset, true, mean, std)?)),
             }
-        })();
-        prof.done(out_bytes(&out));
-        out
+        })
     }
 }

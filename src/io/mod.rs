@@ -10,6 +10,15 @@ pub use self::gguf::{GgufFile, GgufLlamaWeights, GgufTokenizer, GgufValue};
 pub use self::safetensors::{Checkpoint, SafetensorsFile};
 pub use self::tokenizer::{ChatTemplate, SpecialToken, Tokenizer};
 
+/// Where `scripts/fetch-assets.sh` puts the real model and data sets: `$TINYTUNE_ASSETS`, else
+/// `~/.cache/tinytune`.
+pub fn assets_dir() -> std::path::PathBuf {
+    match std::env::var_os("TINYTUNE_ASSETS") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tinytune"),
+    }
+}
+
 use crate::backend::Device;
 use crate::dtype::DType;
 use crate::error::Result;

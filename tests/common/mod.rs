@@ -315,10 +315,7 @@ pub fn gpu_device() -> Option<Device> {
 
 /// Where scripts/fetch-assets.sh puts the real-model assets.
 pub fn assets_dir() -> std::path::PathBuf {
-    match std::env::var_os("TINYTUNE_ASSETS") {
-        Some(d) => std::path::PathBuf::from(d),
-        None => std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tinytune"),
-    }
+    tinytune::io::assets_dir()
 }
 
 /// The path of a fetched asset, or `None` (printing why) when it has not been fetched; with

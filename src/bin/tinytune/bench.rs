@@ -67,12 +67,6 @@ struct Measured {
     peak_rss: Option<u64>,
 }
 
-fn assets() -> PathBuf {
-    std::env::var_os("TINYTUNE_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tinytune"))
-}
-
 const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// A repeatable unit of work: returns the number of tokens it processed.
@@ -229,8 +223,8 @@ fn run_torch(python: &Path, case: &str, data: &Path, args: &BenchArgs, device: &
 
 pub fn bench(args: BenchArgs) -> Result<()> {
     let device = super::device_from(args.device.as_deref())?;
-    let model = args.model.clone().unwrap_or_else(|| assets().join(GGUF));
-    let data = args.data.clone().unwrap_or_else(|| assets().join("data/movie_reviews.train.jsonl"));
+    let model = args.model.clone().unwrap_or_else(|| tinytune::io::assets_dir().join(GGUF));
+    let data = args.data.clone().unwrap_or_else(|| tinytune::io::assets_dir().join("data/movie_reviews.train.jsonl"));
     for (p, what) in [(&model, "--model"), (&data, "--data")] {
         if !p.exists() {
             return Err(Error::InvalidArgument {

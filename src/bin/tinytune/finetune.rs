@@ -41,8 +41,8 @@ struct Progress {
     /// stretch of steps began.
     train_secs: f64,
     mark: Instant,
-    /// The current evaluation: what it is and when it began; the last one's duration.
-    eval: Option<(progress::Task, Instant)>,
+    /// The current evaluation (its task knows when it began); the last one's duration.
+    eval: Option<progress::Task>,
     last_eval_secs: Option<f64>,
     total: u64,
 }
@@ -97,9 +97,9 @@ impl Observer for Progress {
         self.bar.set_message(msg);
     }
     fn on_eval(&mut self, r: &EvalRecord) {
-        if let Some((task, began)) = self.eval.take() {
+        if let Some(task) = self.eval.take() {
+            self.last_eval_secs = Some(task.elapsed_secs());
             task.finish();
-            self.last_eval_secs = Some(began.elapsed().as_secs_f64());
         }
         self.mark = Instant::now();
         if !self.quiet {
@@ -110,14 +110,14 @@ impl Observer for Progress {
         let what = format!("evaluating {examples} held-out examples at step {step}");
         if self.bar.is_hidden() {
             self.say(&format!("{what}..."));
-            self.eval = Some((progress::Task::new(what, examples), Instant::now()));
+            self.eval = Some(progress::Task::new(what, examples));
         } else {
             self.bar.set_message(format!("{what}: 0/{examples}"));
-            self.eval = Some((progress::Task::hidden(what, examples), Instant::now()));
+            self.eval = Some(progress::Task::hidden(what, examples));
         }
     }
     fn on_eval_progress(&mut self, done: usize, examples: usize) {
-        if let Some((task, _)) = self.eval.as_mut() {
+        if let Some(task) = self.eval.as_mut() {
             task.set(done, examples);
             if !self.bar.is_hidden() {
                 self.bar.set_message(format!("{}: {done}/{examples}", task.what()));

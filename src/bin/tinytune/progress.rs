@@ -51,6 +51,11 @@ impl Task {
         &self.what
     }
 
+    /// Seconds since the task began.
+    pub fn elapsed_secs(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
     /// `done` of `total` units are finished.
     pub fn set(&mut self, done: usize, total: usize) {
         if self.silent {
