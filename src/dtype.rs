@@ -1,6 +1,7 @@
 //! Element types. `F32` is the compute type everywhere; `F64` is a CPU-only compute type used
 //! as the high-precision reference (gradient checks); `F16` and `BF16` are storage types for
-//! frozen weights; `U32`/`I32` hold indices (token ids, class labels, gather indices).
+//! frozen weights; `U32`/`I32` hold indices (token ids, class labels, gather indices);
+//! `Quant` is a frozen weight matrix kept in a quantised block format (`crate::quant`).
 
 /// The element type of a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -11,15 +12,33 @@ pub enum DType {
     BF16,
     U32,
     I32,
+    /// A quantised `[rows, cols]` matrix (`crate::quant::QMatrix`): read by matmul (either
+    /// operand order), embedding lookup and `to_dtype`; never a compute type.
+    Quant(crate::quant::QFormat),
 }
 
 impl DType {
-    /// Bytes per element.
+    /// Bytes per element (rounded up to 1 for quantised formats, which take a fraction of a
+    /// byte: their size is `QMatrix::bytes`).
     pub fn size_in_bytes(self) -> usize {
         match self {
             DType::F64 => 8,
             DType::F32 | DType::U32 | DType::I32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::Quant(_) => 1,
+        }
+    }
+
+    /// Whether this is a quantised block format.
+    pub fn is_quant(self) -> bool {
+        matches!(self, DType::Quant(_))
+    }
+
+    /// The quantised format, if this is one.
+    pub fn quant_format(self) -> Option<crate::quant::QFormat> {
+        match self {
+            DType::Quant(f) => Some(f),
+            _ => None,
         }
     }
 

@@ -233,6 +233,12 @@ pub fn serialize(tensors: &[(String, Tensor)], metadata: Option<HashMap<String, 
                 DType::BF16 => (D::BF16, t.to_vec::<bf16>()?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect()),
                 DType::U32 => (D::U32, bytemuck::cast_slice(&t.to_vec::<u32>()?).to_vec()),
                 DType::I32 => (D::I32, bytemuck::cast_slice(&t.to_vec::<i32>()?).to_vec()),
+                DType::Quant(f) => {
+                    return Err(crate::Error::InvalidArgument {
+                        op: "safetensors",
+                        msg: format!("'{name}' is a {f} matrix: safetensors holds it dequantised (to_dtype) or as GGUF (tinytune export)"),
+                    })
+                }
             };
             Ok((name.clone(), Owned { dtype, shape: t.shape().to_vec(), bytes }))
         })

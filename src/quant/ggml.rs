@@ -76,7 +76,14 @@ impl GgmlType {
     pub const F16: GgmlType = GgmlType(1);
     pub const Q4_0: GgmlType = GgmlType(2);
     pub const Q4_1: GgmlType = GgmlType(3);
+    pub const Q5_0: GgmlType = GgmlType(6);
+    pub const Q5_1: GgmlType = GgmlType(7);
     pub const Q8_0: GgmlType = GgmlType(8);
+    pub const Q2_K: GgmlType = GgmlType(10);
+    pub const Q3_K: GgmlType = GgmlType(11);
+    pub const Q4_K: GgmlType = GgmlType(12);
+    pub const Q5_K: GgmlType = GgmlType(13);
+    pub const Q6_K: GgmlType = GgmlType(14);
     pub const BF16: GgmlType = GgmlType(30);
 
     /// The type with this id, or `None` for an id GGML does not define.
@@ -105,7 +112,7 @@ impl GgmlType {
 
     /// Whether [`dequantize`] reads this type.
     pub fn can_dequantize(self) -> bool {
-        matches!(self, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1)
+        matches!(self, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) || block_decoder(self).is_some()
     }
 
     /// Bytes taken by `n` elements, or `None` when `n` is not a whole number of blocks or the
@@ -157,13 +164,219 @@ fn q4_1_block(b: &[u8], out: &mut [f32]) {
     }
 }
 
+/// The fifth bits of a Q5 block: bit i of the little-endian u32 `qh` belongs to element i.
+fn q5_high(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Q5_0 block (22 bytes → 32 values): f16 `d`, u32 `qh`, 16 bytes of nibbles;
+/// `q[i] = nibble | bit_i(qh) << 4`, `x[i] = d · (q[i] − 16)`.
+fn q5_0_block(b: &[u8], out: &mut [f32]) {
+    let (d, qh) = (f16_at(b, 0), q5_high(b, 2));
+    let (lo, hi) = out.split_at_mut(16);
+    for (j, &byte) in b[6..22].iter().enumerate() {
+        let (h0, h1) = (((qh >> j) & 1) << 4, ((qh >> (j + 16)) & 1) << 4);
+        lo[j] = d * (((byte & 0x0F) as u32 | h0) as i32 - 16) as f32;
+        hi[j] = d * (((byte >> 4) as u32 | h1) as i32 - 16) as f32;
+    }
+}
+
+/// Q5_1 block (24 bytes → 32 values): f16 `d`, f16 `m`, u32 `qh`, 16 bytes of nibbles;
+/// `x[i] = d · q[i] + m` with the 5-bit `q` of Q5_0.
+fn q5_1_block(b: &[u8], out: &mut [f32]) {
+    let (d, m, qh) = (f16_at(b, 0), f16_at(b, 2), q5_high(b, 4));
+    let (lo, hi) = out.split_at_mut(16);
+    for (j, &byte) in b[8..24].iter().enumerate() {
+        let (h0, h1) = (((qh >> j) & 1) << 4, ((qh >> (j + 16)) & 1) << 4);
+        lo[j] = d * ((byte & 0x0F) as u32 | h0) as f32 + m;
+        hi[j] = d * ((byte >> 4) as u32 | h1) as f32 + m;
+    }
+}
+
+/// Q2_K super-block (84 bytes → 256 values): `scales[16]` (low nibble: the scale, high nibble:
+/// the min of one 16-element group), `qs[64]` (2-bit values), f16 `d`, f16 `dmin`.
+/// Group g's element: `d · (scales[g] & 15) · q − dmin · (scales[g] >> 4)`. The 2-bit values
+/// are laid out in two halves of 128: byte l (0..32) of a half's 32 bytes holds, at bit
+/// shift 2j, element 32j + l of that half.
+fn q2_k_block(b: &[u8], out: &mut [f32]) {
+    let (scales, qs) = (&b[0..16], &b[16..80]);
+    let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+    for half in 0..2 {
+        let q = &qs[half * 32..half * 32 + 32];
+        for j in 0..4 {
+            for sub in 0..2 {
+                let sc = scales[half * 8 + j * 2 + sub];
+                let (dl, ml) = (d * (sc & 0x0F) as f32, dmin * (sc >> 4) as f32);
+                let o = &mut out[half * 128 + j * 32 + sub * 16..][..16];
+                for (l, o) in o.iter_mut().enumerate() {
+                    *o = dl * ((q[sub * 16 + l] >> (2 * j)) & 3) as f32 - ml;
+                }
+            }
+        }
+    }
+}
+
+/// The sixteen 6-bit scales of a Q3_K super-block, unpacked from its 12 bytes: the low
+/// nibbles of bytes 0..8 hold scales 0..8 and the high nibbles scales 8..16; bytes 8..12
+/// hold the two top bits of all sixteen, scale s at bit 2·(s / 4) of byte 8 + s % 4.
+fn q3_k_scales(s: &[u8]) -> [i8; 16] {
+    std::array::from_fn(|i| {
+        let low = if i < 8 { s[i] & 0x0F } else { s[i - 8] >> 4 };
+        let high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+        (low | (high << 4)) as i8 - 32
+    })
+}
+
+/// Q3_K super-block (110 bytes → 256 values): `hmask[32]` (the third bit), `qs[64]` (the low
+/// two bits, laid out as in Q2_K), `scales[12]` (sixteen 6-bit signed scales, offset 32), f16
+/// `d`. Element: `d · scale_g · (q − 4·(1 − hbit))`, `q ∈ 0..4`; the high bit of element
+/// 32j + l of half h is bit 4h + j of `hmask[l]`.
+fn q3_k_block(b: &[u8], out: &mut [f32]) {
+    let (hmask, qs) = (&b[0..32], &b[32..96]);
+    let scales = q3_k_scales(&b[96..108]);
+    let d = f16_at(b, 108);
+    for half in 0..2 {
+        let q = &qs[half * 32..half * 32 + 32];
+        for j in 0..4 {
+            let bit = 1u8 << (half * 4 + j);
+            for sub in 0..2 {
+                let dl = d * scales[half * 8 + j * 2 + sub] as f32;
+                let o = &mut out[half * 128 + j * 32 + sub * 16..][..16];
+                for (l, o) in o.iter_mut().enumerate() {
+                    let i = sub * 16 + l;
+                    let low = ((q[i] >> (2 * j)) & 3) as i32;
+                    let sub4 = if hmask[i] & bit != 0 { 0 } else { 4 };
+                    *o = dl * (low - sub4) as f32;
+                }
+            }
+        }
+    }
+}
+
+/// Scale and min of sub-block j (0..8) of a Q4_K/Q5_K super-block, six bits each, from its 12
+/// scale bytes: j < 4 in the low six bits of bytes j and j + 4; j ≥ 4 in the nibbles of byte
+/// j + 4 with their top two bits in the top bits of bytes j − 4 and j.
+fn k4_scale_min(s: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        ((s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
+    }
+}
+
+/// Q4_K super-block (144 bytes → 256 values): f16 `d`, f16 `dmin`, `scales[12]` (eight 6-bit
+/// scale/min pairs), `qs[128]`. Sub-block j of 32: `d · sc_j · q − dmin · m_j`; the 32 bytes
+/// `qs[32c..]` hold sub-block 2c in their low nibbles and 2c + 1 in their high ones.
+fn q4_k_block(b: &[u8], out: &mut [f32]) {
+    let (d, dmin, scales, qs) = (f16_at(b, 0), f16_at(b, 2), &b[4..16], &b[16..144]);
+    for c in 0..4 {
+        let q = &qs[c * 32..c * 32 + 32];
+        for nib in 0..2 {
+            let (sc, m) = k4_scale_min(scales, 2 * c + nib);
+            let (dl, ml) = (d * sc as f32, dmin * m as f32);
+            for (l, o) in out[c * 64 + nib * 32..][..32].iter_mut().enumerate() {
+                *o = dl * ((q[l] >> (4 * nib)) & 0x0F) as f32 - ml;
+            }
+        }
+    }
+}
+
+/// Q5_K super-block (176 bytes → 256 values): Q4_K with a fifth bit: f16 `d`, f16 `dmin`,
+/// `scales[12]`, `qh[32]`, `qs[128]`; the fifth bit of element l of sub-block j is bit j of
+/// `qh[l]`.
+fn q5_k_block(b: &[u8], out: &mut [f32]) {
+    let (d, dmin, scales, qh, qs) = (f16_at(b, 0), f16_at(b, 2), &b[4..16], &b[16..48], &b[48..176]);
+    for c in 0..4 {
+        let q = &qs[c * 32..c * 32 + 32];
+        for nib in 0..2 {
+            let j = 2 * c + nib;
+            let (sc, m) = k4_scale_min(scales, j);
+            let (dl, ml) = (d * sc as f32, dmin * m as f32);
+            for (l, o) in out[c * 64 + nib * 32..][..32].iter_mut().enumerate() {
+                let high = if qh[l] & (1 << j) != 0 { 16 } else { 0 };
+                *o = dl * (((q[l] >> (4 * nib)) & 0x0F) + high) as f32 - ml;
+            }
+        }
+    }
+}
+
+/// Q6_K super-block (210 bytes → 256 values): `ql[128]` (low four bits), `qh[64]` (high two
+/// bits), `scales[16]` (i8, one per 16 elements), f16 `d`. Element: `d · scale · (q − 32)`,
+/// `q ∈ 0..64`. Each half of 128 elements uses 64 bytes of `ql` and 32 of `qh`: element
+/// 32k + l (k < 4) takes the low or high nibble of `ql[l + 32·(k & 1)]` (high for k ≥ 2) and
+/// bits 2k..2k+2 of `qh[l]`.
+fn q6_k_block(b: &[u8], out: &mut [f32]) {
+    let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+    let d = f16_at(b, 208);
+    for half in 0..2 {
+        let (ql, qh, sc) = (&ql[half * 64..], &qh[half * 32..], &sc[half * 8..]);
+        for k in 0..4 {
+            for l in 0..32 {
+                let low = (ql[l + 32 * (k & 1)] >> (4 * (k / 2))) & 0x0F;
+                let q = (low | (((qh[l] >> (2 * k)) & 3) << 4)) as i32 - 32;
+                out[half * 128 + 32 * k + l] = d * (sc[l / 16 + 2 * k] as i8) as f32 * q as f32;
+            }
+        }
+    }
+}
+
+/// The decoder of one block of a block format (`None` for element types such as F16): reads
+/// `type_size()` bytes, writes `block_size()` values.
+pub fn block_decoder(ty: GgmlType) -> Option<fn(&[u8], &mut [f32])> {
+    Some(match ty {
+        GgmlType::Q8_0 => q8_0_block,
+        GgmlType::Q4_0 => q4_0_block,
+        GgmlType::Q4_1 => q4_1_block,
+        GgmlType::Q5_0 => q5_0_block,
+        GgmlType::Q5_1 => q5_1_block,
+        GgmlType::Q2_K => q2_k_block,
+        GgmlType::Q3_K => q3_k_block,
+        GgmlType::Q4_K => q4_k_block,
+        GgmlType::Q5_K => q5_k_block,
+        GgmlType::Q6_K => q6_k_block,
+        _ => return None,
+    })
+}
+
+/// The types tinytune reads, as listed in errors.
+pub const SUPPORTED: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
+
+/// Decode `bytes` holding `out.len()` elements of the element type or block format `ty`
+/// (sizes already checked), sequentially.
+pub fn decode_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    match ty {
+        GgmlType::F32 => {
+            for (x, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        GgmlType::F16 => {
+            for (x, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *x = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (x, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *x = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            }
+        }
+        _ => {
+            let block = block_decoder(ty).expect("decode_into: callers check can_dequantize");
+            let (bs, ts) = (ty.block_size(), ty.type_size());
+            for (x, c) in out.chunks_exact_mut(bs).zip(bytes.chunks_exact(ts)) {
+                block(c, x);
+            }
+        }
+    }
+}
+
 /// Dequantise `bytes` holding `out.len()` elements of type `ty` into `out`.
 ///
 /// Errors (as a message for the caller to put in context) when the type is not one tinytune
 /// reads, or when `bytes` is not exactly the size `out.len()` elements take.
 pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), String> {
     if !ty.can_dequantize() {
-        return Err(format!("tensor type {ty} is not supported (tinytune reads F32, F16, BF16, Q8_0, Q4_0, Q4_1)"));
+        return Err(format!("tensor type {ty} is not supported (tinytune reads {SUPPORTED})"));
     }
     let want = ty.bytes_for(out.len() as u64);
     if want != Some(bytes.len() as u64) {
@@ -173,34 +386,45 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), Str
     // Work in chunks of whole blocks so rayon has something worth splitting.
     let blocks_per_chunk = 4096 / bs;
     let (ce, cb) = (blocks_per_chunk * bs, blocks_per_chunk * ts);
-    out.par_chunks_mut(ce).zip(bytes.par_chunks(cb)).for_each(|(o, b)| match ty {
-        GgmlType::F32 => {
-            for (x, c) in o.iter_mut().zip(b.chunks_exact(4)) {
-                *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        GgmlType::F16 => {
-            for (x, c) in o.iter_mut().zip(b.chunks_exact(2)) {
-                *x = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
-            }
-        }
-        GgmlType::BF16 => {
-            for (x, c) in o.iter_mut().zip(b.chunks_exact(2)) {
-                *x = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
-            }
-        }
-        _ => {
-            let block: fn(&[u8], &mut [f32]) = match ty {
-                GgmlType::Q8_0 => q8_0_block,
-                GgmlType::Q4_0 => q4_0_block,
-                _ => q4_1_block,
-            };
-            for (x, c) in o.chunks_exact_mut(bs).zip(b.chunks_exact(ts)) {
-                block(c, x);
-            }
-        }
-    });
+    out.par_chunks_mut(ce).zip(bytes.par_chunks(cb)).for_each(|(o, b)| decode_into(ty, b, o));
     Ok(())
+}
+
+/// Quantise `x` (a whole number of blocks) to a GGML block format tinytune writes, as ggml's
+/// reference quantisers (`quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`) and gguf-py do:
+/// * Q8_0: `d = max|x|/127`, `q = round(x/d)` (half away from zero);
+/// * Q4_0: `d = m/−8` with `m` the value of largest magnitude (sign kept), `q = min(15,
+///   trunc(x/d + 8.5))`.
+///
+/// `d` is stored as f16 (the division uses the f32 `d`, as ggml does).
+pub fn quantize(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>, String> {
+    let bs = ty.block_size();
+    if x.len() % bs != 0 {
+        return Err(format!("{} values are not a whole number of {ty} blocks of {bs}", x.len()));
+    }
+    let mut out = Vec::with_capacity(x.len() / bs * ty.type_size());
+    match ty {
+        GgmlType::Q8_0 => {
+            for b in x.chunks_exact(32) {
+                let d = b.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+                let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+                out.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+                out.extend(b.iter().map(|&v| (v * id).round() as i8 as u8));
+            }
+        }
+        GgmlType::Q4_0 => {
+            for b in x.chunks_exact(32) {
+                let m = b.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let d = m / -8.0;
+                let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+                out.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+                let q = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+                out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+            }
+        }
+        _ => return Err(format!("tinytune does not write {ty} (it writes Q8_0 and Q4_0)")),
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -240,10 +464,10 @@ mod tests {
         assert_eq!(GgmlType::Q4_1.bytes_for(48), None);
         assert_eq!(GgmlType::F32.bytes_for(u64::MAX), None);
         assert!(GgmlType::from_id(4).is_none() && GgmlType::from_id(1000).is_none());
-        let q4k = GgmlType::from_id(12).unwrap();
-        assert_eq!(q4k.name(), "Q4_K");
+        let iq4 = GgmlType::from_id(23).unwrap();
+        assert_eq!(iq4.name(), "IQ4_XS");
         let mut out = vec![0f32; 256];
-        assert!(dequantize(q4k, &[0; 144], &mut out).unwrap_err().contains("Q4_K (12) is not supported"));
+        assert!(dequantize(iq4, &[0; 136], &mut out).unwrap_err().contains("IQ4_XS (23) is not supported"));
         assert!(dequantize(GgmlType::Q8_0, &[0; 33], &mut out[..32]).is_err());
     }
 }

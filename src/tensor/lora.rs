@@ -61,7 +61,7 @@ fn check(x: &Tensor, xd: &Tensor, w0: &Tensor, a: &Tensor, b: &Tensor, scale: f6
             return Err(Error::DTypeMismatch { op: OP, lhs: x.dtype(), rhs: t.dtype() });
         }
     }
-    let half_w0 = x.dtype() == DType::F32 && matches!(w0.dtype(), DType::F16 | DType::BF16);
+    let half_w0 = x.dtype() == DType::F32 && matches!(w0.dtype(), DType::F16 | DType::BF16 | DType::Quant(_));
     if w0.dtype() != x.dtype() && !half_w0 {
         return Err(Error::DTypeMismatch { op: OP, lhs: x.dtype(), rhs: w0.dtype() });
     }

@@ -160,16 +160,46 @@ impl Tensor {
         Tensor::from_vec(data.to_vec(), shape, device)
     }
 
+    /// A `[rows, cols]` tensor holding a quantised matrix (frozen weights; see
+    /// [`crate::quant`]). Only the CPU has kernels that read one.
+    pub fn from_qmatrix(q: crate::quant::QMatrix, device: &Device) -> Result<Tensor> {
+        let shape = [q.rows(), q.cols()];
+        let cpu = crate::backend::CpuStorage::Quant(std::sync::Arc::new(q));
+        Ok(Tensor::from_storage(Storage::from_cpu(device, cpu)?, &shape))
+    }
+
+    /// This rank-2 tensor quantised to `format` (its values are read as f32 first). The result
+    /// is frozen: it takes no gradient.
+    pub fn quantize(&self, format: crate::quant::QFormat) -> Result<Tensor> {
+        if self.rank() != 2 {
+            return Err(Error::Shape { op: "quantize", msg: format!("quantises a matrix [rows, cols], got shape {:?}", self.shape()) });
+        }
+        let (rows, cols) = (self.shape()[0], self.shape()[1]);
+        let q = crate::quant::QMatrix::quantize(format, rows, cols, &self.to_dtype(DType::F32)?.to_vec::<f32>()?)
+            .map_err(|msg| Error::InvalidArgument { op: "quantize", msg })?;
+        Tensor::from_qmatrix(q, self.device())
+    }
+
+    /// Bytes the whole underlying buffer takes in memory (a view reports its base's buffer).
+    pub fn storage_bytes(&self) -> usize {
+        match &*self.storage_arc() {
+            Storage::Cpu(c) => c.bytes(),
+            s => s.len() * s.dtype().size_in_bytes(),
+        }
+    }
+
     /// A rank-0 f32 tensor.
     pub fn scalar(v: f32, device: &Device) -> Result<Tensor> {
         Tensor::from_vec(vec![v], &[], device)
     }
 
     pub fn full(shape: &[usize], v: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+        not_quant("full", dtype)?;
         Ok(Tensor::from_storage(Storage::full(device, dtype, crate::mem::checked_numel("full", shape, dtype.size_in_bytes())?, v)?, shape))
     }
 
     pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        not_quant("zeros", dtype)?;
         Ok(Tensor::from_storage(Storage::zeros(device, dtype, crate::mem::checked_numel("zeros", shape, dtype.size_in_bytes())?)?, shape))
     }
 
@@ -210,6 +240,7 @@ impl Tensor {
 
     /// Uniform in `[lo, hi)` from the counter-based stream `rng.next_stream()`.
     pub fn rand_uniform(shape: &[usize], lo: f64, hi: f64, dtype: DType, device: &Device, rng: &mut Rng) -> Result<Tensor> {
+        not_quant("rand_uniform", dtype)?;
         let (seed, offset) = rng.next_stream();
         Ok(Tensor::from_storage(
             Storage::rand_uniform(device, dtype, crate::mem::checked_numel("rand", shape, dtype.size_in_bytes())?, seed, offset, lo, hi)?,
@@ -219,6 +250,7 @@ impl Tensor {
 
     /// Normal with the given mean and standard deviation from `rng.next_stream()`.
     pub fn randn(shape: &[usize], mean: f64, std: f64, dtype: DType, device: &Device, rng: &mut Rng) -> Result<Tensor> {
+        not_quant("randn", dtype)?;
         let (seed, offset) = rng.next_stream();
         Ok(Tensor::from_storage(
             Storage::rand_normal(
@@ -665,6 +697,14 @@ fn infer_shape(shape: &[isize], numel: usize, src: &[usize]) -> Result<Vec<usize
     Ok(out)
 }
 
+/// Quantised dtypes are made only by [`Tensor::quantize`] and [`Tensor::from_qmatrix`].
+fn not_quant(op: &'static str, dtype: DType) -> Result<()> {
+    if dtype.is_quant() {
+        return Err(Error::InvalidArgument { op, msg: format!("cannot fill a {dtype:?} tensor: quantise an f32 one (Tensor::quantize)") });
+    }
+    Ok(())
+}
+
 fn cpu_storage_from_vec<T: Elem>(data: Vec<T>) -> CpuStorage {
     // Exactly one arm matches T; the others are never taken.
     let any: Box<dyn std::any::Any> = Box::new(data);
@@ -675,6 +715,7 @@ fn cpu_storage_from_vec<T: Elem>(data: Vec<T>) -> CpuStorage {
         DType::BF16 => CpuStorage::BF16(*any.downcast().expect("dtype tag matches type")),
         DType::U32 => CpuStorage::U32(*any.downcast().expect("dtype tag matches type")),
         DType::I32 => CpuStorage::I32(*any.downcast().expect("dtype tag matches type")),
+        DType::Quant(_) => unreachable!("no Elem type is quantised"),
     }
 }
 
@@ -686,6 +727,7 @@ fn vec_from_cpu_storage<T: Elem>(s: CpuStorage) -> Vec<T> {
         CpuStorage::BF16(v) => Box::new(v),
         CpuStorage::U32(v) => Box::new(v),
         CpuStorage::I32(v) => Box::new(v),
+        CpuStorage::Quant(_) => unreachable!("caller checked the dtype"),
     };
     *any.downcast().expect("caller checked the dtype")
 }

@@ -158,7 +158,11 @@ impl Tensor {
         }
         let mut shape = ids.shape().to_vec();
         shape.push(self.shape()[1]);
-        self.index_select(0, &ids.flatten_all()?)?.reshape_to(&shape)
+        let rows = self.index_select(0, &ids.flatten_all()?)?;
+        // A frozen table kept in half precision or quantised gives f32 rows (a quantised one
+        // decodes only the rows it picks).
+        let rows = if rows.dtype().is_compute() { rows } else { rows.to_dtype(crate::nn::COMPUTE)? };
+        rows.reshape_to(&shape)
     }
 
     /// `out[i] = x[i with axis coordinate replaced by idx[i]]`; `idx` has the output's shape,

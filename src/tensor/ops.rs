@@ -392,18 +392,16 @@ impl Tensor {
     /// Matrix product `[.., m, k] · [.., k, n] → [.., m, n]`. Batch dims broadcast; a 1-d
     /// operand is a vector (as in NumPy). Transposed views are read in place, without a copy.
     ///
-    /// An f32 left operand may meet an f16/bf16 right operand (frozen weights kept in half
-    /// precision): the GPU kernel reads the half-precision values directly and accumulates in
-    /// f32; the CPU converts them to f32 first. The result is f32.
+    /// An f32 left operand may meet a frozen right operand kept as stored: f16/bf16, or (on the
+    /// CPU) a quantised matrix `W` or `Wᵀ`. The kernels read those values directly — the GPU
+    /// kernel loads half precision, the CPU GEMM decodes rows of W into its packing buffer —
+    /// and accumulate in f32; no f32 copy of the weight is made. The result is f32.
     pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
-        let half_rhs = self.dtype() == DType::F32 && matches!(rhs.dtype(), DType::F16 | DType::BF16);
-        if half_rhs {
+        let frozen_rhs = self.dtype() == DType::F32 && matches!(rhs.dtype(), DType::F16 | DType::BF16 | DType::Quant(_));
+        if frozen_rhs {
             check_compute("matmul", self)?;
             if self.device() != rhs.device() {
                 return Err(Error::DeviceMismatch { op: "matmul", lhs: self.device().to_string(), rhs: rhs.device().to_string() });
-            }
-            if matches!(self.device(), crate::backend::Device::Cpu) {
-                return self.matmul(&rhs.to_dtype(DType::F32)?);
             }
         } else {
             check_same("matmul", self, rhs)?;

@@ -124,6 +124,131 @@ pub fn gemm_f32_into(
     gemm_generic::<f32, 4, 16>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
 }
 
+/// A matrix whose rows are decoded on demand — a quantised or half-precision frozen weight
+/// `W` (`rows × cols`, row-major). The product reads it only through this, one row segment at
+/// a time, straight into the packing buffer; no full f32 copy of W ever exists.
+pub trait RowDecoder: Sync {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    /// Elements `start .. start + out.len()` of row `row`.
+    fn decode(&self, row: usize, start: usize, out: &mut [f32]);
+}
+
+/// `C (+)= A · Wᵀ` (`transposed`, the forward `x Wᵀ` of a linear: k = W.cols, n = W.rows) or
+/// `C (+)= A · W` (the `dx = g · W` of its backward: k = W.rows, n = W.cols), with W read
+/// through a [`RowDecoder`]. A is m×k through strides as in [`gemm_f32`]; C is m×n.
+///
+/// The blocked product is the one of [`gemm_f32`]: only the packing of B changes, which
+/// decodes each KC×NR panel from W's rows instead of copying it. Decoding costs O(k·n) per
+/// row block of A against O(m·n·k) arithmetic. Few rows (decoding one token) skip packing and
+/// decode each row of W once.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32_decoded(
+    m: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    w: &dyn RowDecoder,
+    transposed: bool,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    let (k, n) = if transposed { (w.cols(), w.rows()) } else { (w.rows(), w.cols()) };
+    if m == 0 || n == 0 {
+        return;
+    }
+    let mn = m.checked_mul(n).expect("gemm: m*n overflows usize");
+    assert!(c.len() >= mn, "gemm: C has {} elements, needs {}", c.len(), mn);
+    let c = &mut c[..mn];
+    if k == 0 {
+        if !accumulate {
+            c.fill(0.0);
+        }
+        return;
+    }
+    let a_last = last_index(m, k, a_rs, a_cs);
+    assert!(matches!(a_last, Some(l) if l < a.len()), "gemm: A slice too short for its shape");
+    let b = BOperand::Decoded { w, transposed };
+    if m <= SKINNY_M {
+        gemm_skinny_decoded(m, n, k, a, a_rs, a_cs, w, transposed, c, accumulate);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            let plan = Plan { kc: KC_F32, mc: MC_F32, nc: NC_F32, kernel: x86::kernel_f32_6x16 };
+            return run_blocked::<f32, 6, 16>(m, n, k, a, a_rs, a_cs, b, c, plan, accumulate);
+        }
+    }
+    let plan = Plan { kc: 256, mc: 128, nc: 2048, kernel: kernel_portable::<f32, 4, 16> };
+    run_blocked::<f32, 4, 16>(m, n, k, a, a_rs, a_cs, b, c, plan, accumulate)
+}
+
+/// [`gemm_skinny`] for a decoded W: `C[i][j] = A[i]·W[j]` decodes each row of W once for all
+/// m rows of A (transposed), or `C[i] += A[i][p]·W[p]` one decoded row segment at a time.
+#[allow(clippy::too_many_arguments)]
+fn gemm_skinny_decoded(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    w: &dyn RowDecoder,
+    transposed: bool,
+    c: &mut [f32],
+    acc: bool,
+) {
+    use rayon::prelude::*;
+    let arows: Vec<Vec<f32>> = (0..m).map(|i| (0..k).map(|p| a[i * a_rs + p * a_cs]).collect()).collect();
+    if !acc {
+        c.fill(0.0);
+    }
+    // Columns of C per task: whole 256-element blocks of every format when not transposed.
+    const COLS: usize = 256;
+    let cp = SendPtr(c.as_mut_ptr());
+    (0..n.div_ceil(COLS)).into_par_iter().for_each(|blk| {
+        let (j0, j1) = (blk * COLS, ((blk + 1) * COLS).min(n));
+        let cp = &cp;
+        // SAFETY: tasks write disjoint column ranges j0..j1 of C's m rows (C is m×n, checked
+        // by the caller).
+        let at = |i: usize, j: usize| unsafe { &mut *cp.0.add(i * n + j) };
+        if transposed {
+            let mut row = vec![0f32; k];
+            for j in j0..j1 {
+                w.decode(j, 0, &mut row);
+                for (i, ar) in arows.iter().enumerate() {
+                    *at(i, j) += dot(ar, &row);
+                }
+            }
+        } else {
+            let mut seg = vec![0f32; j1 - j0];
+            for p in 0..k {
+                w.decode(p, j0, &mut seg);
+                for (i, ar) in arows.iter().enumerate() {
+                    let ap = ar[p];
+                    for (jj, &v) in seg.iter().enumerate() {
+                        *at(i, j0 + jj) += ap * v;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// A dot product with eight independent partial sums, so it vectorises.
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut partial = [0f32; 8];
+    let (cx, cy) = (x.chunks_exact(8), y.chunks_exact(8));
+    let tail: f32 = cx.remainder().iter().zip(cy.remainder()).map(|(a, b)| a * b).sum();
+    for (a, b) in cx.zip(cy) {
+        for l in 0..8 {
+            partial[l] += a[l] * b[l];
+        }
+    }
+    partial.iter().sum::<f32>() + tail
+}
+
 /// Same as [`gemm_f32`] in double precision (used as the reference path for gradient checks).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_f64(m: usize, n: usize, k: usize, a: &[f64], a_rs: usize, a_cs: usize, b: &[f64], b_rs: usize, b_cs: usize, c: &mut [f64]) {
@@ -266,7 +391,24 @@ fn gemm_generic<T: Elem, const MR: usize, const NR: usize>(
         return;
     }
 
-    let op = Operands { a, a_rs, a_cs, b, b_rs, b_cs, c: SendPtr(c.as_mut_ptr()), ldc: n, k, acc };
+    run_blocked::<T, MR, NR>(m, n, k, a, a_rs, a_cs, BOperand::Strided { b, rs: b_rs, cs: b_cs }, c, plan, acc);
+}
+
+/// The blocked, parallel product for any B operand (shapes and bounds already checked).
+#[allow(clippy::too_many_arguments)]
+fn run_blocked<T: Elem, const MR: usize, const NR: usize>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    a_rs: usize,
+    a_cs: usize,
+    b: BOperand<'_, T>,
+    c: &mut [T],
+    plan: Plan<T>,
+    acc: bool,
+) {
+    let op = Operands { a, a_rs, a_cs, b, c: SendPtr(c.as_mut_ptr()), ldc: n, k, acc };
     // A few tasks per thread rather than exactly one: rayon's work stealing then evens out
     // cores that are slowed by other work, for a few percent of duplicated packing.
     let leaves = rayon::current_num_threads().max(1) * TASKS_PER_THREAD;
@@ -381,14 +523,26 @@ unsafe impl<T: Send> Send for SendPtr<T> {}
 // SAFETY: as above; sharing the pointer value lets each task write its own rectangle.
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
+/// The right operand: a strided slice, or (f32 only) rows decoded on demand.
+enum BOperand<'s, T> {
+    Strided {
+        b: &'s [T],
+        rs: usize,
+        cs: usize,
+    },
+    /// B = Wᵀ (`transposed`) or W, with W read through a [`RowDecoder`].
+    Decoded {
+        w: &'s dyn RowDecoder,
+        transposed: bool,
+    },
+}
+
 /// Everything about one product that is shared by all tasks.
 struct Operands<'s, T> {
     a: &'s [T],
     a_rs: usize,
     a_cs: usize,
-    b: &'s [T],
-    b_rs: usize,
-    b_cs: usize,
+    b: BOperand<'s, T>,
     c: SendPtr<T>,
     ldc: usize,
     k: usize,
@@ -512,9 +666,13 @@ unsafe fn gemm_serial<T: Elem, const MR: usize, const NR: usize>(
         let nb = nc.min(j1 - jc);
         for pc in (0..k).step_by(kc) {
             let kb = kc.min(k - pc);
-            // SAFETY: bpack is big enough for nb (≤ NC) columns of kb (≤ KC) rows; all source
-            // indices lie inside the bounds-checked shape of B.
-            unsafe { pack_b::<T, NR>(kb, nb, op.b, pc * op.b_rs + jc * op.b_cs, op.b_rs, op.b_cs, bpack) };
+            match op.b {
+                // SAFETY: bpack is big enough for nb (≤ NC) columns of kb (≤ KC) rows; all
+                // source indices lie inside the bounds-checked shape of B.
+                BOperand::Strided { b, rs, cs } => unsafe { pack_b::<T, NR>(kb, nb, b, pc * rs + jc * cs, rs, cs, bpack) },
+                // SAFETY: as above; the decoded rows and segments lie inside W's shape.
+                BOperand::Decoded { w, transposed } => unsafe { pack_b_decoded::<T, NR>(kb, nb, pc, jc, w, transposed, bpack) },
+            }
             for ic in (i0..i1).step_by(mc) {
                 let mb = mc.min(i1 - ic);
                 // SAFETY: as for B, with mb ≤ MC rows.
@@ -641,6 +799,58 @@ unsafe fn pack_b<T: Elem, const NR: usize>(kb: usize, nb: usize, b: &[T], off: u
                 for p in 0..kb {
                     let row: [T; NR] = std::array::from_fn(|j| *b.get_unchecked(base + p * rs + j * cs));
                     std::ptr::write_unaligned(d.add(p * NR) as *mut [T; NR], row);
+                }
+            }
+        }
+    }
+}
+
+/// [`pack_b`] for B = Wᵀ or W decoded from W's rows: the kb×nb block at (pc, jc) into column
+/// panels of width NR. For Wᵀ, panel column j is row `jc + j` of W, elements `pc..pc+kb`; for
+/// W, panel row p is row `pc + p` of W, elements `jc..jc+nb`. Only f32 has decoders (the f64
+/// path never sees one).
+///
+/// # Safety
+/// `dst` is valid for `ceil(nb/NR)*NR*kb` writes; the block lies inside B's shape.
+unsafe fn pack_b_decoded<T: Elem, const NR: usize>(
+    kb: usize,
+    nb: usize,
+    pc: usize,
+    jc: usize,
+    w: &dyn RowDecoder,
+    transposed: bool,
+    dst: *mut T,
+) {
+    assert!(std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>(), "decoded operands are f32");
+    let dst = dst as *mut f32;
+    let panels = nb.div_ceil(NR);
+    // SAFETY (whole block): every write is at q*NR*kb + p*NR + j with q < panels, p < kb,
+    // j < NR, inside the contract's length.
+    unsafe {
+        if transposed {
+            let mut row = vec![0f32; kb];
+            for q in 0..panels {
+                let d = dst.add(q * NR * kb);
+                for j in 0..NR {
+                    let col = q * NR + j;
+                    if col < nb {
+                        w.decode(jc + col, pc, &mut row);
+                        for (p, &v) in row.iter().enumerate() {
+                            *d.add(p * NR + j) = v;
+                        }
+                    } else {
+                        for p in 0..kb {
+                            *d.add(p * NR + j) = 0.0;
+                        }
+                    }
+                }
+            }
+        } else {
+            let mut seg = vec![0f32; panels * NR];
+            for p in 0..kb {
+                w.decode(pc + p, jc, &mut seg[..nb]);
+                for q in 0..panels {
+                    std::ptr::copy_nonoverlapping(seg.as_ptr().add(q * NR), dst.add(q * NR * kb + p * NR), NR);
                 }
             }
         }

@@ -30,6 +30,9 @@ pub enum CpuStorage {
     BF16(Vec<bf16>),
     U32(Vec<u32>),
     I32(Vec<i32>),
+    /// A quantised matrix (frozen weights; see [`crate::quant`]). Shared, as it is never
+    /// written.
+    Quant(std::sync::Arc<crate::quant::QMatrix>),
 }
 
 /// Conversion of every storable element type through f64 (used by casts and fills).
@@ -72,6 +75,7 @@ macro_rules! any_dtype {
             CpuStorage::BF16($v) => $body,
             CpuStorage::U32($v) => $body,
             CpuStorage::I32($v) => $body,
+            CpuStorage::Quant(_) => unreachable!("callers handle quantised storage first"),
         }
     };
 }
@@ -106,6 +110,22 @@ macro_rules! impl_from_storage {
 }
 impl_from_storage!(f32, F32);
 impl_from_storage!(f64, F64);
+
+/// The error for an op that cannot read a quantised matrix through `layout`.
+fn quant_view_error(op: &'static str, q: &crate::quant::QMatrix, layout: &Layout) -> Error {
+    Error::InvalidArgument {
+        op: "quantised tensor",
+        msg: format!(
+            "{op} of a {} matrix [{}, {}] viewed as {:?} (strides {:?}) is not supported: a quantised weight is read by \
+             matmul (as W or Wᵀ), embedding lookup and to_dtype",
+            q.format(),
+            q.rows(),
+            q.cols(),
+            layout.shape(),
+            layout.strides()
+        ),
+    }
+}
 
 /// Indices of an index tensor as i64 (U32 or I32 storage).
 fn indices(s: &CpuStorage, layout: &Layout, op: &'static str) -> Result<Vec<i64>> {
@@ -543,14 +563,22 @@ fn lora_kernel<T: GemmFloat>(
     lb: &Layout,
     scale: T,
 ) -> (Vec<T>, Vec<T>) {
-    let (n, m, r) = (lx.shape()[0], lw.shape()[0], la.shape()[0]);
+    let (n, m) = (lx.shape()[0], lw.shape()[0]);
     let mut y = vec![T::ZERO; n * m];
     gemm_xwt(x, lx, w, lw, &mut y, false);
+    let u = lora_add(&mut y, xd, lxd, a, la, b, lb, scale);
+    (y, u)
+}
+
+/// The low-rank part of the LoRA linear: `u = xd aᵀ`, `y += (s·u) bᵀ`; returns `u`.
+#[allow(clippy::too_many_arguments)]
+fn lora_add<T: GemmFloat>(y: &mut [T], xd: &[T], lxd: &Layout, a: &[T], la: &Layout, b: &[T], lb: &Layout, scale: T) -> Vec<T> {
+    let (n, r) = (lxd.shape()[0], la.shape()[0]);
     let mut u = vec![T::ZERO; n * r];
     gemm_xwt(xd, lxd, a, la, &mut u, false);
     let us: Vec<T> = u.iter().map(|&v| v * scale).collect();
-    gemm_xwt(&us, &Layout::contiguous(&[n, r]), b, lb, &mut y, true);
-    (y, u)
+    gemm_xwt(&us, &Layout::contiguous(&[n, r]), b, lb, y, true);
+    u
 }
 
 fn matmul_kernel<T: GemmFloat>(a: &[T], la: &Layout, b: &[T], lb: &Layout) -> Vec<T> {
@@ -568,6 +596,92 @@ fn matmul_kernel<T: GemmFloat>(a: &[T], la: &Layout, b: &[T], lb: &Layout) -> Ve
         T::gemm(m, n, k, &a[oa..], a_rs, a_cs, &b[ob..], b_rs, b_cs, c);
     });
     out
+}
+
+/// Rows of a half-precision matrix (`offset + r·rs + c` holds element (r, c)), decoded to f32.
+struct HalfRows<'a, H> {
+    data: &'a [H],
+    offset: usize,
+    rs: usize,
+    rows: usize,
+    cols: usize,
+}
+
+impl<H: Elem + Into<f32>> gemm::RowDecoder for HalfRows<'_, H> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn decode(&self, row: usize, start: usize, out: &mut [f32]) {
+        let (at, len) = (self.offset + row * self.rs + start, out.len());
+        for (o, &h) in out.iter_mut().zip(&self.data[at..at + len]) {
+            *o = h.into();
+        }
+    }
+}
+
+impl gemm::RowDecoder for crate::quant::QMatrix {
+    fn rows(&self) -> usize {
+        crate::quant::QMatrix::rows(self)
+    }
+    fn cols(&self) -> usize {
+        crate::quant::QMatrix::cols(self)
+    }
+    fn decode(&self, row: usize, start: usize, out: &mut [f32]) {
+        crate::quant::QMatrix::decode(self, row, start, out)
+    }
+}
+
+/// `A · B` for an f32 A and a frozen B that is decoded as it is packed (a quantised matrix, or
+/// f16/bf16), when B's last two axes are W `[rows, cols]` with unit column stride or its
+/// transpose, and its batch axes (if any) broadcast one matrix (stride 0). `None` when the
+/// layout is another view (the caller converts it).
+fn matmul_decoded(a: &[f32], la: &Layout, rhs: &CpuStorage, lb: &Layout) -> Result<Option<Vec<f32>>> {
+    let r = la.rank();
+    let (m, k, n) = (la.shape()[r - 2], la.shape()[r - 1], lb.shape()[r - 1]);
+    let (bs, bst) = (&lb.strides()[r - 2..], &lb.strides()[..r - 2]);
+    if bst.iter().zip(&lb.shape()[..r - 2]).any(|(&s, &d)| s != 0 && d > 1) {
+        return Ok(None);
+    }
+    // W itself (B = W: k rows of n, row stride bs[0]) or its transpose (B = Wᵀ: n rows of k).
+    let (transposed, rows, cols, rs) = if bs[1] == 1 || n == 1 {
+        (false, k, n, bs[0])
+    } else if bs[0] == 1 || k == 1 {
+        (true, n, k, bs[1])
+    } else {
+        return Ok(None);
+    };
+    let (h16, hb16);
+    let dec: &dyn gemm::RowDecoder = match rhs {
+        CpuStorage::Quant(q) => {
+            if lb.offset() != 0 || rs != q.cols() || (rows, cols) != (q.rows(), q.cols()) {
+                return Err(quant_view_error("matmul", q, lb));
+            }
+            q.as_ref()
+        }
+        CpuStorage::F16(v) => {
+            h16 = HalfRows { data: v, offset: lb.offset(), rs, rows, cols };
+            &h16
+        }
+        CpuStorage::BF16(v) => {
+            hb16 = HalfRows { data: v, offset: lb.offset(), rs, rows, cols };
+            &hb16
+        }
+        _ => return Ok(None),
+    };
+    let (a_rs, a_cs) = (la.strides()[r - 2], la.strides()[r - 1]);
+    let batch_a = Layout::new(la.shape()[..r - 2].to_vec(), la.strides()[..r - 2].to_vec(), la.offset());
+    let mut out = vec![0f32; batch_a.numel() * m * n];
+    if m * n == 0 {
+        return Ok(Some(out));
+    }
+    let offsets: Vec<usize> = batch_a.offsets().collect();
+    out.par_chunks_mut(m * n).zip(offsets).for_each(|(c, oa)| {
+        gemm::gemm_f32_decoded(m, &a[oa..], a_rs, a_cs, dec, transposed, c, false);
+    });
+    Ok(Some(out))
 }
 
 fn softmax_kernel<T: Float>(x: &[T], d: usize, log: bool) -> Vec<T> {
@@ -813,11 +927,23 @@ impl CpuStorage {
             CpuStorage::BF16(_) => DType::BF16,
             CpuStorage::U32(_) => DType::U32,
             CpuStorage::I32(_) => DType::I32,
+            CpuStorage::Quant(q) => DType::Quant(q.format()),
         }
     }
 
     pub fn len(&self) -> usize {
-        any_dtype!(self, v => v.len())
+        match self {
+            CpuStorage::Quant(q) => q.rows() * q.cols(),
+            other => any_dtype!(other, v => v.len()),
+        }
+    }
+
+    /// Bytes the buffer takes in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            CpuStorage::Quant(q) => q.bytes(),
+            other => other.len() * other.dtype().size_in_bytes(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -836,6 +962,7 @@ impl CpuStorage {
             DType::BF16 => CpuStorage::BF16(vec![bf16::from_f64(v); n]),
             DType::U32 => CpuStorage::U32(vec![v as u32; n]),
             DType::I32 => CpuStorage::I32(vec![v as i32; n]),
+            DType::Quant(_) => unreachable!("Tensor refuses to fill a quantised dtype"),
         }
     }
 
@@ -848,17 +975,43 @@ impl CpuStorage {
             CpuStorage::BF16(v) => CpuStorage::BF16(gather_strided(v, layout)),
             CpuStorage::U32(v) => CpuStorage::U32(gather_strided(v, layout)),
             CpuStorage::I32(v) => CpuStorage::I32(gather_strided(v, layout)),
+            CpuStorage::Quant(q) => {
+                if layout.is_contiguous() && layout.offset() == 0 {
+                    CpuStorage::Quant(q.clone())
+                } else {
+                    return Err(quant_view_error("copy", q, layout));
+                }
+            }
         })
     }
 
     /// The elements as f64, row-major (for reading values back in any dtype).
     pub fn to_f64_vec(&self, layout: &Layout) -> Vec<f64> {
-        any_dtype!(self, v => cast_to::<_, f64>(v, layout))
+        match self {
+            CpuStorage::Quant(q) => cast_to::<f32, f64>(&q.dequantize(), layout),
+            other => any_dtype!(other, v => cast_to::<_, f64>(v, layout)),
+        }
     }
 
     pub fn cast(&self, layout: &Layout, dtype: DType) -> Result<CpuStorage> {
         if dtype == self.dtype() {
             return self.copy_strided(layout);
+        }
+        if let CpuStorage::Quant(q) = self {
+            // Dequantise (merges, exports, DoRA's norms), then cast through the f32 values.
+            if dtype.is_quant() {
+                return Err(Error::InvalidArgument {
+                    op: "to_dtype",
+                    msg: format!("{} to {dtype:?}: dequantise to f32 first, then quantise (QMatrix::quantize)", q.format()),
+                });
+            }
+            return CpuStorage::F32(q.dequantize()).cast(layout, dtype);
+        }
+        if dtype.is_quant() {
+            return Err(Error::InvalidArgument {
+                op: "to_dtype",
+                msg: format!("quantising to {dtype:?} takes a whole matrix: use Tensor::quantize"),
+            });
         }
         Ok(any_dtype!(self, v => match dtype {
             DType::F32 => CpuStorage::F32(cast_to(v, layout)),
@@ -867,6 +1020,7 @@ impl CpuStorage {
             DType::BF16 => CpuStorage::BF16(cast_to(v, layout)),
             DType::U32 => CpuStorage::U32(cast_to(v, layout)),
             DType::I32 => CpuStorage::I32(cast_to(v, layout)),
+            DType::Quant(_) => unreachable!("checked above"),
         }))
     }
 
@@ -897,6 +1051,13 @@ impl CpuStorage {
     }
 
     pub fn matmul(&self, layout: &Layout, rhs: &CpuStorage, rhs_layout: &Layout) -> Result<CpuStorage> {
+        if let (CpuStorage::F32(a), CpuStorage::Quant(_) | CpuStorage::F16(_) | CpuStorage::BF16(_)) = (self, rhs) {
+            if let Some(out) = matmul_decoded(a, layout, rhs, rhs_layout)? {
+                return Ok(CpuStorage::F32(out));
+            }
+            // A half-precision view the decoder cannot read row by row: convert it.
+            return self.matmul(layout, &rhs.cast(rhs_layout, DType::F32)?, &Layout::contiguous(rhs_layout.shape()));
+        }
         Ok(float_op!(self, "matmul", v => matmul_kernel(v, layout, FromStorage::slice(rhs, "matmul")?, rhs_layout)))
     }
 
@@ -916,6 +1077,16 @@ impl CpuStorage {
         scale: f64,
     ) -> Result<(CpuStorage, CpuStorage)> {
         const OP: &str = "lora_linear";
+        if let (CpuStorage::F32(_), CpuStorage::Quant(_) | CpuStorage::F16(_) | CpuStorage::BF16(_)) = (self, w) {
+            // A frozen weight kept as stored: `x wᵀ` through the decoding GEMM (`w` is W, or
+            // Wᵀ in the `dx` of backward; either way `matmul` reads it as a view).
+            let CpuStorage::F32(mut y) = self.matmul(layout, w, &w_layout.transpose(0, 1)?)? else {
+                unreachable!("an f32 matmul gives f32")
+            };
+            let (xd, a, b) = (f32::slice(xd, OP)?, f32::slice(a, OP)?, f32::slice(b, OP)?);
+            let u = lora_add(&mut y, xd, xd_layout, a, a_layout, b, b_layout, scale as f32);
+            return Ok((CpuStorage::F32(y), CpuStorage::F32(u)));
+        }
         macro_rules! run {
             ($t:ty, $var:ident, $x:expr) => {{
                 let (w, xd) = (<$t>::slice(w, OP)?, <$t>::slice(xd, OP)?);
@@ -998,6 +1169,16 @@ impl CpuStorage {
             CpuStorage::BF16(v) => CpuStorage::BF16(index_select_kernel(&contiguous(v, layout), shape, axis, &idx)),
             CpuStorage::U32(v) => CpuStorage::U32(index_select_kernel(&contiguous(v, layout), shape, axis, &idx)),
             CpuStorage::I32(v) => CpuStorage::I32(index_select_kernel(&contiguous(v, layout), shape, axis, &idx)),
+            CpuStorage::Quant(q) => {
+                // An embedding lookup: decode only the rows asked for.
+                if axis != 0 || !layout.is_contiguous() || layout.offset() != 0 || layout.rank() != 2 {
+                    return Err(quant_view_error("index_select (rows of a quantised table only)", q, layout));
+                }
+                let cols = q.cols();
+                let mut out = vec![0f32; idx.len() * cols];
+                out.par_chunks_mut(cols.max(1)).zip(&idx).for_each(|(o, &r)| q.decode(r, 0, o));
+                CpuStorage::F32(out)
+            }
         })
     }
 
@@ -1069,6 +1250,7 @@ impl CpuStorage {
             CpuStorage::BF16(_) => arm!(BF16),
             CpuStorage::U32(_) => arm!(U32),
             CpuStorage::I32(_) => arm!(I32),
+            CpuStorage::Quant(q) => return Err(quant_view_error("concat", q, parts[0].1)),
         })
     }
 

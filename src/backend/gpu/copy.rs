@@ -26,7 +26,7 @@ fn fill_word(dtype: DType, v: f64) -> u32 {
         }
         DType::U32 => v as u32,
         DType::I32 => (v as i32) as u32,
-        DType::F64 => unreachable!("no f64 on the GPU"),
+        DType::F64 | DType::Quant(_) => unreachable!("no f64 or quantised storage on the GPU"),
     }
 }
 

@@ -801,6 +801,7 @@ pub(crate) fn dtype_code(d: DType) -> u32 {
         DType::U32 => 3,
         DType::I32 => 4,
         DType::F64 => 5,
+        DType::Quant(_) => unreachable!("quantised storage never reaches the GPU (GpuStorage::alloc)"),
     }
 }
 
@@ -826,6 +827,12 @@ impl GpuStorage {
     pub(crate) fn alloc(dev: &GpuDevice, dtype: DType, n: usize, what: &'static str) -> Result<GpuStorage> {
         if dtype == DType::F64 {
             return Err(dev.unsupported(what, "f64 has no GPU kernels (use f32; f64 is the CPU reference type)"));
+        }
+        if let DType::Quant(f) = dtype {
+            return Err(dev.unsupported(
+                what,
+                &format!("{f} weights have no GPU kernels yet: load with --base-dtype f16 (or to_dtype(F16)) on the GPU"),
+            ));
         }
         let bytes = (n * dtype.size_in_bytes()) as u64;
         Ok(GpuStorage { dev: dev.clone(), buf: dev.alloc(bytes.max(4), what)?, dtype, len: n, host: None })
@@ -854,7 +861,7 @@ impl GpuStorage {
             CpuStorage::BF16(v) => bytemuck::cast_slice(v),
             CpuStorage::U32(v) => bytemuck::cast_slice(v),
             CpuStorage::I32(v) => bytemuck::cast_slice(v),
-            CpuStorage::F64(_) => unreachable!("rejected by alloc"),
+            CpuStorage::F64(_) | CpuStorage::Quant(_) => unreachable!("rejected by alloc"),
         };
         if !bytes.is_empty() {
             dev.upload(&out.buf, bytes)?;
@@ -889,7 +896,7 @@ impl GpuStorage {
             DType::BF16 => CpuStorage::BF16(bytemuck::pod_collect_to_vec(&bytes)),
             DType::U32 => CpuStorage::U32(bytemuck::pod_collect_to_vec(&bytes)),
             DType::I32 => CpuStorage::I32(bytemuck::pod_collect_to_vec(&bytes)),
-            DType::F64 => unreachable!("no f64 storage on the GPU"),
+            DType::F64 | DType::Quant(_) => unreachable!("no f64 or quantised storage on the GPU"),
         })
     }
 
