@@ -232,3 +232,49 @@ fn a_quantised_tensor_says_what_it_cannot_do() {
     let x = Tensor::from_vec(eye, &[64, 64], &Device::Cpu).unwrap();
     assert_near("identity product", &x.matmul(&w.t().unwrap()).unwrap(), &d.t().unwrap());
 }
+
+/// `tests/fixtures/quant/reference.safetensors` (scripts/make_quant_fixtures.py): tensors of
+/// any dtype as raw little-endian bytes.
+fn fixture() -> std::collections::HashMap<String, Vec<u8>> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quant/reference.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors().into_iter().map(|(name, view)| (name, view.data().to_vec())).collect()
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+#[test]
+fn quant_fixtures_match_gguf_py_and_bitsandbytes() {
+    use tinytune::quant::nf4;
+    let fx = fixture();
+    // Every GGML block format decodes bit for bit as gguf-py does.
+    for t in GGML_FORMATS {
+        let blocks = fx[&format!("{}.blocks", t.name())].clone();
+        let want = f32s(&fx[&format!("{}.values", t.name())]);
+        let got = QMatrix::from_ggml(t, 3, 512, blocks).unwrap().dequantize();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "{}: element {i}: {g} vs gguf-py {w}", t.name());
+        }
+    }
+    // NF4: codes, scales and the double quantisation equal bitsandbytes' on the CPU.
+    let x = f32s(&fx["nf4.input"]);
+    assert_eq!(nf4::dynamic_code().as_slice(), f32s(&fx["nf4.dynamic_code"]).as_slice(), "dynamic code");
+    let (codes, absmax) = nf4::quantize_nf4_single(&x);
+    assert_eq!(absmax, f32s(&fx["nf4.absmax"]), "absmax");
+    let packed: Vec<u8> = codes.chunks_exact(2).map(|p| (p[0] << 4) | p[1]).collect();
+    assert_eq!(packed, fx["nf4.codes"], "NF4 codes");
+    let (packed2, dq) = nf4::quantize(&x);
+    assert_eq!(packed2, packed);
+    assert_eq!(dq.q, fx["nf4dq.absmax_q"], "double-quantised scales");
+    assert_eq!(dq.scale, f32s(&fx["nf4dq.absmax_scale"]), "scales of the scales");
+    let offset = f32s(&fx["nf4dq.offset"])[0];
+    assert!((dq.offset - offset).abs() <= f32::EPSILON * offset, "offset {} vs {offset}", dq.offset);
+    let got = QMatrix::quantize(QFormat::Nf4, 8, 512, &x).unwrap().dequantize();
+    let want = f32s(&fx["nf4dq.values"]);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((g - w).abs() <= 1e-6 * w.abs().max(1e-3), "NF4 element {i}: {g} vs bitsandbytes {w}");
+    }
+}

@@ -45,35 +45,37 @@ pub const LEVELS: [f32; 16] = [
 
 /// bitsandbytes' signed 8-bit dynamic code (`create_dynamic_map(signed=True)`, Dettmers 2016):
 /// for exponents `e = 0..7`, the `2^e` midpoints of `linspace(0.1, 1, 2^e + 1)` (in f32) times
-/// `10^(e−6)`, with both signs; then 0 and 1; sorted. 256 values in [−1, 1].
+/// `10^(e−6)` (in f32), with both signs; then 0 and 1; sorted. 256 values in [−1, 1].
 pub fn dynamic_code() -> &'static [f32; 256] {
     static CODE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
     CODE.get_or_init(|| {
-        let mut data: Vec<f64> = Vec::with_capacity(256);
+        let mut code: Vec<f32> = Vec::with_capacity(256);
         for e in 0..7i32 {
             let n = (1usize << e) + 1;
             let b = linspace_f32(0.1, 1.0, n);
             for w in b.windows(2) {
+                // All in f32, as torch multiplies an f32 tensor by a Python scalar.
                 let mean = (w[0] + w[1]) / 2.0;
-                let mag = 10f64.powi(e - 6) * mean as f64;
-                data.push(mag);
-                data.push(-mag);
+                let mag = 10f64.powi(e - 6) as f32 * mean;
+                code.push(mag);
+                code.push(-mag);
             }
         }
-        data.push(0.0);
-        data.push(1.0);
-        let mut code: Vec<f32> = data.iter().map(|&v| v as f32).collect();
+        code.push(0.0);
+        code.push(1.0);
         code.sort_by(|a, b| a.total_cmp(b));
         code.try_into().expect("7 exponents give 254 values, plus 0 and 1")
     })
 }
 
-/// `torch.linspace(start, end, n)` in f32: the first half counts up from `start`, the second
-/// half down from `end`, with `step = (end − start)/(n − 1)`.
+/// `torch.linspace(start, end, n)` in f32, as its CPU kernel computes it: the first half
+/// counts up from `start`, the second half down from `end`, each point one fused
+/// multiply-add with `step = (end − start)/(n − 1)` (the fused rounding matters: it is what
+/// makes the code bit-identical to bitsandbytes').
 fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     let step = (end - start) / (n - 1) as f32;
     let half = n / 2;
-    (0..n).map(|i| if i < half { start + step * i as f32 } else { end - step * (n - 1 - i) as f32 }).collect()
+    (0..n).map(|i| if i < half { step.mul_add(i as f32, start) } else { (-step).mul_add((n - 1 - i) as f32, end) }).collect()
 }
 
 /// The index of the value among `levels` that `x` rounds to: the number of midpoints
