@@ -23,6 +23,10 @@ pub struct FinetuneArgs {
     /// Model directory or .gguf file.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// The frozen weights' type: keep (as stored: GGUF blocks stay quantised, f16/bf16 stay
+    /// 16-bit), f32, f16, bf16, nf4 (QLoRA: the block linears in NF4) or int8 [default: keep].
+    #[arg(long)]
+    pub base_dtype: Option<crate::quant::BaseDType>,
     /// Training data, JSONL: {"text"}, {"prompt","completion"}, {"messages"} or {"text","label"}.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -239,6 +243,7 @@ impl FinetuneArgs {
             self,
             file,
             model,
+            base_dtype,
             data,
             eval_data,
             eval_split,

@@ -482,13 +482,13 @@ fn malformed_files_are_errors_naming_the_field() {
     // A type GGML knows but tinytune does not dequantise: the file opens (its byte ranges are
     // checked), loading the tensor is the error.
     let mut b = Builder::header(3, 1, 0);
-    b.tensor("blk.0.ffn_up.weight", &[256, 2], 12, 0).data(32, 288);
+    b.tensor("blk.0.ffn_up.weight", &[256, 2], 23, 0).data(32, 272);
     let f = b.parse().unwrap();
     assert_format_err(
         f.load("blk.0.ffn_up.weight", &Device::Cpu),
         "bad.gguf",
-        "'blk.0.ffn_up.weight': tensor type Q4_K (12) is not supported",
-        "Q4_K",
+        "'blk.0.ffn_up.weight': tensor type IQ4_XS (23) is not supported",
+        "IQ4_XS",
     );
 }
 

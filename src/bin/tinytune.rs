@@ -11,6 +11,7 @@ use tinytune::io::config::RawConfig;
 use tinytune::io::{Checkpoint, GgufFile, GgufValue, Tokenizer};
 use tinytune::models::{self, CausalLm, GenerateOptions, Sampling};
 use tinytune::peft::{format, ClassifierHead};
+use tinytune::quant::BaseDType;
 use tinytune::train::data::{DataFormat, DataOptions, Dataset};
 use tinytune::train::{self};
 use tinytune::{DType, Device, Error, Result};
@@ -70,6 +71,10 @@ enum Command {
         /// The same, as every other command takes it.
         #[arg(long = "model", value_name = "MODEL")]
         model_flag: Option<PathBuf>,
+        /// Load the model on the CPU with this frozen-weight type (keep, f32, f16, bf16, nf4,
+        /// int8) and report the bytes its weights take in memory.
+        #[arg(long)]
+        base_dtype: Option<BaseDType>,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -221,6 +226,10 @@ pub struct Common {
     /// A fine-tuned adapter directory (PEFT layout) to apply on top of the model.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// The frozen weights' type: keep (as stored: GGUF blocks stay quantised, f16/bf16 stay
+    /// 16-bit), f32, f16, bf16, nf4 or int8 [default: keep].
+    #[arg(long, default_value = "keep")]
+    base_dtype: BaseDType,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -245,7 +254,7 @@ impl Common {
 
     /// [`Common::load`], with how the adapter's training encoded its data (if it says).
     pub fn load_adapter(&self, device: &Device) -> Result<(Box<dyn CausalLm>, Option<ClassifierHead>, Trained)> {
-        let mut model = load_model(&self.model, device)?;
+        let mut model = load_model(&self.model, device, self.base_dtype)?;
         let (head, trained) = match &self.adapter {
             Some(dir) => {
                 let loaded = format::load(dir, model.as_mut(), device)?;
@@ -258,10 +267,10 @@ impl Common {
 }
 
 /// [`models::load`] under a spinner; a log file is told first when the weights are large.
-fn load_model(path: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
+fn load_model(path: &Path, device: &Device, base: BaseDType) -> Result<Box<dyn CausalLm>> {
     let bytes = weight_bytes(path);
     let what = format!("loading {} ({:.0} MB) onto {device}", path.display(), bytes as f64 / 1e6);
-    progress::spin(&what, bytes > 500_000_000, || models::load(path, device))
+    progress::spin(&what, bytes > 500_000_000, || models::load_with(path, device, base))
 }
 
 /// Bytes of a model's weight files: a .gguf file, or the .safetensors files of a directory.
@@ -330,18 +339,28 @@ fn summarize_gguf(path: &PathBuf) -> Result<Summary> {
     })
 }
 
-fn inspect(model: &PathBuf, as_json: bool) -> Result<()> {
+fn inspect(model: &PathBuf, base: Option<BaseDType>, as_json: bool) -> Result<()> {
     let s = if model.is_file() { summarize_gguf(model)? } else { summarize_hf(model)? };
+    // With --base-dtype: load on the CPU and count the bytes the weights take there.
+    let memory = match base {
+        Some(b) => Some(models::weight_bytes(load_model(model, &Device::Cpu, b)?.as_mut())?),
+        None => None,
+    };
     if as_json {
-        outln!(
-            "{}",
-            json!({ "architecture": s.architecture, "tensors": s.tensors, "parameters": s.parameters, "dtypes": s.dtypes, "config": s.config })
-        );
+        let mut j = json!({ "architecture": s.architecture, "tensors": s.tensors, "parameters": s.parameters, "dtypes": s.dtypes, "config": s.config });
+        if let (Some((total, by)), Some(b)) = (&memory, base) {
+            j["memory"] = json!({ "base_dtype": b.name(), "bytes": total, "by_dtype": by.iter().cloned().collect::<std::collections::BTreeMap<_, _>>() });
+        }
+        outln!("{j}");
     } else {
         outln!("architecture: {}", s.architecture);
         outln!("tensors:      {}", s.tensors);
         outln!("parameters:   {}", s.parameters);
         outln!("dtypes:       {}", s.dtypes.iter().map(|(k, v)| format!("{k} ×{v}")).collect::<Vec<_>>().join(", "));
+        if let (Some((total, by)), Some(b)) = (&memory, base) {
+            let parts: Vec<String> = by.iter().map(|(k, v)| format!("{k} {:.1} MB", *v as f64 / 1e6)).collect();
+            outln!("memory:       {:.1} MB of weights with --base-dtype {} ({})", *total as f64 / 1e6, b.name(), parts.join(", "));
+        }
         outln!("config:       {}", serde_json::to_string_pretty(&s.config).unwrap_or_default());
     }
     Ok(())
@@ -476,9 +495,11 @@ fn refuse_overwrite(flag: &str, out: &Path, inputs: &[(&str, &Path)]) -> Result<
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Inspect { model, model_flag, json } => {
-            inspect(&model.or(model_flag).ok_or_else(|| Error::InvalidArgument { op: "inspect", msg: "give a model".into() })?, json)
-        }
+        Command::Inspect { model, model_flag, base_dtype, json } => inspect(
+            &model.or(model_flag).ok_or_else(|| Error::InvalidArgument { op: "inspect", msg: "give a model".into() })?,
+            base_dtype,
+            json,
+        ),
         Command::Tokenize { model, text, no_special_tokens, json } => {
             let ids = Tokenizer::for_model(&model)?.encode(&text, !no_special_tokens)?;
             if json {
@@ -588,7 +609,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(o) => return Err(Error::InvalidArgument { op: "merge --dtype", msg: format!("'{o}' is not f32, f16 or bf16") }),
                 None => stored_dtype(&model)?,
             };
-            let mut m = load_model(&model, &Device::Cpu)?;
+            let mut m = load_model(&model, &Device::Cpu, BaseDType::Keep)?;
             let loaded = format::load(&adapter, m.as_mut(), &Device::Cpu)?;
             // A head alone refuses (HeadOnly::merge), as every method that cannot be merged.
             let method = &loaded.method;

@@ -702,14 +702,7 @@ impl Weights for GgufLlamaWeights<'_> {
             )));
         }
         let mut data = f.dequantize(&g)?;
-        let heads = if g.contains(".attn_q.") {
-            Some(self.n_head)
-        } else if g.contains(".attn_k.") {
-            Some(self.n_kv_head)
-        } else {
-            None
-        };
-        if let Some(n) = heads {
+        if let Some(n) = self.heads(&g) {
             let rows = shape.first().copied().unwrap_or(0);
             let cols = shape.get(1).copied().unwrap_or(1);
             data = unpermute_rows(&data, rows, cols, n)
@@ -717,4 +710,65 @@ impl Weights for GgufLlamaWeights<'_> {
         }
         Tensor::from_vec(data, shape, device)?.to_dtype(dtype)
     }
+
+    fn get_stored(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let f = self.file;
+        let g = llama_gguf_name(name).ok_or_else(|| f.error(format!("no GGUF tensor corresponds to '{name}'")))?;
+        let Some(info) = f.tensor_info(&g) else { return self.get(name, shape, DType::F32, device) };
+        let (ty, rows, cols) = (info.ty, shape.first().copied().unwrap_or(0), shape.get(1).copied().unwrap_or(1));
+        let stored = match ty {
+            GgmlType::F16 => DType::F16,
+            GgmlType::BF16 => DType::BF16,
+            _ if shape.len() == 2 && crate::quant::QFormat::from_ggml(ty).is_some() => {
+                if device.is_gpu() {
+                    // No WGSL decoders yet: the GPU reads half precision directly.
+                    return self.get(name, shape, DType::F16, device);
+                }
+                if info.shape() != shape {
+                    return self.get(name, shape, DType::F32, device);
+                }
+                let mut q = crate::quant::QMatrix::from_ggml(ty, rows, cols, f.tensor_bytes(&g)?.to_vec())
+                    .map_err(|e| f.error(format!("tensor '{g}': {e}")))?;
+                if let Some(n) = self.heads(&g) {
+                    let order = unpermute_order(rows, n)
+                        .ok_or_else(|| f.error(format!("tensor '{g}': {rows} rows do not split into {n} heads of an even size")))?;
+                    q = q.permute_rows(&order).map_err(|e| f.error(format!("tensor '{g}': {e}")))?;
+                }
+                return Tensor::from_qmatrix(q, device);
+            }
+            _ => DType::F32,
+        };
+        self.get(name, shape, stored, device)
+    }
+}
+
+impl GgufLlamaWeights<'_> {
+    /// The heads whose rows llama.cpp's converter permuted (q and k projections).
+    fn heads(&self, g: &str) -> Option<usize> {
+        if g.contains(".attn_q.") {
+            Some(self.n_head)
+        } else if g.contains(".attn_k.") {
+            Some(self.n_kv_head)
+        } else {
+            None
+        }
+    }
+}
+
+/// The row order that undoes llama.cpp's q/k permutation: row `i` of the result is row
+/// `order[i]` of the stored matrix (the same map as [`unpermute_rows`]).
+fn unpermute_order(rows: usize, n_head: usize) -> Option<Vec<usize>> {
+    if n_head == 0 || rows % n_head != 0 || (rows / n_head) % 2 != 0 {
+        return None;
+    }
+    let (d, half) = (rows / n_head, rows / n_head / 2);
+    let mut order = vec![0; rows];
+    for h in 0..n_head {
+        for j in 0..2 {
+            for i in 0..half {
+                order[h * d + j * half + i] = h * d + 2 * i + j;
+            }
+        }
+    }
+    Some(order)
 }

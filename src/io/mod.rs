@@ -81,6 +81,11 @@ pub trait Weights {
     fn contains(&self, name: &str) -> bool;
     /// Load `name`, check it has `shape`, convert it to `dtype`; errors name the file.
     fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor>;
+    /// Load a frozen matrix as stored (`--base-dtype keep`): f16/bf16 stay 16-bit, GGUF blocks
+    /// stay quantised (a [`crate::quant::QMatrix`]; on the GPU, which has no decoders yet, f16).
+    fn get_stored(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        self.get(name, shape, DType::F32, device)
+    }
 }
 
 impl Weights for Checkpoint {
@@ -89,5 +94,13 @@ impl Weights for Checkpoint {
     }
     fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         Checkpoint::get(self, name, shape, dtype, device)
+    }
+    fn get_stored(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let stored = match self.info(name).map(|i| i.1) {
+            Some(d) if d == "F16" => DType::F16,
+            Some(d) if d == "BF16" => DType::BF16,
+            _ => DType::F32,
+        };
+        Checkpoint::get(self, name, shape, stored, device)
     }
 }

@@ -209,7 +209,7 @@ pub struct Llama {
 }
 
 fn linear(w: &dyn Weights, name: &str, out: usize, inp: usize, bias: bool, dev: &Device) -> Result<Linear> {
-    let weight = w.get(&format!("{name}.weight"), &[out, inp], COMPUTE, dev)?;
+    let weight = w.get_stored(&format!("{name}.weight"), &[out, inp], dev)?;
     let bias = if bias { Some(w.get(&format!("{name}.bias"), &[out], COMPUTE, dev)?) } else { None };
     Ok(Linear::new(name, weight, bias))
 }
@@ -238,7 +238,7 @@ impl Llama {
         let c = &config;
         let (d, bc) = (c.hidden_size, c.block_config());
         let embed =
-            Embedding { name: "model.embed_tokens".into(), weight: w.get("model.embed_tokens.weight", &[c.vocab_size, d], COMPUTE, dev)? };
+            Embedding { name: "model.embed_tokens".into(), weight: w.get_stored("model.embed_tokens.weight", &[c.vocab_size, d], dev)? };
         let mut blocks = Vec::new();
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");

@@ -176,10 +176,85 @@ fn check_layer_count(path: &Path, key: &str, declared: usize, stored: Option<usi
     }
 }
 
-/// Load a model: a Hugging Face directory (`config.json` + safetensors weights), or a GGUF
-/// file (a path ending in `.gguf`, or any file starting with the GGUF magic).
+/// Load a model with its frozen weights as stored (`BaseDType::Keep`): a Hugging Face
+/// directory (`config.json` + safetensors weights), or a GGUF file (a path ending in `.gguf`,
+/// or any file starting with the GGUF magic).
 pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Box<dyn CausalLm>> {
-    let path = path.as_ref();
+    load_with(path, device, crate::quant::BaseDType::Keep)
+}
+
+/// [`load`] with a frozen-weight policy (`--base-dtype`): see [`apply_base_dtype`].
+pub fn load_with(path: impl AsRef<Path>, device: &Device, base: crate::quant::BaseDType) -> Result<Box<dyn CausalLm>> {
+    let mut model = load_stored(path.as_ref(), device)?;
+    apply_base_dtype(model.as_mut(), base)?;
+    Ok(model)
+}
+
+/// Put a model's frozen matrices in the type `base` asks for:
+/// * `Keep`: as loaded (GGUF blocks quantised, 16-bit checkpoints 16-bit);
+/// * `F32`, `F16`, `BF16`: every matrix (linears, embeddings, the output layer) in that type,
+///   quantised ones dequantised;
+/// * `Nf4`, `Int8`: the linears of the blocks quantised (QLoRA); the embeddings and the output
+///   layer stay as stored, as bitsandbytes leaves them.
+///
+/// Norms and biases are always f32. On the GPU only the float policies apply (no WGSL decoders
+/// for the quantised formats yet).
+pub fn apply_base_dtype(model: &mut dyn CausalLm, base: crate::quant::BaseDType) -> Result<()> {
+    use crate::quant::{BaseDType, QFormat};
+    let target = match base {
+        BaseDType::Keep => return Ok(()),
+        BaseDType::F32 => crate::DType::F32,
+        BaseDType::F16 => crate::DType::F16,
+        BaseDType::BF16 => crate::DType::BF16,
+        BaseDType::Nf4 => crate::DType::Quant(QFormat::Nf4),
+        BaseDType::Int8 => crate::DType::Quant(QFormat::Int8),
+    };
+    let blocks: std::collections::HashSet<String> =
+        model.decoder_mut().linears_mut().iter().map(|l| format!("{}.weight", l.name)).collect();
+    model.visit_parameters(&mut |name, t| {
+        if t.rank() != 2 || t.dtype() == target {
+            return Ok(());
+        }
+        *t = match target {
+            crate::DType::Quant(f) if blocks.contains(name) => {
+                if t.device().is_gpu() {
+                    return Err(Error::Unsupported {
+                        op: "--base-dtype",
+                        device: t.device().to_string(),
+                        msg: format!("{f} weights have no GPU kernels yet; use --base-dtype f16 or keep on the GPU"),
+                    });
+                }
+                t.quantize(f).map_err(|e| Error::InvalidArgument { op: "--base-dtype", msg: format!("{name}: {e}") })?
+            }
+            crate::DType::Quant(_) => return Ok(()),
+            d => t.to_dtype(d)?,
+        };
+        Ok(())
+    })
+}
+
+/// Bytes the model's weights take in memory (each buffer counted once), and how many of
+/// them by dtype name.
+pub fn weight_bytes(model: &mut dyn CausalLm) -> Result<(usize, Vec<(String, usize)>)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut by: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut total = 0;
+    model.visit_parameters(&mut |_, t| {
+        if seen.insert(std::sync::Arc::as_ptr(&t.storage_arc()) as *const () as usize) {
+            let b = t.storage_bytes();
+            total += b;
+            let name = match t.dtype() {
+                crate::DType::Quant(f) => f.name().to_string(),
+                d => format!("{d:?}").to_lowercase(),
+            };
+            *by.entry(name).or_default() += b;
+        }
+        Ok(())
+    })?;
+    Ok((total, by.into_iter().collect()))
+}
+
+fn load_stored(path: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
     if is_gguf(path) {
         return load_gguf(path, device);
     }

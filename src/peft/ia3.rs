@@ -167,6 +167,8 @@ impl Ia3Adapter {
 
 /// Fold `layer` into `lin`'s weight (and bias), or divide it out (`inverse`).
 fn scale(lin: &mut Linear, layer: &Ia3Layer, inverse: bool) -> Result<()> {
+    // A base kept as stored (16-bit or quantised) is scaled in float.
+    lin.weight = lin.weight.to_dtype(super::trainable_dtype(lin.weight.dtype()))?;
     let l = layer.l.detach().to_dtype(lin.weight.dtype())?;
     let l = if inverse { l.ones_like()?.div(&l)? } else { l };
     // (out, 1) scales the rows of W: [out, in]; (1, in) its columns: both broadcast as stored.

@@ -281,7 +281,10 @@ impl LoraAdapter {
         let mut norms = Vec::new();
         crate::autograd::with_no_grad(|| -> Result<()> {
             for (lin, layer) in self.sites(model)? {
-                let w = lin.weight.add(&layer.delta_weight()?.to_dtype(lin.weight.dtype())?)?;
+                // A base kept as stored (16-bit or quantised) is dequantised and merged in
+                // float: the merged weight is dense f32 (save it as f16/bf16 if wanted).
+                let w0 = lin.weight.to_dtype(super::trainable_dtype(lin.weight.dtype()))?;
+                let w = w0.add(&layer.delta_weight()?.to_dtype(w0.dtype())?)?;
                 let (w, norm) = match &layer.magnitude {
                     None => (w, None),
                     Some(m) => {

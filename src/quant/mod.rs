@@ -283,6 +283,13 @@ impl std::str::FromStr for BaseDType {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for BaseDType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

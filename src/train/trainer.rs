@@ -269,6 +269,18 @@ fn model_hash(model: &mut dyn CausalLm) -> Result<String> {
     let mut h = fnv(FNV_START, model.config_json().to_string().as_bytes());
     let mut sample = Vec::new();
     model.visit_parameters(&mut |_, t| {
+        // A quantised matrix is read through its first and last rows (the same values the
+        // flattened view would give, decoded).
+        let t = &match t.dtype() {
+            crate::DType::Quant(_) if t.shape()[0] > 0 => {
+                let r = t.shape()[0];
+                Tensor::concat(
+                    &[&t.narrow(0, 0, 1)?.to_dtype(crate::DType::F32)?, &t.narrow(0, r - 1, 1)?.to_dtype(crate::DType::F32)?],
+                    0,
+                )?
+            }
+            _ => t.clone(),
+        };
         let flat = t.flatten_all()?;
         let n = flat.numel();
         for (start, len) in [(0, n.min(16)), (n.saturating_sub(16), n.min(16))] {

@@ -1005,6 +1005,16 @@ impl CpuStorage {
                     msg: format!("{} to {dtype:?}: dequantise to f32 first, then quantise (QMatrix::quantize)", q.format()),
                 });
             }
+            let cols = q.cols();
+            // Whole rows (`narrow` on axis 0): decode only those.
+            if layout.rank() == 2 && layout.strides() == [cols, 1] && layout.offset() % cols.max(1) == 0 && layout.shape()[1] == cols {
+                let (r0, n) = (layout.offset() / cols.max(1), layout.shape()[0]);
+                let mut out = vec![0f32; n * cols];
+                for (i, o) in out.chunks_mut(cols.max(1)).enumerate() {
+                    q.decode(r0 + i, 0, o);
+                }
+                return CpuStorage::F32(out).cast(&Layout::contiguous(layout.shape()), dtype);
+            }
             return CpuStorage::F32(q.dequantize()).cast(layout, dtype);
         }
         if dtype.is_quant() {

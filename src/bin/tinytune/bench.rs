@@ -21,6 +21,7 @@ use tinytune::io::Tokenizer;
 use tinytune::models::CausalLm;
 use tinytune::optim::{AdamW, Optimizer, ParamGroup};
 use tinytune::peft::LoraConfig;
+use tinytune::quant::BaseDType;
 use tinytune::train::data::{DataKind, DataOptions, Dataset};
 use tinytune::train::{self, TrainConfig};
 use tinytune::{profile, CrossEntropyReduction, Device, Error, Result, Tensor};
@@ -118,7 +119,7 @@ fn review_batch(data: &Path, tok: &Tokenizer, model: &dyn CausalLm) -> Result<Da
 }
 
 fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device: &Device) -> Result<Measured> {
-    let mut model = super::load_model(model_path, device)?;
+    let mut model = super::load_model(model_path, device, BaseDType::Keep)?;
     match case {
         "lora-step" => {
             let cfg =
