@@ -361,10 +361,27 @@ pub fn decode_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
             }
         }
         _ => {
-            let block = block_decoder(ty).expect("decode_into: callers check can_dequantize");
             let (bs, ts) = (ty.block_size(), ty.type_size());
-            for (x, c) in out.chunks_exact_mut(bs).zip(bytes.chunks_exact(ts)) {
-                block(c, x);
+            // One loop per format with its decoder called directly, so it inlines (a call
+            // through a function pointer per 32-value block costs as much as the decoding).
+            #[inline(always)]
+            fn blocks(out: &mut [f32], bytes: &[u8], bs: usize, ts: usize, f: impl Fn(&[u8], &mut [f32])) {
+                for (x, c) in out.chunks_exact_mut(bs).zip(bytes.chunks_exact(ts)) {
+                    f(c, x);
+                }
+            }
+            match ty {
+                GgmlType::Q8_0 => blocks(out, bytes, bs, ts, q8_0_block),
+                GgmlType::Q4_0 => blocks(out, bytes, bs, ts, q4_0_block),
+                GgmlType::Q4_1 => blocks(out, bytes, bs, ts, q4_1_block),
+                GgmlType::Q5_0 => blocks(out, bytes, bs, ts, q5_0_block),
+                GgmlType::Q5_1 => blocks(out, bytes, bs, ts, q5_1_block),
+                GgmlType::Q2_K => blocks(out, bytes, bs, ts, q2_k_block),
+                GgmlType::Q3_K => blocks(out, bytes, bs, ts, q3_k_block),
+                GgmlType::Q4_K => blocks(out, bytes, bs, ts, q4_k_block),
+                GgmlType::Q5_K => blocks(out, bytes, bs, ts, q5_k_block),
+                GgmlType::Q6_K => blocks(out, bytes, bs, ts, q6_k_block),
+                _ => unreachable!("decode_into: callers check can_dequantize"),
             }
         }
     }

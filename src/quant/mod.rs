@@ -204,8 +204,16 @@ impl QMatrix {
         debug_assert!(row < self.rows && start + out.len() <= self.cols);
         let bs = self.format.block_size();
         let end = start + out.len();
+        if let QFormat::Ggml(t) = self.format {
+            if start % bs == 0 && end % bs == 0 {
+                // Whole blocks: one pass over the row's bytes.
+                let ts = t.type_size();
+                let at = (row * (self.cols / bs) + start / bs) * ts;
+                ggml::decode_into(t, &self.data[at..at + out.len() / bs * ts], out);
+                return;
+            }
+        }
         let mut col = start;
-        let mut tmp = [0f32; 256];
         while col < end {
             let blk = col / bs;
             let b0 = blk * bs;
@@ -214,6 +222,7 @@ impl QMatrix {
             if col == b0 && take == bs {
                 self.decode_block(row, blk, o);
             } else {
+                let mut tmp = [0f32; 256];
                 self.decode_block(row, blk, &mut tmp[..bs]);
                 o.copy_from_slice(&tmp[col - b0..col - b0 + take]);
             }
