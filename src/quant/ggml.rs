@@ -407,11 +407,17 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), Str
     Ok(())
 }
 
-/// Quantise `x` (a whole number of blocks) to a GGML block format tinytune writes, as ggml's
-/// reference quantisers (`quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`) and gguf-py do:
+/// The formats [`quantize`] writes.
+pub const WRITES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K";
+
+/// Quantise `x` (a whole number of blocks) to a GGML block format tinytune writes. Q8_0, Q4_0
+/// and Q5_0 round as ggml's reference quantisers and gguf-py do:
 /// * Q8_0: `d = max|x|/127`, `q = round(x/d)` (half away from zero);
 /// * Q4_0: `d = m/−8` with `m` the value of largest magnitude (sign kept), `q = min(15,
-///   trunc(x/d + 8.5))`.
+///   trunc(x/d + 8.5))`;
+/// * Q5_0: `d = m/−16`, `q = min(31, trunc(x/d + 16.5))`, the fifth bits in `qh`;
+/// * Q4_K: see [`q4_k_quantize`] (a least-squares fit of each sub-block's scale and min; its
+///   blocks decode as every Q4_K block does, but it is not ggml's search, so its bytes differ).
 ///
 /// `d` is stored as f16 (the division uses the f32 `d`, as ggml does).
 pub fn quantize(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>, String> {
@@ -439,9 +445,115 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>, String> {
                 out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
             }
         }
-        _ => return Err(format!("tinytune does not write {ty} (it writes Q8_0 and Q4_0)")),
+        GgmlType::Q5_0 => {
+            for b in x.chunks_exact(32) {
+                let m = b.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let d = m / -16.0;
+                let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+                out.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+                let q = |v: f32| ((v * id + 16.5) as i8).min(31) as u8;
+                let qh = (0..16).fold(0u32, |h, j| h | (((q(b[j]) >> 4) as u32) << j) | (((q(b[j + 16]) >> 4) as u32) << (j + 16)));
+                out.extend_from_slice(&qh.to_le_bytes());
+                out.extend((0..16).map(|j| (q(b[j]) & 0x0F) | ((q(b[j + 16]) & 0x0F) << 4)));
+            }
+        }
+        GgmlType::Q4_K => {
+            let blocks: Vec<[u8; 144]> = x.par_chunks_exact(256).map(q4_k_quantize).collect();
+            out.extend(blocks.iter().flatten());
+        }
+        GgmlType::F32 => out.extend(x.iter().flat_map(|v| v.to_le_bytes())),
+        GgmlType::F16 => out.extend(x.iter().flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes())),
+        GgmlType::BF16 => out.extend(x.iter().flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())),
+        _ => return Err(format!("tinytune does not write {ty} (it writes {WRITES})")),
     }
     Ok(out)
+}
+
+/// The scale `s ≥ 0` and min `m ≥ 0` of one Q4_K sub-block (`x ≈ s·q − m`, `q ∈ 0..=15`) that
+/// fit `x` best in least squares: for each of a few starting scales, alternate rounding `q`
+/// and the closed-form fit of `(s, m)` to those `q`, and keep the pair with the smallest error.
+fn q4_k_fit(x: &[f32]) -> (f32, f32) {
+    let (lo, hi) = x.iter().fold((0f32, 0f32), |(a, b), &v| (a.min(v), b.max(v)));
+    if hi <= lo {
+        return (0.0, -lo);
+    }
+    let err = |s: f32, m: f32| -> f32 {
+        x.iter()
+            .map(|&v| {
+                let q = if s > 0.0 { ((v + m) / s).round().clamp(0.0, 15.0) } else { 0.0 };
+                (s * q - m - v).powi(2)
+            })
+            .sum()
+    };
+    let mut best = ((hi - lo) / 15.0, -lo);
+    let mut best_err = err(best.0, best.1);
+    for step in 0..=12 {
+        // Starting scales a little below and above the range / 15, as the rounding prefers.
+        let mut s = (hi - lo) / (15.0 + 0.1 * (step as f32 - 6.0));
+        let mut m = -lo;
+        for _ in 0..3 {
+            let q: Vec<f32> = x.iter().map(|&v| ((v + m) / s).round().clamp(0.0, 15.0)).collect();
+            // Least squares of v = s·q + c over the sub-block, then m = −c (kept ≥ 0).
+            let n = x.len() as f32;
+            let (sq, sqq) = (q.iter().sum::<f32>(), q.iter().map(|q| q * q).sum::<f32>());
+            let (sv, sqv) = (x.iter().sum::<f32>(), q.iter().zip(x).map(|(q, v)| q * v).sum::<f32>());
+            let det = n * sqq - sq * sq;
+            if det <= 0.0 {
+                break;
+            }
+            let s_new = (n * sqv - sq * sv) / det;
+            let c = (sv - s_new * sq) / n;
+            if s_new <= 0.0 {
+                break;
+            }
+            let (s2, m2) = if c > 0.0 { (sqv / sqq, 0.0) } else { (s_new, -c) };
+            s = s2;
+            m = m2;
+        }
+        let e = err(s, m);
+        if e < best_err {
+            best = (s, m);
+            best_err = e;
+        }
+    }
+    best
+}
+
+/// One Q4_K super-block (256 values → 144 bytes): each sub-block of 32 gets its own scale and
+/// min ([`q4_k_fit`]); those are quantised to six bits against the super-block's f16 `d` and
+/// `dmin` (`d = max s / 63`, `dmin = max m / 63`), and the values are rounded again against the
+/// scales as stored. The packing is the inverse of the decoder's (`k4_scale_min`).
+fn q4_k_quantize(x: &[f32]) -> [u8; 144] {
+    let fits: Vec<(f32, f32)> = x.chunks_exact(32).map(q4_k_fit).collect();
+    let max_s = fits.iter().fold(0f32, |a, f| a.max(f.0));
+    let max_m = fits.iter().fold(0f32, |a, f| a.max(f.1));
+    let (d, dmin) = (f16::from_f32(max_s / 63.0), f16::from_f32(max_m / 63.0));
+    let (df, dminf) = (d.to_f32(), dmin.to_f32());
+    let six = |v: f32, unit: f32| if unit > 0.0 { (v / unit).round().clamp(0.0, 63.0) as u8 } else { 0 };
+    let sc: Vec<(u8, u8)> = fits.iter().map(|&(s, m)| (six(s, df), six(m, dminf))).collect();
+    let mut b = [0u8; 144];
+    b[0..2].copy_from_slice(&d.to_bits().to_le_bytes());
+    b[2..4].copy_from_slice(&dmin.to_bits().to_le_bytes());
+    let scales = &mut b[4..16];
+    for (j, &(s, m)) in sc.iter().enumerate() {
+        if j < 4 {
+            scales[j] |= s & 63;
+            scales[j + 4] |= m & 63;
+        } else {
+            scales[j + 4] |= (s & 0x0F) | ((m & 0x0F) << 4);
+            scales[j - 4] |= (s >> 4) << 6;
+            scales[j] |= (m >> 4) << 6;
+        }
+    }
+    for (j, (sub, &(s, m))) in x.chunks_exact(32).zip(&sc).enumerate() {
+        let (dl, ml) = (df * s as f32, dminf * m as f32);
+        let (c, shift) = (j / 2, 4 * (j % 2));
+        for (l, &v) in sub.iter().enumerate() {
+            let q = if dl > 0.0 { ((v + ml) / dl).round().clamp(0.0, 15.0) as u8 } else { 0 };
+            b[16 + c * 32 + l] |= q << shift;
+        }
+    }
+    b
 }
 
 #[cfg(test)]
@@ -473,6 +585,36 @@ mod tests {
         b[4 + 15] = 0x4F;
         dequantize(GgmlType::Q4_1, &b, &mut out).unwrap();
         assert_eq!((out[15], out[31], out[0]), (2.75, 0.0, -1.0));
+    }
+
+    /// Every written format decodes back near its input, the finer formats nearer: Q4_K's
+    /// fitted scales and mins beat Q4_0's one scale per 32 on Gaussian rows, Q5_0 beats both,
+    /// Q8_0 beats Q5_0, and F16/BF16 round each value once.
+    #[test]
+    fn written_formats_round_trip() {
+        // Gaussian values with a per-256 scale that varies, and an all-zero super-block.
+        let mut x: Vec<f32> = (0..256 * 12).map(|i| crate::rng::normal_at(3, 0, i) as f32 * (1.0 + (i / 256) as f32 * 0.3)).collect();
+        x[256..512].iter_mut().for_each(|v| *v = 0.0);
+        x[600] = 9.0; // an outlier
+        let rms = |ty: GgmlType| {
+            let bytes = quantize(ty, &x).unwrap();
+            assert_eq!(bytes.len() as u64, ty.bytes_for(x.len() as u64).unwrap(), "{ty}");
+            let mut y = vec![0f32; x.len()];
+            dequantize(ty, &bytes, &mut y).unwrap();
+            assert!(y[256..512].iter().all(|&v| v == 0.0), "{ty}: zeros stay zero");
+            let e: f32 = x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum();
+            (e / x.len() as f32).sqrt()
+        };
+        let scale = (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32).sqrt();
+        let (q40, q4k, q50, q80) = (rms(GgmlType::Q4_0), rms(GgmlType::Q4_K), rms(GgmlType::Q5_0), rms(GgmlType::Q8_0));
+        eprintln!("rms error / rms: Q4_0 {} Q4_K {} Q5_0 {} Q8_0 {}", q40 / scale, q4k / scale, q50 / scale, q80 / scale);
+        assert!(q40 < 0.12 * scale, "Q4_0 rms error {q40}");
+        assert!(q4k < 0.9 * q40, "Q4_K {q4k} vs Q4_0 {q40}");
+        assert!(q50 < 0.6 * q40 && q50 < q4k, "Q5_0 {q50} vs Q4_0 {q40}, Q4_K {q4k}");
+        assert!(q80 < 0.1 * q40, "Q8_0 {q80}");
+        assert!(rms(GgmlType::F16) < 1e-3 * scale && rms(GgmlType::BF16) < 1e-2 * scale && rms(GgmlType::F32) == 0.0);
+        assert!(quantize(GgmlType::Q6_K, &x).unwrap_err().contains("does not write Q6_K"));
+        assert!(quantize(GgmlType::Q4_K, &x[..128]).unwrap_err().contains("whole number"));
     }
 
     #[test]
