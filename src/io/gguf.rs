@@ -755,9 +755,21 @@ impl GgufLlamaWeights<'_> {
     }
 }
 
+/// The row order of llama.cpp's q/k permutation, as its converter writes a GGUF: row `r` of
+/// the GGUF matrix is row `order[r]` of the Hugging Face one (the inverse of
+/// [`unpermute_order`]): `gguf[h·d + 2i + j] = hf[h·d + j·d/2 + i]`.
+pub fn permute_order(rows: usize, n_head: usize) -> Option<Vec<usize>> {
+    let back = unpermute_order(rows, n_head)?;
+    let mut order = vec![0; rows];
+    for (hf, &g) in back.iter().enumerate() {
+        order[g] = hf;
+    }
+    Some(order)
+}
+
 /// The row order that undoes llama.cpp's q/k permutation: row `i` of the result is row
 /// `order[i]` of the stored matrix (the same map as [`unpermute_rows`]).
-fn unpermute_order(rows: usize, n_head: usize) -> Option<Vec<usize>> {
+pub fn unpermute_order(rows: usize, n_head: usize) -> Option<Vec<usize>> {
     if n_head == 0 || rows % n_head != 0 || (rows / n_head) % 2 != 0 {
         return None;
     }

@@ -3,10 +3,12 @@
 
 pub mod config;
 pub mod gguf;
+pub mod gguf_write;
 pub mod safetensors;
 pub mod tokenizer;
 
 pub use self::gguf::{GgufFile, GgufLlamaWeights, GgufTokenizer, GgufValue};
+pub use self::gguf_write::GgufWriter;
 pub use self::safetensors::{Checkpoint, SafetensorsFile};
 pub use self::tokenizer::{ChatTemplate, SpecialToken, Tokenizer};
 

@@ -413,6 +413,91 @@ impl Tokenizer {
         Tokenizer::finish(inner, path.display().to_string(), names, t.chat_template.clone(), path)
     }
 
+    /// This tokenizer as GGUF metadata (`tokenizer.ggml.model = "gpt2"`), padded with unused
+    /// `[PAD{i}]` tokens to `vocab_size` (the model's embedding rows, which llama.cpp requires
+    /// the vocabulary to match). Byte-level BPE only. `tokenizer.ggml.pre` names the split
+    /// regex: `llama-bpe`, `qwen2`, `gpt-4o` where the pre-tokenizer's regex is one of theirs,
+    /// `smollm` for single digits then GPT-2's split, `gpt-2` for GPT-2's alone, else `default`.
+    pub fn to_gguf_tokenizer(&self, vocab_size: usize) -> Result<GgufTokenizer> {
+        let path = Path::new(&self.source);
+        let bad = |msg: String| format_err(path, msg);
+        let json = self.inner.to_string(false).map_err(|e| bad(format!("cannot serialize the tokenizer: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(&json).map_err(|e| bad(format!("tokenizer JSON: {e}")))?;
+        let model = &v["model"];
+        let pre_json = v["pre_tokenizer"].to_string();
+        if model["type"] != "BPE" || !pre_json.contains("ByteLevel") {
+            return Err(bad("only byte-level BPE tokenizers are written to GGUF (tokenizer.ggml.model = \"gpt2\")".into()));
+        }
+        let mut tokens: Vec<Option<String>> = Vec::new();
+        let mut types: Vec<i32> = Vec::new();
+        let mut put = |id: usize, tok: &str, ty: i32| {
+            if tokens.len() <= id {
+                tokens.resize(id + 1, None);
+                types.resize(id + 1, 5);
+            }
+            tokens[id] = Some(tok.to_string());
+            types[id] = ty;
+        };
+        for (tok, id) in model["vocab"].as_object().into_iter().flatten() {
+            let id = id.as_u64().ok_or_else(|| bad(format!("vocabulary entry {tok:?} has no integer id")))?;
+            put(id as usize, tok, 1);
+        }
+        for t in v["added_tokens"].as_array().into_iter().flatten() {
+            let (Some(id), Some(tok)) = (t["id"].as_u64(), t["content"].as_str()) else { continue };
+            put(id as usize, tok, if t["special"].as_bool() == Some(true) { 3 } else { 4 });
+        }
+        if tokens.len() > vocab_size {
+            return Err(bad(format!("the tokenizer has {} tokens, more than the model's {vocab_size} embedding rows", tokens.len())));
+        }
+        tokens.resize(vocab_size, None);
+        types.resize(vocab_size, 5);
+        let tokens: Vec<String> = tokens.into_iter().enumerate().map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]"))).collect();
+        let merges = model["merges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| match m {
+                serde_json::Value::String(s) => Ok(s.clone()),
+                serde_json::Value::Array(p) if p.len() == 2 => {
+                    Ok(format!("{} {}", p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or("")))
+                }
+                other => Err(bad(format!("merge {other} is neither \"a b\" nor [\"a\", \"b\"]"))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let known = [("llama-bpe", "llama3"), ("qwen2", "qwen2"), ("gpt-4o", "gpt-4o")];
+        let pre = known
+            .iter()
+            .find(|(_, family)| gguf_pre_split(family).is_some_and(|re| pre_json.contains(&serde_json::Value::from(re).to_string()[1..])))
+            .map(|(name, _)| name.to_string())
+            .unwrap_or_else(|| {
+                let digits = pre_json.contains("\"Digits\"") && pre_json.contains("\"individual_digits\":true");
+                let plain = !pre_json.contains("\"Split\"");
+                match (digits, plain) {
+                    (true, true) => "smollm".into(),
+                    (false, true) => "gpt-2".into(),
+                    _ => "default".into(),
+                }
+            });
+        // Whether encoding with special tokens adds a BOS / an EOS (the post-processor's).
+        let (with, without) = (self.encode("a", true)?, self.encode("a", false)?);
+        let adds = |id: Option<u32>, pos: fn(&[u32]) -> Option<&u32>| id.map(|id| pos(&with) == Some(&id) && pos(&without) != Some(&id));
+        Ok(GgufTokenizer {
+            model: "gpt2".into(),
+            pre: Some(pre),
+            tokens,
+            token_types: Some(types),
+            scores: None,
+            merges,
+            bos_id: self.bos_id(),
+            eos_id: self.eos_id(),
+            pad_id: self.pad_id(),
+            unk_id: self.unk().map(|t| t.id),
+            add_bos: adds(self.bos_id(), |s| s.first()),
+            add_eos: adds(self.eos_id(), |s| s.last()),
+            chat_template: self.chat_source.clone(),
+        })
+    }
+
     /// Text to ids; `add_special_tokens` adds what the tokenizer's post-processor adds (a BOS for
     /// Llama 2, nothing for GPT-2 and SmolLM2), as `transformers` does by default.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {

@@ -180,6 +180,16 @@ impl Tensor {
         Tensor::from_qmatrix(q, self.device())
     }
 
+    /// The quantised matrix this tensor holds, when it holds one whole (not a view of part).
+    pub fn qmatrix(&self) -> Option<std::sync::Arc<crate::quant::QMatrix>> {
+        match &*self.storage_arc() {
+            Storage::Cpu(crate::backend::CpuStorage::Quant(q)) if self.shape() == [q.rows(), q.cols()] && self.is_contiguous() => {
+                Some(q.clone())
+            }
+            _ => None,
+        }
+    }
+
     /// Bytes the whole underlying buffer takes in memory (a view reports its base's buffer).
     pub fn storage_bytes(&self) -> usize {
         match &*self.storage_arc() {
