@@ -47,6 +47,8 @@ use finetune::finetune;
 mod bench;
 #[path = "tinytune/classify.rs"]
 mod classify;
+#[path = "tinytune/export.rs"]
+mod export;
 #[path = "tinytune/progress.rs"]
 mod progress;
 use tinytune::cli::FinetuneArgs;
@@ -172,6 +174,13 @@ tinytune bench --python /tmp/pyref/bin/python --steps 5     # against PyTorch + 
         #[arg(long)]
         dtype: Option<String>,
     },
+    /// Write a model (with an adapter merged in) as a GGUF file llama.cpp loads (f16, q8_0,
+    /// q4_0, q4_k, ...), or with --adapter-only the LoRA adapter alone as a GGUF LoRA adapter.
+    #[command(
+        after_help = "Examples:\n  tinytune export --model M --adapter run/adapter --out merged.q4_k.gguf --type q4_k --eval-data held-out.jsonl\n  \
+tinytune export --model M --adapter run/adapter --adapter-only --out adapter.gguf    # llama-cli -m M.gguf --lora adapter.gguf"
+    )]
+    Export(Box<export::ExportArgs>),
     /// Continue a prompt (text, or token ids), streaming the new text.
     #[command(group(ArgGroup::new("input").required(true).args(["ids", "prompt"])))]
     #[command(after_help = "Examples:\n  tinytune generate --model M --prompt \"Once upon a time\" --max-new-tokens 40\n  \
@@ -600,6 +609,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Finetune(args) => finetune(*args),
         Command::Classify(args) => classify::classify(*args),
         Command::Bench(args) => bench::bench(*args),
+        Command::Export(args) => export::export(*args),
         Command::Merge { model, adapter, out, dtype } => {
             refuse_overwrite("merge --out", &out, &[("--model", &model), ("--adapter", &adapter)])?;
             let dtype = match dtype.as_deref() {

@@ -2,6 +2,7 @@
 
 pub mod eval;
 pub mod generate;
+pub mod gguf_export;
 pub mod gpt2;
 pub mod llama;
 
