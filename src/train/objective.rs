@@ -61,7 +61,8 @@ impl Objective for LanguageModelling {
             return Err(Error::InvalidArgument { op: "finetune", msg: "labelled data needs a classification objective (a head)".into() });
         }
         let h = model.forward_hidden(&b.ids, b.keep.as_ref(), None, false)?;
-        let mut sum = model.lm_head().forward(&h.last)?.cross_entropy(&b.targets, -100, CrossEntropyReduction::Sum)?;
+        // In chunks of rows, the logits never whole (nn::xent); the rows without a target skipped.
+        let mut sum = crate::nn::linear_cross_entropy_sum(model.lm_head(), &h.last, &b.targets, -100)?;
         if let Some(v) = h.last_virtual {
             // The first real token of each row, predicted by the last virtual one, where the
             // loss covers the start of the example (its second token is a target: plain text,
@@ -70,7 +71,7 @@ impl Objective for LanguageModelling {
             let t = b.ids.shape()[1];
             let first: Vec<i32> = (0..b.lengths.len()).map(|r| if targets[r * t] != -100 { ids[r * t] as i32 } else { -100 }).collect();
             let first = Tensor::from_vec(first, &[b.lengths.len(), 1], b.ids.device())?;
-            sum = sum.add(&model.lm_head().forward(&v)?.cross_entropy(&first, -100, CrossEntropyReduction::Sum)?)?;
+            sum = sum.add(&crate::nn::linear_cross_entropy_sum(model.lm_head(), &v, &first, -100)?)?;
         }
         Ok(BatchLoss { sum, correct: None })
     }
