@@ -655,20 +655,16 @@ const LLAMA_BLOCK_NAMES: &[(&str, &str)] = &[
 /// gguf[h·d + 2i + j] = hf[h·d + j·d/2 + i]      so      hf[h·d + j·d/2 + i] = gguf[h·d + 2i + j]
 /// ```
 pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) -> Option<Vec<f32>> {
-    if n_head == 0 || rows % (2 * n_head) != 0 || data.len() != rows * cols {
+    if data.len() != rows * cols {
         return None;
     }
-    let (d, half) = (rows / n_head, rows / n_head / 2);
-    let mut out = vec![0f32; data.len()];
-    for h in 0..n_head {
-        for j in 0..2 {
-            for i in 0..half {
-                let (dst, src) = (h * d + j * half + i, h * d + 2 * i + j);
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    Some(out)
+    Some(reorder_rows(data, cols, &unpermute_order(rows, n_head)?))
+}
+
+/// The rows of a row-major `[rows, cols]` matrix reordered: row `r` of the result is row
+/// `order[r]` of `data` (with [`permute_order`] or [`unpermute_order`]).
+pub fn reorder_rows(data: &[f32], cols: usize, order: &[usize]) -> Vec<f32> {
+    order.iter().flat_map(|&r| data[r * cols..(r + 1) * cols].iter().copied()).collect()
 }
 
 /// The weights of a LLaMA-architecture GGUF file under Hugging Face names, dequantised to f32

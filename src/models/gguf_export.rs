@@ -20,7 +20,7 @@ use std::path::Path;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::io::gguf::{llama_gguf_name, permute_order, GgufFile, GgufTokenizer, GgufValue};
+use crate::io::gguf::{llama_gguf_name, permute_order, reorder_rows, GgufFile, GgufTokenizer, GgufValue};
 use crate::io::GgufWriter;
 use crate::peft::lora::LoraAdapter;
 use crate::quant::ggml::{self, GgmlType};
@@ -113,11 +113,6 @@ fn permuted_heads(gguf_name: &str, config: &serde_json::Value) -> Option<usize> 
     } else {
         None
     }
-}
-
-/// Rows of a row-major `[rows, cols]` matrix reordered: row `r` of the result is row `order[r]`.
-fn reorder_rows(data: &[f32], cols: usize, order: &[usize]) -> Vec<f32> {
-    order.iter().flat_map(|&r| data[r * cols..(r + 1) * cols].iter().copied()).collect()
 }
 
 fn f32_data(t: &Tensor) -> Result<Vec<f32>> {
@@ -221,8 +216,7 @@ pub fn export_model(
             report.fallbacks.push((g.clone(), tty));
         }
         report.tensors.push((g.clone(), tty));
-        let cols = shape.last().copied().unwrap_or(1).max(1);
-        let cols = if shape.len() == 1 { 1 } else { cols };
+        let cols = shape.last().copied().unwrap_or(1);
         let name = g.clone();
         w.add_tensor(g, &shape, tty, move || {
             let mut x = f32_data(&t)?;
