@@ -27,7 +27,8 @@ pub struct FinetuneArgs {
     /// 16-bit), f32, f16, bf16, nf4 (QLoRA: the block linears in NF4) or int8 [default: keep].
     #[arg(long)]
     pub base_dtype: Option<crate::quant::BaseDType>,
-    /// Training data, JSONL: {"text"}, {"prompt","completion"}, {"messages"} or {"text","label"}.
+    /// Training data, JSONL: {"text"}, {"prompt","completion"}, {"messages"}, {"text","label"}
+    /// or {"prompt","chosen","rejected"}.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Held-out data (same format). Without it, --eval-split of the training data is held out.
@@ -154,6 +155,24 @@ pub struct FinetuneArgs {
     /// Classification: classes of the new head [default: largest label + 1].
     #[arg(long)]
     pub num_classes: Option<usize>,
+    /// Preference pairs ({"prompt","chosen","rejected"}): dpo (the policy against its
+    /// adapters-off self) or reward (a reward model: a one-output head, Bradley–Terry loss)
+    /// [default: dpo].
+    #[arg(long)]
+    pub objective: Option<String>,
+    /// DPO: β, the strength of the pull towards the reference [default: 0.1].
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// DPO: sigmoid or ipo [default: sigmoid].
+    #[arg(long)]
+    pub dpo_loss: Option<String>,
+    /// DPO (sigmoid): the probability that a pair's preference is wrong, in [0, 0.5) [default: 0].
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+    /// DPO: compute the reference's log-probabilities in one pass before training, so a step
+    /// runs the model once (needed with --method full).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub precompute_ref_log_probs: Option<bool>,
     /// Evaluate every N steps (always before and after).
     #[arg(long)]
     pub eval_every: Option<u64>,
@@ -284,6 +303,11 @@ impl FinetuneArgs {
             gradient_checkpointing,
             pooling,
             num_classes,
+            objective,
+            beta,
+            dpo_loss,
+            label_smoothing,
+            precompute_ref_log_probs,
             eval_every,
             skip_eval_before,
             save_every,

@@ -516,3 +516,102 @@ fn special_tokens_can_be_left_out() {
         assert_eq!(&a.ids[1..], &b.ids[..], "without special tokens: the same ids, no BOS");
     }
 }
+
+/// The ids of one row of a batch without its padding (by the keep mask's length).
+fn row_ids(b: &Batch, row: usize) -> Vec<u32> {
+    rows_u32(b)[row][..b.lengths[row]].to_vec()
+}
+
+#[test]
+fn preference_pairs_with_a_prompt_have_loss_on_each_completion_and_eos() {
+    let tok = tok();
+    let text = jsonl(&[
+        r#"{"prompt": "Q: is it good?", "chosen": " yes, very", "rejected": " no"}"#,
+        r#"{"prompt": "Say hi", "chosen": " hi!", "rejected": " go away", "source": "ignored"}"#,
+    ]);
+    let ds = Dataset::from_jsonl_str(&text, "pairs.jsonl", &tok, &opts(64)).unwrap();
+    assert_eq!((ds.format(), ds.kind(), ds.len()), (DataFormat::Preference, DataKind::Preference, 2));
+    let enc = |s: &str, special: bool| tok.encode(s, special).unwrap();
+    let e = ds.example(0);
+    assert_eq!(e.ids, [enc("Q: is it good?", true), enc(" yes, very", false), vec![0]].concat());
+    let r = e.rejected.as_ref().unwrap();
+    assert_eq!(r.ids, [enc("Q: is it good?", true), enc(" no", false), vec![0]].concat());
+    let n_prompt = enc("Q: is it good?", true).len();
+    assert!(e.is_target[..n_prompt].iter().all(|t| !t) && e.is_target[n_prompt..].iter().all(|&t| t));
+    // A batch holds the chosen rows, then the rejected ones in the same order.
+    let b = ds.batch(&[1, 0], &Device::Cpu).unwrap();
+    assert_eq!((b.pairs, b.lengths.len(), b.reference.is_none()), (Some(2), 4, true));
+    let targets = rows_i32(&b);
+    let want = [" hi!<|endoftext|>", " yes, very<|endoftext|>", " go away<|endoftext|>", " no<|endoftext|>"];
+    for (row, w) in want.iter().enumerate() {
+        assert_eq!(predicted_text(&tok, &targets[row]), *w, "row {row}");
+    }
+    assert_eq!(row_ids(&b, 1), ds.example(0).ids);
+    assert_eq!(row_ids(&b, 3), ds.example(0).rejected.as_ref().unwrap().ids);
+    assert_eq!(b.n_target_tokens, want.iter().map(|w| enc(w, false).len()).sum::<usize>());
+    // Reference log-probabilities, once set, ride along with the pairs.
+    let mut ds = ds;
+    ds.set_reference_log_probs(&[(-1.5, -2.5), (-3.0, -4.0)]).unwrap();
+    assert_eq!(ds.batch(&[1, 0], &Device::Cpu).unwrap().reference, Some(vec![(-3.0, -4.0), (-1.5, -2.5)]));
+    assert!(ds.set_reference_log_probs(&[(0.0, 0.0)]).is_err(), "one value per pair");
+}
+
+#[test]
+fn preference_pairs_without_a_prompt_share_their_common_start() {
+    let tok = tok();
+    let text = r#"{"chosen": "The answer is yes.", "rejected": "The answer is no."}"#;
+    let ds = Dataset::from_jsonl_str(text, "implicit.jsonl", &tok, &opts(64)).unwrap();
+    let (c, r) = (ds.example(0), ds.example(0).rejected.as_ref().unwrap());
+    let n = c.ids.iter().zip(&r.ids).take_while(|(a, b)| a == b).count();
+    assert!(n > 0 && n < c.ids.len().min(r.ids.len()));
+    for s in [(&c.ids, &c.is_target), (&r.ids, &r.is_target)] {
+        assert!(s.1[..n].iter().all(|t| !t) && s.1[n..].iter().all(|&t| t), "loss from the first token that differs");
+    }
+}
+
+#[test]
+fn preference_pairs_of_messages_go_through_the_chat_template() {
+    let tok = tok();
+    let explicit = r#"{"prompt": [{"role": "user", "content": "Hi!"}], "chosen": [{"role": "assistant", "content": "Hello."}], "rejected": [{"role": "assistant", "content": "Go."}]}"#;
+    let implicit = r#"{"chosen": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."}], "rejected": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Go."}]}"#;
+    for text in [explicit, implicit] {
+        let ds = Dataset::from_jsonl_str(text, "chat.jsonl", &tok, &opts(128)).unwrap();
+        let e = ds.example(0);
+        assert_eq!(e.ids, tok.encode(&tok.apply_chat_template(&[("user", "Hi!"), ("assistant", "Hello.")], false), true).unwrap());
+        let targets = rows_i32(&ds.batch(&[0], &Device::Cpu).unwrap());
+        assert_eq!(predicted_text(&tok, &targets[0]), "Hello.<|im_end|>\n", "{text}");
+        assert_eq!(predicted_text(&tok, &targets[1]), "Go.<|im_end|>\n", "{text}");
+    }
+}
+
+#[test]
+fn preference_pairs_bad_input_names_the_line() {
+    let tok = tok();
+    let mem = |lines: &[&str], o: &DataOptions| format_msg(Dataset::from_jsonl_str(&jsonl(lines), "bad.jsonl", &tok, o), "bad.jsonl");
+    let ok = r#"{"prompt": "a", "chosen": " b", "rejected": " c"}"#;
+    let cases: &[(&[&str], &[&str])] = &[
+        (&[ok, r#"{"prompt": "a", "chosen": " b"}"#], &["line 2", "missing key 'rejected'"]),
+        (&[ok, r#"{"prompt": "a", "chosen": 3, "rejected": " c"}"#], &["line 2", "'chosen' must be a string or a list", "a number"]),
+        (
+            &[r#"{"prompt": "a", "chosen": [{"role": "assistant", "content": "b"}], "rejected": " c"}"#],
+            &["line 1", "all be strings or all lists"],
+        ),
+        (&[ok, r#"{"text": "x", "chosen": " b", "rejected": " c"}"#], &["line 2", "\"text\"", "another format"]),
+        (&[r#"{"chosen": [], "rejected": " c"}"#], &["line 1", "'chosen' is empty"]),
+    ];
+    for (lines, want) in cases {
+        let msg = mem(lines, &opts(64));
+        assert!(want.iter().all(|w| msg.contains(w)), "{lines:?}: {msg:?} should name {want:?}");
+    }
+    // A prompt that fills the model's context leaves no completion: an error naming the line.
+    let long = r#"{"prompt": "a prompt of many many tokens", "chosen": " b", "rejected": " c"}"#;
+    let msg = mem(&[ok, long], &DataOptions { context: Some(8), ..opts(8) });
+    assert!(msg.contains("line 2") && msg.contains("context of 8"), "{msg}");
+    // A pair whose completions are the same tokens says nothing: dropped and counted.
+    let same = r#"{"prompt": "a", "chosen": " same", "rejected": " same"}"#;
+    let ds = Dataset::from_jsonl_str(&jsonl(&[ok, same, same]), "same.jsonl", &tok, &opts(64)).unwrap();
+    assert_eq!((ds.len(), ds.stats().identical_pairs, ds.stats().first_identical_line), (1, 2, Some(2)));
+    // An only-identical file has no examples.
+    let msg = format_msg(Dataset::from_jsonl_str(same, "same.jsonl", &tok, &opts(64)), "same.jsonl");
+    assert!(msg.contains("no examples"), "{msg}");
+}

@@ -75,6 +75,8 @@ fn run(model: &dyn CausalLm, adapter: &format::LoadedAdapter, r: &Value) -> (Ten
                 n_target_tokens: targets.iter().filter(|&&x| x != -100).count(),
                 targets: Tensor::from_vec(targets, &[b, t], &Device::Cpu).unwrap(),
                 labels: None,
+                pairs: None,
+                reference: None,
                 lengths: (0..b).map(|r| kv[r * t..(r + 1) * t].iter().filter(|&&k| k > 0.0).count()).collect(),
                 n_tokens: kv.iter().filter(|&&k| k > 0.0).count(),
             };

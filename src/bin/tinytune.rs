@@ -51,6 +51,8 @@ mod classify;
 mod export;
 #[path = "tinytune/progress.rs"]
 mod progress;
+#[path = "tinytune/reward.rs"]
+mod reward;
 use tinytune::cli::FinetuneArgs;
 
 #[derive(Parser)]
@@ -524,6 +526,7 @@ fn run(cli: Cli) -> Result<()> {
             let add_special_tokens = trained.add_special_tokens && !no_special_tokens;
             let context = model.max_positions();
             let flag = if seq_len.is_some() { "--seq-len" } else { "--max-len" };
+            let max_len_given = max_len.or(seq_len);
             let max_len = match (max_len.or(seq_len), context) {
                 (Some(n), _) if n < 2 => return Err(Error::InvalidArgument { op: "eval", msg: format!("{flag} must be ≥ 2, got {n}") }),
                 (Some(n), Some(ctx)) if n > ctx => {
@@ -539,6 +542,14 @@ fn run(cli: Cli) -> Result<()> {
                     _ => ctx.map_or(1024, |c| c.min(1024)),
                 },
             };
+            if let Some(head) = head.as_ref().filter(|h| h.num_classes() == 1) {
+                // A reward model: the reward of each text, or on preference pairs how often
+                // the chosen completion scores higher.
+                let tok = Tokenizer::for_model(&common.model)?;
+                let len = max_len_given.or(trained.seq_len).map_or(max_len, |n| context.map_or(n, |c| c.min(n)));
+                let opts = DataOptions { seq_len: len, context, add_special_tokens, ..DataOptions::default() };
+                return reward::eval(model.as_ref(), head, text, data.as_deref(), &tok, &opts, batch_size, &device, common.json);
+            }
             if let Some(path) = data.as_ref().filter(|p| is_labelled(p)) {
                 // Labelled data: accuracy and mean loss of the adapter's classification head.
                 let head = head.ok_or_else(|| Error::InvalidArgument {

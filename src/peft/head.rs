@@ -53,10 +53,11 @@ pub struct ClassifierHead {
 const INIT_STD: f64 = 0.02;
 
 impl ClassifierHead {
-    /// A fresh head for `classes` classes on `d`-wide hidden states.
+    /// A fresh head for `classes` classes on `d`-wide hidden states (one output: a reward
+    /// model's scalar score).
     pub fn new(d: usize, classes: usize, pooling: Pooling, rng: &mut Rng, device: &Device) -> Result<ClassifierHead> {
-        if classes < 2 {
-            return Err(Error::InvalidArgument { op: "classifier head", msg: format!("need at least 2 classes, got {classes}") });
+        if classes < 1 {
+            return Err(Error::InvalidArgument { op: "classifier head", msg: "needs at least one output".into() });
         }
         let w = Tensor::randn(&[classes, d], 0.0, INIT_STD, COMPUTE, device, rng)?.requires_grad()?;
         Ok(ClassifierHead { linear: Linear::new("score", w, None), pooling })

@@ -13,6 +13,7 @@
 //! | `prompt`, `completion` | [`PromptCompletion`](DataFormat::PromptCompletion) | `encode(prompt)` + `encode(completion)` + EOS | the completion's tokens and the EOS |
 //! | `messages` | [`Messages`](DataFormat::Messages) | `encode(chat_template(messages))` | the assistant turns' tokens |
 //! | `text`, `label` | [`Classification`](DataFormat::Classification) | `encode(text)` | none: the label is the target |
+//! | `prompt`, `chosen`, `rejected` | [`Preference`](DataFormat::Preference) | two sequences: prompt + chosen, prompt + rejected | each completion's tokens (and EOS) |
 //!
 //! `encode(s)` adds what the tokenizer adds by default (a BOS for Llama 2, nothing for GPT-2 and
 //! SmolLM2); a completion is encoded on its own without special tokens, so its ids are those it
@@ -23,6 +24,13 @@
 //! generation prompt (`<|im_start|>assistant\n` in ChatML) to the token count of `messages[..=i]`,
 //! so they are the turn's content, its end marker (`<|im_end|>`) and the separator after it. A
 //! classification label is a non-negative integer, or a bool (`false` = 0, `true` = 1).
+//!
+//! A preference line (TRL's format) holds strings — the completions encoded after the prompt as
+//! a prompt/completion line's — or lists of messages (the prompt's turns, then each completion's
+//! assistant turns, through the chat template). Without `prompt`, the two sequences' common
+//! start is the prompt. A pair whose two completions are the same tokens is dropped and counted
+//! ([`DataStats::identical_pairs`]); a prompt that fills the model's context is an error naming
+//! its line. [`Dataset::batch`] puts the chosen sequences first and the rejected ones after them.
 //!
 //! # Lengths
 //!
@@ -65,6 +73,9 @@ pub enum DataFormat {
     Messages,
     /// `{"text", "label"}`: sequence classification.
     Classification,
+    /// `{"prompt", "chosen", "rejected"}` (the prompt optional): preference pairs, loss on the
+    /// two completions' tokens (DPO, a reward model).
+    Preference,
 }
 
 impl DataFormat {
@@ -75,6 +86,15 @@ impl DataFormat {
             DataFormat::PromptCompletion => &["prompt", "completion"],
             DataFormat::Messages => &["messages"],
             DataFormat::Classification => &["text", "label"],
+            DataFormat::Preference => &["chosen", "rejected"],
+        }
+    }
+
+    /// The keys a line of this format may have: its own, and optional ones.
+    fn allowed(self) -> &'static [&'static str] {
+        match self {
+            DataFormat::Preference => &["prompt", "chosen", "rejected"],
+            f => f.keys(),
         }
     }
 
@@ -82,6 +102,7 @@ impl DataFormat {
     pub fn kind(self) -> DataKind {
         match self {
             DataFormat::Classification => DataKind::Classification,
+            DataFormat::Preference => DataKind::Preference,
             _ => DataKind::Lm,
         }
     }
@@ -92,6 +113,7 @@ impl DataFormat {
             DataFormat::PromptCompletion => "{\"prompt\", \"completion\"}",
             DataFormat::Messages => "{\"messages\"}",
             DataFormat::Classification => "{\"text\", \"label\"}",
+            DataFormat::Preference => "{\"prompt\", \"chosen\", \"rejected\"}",
         }
     }
 
@@ -112,10 +134,12 @@ impl DataFormat {
         Ok(None)
     }
 
-    /// The format a line's keys select: `messages`, else `prompt`/`completion`, else `text` with
-    /// `label`, else `text`.
+    /// The format a line's keys select: `chosen`/`rejected`, else `messages`, else
+    /// `prompt`/`completion`, else `text` with `label`, else `text`.
     fn of(obj: &Map<String, Value>) -> Option<DataFormat> {
-        if obj.contains_key("messages") {
+        if obj.contains_key("chosen") || obj.contains_key("rejected") {
+            Some(DataFormat::Preference)
+        } else if obj.contains_key("messages") {
             Some(DataFormat::Messages)
         } else if obj.contains_key("prompt") || obj.contains_key("completion") {
             Some(DataFormat::PromptCompletion)
@@ -128,13 +152,15 @@ impl DataFormat {
 }
 
 /// Every key some format uses; a line may not carry the keys of another format than its file's.
-const KNOWN_KEYS: [&str; 5] = ["text", "label", "prompt", "completion", "messages"];
+const KNOWN_KEYS: [&str; 7] = ["text", "label", "prompt", "completion", "messages", "chosen", "rejected"];
 
 /// What a data set trains: next-token prediction, or one label per sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataKind {
     Lm,
     Classification,
+    /// Pairs of a chosen and a rejected completion of one prompt.
+    Preference,
 }
 
 /// How a file is turned into examples.
@@ -176,10 +202,14 @@ pub struct DataStats {
     pub no_targets: usize,
     /// Packing: tokens after the last full window, dropped.
     pub packed_remainder: usize,
+    /// Preference pairs whose chosen and rejected completions have the same tokens: they
+    /// carry no preference, so they are dropped (and counted; the first one's line is kept).
+    pub identical_pairs: usize,
+    pub first_identical_line: Option<usize>,
 }
 
 /// One tokenized example.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     /// Token ids, at most `seq_len` of them.
     pub ids: Vec<u32>,
@@ -191,6 +221,19 @@ pub struct Example {
     /// The 1-based line of the file the example comes from (with packing: where the window's
     /// first token comes from).
     pub line: usize,
+    /// A preference pair: `ids`/`is_target` are the prompt and the chosen completion, this is
+    /// the prompt and the rejected one.
+    pub rejected: Option<Sequence>,
+    /// A preference pair's reference log-probabilities `(chosen, rejected)`, when computed
+    /// beforehand ([`Dataset::set_reference_log_probs`]).
+    pub reference: Option<(f64, f64)>,
+}
+
+/// Token ids and which of them are predicted with loss (see [`Example`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sequence {
+    pub ids: Vec<u32>,
+    pub is_target: Vec<bool>,
 }
 
 impl Example {
@@ -223,6 +266,11 @@ pub struct Batch {
     pub targets: Tensor,
     /// Class labels `[b]` I32, for classification.
     pub labels: Option<Tensor>,
+    /// Preference pairs: rows `0..pairs` are the chosen sequences and rows `pairs..2·pairs`
+    /// the rejected ones, in the same order (all per-row fields cover the `2·pairs` rows).
+    pub pairs: Option<usize>,
+    /// The pairs' reference log-probabilities `(chosen, rejected)`, when every pair has them.
+    pub reference: Option<Vec<(f64, f64)>>,
     /// Each example's number of real tokens (its last real token is at `lengths[i] − 1`).
     pub lengths: Vec<usize>,
     /// Number of targets that are not [`IGNORE_INDEX`].
@@ -268,6 +316,25 @@ enum Record<'a> {
     PromptCompletion(&'a str, &'a str),
     Messages(Vec<(&'a str, &'a str)>),
     Classification(&'a str, u32),
+    /// `(prompt, chosen, rejected)`.
+    Preference(Option<Side<'a>>, Side<'a>, Side<'a>),
+}
+
+/// One field of a preference line: plain text, or a list of messages for the chat template.
+enum Side<'a> {
+    Text(&'a str),
+    Messages(Vec<(&'a str, &'a str)>),
+}
+
+fn side<'a>(obj: &'a Map<String, Value>, key: &str, path: &str, line: usize) -> Result<Side<'a>> {
+    match &obj[key] {
+        Value::String(s) => Ok(Side::Text(s)),
+        v @ Value::Array(_) => Ok(Side::Messages(parse_messages(v, key, path, line)?)),
+        v => Err(format_err(
+            path,
+            format!("line {line}: '{key}' must be a string or a list of {{\"role\", \"content\"}} messages, got {}", json_kind(v)),
+        )),
+    }
 }
 
 fn get_str<'a>(obj: &'a Map<String, Value>, key: &str, path: &str, line: usize) -> Result<&'a str> {
@@ -290,15 +357,12 @@ fn parse_label(v: &Value, path: &str, line: usize) -> Result<u32> {
     }
 }
 
-fn parse_messages<'a>(v: &'a Value, path: &str, line: usize) -> Result<Vec<(&'a str, &'a str)>> {
+fn parse_messages<'a>(v: &'a Value, key: &str, path: &str, line: usize) -> Result<Vec<(&'a str, &'a str)>> {
     let Value::Array(list) = v else {
-        return Err(format_err(
-            path,
-            format!("line {line}: 'messages' must be an array of {{\"role\", \"content\"}}, got {}", json_kind(v)),
-        ));
+        return Err(format_err(path, format!("line {line}: '{key}' must be an array of {{\"role\", \"content\"}}, got {}", json_kind(v))));
     };
     if list.is_empty() {
-        return Err(format_err(path, format!("line {line}: 'messages' is empty")));
+        return Err(format_err(path, format!("line {line}: '{key}' is empty")));
     }
     list.iter()
         .enumerate()
@@ -306,13 +370,13 @@ fn parse_messages<'a>(v: &'a Value, path: &str, line: usize) -> Result<Vec<(&'a 
             let Value::Object(m) = m else {
                 return Err(format_err(
                     path,
-                    format!("line {line}: messages[{i}] must be an object {{\"role\", \"content\"}}, got {}", json_kind(m)),
+                    format!("line {line}: {key}[{i}] must be an object {{\"role\", \"content\"}}, got {}", json_kind(m)),
                 ));
             };
-            let field = |key: &str| match m.get(key) {
+            let field = |f: &str| match m.get(f) {
                 Some(Value::String(s)) => Ok(s.as_str()),
-                Some(v) => Err(format_err(path, format!("line {line}: messages[{i}].{key} must be a string, got {}", json_kind(v)))),
-                None => Err(format_err(path, format!("line {line}: messages[{i}] has no '{key}'"))),
+                Some(v) => Err(format_err(path, format!("line {line}: {key}[{i}].{f} must be a string, got {}", json_kind(v)))),
+                None => Err(format_err(path, format!("line {line}: {key}[{i}] has no '{f}'"))),
             };
             Ok((field("role")?, field("content")?))
         })
@@ -326,7 +390,7 @@ fn record<'a>(obj: &'a Map<String, Value>, format: DataFormat, first: usize, pat
             return Err(format_err(path, format!("line {line}: missing key '{key}' (the file is {}, from line {first})", format.name())));
         }
     }
-    let foreign: Vec<&str> = KNOWN_KEYS.iter().copied().filter(|k| obj.contains_key(*k) && !format.keys().contains(k)).collect();
+    let foreign: Vec<&str> = KNOWN_KEYS.iter().copied().filter(|k| obj.contains_key(*k) && !format.allowed().contains(k)).collect();
     if !foreign.is_empty() {
         return Err(format_err(
             path,
@@ -338,8 +402,13 @@ fn record<'a>(obj: &'a Map<String, Value>, format: DataFormat, first: usize, pat
         DataFormat::PromptCompletion => {
             Record::PromptCompletion(get_str(obj, "prompt", path, line)?, get_str(obj, "completion", path, line)?)
         }
-        DataFormat::Messages => Record::Messages(parse_messages(&obj["messages"], path, line)?),
+        DataFormat::Messages => Record::Messages(parse_messages(&obj["messages"], "messages", path, line)?),
         DataFormat::Classification => Record::Classification(get_str(obj, "text", path, line)?, parse_label(&obj["label"], path, line)?),
+        DataFormat::Preference => Record::Preference(
+            obj.contains_key("prompt").then(|| side(obj, "prompt", path, line)).transpose()?,
+            side(obj, "chosen", path, line)?,
+            side(obj, "rejected", path, line)?,
+        ),
     })
 }
 
@@ -435,7 +504,7 @@ impl Dataset {
                 tokenizer.encode(s, special).map_err(|e| format_err(name, format!("line {line}: tokenizing failed: {e}")))
             };
             let eos = tokenizer.eos_id();
-            let (mut ids, mut is_target, label) = match rec {
+            let (ids, is_target, label) = match rec {
                 Record::Text(t) if opts.pack => {
                     if stream.is_empty() {
                         window_line = line;
@@ -447,7 +516,7 @@ impl Dataset {
                         let ids = std::mem::replace(&mut stream, rest);
                         let mut is_target = vec![true; ids.len()];
                         is_target[0] = false;
-                        examples.push(Example { ids, is_target, label: None, line: window_line });
+                        examples.push(Example { ids, is_target, label: None, line: window_line, rejected: None, reference: None });
                         window_line = line;
                     }
                     continue;
@@ -467,8 +536,31 @@ impl Dataset {
                     (ids, is_target, None)
                 }
                 Record::Messages(msgs) => {
-                    let (ids, is_target) = chat_example(&msgs, tokenizer, name, line)?;
+                    let (ids, is_target) = chat_example(&msgs, 0, tokenizer, name, line)?;
                     (ids, is_target, None)
+                }
+                Record::Preference(prompt, chosen, rejected) => {
+                    let (c, r) = preference_pair(prompt, chosen, rejected, tokenizer, opts, name, line)?;
+                    let mut cut = false;
+                    let c = fit(c, opts, &mut cut, name, line)?;
+                    let r = fit(r, opts, &mut cut, name, line)?;
+                    stats.truncated += cut as usize;
+                    if !c.is_target.contains(&true) || !r.is_target.contains(&true) {
+                        stats.no_targets += 1;
+                    } else if c == r {
+                        stats.identical_pairs += 1;
+                        stats.first_identical_line.get_or_insert(line);
+                    } else {
+                        examples.push(Example {
+                            ids: c.ids,
+                            is_target: c.is_target,
+                            label: None,
+                            line,
+                            rejected: Some(r),
+                            reference: None,
+                        });
+                    }
+                    continue;
                 }
                 Record::Classification(t, label) => {
                     let ids = encode(t, opts.add_special_tokens)?;
@@ -479,30 +571,14 @@ impl Dataset {
                     (ids, vec![false; n], Some(label))
                 }
             };
-            if ids.len() > opts.seq_len {
-                ids.truncate(opts.seq_len);
-                is_target.truncate(opts.seq_len);
-                stats.truncated += 1;
-            }
-            if let Some(ctx) = opts.context.filter(|&c| ids.len() > c) {
-                return Err(format_err(
-                    name,
-                    format!(
-                        "line {line}: {} tokens (after truncation to seq_len {}) exceed the model's context of {ctx} positions; \
-                         use seq_len <= {ctx}",
-                        ids.len(),
-                        opts.seq_len
-                    ),
-                ));
-            }
-            if let Some(first) = is_target.first_mut() {
-                *first = false;
-            }
+            let mut cut = false;
+            let Sequence { ids, is_target } = fit(Sequence { ids, is_target }, opts, &mut cut, name, line)?;
+            stats.truncated += cut as usize;
             if label.is_none() && !is_target.contains(&true) {
                 stats.no_targets += 1;
                 continue;
             }
-            examples.push(Example { ids, is_target, label, line });
+            examples.push(Example { ids, is_target, label, line, rejected: None, reference: None });
         }
 
         let Some((format, _)) = format else {
@@ -512,6 +588,14 @@ impl Dataset {
         if examples.is_empty() {
             let why = if opts.pack {
                 format!("its {} tokens do not fill one window of seq_len {}", stream.len(), opts.seq_len)
+            } else if stats.identical_pairs > 0 {
+                format!(
+                    "{} of its {} pairs have the same chosen and rejected completion (the first on line {}), the rest no completion token within seq_len {}",
+                    stats.identical_pairs,
+                    stats.lines,
+                    stats.first_identical_line.unwrap_or(0),
+                    opts.seq_len
+                )
             } else {
                 format!("none of its {} examples has a token to predict within seq_len {}", stats.lines, opts.seq_len)
             };
@@ -675,6 +759,24 @@ impl Dataset {
         }
     }
 
+    /// Records each preference pair's reference log-probabilities `(chosen, rejected)`
+    /// (`values[i]` for example `i`); batches then carry them ([`Batch::reference`]).
+    pub fn set_reference_log_probs(&mut self, values: &[(f64, f64)]) -> Result<()> {
+        if self.kind() != DataKind::Preference || values.len() != self.len() {
+            return Err(invalid(format!(
+                "{}: {} reference log-probabilities for {} examples of a {} file",
+                self.path,
+                values.len(),
+                self.len(),
+                self.format.name()
+            )));
+        }
+        for (e, &v) in self.examples.iter_mut().zip(values) {
+            e.reference = Some(v);
+        }
+        Ok(())
+    }
+
     /// The examples `indices` (in that order) as one right-padded batch on `device`; see
     /// [`Batch`] for the layout.
     pub fn batch(&self, indices: &[usize], device: &Device) -> Result<Batch> {
@@ -685,21 +787,33 @@ impl Dataset {
             return Err(Error::IndexOutOfRange { op: "Dataset::batch", index: bad as i64, size: self.len() });
         }
         let chosen: Vec<&Example> = indices.iter().map(|&i| &self.examples[i]).collect();
-        let lengths: Vec<usize> = chosen.iter().map(|e| e.ids.len()).collect();
-        let (b, t) = (chosen.len(), lengths.iter().copied().max().unwrap_or(0));
+        // The rows: each example's sequence, then (preference pairs) each rejected one.
+        let mut seqs: Vec<(&[u32], &[bool])> = chosen.iter().map(|e| (&e.ids[..], &e.is_target[..])).collect();
+        let pairs = (self.kind() == DataKind::Preference).then_some(chosen.len());
+        if pairs.is_some() {
+            for e in &chosen {
+                let r = e.rejected.as_ref().ok_or_else(|| {
+                    invalid(format!("{}: line {}: a preference example without its rejected sequence", self.path, e.line))
+                })?;
+                seqs.push((&r.ids, &r.is_target));
+            }
+        }
+        let lengths: Vec<usize> = seqs.iter().map(|s| s.0.len()).collect();
+        let (b, t) = (seqs.len(), lengths.iter().copied().max().unwrap_or(0));
         let mut ids = vec![self.pad_id; b * t];
         let mut keep = vec![0f32; b * t];
         let mut targets = vec![IGNORE_INDEX; b * t];
-        for (row, e) in chosen.iter().enumerate() {
+        for (row, (e_ids, e_target)) in seqs.iter().enumerate() {
             let at = row * t;
-            ids[at..at + e.ids.len()].copy_from_slice(&e.ids);
-            keep[at..at + e.ids.len()].fill(1.0);
-            for p in 0..e.ids.len().saturating_sub(1) {
-                if e.is_target[p + 1] {
-                    targets[at + p] = e.ids[p + 1] as i32;
+            ids[at..at + e_ids.len()].copy_from_slice(e_ids);
+            keep[at..at + e_ids.len()].fill(1.0);
+            for p in 0..e_ids.len().saturating_sub(1) {
+                if e_target[p + 1] {
+                    targets[at + p] = e_ids[p + 1] as i32;
                 }
             }
         }
+        let reference = pairs.and_then(|_| chosen.iter().map(|e| e.reference).collect::<Option<Vec<_>>>());
         let n_target_tokens = targets.iter().filter(|&&x| x != IGNORE_INDEX).count();
         let n_tokens = lengths.iter().sum();
         let padded = lengths.iter().any(|&l| l < t);
@@ -708,13 +822,15 @@ impl Dataset {
                 let labels: Vec<i32> = chosen.iter().map(|e| e.label.unwrap_or(0) as i32).collect();
                 Some(Tensor::from_vec(labels, &[b], device)?)
             }
-            DataKind::Lm => None,
+            DataKind::Lm | DataKind::Preference => None,
         };
         Ok(Batch {
             ids: Tensor::from_vec(ids, &[b, t], device)?,
             keep: if padded { Some(Tensor::from_vec(keep, &[b, t], device)?) } else { None },
             targets: Tensor::from_vec(targets, &[b, t], device)?,
             labels,
+            pairs,
+            reference,
             lengths,
             n_target_tokens,
             n_tokens,
@@ -738,7 +854,10 @@ fn check_options(format: DataFormat, tokenizer: &Tokenizer, opts: &DataOptions, 
             return Err(invalid(format!("{name}: packing separates documents with EOS, and the tokenizer has none")));
         }
     }
-    if opts.add_eos && matches!(format, DataFormat::Text | DataFormat::PromptCompletion) && tokenizer.eos_id().is_none() {
+    if opts.add_eos
+        && matches!(format, DataFormat::Text | DataFormat::PromptCompletion | DataFormat::Preference)
+        && tokenizer.eos_id().is_none()
+    {
         return Err(invalid(format!("{name}: add_eos is set but the tokenizer has no EOS token (set add_eos to false)")));
     }
     Ok(())
@@ -746,12 +865,14 @@ fn check_options(format: DataFormat, tokenizer: &Tokenizer, opts: &DataOptions, 
 
 /// A conversation's ids and loss mask: loss on the tokens of each assistant turn, located by
 /// rendering prefixes (see the module documentation).
-fn chat_example(msgs: &[(&str, &str)], tokenizer: &Tokenizer, name: &str, line: usize) -> Result<(Vec<u32>, Vec<bool>)> {
+/// Only the assistant turns from message `from` on are targets (a preference pair's prompt
+/// turns are not).
+fn chat_example(msgs: &[(&str, &str)], from: usize, tokenizer: &Tokenizer, name: &str, line: usize) -> Result<(Vec<u32>, Vec<bool>)> {
     let encode = |s: &str| tokenizer.encode(s, true).map_err(|e| format_err(name, format!("line {line}: tokenizing failed: {e}")));
     let ids = encode(&tokenizer.apply_chat_template(msgs, false))?;
     let mut is_target = vec![false; ids.len()];
     for (i, (role, _)) in msgs.iter().enumerate() {
-        if *role != "assistant" {
+        if *role != "assistant" || i < from {
             continue;
         }
         let start = encode(&tokenizer.apply_chat_template(&msgs[..i], true))?;
@@ -768,4 +889,99 @@ fn chat_example(msgs: &[(&str, &str)], tokenizer: &Tokenizer, name: &str, line: 
         is_target[start.len()..end.len()].fill(true);
     }
     Ok((ids, is_target))
+}
+
+/// Cuts a sequence to `seq_len` tokens (setting `cut`), checks it fits the model's context,
+/// and clears the target flag of its first token (nothing predicts it).
+fn fit(mut s: Sequence, opts: &DataOptions, cut: &mut bool, name: &str, line: usize) -> Result<Sequence> {
+    if s.ids.len() > opts.seq_len {
+        s.ids.truncate(opts.seq_len);
+        s.is_target.truncate(opts.seq_len);
+        *cut = true;
+    }
+    if let Some(ctx) = opts.context.filter(|&c| s.ids.len() > c) {
+        return Err(format_err(
+            name,
+            format!(
+                "line {line}: {} tokens (after truncation to seq_len {}) exceed the model's context of {ctx} positions; \
+                 use seq_len <= {ctx}",
+                s.ids.len(),
+                opts.seq_len
+            ),
+        ));
+    }
+    if let Some(first) = s.is_target.first_mut() {
+        *first = false;
+    }
+    Ok(s)
+}
+
+/// A preference line's two sequences (prompt + chosen, prompt + rejected), loss on the
+/// completions. Text: `encode(prompt)` + `encode(completion)` + EOS, as prompt/completion
+/// data; with no prompt, the prompt is the two texts' longest common prefix of tokens (those
+/// tokens have the same log-probability in both, so they would cancel in any preference loss).
+/// Message lists: the prompt's messages followed by the completion's, rendered with the chat
+/// template, loss on the completion's assistant turns; with no prompt, the messages the two
+/// lists share at their start are the prompt.
+fn preference_pair(
+    prompt: Option<Side>,
+    chosen: Side,
+    rejected: Side,
+    tokenizer: &Tokenizer,
+    opts: &DataOptions,
+    name: &str,
+    line: usize,
+) -> Result<(Sequence, Sequence)> {
+    let encode =
+        |s: &str, special: bool| tokenizer.encode(s, special).map_err(|e| format_err(name, format!("line {line}: tokenizing failed: {e}")));
+    let eos = tokenizer.eos_id().filter(|_| opts.add_eos);
+    let targets_from = |ids: Vec<u32>, n: usize| Sequence { is_target: (0..ids.len()).map(|j| j >= n).collect(), ids };
+    let (c, r) = match (prompt, chosen, rejected) {
+        (Some(Side::Text(p)), Side::Text(c), Side::Text(r)) => {
+            let p = encode(p, opts.add_special_tokens)?;
+            let whole = |c: &str| -> Result<Sequence> {
+                let ids: Vec<u32> = p.iter().copied().chain(encode(c, false)?).chain(eos).collect();
+                Ok(targets_from(ids, p.len()))
+            };
+            (whole(c)?, whole(r)?)
+        }
+        (None, Side::Text(c), Side::Text(r)) => {
+            let c: Vec<u32> = encode(c, opts.add_special_tokens)?.into_iter().chain(eos).collect();
+            let r: Vec<u32> = encode(r, opts.add_special_tokens)?.into_iter().chain(eos).collect();
+            let n = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
+            (targets_from(c, n), targets_from(r, n))
+        }
+        (Some(Side::Messages(p)), Side::Messages(c), Side::Messages(r)) => {
+            let whole = |c: &[(&str, &str)]| -> Result<Sequence> {
+                let conv: Vec<(&str, &str)> = p.iter().chain(c).copied().collect();
+                let (ids, is_target) = chat_example(&conv, p.len(), tokenizer, name, line)?;
+                Ok(Sequence { ids, is_target })
+            };
+            (whole(&c)?, whole(&r)?)
+        }
+        (None, Side::Messages(c), Side::Messages(r)) => {
+            let n = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
+            let (ci, ct) = chat_example(&c, n, tokenizer, name, line)?;
+            let (ri, rt) = chat_example(&r, n, tokenizer, name, line)?;
+            (Sequence { ids: ci, is_target: ct }, Sequence { ids: ri, is_target: rt })
+        }
+        _ => {
+            return Err(format_err(
+                name,
+                format!("line {line}: 'prompt', 'chosen' and 'rejected' must all be strings or all lists of messages"),
+            ))
+        }
+    };
+    if let Some(ctx) = opts.context {
+        let prompt_len = c.is_target.iter().take_while(|t| !**t).count();
+        if prompt_len >= ctx {
+            return Err(format_err(
+                name,
+                format!(
+                    "line {line}: the prompt's {prompt_len} tokens fill the model's context of {ctx} positions: no completion token fits"
+                ),
+            ));
+        }
+    }
+    Ok((c, r))
 }

@@ -3,11 +3,13 @@
 pub mod data;
 pub mod objective;
 pub mod plot;
+pub mod preference;
 pub mod trainer;
 
 pub use objective::{
     class_probabilities, class_probabilities_observed, label_scores, BatchLoss, Classification, LanguageModelling, Objective,
 };
+pub use preference::{DpoConfig, DpoLoss, PreferenceObjective};
 pub use trainer::{
     attach, evaluate, evaluate_observed, train, Attached, EvalRecord, Observer, OptimizerKind, Quiet, StepRecord, TrainConfig, TrainReport,
     Trainer,

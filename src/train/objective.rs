@@ -1,8 +1,8 @@
 //! What training minimises: one type per objective. The trainer asks an objective for a
 //! batch's loss summed over its units (target tokens, or examples) and divides by the units of
 //! the whole optimizer step, so gradient accumulation equals one large batch whatever the
-//! objective. Language modelling and classification today; a preference objective (DPO, a
-//! reward model) is one more type.
+//! objective. Language modelling and classification here; the preference objectives (DPO, a
+//! reward model) in [`super::preference`].
 
 use super::data::Batch;
 use crate::error::{Error, Result};
@@ -15,6 +15,9 @@ pub struct BatchLoss {
     pub sum: Tensor,
     /// Correct predictions, where the objective has them and they were asked for.
     pub correct: Option<usize>,
+    /// The objective's own metrics, summed over the batch's units (the trainer reports their
+    /// means): DPO's `rewards/chosen`, ... .
+    pub metrics: Vec<(&'static str, f64)>,
 }
 
 pub trait Objective: Send + Sync {
@@ -73,7 +76,7 @@ impl Objective for LanguageModelling {
             let first = Tensor::from_vec(first, &[b.lengths.len(), 1], b.ids.device())?;
             sum = sum.add(&crate::nn::linear_cross_entropy_sum(model.lm_head(), &v, &first, -100)?)?;
         }
-        Ok(BatchLoss { sum, correct: None })
+        Ok(BatchLoss { sum, correct: None, metrics: Vec::new() })
     }
 }
 
@@ -98,7 +101,7 @@ impl Objective for Classification {
         })?;
         let logits = self.head.forward(&model.hidden_states(&b.ids, b.keep.as_ref(), None)?, b.keep.as_ref())?;
         let correct = if count_correct { Some(head::correct(&logits, labels)?) } else { None };
-        Ok(BatchLoss { sum: logits.cross_entropy(labels, -100, CrossEntropyReduction::Sum)?, correct })
+        Ok(BatchLoss { sum: logits.cross_entropy(labels, -100, CrossEntropyReduction::Sum)?, correct, metrics: Vec::new() })
     }
 
     fn parameters(&self) -> Vec<(String, Tensor)> {

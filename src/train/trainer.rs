@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 use super::data::{DataKind, Dataset};
 use super::objective::{Classification, LanguageModelling, Objective};
 use super::plot;
+use super::preference::{Dpo, DpoConfig, PreferenceObjective, RewardModelling};
 use crate::autograd::with_no_grad;
 use crate::backend::Device;
 use crate::error::{Error, Result};
@@ -54,6 +55,8 @@ pub struct TrainConfig {
     pub pooling: Pooling,
     /// Classes of a new head (default: the largest label in the data + 1).
     pub num_classes: Option<usize>,
+    /// What preference pairs train: DPO (default) or a reward model.
+    pub preference: PreferenceObjective,
     pub optimizer: OptimizerKind,
     pub lr: f64,
     pub epochs: usize,
@@ -99,6 +102,7 @@ impl Default for TrainConfig {
             method: Arc::new(LoraConfig::default()),
             pooling: Pooling::Last,
             num_classes: None,
+            preference: PreferenceObjective::Dpo(DpoConfig::default()),
             optimizer: OptimizerKind::AdamW,
             lr: 2e-4,
             epochs: 1,
@@ -150,6 +154,9 @@ impl TrainConfig {
         if self.clip.is_some_and(|c| c.is_nan() || c <= 0.0) {
             return bad("clip must be positive".into());
         }
+        if let PreferenceObjective::Dpo(d) = &self.preference {
+            d.validate()?;
+        }
         Ok(())
     }
 
@@ -165,6 +172,9 @@ impl TrainConfig {
             // token ids) and which base model they train: a path as typed would say neither.
             "data": format!("{:016x}", data_hash(train)), "model": model_id,
         });
+        if train.kind() == DataKind::Preference {
+            v["preference"] = json!(format!("{:?}", self.preference));
+        }
         // The method's own settings sit beside the trainer's, by their names (`r`, `alpha`, ...).
         if let Value::Object(m) = self.method.fingerprint() {
             v.as_object_mut().expect("an object").extend(m);
@@ -259,6 +269,11 @@ fn data_hash(d: &Dataset) -> u64 {
     d.examples().iter().fold(FNV_START, |h, e| {
         let h = e.ids.iter().fold(h, |h, id| fnv(h, &id.to_le_bytes()));
         let h = e.is_target.iter().fold(h, |h, &t| fnv(h, &[t as u8]));
+        let h = e.rejected.iter().fold(h, |h, r| {
+            let h = r.ids.iter().fold(fnv(h, b"rejected"), |h, id| fnv(h, &id.to_le_bytes()));
+            r.is_target.iter().fold(h, |h, &t| fnv(h, &[t as u8]))
+        });
+        let h = e.reference.iter().fold(h, |h, (c, r)| fnv(fnv(h, &c.to_le_bytes()), &r.to_le_bytes()));
         fnv(h, &e.label.map_or(u32::MAX, |l| l).to_le_bytes())
     })
 }
@@ -311,6 +326,8 @@ pub struct StepRecord {
     pub elapsed_s: f64,
     /// The step was skipped (non-finite loss or gradient).
     pub skipped: bool,
+    /// The objective's own metrics, means over the step's units (DPO's `rewards/margins`, ...).
+    pub metrics: Vec<(String, f64)>,
 }
 
 /// An evaluation on the held-out data.
@@ -322,8 +339,10 @@ pub struct EvalRecord {
     /// Classification accuracy.
     pub accuracy: Option<f64>,
     pub examples: usize,
-    /// What `loss` is the mean over: the target tokens scored (LM) or the examples.
+    /// What `loss` is the mean over: the target tokens scored (LM), the examples or the pairs.
     pub units: usize,
+    /// The objective's own metrics, means over the units (DPO's `rewards/margins`, ...).
+    pub metrics: Vec<(String, f64)>,
 }
 
 impl EvalRecord {
@@ -392,10 +411,14 @@ pub fn attach(
     num_classes: Option<usize>,
     device: &Device,
 ) -> Result<Attached> {
-    if kind == DataKind::Lm && cfg.method.head_only() {
+    let reward = kind == DataKind::Preference && cfg.preference == PreferenceObjective::Reward;
+    if (kind == DataKind::Lm || (kind == DataKind::Preference && !reward)) && cfg.method.head_only() {
         return Err(Error::InvalidArgument {
             op: "finetune",
-            msg: format!("method '{}' trains a classifier: the data needs {{\"text\", \"label\"}} lines", cfg.method.name()),
+            msg: format!(
+                "method '{}' trains a head alone: the data needs {{\"text\", \"label\"}} lines (or preference pairs for a reward model)",
+                cfg.method.name()
+            ),
         });
     }
     let method = cfg.method.attach(model, cfg.seed)?;
@@ -406,6 +429,14 @@ pub fn attach(
             Box::new(Classification { head: h })
         }
         DataKind::Lm => Box::new(LanguageModelling),
+        DataKind::Preference => match cfg.preference {
+            PreferenceObjective::Dpo(d) => Box::new(Dpo { cfg: d, live_reference: !method.saves_model() }),
+            PreferenceObjective::Reward => {
+                let h =
+                    ClassifierHead::new(model.hidden_size(), 1, cfg.pooling, &mut Rng::new(crate::peft::mix(cfg.seed, 0x5E3A2D)), device)?;
+                Box::new(RewardModelling { head: h })
+            }
+        },
     };
     let mut params = method.parameters();
     params.extend(objective.parameters());
@@ -438,6 +469,7 @@ pub fn evaluate_observed(
 ) -> Result<EvalRecord> {
     with_no_grad(|| {
         let (mut total, mut count, mut correct) = (0.0, 0usize, None::<usize>);
+        let mut metrics = Vec::new();
         let order = data.by_length();
         let mut done = 0;
         for chunk in order.chunks(batch_size.max(1)) {
@@ -445,6 +477,7 @@ pub fn evaluate_observed(
             let loss = objective.batch_loss(model, &b, true)?;
             total += loss.sum.to_scalar()?;
             count += objective.units(model, &b);
+            add_metrics(&mut metrics, &loss.metrics, 1.0);
             if let Some(c) = loss.correct {
                 correct = Some(correct.unwrap_or(0) + c);
             }
@@ -460,8 +493,19 @@ pub fn evaluate_observed(
             accuracy: correct.map(|c| c as f64 / data.len() as f64),
             examples: data.len(),
             units: count,
+            metrics: metrics.into_iter().map(|(k, v)| (k, v / count as f64)).collect(),
         })
     })
+}
+
+/// Adds `scale ×` each of `part`'s metrics into `into` (by name, in first-seen order).
+fn add_metrics(into: &mut Vec<(String, f64)>, part: &[(&'static str, f64)], scale: f64) {
+    for &(k, v) in part {
+        match into.iter_mut().find(|(n, _)| n == k) {
+            Some(e) => e.1 += scale * v,
+            None => into.push((k.to_string(), scale * v)),
+        }
+    }
 }
 
 /// Weight decay applies to matrices; vectors (norm weights, biases, DoRA magnitudes, IA³'s
@@ -505,8 +549,16 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 fn eval_json(e: &EvalRecord) -> Value {
-    json!({ "step": e.step, "loss": e.loss, "accuracy": e.accuracy, "examples": e.examples, "units": e.units })
+    let mut v = json!({ "step": e.step, "loss": e.loss, "accuracy": e.accuracy, "examples": e.examples, "units": e.units });
+    for (k, m) in &e.metrics {
+        v[k] = finite_or_null(*m);
+    }
+    v
 }
+
+/// The names of the metrics [`eval_json`] and the step lines carry besides the fixed fields.
+const OBJECTIVE_METRICS: [&str; 6] =
+    ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"];
 
 fn eval_from(v: &Value) -> Option<EvalRecord> {
     Some(EvalRecord {
@@ -515,6 +567,7 @@ fn eval_from(v: &Value) -> Option<EvalRecord> {
         accuracy: v.get("accuracy").and_then(Value::as_f64),
         examples: v.get("examples")?.as_u64()? as usize,
         units: v.get("units").and_then(Value::as_u64).unwrap_or(0) as usize,
+        metrics: OBJECTIVE_METRICS.iter().filter_map(|k| Some((k.to_string(), v.get(*k)?.as_f64()?))).collect(),
     })
 }
 
@@ -787,6 +840,20 @@ impl<'a> Trainer<'a> {
         }
         let model_id = model_hash(model)?;
         let attached = attach(model, cfg, kind, classes, device)?;
+        if kind == DataKind::Preference && matches!(cfg.preference, PreferenceObjective::Dpo(_)) && attached.method.saves_model() {
+            // Full fine-tuning changes the base weights: the adapters-off model is not the reference.
+            if let Some(d) = std::iter::once(train).chain(eval).find(|d| d.examples().iter().any(|e| e.reference.is_none())) {
+                return Err(Error::InvalidArgument {
+                    op: "dpo",
+                    msg: format!(
+                        "{}: method '{}' trains the base weights, so DPO needs the reference log-probabilities computed \
+                         before training (--precompute-ref-log-probs; train::preference::compute_reference_log_probs)",
+                        d.path(),
+                        cfg.method.name()
+                    ),
+                });
+            }
+        }
         let groups = param_groups(&attached.params, cfg.weight_decay);
         let mut opt: Box<dyn Optimizer> = match cfg.optimizer {
             OptimizerKind::AdamW => Box::new(AdamW::new(groups)?),
@@ -866,10 +933,12 @@ impl<'a> Trainer<'a> {
         let denom: usize = batches.iter().map(|(_, b)| objective.units(self.model, b)).sum();
         let tokens: usize = batches.iter().map(|(_, b)| b.n_tokens).sum();
         let t0 = Instant::now();
-        let mut loss = 0.0;
+        let (mut loss, mut metrics) = (0.0, Vec::new());
         for (micro, b) in &batches {
             self.attached.method.set_step(*micro);
-            let part = objective.batch_loss(self.model, b, false)?.sum.mul_scalar(1.0 / denom.max(1) as f64)?;
+            let out = objective.batch_loss(self.model, b, false)?;
+            add_metrics(&mut metrics, &out.metrics, 1.0 / denom.max(1) as f64);
+            let part = out.sum.mul_scalar(1.0 / denom.max(1) as f64)?;
             loss += part.to_scalar()?;
             part.backward()?;
         }
@@ -904,6 +973,7 @@ impl<'a> Trainer<'a> {
             tokens_per_s: tokens as f64 / dt.max(1e-9),
             elapsed_s: self.started.elapsed().as_secs_f64(),
             skipped,
+            metrics,
         })
     }
 
@@ -1004,12 +1074,12 @@ pub fn train(
             observer.on_message(&format!("step {}: loss {loss} / gradient norm {norm} is not finite; step skipped", rec.step));
         }
         observer.on_step(&rec);
-        write_metric(
-            &mut metrics,
-            &metrics_path,
-            &json!({ "step": rec.step, "epoch": rec.epoch, "loss": finite_or_null(loss), "lr": rec.lr, "grad_norm": finite_or_null(norm),
-                     "tokens": rec.tokens, "tokens_per_s": rec.tokens_per_s, "elapsed_s": rec.elapsed_s, "skipped": rec.skipped }),
-        )?;
+        let mut line = json!({ "step": rec.step, "epoch": rec.epoch, "loss": finite_or_null(loss), "lr": rec.lr, "grad_norm": finite_or_null(norm),
+                     "tokens": rec.tokens, "tokens_per_s": rec.tokens_per_s, "elapsed_s": rec.elapsed_s, "skipped": rec.skipped });
+        for (k, m) in &rec.metrics {
+            line[k] = finite_or_null(*m);
+        }
+        write_metric(&mut metrics, &metrics_path, &line)?;
         if rec.skipped && t.st.bad_streak >= cfg.max_bad_steps {
             // Stop (the step is reported above); the newest checkpoint stays as it is.
             return Err(Error::InvalidArgument {

@@ -14,7 +14,7 @@ use tinytune::io::Tokenizer;
 use tinytune::optim::ScheduleKind;
 use tinytune::peft;
 use tinytune::train::data::{DataKind, DataOptions, Dataset, Holdout};
-use tinytune::train::{self, EvalRecord, Observer, OptimizerKind, StepRecord, TrainConfig};
+use tinytune::train::{self, DpoConfig, EvalRecord, Observer, OptimizerKind, PreferenceObjective, StepRecord, TrainConfig};
 use tinytune::{Error, Result};
 
 use super::progress;
@@ -133,6 +133,20 @@ impl Observer for Progress {
 }
 
 fn describe_eval(r: &EvalRecord, fresh_head: bool) -> String {
+    let metric = |k: &str| r.metrics.iter().find(|(n, _)| n == k).map(|m| m.1);
+    if let (Some(acc), Some(margin)) = (metric("rewards/accuracies"), metric("rewards/margins")) {
+        // Preference pairs: how often the chosen completion is preferred, and by how much.
+        return format!(
+            "eval @ step {:>4}: loss {:.4}  preferred {:.2}%  reward margin {:.4} (chosen {:.4}, rejected {:.4})  ({} pairs)",
+            r.step,
+            r.loss,
+            100.0 * acc,
+            margin,
+            metric("rewards/chosen").unwrap_or(f64::NAN),
+            metric("rewards/rejected").unwrap_or(f64::NAN),
+            r.examples
+        );
+    }
     match r.accuracy {
         // The head is new: before training its accuracy is chance by construction.
         Some(a) if r.step == 0 && fresh_head => format!(
@@ -201,10 +215,60 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     if let (Some(n), Some(e)) = (a.max_eval_examples, eval_set.as_mut()) {
         *e = e.subset(n, seed)?;
     }
+    let preference = match a.objective.as_deref().unwrap_or("dpo") {
+        "dpo" => PreferenceObjective::Dpo(DpoConfig {
+            beta: a.beta.unwrap_or(0.1),
+            loss: a.dpo_loss.as_deref().unwrap_or("sigmoid").parse()?,
+            label_smoothing: a.label_smoothing.unwrap_or(0.0),
+        }),
+        "reward" => PreferenceObjective::Reward,
+        o => return Err(Error::InvalidArgument { op: "--objective", msg: format!("unknown objective '{o}' (dpo or reward)") }),
+    };
+    if train_set.kind() != DataKind::Preference && (a.objective.is_some() || a.beta.is_some() || a.dpo_loss.is_some()) {
+        return Err(Error::InvalidArgument {
+            op: "--objective",
+            msg: format!(
+                "{} is not preference data: dpo and reward train on {{\"prompt\", \"chosen\", \"rejected\"}} lines",
+                data_path.display()
+            ),
+        });
+    }
+    if train_set.kind() == DataKind::Preference && preference == PreferenceObjective::Reward && a.precompute_ref_log_probs.unwrap_or(false)
+    {
+        return Err(Error::InvalidArgument { op: "--precompute-ref-log-probs", msg: "is for DPO; a reward model has no reference".into() });
+    }
+    for set in std::iter::once(&train_set).chain(eval_set.as_ref()) {
+        if set.stats().identical_pairs > 0 {
+            note!(
+                "warning: {}: {} pair(s) whose chosen and rejected completions are the same tokens were dropped (the first on line {})",
+                set.path(),
+                set.stats().identical_pairs,
+                set.stats().first_identical_line.unwrap_or(0)
+            );
+        }
+    }
+    if a.precompute_ref_log_probs.unwrap_or(false) && train_set.kind() == DataKind::Preference {
+        // The reference is the model as loaded (no method attached yet).
+        let bs = a.batch_size.unwrap_or(8);
+        for set in std::iter::once(&mut train_set).chain(eval_set.as_mut()) {
+            let task = progress::Task::new(format!("reference log-probabilities of {} pairs", set.len()), set.len());
+            let mut task = Some(task);
+            let values = train::preference::compute_reference_log_probs(model.as_ref(), set, bs, &device, &mut |d, n| {
+                if let Some(t) = task.as_mut() {
+                    t.set(d, n)
+                }
+            })?;
+            if let Some(t) = task.take() {
+                t.finish();
+            }
+            set.set_reference_log_probs(&values)?;
+        }
+    }
     let cfg = TrainConfig {
         method: method.clone(),
         pooling: a.pooling.as_deref().unwrap_or("last").parse()?,
         num_classes: a.num_classes,
+        preference,
         optimizer: match a.optimizer.as_deref().unwrap_or("adamw") {
             "adamw" => OptimizerKind::AdamW,
             "sgd" => OptimizerKind::Sgd,
@@ -249,6 +313,10 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     let kind = match train_set.kind() {
         DataKind::Lm => "language modelling",
         DataKind::Classification => "classification",
+        DataKind::Preference => match cfg.preference {
+            PreferenceObjective::Dpo(_) => "preference pairs, DPO",
+            PreferenceObjective::Reward => "preference pairs, reward model",
+        },
     };
     note!(
         "{} on {} ({kind}): {} training examples, {} held out; device {device}",
@@ -327,7 +395,11 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         let ev = |e: &Option<EvalRecord>| {
             e.as_ref().map(|e| {
                 let tokens = e.accuracy.is_none().then_some(e.units);
-                json!({ "loss": e.loss, "accuracy": e.accuracy, "examples": e.examples, "tokens": tokens })
+                let mut v = json!({ "loss": e.loss, "accuracy": e.accuracy, "examples": e.examples, "tokens": tokens });
+                for (k, m) in &e.metrics {
+                    v[k] = json!(m);
+                }
+                v
             })
         };
         outln!(
