@@ -165,3 +165,43 @@ fn mean_nll_matches_the_transformers_loss() {
     assert!(models::sequence_nll(model.as_ref(), &[vec![1]], 1, &Device::Cpu).is_err());
     assert!(models::sequence_nll(model.as_ref(), &[vec![1, 2]], 0, &Device::Cpu).is_err());
 }
+
+/// Several samples of one prompt decoded as a batch: one sample is `generate`'s; each of `k`
+/// greedy samples is the greedy continuation; sampled rows differ, are reproducible, and each
+/// equals the sequence its own draws give when it is decoded alone (its logits step by step).
+#[test]
+fn batched_samples_equal_their_one_by_one_decoding() {
+    let dev = Device::Cpu;
+    let model = models::load(fixture("tiny-llama"), &dev).unwrap();
+    let prompt: Vec<u32> = reference_ids("tiny-llama", "ids")[..5].to_vec();
+    let sample = GenerateOptions {
+        max_new_tokens: 12,
+        sampling: Sampling::Sample { temperature: 1.0, top_k: None, top_p: None },
+        seed: 9,
+        ..Default::default()
+    };
+    let one = models::generate(model.as_ref(), &prompt, &sample, &mut |_| Ok(()), &dev).unwrap();
+    assert_eq!(models::generate_samples(model.as_ref(), &prompt, 1, &sample, &dev).unwrap(), vec![one]);
+
+    let greedy = GenerateOptions { max_new_tokens: 12, ..Default::default() };
+    let want = models::generate(model.as_ref(), &prompt, &greedy, &mut |_| Ok(()), &dev).unwrap();
+    assert_eq!(models::generate_samples(model.as_ref(), &prompt, 3, &greedy, &dev).unwrap(), vec![want.clone(), want.clone(), want]);
+
+    let k = 4;
+    let rows = models::generate_samples(model.as_ref(), &prompt, k, &sample, &dev).unwrap();
+    assert_eq!(rows, models::generate_samples(model.as_ref(), &prompt, k, &sample, &dev).unwrap(), "seeded");
+    assert!(rows.iter().any(|r| r != &rows[0]), "the samples differ: {rows:?}");
+    for (j, row) in rows.iter().enumerate() {
+        assert_eq!(row.len(), 12);
+        // Replay sample j alone: the full forward's logits at each step, its draws (s, j).
+        let mut seq = prompt.clone();
+        for (s, &tok) in row.iter().enumerate() {
+            let logits = model.forward(&Tensor::from_vec(seq.clone(), &[1, seq.len()], &dev).unwrap(), None).unwrap();
+            let v = model.vocab_size();
+            let last = logits.narrow(1, seq.len() - 1, 1).unwrap().to_vec::<f32>().unwrap();
+            let u = tinytune::rng::uniform_at(sample.seed, s as u64, j as u64);
+            assert_eq!(pick_token(&last[..v], &seq, &sample, u).unwrap(), tok, "sample {j}, step {s}");
+            seq.push(tok);
+        }
+    }
+}

@@ -394,3 +394,29 @@ fn preference_objectives_on_the_gpu_follow_the_cpu() {
     .unwrap();
     assert_close("rows on the GPU", &on_gpu, &cpu, 1e-4);
 }
+
+/// The log-probability of generated completions (ids as sampled, rows of different lengths in
+/// one padded batch) against each sequence scored alone from the plain logits.
+#[test]
+fn completion_log_probs_match_each_sequence_alone() {
+    let model = tiny_llama();
+    let prompt = vec![3u32, 5, 9];
+    let completions = vec![vec![10u32, 13, 16, 0], vec![37], vec![4, 30, 35, 38, 57, 0]];
+    let got = preference::completion_log_probs(model.as_ref(), &prompt, &completions, &Device::Cpu).unwrap();
+    for (c, g) in completions.iter().zip(&got) {
+        let seq: Vec<u32> = prompt.iter().chain(c).copied().collect();
+        let logp = model
+            .forward(&Tensor::from_vec(seq.clone(), &[1, seq.len()], &Device::Cpu).unwrap(), None)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .log_softmax(-1)
+            .unwrap()
+            .to_vec_f64()
+            .unwrap();
+        let v = model.vocab_size();
+        let want: f64 = c.iter().enumerate().map(|(j, &t)| logp[(prompt.len() + j - 1) * v + t as usize]).sum();
+        assert!((g - want).abs() < 1e-4 * want.abs().max(1.0), "{c:?}: {g} vs {want}");
+    }
+    assert!(preference::completion_log_probs(model.as_ref(), &[], &completions, &Device::Cpu).is_err());
+}

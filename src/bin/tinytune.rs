@@ -53,6 +53,8 @@ mod export;
 mod progress;
 #[path = "tinytune/reward.rs"]
 mod reward;
+#[path = "tinytune/sample.rs"]
+mod sample;
 use tinytune::cli::FinetuneArgs;
 
 #[derive(Parser)]
@@ -183,6 +185,10 @@ tinytune bench --python /tmp/pyref/bin/python --steps 5     # against PyTorch + 
 tinytune export --model M --adapter run/adapter --adapter-only --out adapter.gguf    # llama-cli -m M.gguf --lora adapter.gguf"
     )]
     Export(Box<export::ExportArgs>),
+    /// Sample completions of a file of prompts (several per prompt, decoded as one batch) as
+    /// JSONL; with --log-probs the policy's and the reference's log-probabilities, with
+    /// --reward-model the reward of each.
+    Sample(Box<sample::SampleArgs>),
     /// Continue a prompt (text, or token ids), streaming the new text.
     #[command(group(ArgGroup::new("input").required(true).args(["ids", "prompt"])))]
     #[command(after_help = "Examples:\n  tinytune generate --model M --prompt \"Once upon a time\" --max-new-tokens 40\n  \
@@ -621,6 +627,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Classify(args) => classify::classify(*args),
         Command::Bench(args) => bench::bench(*args),
         Command::Export(args) => export::export(*args),
+        Command::Sample(args) => sample::sample(*args),
         Command::Merge { model, adapter, out, dtype } => {
             refuse_overwrite("merge --out", &out, &[("--model", &model), ("--adapter", &adapter)])?;
             let dtype = match dtype.as_deref() {

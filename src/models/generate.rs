@@ -166,3 +166,62 @@ pub fn generate(
     }
     Ok(out)
 }
+
+/// `k` samples of up to `max_new_tokens` after `prompt`, decoded together: the prompt is
+/// prefilled once and its cache repeated for the `k` rows, then each step runs the `k` last
+/// tokens as one batch. Sample `j` draws its step-`s` uniform from stream offset `(s, j)`, so
+/// with `k = 1` the result is [`generate`]'s. A sample ends at its stop token (kept); the
+/// others go on until theirs or `max_new_tokens`.
+pub fn generate_samples(
+    model: &dyn CausalLm,
+    prompt: &[u32],
+    k: usize,
+    opts: &GenerateOptions,
+    device: &crate::Device,
+) -> Result<Vec<Vec<u32>>> {
+    validate(opts)?;
+    if prompt.is_empty() || k == 0 {
+        return Err(Error::InvalidArgument { op: "generate", msg: "need a prompt of at least one token and at least one sample".into() });
+    }
+    model.check_tokens(
+        &format!("generate: a prompt of {} tokens + max_new_tokens {}", prompt.len(), opts.max_new_tokens),
+        prompt,
+        prompt.len().saturating_add(opts.max_new_tokens),
+    )?;
+    let _g = no_grad();
+    let v = model.vocab_size();
+    let mut cache = KvCache::new(model.num_layers());
+    let ids = Tensor::from_vec(prompt.to_vec(), &[1, prompt.len()], device)?;
+    let logits = model.forward_cached(&ids, None, Some(&mut cache))?;
+    let first = logits.narrow(1, prompt.len() - 1, 1)?.to_dtype(DType::F32)?.to_vec::<f32>()?;
+    cache.repeat_batch(k)?;
+    let mut rows: Vec<Vec<f32>> = vec![first[..v].to_vec(); k];
+    let mut history: Vec<Vec<u32>> = vec![prompt.to_vec(); k];
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); k];
+    let mut done = vec![false; k];
+    for step in 0..opts.max_new_tokens {
+        let mut next = vec![0u32; k];
+        for j in 0..k {
+            if done[j] {
+                // Finished: its row still runs (the batch stays whole), its output is ignored.
+                next[j] = *out[j].last().unwrap_or(&prompt[prompt.len() - 1]);
+                continue;
+            }
+            let t = pick_token(&rows[j], &history[j], opts, rng::uniform_at(opts.seed, step as u64, j as u64))?;
+            out[j].push(t);
+            history[j].push(t);
+            done[j] = opts.stop_tokens.contains(&t);
+            next[j] = t;
+        }
+        if done.iter().all(|&d| d) || step + 1 == opts.max_new_tokens {
+            break;
+        }
+        let logits = model.forward_cached(&Tensor::from_vec(next, &[k, 1], device)?, None, Some(&mut cache))?;
+        let all = logits.to_dtype(DType::F32)?.to_vec::<f32>()?;
+        let width = all.len() / k;
+        for (j, row) in rows.iter_mut().enumerate() {
+            row.copy_from_slice(&all[j * width..j * width + v]);
+        }
+    }
+    Ok(out)
+}

@@ -8,7 +8,7 @@ pub mod llama;
 
 pub use crate::nn::KvCache;
 pub use eval::{sequence_nll, sequence_nll_observed, NllReport};
-pub use generate::{generate, GenerateOptions, Sampling};
+pub use generate::{generate, generate_samples, GenerateOptions, Sampling};
 
 use std::path::Path;
 

@@ -399,6 +399,22 @@ impl KvCache {
         Ok((k, v))
     }
 
+    /// Repeat every cached row `k` times along the batch: a prompt prefilled once for `k`
+    /// samples of it. Only a cache of one row can be repeated.
+    pub fn repeat_batch(&mut self, k: usize) -> Result<()> {
+        for (k_, v_) in self.layers.iter_mut().flatten() {
+            if k_.shape()[0] != 1 {
+                return Err(Error::InvalidArgument {
+                    op: "kv_cache",
+                    msg: format!("repeat_batch needs one row, the cache has {}", k_.shape()[0]),
+                });
+            }
+            *k_ = Tensor::concat(&vec![&*k_; k], 0)?;
+            *v_ = Tensor::concat(&vec![&*v_; k], 0)?;
+        }
+        Ok(())
+    }
+
     /// Record that `t` more positions were processed (called once per forward).
     pub fn advance(&mut self, t: usize) {
         self.len += t;

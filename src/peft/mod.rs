@@ -97,7 +97,7 @@ pub(crate) fn is_same<T: ?Sized, U: ?Sized>(attached: &std::sync::Arc<T>, mine: 
 }
 
 /// SplitMix64 finaliser of `seed + site·golden`: well-separated seeds per site.
-pub(crate) fn mix(seed: u64, site: u64) -> u64 {
+pub fn mix(seed: u64, site: u64) -> u64 {
     let mut z = seed.wrapping_add(site.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

@@ -171,6 +171,42 @@ pub fn sequence_log_probs(model: &dyn CausalLm, b: &Batch) -> Result<Tensor> {
     crate::nn::linear_cross_entropy_rows(model.lm_head(), &h.last, &b.targets, -100)?.neg()
 }
 
+/// The summed log-probability of each of `completions` after `prompt` (their tokens as
+/// generated, not re-encoded from text), without a graph: one padded batch of the rows
+/// `prompt + completion`, loss on the completion's tokens.
+pub fn completion_log_probs(model: &dyn CausalLm, prompt: &[u32], completions: &[Vec<u32>], device: &crate::Device) -> Result<Vec<f64>> {
+    if prompt.is_empty() || completions.is_empty() {
+        return Err(Error::InvalidArgument { op: "completion_log_probs", msg: "need a prompt and at least one completion".into() });
+    }
+    let t = prompt.len() + completions.iter().map(Vec::len).max().unwrap_or(0);
+    let rows = completions.len();
+    let (mut ids, mut keep, mut targets) = (vec![0u32; rows * t], vec![0f32; rows * t], vec![-100i32; rows * t]);
+    let mut lengths = Vec::with_capacity(rows);
+    for (r, c) in completions.iter().enumerate() {
+        let seq: Vec<u32> = prompt.iter().chain(c).copied().collect();
+        ids[r * t..r * t + seq.len()].copy_from_slice(&seq);
+        keep[r * t..r * t + seq.len()].fill(1.0);
+        for (j, &tok) in c.iter().enumerate() {
+            targets[r * t + prompt.len() + j - 1] = tok as i32;
+        }
+        lengths.push(seq.len());
+    }
+    let padded = lengths.iter().any(|&l| l < t);
+    let n_target_tokens = completions.iter().map(Vec::len).sum();
+    let b = Batch {
+        ids: Tensor::from_vec(ids, &[rows, t], device)?,
+        keep: if padded { Some(Tensor::from_vec(keep, &[rows, t], device)?) } else { None },
+        targets: Tensor::from_vec(targets, &[rows, t], device)?,
+        labels: None,
+        pairs: None,
+        reference: None,
+        n_tokens: lengths.iter().sum(),
+        lengths,
+        n_target_tokens,
+    };
+    with_no_grad(|| sequence_log_probs(model, &b)?.to_vec_f64())
+}
+
 /// The reference's summed log-probabilities of each row: the model with its adapters off,
 /// without a graph.
 pub fn reference_log_probs(model: &dyn CausalLm, b: &Batch) -> Result<Vec<f64>> {
