@@ -157,12 +157,29 @@ pub struct FinetuneArgs {
     pub num_classes: Option<usize>,
     /// Preference pairs ({"prompt","chosen","rejected"}): dpo (the policy against its
     /// adapters-off self) or reward (a reward model: a one-output head, Bradley–Terry loss)
-    /// [default: dpo].
+    /// [default: dpo]. Prompts alone ({"prompt"}): grpo, with --reward-model.
     #[arg(long)]
     pub objective: Option<String>,
-    /// DPO: β, the strength of the pull towards the reference [default: 0.1].
+    /// DPO: β, the strength of the pull towards the reference [default: 0.1]; GRPO: the KL
+    /// penalty's weight [default: 0.04].
     #[arg(long)]
     pub beta: Option<f64>,
+    /// GRPO: the reward, an adapter directory with a head over the same --model (a reward
+    /// model's score, or a classifier's probability of --reward-label).
+    #[arg(long)]
+    pub reward_model: Option<PathBuf>,
+    /// GRPO with a classifier as the reward: the class whose probability is the reward [default: 1].
+    #[arg(long)]
+    pub reward_label: Option<usize>,
+    /// GRPO: completions sampled per prompt [default: 8].
+    #[arg(long)]
+    pub num_generations: Option<usize>,
+    /// GRPO: the longest completion sampled, in tokens [default: 32].
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// GRPO: the sampling temperature [default: 1].
+    #[arg(long)]
+    pub temperature: Option<f64>,
     /// DPO: sigmoid or ipo [default: sigmoid].
     #[arg(long)]
     pub dpo_loss: Option<String>,
@@ -305,6 +322,11 @@ impl FinetuneArgs {
             num_classes,
             objective,
             beta,
+            reward_model,
+            reward_label,
+            num_generations,
+            max_new_tokens,
+            temperature,
             dpo_loss,
             label_smoothing,
             precompute_ref_log_probs,

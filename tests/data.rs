@@ -615,3 +615,21 @@ fn preference_pairs_bad_input_names_the_line() {
     let msg = format_msg(Dataset::from_jsonl_str(same, "same.jsonl", &tok, &opts(64)), "same.jsonl");
     assert!(msg.contains("no examples"), "{msg}");
 }
+
+#[test]
+fn prompt_only_files_are_prompts_for_online_methods() {
+    let tok = tok();
+    let ds = Dataset::from_jsonl_str(&jsonl(&[r#"{"prompt": "The film was"}"#, r#"{"prompt": "I"}"#]), "p.jsonl", &tok, &opts(64)).unwrap();
+    assert_eq!((ds.format(), ds.kind(), ds.len()), (DataFormat::Prompt, DataKind::Prompts, 2));
+    assert_eq!(ds.example(0).ids, tok.encode("The film was", true).unwrap());
+    let b = ds.batch(&[0, 1], &Device::Cpu).unwrap();
+    assert_eq!((b.n_target_tokens, b.pairs, b.lengths.clone()), (0, None, vec![ds.example(0).ids.len(), 1]));
+    let msg =
+        format_msg(Dataset::from_jsonl_str(&jsonl(&[r#"{"prompt": "a"}"#, r#"{"prompt": ""}"#]), "p.jsonl", &tok, &opts(64)), "p.jsonl");
+    assert!(msg.contains("line 2") && msg.contains("no tokens"), "{msg}");
+    let msg = format_msg(
+        Dataset::from_jsonl_str(&jsonl(&[r#"{"prompt": "a"}"#, r#"{"prompt": "b", "completion": "c"}"#]), "p.jsonl", &tok, &opts(64)),
+        "p.jsonl",
+    );
+    assert!(msg.contains("line 2") && msg.contains("another format"), "{msg}");
+}

@@ -420,3 +420,107 @@ fn completion_log_probs_match_each_sequence_alone() {
     }
     assert!(preference::completion_log_probs(model.as_ref(), &[], &completions, &Device::Cpu).is_err());
 }
+
+#[test]
+fn grpo_advantages_and_loss_against_plain_references() {
+    use tinytune::train::grpo::{completion_loss, group_advantages};
+    // Two groups of two and one of four, by hand: (r − mean) / (sample std + 1e-4).
+    let got = group_advantages(&[1.0, 2.0, 0.5, 0.5], 2);
+    let s = (0.5f64).sqrt(); // the sample std of {1, 2}
+    let want = [-0.5 / (s + 1e-4), 0.5 / (s + 1e-4), 0.0, 0.0];
+    assert_close("advantages", &got, &want, 1e-12);
+    let r = [0.1, 0.9, 0.4, 0.6];
+    let (mean, var) = (0.5, (0.16 + 0.16 + 0.01 + 0.01) / 3.0);
+    let want: Vec<f64> = r.iter().map(|x| (x - mean) / (f64::sqrt(var) + 1e-4)).collect();
+    assert_close("advantages of four", &group_advantages(&r, 4), &want, 1e-12);
+    // At the reference the penalty is 0 and the loss −A; its gradient by central differences.
+    let (lp, rf) = (vec![-1.2, -0.3, -4.0], vec![-1.0, -0.5, -3.5]);
+    let (l0, _, kl0) = completion_loss(0.7, &rf, &rf, 0.04);
+    assert!((l0 + 0.7).abs() < 1e-15 && kl0 == 0.0);
+    let (_, grad, kl) = completion_loss(0.7, &lp, &rf, 0.04);
+    assert!(kl > 0.0, "k3 is positive away from the reference");
+    for t in 0..3 {
+        let e = 1e-6;
+        let (mut up, mut dn) = (lp.clone(), lp.clone());
+        up[t] += e;
+        dn[t] -= e;
+        // The value's own derivative: the ratio term's value is −A whatever ℓ (its gradient,
+        // −A/n per token, comes from exp(ℓ − sg(ℓ))), so add it to the differenced penalty.
+        let num = (completion_loss(0.7, &up, &rf, 0.04).0 - completion_loss(0.7, &dn, &rf, 0.04).0) / (2.0 * e) - 0.7 / 3.0;
+        assert!((grad[t] - num).abs() < 1e-8, "token {t}: {} vs {num}", grad[t]);
+    }
+}
+
+#[test]
+fn grpo_raises_the_mean_reward_of_a_reward_model() {
+    let dir = scratch("grpo");
+    // A reward model first: it learns to prefer praise.
+    let pairs = load_pairs(&pair_lines(24, 8));
+    let rcfg = TrainConfig { preference: PreferenceObjective::Reward, lr: 2e-2, max_steps: Some(18), ..config(&dir.join("rm")) };
+    let mut m = tiny_llama();
+    let rm = train::train(m.as_mut(), &pairs, None, &rcfg, "tiny-llama", &Device::Cpu, &mut Quiet).unwrap();
+    let reward =
+        Arc::new(tinytune::train::RewardModel::load(&fixture("tiny-llama"), &rm.saved, 1, &Device::Cpu, Default::default()).unwrap());
+    // Prompts alone: the pairs' prompts.
+    let prompts: Vec<String> =
+        pair_lines(32, 9).iter().map(|l| json!({ "prompt": serde_json::from_str::<Value>(l).unwrap()["prompt"] }).to_string()).collect();
+    let opts = DataOptions { seq_len: 24, context: Some(64), ..DataOptions::default() };
+    let all = Dataset::from_jsonl_str(&prompts.join("\n"), "prompts.jsonl", &tokenizer(), &opts).unwrap();
+    assert_eq!((all.kind(), all.len()), (DataKind::Prompts, 32));
+    let (train_set, eval_set) = all.split_holdout(tinytune::train::data::Holdout::Count(8), 0).unwrap();
+    let g = tinytune::train::GrpoConfig { group: 8, beta: 0.04, max_new_tokens: 4, temperature: 1.0, eos: Some(0) };
+    let cfg = TrainConfig {
+        preference: PreferenceObjective::Grpo(g),
+        reward_model: Some(reward.clone()),
+        lr: 3e-2,
+        batch_size: 4,
+        max_steps: Some(40),
+        seed: 6,
+        ..config(&dir.join("grpo"))
+    };
+    let mut model = tiny_llama();
+    let report = train::train(model.as_mut(), &train_set, Some(&eval_set), &cfg, "tiny-llama", &Device::Cpu, &mut Quiet).unwrap();
+    let m = |r: &train::EvalRecord, k: &str| r.metrics.iter().find(|(n, _)| n == k).unwrap_or_else(|| panic!("no {k}")).1;
+    let (before, after) = (report.before.unwrap(), report.after.unwrap());
+    eprintln!(
+        "grpo: reward {:.4} -> {:.4}, kl {:.4} -> {:.4}",
+        m(&before, "reward"),
+        m(&after, "reward"),
+        m(&before, "kl"),
+        m(&after, "kl")
+    );
+    assert_eq!(m(&before, "kl"), 0.0, "the policy starts as its reference");
+    assert!(m(&after, "reward") > m(&before, "reward") + 0.05, "the mean reward rises");
+    assert!(m(&after, "kl") > 0.0);
+    assert_eq!(after.units, 8 * 8, "the mean is over the completions");
+
+    // Prompt-only data needs GRPO and a reward; GRPO needs prompt-only data; the reward reads
+    // the policy's tokens.
+    let e = train::train(tiny_llama().as_mut(), &train_set, None, &config(&dir.join("e1")), "t", &Device::Cpu, &mut Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--objective grpo with --reward-model"), "{e}");
+    let e = train::train(
+        tiny_llama().as_mut(),
+        &pairs,
+        None,
+        &TrainConfig { out: dir.join("e2"), ..cfg.clone() },
+        "t",
+        &Device::Cpu,
+        &mut Quiet,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("prompts alone"), "{e}");
+    let gpt2 = models::load(fixture("tiny-gpt2-f16"), &Device::Cpu).unwrap();
+    if gpt2.vocab_size() != tiny_llama().vocab_size() {
+        let e = reward.check_policy(gpt2.as_ref()).unwrap_err().to_string();
+        assert!(e.contains("share the policy's base") && e.contains("adapter"), "{e}");
+    }
+    let bad = TrainConfig { preference: PreferenceObjective::Grpo(tinytune::train::GrpoConfig { group: 1, ..g }), ..cfg.clone() };
+    let e =
+        train::train(tiny_llama().as_mut(), &train_set, None, &TrainConfig { out: dir.join("e3"), ..bad }, "t", &Device::Cpu, &mut Quiet)
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("--num-generations"), "{e}");
+}

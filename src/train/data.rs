@@ -13,6 +13,7 @@
 //! | `prompt`, `completion` | [`PromptCompletion`](DataFormat::PromptCompletion) | `encode(prompt)` + `encode(completion)` + EOS | the completion's tokens and the EOS |
 //! | `messages` | [`Messages`](DataFormat::Messages) | `encode(chat_template(messages))` | the assistant turns' tokens |
 //! | `text`, `label` | [`Classification`](DataFormat::Classification) | `encode(text)` | none: the label is the target |
+//! | `prompt` | [`Prompt`](DataFormat::Prompt) | `encode(prompt)` | none: an online method samples the completions |
 //! | `prompt`, `chosen`, `rejected` | [`Preference`](DataFormat::Preference) | two sequences: prompt + chosen, prompt + rejected | each completion's tokens (and EOS) |
 //!
 //! `encode(s)` adds what the tokenizer adds by default (a BOS for Llama 2, nothing for GPT-2 and
@@ -76,6 +77,8 @@ pub enum DataFormat {
     /// `{"prompt", "chosen", "rejected"}` (the prompt optional): preference pairs, loss on the
     /// two completions' tokens (DPO, a reward model).
     Preference,
+    /// `{"prompt"}` alone: prompts for an online method (GRPO), which samples the completions.
+    Prompt,
 }
 
 impl DataFormat {
@@ -87,6 +90,7 @@ impl DataFormat {
             DataFormat::Messages => &["messages"],
             DataFormat::Classification => &["text", "label"],
             DataFormat::Preference => &["chosen", "rejected"],
+            DataFormat::Prompt => &["prompt"],
         }
     }
 
@@ -103,6 +107,7 @@ impl DataFormat {
         match self {
             DataFormat::Classification => DataKind::Classification,
             DataFormat::Preference => DataKind::Preference,
+            DataFormat::Prompt => DataKind::Prompts,
             _ => DataKind::Lm,
         }
     }
@@ -114,6 +119,7 @@ impl DataFormat {
             DataFormat::Messages => "{\"messages\"}",
             DataFormat::Classification => "{\"text\", \"label\"}",
             DataFormat::Preference => "{\"prompt\", \"chosen\", \"rejected\"}",
+            DataFormat::Prompt => "{\"prompt\"}",
         }
     }
 
@@ -141,8 +147,10 @@ impl DataFormat {
             Some(DataFormat::Preference)
         } else if obj.contains_key("messages") {
             Some(DataFormat::Messages)
-        } else if obj.contains_key("prompt") || obj.contains_key("completion") {
+        } else if obj.contains_key("completion") {
             Some(DataFormat::PromptCompletion)
+        } else if obj.contains_key("prompt") {
+            Some(DataFormat::Prompt)
         } else if obj.contains_key("text") {
             Some(if obj.contains_key("label") { DataFormat::Classification } else { DataFormat::Text })
         } else {
@@ -161,6 +169,8 @@ pub enum DataKind {
     Classification,
     /// Pairs of a chosen and a rejected completion of one prompt.
     Preference,
+    /// Prompts alone (online methods sample their completions).
+    Prompts,
 }
 
 /// How a file is turned into examples.
@@ -316,6 +326,7 @@ enum Record<'a> {
     PromptCompletion(&'a str, &'a str),
     Messages(Vec<(&'a str, &'a str)>),
     Classification(&'a str, u32),
+    Prompt(&'a str),
     /// `(prompt, chosen, rejected)`.
     Preference(Option<Side<'a>>, Side<'a>, Side<'a>),
 }
@@ -404,6 +415,7 @@ fn record<'a>(obj: &'a Map<String, Value>, format: DataFormat, first: usize, pat
         }
         DataFormat::Messages => Record::Messages(parse_messages(&obj["messages"], "messages", path, line)?),
         DataFormat::Classification => Record::Classification(get_str(obj, "text", path, line)?, parse_label(&obj["label"], path, line)?),
+        DataFormat::Prompt => Record::Prompt(get_str(obj, "prompt", path, line)?),
         DataFormat::Preference => Record::Preference(
             obj.contains_key("prompt").then(|| side(obj, "prompt", path, line)).transpose()?,
             side(obj, "chosen", path, line)?,
@@ -562,6 +574,14 @@ impl Dataset {
                     }
                     continue;
                 }
+                Record::Prompt(p) => {
+                    let ids = encode(p, opts.add_special_tokens)?;
+                    if ids.is_empty() {
+                        return Err(format_err(name, format!("line {line}: the prompt has no tokens")));
+                    }
+                    let n = ids.len();
+                    (ids, vec![false; n], None)
+                }
                 Record::Classification(t, label) => {
                     let ids = encode(t, opts.add_special_tokens)?;
                     if ids.is_empty() {
@@ -574,7 +594,7 @@ impl Dataset {
             let mut cut = false;
             let Sequence { ids, is_target } = fit(Sequence { ids, is_target }, opts, &mut cut, name, line)?;
             stats.truncated += cut as usize;
-            if label.is_none() && !is_target.contains(&true) {
+            if label.is_none() && fmt != DataFormat::Prompt && !is_target.contains(&true) {
                 stats.no_targets += 1;
                 continue;
             }
@@ -822,7 +842,7 @@ impl Dataset {
                 let labels: Vec<i32> = chosen.iter().map(|e| e.label.unwrap_or(0) as i32).collect();
                 Some(Tensor::from_vec(labels, &[b], device)?)
             }
-            DataKind::Lm | DataKind::Preference => None,
+            DataKind::Lm | DataKind::Preference | DataKind::Prompts => None,
         };
         Ok(Batch {
             ids: Tensor::from_vec(ids, &[b, t], device)?,

@@ -1,11 +1,13 @@
 //! Training: data, the trainer loop, checkpoints and metrics.
 
 pub mod data;
+pub mod grpo;
 pub mod objective;
 pub mod plot;
 pub mod preference;
 pub mod trainer;
 
+pub use grpo::{GrpoConfig, RewardModel};
 pub use objective::{
     class_probabilities, class_probabilities_observed, label_scores, BatchLoss, Classification, LanguageModelling, Objective,
 };

@@ -34,6 +34,9 @@ pub trait Objective: Send + Sync {
     fn head(&self) -> Option<&ClassifierHead> {
         None
     }
+    /// The micro-batch counter before each training batch (an online objective seeds its
+    /// sampling with it, so a resumed run samples what the uninterrupted one did).
+    fn set_step(&self, _micro: u64) {}
 }
 
 /// Next-token cross-entropy on the target tokens (`-100` elsewhere), per target token. With

@@ -47,6 +47,8 @@ pub enum PreferenceObjective {
     Dpo(DpoConfig),
     /// A reward model (a one-output head and the method's adapter).
     Reward,
+    /// GRPO on `{"prompt"}` data with [`super::TrainConfig::reward_model`].
+    Grpo(super::grpo::GrpoConfig),
 }
 
 /// The DPO loss's form.
@@ -175,6 +177,13 @@ pub fn sequence_log_probs(model: &dyn CausalLm, b: &Batch) -> Result<Tensor> {
 /// generated, not re-encoded from text), without a graph: one padded batch of the rows
 /// `prompt + completion`, loss on the completion's tokens.
 pub fn completion_log_probs(model: &dyn CausalLm, prompt: &[u32], completions: &[Vec<u32>], device: &crate::Device) -> Result<Vec<f64>> {
+    let b = completion_batch(prompt, completions, device)?;
+    with_no_grad(|| sequence_log_probs(model, &b)?.to_vec_f64())
+}
+
+/// The rows `prompt + completion` as one right-padded batch, targets on each completion's
+/// tokens (token `j` of a completion predicted at position `prompt.len() + j − 1`).
+pub fn completion_batch(prompt: &[u32], completions: &[Vec<u32>], device: &crate::Device) -> Result<Batch> {
     if prompt.is_empty() || completions.is_empty() {
         return Err(Error::InvalidArgument { op: "completion_log_probs", msg: "need a prompt and at least one completion".into() });
     }
@@ -204,7 +213,7 @@ pub fn completion_log_probs(model: &dyn CausalLm, prompt: &[u32], completions: &
         lengths,
         n_target_tokens,
     };
-    with_no_grad(|| sequence_log_probs(model, &b)?.to_vec_f64())
+    Ok(b)
 }
 
 /// The reference's summed log-probabilities of each row: the model with its adapters off,

@@ -24,6 +24,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::data::{DataKind, Dataset};
+use super::grpo::{Grpo, RewardModel};
 use super::objective::{Classification, LanguageModelling, Objective};
 use super::plot;
 use super::preference::{Dpo, DpoConfig, PreferenceObjective, RewardModelling};
@@ -55,8 +56,10 @@ pub struct TrainConfig {
     pub pooling: Pooling,
     /// Classes of a new head (default: the largest label in the data + 1).
     pub num_classes: Option<usize>,
-    /// What preference pairs train: DPO (default) or a reward model.
+    /// What preference pairs train: DPO (default) or a reward model; prompt-only data: GRPO.
     pub preference: PreferenceObjective,
+    /// The reward of an online method (GRPO).
+    pub reward_model: Option<Arc<RewardModel>>,
     pub optimizer: OptimizerKind,
     pub lr: f64,
     pub epochs: usize,
@@ -103,6 +106,7 @@ impl Default for TrainConfig {
             pooling: Pooling::Last,
             num_classes: None,
             preference: PreferenceObjective::Dpo(DpoConfig::default()),
+            reward_model: None,
             optimizer: OptimizerKind::AdamW,
             lr: 2e-4,
             epochs: 1,
@@ -154,8 +158,10 @@ impl TrainConfig {
         if self.clip.is_some_and(|c| c.is_nan() || c <= 0.0) {
             return bad("clip must be positive".into());
         }
-        if let PreferenceObjective::Dpo(d) = &self.preference {
-            d.validate()?;
+        match &self.preference {
+            PreferenceObjective::Dpo(d) => d.validate()?,
+            PreferenceObjective::Grpo(g) => g.validate()?,
+            PreferenceObjective::Reward => {}
         }
         Ok(())
     }
@@ -172,7 +178,7 @@ impl TrainConfig {
             // token ids) and which base model they train: a path as typed would say neither.
             "data": format!("{:016x}", data_hash(train)), "model": model_id,
         });
-        if train.kind() == DataKind::Preference {
+        if matches!(train.kind(), DataKind::Preference | DataKind::Prompts) {
             v["preference"] = json!(format!("{:?}", self.preference));
         }
         // The method's own settings sit beside the trainer's, by their names (`r`, `alpha`, ...).
@@ -436,6 +442,24 @@ pub fn attach(
                     ClassifierHead::new(model.hidden_size(), 1, cfg.pooling, &mut Rng::new(crate::peft::mix(cfg.seed, 0x5E3A2D)), device)?;
                 Box::new(RewardModelling { head: h })
             }
+            PreferenceObjective::Grpo(_) => {
+                return Err(Error::InvalidArgument {
+                    op: "finetune",
+                    msg: "GRPO trains on prompts alone ({\"prompt\"} lines), not on pairs".into(),
+                })
+            }
+        },
+        DataKind::Prompts => match (&cfg.preference, &cfg.reward_model) {
+            (PreferenceObjective::Grpo(g), Some(r)) => {
+                r.check_policy(model)?;
+                Box::new(Grpo::new(*g, r.clone(), cfg.seed))
+            }
+            _ => {
+                return Err(Error::InvalidArgument {
+                    op: "finetune",
+                    msg: "prompt-only data ({\"prompt\"} lines) trains online: --objective grpo with --reward-model".into(),
+                })
+            }
         },
     };
     let mut params = method.parameters();
@@ -557,8 +581,18 @@ fn eval_json(e: &EvalRecord) -> Value {
 }
 
 /// The names of the metrics [`eval_json`] and the step lines carry besides the fixed fields.
-const OBJECTIVE_METRICS: [&str; 6] =
-    ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"];
+const OBJECTIVE_METRICS: [&str; 10] = [
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "reward",
+    "reward_std",
+    "kl",
+    "completion_length",
+];
 
 fn eval_from(v: &Value) -> Option<EvalRecord> {
     Some(EvalRecord {
@@ -936,6 +970,7 @@ impl<'a> Trainer<'a> {
         let (mut loss, mut metrics) = (0.0, Vec::new());
         for (micro, b) in &batches {
             self.attached.method.set_step(*micro);
+            objective.set_step(*micro);
             let out = objective.batch_loss(self.model, b, false)?;
             add_metrics(&mut metrics, &out.metrics, 1.0 / denom.max(1) as f64);
             let part = out.sum.mul_scalar(1.0 / denom.max(1) as f64)?;

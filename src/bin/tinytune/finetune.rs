@@ -14,7 +14,9 @@ use tinytune::io::Tokenizer;
 use tinytune::optim::ScheduleKind;
 use tinytune::peft;
 use tinytune::train::data::{DataKind, DataOptions, Dataset, Holdout};
-use tinytune::train::{self, DpoConfig, EvalRecord, Observer, OptimizerKind, PreferenceObjective, StepRecord, TrainConfig};
+use tinytune::train::{
+    self, DpoConfig, EvalRecord, GrpoConfig, Observer, OptimizerKind, PreferenceObjective, RewardModel, StepRecord, TrainConfig,
+};
 use tinytune::{Error, Result};
 
 use super::progress;
@@ -147,6 +149,18 @@ fn describe_eval(r: &EvalRecord, fresh_head: bool) -> String {
             r.examples
         );
     }
+    if let (Some(reward), Some(kl)) = (metric("reward"), metric("kl")) {
+        // GRPO: the mean reward of the policy's own samples, and how far it moved.
+        return format!(
+            "eval @ step {:>4}: mean reward {:.4} (std within groups {:.4})  KL {:.4} per token  completion length {:.1}  ({} prompts)",
+            r.step,
+            reward,
+            metric("reward_std").unwrap_or(f64::NAN),
+            kl,
+            metric("completion_length").unwrap_or(f64::NAN),
+            r.examples
+        );
+    }
     match r.accuracy {
         // The head is new: before training its accuracy is chance by construction.
         Some(a) if r.step == 0 && fresh_head => format!(
@@ -215,16 +229,45 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     if let (Some(n), Some(e)) = (a.max_eval_examples, eval_set.as_mut()) {
         *e = e.subset(n, seed)?;
     }
-    let preference = match a.objective.as_deref().unwrap_or("dpo") {
+    let prompts_only = train_set.kind() == DataKind::Prompts;
+    let preference = match a.objective.as_deref().unwrap_or(if prompts_only { "grpo" } else { "dpo" }) {
         "dpo" => PreferenceObjective::Dpo(DpoConfig {
             beta: a.beta.unwrap_or(0.1),
             loss: a.dpo_loss.as_deref().unwrap_or("sigmoid").parse()?,
             label_smoothing: a.label_smoothing.unwrap_or(0.0),
         }),
         "reward" => PreferenceObjective::Reward,
-        o => return Err(Error::InvalidArgument { op: "--objective", msg: format!("unknown objective '{o}' (dpo or reward)") }),
+        "grpo" => PreferenceObjective::Grpo(GrpoConfig {
+            group: a.num_generations.unwrap_or(8),
+            beta: a.beta.unwrap_or(0.04),
+            max_new_tokens: a.max_new_tokens.unwrap_or(32),
+            temperature: a.temperature.unwrap_or(1.0),
+            eos: tok.eos_id(),
+        }),
+        o => return Err(Error::InvalidArgument { op: "--objective", msg: format!("unknown objective '{o}' (dpo, reward or grpo)") }),
     };
-    if train_set.kind() != DataKind::Preference && (a.objective.is_some() || a.beta.is_some() || a.dpo_loss.is_some()) {
+    if prompts_only != matches!(preference, PreferenceObjective::Grpo(_)) {
+        return Err(Error::InvalidArgument {
+            op: "--objective",
+            msg: format!(
+                "{}: grpo trains on {{\"prompt\"}} lines alone, dpo and reward on {{\"prompt\", \"chosen\", \"rejected\"}} pairs",
+                data_path.display()
+            ),
+        });
+    }
+    let reward_model = match (&a.reward_model, prompts_only) {
+        (Some(dir), true) => {
+            Some(Arc::new(RewardModel::load(&model_path, dir, a.reward_label.unwrap_or(1), &device, a.base_dtype.unwrap_or_default())?))
+        }
+        (None, true) => return Err(Error::InvalidArgument { op: "--reward-model", msg: "GRPO needs a reward: --reward-model DIR".into() }),
+        (Some(_), false) => {
+            return Err(Error::InvalidArgument { op: "--reward-model", msg: "is the reward of GRPO (prompt-only data)".into() })
+        }
+        (None, false) => None,
+    };
+    if !matches!(train_set.kind(), DataKind::Preference | DataKind::Prompts)
+        && (a.objective.is_some() || a.beta.is_some() || a.dpo_loss.is_some())
+    {
         return Err(Error::InvalidArgument {
             op: "--objective",
             msg: format!(
@@ -269,6 +312,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         pooling: a.pooling.as_deref().unwrap_or("last").parse()?,
         num_classes: a.num_classes,
         preference,
+        reward_model,
         optimizer: match a.optimizer.as_deref().unwrap_or("adamw") {
             "adamw" => OptimizerKind::AdamW,
             "sgd" => OptimizerKind::Sgd,
@@ -316,7 +360,9 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         DataKind::Preference => match cfg.preference {
             PreferenceObjective::Dpo(_) => "preference pairs, DPO",
             PreferenceObjective::Reward => "preference pairs, reward model",
+            PreferenceObjective::Grpo(_) => "prompts, GRPO",
         },
+        DataKind::Prompts => "prompts, GRPO",
     };
     note!(
         "{} on {} ({kind}): {} training examples, {} held out; device {device}",

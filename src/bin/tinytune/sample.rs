@@ -73,6 +73,10 @@ pub struct SampleArgs {
     /// the DPO paper's protocol, ready for `finetune --objective dpo`.
     #[arg(long)]
     pairs_out: Option<PathBuf>,
+    /// Write the prompts as used (after --prompt-tokens and --max-prompts) here as {"prompt"}
+    /// lines: the prompt file of `finetune --objective grpo`.
+    #[arg(long)]
+    prompts_out: Option<PathBuf>,
     /// Prompts scored at once by the reward model.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -181,6 +185,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         Ok(std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| Error::Io { path: p.display().to_string(), msg: e.to_string() })?))
     };
     let mut pairs_out = args.pairs_out.as_deref().map(create).transpose()?;
+    let mut prompts_out = args.prompts_out.as_deref().map(create).transpose()?;
     let (mut n_pairs, mut ties) = (0usize, 0usize);
     let mut prompts = read_prompts(&args.prompts)?;
     if let Some(n) = args.max_prompts {
@@ -207,6 +212,10 @@ pub fn sample(args: SampleArgs) -> Result<()> {
             ids.truncate(n);
         }
         let prompt_text = tok.decode_lossy(&ids, false)?;
+        if let Some(w) = prompts_out.as_mut() {
+            writeln!(w, "{}", json!({ "prompt": prompt_text }))
+                .map_err(|e| Error::Io { path: "--prompts-out".into(), msg: e.to_string() })?;
+        }
         let opts = GenerateOptions {
             max_new_tokens: args.max_new_tokens,
             sampling: sampling.clone(),
@@ -257,6 +266,9 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         task.set(k + 1, prompts.len());
     }
     out.flush().map_err(io)?;
+    if let Some(w) = prompts_out.as_mut() {
+        w.flush().map_err(|e| Error::Io { path: "--prompts-out".into(), msg: e.to_string() })?;
+    }
     if let Some(w) = pairs_out.as_mut() {
         w.flush().map_err(|e| Error::Io { path: "--pairs-out".into(), msg: e.to_string() })?;
     }
