@@ -947,3 +947,159 @@ fn lora_trains_over_a_quantised_base_through_the_cli() {
     assert!(bf16_b < f32_b && 2 * bf16_b > f32_b, "bf16 {bf16_b} vs f32 {f32_b}: half, but norms stay f32");
     assert!(int8_b < bf16_b, "int8 {int8_b} vs bf16 {bf16_b}");
 }
+
+/// `{"prompt", "chosen", "rejected"}` lines: praise chosen over complaints.
+fn write_pair_data(dir: &std::path::Path) -> PathBuf {
+    let subjects = ["the film", "the movie", "the story", "the acting", "the music", "the plot"];
+    let (good, bad) = (["good", "great", "wonderful", "lovely"], ["bad", "awful", "dull", "boring", "poor"]);
+    let lines: Vec<String> = (0..24)
+        .map(|i| {
+            let adverb = ["", " very", " really"][(i / 3) % 3];
+            serde_json::json!({ "prompt": format!("{} was", subjects[i % 6]), "chosen": format!("{adverb} {} .", good[i % 4]),
+                                "rejected": format!("{adverb} {} .", bad[(i / 2) % 5]) })
+            .to_string()
+        })
+        .collect();
+    let p = dir.join("pairs.jsonl");
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p
+}
+
+/// The preference commands end to end: a reward model and DPO through `finetune`, the reward
+/// model in `eval` (pairs and texts), `sample` with rewards, log-probs, pairs and prompts out,
+/// GRPO on those prompts; and the errors of mismatched data and objectives.
+#[test]
+fn preference_tuning_from_the_command_line() {
+    let dir = scratch("preference");
+    let model = common::tiny_model_dir(&dir);
+    let pairs = write_pair_data(&dir);
+    let rm = dir.join("rm");
+    let r = finetune(&model, &pairs, &rm, &["--objective", "reward", "--lr", "2e-2", "--max-steps", "12", "--batch-size", "4"]);
+    assert!(r["after"]["rewards/accuracies"].as_f64().unwrap() >= r["before"]["rewards/accuracies"].as_f64().unwrap(), "{r}");
+    let adapter = rm.join("adapter");
+    let (ok, out, err) = tinytune(&[
+        "eval",
+        "--model",
+        path_str(&model),
+        "--adapter",
+        path_str(&adapter),
+        "--data",
+        path_str(&pairs),
+        "--json",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    let e = json(&out);
+    assert_eq!(e["pairs"], 24);
+    assert!(e["preferred"].as_f64().unwrap() > 0.5, "{e}");
+    let (ok, out, err) = tinytune(&[
+        "eval",
+        "--model",
+        path_str(&model),
+        "--adapter",
+        path_str(&adapter),
+        "--text",
+        "the film was good .",
+        "--json",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(json(&out)["rewards"].as_array().unwrap().len(), 1);
+
+    let dpo = finetune(
+        &model,
+        &pairs,
+        &dir.join("dpo"),
+        &["--objective", "dpo", "--beta", "0.1", "--lr", "2e-2", "--max-steps", "6", "--batch-size", "4"],
+    );
+    assert!((dpo["before"]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6, "{dpo}");
+    assert!(dpo["after"]["rewards/margins"].as_f64().is_some(), "{dpo}");
+
+    let prompts = dir.join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"the film was\"}\n{\"prompt\": \"the music was\"}\n{\"prompt\": \"the plot was\"}\n").unwrap();
+    let (samples, pairs_out, prompts_out) = (dir.join("s.jsonl"), dir.join("p.jsonl"), dir.join("q.jsonl"));
+    let args = [
+        "sample",
+        "--model",
+        path_str(&model),
+        "--prompts",
+        path_str(&prompts),
+        "--num-samples",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--log-probs",
+        "--reward-model",
+        path_str(&adapter),
+        "--out",
+        path_str(&samples),
+        "--pairs-out",
+        path_str(&pairs_out),
+        "--prompts-out",
+        path_str(&prompts_out),
+        "--prompt-tokens",
+        "1-2",
+        "--json",
+        "--device",
+        "cpu",
+    ];
+    let (ok, out, err) = tinytune(&args);
+    assert!(ok, "{err}");
+    assert_eq!(json(&out)["completions"], 9);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&samples).unwrap().lines().map(json).collect();
+    assert_eq!(lines.len(), 9);
+    // No adapter: the policy is its reference.
+    assert!(lines.iter().all(|l| l["logp"] == l["ref_logp"] && l["reward"].is_f64() && l["tokens"].as_u64().unwrap() >= 1), "{lines:?}");
+    let kept: Vec<serde_json::Value> = std::fs::read_to_string(&prompts_out).unwrap().lines().map(json).collect();
+    assert_eq!(kept.len(), 3);
+    assert!(std::fs::read_to_string(&pairs_out).unwrap().lines().count() <= 3);
+
+    let g = finetune(
+        &model,
+        &prompts_out,
+        &dir.join("grpo"),
+        &[
+            "--objective",
+            "grpo",
+            "--reward-model",
+            path_str(&adapter),
+            "--num-generations",
+            "4",
+            "--max-new-tokens",
+            "3",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--eval-split",
+            "0",
+        ],
+    );
+    assert_eq!(g["steps"], 2, "{g}");
+
+    // Mismatches are errors that say what fits.
+    let (ok, _, err) = tinytune(
+        &finetune_args(&model, &prompts_out, &dir.join("x1"), &["--objective", "dpo"]).iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(!ok && err.contains("grpo trains on"), "{err}");
+    let (ok, _, err) = tinytune(&finetune_args(&model, &prompts_out, &dir.join("x2"), &[]).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && err.contains("--reward-model"), "{err}");
+    let (ok, _, err) = tinytune(&[
+        "sample",
+        "--model",
+        path_str(&model),
+        "--prompts",
+        path_str(&prompts),
+        "--pairs-out",
+        path_str(&pairs_out),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && err.contains("--num-samples 2"), "{err}");
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+    let (ok, _, err) = tinytune(&["sample", "--model", path_str(&model), "--prompts", path_str(&empty), "--device", "cpu"]);
+    assert!(!ok && err.contains("empty.jsonl") && err.contains("no prompts"), "{err}");
+}
