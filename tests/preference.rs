@@ -292,6 +292,8 @@ fn dpo_and_a_reward_model_learn_the_preference() {
         for k in ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"] {
             metric(step, k);
         }
+        let picture = std::fs::read_to_string(out.join("rewards.svg")).unwrap();
+        assert!(picture.contains("rewards/margins") && picture.contains("<svg"), "{name}: rewards.svg");
         if name == "reward" {
             // Saved as an adapter with a one-output head; reloaded, it ranks the held-out pairs.
             let mut fresh = tiny_llama();
@@ -493,6 +495,8 @@ fn grpo_raises_the_mean_reward_of_a_reward_model() {
     assert!(m(&after, "reward") > m(&before, "reward") + 0.05, "the mean reward rises");
     assert!(m(&after, "kl") > 0.0);
     assert_eq!(after.units, 8 * 8, "the mean is over the completions");
+    let picture = std::fs::read_to_string(dir.join("grpo/rewards.svg")).unwrap();
+    assert!(picture.contains("mean reward of the samples") && picture.contains("KL from the reference"));
 
     // Prompt-only data needs GRPO and a reward; GRPO needs prompt-only data; the reward reads
     // the policy's tokens.

@@ -1209,6 +1209,9 @@ pub fn train(
     let acc_series = plot::Series { name: "eval accuracy", points: &accuracy, color: "#2ca02c", dots: true };
     let picture = plot::svg_with_axis(&title, &series, classification.then_some(("eval accuracy (%)", &acc_series)));
     crate::io::write_atomic(&cfg.out.join("loss.svg"), picture.as_bytes())?;
+    if let Some(p) = reward_picture(&metrics_path, &title)? {
+        crate::io::write_atomic(&cfg.out.join("rewards.svg"), p.as_bytes())?;
+    }
     let report = TrainReport {
         steps: st.step,
         skipped_steps: st.skipped,
@@ -1227,6 +1230,35 @@ pub fn train(
     });
     crate::io::write_atomic(&cfg.out.join("report.json"), serde_json::to_string_pretty(&summary).unwrap_or_default().as_bytes())?;
     Ok(report)
+}
+
+/// A preference objective's metrics over the steps (from `metrics.jsonl`, which a resumed run
+/// has cut to its checkpoint): DPO's and a reward model's `rewards/*` on one axis; GRPO's mean
+/// reward with its KL from the reference on a second axis. `None` for other objectives.
+fn reward_picture(metrics_path: &Path, title: &str) -> Result<Option<String>> {
+    let text = std::fs::read_to_string(metrics_path).map_err(|e| io_err(metrics_path, e))?;
+    let steps: Vec<Value> =
+        text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|v| v.get("step").is_some()).collect();
+    let curve = |k: &str| -> Vec<(f64, f64)> { steps.iter().filter_map(|v| Some((v["step"].as_f64()?, v.get(k)?.as_f64()?))).collect() };
+    // Per-step values of a few pairs or prompts are noisy: a running mean over a tenth of the run.
+    let smooth = |pts: Vec<(f64, f64)>| if pts.len() >= 20 { plot::smooth(&pts, pts.len() / 10) } else { pts };
+    let (reward, kl) = (smooth(curve("reward")), smooth(curve("kl")));
+    if !reward.is_empty() {
+        let r = [plot::Series { name: "mean reward of the samples", points: &reward, color: "#2ca02c", dots: false }];
+        let k = plot::Series { name: "KL from the reference (per token)", points: &kl, color: "#d62728", dots: false };
+        return Ok(Some(plot::svg_with_axis(&format!("{title} · reward and KL"), &r, Some(("KL per token", &k)))));
+    }
+    let (chosen, rejected, margins) =
+        (smooth(curve("rewards/chosen")), smooth(curve("rewards/rejected")), smooth(curve("rewards/margins")));
+    if margins.is_empty() {
+        return Ok(None);
+    }
+    let series = [
+        plot::Series { name: "rewards/chosen", points: &chosen, color: "#2ca02c", dots: false },
+        plot::Series { name: "rewards/rejected", points: &rejected, color: "#d62728", dots: false },
+        plot::Series { name: "rewards/margins", points: &margins, color: "#1f77b4", dots: false },
+    ];
+    Ok(Some(plot::svg(&format!("{title} · rewards"), &series)))
 }
 
 /// One evaluation of a [`train`] run: announced, run, told to the observer, written to the
