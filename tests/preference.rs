@@ -528,3 +528,91 @@ fn grpo_raises_the_mean_reward_of_a_reward_model() {
             .to_string();
     assert!(e.contains("--num-generations"), "{e}");
 }
+
+/// GRPO's loss and gradients on the GPU against the CPU's. Near-greedy sampling (temperature
+/// 1e-3) draws the same completions on both devices; the LoRA matrices are perturbed so that
+/// the policy differs from its reference and the KL term has a value and a gradient.
+#[test]
+fn grpo_on_the_gpu_follows_the_cpu() {
+    let Some(gpu) = common::gpu_device() else { return };
+    let dir = scratch("grpo-gpu");
+    let pairs = load_pairs(&pair_lines(12, 10));
+    let rcfg = TrainConfig { preference: PreferenceObjective::Reward, lr: 2e-2, max_steps: Some(6), ..config(&dir.join("rm")) };
+    let rm = train::train(tiny_llama().as_mut(), &pairs, None, &rcfg, "tiny-llama", &Device::Cpu, &mut Quiet).unwrap();
+    let lines = "{\"prompt\": \"the film was\"}\n{\"prompt\": \"the plot is\"}\n";
+    let prompts = Dataset::from_jsonl_str(lines, "p.jsonl", &tokenizer(), &DataOptions::default()).unwrap();
+    let g = tinytune::train::GrpoConfig { group: 3, beta: 0.5, max_new_tokens: 5, temperature: 1e-3, eos: Some(0) };
+    let mut out = Vec::new();
+    for device in [Device::Cpu, gpu.clone()] {
+        let reward =
+            Arc::new(tinytune::train::RewardModel::load(&fixture("tiny-llama"), &rm.saved, 1, &device, Default::default()).unwrap());
+        let cfg = TrainConfig { preference: PreferenceObjective::Grpo(g), reward_model: Some(reward), ..config(Path::new("unused")) };
+        let mut model = tiny_llama_on(&device);
+        let att = train::attach(model.as_mut(), &cfg, DataKind::Prompts, None, &device).unwrap();
+        perturb(&att.params, 31);
+        let b = prompts.batch(&[0, 1], &device).unwrap();
+        let loss = att.objective.batch_loss(model.as_ref(), &b, false).unwrap();
+        loss.sum.backward().unwrap();
+        let metric = |k: &str| loss.metrics.iter().find(|(n, _)| *n == k).unwrap().1;
+        out.push((loss.sum.to_scalar().unwrap(), grads(&att.params), metric("reward"), metric("kl")));
+    }
+    let (c, g_) = (&out[0], &out[1]);
+    assert!(c.3 > 0.0, "the perturbed policy is away from its reference");
+    assert!((c.0 - g_.0).abs() < 1e-3 * c.0.abs().max(1e-3), "loss {} vs {}", c.0, g_.0);
+    assert!((c.2 - g_.2).abs() < 1e-3 * c.2.abs().max(1.0), "reward {} vs {}", c.2, g_.2);
+    for (i, (a, b)) in c.1.iter().zip(&g_.1).enumerate() {
+        assert_close(&format!("GRPO gradient {i}"), b, a, 5e-3);
+    }
+}
+
+/// PPO's advantages, returns and clipped losses on fixed numbers worked by hand.
+#[test]
+fn ppo_arithmetic_on_fixed_numbers() {
+    use tinytune::train::ppo::{gae, policy_loss, token_rewards, value_loss, PpoConfig};
+    let c = PpoConfig::default();
+    assert_eq!((c.kl_coef, c.cliprange, c.vf_coef, c.gamma, c.lam, c.epochs), (0.05, 0.2, 0.1, 1.0, 0.95, 4));
+    assert_close("rewards", &token_rewards(2.0, &[-1.0, -2.0], &[-1.5, -2.0], 0.05), &[-0.025, 2.0], 1e-15);
+    // δ = (−0.1, −0.1, 0.7); A₂ = 0.7, A₁ = −0.1 + 0.95·0.7, A₀ = −0.1 + 0.95·A₁; R = A + V.
+    let (adv, ret) = gae(&[0.0, 0.0, 1.0], &[0.5, 0.4, 0.3], 1.0, 0.95);
+    assert_close("advantages", &adv, &[0.43675, 0.565, 0.7], 1e-12);
+    assert_close("returns", &ret, &[0.93675, 0.965, 1.0], 1e-12);
+    // Ratio 1.5: with A = 1 the clip (1.2) binds and stops the gradient; with A = −1 it does not.
+    let up = 1.5f64.ln();
+    let (l, g) = policy_loss(up, 0.0, 1.0, 0.2);
+    assert!((l + 1.2).abs() < 1e-12 && g == 0.0);
+    let (l, g) = policy_loss(up, 0.0, -1.0, 0.2);
+    assert!((l - 1.5).abs() < 1e-12 && (g - 1.5).abs() < 1e-12);
+    let e = 1e-6;
+    let num = (policy_loss(up + e, 0.0, -1.0, 0.2).0 - policy_loss(up - e, 0.0, -1.0, 0.2).0) / (2.0 * e);
+    assert!((g - num).abs() < 1e-6);
+    assert_eq!(policy_loss(-0.3, -0.3, 0.7, 0.2), (-0.7, -0.7));
+    // Value: the unclipped error is larger; inside the clip both agree; outside, the clipped
+    // branch wins and passes no gradient.
+    let (l, g) = value_loss(1.0, 0.5, 0.6, 0.2);
+    assert!((l - 0.08).abs() < 1e-12 && (g - 0.4).abs() < 1e-12);
+    let (l, g) = value_loss(0.4, 0.5, 1.0, 0.2);
+    assert!((l - 0.18).abs() < 1e-12 && (g + 0.6).abs() < 1e-12);
+    let (l, g) = value_loss(0.0, 0.5, -1.0, 0.2);
+    assert!((l - 0.845).abs() < 1e-12 && g == 0.0);
+}
+
+/// The scores a classifier and the zero-shot labels give on the GPU (float64 softmax on the
+/// host, where f64 has kernels) against the CPU's.
+#[test]
+fn class_probabilities_and_label_scores_on_the_gpu() {
+    let Some(gpu) = common::gpu_device() else { return };
+    let lines = "{\"text\": \"the film was good .\", \"label\": 1}\n{\"text\": \"it was dull\", \"label\": 0}\n";
+    let data = Dataset::from_jsonl_str(lines, "c.jsonl", &tokenizer(), &DataOptions::default()).unwrap();
+    let mut out = Vec::new();
+    for device in [Device::Cpu, gpu.clone()] {
+        let model = tiny_llama_on(&device);
+        let head =
+            tinytune::peft::ClassifierHead::new(model.hidden_size(), 3, tinytune::peft::Pooling::Last, &mut Rng::new(2), &device).unwrap();
+        let p = train::class_probabilities(model.as_ref(), &head, &data, 2, &device).unwrap();
+        let (s, q) = train::label_scores(model.as_ref(), &[3, 29, 35], &[vec![37], vec![42, 57]], &device).unwrap();
+        out.push((p.concat(), s, q));
+    }
+    assert_close("class probabilities", &out[1].0, &out[0].0, 1e-4);
+    assert_close("label log-likelihoods", &out[1].1, &out[0].1, 1e-4);
+    assert_close("label probabilities", &out[1].2, &out[0].2, 1e-4);
+}

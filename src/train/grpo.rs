@@ -147,13 +147,18 @@ impl RewardModel {
             let ids = Tensor::from_vec(ids, &[rows.len(), t], device)?;
             let keep = if padded { Some(Tensor::from_vec(keep, &[rows.len(), t], device)?) } else { None };
             let out = self.head.forward(&self.model.hidden_states(&ids, keep.as_ref(), None)?, keep.as_ref())?;
-            let v = out.to_dtype(crate::DType::F64)?;
+            // The few logits go to the host (f64 has no GPU kernels); a classifier's softmax there.
+            let v = out.to_vec_f64()?;
             if self.head.num_classes() == 1 {
-                v.reshape(&[rows.len() as isize])?.to_vec_f64()
-            } else {
-                let p = v.softmax(-1)?.to_vec_f64()?;
-                Ok(p.chunks(self.head.num_classes()).map(|c| c[self.label]).collect())
+                return Ok(v);
             }
+            Ok(v.chunks(self.head.num_classes())
+                .map(|c| {
+                    let m = c.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = c.iter().map(|x| (x - m).exp()).sum();
+                    (c[self.label] - m).exp() / z
+                })
+                .collect())
         })
     }
 }

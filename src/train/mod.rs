@@ -4,6 +4,7 @@ pub mod data;
 pub mod grpo;
 pub mod objective;
 pub mod plot;
+pub mod ppo;
 pub mod preference;
 pub mod trainer;
 

@@ -145,7 +145,7 @@ pub fn class_probabilities_observed(
         for chunk in order.chunks(batch_size.max(1)) {
             let b = data.batch(chunk, device)?;
             let logits = head.forward(&model.hidden_states(&b.ids, b.keep.as_ref(), None)?, b.keep.as_ref())?;
-            let p = logits.to_dtype(crate::DType::F64)?.softmax(-1)?.to_vec_f64()?;
+            let p = logits.to_device(&crate::Device::Cpu)?.to_dtype(crate::DType::F64)?.softmax(-1)?.to_vec_f64()?;
             for (&i, row) in chunk.iter().zip(p.chunks(head.num_classes())) {
                 out[i] = row.to_vec();
             }
@@ -180,7 +180,7 @@ pub fn label_scores(model: &dyn CausalLm, prompt: &[u32], labels: &[Vec<u32>], d
         }
         let keep = Tensor::from_vec(keep, &[b, len], device)?;
         let logits = model.forward(&Tensor::from_vec(ids, &[b, len], device)?, Some(&keep))?;
-        let logp = logits.to_dtype(crate::DType::F64)?.log_softmax(-1)?;
+        let logp = logits.to_device(&crate::Device::Cpu)?.to_dtype(crate::DType::F64)?.log_softmax(-1)?;
         let v = logp.shape()[2];
         let logp = logp.to_vec_f64()?;
         // Label token j of sequence i is predicted at position prompt.len() + j - 1.
