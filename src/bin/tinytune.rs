@@ -137,7 +137,8 @@ tinytune eval --model M --adapter run/adapter --data test.jsonl   # {\"text\",\"
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
     },
-    /// Fine-tune a model on a JSONL file (LoRA, DoRA, full, or a classification head).
+    /// Fine-tune a model on a JSONL file (LoRA, DoRA, full, a classification head, ...; on
+    /// preference pairs DPO or a reward model, on prompts GRPO).
     #[command(
         after_help = "Examples:\n  tinytune finetune --model M --data train.jsonl --out run                # LoRA r=8 on q_proj,v_proj\n  \
 tinytune finetune --model M --data reviews.jsonl --target-modules all-linear --max-steps 100 --out run\n  \
