@@ -138,15 +138,17 @@ fn describe_eval(r: &EvalRecord, fresh_head: bool) -> String {
     let metric = |k: &str| r.metrics.iter().find(|(n, _)| n == k).map(|m| m.1);
     if let (Some(acc), Some(margin)) = (metric("rewards/accuracies"), metric("rewards/margins")) {
         // Preference pairs: how often the chosen completion is preferred, and by how much.
+        let at_reference = metric("rewards/chosen") == Some(0.0) && metric("rewards/rejected") == Some(0.0);
         return format!(
-            "eval @ step {:>4}: loss {:.4}  preferred {:.2}%  reward margin {:.4} (chosen {:.4}, rejected {:.4})  ({} pairs)",
+            "eval @ step {:>4}: loss {:.4}  preferred {:.2}%  reward margin {:.4} (chosen {:.4}, rejected {:.4})  ({} pairs){}",
             r.step,
             r.loss,
             100.0 * acc,
             margin,
             metric("rewards/chosen").unwrap_or(f64::NAN),
             metric("rewards/rejected").unwrap_or(f64::NAN),
-            r.examples
+            r.examples,
+            if at_reference { "; the policy is still its reference: every implicit reward is 0" } else { "" }
         );
     }
     if let (Some(reward), Some(kl)) = (metric("reward"), metric("kl")) {
@@ -462,10 +464,12 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         if let Some(b) = &report.after {
             outln!("after:  {}", describe_eval(b, false));
         }
+        let rewards = cfg.out.join("rewards.svg");
         outln!(
-            "saved {} ; loss curve {} ; metrics {}",
+            "saved {} ; loss curve {}{} ; metrics {}",
             report.saved.display(),
             cfg.out.join("loss.svg").display(),
+            if rewards.exists() { format!(" ; rewards {}", rewards.display()) } else { String::new() },
             cfg.out.join("metrics.jsonl").display()
         );
     }
