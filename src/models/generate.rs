@@ -135,36 +135,8 @@ pub fn generate(
     on_token: &mut dyn FnMut(u32) -> Result<()>,
     device: &crate::Device,
 ) -> Result<Vec<u32>> {
-    validate(opts)?;
-    if prompt.is_empty() {
-        return Err(Error::InvalidArgument { op: "generate", msg: "the prompt has no tokens".into() });
-    }
-    model.check_tokens(
-        &format!("generate: a prompt of {} tokens + max_new_tokens {}", prompt.len(), opts.max_new_tokens),
-        prompt,
-        prompt.len().saturating_add(opts.max_new_tokens),
-    )?;
-    let _g = no_grad();
-    let mut cache = KvCache::new(model.num_layers());
-    let mut history = prompt.to_vec();
-    let mut input = prompt.to_vec();
-    let mut out = Vec::new();
-    for step in 0..opts.max_new_tokens {
-        let ids = Tensor::from_vec(input.clone(), &[1, input.len()], device)?;
-        let logits = model.forward_cached(&ids, None, Some(&mut cache))?;
-        let v = model.vocab_size();
-        let last = logits.narrow(1, input.len() - 1, 1)?.to_dtype(DType::F32)?.to_vec::<f32>()?;
-        let u = rng::uniform_at(opts.seed, step as u64, 0);
-        let next = pick_token(&last[..v], &history, opts, u)?;
-        on_token(next)?;
-        out.push(next);
-        history.push(next);
-        if opts.stop_tokens.contains(&next) {
-            break;
-        }
-        input = vec![next];
-    }
-    Ok(out)
+    let mut rows = decode_rows(model, prompt, 1, opts, &mut |_, t| on_token(t), device)?;
+    Ok(rows.pop().expect("one row"))
 }
 
 /// `k` samples of up to `max_new_tokens` after `prompt`, decoded together: the prompt is
@@ -179,9 +151,25 @@ pub fn generate_samples(
     opts: &GenerateOptions,
     device: &crate::Device,
 ) -> Result<Vec<Vec<u32>>> {
+    decode_rows(model, prompt, k, opts, &mut |_, _| Ok(()), device)
+}
+
+/// The decoding loop of [`generate`] (`k = 1`) and [`generate_samples`]; `on_token(j, t)` sees
+/// row `j`'s new token `t` as it is chosen.
+fn decode_rows(
+    model: &dyn CausalLm,
+    prompt: &[u32],
+    k: usize,
+    opts: &GenerateOptions,
+    on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
+    device: &crate::Device,
+) -> Result<Vec<Vec<u32>>> {
     validate(opts)?;
-    if prompt.is_empty() || k == 0 {
-        return Err(Error::InvalidArgument { op: "generate", msg: "need a prompt of at least one token and at least one sample".into() });
+    if prompt.is_empty() {
+        return Err(Error::InvalidArgument { op: "generate", msg: "the prompt has no tokens".into() });
+    }
+    if k == 0 {
+        return Err(Error::InvalidArgument { op: "generate", msg: "need at least one sample".into() });
     }
     model.check_tokens(
         &format!("generate: a prompt of {} tokens + max_new_tokens {}", prompt.len(), opts.max_new_tokens),
@@ -208,6 +196,7 @@ pub fn generate_samples(
                 continue;
             }
             let t = pick_token(&rows[j], &history[j], opts, rng::uniform_at(opts.seed, step as u64, j as u64))?;
+            on_token(j, t)?;
             out[j].push(t);
             history[j].push(t);
             done[j] = opts.stop_tokens.contains(&t);

@@ -402,6 +402,9 @@ impl KvCache {
     /// Repeat every cached row `k` times along the batch: a prompt prefilled once for `k`
     /// samples of it. Only a cache of one row can be repeated.
     pub fn repeat_batch(&mut self, k: usize) -> Result<()> {
+        if k == 1 {
+            return Ok(());
+        }
         for (k_, v_) in self.layers.iter_mut().flatten() {
             if k_.shape()[0] != 1 {
                 return Err(Error::InvalidArgument {
