@@ -289,6 +289,40 @@ pub struct Batch {
     pub n_tokens: usize,
 }
 
+impl Batch {
+    /// Rows of token ids with their loss flags (`is_target[j]`: token `j` is predicted) as one
+    /// right-padded batch: the layout of [`Dataset::batch`], without labels or pairs.
+    pub fn from_rows(rows: &[(&[u32], &[bool])], pad_id: u32, device: &Device) -> Result<Batch> {
+        let lengths: Vec<usize> = rows.iter().map(|s| s.0.len()).collect();
+        let (b, t) = (rows.len(), lengths.iter().copied().max().unwrap_or(0));
+        let mut ids = vec![pad_id; b * t];
+        let mut keep = vec![0f32; b * t];
+        let mut targets = vec![IGNORE_INDEX; b * t];
+        for (row, (r_ids, r_target)) in rows.iter().enumerate() {
+            let at = row * t;
+            ids[at..at + r_ids.len()].copy_from_slice(r_ids);
+            keep[at..at + r_ids.len()].fill(1.0);
+            for p in 0..r_ids.len().saturating_sub(1) {
+                if r_target[p + 1] {
+                    targets[at + p] = r_ids[p + 1] as i32;
+                }
+            }
+        }
+        let padded = lengths.iter().any(|&l| l < t);
+        Ok(Batch {
+            ids: Tensor::from_vec(ids, &[b, t], device)?,
+            keep: if padded { Some(Tensor::from_vec(keep, &[b, t], device)?) } else { None },
+            n_target_tokens: targets.iter().filter(|&&x| x != IGNORE_INDEX).count(),
+            targets: Tensor::from_vec(targets, &[b, t], device)?,
+            labels: None,
+            pairs: None,
+            reference: None,
+            n_tokens: lengths.iter().sum(),
+            lengths,
+        })
+    }
+}
+
 /// A tokenized JSONL file.
 #[derive(Debug, Clone)]
 pub struct Dataset {
@@ -818,43 +852,14 @@ impl Dataset {
                 seqs.push((&r.ids, &r.is_target));
             }
         }
-        let lengths: Vec<usize> = seqs.iter().map(|s| s.0.len()).collect();
-        let (b, t) = (seqs.len(), lengths.iter().copied().max().unwrap_or(0));
-        let mut ids = vec![self.pad_id; b * t];
-        let mut keep = vec![0f32; b * t];
-        let mut targets = vec![IGNORE_INDEX; b * t];
-        for (row, (e_ids, e_target)) in seqs.iter().enumerate() {
-            let at = row * t;
-            ids[at..at + e_ids.len()].copy_from_slice(e_ids);
-            keep[at..at + e_ids.len()].fill(1.0);
-            for p in 0..e_ids.len().saturating_sub(1) {
-                if e_target[p + 1] {
-                    targets[at + p] = e_ids[p + 1] as i32;
-                }
-            }
+        let mut batch = Batch::from_rows(&seqs, self.pad_id, device)?;
+        batch.pairs = pairs;
+        batch.reference = pairs.and_then(|_| chosen.iter().map(|e| e.reference).collect::<Option<Vec<_>>>());
+        if self.kind() == DataKind::Classification {
+            let labels: Vec<i32> = chosen.iter().map(|e| e.label.unwrap_or(0) as i32).collect();
+            batch.labels = Some(Tensor::from_vec(labels, &[chosen.len()], device)?);
         }
-        let reference = pairs.and_then(|_| chosen.iter().map(|e| e.reference).collect::<Option<Vec<_>>>());
-        let n_target_tokens = targets.iter().filter(|&&x| x != IGNORE_INDEX).count();
-        let n_tokens = lengths.iter().sum();
-        let padded = lengths.iter().any(|&l| l < t);
-        let labels = match self.kind() {
-            DataKind::Classification => {
-                let labels: Vec<i32> = chosen.iter().map(|e| e.label.unwrap_or(0) as i32).collect();
-                Some(Tensor::from_vec(labels, &[b], device)?)
-            }
-            DataKind::Lm | DataKind::Preference | DataKind::Prompts => None,
-        };
-        Ok(Batch {
-            ids: Tensor::from_vec(ids, &[b, t], device)?,
-            keep: if padded { Some(Tensor::from_vec(keep, &[b, t], device)?) } else { None },
-            targets: Tensor::from_vec(targets, &[b, t], device)?,
-            labels,
-            pairs,
-            reference,
-            lengths,
-            n_target_tokens,
-            n_tokens,
-        })
+        Ok(batch)
     }
 }
 

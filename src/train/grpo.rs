@@ -133,20 +133,14 @@ impl RewardModel {
 
     /// The reward of each token sequence (one padded batch, no graph).
     pub fn score(&self, rows: &[Vec<u32>], device: &Device) -> Result<Vec<f64>> {
-        let t = rows.iter().map(Vec::len).max().unwrap_or(0);
-        if rows.is_empty() || t == 0 {
+        if rows.is_empty() || rows.iter().all(Vec::is_empty) {
             return Err(Error::InvalidArgument { op: "reward model", msg: "nothing to score".into() });
         }
-        let (mut ids, mut keep) = (vec![0u32; rows.len() * t], vec![0f32; rows.len() * t]);
-        for (r, seq) in rows.iter().enumerate() {
-            ids[r * t..r * t + seq.len()].copy_from_slice(seq);
-            keep[r * t..r * t + seq.len()].fill(1.0);
-        }
-        let padded = rows.iter().any(|s| s.len() < t);
+        let flags: Vec<Vec<bool>> = rows.iter().map(|r| vec![false; r.len()]).collect();
+        let seqs: Vec<(&[u32], &[bool])> = rows.iter().zip(&flags).map(|(r, f)| (&r[..], &f[..])).collect();
+        let b = Batch::from_rows(&seqs, 0, device)?;
         with_no_grad(|| {
-            let ids = Tensor::from_vec(ids, &[rows.len(), t], device)?;
-            let keep = if padded { Some(Tensor::from_vec(keep, &[rows.len(), t], device)?) } else { None };
-            let out = self.head.forward(&self.model.hidden_states(&ids, keep.as_ref(), None)?, keep.as_ref())?;
+            let out = self.head.forward(&self.model.hidden_states(&b.ids, b.keep.as_ref(), None)?, b.keep.as_ref())?;
             // The few logits go to the host (f64 has no GPU kernels); a classifier's softmax there.
             let v = out.to_vec_f64()?;
             if self.head.num_classes() == 1 {

@@ -187,33 +187,12 @@ pub fn completion_batch(prompt: &[u32], completions: &[Vec<u32>], device: &crate
     if prompt.is_empty() || completions.is_empty() {
         return Err(Error::InvalidArgument { op: "completion_log_probs", msg: "need a prompt and at least one completion".into() });
     }
-    let t = prompt.len() + completions.iter().map(Vec::len).max().unwrap_or(0);
-    let rows = completions.len();
-    let (mut ids, mut keep, mut targets) = (vec![0u32; rows * t], vec![0f32; rows * t], vec![-100i32; rows * t]);
-    let mut lengths = Vec::with_capacity(rows);
-    for (r, c) in completions.iter().enumerate() {
-        let seq: Vec<u32> = prompt.iter().chain(c).copied().collect();
-        ids[r * t..r * t + seq.len()].copy_from_slice(&seq);
-        keep[r * t..r * t + seq.len()].fill(1.0);
-        for (j, &tok) in c.iter().enumerate() {
-            targets[r * t + prompt.len() + j - 1] = tok as i32;
-        }
-        lengths.push(seq.len());
-    }
-    let padded = lengths.iter().any(|&l| l < t);
-    let n_target_tokens = completions.iter().map(Vec::len).sum();
-    let b = Batch {
-        ids: Tensor::from_vec(ids, &[rows, t], device)?,
-        keep: if padded { Some(Tensor::from_vec(keep, &[rows, t], device)?) } else { None },
-        targets: Tensor::from_vec(targets, &[rows, t], device)?,
-        labels: None,
-        pairs: None,
-        reference: None,
-        n_tokens: lengths.iter().sum(),
-        lengths,
-        n_target_tokens,
-    };
-    Ok(b)
+    let rows: Vec<(Vec<u32>, Vec<bool>)> = completions
+        .iter()
+        .map(|c| (prompt.iter().chain(c).copied().collect(), (0..prompt.len() + c.len()).map(|j| j >= prompt.len()).collect()))
+        .collect();
+    let rows: Vec<(&[u32], &[bool])> = rows.iter().map(|(i, t)| (&i[..], &t[..])).collect();
+    Batch::from_rows(&rows, 0, device)
 }
 
 /// The reference's summed log-probabilities of each row: the model with its adapters off,
