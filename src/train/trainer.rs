@@ -355,6 +355,11 @@ impl EvalRecord {
     pub fn perplexity(&self) -> f64 {
         self.loss.exp()
     }
+
+    /// The objective's metric `name` (`rewards/margins`, `kl`, ...), if it has one.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        self.metrics.iter().find(|(n, _)| n == name).map(|m| m.1)
+    }
 }
 
 /// Receives progress (the CLI draws a progress bar from it) and may stop a run early.

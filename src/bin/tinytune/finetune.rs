@@ -135,7 +135,7 @@ impl Observer for Progress {
 }
 
 fn describe_eval(r: &EvalRecord, fresh_head: bool) -> String {
-    let metric = |k: &str| r.metrics.iter().find(|(n, _)| n == k).map(|m| m.1);
+    let metric = |k: &str| r.metric(k);
     if let (Some(acc), Some(margin)) = (metric("rewards/accuracies"), metric("rewards/margins")) {
         // Preference pairs: how often the chosen completion is preferred, and by how much.
         let at_reference = metric("rewards/chosen") == Some(0.0) && metric("rewards/rejected") == Some(0.0);

@@ -39,7 +39,7 @@ pub fn eval(
         let objective = RewardModelling { head: head.clone() };
         let r = tinytune::train::evaluate_observed(model, &objective, &ds, batch_size, device, 0, &mut |d, n| task.set(d, n))?;
         task.finish();
-        let m = |k: &str| r.metrics.iter().find(|(n, _)| n == k).map_or(f64::NAN, |x| x.1);
+        let m = |k: &str| r.metric(k).unwrap_or(f64::NAN);
         if json_out {
             outln!(
                 "{}",
