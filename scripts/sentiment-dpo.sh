@@ -10,7 +10,8 @@
 #   3. preference pairs: samples of the base policy per training prompt (4), the best and the
 #      worst by the reward (the paper's protocol with two: `tinytune sample --pairs-out`);
 #   4. DPO with LoRA at a few β, the reference being the policy with its adapter off;
-#   4b. GRPO with LoRA on the training prompts, the same reward, online;
+#   4b. GRPO and PPO with LoRA on the training prompts, the same reward, online (PPO with a
+#      value head on the policy, 4 updates per rollout);
 #   5. on held-out prompts, each policy's mean reward and its KL from the reference
 #      (mean of log π − log π_ref over its own samples), and the reward–KL picture (the paper's
 #      Figure 2, left).
@@ -32,6 +33,8 @@ LR="${LR:-1e-3}"
 GRPO_PROMPTS="${GRPO_PROMPTS:-64}"
 GRPO_GROUP="${GRPO_GROUP:-4}"
 GRPO_LR="${GRPO_LR:-1e-3}"
+PPO_PROMPTS="${PPO_PROMPTS:-64}"
+PPO_LR="${PPO_LR:-1e-3}"
 NEW_TOKENS="${NEW_TOKENS:-24}"
 DEVICE="${DEVICE:-auto}"
 MODEL="$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -103,6 +106,19 @@ if [ "$GRPO_PROMPTS" -gt 0 ]; then
     POLICIES="$POLICIES grpo"
 fi
 
+# PPO: online on the first $PPO_PROMPTS training prompts, one sample each, a value head on the
+# policy's hidden states, the per-token KL penalty (TRL's defaults: kl_coef 0.05, 4 epochs).
+if [ "$PPO_PROMPTS" -gt 0 ]; then
+    log "PPO on $PPO_PROMPTS training prompts"
+    head -n "$PPO_PROMPTS" "$OUT/train-prompts.jsonl" > "$OUT/ppo-prompts.jsonl"
+    $TT finetune --model "$MODEL" --data "$OUT/ppo-prompts.jsonl" --objective ppo "${REWARD[@]}" \
+        --max-new-tokens "$NEW_TOKENS" --beta 0.05 --ppo-epochs 4 \
+        --method lora --rank 8 --alpha 16 --dropout 0 --target-modules q_proj,k_proj,v_proj,o_proj \
+        --epochs 1 --batch-size 4 --lr "$PPO_LR" --eval-split 0 --seed 0 --device "$DEVICE" --out "$OUT/ppo" --overwrite
+    evaluate ppo --adapter "$OUT/ppo/adapter"
+    POLICIES="$POLICIES ppo"
+fi
+
 # The summary and the picture (standard-library Python; skipped without python3).
 if command -v python3 >/dev/null 2>&1; then
     python3 - "$OUT" $POLICIES <<'PY'
@@ -135,7 +151,7 @@ for i in range(5):
 for r in rows:
     color = "#1f77b4" if r["policy"] == "base" else "#d62728"
     svg += [f'<circle cx="{X(r["kl"])}" cy="{Y(r["mean_reward"])}" r="5" fill="{color}"/>',
-            f'<text x="{X(r["kl"])+8}" y="{Y(r["mean_reward"])-6}">{r["policy"].replace("dpo-", "DPO β=").replace("grpo", "GRPO")}</text>']
+            f'<text x="{X(r["kl"])+8}" y="{Y(r["mean_reward"])-6}">{r["policy"].replace("dpo-", "DPO β=").replace("grpo", "GRPO").replace("ppo", "PPO")}</text>']
 svg.append("</svg>")
 (out / "rewards.svg").write_text("\n".join(svg) + "\n")
 print(f"picture: {out / 'rewards.svg'}")

@@ -157,29 +157,39 @@ pub struct FinetuneArgs {
     pub num_classes: Option<usize>,
     /// Preference pairs ({"prompt","chosen","rejected"}): dpo (the policy against its
     /// adapters-off self) or reward (a reward model: a one-output head, Bradley–Terry loss)
-    /// [default: dpo]. Prompts alone ({"prompt"}): grpo, with --reward-model.
+    /// [default: dpo]. Prompts alone ({"prompt"}): grpo or ppo, with --reward-model [default: grpo].
     #[arg(long)]
     pub objective: Option<String>,
     /// DPO: β, the strength of the pull towards the reference [default: 0.1]; GRPO: the KL
-    /// penalty's weight [default: 0.04].
+    /// penalty's weight [default: 0.04]; PPO: the per-token KL penalty's weight, TRL's
+    /// kl_coef [default: 0.05].
     #[arg(long)]
     pub beta: Option<f64>,
-    /// GRPO: the reward, an adapter directory with a head over the same --model (a reward
+    /// GRPO, PPO: the reward, an adapter directory with a head over the same --model (a reward
     /// model's score, or a classifier's probability of --reward-label).
     #[arg(long)]
     pub reward_model: Option<PathBuf>,
-    /// GRPO with a classifier as the reward: the class whose probability is the reward [default: 1].
+    /// GRPO, PPO with a classifier as the reward: the class whose probability is the reward [default: 1].
     #[arg(long)]
     pub reward_label: Option<usize>,
     /// GRPO: completions sampled per prompt [default: 8].
     #[arg(long)]
     pub num_generations: Option<usize>,
-    /// GRPO: the longest completion sampled, in tokens [default: 32].
+    /// GRPO, PPO: the longest completion sampled, in tokens [default: 32].
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
-    /// GRPO: the sampling temperature [default: 1].
+    /// GRPO, PPO: the sampling temperature [default: 1].
     #[arg(long)]
     pub temperature: Option<f64>,
+    /// PPO: optimizer updates on each rollout [default: 4].
+    #[arg(long)]
+    pub ppo_epochs: Option<usize>,
+    /// PPO: the clip range of the policy ratio and of the value [default: 0.2].
+    #[arg(long)]
+    pub cliprange: Option<f64>,
+    /// PPO: the value loss's weight [default: 0.1].
+    #[arg(long)]
+    pub vf_coef: Option<f64>,
     /// DPO: sigmoid or ipo [default: sigmoid].
     #[arg(long)]
     pub dpo_loss: Option<String>,
@@ -327,6 +337,9 @@ impl FinetuneArgs {
             num_generations,
             max_new_tokens,
             temperature,
+            ppo_epochs,
+            cliprange,
+            vf_coef,
             dpo_loss,
             label_smoothing,
             precompute_ref_log_probs,

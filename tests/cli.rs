@@ -1078,12 +1078,44 @@ fn preference_tuning_from_the_command_line() {
         ],
     );
     assert_eq!(g["steps"], 2, "{g}");
+    let ppo = finetune(
+        &model,
+        &prompts_out,
+        &dir.join("ppo"),
+        &[
+            "--objective",
+            "ppo",
+            "--reward-model",
+            path_str(&adapter),
+            "--ppo-epochs",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--eval-split",
+            "0",
+        ],
+    );
+    assert_eq!(ppo["steps"], 2, "{ppo}");
+    let steps: Vec<serde_json::Value> =
+        std::fs::read_to_string(dir.join("ppo/metrics.jsonl")).unwrap().lines().map(json).filter(|v| v.get("step").is_some()).collect();
+    assert!(steps.iter().all(|v| v["kl"].is_f64() && v["value_loss"].is_f64() && v["clipfrac"].is_f64()), "{steps:?}");
 
     // Mismatches are errors that say what fits.
     let (ok, _, err) = tinytune(
+        &finetune_args(&model, &prompts_out, &dir.join("x0"), &["--objective", "grpo", "--ppo-epochs", "2"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(!ok && err.contains("--ppo-epochs is a setting of --objective ppo"), "{err}");
+    let (ok, _, err) = tinytune(
         &finetune_args(&model, &prompts_out, &dir.join("x1"), &["--objective", "dpo"]).iter().map(String::as_str).collect::<Vec<_>>(),
     );
-    assert!(!ok && err.contains("grpo trains on"), "{err}");
+    assert!(!ok && err.contains("grpo and ppo train on"), "{err}");
     let (ok, _, err) = tinytune(&finetune_args(&model, &prompts_out, &dir.join("x2"), &[]).iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!ok && err.contains("--reward-model"), "{err}");
     let (ok, _, err) = tinytune(&[

@@ -503,7 +503,7 @@ fn grpo_raises_the_mean_reward_of_a_reward_model() {
     let e = train::train(tiny_llama().as_mut(), &train_set, None, &config(&dir.join("e1")), "t", &Device::Cpu, &mut Quiet)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("--objective grpo with --reward-model"), "{e}");
+    assert!(e.contains("--objective grpo or ppo with --reward-model"), "{e}");
     let e = train::train(
         tiny_llama().as_mut(),
         &pairs,
@@ -565,12 +565,172 @@ fn grpo_on_the_gpu_follows_the_cpu() {
     }
 }
 
+/// A reward model of the tiny Llama trained on the praise/complaint pairs (few steps).
+fn reward_model_dir(dir: &Path, steps: u64) -> PathBuf {
+    let pairs = load_pairs(&pair_lines(24, 8));
+    let rcfg = TrainConfig { preference: PreferenceObjective::Reward, lr: 2e-2, max_steps: Some(steps), ..config(&dir.join("rm")) };
+    train::train(tiny_llama().as_mut(), &pairs, None, &rcfg, "tiny-llama", &Device::Cpu, &mut Quiet).unwrap().saved
+}
+
+fn prompt_set(n: usize, seed: usize) -> Dataset {
+    let prompts: Vec<String> =
+        pair_lines(n, seed).iter().map(|l| json!({ "prompt": serde_json::from_str::<Value>(l).unwrap()["prompt"] }).to_string()).collect();
+    let opts = DataOptions { seq_len: 24, context: Some(64), ..DataOptions::default() };
+    Dataset::from_jsonl_str(&prompts.join("\n"), "prompts.jsonl", &tokenizer(), &opts).unwrap()
+}
+
+#[test]
+fn ppo_raises_the_mean_reward_of_a_reward_model() {
+    let dir = scratch("ppo");
+    let rm = reward_model_dir(&dir, 18);
+    let reward = Arc::new(tinytune::train::RewardModel::load(&fixture("tiny-llama"), &rm, 1, &Device::Cpu, Default::default()).unwrap());
+    let (train_set, eval_set) = prompt_set(32, 9).split_holdout(tinytune::train::data::Holdout::Count(8), 0).unwrap();
+    let p = tinytune::train::PpoConfig { max_new_tokens: 4, eos: Some(0), ..Default::default() };
+    let cfg = TrainConfig {
+        preference: PreferenceObjective::Ppo(p),
+        reward_model: Some(reward.clone()),
+        lr: 2e-2,
+        batch_size: 8,
+        max_steps: Some(PPO_STEPS),
+        seed: 6,
+        ..config(&dir.join("ppo"))
+    };
+    let mut model = tiny_llama();
+    let report = train::train(model.as_mut(), &train_set, Some(&eval_set), &cfg, "tiny-llama", &Device::Cpu, &mut Quiet).unwrap();
+    let (before, after) = (report.before.unwrap(), report.after.unwrap());
+    let m = |r: &train::EvalRecord, k: &str| r.metric(k).unwrap_or_else(|| panic!("no {k}"));
+    eprintln!(
+        "ppo: reward {:.4} -> {:.4}, kl {:.4} -> {:.4}, value loss {:.4} -> {:.4}",
+        m(&before, "reward"),
+        m(&after, "reward"),
+        m(&before, "kl"),
+        m(&after, "kl"),
+        m(&before, "value_loss"),
+        m(&after, "value_loss")
+    );
+    assert_eq!(m(&before, "kl"), 0.0, "the policy starts as its reference");
+    assert!(m(&after, "reward") > m(&before, "reward") + 0.05, "the mean reward rises");
+    assert!(m(&after, "kl") != 0.0);
+    assert!(m(&after, "value_loss").is_finite());
+    assert_eq!(after.units, 8, "one completion per prompt");
+    // The value head is trained (it is in the checkpoint) but not part of the saved adapter.
+    let state = std::fs::read_to_string(dir.join("ppo/checkpoint/state.json")).unwrap();
+    let v: Value = serde_json::from_str(&state).unwrap();
+    let tensors = std::fs::read(dir.join("ppo/checkpoint").join(v["tensors"].as_str().unwrap())).unwrap();
+    let names = safetensors::SafeTensors::deserialize(&tensors).unwrap().names().into_iter().map(str::to_string).collect::<Vec<String>>();
+    assert!(names.iter().any(|n| n == "param/value_head.weight"), "{names:?}");
+    let saved = std::fs::read(report.saved.join("adapter_model.safetensors")).unwrap();
+    assert!(!safetensors::SafeTensors::deserialize(&saved).unwrap().names().iter().any(|n| n.contains("value_head")));
+    let picture = std::fs::read_to_string(dir.join("ppo/rewards.svg")).unwrap();
+    assert!(picture.contains("mean reward of the samples") && picture.contains("KL from the reference"));
+}
+
+const PPO_STEPS: u64 = 12;
+
+/// One PPO step runs `epochs` updates on one rollout: with one update the ratio is exactly 1
+/// and nothing is clipped; with four at a large learning rate the later updates move the
+/// policy past the clip range. The rollout's own metrics (reward, KL) are the same either way.
+#[test]
+fn ppo_updates_reuse_one_rollout() {
+    let dir = scratch("ppo-epochs");
+    let rm = reward_model_dir(&dir, 4);
+    let reward = Arc::new(tinytune::train::RewardModel::load(&fixture("tiny-llama"), &rm, 1, &Device::Cpu, Default::default()).unwrap());
+    let prompts = prompt_set(8, 3);
+    let mut seen = Vec::new();
+    for epochs in [1, 4] {
+        let p = tinytune::train::PpoConfig { max_new_tokens: 4, eos: Some(0), epochs, ..Default::default() };
+        let cfg = TrainConfig {
+            preference: PreferenceObjective::Ppo(p),
+            reward_model: Some(reward.clone()),
+            lr: 0.3,
+            clip: None,
+            batch_size: 8,
+            max_steps: Some(1),
+            ..config(&dir.join(format!("e{epochs}")))
+        };
+        let mut model = tiny_llama();
+        let mut t = train::Trainer::new(model.as_mut(), &prompts, None, &cfg, &Device::Cpu).unwrap();
+        let r = t.step().unwrap();
+        let m = |k: &str| r.metrics.iter().find(|(n, _)| n == k).unwrap_or_else(|| panic!("no {k}")).1;
+        seen.push((m("clipfrac"), m("reward"), m("kl")));
+    }
+    assert_eq!(seen[0].0, 0.0, "one update: the ratio is 1");
+    assert!(seen[1].0 > 0.0, "later updates clip: {seen:?}");
+    assert_eq!((seen[0].1, seen[0].2), (seen[1].1, seen[1].2), "the same rollout");
+    assert_eq!(seen[0].2, 0.0, "sampled by the policy at its reference");
+}
+
+/// The reward reads the policy's ids as its training data read: a classifier's labelled texts
+/// have no EOS (a final one is dropped), a reward model's pairs end with one (it is added), and
+/// both are cut to the length they were trained on.
+#[test]
+fn reward_models_read_sequences_as_they_were_trained() {
+    use tinytune::peft::{ClassifierHead, Pooling};
+    let d = tiny_llama().hidden_size();
+    let head = |n| ClassifierHead::new(d, n, Pooling::Last, &mut Rng::new(n as u64), &Device::Cpu).unwrap();
+    let score = |rm: &tinytune::train::RewardModel, ids: &[u32]| rm.score(&[ids.to_vec()], &Device::Cpu).unwrap()[0];
+    let classifier = tinytune::train::RewardModel::new(tiny_llama(), head(2), 1, "cls").unwrap().reading(Some(0), Some(4));
+    assert_eq!(score(&classifier, &[5, 6, 7, 0]), score(&classifier, &[5, 6, 7]));
+    assert_ne!(score(&classifier, &[5, 6, 7]), score(&classifier, &[5, 6, 8]));
+    assert_eq!(score(&classifier, &[5, 6, 7, 8, 9]), score(&classifier, &[5, 6, 7, 8]), "cut to 4 tokens");
+    let rm = tinytune::train::RewardModel::new(tiny_llama(), head(1), 0, "rm").unwrap().reading(Some(0), None);
+    assert_eq!(score(&rm, &[5, 6, 7]), score(&rm, &[5, 6, 7, 0]));
+    let plain = tinytune::train::RewardModel::new(tiny_llama(), head(1), 0, "rm").unwrap();
+    assert_ne!(score(&plain, &[5, 6, 7]), score(&plain, &[5, 6, 7, 0]), "without a known EOS the ids are read as they are");
+    // Rows of different lengths in one call score as each alone.
+    let both = rm.score(&[vec![5, 6], vec![5, 6, 7, 8, 9]], &Device::Cpu).unwrap();
+    assert!((both[0] - score(&rm, &[5, 6])).abs() < 1e-5 && (both[1] - score(&rm, &[5, 6, 7, 8, 9])).abs() < 1e-5, "{both:?}");
+}
+
+/// PPO's loss and gradients (policy and value head) on the GPU against the CPU's, on the same
+/// near-greedy rollout, the policy perturbed away from its reference.
+#[test]
+fn ppo_on_the_gpu_follows_the_cpu() {
+    let Some(gpu) = common::gpu_device() else { return };
+    let dir = scratch("ppo-gpu");
+    let rm = reward_model_dir(&dir, 6);
+    let lines = "{\"prompt\": \"the film was\"}\n{\"prompt\": \"the plot is\"}\n";
+    let prompts = Dataset::from_jsonl_str(lines, "p.jsonl", &tokenizer(), &DataOptions::default()).unwrap();
+    let p = tinytune::train::PpoConfig { max_new_tokens: 5, temperature: 1e-3, eos: Some(0), ..Default::default() };
+    let mut out = Vec::new();
+    for device in [Device::Cpu, gpu.clone()] {
+        let reward = Arc::new(tinytune::train::RewardModel::load(&fixture("tiny-llama"), &rm, 1, &device, Default::default()).unwrap());
+        let cfg = TrainConfig { preference: PreferenceObjective::Ppo(p), reward_model: Some(reward), ..config(Path::new("unused")) };
+        let mut model = tiny_llama_on(&device);
+        let att = train::attach(model.as_mut(), &cfg, DataKind::Prompts, None, &device).unwrap();
+        perturb(&att.params, 31);
+        let b = prompts.batch(&[0, 1], &device).unwrap();
+        att.objective.set_update(Some(0));
+        let loss = att.objective.batch_loss(model.as_ref(), &b, false).unwrap();
+        loss.sum.backward().unwrap();
+        att.objective.set_update(None);
+        let metric = |k: &str| loss.metrics.iter().find(|(n, _)| *n == k).unwrap().1;
+        out.push((loss.sum.to_scalar().unwrap(), grads(&att.params), metric("reward"), metric("kl"), metric("value_loss")));
+    }
+    let (c, g) = (&out[0], &out[1]);
+    assert!(c.3 != 0.0, "the perturbed policy is away from its reference");
+    assert!((c.0 - g.0).abs() < 1e-3 * c.0.abs().max(1e-2), "loss {} vs {}", c.0, g.0);
+    assert!((c.2 - g.2).abs() < 1e-3 * c.2.abs().max(1.0), "reward {} vs {}", c.2, g.2);
+    assert!((c.4 - g.4).abs() < 1e-3 * c.4.abs().max(1e-3), "value loss {} vs {}", c.4, g.4);
+    for (i, (a, b)) in c.1.iter().zip(&g.1).enumerate() {
+        assert_close(&format!("PPO gradient {i}"), b, a, 5e-3);
+    }
+}
+
 /// PPO's advantages, returns and clipped losses on fixed numbers worked by hand.
 #[test]
 fn ppo_arithmetic_on_fixed_numbers() {
     use tinytune::train::ppo::{gae, policy_loss, token_rewards, value_loss, PpoConfig};
     let c = PpoConfig::default();
     assert_eq!((c.kl_coef, c.cliprange, c.vf_coef, c.gamma, c.lam, c.epochs), (0.05, 0.2, 0.1, 1.0, 0.95, 4));
+    // Whitening: mean 0, unbiased variance 1; a single value is only centred.
+    let mut w = vec![1.0, 2.0, 3.0, 6.0];
+    tinytune::train::ppo::whiten(&mut w);
+    let sd = (14.0f64 / 3.0 + 1e-8).sqrt();
+    assert_close("whitened", &w, &[-2.0 / sd, -1.0 / sd, 0.0, 3.0 / sd], 1e-12);
+    let mut one = vec![5.0];
+    tinytune::train::ppo::whiten(&mut one);
+    assert_eq!(one, vec![0.0]);
     assert_close("rewards", &token_rewards(2.0, &[-1.0, -2.0], &[-1.5, -2.0], 0.05), &[-0.025, 2.0], 1e-15);
     // δ = (−0.1, −0.1, 0.7); A₂ = 0.7, A₁ = −0.1 + 0.95·0.7, A₀ = −0.1 + 0.95·A₁; R = A + V.
     let (adv, ret) = gae(&[0.0, 0.0, 1.0], &[0.5, 0.4, 0.3], 1.0, 0.95);

@@ -85,6 +85,10 @@ pub struct RewardModel {
     /// A classifier's class whose probability is the reward (unused for one output).
     label: usize,
     name: String,
+    /// How its training data read: a reward model's sequences end with this token (EOS), a
+    /// classifier's texts do not; both were cut to `seq_len` tokens.
+    eos: Option<u32>,
+    seq_len: Option<usize>,
 }
 
 impl std::fmt::Debug for RewardModel {
@@ -102,7 +106,14 @@ impl RewardModel {
             op: "reward model",
             msg: format!("{} has no head: give a reward model or a classifier (an adapter trained with a head)", dir.display()),
         })?;
-        RewardModel::new(model, head, label, &dir.display().to_string())
+        let eos = crate::io::Tokenizer::for_model(base).ok().and_then(|t| t.eos_id());
+        Ok(RewardModel::new(model, head, label, &dir.display().to_string())?.reading(eos, loaded.seq_len))
+    }
+
+    /// Reads sequences as its training data did (see [`RewardModel::score`]): `eos` the
+    /// tokenizer's, `seq_len` the length it was trained on.
+    pub fn reading(self, eos: Option<u32>, seq_len: Option<usize>) -> RewardModel {
+        RewardModel { eos, seq_len, ..self }
     }
 
     pub fn new(model: Box<dyn CausalLm>, head: ClassifierHead, label: usize, name: &str) -> Result<RewardModel> {
@@ -112,7 +123,7 @@ impl RewardModel {
                 msg: format!("{name}: class {label} is not one of its {} classes", head.num_classes()),
             });
         }
-        Ok(RewardModel { model, head, label, name: name.to_string() })
+        Ok(RewardModel { model, head, label, name: name.to_string(), eos: None, seq_len: None })
     }
 
     /// Checks that it reads the policy's tokens: the same vocabulary.
@@ -131,29 +142,57 @@ impl RewardModel {
         Ok(())
     }
 
-    /// The reward of each token sequence (one padded batch, no graph).
+    /// The reward of each token sequence (the policy's ids as sampled, no graph), read as the
+    /// scorer's training data was: a reward model's pairs end with EOS, so a sequence without
+    /// one gets it; a classifier's labelled texts have none, so a final EOS is dropped; then cut
+    /// to the trained length. In padded batches of 16.
     pub fn score(&self, rows: &[Vec<u32>], device: &Device) -> Result<Vec<f64>> {
         if rows.is_empty() || rows.iter().all(Vec::is_empty) {
             return Err(Error::InvalidArgument { op: "reward model", msg: "nothing to score".into() });
         }
-        let flags: Vec<Vec<bool>> = rows.iter().map(|r| vec![false; r.len()]).collect();
-        let seqs: Vec<(&[u32], &[bool])> = rows.iter().zip(&flags).map(|(r, f)| (&r[..], &f[..])).collect();
-        let b = Batch::from_rows(&seqs, 0, device)?;
-        with_no_grad(|| {
-            let out = self.head.forward(&self.model.hidden_states(&b.ids, b.keep.as_ref(), None)?, b.keep.as_ref())?;
-            // The few logits go to the host (f64 has no GPU kernels); a classifier's softmax there.
-            let v = out.to_vec_f64()?;
-            if self.head.num_classes() == 1 {
-                return Ok(v);
-            }
-            Ok(v.chunks(self.head.num_classes())
-                .map(|c| {
+        let classes = self.head.num_classes();
+        let read: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                match self.eos {
+                    Some(e) if classes > 1 && r.len() > 1 && r.last() == Some(&e) => {
+                        r.pop();
+                    }
+                    Some(e) if classes == 1 && r.last() != Some(&e) => r.push(e),
+                    _ => {}
+                }
+                if let Some(n) = self.seq_len {
+                    r.truncate(n.max(1));
+                }
+                r
+            })
+            .collect();
+        let mut out = Vec::with_capacity(rows.len());
+        for chunk in read.chunks(16) {
+            let flags: Vec<Vec<bool>> = chunk.iter().map(|r| vec![false; r.len()]).collect();
+            let seqs: Vec<(&[u32], &[bool])> = chunk.iter().zip(&flags).map(|(r, f)| (&r[..], &f[..])).collect();
+            let b = Batch::from_rows(&seqs, 0, device)?;
+            let v = with_no_grad(|| {
+                // The few logits go to the host (f64 has no GPU kernels); a classifier's softmax there.
+                self.head.forward(&self.model.hidden_states(&b.ids, b.keep.as_ref(), None)?, b.keep.as_ref())?.to_vec_f64()
+            })?;
+            if classes == 1 {
+                out.extend(v);
+            } else {
+                out.extend(v.chunks(classes).map(|c| {
                     let m = c.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = c.iter().map(|x| (x - m).exp()).sum();
                     (c[self.label] - m).exp() / z
-                })
-                .collect())
-        })
+                }));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The number of outputs of its head (1: a reward model; more: a classifier).
+    pub fn outputs(&self) -> usize {
+        self.head.num_classes()
     }
 }
 
@@ -226,14 +265,8 @@ impl Objective for Grpo {
         let (mut reward_sum, mut kl_sum, mut length_sum, mut std_sum) = (0.0, 0.0, 0.0, 0.0);
         for (r, &len) in b.lengths.iter().enumerate() {
             let prompt = &ids[r * t..r * t + len];
-            let opts = GenerateOptions {
-                max_new_tokens: self.cfg.max_new_tokens,
-                sampling: Sampling::Sample { temperature: self.cfg.temperature, top_k: None, top_p: None },
-                repetition_penalty: 1.0,
-                seed: crate::peft::mix(self.seed, micro.wrapping_mul(1 << 20).wrapping_add(r as u64)),
-                stop_tokens: self.cfg.eos.into_iter().collect(),
-            };
-            let completions = crate::models::generate_samples(model, prompt, g, &opts, &device)?;
+            let (c, seed) = (&self.cfg, rollout_seed(self.seed, micro, r));
+            let completions = sample_completions(model, prompt, g, (c.max_new_tokens, c.temperature, c.eos), seed, &device)?;
             let rows: Vec<Vec<u32>> = completions.iter().map(|c| prompt.iter().chain(c).copied().collect()).collect();
             let rewards = self.reward.score(&rows, &device)?;
             let adv = group_advantages(&rewards, g);
@@ -274,12 +307,44 @@ impl Objective for Grpo {
     }
 }
 
+/// The seed of row `row`'s samples in micro-batch `micro`: a resumed run samples what the
+/// uninterrupted one did.
+pub(crate) fn rollout_seed(seed: u64, micro: u64, row: usize) -> u64 {
+    crate::peft::mix(seed, micro.wrapping_mul(1 << 20).wrapping_add(row as u64))
+}
+
+/// `k` completions of `prompt` (`(max_new_tokens, temperature, stop token)`), decoded as one batch.
+pub(crate) fn sample_completions(
+    model: &dyn CausalLm,
+    prompt: &[u32],
+    k: usize,
+    (max_new_tokens, temperature, eos): (usize, f64, Option<u32>),
+    seed: u64,
+    device: &Device,
+) -> Result<Vec<Vec<u32>>> {
+    let opts = GenerateOptions {
+        max_new_tokens,
+        sampling: Sampling::Sample { temperature, top_k: None, top_p: None },
+        repetition_penalty: 1.0,
+        seed,
+        stop_tokens: eos.into_iter().collect(),
+    };
+    crate::models::generate_samples(model, prompt, k, &opts, device)
+}
+
 /// The log-probability of every position's target, `[rows · T]` (0 where there is none), with
 /// the graph when it is recorded.
 fn token_log_probs(model: &dyn CausalLm, b: &Batch) -> Result<Tensor> {
     let h = model.forward_hidden(&b.ids, b.keep.as_ref(), None, false)?.last;
+    position_log_probs(model, &h, &b.targets)
+}
+
+/// The log-probability of each position's target from the final hidden states `h`
+/// `[rows, T, d]`, flat `[rows · T]` (0 where the target is −100): each position its own row of
+/// the chunked output layer.
+pub(crate) fn position_log_probs(model: &dyn CausalLm, h: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (rows, t, d) = (h.shape()[0], h.shape()[1], h.shape()[2]);
     let per_position = h.reshape(&[(rows * t) as isize, 1, d as isize])?;
-    let targets = b.targets.reshape(&[(rows * t) as isize, 1])?;
+    let targets = targets.reshape(&[(rows * t) as isize, 1])?;
     crate::nn::linear_cross_entropy_rows(model.lm_head(), &per_position, &targets, -100)?.neg()
 }

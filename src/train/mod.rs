@@ -12,6 +12,7 @@ pub use grpo::{GrpoConfig, RewardModel};
 pub use objective::{
     class_probabilities, class_probabilities_observed, label_scores, BatchLoss, Classification, LanguageModelling, Objective,
 };
+pub use ppo::PpoConfig;
 pub use preference::{DpoConfig, DpoLoss, PreferenceObjective};
 pub use trainer::{
     attach, evaluate, evaluate_observed, train, Attached, EvalRecord, Observer, OptimizerKind, Quiet, StepRecord, TrainConfig, TrainReport,

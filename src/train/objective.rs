@@ -37,6 +37,18 @@ pub trait Objective: Send + Sync {
     /// The micro-batch counter before each training batch (an online objective seeds its
     /// sampling with it, so a resumed run samples what the uninterrupted one did).
     fn set_step(&self, _micro: u64) {}
+    /// Optimizer updates per training step on the same micro-batches (PPO's epochs over one
+    /// rollout); the learning-rate schedule advances once per step.
+    fn updates_per_step(&self) -> usize {
+        1
+    }
+    /// `Some(u)` before each micro-batch of a step's update `u`, `None` once the step is done.
+    fn set_update(&self, _update: Option<usize>) {}
+    /// Whether the method's dropout is on while training (PPO compares two reads of the policy
+    /// and turns it off).
+    fn dropout(&self) -> bool {
+        true
+    }
 }
 
 /// Next-token cross-entropy on the target tokens (`-100` elsewhere), per target token. With

@@ -49,6 +49,8 @@ pub enum PreferenceObjective {
     Reward,
     /// GRPO on `{"prompt"}` data with [`super::TrainConfig::reward_model`].
     Grpo(super::grpo::GrpoConfig),
+    /// PPO on `{"prompt"}` data with [`super::TrainConfig::reward_model`] and a value head.
+    Ppo(super::ppo::PpoConfig),
 }
 
 /// The DPO loss's form.

@@ -27,6 +27,7 @@ use super::data::{DataKind, Dataset};
 use super::grpo::{Grpo, RewardModel};
 use super::objective::{Classification, LanguageModelling, Objective};
 use super::plot;
+use super::ppo::Ppo;
 use super::preference::{Dpo, DpoConfig, PreferenceObjective, RewardModelling};
 use crate::autograd::with_no_grad;
 use crate::backend::Device;
@@ -161,6 +162,7 @@ impl TrainConfig {
         match &self.preference {
             PreferenceObjective::Dpo(d) => d.validate()?,
             PreferenceObjective::Grpo(g) => g.validate()?,
+            PreferenceObjective::Ppo(p) => p.validate()?,
             PreferenceObjective::Reward => {}
         }
         Ok(())
@@ -447,10 +449,10 @@ pub fn attach(
                     ClassifierHead::new(model.hidden_size(), 1, cfg.pooling, &mut Rng::new(crate::peft::mix(cfg.seed, 0x5E3A2D)), device)?;
                 Box::new(RewardModelling { head: h })
             }
-            PreferenceObjective::Grpo(_) => {
+            PreferenceObjective::Grpo(_) | PreferenceObjective::Ppo(_) => {
                 return Err(Error::InvalidArgument {
                     op: "finetune",
-                    msg: "GRPO trains on prompts alone ({\"prompt\"} lines), not on pairs".into(),
+                    msg: "GRPO and PPO train on prompts alone ({\"prompt\"} lines), not on pairs".into(),
                 })
             }
         },
@@ -459,10 +461,14 @@ pub fn attach(
                 r.check_policy(model)?;
                 Box::new(Grpo::new(*g, r.clone(), cfg.seed))
             }
+            (PreferenceObjective::Ppo(p), Some(r)) => {
+                r.check_policy(model)?;
+                Box::new(Ppo::new(*p, r.clone(), model.hidden_size(), cfg.seed, device)?)
+            }
             _ => {
                 return Err(Error::InvalidArgument {
                     op: "finetune",
-                    msg: "prompt-only data ({\"prompt\"} lines) trains online: --objective grpo with --reward-model".into(),
+                    msg: "prompt-only data ({\"prompt\"} lines) trains online: --objective grpo or ppo with --reward-model".into(),
                 })
             }
         },
@@ -586,7 +592,7 @@ fn eval_json(e: &EvalRecord) -> Value {
 }
 
 /// The names of the metrics [`eval_json`] and the step lines carry besides the fixed fields.
-const OBJECTIVE_METRICS: [&str; 10] = [
+const OBJECTIVE_METRICS: [&str; 13] = [
     "rewards/chosen",
     "rewards/rejected",
     "rewards/accuracies",
@@ -597,6 +603,9 @@ const OBJECTIVE_METRICS: [&str; 10] = [
     "reward_std",
     "kl",
     "completion_length",
+    "clipfrac",
+    "policy_loss",
+    "value_loss",
 ];
 
 fn eval_from(v: &Value) -> Option<EvalRecord> {
@@ -955,7 +964,7 @@ impl<'a> Trainer<'a> {
     /// update. A step whose loss or gradient norm is not finite is skipped (`skipped`).
     pub fn step(&mut self) -> Result<StepRecord> {
         let cfg = self.cfg;
-        self.attached.method.set_training(true);
+        self.attached.method.set_training(self.attached.objective.dropout());
         let mut batches = Vec::with_capacity(cfg.grad_accum);
         for _ in 0..cfg.grad_accum {
             let (epoch, k) = (self.st.micro / self.batches_per_epoch, (self.st.micro % self.batches_per_epoch) as usize);
@@ -972,31 +981,51 @@ impl<'a> Trainer<'a> {
         let denom: usize = batches.iter().map(|(_, b)| objective.units(self.model, b)).sum();
         let tokens: usize = batches.iter().map(|(_, b)| b.n_tokens).sum();
         let t0 = Instant::now();
-        let (mut loss, mut metrics) = (0.0, Vec::new());
-        for (micro, b) in &batches {
-            self.attached.method.set_step(*micro);
-            objective.set_step(*micro);
-            let out = objective.batch_loss(self.model, b, false)?;
-            add_metrics(&mut metrics, &out.metrics, 1.0 / denom.max(1) as f64);
-            let part = out.sum.mul_scalar(1.0 / denom.max(1) as f64)?;
-            loss += part.to_scalar()?;
-            part.backward()?;
-        }
-        let tensors: Vec<Tensor> = self.attached.params.iter().map(|(_, t)| t.clone()).collect();
-        let norm = crate::profile::in_phase("optimizer", || match cfg.clip {
-            Some(c) if loss.is_finite() => clip_grad_norm(&tensors, c),
-            _ => grad_norm(&tensors),
-        })?;
+        let updates = objective.updates_per_step().max(1);
         let lr = self.schedule.lr_at(cfg.lr, self.st.step);
-        let skipped = !loss.is_finite() || !norm.is_finite();
+        let (mut loss, mut norm, mut metrics, mut skipped) = (0.0, 0.0, Vec::new(), false);
+        let tensors: Vec<Tensor> = self.attached.params.iter().map(|(_, t)| t.clone()).collect();
+        // Each update: the step's micro-batches, clipping, the optimizer; the reported loss,
+        // norm and metrics are the updates' means.
+        for u in 0..updates {
+            let mut update_loss = 0.0;
+            for (micro, b) in &batches {
+                self.attached.method.set_step(*micro);
+                objective.set_step(*micro);
+                objective.set_update(Some(u));
+                let out = objective.batch_loss(self.model, b, false);
+                let out = match out {
+                    Ok(o) => o,
+                    Err(e) => {
+                        objective.set_update(None);
+                        return Err(e);
+                    }
+                };
+                add_metrics(&mut metrics, &out.metrics, 1.0 / (denom.max(1) * updates) as f64);
+                let part = out.sum.mul_scalar(1.0 / denom.max(1) as f64)?;
+                update_loss += part.to_scalar()?;
+                part.backward()?;
+            }
+            let n = crate::profile::in_phase("optimizer", || match cfg.clip {
+                Some(c) if update_loss.is_finite() => clip_grad_norm(&tensors, c),
+                _ => grad_norm(&tensors),
+            })?;
+            if !update_loss.is_finite() || !n.is_finite() {
+                skipped = true;
+            } else {
+                crate::profile::in_phase("optimizer", || self.opt.step(lr))?;
+            }
+            self.opt.zero_grad();
+            loss += update_loss / updates as f64;
+            norm += n / updates as f64;
+        }
+        objective.set_update(None);
         if skipped {
             self.st.skipped += 1;
             self.st.bad_streak += 1;
         } else {
             self.st.bad_streak = 0;
-            crate::profile::in_phase("optimizer", || self.opt.step(lr))?;
         }
-        self.opt.zero_grad();
         self.st.step += 1;
         if !skipped {
             self.st.history.push((self.st.step as f64, loss));

@@ -15,7 +15,7 @@ use tinytune::optim::ScheduleKind;
 use tinytune::peft;
 use tinytune::train::data::{DataKind, DataOptions, Dataset, Holdout};
 use tinytune::train::{
-    self, DpoConfig, EvalRecord, GrpoConfig, Observer, OptimizerKind, PreferenceObjective, RewardModel, StepRecord, TrainConfig,
+    self, DpoConfig, EvalRecord, GrpoConfig, Observer, OptimizerKind, PpoConfig, PreferenceObjective, RewardModel, StepRecord, TrainConfig,
 };
 use tinytune::{Error, Result};
 
@@ -151,6 +151,18 @@ fn describe_eval(r: &EvalRecord, fresh_head: bool) -> String {
             if at_reference { "; the policy is still its reference: every implicit reward is 0" } else { "" }
         );
     }
+    if let (Some(reward), Some(kl), None) = (metric("reward"), metric("kl"), metric("reward_std")) {
+        // PPO: the mean reward of the policy's own samples, how far it moved, the value's error.
+        return format!(
+            "eval @ step {:>4}: mean reward {:.4}  KL {:.4} per completion  value loss {:.4}  completion length {:.1}  ({} prompts)",
+            r.step,
+            reward,
+            kl,
+            metric("value_loss").unwrap_or(f64::NAN),
+            metric("completion_length").unwrap_or(f64::NAN),
+            r.examples
+        );
+    }
     if let (Some(reward), Some(kl)) = (metric("reward"), metric("kl")) {
         // GRPO: the mean reward of the policy's own samples, and how far it moved.
         return format!(
@@ -246,13 +258,43 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
             temperature: a.temperature.unwrap_or(1.0),
             eos: tok.eos_id(),
         }),
-        o => return Err(Error::InvalidArgument { op: "--objective", msg: format!("unknown objective '{o}' (dpo, reward or grpo)") }),
+        "ppo" => {
+            let d = PpoConfig::default();
+            let clip = a.cliprange.unwrap_or(d.cliprange);
+            PreferenceObjective::Ppo(PpoConfig {
+                kl_coef: a.beta.unwrap_or(d.kl_coef),
+                cliprange: clip,
+                cliprange_value: clip,
+                vf_coef: a.vf_coef.unwrap_or(d.vf_coef),
+                epochs: a.ppo_epochs.unwrap_or(d.epochs),
+                max_new_tokens: a.max_new_tokens.unwrap_or(d.max_new_tokens),
+                temperature: a.temperature.unwrap_or(d.temperature),
+                eos: tok.eos_id(),
+                ..d
+            })
+        }
+        o => return Err(Error::InvalidArgument { op: "--objective", msg: format!("unknown objective '{o}' (dpo, reward, grpo or ppo)") }),
     };
-    if prompts_only != matches!(preference, PreferenceObjective::Grpo(_)) {
+    // A setting of another objective would be silently ignored: say so instead.
+    let is_ppo = matches!(preference, PreferenceObjective::Ppo(_));
+    for (flag, given, of_ppo) in [
+        ("--ppo-epochs", a.ppo_epochs.is_some(), true),
+        ("--cliprange", a.cliprange.is_some(), true),
+        ("--vf-coef", a.vf_coef.is_some(), true),
+        ("--num-generations", a.num_generations.is_some(), false),
+    ] {
+        let wanted = if of_ppo { is_ppo } else { matches!(preference, PreferenceObjective::Grpo(_)) };
+        if given && !wanted {
+            let of = if of_ppo { "ppo" } else { "grpo" };
+            return Err(Error::InvalidArgument { op: "finetune", msg: format!("{flag} is a setting of --objective {of}") });
+        }
+    }
+    let online = matches!(preference, PreferenceObjective::Grpo(_) | PreferenceObjective::Ppo(_));
+    if prompts_only != online {
         return Err(Error::InvalidArgument {
             op: "--objective",
             msg: format!(
-                "{}: grpo trains on {{\"prompt\"}} lines alone, dpo and reward on {{\"prompt\", \"chosen\", \"rejected\"}} pairs",
+                "{}: grpo and ppo train on {{\"prompt\"}} lines alone, dpo and reward on {{\"prompt\", \"chosen\", \"rejected\"}} pairs",
                 data_path.display()
             ),
         });
@@ -261,9 +303,11 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         (Some(dir), true) => {
             Some(Arc::new(RewardModel::load(&model_path, dir, a.reward_label.unwrap_or(1), &device, a.base_dtype.unwrap_or_default())?))
         }
-        (None, true) => return Err(Error::InvalidArgument { op: "--reward-model", msg: "GRPO needs a reward: --reward-model DIR".into() }),
+        (None, true) => {
+            return Err(Error::InvalidArgument { op: "--reward-model", msg: "GRPO and PPO need a reward: --reward-model DIR".into() })
+        }
         (Some(_), false) => {
-            return Err(Error::InvalidArgument { op: "--reward-model", msg: "is the reward of GRPO (prompt-only data)".into() })
+            return Err(Error::InvalidArgument { op: "--reward-model", msg: "is the reward of GRPO and PPO (prompt-only data)".into() })
         }
         (None, false) => None,
     };
@@ -362,8 +406,9 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         DataKind::Preference => match cfg.preference {
             PreferenceObjective::Dpo(_) => "preference pairs, DPO",
             PreferenceObjective::Reward => "preference pairs, reward model",
-            PreferenceObjective::Grpo(_) => "prompts, GRPO",
+            PreferenceObjective::Grpo(_) | PreferenceObjective::Ppo(_) => "prompts",
         },
+        DataKind::Prompts if matches!(cfg.preference, PreferenceObjective::Ppo(_)) => "prompts, PPO",
         DataKind::Prompts => "prompts, GRPO",
     };
     note!(

@@ -9,12 +9,11 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde_json::{json, Value};
 use tinytune::io::Tokenizer;
-use tinytune::models::{self, CausalLm, GenerateOptions, Sampling};
-use tinytune::peft::{format, ClassifierHead};
+use tinytune::models::{self, GenerateOptions, Sampling};
 use tinytune::rng::philox4x32_10;
-use tinytune::train::data::{DataOptions, Dataset};
-use tinytune::train::preference::{completion_log_probs, reward_scores};
-use tinytune::{Device, Error, Result};
+use tinytune::train::preference::completion_log_probs;
+use tinytune::train::RewardModel;
+use tinytune::{Error, Result};
 
 use super::progress;
 
@@ -77,9 +76,6 @@ pub struct SampleArgs {
     /// lines: the prompt file of `finetune --objective grpo`.
     #[arg(long)]
     prompts_out: Option<PathBuf>,
-    /// Prompts scored at once by the reward model.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
 }
 
 /// The prompts of a file: each line's "prompt" (or "text") with its line number.
@@ -116,57 +112,6 @@ fn parse_range(s: &str) -> Result<(usize, usize)> {
     Ok((a, b))
 }
 
-/// A reward model or classifier loaded over its own copy of the base model.
-struct Scorer {
-    model: Box<dyn CausalLm>,
-    head: ClassifierHead,
-    opts: DataOptions,
-    label: usize,
-}
-
-impl Scorer {
-    fn load(args: &SampleArgs, dir: &Path, device: &Device) -> Result<Scorer> {
-        let mut model = models::load_with(&args.common.model, device, args.common.base_dtype)?;
-        let loaded = format::load(dir, model.as_mut(), device)?;
-        let head = loaded.head.ok_or_else(|| Error::InvalidArgument {
-            op: "--reward-model",
-            msg: format!("{} has no head: give a reward model or a classifier (an adapter trained with a head)", dir.display()),
-        })?;
-        if head.num_classes() > 1 && args.reward_label >= head.num_classes() {
-            return Err(Error::InvalidArgument {
-                op: "--reward-label",
-                msg: format!("{} is not one of the {} classes of {}", args.reward_label, head.num_classes(), dir.display()),
-            });
-        }
-        let seq_len = loaded.seq_len.unwrap_or(256);
-        let opts = DataOptions {
-            seq_len,
-            context: model.max_positions(),
-            add_special_tokens: loaded.add_special_tokens,
-            ..DataOptions::default()
-        };
-        Ok(Scorer { model, head, opts, label: args.reward_label })
-    }
-
-    /// The reward of each text, read as the scorer was trained: a reward model's texts end
-    /// with EOS, a classifier's are plain labelled text.
-    fn score(&self, texts: &[String], tok: &Tokenizer, batch: usize, device: &Device) -> Result<Vec<f64>> {
-        if self.head.num_classes() == 1 {
-            let lines: String = texts.iter().map(|t| format!("{}\n", json!({ "text": t }))).collect();
-            let ds = Dataset::from_jsonl_str(&lines, "samples", tok, &self.opts)?;
-            if ds.len() != texts.len() {
-                return Err(Error::InvalidArgument { op: "sample", msg: "a sample has no tokens to score".into() });
-            }
-            reward_scores(self.model.as_ref(), &self.head, &ds, batch, device, &mut |_, _| {})
-        } else {
-            let lines: String = texts.iter().map(|t| format!("{}\n", json!({ "text": t, "label": 0 }))).collect();
-            let ds = Dataset::from_jsonl_str(&lines, "samples", tok, &self.opts)?;
-            let p = tinytune::train::class_probabilities(self.model.as_ref(), &self.head, &ds, batch, device)?;
-            Ok(p.iter().map(|p| p[self.label]).collect())
-        }
-    }
-}
-
 pub fn sample(args: SampleArgs) -> Result<()> {
     if args.num_samples == 0 {
         return Err(Error::InvalidArgument { op: "--num-samples", msg: "must be at least 1".into() });
@@ -174,7 +119,12 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     let device = args.common.device()?;
     let (model, _) = args.common.load(&device)?;
     let tok = Tokenizer::for_model(&args.common.model)?;
-    let scorer = args.reward_model.as_ref().map(|d| Scorer::load(&args, d, &device)).transpose()?;
+    // The reward reads the sampled ids (not the text re-encoded), as GRPO and PPO do.
+    let scorer = args
+        .reward_model
+        .as_ref()
+        .map(|d| RewardModel::load(&args.common.model, d, args.reward_label, &device, args.common.base_dtype))
+        .transpose()?;
     if args.pairs_out.is_some() && (scorer.is_none() || args.num_samples < 2) {
         return Err(Error::InvalidArgument {
             op: "--pairs-out",
@@ -234,7 +184,8 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         let texts: Vec<String> = completions.iter().map(|c| tok.decode_lossy(c, true)).collect::<Result<_>>()?;
         let scores = match &scorer {
             Some(s) => {
-                Some(s.score(&texts.iter().map(|c| format!("{prompt_text}{c}")).collect::<Vec<_>>(), &tok, args.batch_size, &device)?)
+                let rows: Vec<Vec<u32>> = completions.iter().map(|c| ids.iter().chain(c).copied().collect()).collect();
+                Some(s.score(&rows, &device)?)
             }
             None => None,
         };
