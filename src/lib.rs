@@ -28,6 +28,7 @@ pub mod dtype;
 pub mod error;
 pub mod io;
 pub mod layout;
+pub mod linalg;
 pub mod mem;
 pub mod models;
 pub mod nn;
