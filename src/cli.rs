@@ -37,7 +37,7 @@ pub struct FinetuneArgs {
     /// Fraction of the training data held out for evaluation when there is no --eval-data [default: 0.1].
     #[arg(long)]
     pub eval_split: Option<f64>,
-    /// lora, dora, full, head (a classifier head alone), ia3, prefix, prompt or adapter (bottleneck) [default: lora].
+    /// lora, dora, lora-xs, full, head (a classifier head alone), ia3, prefix, prompt or adapter (bottleneck) [default: lora].
     #[arg(long)]
     pub method: Option<String>,
     /// LoRA rank [default: 8].

@@ -804,3 +804,114 @@ fn prompt_gradients_match_finite_differences_and_bad_input_is_named() {
     assert!(e.contains(&format!("prompt_embeddings has shape [2, {d}], this model needs [3, {d}]")), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// LoRA-XS: `A`, `B` from the weight's truncated SVD (so `B A` is its best rank-r
+/// approximation and `B` has orthonormal columns), `R` the only trainable tensor with `r²`
+/// entries per site, its gradient against finite differences (float64 model), the loss driven
+/// down, merge equal to unmerged, and the save → load and the export as a plain PEFT LoRA
+/// adapter giving the same logits.
+#[test]
+fn lora_xs_initialises_from_the_svd_and_trains_r_alone() {
+    use tinytune::peft::{LoraXsAdapter, LoraXsConfig};
+    let targets = vec!["q_proj".to_string(), "down_proj".to_string()];
+    let cfg = LoraXsConfig { r: 3, targets: targets.clone(), ..LoraXsConfig::default() };
+    let mut model = load("tiny-llama", DType::F64);
+    let w0: Vec<(String, Vec<f64>, usize, usize)> = model
+        .linears_mut()
+        .iter()
+        .filter(|l| l.name.ends_with("q_proj") || l.name.ends_with("down_proj"))
+        .map(|l| (l.name.clone(), l.weight.to_vec_f64().unwrap(), l.out_features(), l.in_features()))
+        .collect();
+    let xs = LoraXsAdapter::attach(model.as_mut(), cfg.clone()).unwrap();
+    assert_eq!(xs.layers.len(), w0.len());
+    for (layer, (name, w, out, inp)) in xs.layers.iter().zip(&w0) {
+        assert_eq!(&layer.site, name);
+        let (a, b) = (layer.a.to_vec_f64().unwrap(), layer.b.to_vec_f64().unwrap());
+        let best = tinytune::linalg::svd(w, *out, *inp).unwrap().truncate(3).reconstruct();
+        let ba = tinytune::linalg::matmul(&b, &a, *out, 3, *inp);
+        let worst = ba.iter().zip(&best).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        let scale = w.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        assert!(worst < 1e-6 * scale, "{name}: B A is the best rank-3 approximation (off by {worst})");
+        let btb = tinytune::linalg::matmul(&tinytune::linalg::transpose(&b, *out, 3), &b, 3, *out, 3);
+        assert!((0..9).all(|i| (btb[i] - (i % 4 == 0) as u8 as f64).abs() < 1e-9), "{name}: BᵀB = I");
+        assert!(!layer.a.requires_grad_flag() && !layer.b.requires_grad_flag() && layer.r.requires_grad_flag());
+    }
+    let params = xs.parameters();
+    assert_eq!(params.iter().map(|(_, p)| p.numel()).sum::<usize>(), 9 * w0.len(), "r² a site");
+    assert!(params.iter().all(|(n, _)| n.ends_with(".lora_xs_R.weight")));
+    // R near 0: the model starts as the base model, to the init's 1e-5.
+    let (ids, keep, _) = batch(&Device::Cpu);
+    let plain = load("tiny-llama", DType::F64).forward(&ids, Some(&keep)).unwrap().to_vec_f64().unwrap();
+    let start = model.forward(&ids, Some(&keep)).unwrap().to_vec_f64().unwrap();
+    assert!(plain.iter().zip(&start).all(|(a, b)| (a - b).abs() < 1e-3));
+    for (i, (_, p)) in params.iter().enumerate() {
+        randomize(p, 0.3, 40 + i as u64);
+    }
+    lm_loss(model.as_ref()).backward().unwrap();
+    for (name, p) in &params {
+        check_grad(name, p, &|| lm_loss(model.as_ref()).to_scalar().unwrap());
+    }
+
+    // Training in float32 lowers the loss; merge = unmerged; save/load and the LoRA export agree.
+    let mut model = load("tiny-llama", DType::F32);
+    let xs = LoraXsAdapter::attach(model.as_mut(), LoraXsConfig { targets: vec!["all-linear".into()], ..cfg }).unwrap();
+    let (first, last) = sgd_run(&xs.parameters(), 30, 3.0, &|| lm_loss(model.as_ref()));
+    assert!(last < 0.9 * first, "lora-xs: loss {first} → {last}");
+    let trained = model.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap();
+    let dir = std::env::temp_dir().join(format!("tinytune-loraxs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    format::save(&dir.join("xs"), model.as_mut(), Some(&xs), None, "tiny-llama").unwrap();
+    xs.save_as_lora(&dir.join("lora"), model.as_mut(), None, "tiny-llama").unwrap();
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("xs/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((config["peft_type"].as_str(), config["r"].as_u64()), (Some("LORA_XS"), Some(3)));
+    let close = |got: &[f32], what: &str| {
+        let worst = got.iter().zip(&trained).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{what} differs from the trained model by {worst}");
+    };
+    for (sub, method) in [("xs", "lora-xs"), ("lora", "lora")] {
+        let mut fresh = load("tiny-llama", DType::F32);
+        let loaded = format::load(&dir.join(sub), fresh.as_mut(), &Device::Cpu).unwrap();
+        assert_eq!(loaded.method.name(), method);
+        close(&fresh.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap(), sub);
+    }
+    xs.merge(model.as_mut()).unwrap();
+    assert!(model.linears_mut().iter().all(|l| l.adapters.is_empty()));
+    close(&model.forward(&ids, Some(&keep)).unwrap().to_vec::<f32>().unwrap(), "merged");
+    // A rank above a site's smallest dimension is refused, naming the site.
+    let e = LoraXsAdapter::attach(load("tiny-llama", DType::F32).as_mut(), LoraXsConfig { r: 1000, ..LoraXsConfig::default() })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rank 1000") && e.contains("q_proj"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// LoRA-XS on the GPU (LoRA's fused kernel with `B R` as its `B`) against the CPU: the same
+/// projections from the same SVD, the logits and `R`'s gradients.
+#[test]
+fn lora_xs_on_the_gpu_follows_the_cpu() {
+    use tinytune::peft::{LoraXsAdapter, LoraXsConfig};
+    let Some(gpu) = common::gpu_device() else { return };
+    let mut out = Vec::new();
+    for dev in [Device::Cpu, gpu] {
+        let mut model = models::load(fixture("tiny-llama"), &dev).unwrap();
+        let xs =
+            LoraXsAdapter::attach(model.as_mut(), LoraXsConfig { r: 4, targets: vec!["all-linear".into()], ..Default::default() }).unwrap();
+        for (i, (_, p)) in xs.parameters().iter().enumerate() {
+            let v = Tensor::randn(p.shape(), 0.0, 0.3, DType::F32, &Device::Cpu, &mut Rng::new(60 + i as u64)).unwrap();
+            p.set_data(&v.to_device(&dev).unwrap()).unwrap();
+        }
+        let (ids, keep, targets) = batch(&dev);
+        let logits = model.forward(&ids, Some(&keep)).unwrap();
+        logits.cross_entropy(&targets, -100, CrossEntropyReduction::Mean).unwrap().backward().unwrap();
+        let grads: Vec<Vec<f32>> =
+            xs.parameters().iter().map(|(_, p)| p.grad().unwrap().to_device(&Device::Cpu).unwrap().to_vec().unwrap()).collect();
+        out.push((logits.to_device(&Device::Cpu).unwrap().to_vec::<f32>().unwrap(), grads));
+    }
+    let worst = out[0].0.iter().zip(&out[1].0).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-3, "logits differ by {worst}");
+    for (i, (c, g)) in out[0].1.iter().zip(&out[1].1).enumerate() {
+        let scale = c.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let worst = c.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 2e-3 * scale, "R gradient {i}: differs by {worst} (scale {scale})");
+    }
+}

@@ -65,25 +65,40 @@ fn format_err(path: &Path, msg: impl Into<String>) -> Error {
 /// Save `method` (and a classification `head`) to `dir` in the PEFT layout. `base` names
 /// the base model.
 pub fn save(dir: &Path, model: &mut dyn CausalLm, method: Option<&dyn Method>, head: Option<&ClassifierHead>, base: &str) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.display().to_string(), msg: e.to_string() })?;
-    let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    if let Some(m) = method {
-        tensors.extend(m.adapter_tensors()?);
-    }
-    if let Some(h) = head {
-        tensors.extend(h.parameters().into_iter().map(|(n, t)| (format!("{PREFIX}{n}"), t.detach())));
-    }
-    let mut config = match method {
+    let tensors = match method {
+        Some(m) => m.adapter_tensors()?,
+        None => Vec::new(),
+    };
+    let config = match method {
         Some(m) => m.adapter_config(model),
         None => json!({ "peft_type": "NONE" }),
     };
+    write_adapter(dir, config, &tensors, method.map_or("head", |m| m.name()), head, base)
+}
+
+/// Write an adapter directory from its `adapter_config.json` fields (`peft_type` and the
+/// method's), its tensors by their file keys, the method's name and the head: what [`save`]
+/// writes for an attached method, and what a conversion (LoRA-XS as a plain LoRA) writes.
+pub fn write_adapter(
+    dir: &Path,
+    mut config: Value,
+    tensors: &[(String, Tensor)],
+    method: &str,
+    head: Option<&ClassifierHead>,
+    base: &str,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.display().to_string(), msg: e.to_string() })?;
+    let mut tensors = tensors.to_vec();
+    if let Some(h) = head {
+        tensors.extend(h.parameters().into_iter().map(|(n, t)| (format!("{PREFIX}{n}"), t.detach())));
+    }
     config["task_type"] = json!(if head.is_some() { "SEQ_CLS" } else { "CAUSAL_LM" });
     config["base_model_name_or_path"] = json!(base);
     config["modules_to_save"] = if head.is_some() { json!(["score"]) } else { Value::Null };
     config["inference_mode"] = json!(true);
     let extra = json!({
         "format": "tinytune adapter 1",
-        "method": method.map_or("head", |m| m.name()),
+        "method": method,
         "pooling": head.map(|h| match h.pooling { Pooling::Last => "last", Pooling::Mean => "mean" }),
         "num_labels": head.map(|h| h.num_classes()),
     });

@@ -143,14 +143,7 @@ impl Ia3Adapter {
     }
 
     fn sites<'m>(&self, model: &'m mut dyn CausalLm) -> Vec<(&'m mut Linear, Arc<Ia3Layer>)> {
-        let mut lins = model.linears_mut();
-        let mut out = Vec::new();
-        for layer in &self.layers {
-            if let Some(pos) = lins.iter().position(|l| l.name == layer.site) {
-                out.push((lins.swap_remove(pos), layer.clone()));
-            }
-        }
-        out
+        super::linear_sites_of(model, &self.layers, |l| &l.site)
     }
 
     /// Undo [`Method::merge`]: divide the vectors out again and re-attach them.
@@ -234,7 +227,7 @@ impl Method for Ia3Adapter {
         crate::autograd::with_no_grad(|| {
             for (lin, layer) in self.sites(model) {
                 scale(lin, &layer, false)?;
-                detach(lin, &layer);
+                super::detach_from(lin, &layer);
             }
             Ok(())
         })
@@ -242,7 +235,7 @@ impl Method for Ia3Adapter {
 
     fn remove(&self, model: &mut dyn CausalLm) -> Result<()> {
         for (lin, layer) in self.sites(model) {
-            detach(lin, &layer);
+            super::detach_from(lin, &layer);
         }
         Ok(())
     }
@@ -250,10 +243,6 @@ impl Method for Ia3Adapter {
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
-}
-
-fn detach(lin: &mut Linear, layer: &Arc<Ia3Layer>) {
-    lin.adapters.retain(|a| !super::is_same(a, layer));
 }
 
 pub const IA3: Registration = Registration {

@@ -189,6 +189,7 @@ pub struct Registration {
 pub const METHODS: &[Registration] = &[
     super::lora::LORA,
     super::lora::DORA,
+    super::loraxs::LORA_XS,
     super::full::FULL,
     super::head::HEAD,
     super::ia3::IA3,

@@ -25,6 +25,7 @@ pub mod full;
 pub mod head;
 pub mod ia3;
 pub mod lora;
+pub mod loraxs;
 pub mod method;
 pub mod prefix;
 pub mod prompt;
@@ -34,6 +35,7 @@ pub use full::Full;
 pub use head::{ClassifierHead, HeadOnly, Pooling};
 pub use ia3::{Ia3Adapter, Ia3Config};
 pub use lora::{LoraAdapter, LoraConfig, LoraLayer};
+pub use loraxs::{LoraXsAdapter, LoraXsConfig};
 pub use method::{configure, registration, Method, MethodConfig, Settings, METHODS};
 pub use prefix::{PrefixAdapter, PrefixConfig};
 pub use prompt::{PromptAdapter, PromptConfig, PromptInit};
@@ -88,6 +90,28 @@ pub(crate) fn trainable_dtype(w: crate::DType) -> crate::DType {
     } else {
         crate::nn::COMPUTE
     }
+}
+
+/// Each of `layers` with the model's linear layer at its site (`site(layer)`), for the
+/// layers whose site the model has.
+pub(crate) fn linear_sites_of<'m, L>(
+    model: &'m mut dyn crate::models::CausalLm,
+    layers: &[std::sync::Arc<L>],
+    site: impl Fn(&L) -> &str,
+) -> Vec<(&'m mut crate::nn::Linear, std::sync::Arc<L>)> {
+    let mut lins = model.linears_mut();
+    let mut out = Vec::new();
+    for layer in layers {
+        if let Some(pos) = lins.iter().position(|l| l.name == site(layer)) {
+            out.push((lins.swap_remove(pos), layer.clone()));
+        }
+    }
+    out
+}
+
+/// Takes `layer` off `lin`.
+pub(crate) fn detach_from<L: ?Sized>(lin: &mut crate::nn::Linear, layer: &std::sync::Arc<L>) {
+    lin.adapters.retain(|a| !is_same(a, layer));
 }
 
 /// Whether `attached` (an entry at a site) is `mine` (the same allocation): how a method finds

@@ -34,6 +34,10 @@ pub struct ExportArgs {
     /// Write the LoRA adapter alone, as a llama.cpp GGUF LoRA adapter (`llama-cli --lora`).
     #[arg(long, requires = "adapter")]
     adapter_only: bool,
+    /// Write the adapter as a plain PEFT LoRA adapter directory at --out (LoRA-XS: `lora_A = A`,
+    /// `lora_B = s·B R`), for PEFT, vLLM and other LoRA servers.
+    #[arg(long, requires = "adapter", conflicts_with_all = ["adapter_only", "eval_data"])]
+    peft_lora: bool,
     /// Held-out text (.jsonl of {"text"} lines, or a text file): print the mean NLL of the
     /// merged model in float and of the file as written, to see what quantising cost.
     #[arg(long, conflicts_with = "adapter_only")]
@@ -82,6 +86,9 @@ pub fn export(a: ExportArgs) -> Result<()> {
         inputs.push(("--adapter", ad));
     }
     super::refuse_overwrite("export --out", &a.out, &inputs)?;
+    if a.peft_lora {
+        return export_peft_lora(&a);
+    }
     if a.out.is_dir() {
         return Err(Error::InvalidArgument {
             op: "export --out",
@@ -198,6 +205,41 @@ pub fn export(a: ExportArgs) -> Result<()> {
             note!("note: pass --eval-data FILE to see the held-out NLL change that writing {} causes", ty.name())
         }
         None => {}
+    }
+    Ok(())
+}
+
+/// `--peft-lora`: a LoRA-XS adapter rewritten as the plain PEFT LoRA adapter of the same update.
+fn export_peft_lora(a: &ExportArgs) -> Result<()> {
+    let adapter = a.adapter.as_ref().expect("clap requires --adapter");
+    let mut m = super::load_model(&a.model, &Device::Cpu, BaseDType::Keep)?;
+    let loaded = format::load(adapter, m.as_mut(), &Device::Cpu)?;
+    let xs = loaded.method_as::<tinytune::peft::LoraXsAdapter>().ok_or_else(|| Error::InvalidArgument {
+        op: "export --peft-lora",
+        msg: format!(
+            "{} is a '{}' adapter: --peft-lora rewrites LoRA-XS adapters (a LoRA adapter already is one)",
+            adapter.display(),
+            loaded.method.name()
+        ),
+    })?;
+    let base = std::fs::read_to_string(adapter.join(format::CONFIG_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["base_model_name_or_path"].as_str().map(str::to_string))
+        .unwrap_or_else(|| a.model.display().to_string());
+    xs.save_as_lora(&a.out, m.as_mut(), loaded.head.as_ref(), &base)?;
+    if let Some(n) = loaded.seq_len {
+        format::record(&a.out, "seq_len", json!(n))?;
+    }
+    if a.json {
+        outln!("{}", json!({ "out": a.out, "kind": "peft-lora", "sites": xs.layers.len(), "rank": xs.config.r }));
+    } else {
+        outln!(
+            "wrote {}: a PEFT LoRA adapter of {} sites, rank {} (lora_B = s·B R of the LoRA-XS adapter)",
+            a.out.display(),
+            xs.layers.len(),
+            xs.config.r
+        );
     }
     Ok(())
 }
