@@ -1157,6 +1157,8 @@ fn preference_tuning_from_the_command_line() {
     let steps: Vec<serde_json::Value> =
         std::fs::read_to_string(dir.join("ppo/metrics.jsonl")).unwrap().lines().map(json).filter(|v| v.get("step").is_some()).collect();
     assert!(steps.iter().all(|v| v["kl"].is_f64() && v["value_loss"].is_f64() && v["clipfrac"].is_f64()), "{steps:?}");
+    // The step's tokens are the prompts' and the sampled ones (at least one prompt and its completion).
+    assert!(steps.iter().all(|v| v["tokens"].as_f64().unwrap() >= v["completion_length"].as_f64().unwrap() + 1.0), "{steps:?}");
 
     // Mismatches are errors that say what fits.
     let (ok, _, err) = tinytune(

@@ -979,7 +979,7 @@ impl<'a> Trainer<'a> {
         self.orders.retain(|&e, _| e + 1 >= micro / bpe);
         let objective = self.attached.objective.as_ref();
         let denom: usize = batches.iter().map(|(_, b)| objective.units(self.model, b)).sum();
-        let tokens: usize = batches.iter().map(|(_, b)| b.n_tokens).sum();
+        let mut tokens: usize = batches.iter().map(|(_, b)| b.n_tokens).sum();
         let t0 = Instant::now();
         let updates = objective.updates_per_step().max(1);
         let lr = self.schedule.lr_at(cfg.lr, self.st.step);
@@ -1002,6 +1002,11 @@ impl<'a> Trainer<'a> {
                     }
                 };
                 add_metrics(&mut metrics, &out.metrics, 1.0 / (denom.max(1) * updates) as f64);
+                if u == 0 {
+                    // An online objective's sampled tokens count too (the batch holds the prompts).
+                    let sampled = out.metrics.iter().find(|(k, _)| *k == "completion_length").map_or(0.0, |m| m.1);
+                    tokens += sampled.round() as usize;
+                }
                 let part = out.sum.mul_scalar(1.0 / denom.max(1) as f64)?;
                 update_loss += part.to_scalar()?;
                 part.backward()?;
