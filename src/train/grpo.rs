@@ -68,14 +68,19 @@ impl GrpoConfig {
         if !(self.beta >= 0.0 && self.beta.is_finite()) {
             return bad(format!("--beta must be ≥ 0, got {}", self.beta));
         }
-        if self.max_new_tokens == 0 {
-            return bad("--max-new-tokens must be at least 1".into());
-        }
-        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return bad(format!("--temperature must be positive, got {}", self.temperature));
-        }
-        Ok(())
+        check_sampling("grpo", self.max_new_tokens, self.temperature)
     }
+}
+
+/// The sampling settings of an online objective (`op` names it in the error).
+pub(crate) fn check_sampling(op: &'static str, max_new_tokens: usize, temperature: f64) -> Result<()> {
+    if max_new_tokens == 0 {
+        return Err(Error::InvalidArgument { op, msg: "--max-new-tokens must be at least 1".into() });
+    }
+    if !(temperature > 0.0 && temperature.is_finite()) {
+        return Err(Error::InvalidArgument { op, msg: format!("--temperature must be positive, got {temperature}") });
+    }
+    Ok(())
 }
 
 /// A reward for online methods: a head over its own copy of the base model.
@@ -303,7 +308,7 @@ impl Objective for Grpo {
             });
         }
         let metrics = vec![("reward", reward_sum), ("reward_std", std_sum), ("kl", kl_sum), ("completion_length", length_sum)];
-        Ok(BatchLoss { sum: total.expect("a batch has a prompt"), correct: None, metrics })
+        Ok(BatchLoss { sum: total.expect("a batch has a prompt"), correct: None, metrics, sampled_tokens: length_sum as usize })
     }
 }
 
@@ -334,7 +339,7 @@ pub(crate) fn sample_completions(
 
 /// The log-probability of every position's target, `[rows · T]` (0 where there is none), with
 /// the graph when it is recorded.
-fn token_log_probs(model: &dyn CausalLm, b: &Batch) -> Result<Tensor> {
+pub(crate) fn token_log_probs(model: &dyn CausalLm, b: &Batch) -> Result<Tensor> {
     let h = model.forward_hidden(&b.ids, b.keep.as_ref(), None, false)?.last;
     position_log_probs(model, &h, &b.targets)
 }

@@ -18,6 +18,9 @@ pub struct BatchLoss {
     /// The objective's own metrics, summed over the batch's units (the trainer reports their
     /// means): DPO's `rewards/chosen`, ... .
     pub metrics: Vec<(&'static str, f64)>,
+    /// Tokens the objective sampled for the batch (an online objective's completions; the
+    /// batch itself holds only their prompts): the step's token count includes them.
+    pub sampled_tokens: usize,
 }
 
 pub trait Objective: Send + Sync {
@@ -91,7 +94,7 @@ impl Objective for LanguageModelling {
             let first = Tensor::from_vec(first, &[b.lengths.len(), 1], b.ids.device())?;
             sum = sum.add(&crate::nn::linear_cross_entropy_sum(model.lm_head(), &v, &first, -100)?)?;
         }
-        Ok(BatchLoss { sum, correct: None, metrics: Vec::new() })
+        Ok(BatchLoss { sum, correct: None, metrics: Vec::new(), sampled_tokens: 0 })
     }
 }
 
@@ -116,7 +119,12 @@ impl Objective for Classification {
         })?;
         let logits = self.head.forward(&model.hidden_states(&b.ids, b.keep.as_ref(), None)?, b.keep.as_ref())?;
         let correct = if count_correct { Some(head::correct(&logits, labels)?) } else { None };
-        Ok(BatchLoss { sum: logits.cross_entropy(labels, -100, CrossEntropyReduction::Sum)?, correct, metrics: Vec::new() })
+        Ok(BatchLoss {
+            sum: logits.cross_entropy(labels, -100, CrossEntropyReduction::Sum)?,
+            correct,
+            metrics: Vec::new(),
+            sampled_tokens: 0,
+        })
     }
 
     fn parameters(&self) -> Vec<(String, Tensor)> {

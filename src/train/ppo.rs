@@ -40,9 +40,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::data::Batch;
-use super::grpo::{position_log_probs, rollout_seed, sample_completions, RewardModel};
+use super::grpo::{position_log_probs, rollout_seed, sample_completions, token_log_probs, RewardModel};
 use super::objective::{BatchLoss, Objective};
-use super::preference::host_loss;
+use super::preference::{host_loss, prompt_completion_batch};
 use crate::autograd::with_no_grad;
 use crate::error::{Error, Result};
 use crate::models::CausalLm;
@@ -105,13 +105,7 @@ impl PpoConfig {
         if self.epochs == 0 {
             return bad("--ppo-epochs must be at least 1".into());
         }
-        if self.max_new_tokens == 0 {
-            return bad("--max-new-tokens must be at least 1".into());
-        }
-        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return bad(format!("--temperature must be positive, got {}", self.temperature));
-        }
-        Ok(())
+        super::grpo::check_sampling("ppo", self.max_new_tokens, self.temperature)
     }
 }
 
@@ -238,34 +232,26 @@ impl Ppo {
     fn rollout(&self, model: &dyn CausalLm, b: &Batch, micro: u64) -> Result<Rollout> {
         let device = b.ids.device().clone();
         let (t, ids) = (b.ids.shape()[1], b.ids.to_vec::<u32>()?);
-        let mut rows = Vec::with_capacity(b.lengths.len());
-        let mut prompt_lens = Vec::with_capacity(b.lengths.len());
-        for (r, &len) in b.lengths.iter().enumerate() {
-            let prompt = &ids[r * t..r * t + len];
+        let prompts: Vec<&[u32]> = b.lengths.iter().enumerate().map(|(r, &len)| &ids[r * t..r * t + len]).collect();
+        let mut completions = Vec::with_capacity(prompts.len());
+        for (r, prompt) in prompts.iter().enumerate() {
             let (cfg, seed) = (&self.cfg, rollout_seed(self.seed, micro, r));
-            let c = sample_completions(model, prompt, 1, (cfg.max_new_tokens, cfg.temperature, cfg.eos), seed, &device)?
-                .pop()
-                .unwrap_or_default();
-            let row: Vec<u32> = prompt.iter().chain(&c).copied().collect();
-            rows.push(row);
-            prompt_lens.push(len);
+            let c = sample_completions(model, prompt, 1, (cfg.max_new_tokens, cfg.temperature, cfg.eos), seed, &device)?;
+            completions.push(c.into_iter().next().unwrap_or_default());
         }
+        let pairs: Vec<(&[u32], &[u32])> = prompts.iter().zip(&completions).map(|(p, c)| (*p, &c[..])).collect();
+        let rows: Vec<Vec<u32>> = pairs.iter().map(|(p, c)| p.iter().chain(c.iter()).copied().collect()).collect();
         let scores = self.reward.score(&rows, &device)?;
-        let flags: Vec<Vec<bool>> = rows.iter().zip(&prompt_lens).map(|(r, &p)| (0..r.len()).map(|j| j >= p).collect()).collect();
-        let seqs: Vec<(&[u32], &[bool])> = rows.iter().zip(&flags).map(|(r, f)| (&r[..], &f[..])).collect();
-        let batch = Batch::from_rows(&seqs, 0, &device)?;
+        let batch = prompt_completion_batch(&pairs, &device)?;
         let (old_logp, old_values, reference) = with_no_grad(|| {
             let (lp, v) = self.read(model, &batch)?;
-            let reference = crate::nn::with_adapters_off(|| {
-                let h = model.forward_hidden(&batch.ids, batch.keep.as_ref(), None, false)?.last;
-                position_log_probs(model, &h, &batch.targets)?.to_vec_f64()
-            })?;
+            let reference = crate::nn::with_adapters_off(|| token_log_probs(model, &batch)?.to_vec_f64())?;
             Ok::<_, Error>((lp.to_vec_f64()?, v.to_vec_f64()?, reference))
         })?;
         let width = batch.ids.shape()[1];
         // Completion token j of row i is predicted at position prompt_i + j − 1.
         let at: Vec<Vec<usize>> =
-            rows.iter().zip(&prompt_lens).enumerate().map(|(i, (r, &p))| (p..r.len()).map(|j| i * width + j - 1).collect()).collect();
+            pairs.iter().enumerate().map(|(i, (p, c))| (p.len()..p.len() + c.len()).map(|j| i * width + j - 1).collect()).collect();
         let (mut advantages, mut returns) = (Vec::new(), Vec::new());
         let (mut kl, mut tokens) = (0.0, 0.0);
         for (i, pos) in at.iter().enumerate() {
@@ -390,6 +376,6 @@ impl Objective for Ppo {
             ("policy_loss", parts[1]),
             ("value_loss", parts[2]),
         ];
-        Ok(BatchLoss { sum: loss, correct: None, metrics })
+        Ok(BatchLoss { sum: loss, correct: None, metrics, sampled_tokens: r.tokens as usize })
     }
 }

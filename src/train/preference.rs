@@ -189,9 +189,15 @@ pub fn completion_batch(prompt: &[u32], completions: &[Vec<u32>], device: &crate
     if prompt.is_empty() || completions.is_empty() {
         return Err(Error::InvalidArgument { op: "completion_log_probs", msg: "need a prompt and at least one completion".into() });
     }
-    let rows: Vec<(Vec<u32>, Vec<bool>)> = completions
+    let pairs: Vec<(&[u32], &[u32])> = completions.iter().map(|c| (prompt, &c[..])).collect();
+    prompt_completion_batch(&pairs, device)
+}
+
+/// One padded batch of the rows `prompt_i + completion_i`, the loss on each completion's tokens.
+pub fn prompt_completion_batch(pairs: &[(&[u32], &[u32])], device: &crate::Device) -> Result<Batch> {
+    let rows: Vec<(Vec<u32>, Vec<bool>)> = pairs
         .iter()
-        .map(|c| (prompt.iter().chain(c).copied().collect(), (0..prompt.len() + c.len()).map(|j| j >= prompt.len()).collect()))
+        .map(|(p, c)| (p.iter().chain(c.iter()).copied().collect(), (0..p.len() + c.len()).map(|j| j >= p.len()).collect()))
         .collect();
     let rows: Vec<(&[u32], &[bool])> = rows.iter().map(|(i, t)| (&i[..], &t[..])).collect();
     Batch::from_rows(&rows, 0, device)
@@ -286,7 +292,7 @@ impl Objective for Dpo {
             m.add(d.reward_chosen, d.reward_rejected, p[i], p[n + i]);
         }
         let correct = count_correct.then_some(m.correct);
-        Ok(BatchLoss { sum: host_loss(&logps, loss, grad)?, correct, metrics: m.into_sums(true) })
+        Ok(BatchLoss { sum: host_loss(&logps, loss, grad)?, correct, metrics: m.into_sums(true), sampled_tokens: 0 })
     }
 }
 
@@ -394,7 +400,7 @@ impl Objective for RewardModelling {
             m.add(v[i], v[n + i], 0.0, 0.0);
         }
         let correct = count_correct.then_some(m.correct);
-        Ok(BatchLoss { sum: host_loss(&r, loss, grad)?, correct, metrics: m.into_sums(false) })
+        Ok(BatchLoss { sum: host_loss(&r, loss, grad)?, correct, metrics: m.into_sums(false), sampled_tokens: 0 })
     }
 
     fn parameters(&self) -> Vec<(String, Tensor)> {

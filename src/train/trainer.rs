@@ -1003,9 +1003,7 @@ impl<'a> Trainer<'a> {
                 };
                 add_metrics(&mut metrics, &out.metrics, 1.0 / (denom.max(1) * updates) as f64);
                 if u == 0 {
-                    // An online objective's sampled tokens count too (the batch holds the prompts).
-                    let sampled = out.metrics.iter().find(|(k, _)| *k == "completion_length").map_or(0.0, |m| m.1);
-                    tokens += sampled.round() as usize;
+                    tokens += out.sampled_tokens;
                 }
                 let part = out.sum.mul_scalar(1.0 / denom.max(1) as f64)?;
                 update_loss += part.to_scalar()?;
