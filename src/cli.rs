@@ -37,7 +37,7 @@ pub struct FinetuneArgs {
     /// Fraction of the training data held out for evaluation when there is no --eval-data [default: 0.1].
     #[arg(long)]
     pub eval_split: Option<f64>,
-    /// lora, dora, lora-xs, full, head (a classifier head alone), ia3, prefix, prompt or adapter (bottleneck) [default: lora].
+    /// lora, dora, lora-xs, lora-sb, full, head (a classifier head alone), ia3, prefix, prompt or adapter (bottleneck) [default: lora].
     #[arg(long)]
     pub method: Option<String>,
     /// LoRA rank [default: 8].
@@ -88,6 +88,10 @@ pub struct FinetuneArgs {
     /// Bottleneck adapters: relu, silu or gelu_tanh [default: relu].
     #[arg(long)]
     pub non_linearity: Option<String>,
+    /// LoRA-SB: training examples whose summed full-fine-tuning gradient gives the adapter's
+    /// start [default: 64].
+    #[arg(long)]
+    pub init_examples: Option<usize>,
     /// Any method setting by name, for settings without a flag of their own (a method added
     /// to the registry needs no CLI edit): `--set num-virtual-tokens=8`; the value is read as
     /// JSON when it parses (numbers, true/false, lists), else as a string. Repeatable.
@@ -270,7 +274,8 @@ impl FinetuneArgs {
             .set("encoder-hidden-size", self.encoder_hidden_size)
             .set("adapter-kind", self.adapter_kind.clone())
             .set("reduction-factor", self.reduction_factor)
-            .set("non-linearity", self.non_linearity.clone());
+            .set("non-linearity", self.non_linearity.clone())
+            .set("init-examples", self.init_examples);
         for kv in self.set.iter().flatten() {
             let (k, v) =
                 kv.split_once('=').ok_or_else(|| Error::InvalidArgument { op: "--set", msg: format!("'{kv}' is not KEY=VALUE") })?;
@@ -309,6 +314,7 @@ impl FinetuneArgs {
             adapter_kind,
             reduction_factor,
             non_linearity,
+            init_examples,
             set,
             lr,
             epochs,

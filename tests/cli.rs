@@ -313,7 +313,7 @@ fn eval_with_a_head_adapter_reports_accuracy() {
     let mut args = finetune_args(&model, &data, &dir.join("wrong"), &["--method", "head", "--rank", "4"]);
     args.push("--max-steps=1".into());
     let (ok, _, err) = tinytune(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(!ok && err.contains("--rank does not apply to method head (it is a setting of lora, dora, lora-xs)"), "{err}");
+    assert!(!ok && err.contains("--rank does not apply to method head (it is a setting of lora, dora, lora-xs, lora-sb)"), "{err}");
     assert!(report["after"]["loss"].as_f64() < report["before"]["loss"].as_f64(), "{report}");
     let adapter = out.join("adapter");
     let (ok, stdout, err) = tinytune(&[
@@ -421,7 +421,7 @@ fn finetune_checks_its_options() {
     let (ok, _, err) = with(&["--method", "prefix-tuning"]);
     assert!(
         !ok && err.contains("unknown method 'prefix-tuning'")
-            && err.contains("lora, dora, lora-xs, full, head, ia3, prefix, prompt, adapter"),
+            && err.contains("lora, dora, lora-xs, lora-sb, full, head, ia3, prefix, prompt, adapter"),
         "{err}"
     );
     let (ok, _, err) = with(&["--target-modules", "attn"]);
@@ -529,8 +529,8 @@ fn ia3_and_bottleneck_adapters_from_the_cli() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// LoRA-XS trained from the command line, then rewritten as a plain PEFT LoRA adapter that
-/// evaluates, and merges, to the same model.
+/// LoRA-XS and LoRA-SB trained from the command line, then rewritten as plain PEFT LoRA
+/// adapters that evaluate, and merge, to the same model.
 #[test]
 fn lora_xs_from_the_cli_and_as_a_plain_lora_adapter() {
     let dir = scratch("lora-xs");
@@ -538,32 +538,53 @@ fn lora_xs_from_the_cli_and_as_a_plain_lora_adapter() {
     let ids = "3,4,5,6,7,8,9,10;3,5,9,7,6,8";
     let nll =
         |extra: &[&str]| mean_nll(&[&["eval", "--model", path_str(&model), "--ids", ids, "--device", "cpu", "--json"], extra].concat());
-    let out = dir.join("xs");
-    let report = finetune(
-        &model,
-        &data,
-        &out,
-        &["--method", "lora-xs", "--rank", "4", "--target-modules", "all-linear", "--lr", "5e-2", "--max-steps", "12", "--batch-size", "4"],
-    );
-    let (before, after) = (report["before"]["loss"].as_f64().unwrap(), report["after"]["loss"].as_f64().unwrap());
-    assert!(after < before, "lora-xs: held-out loss {before} -> {after}");
-    assert_eq!(report["trainable_parameters"].as_u64(), Some(16 * 7 * 2), "r² on each of 7 linears in 2 blocks");
-    let adapter = out.join("adapter");
-    assert_eq!(read_json(&adapter.join("adapter_config.json"))["peft_type"], "LORA_XS");
-    let xs_nll = nll(&["--adapter", path_str(&adapter)]);
-    let lora = dir.join("as-lora");
-    let (ok, stdout, err) =
-        tinytune(&["export", "--model", path_str(&model), "--adapter", path_str(&adapter), "--peft-lora", "--out", path_str(&lora)]);
-    assert!(ok && stdout.contains("a PEFT LoRA adapter of 14 sites, rank 4"), "{stdout}{err}");
-    let config = read_json(&lora.join("adapter_config.json"));
-    assert_eq!((config["peft_type"].as_str(), config["r"].as_u64(), config["lora_alpha"].as_u64()), (Some("LORA"), Some(4), Some(4)));
-    let lora_nll = nll(&["--adapter", path_str(&lora)]);
-    assert!((lora_nll - xs_nll).abs() < 1e-5 * xs_nll, "the LoRA export {lora_nll} vs LoRA-XS {xs_nll}");
-    let merged = dir.join("merged");
-    let (ok, _, err) = tinytune(&["merge", "--model", path_str(&model), "--adapter", path_str(&adapter), "--out", path_str(&merged)]);
-    assert!(ok, "{err}");
-    let merged_nll = mean_nll(&["eval", "--model", path_str(&merged), "--ids", ids, "--device", "cpu", "--json"]);
-    assert!((merged_nll - xs_nll).abs() < 1e-5 * xs_nll, "merged {merged_nll} vs {xs_nll}");
+    let mut lora = dir.clone();
+    for (method, peft_type, extra) in
+        [("lora-xs", "LORA_XS", &[][..]), ("lora-sb", "LORA_SB", &["--init-examples", "8", "--warmup", "2"][..])]
+    {
+        let out = dir.join(method);
+        let flags = [
+            &[
+                "--method",
+                method,
+                "--rank",
+                "4",
+                "--target-modules",
+                "all-linear",
+                "--lr",
+                "5e-2",
+                "--max-steps",
+                "12",
+                "--batch-size",
+                "4",
+            ][..],
+            extra,
+        ]
+        .concat();
+        let report = finetune(&model, &data, &out, &flags);
+        let (before, after) = (report["before"]["loss"].as_f64().unwrap(), report["after"]["loss"].as_f64().unwrap());
+        assert!(after < before, "{method}: held-out loss {before} -> {after}");
+        assert_eq!(report["trainable_parameters"].as_u64(), Some(16 * 7 * 2), "r² on each of 7 linears in 2 blocks");
+        let adapter = out.join("adapter");
+        assert_eq!(read_json(&adapter.join("adapter_config.json"))["peft_type"], peft_type);
+        let xs_nll = nll(&["--adapter", path_str(&adapter)]);
+        lora = dir.join(format!("{method}-as-lora"));
+        let (ok, stdout, err) =
+            tinytune(&["export", "--model", path_str(&model), "--adapter", path_str(&adapter), "--peft-lora", "--out", path_str(&lora)]);
+        assert!(
+            ok && stdout.contains(&format!("a PEFT LoRA adapter of 14 sites, rank 4 (lora_B = s·B R of the {method} adapter)")),
+            "{stdout}{err}"
+        );
+        let config = read_json(&lora.join("adapter_config.json"));
+        assert_eq!((config["peft_type"].as_str(), config["r"].as_u64(), config["lora_alpha"].as_u64()), (Some("LORA"), Some(4), Some(4)));
+        let lora_nll = nll(&["--adapter", path_str(&lora)]);
+        assert!((lora_nll - xs_nll).abs() < 1e-5 * xs_nll, "{method}: the LoRA export {lora_nll} vs {xs_nll}");
+        let merged = dir.join(format!("{method}-merged"));
+        let (ok, _, err) = tinytune(&["merge", "--model", path_str(&model), "--adapter", path_str(&adapter), "--out", path_str(&merged)]);
+        assert!(ok, "{err}");
+        let merged_nll = mean_nll(&["eval", "--model", path_str(&merged), "--ids", ids, "--device", "cpu", "--json"]);
+        assert!((merged_nll - xs_nll).abs() < 1e-5 * xs_nll, "{method}: merged {merged_nll} vs {xs_nll}");
+    }
     // Only LoRA-XS is rewritten; a setting LoRA-XS does not read is refused.
     let (ok, _, err) = tinytune(&[
         "export",
@@ -575,10 +596,13 @@ fn lora_xs_from_the_cli_and_as_a_plain_lora_adapter() {
         "--out",
         path_str(&dir.join("again")),
     ]);
-    assert!(!ok && err.contains("--peft-lora rewrites LoRA-XS adapters"), "{err}");
+    assert!(!ok && err.contains("--peft-lora rewrites LoRA-XS and LoRA-SB adapters"), "{err}");
     let args = finetune_args(&model, &data, &dir.join("x"), &["--method", "lora-xs", "--dropout", "0.1"]);
     let (ok, _, err) = tinytune(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!ok && err.contains("--dropout does not apply to method lora-xs"), "{err}");
+    let args = finetune_args(&model, &data, &dir.join("x"), &["--method", "lora", "--init-examples", "8"]);
+    let (ok, _, err) = tinytune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && err.contains("--init-examples does not apply to method lora (it is a setting of lora-sb)"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -14,7 +14,10 @@ use serde_json::Value;
 use tinytune::io::{SafetensorsFile, Tokenizer};
 use tinytune::models::{self, CausalLm};
 use tinytune::optim::ScheduleKind;
-use tinytune::peft::{AdapterKind, BottleneckConfig, Full, HeadOnly, Ia3Config, LoraConfig, MethodConfig, PrefixConfig, PromptConfig};
+use tinytune::peft::{
+    AdapterKind, BottleneckConfig, Full, HeadOnly, Ia3Config, LoraConfig, LoraSbConfig, LoraXsConfig, MethodConfig, PrefixConfig,
+    PromptConfig,
+};
 use tinytune::train::data::{DataOptions, Dataset};
 use tinytune::train::{self, EvalRecord, Observer, OptimizerKind, Quiet, StepRecord, TrainConfig, TrainReport};
 use tinytune::{CrossEntropyReduction, Device, Error, Tensor};
@@ -368,12 +371,16 @@ fn every_method_lowers_the_loss() {
     let cls = load_data(&write_lines(&dir, "cls.jsonl", &cls_lines(24, 13)));
     let houlsby = BottleneckConfig { reduction_factor: 4, ..BottleneckConfig::default() };
     let pfeiffer = BottleneckConfig { kind: AdapterKind::Pfeiffer, ..houlsby.clone() };
-    let cases: [(&str, Arc<dyn MethodConfig>, &Dataset, &Dataset, f64); 11] = [
+    let xs = LoraXsConfig { r: 4, targets: vec!["all-linear".into()], ..LoraXsConfig::default() };
+    let sb = LoraSbConfig { r: 4, targets: vec!["all-linear".into()], init_examples: 8, ..LoraSbConfig::default() };
+    let cases: [(&str, Arc<dyn MethodConfig>, &Dataset, &Dataset, f64); 13] = [
         ("lora", Arc::new(lora(2, 4.0, 0.0)), &lm, &lm_eval, 2e-2),
         ("dora", Arc::new(LoraConfig { dora: true, ..lora(2, 4.0, 0.0) }), &lm, &lm_eval, 2e-2),
         ("full", Arc::new(Full), &lm, &lm_eval, 5e-3),
         ("head", Arc::new(HeadOnly), &cls, &cls, 3e-2),
         ("lora+head", Arc::new(lora(2, 4.0, 0.0)), &cls, &cls, 2e-2),
+        ("lora-xs", Arc::new(xs), &lm, &lm_eval, 5e-2),
+        ("lora-sb", Arc::new(sb), &lm, &lm_eval, 2e-2),
         ("ia3", Arc::new(Ia3Config::default()), &lm, &lm_eval, 5e-2),
         ("houlsby", Arc::new(houlsby), &lm, &lm_eval, 1e-2),
         ("pfeiffer", Arc::new(pfeiffer), &lm, &lm_eval, 1e-2),
@@ -775,5 +782,172 @@ fn a_hand_driven_trainer_equals_train() {
         names.into_iter().map(|n| (n.clone(), f.load(&n, &Device::Cpu).unwrap().to_vec::<f32>().unwrap())).collect::<Vec<_>>()
     };
     assert_eq!(tensors(&saved), tensors(&report.saved), "the same adapter");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// LoRA-SB's start against a plain reference: the gradient of each site's full weight summed
+/// over the first `init_examples` of the seeded order (computed here by making the weights
+/// trainable and running the objective), `ΔW = −lr_eff·sign(G)` with `lr_eff = lr / warmup`,
+/// and its exact rank-r SVD: `B R A` equals that truncation, `B` and `Aᵀ` have orthonormal
+/// columns, `R = diag(S_r)`; only `R` trains (`r²` a site), the base weights are untouched;
+/// a run lowers the loss, and a resumed one (the start recomputed) equals an uninterrupted one.
+#[test]
+fn lora_sb_starts_from_the_sign_of_the_full_gradient() {
+    use tinytune::linalg;
+    use tinytune::train::{data::DataKind, LanguageModelling, Objective};
+    let dir = scratch("lora-sb");
+    let lm = load_data(&write_lines(&dir, "lm.jsonl", &lm_lines(16, 21)));
+    let lm_eval = load_data(&write_lines(&dir, "lm-eval.jsonl", &lm_lines(6, 22)));
+    let (r, examples) = (3, 6);
+    let targets = vec!["q_proj".to_string(), "down_proj".to_string()];
+    let sb = LoraSbConfig { r, targets: targets.clone(), init_examples: examples, ..LoraSbConfig::default() };
+    let cfg = |out: PathBuf| TrainConfig {
+        method: Arc::new(sb.clone()),
+        lr: 5e-2,
+        warmup_steps: 4,
+        max_steps: Some(24),
+        schedule: ScheduleKind::Constant,
+        ..config(&out)
+    };
+    let c = cfg(dir.join("unused"));
+    let mut model = tiny_llama(&Device::Cpu);
+    let mut att = train::attach(model.as_mut(), &c, DataKind::Lm, None, &Device::Cpu).unwrap();
+    assert!(att.params.is_empty(), "nothing is attached before the gradient is known");
+    train::init_from_data(model.as_mut(), &mut att, &c, &lm, &Device::Cpu).unwrap();
+    assert_eq!(att.params.len(), 4, "q_proj and down_proj in 2 blocks");
+    assert!(att.params.iter().all(|(n, t)| n.ends_with(".lora_sb_R.weight") && t.numel() == r * r && t.requires_grad_flag()));
+
+    // The reference: the sites' weights trainable, the loss over the same examples.
+    let mut reference = tiny_llama(&Device::Cpu);
+    let sites: Vec<String> =
+        reference.linears_mut().iter().filter(|l| targets.iter().any(|t| l.name.ends_with(t.as_str()))).map(|l| l.name.clone()).collect();
+    for lin in reference.linears_mut().into_iter().filter(|l| sites.contains(&l.name)) {
+        lin.weight = lin.weight.requires_grad().unwrap();
+    }
+    let order = lm.epoch_order(0, c.seed);
+    for chunk in order[..examples].chunks(c.batch_size) {
+        LanguageModelling.batch_loss(reference.as_ref(), &lm.batch(chunk, &Device::Cpu).unwrap(), false).unwrap().sum.backward().unwrap();
+    }
+    let lr_eff = c.lr / c.warmup_steps as f64;
+    let mut base = tiny_llama(&Device::Cpu);
+    let base_weights: Vec<(String, Vec<f64>)> =
+        base.linears_mut().iter().map(|l| (l.name.clone(), l.weight.to_vec_f64().unwrap())).collect();
+    for lin in reference.linears_mut().into_iter().filter(|l| sites.contains(&l.name)) {
+        let (out, inp) = (lin.out_features(), lin.in_features());
+        let g = lin.weight.grad().unwrap().to_vec_f64().unwrap();
+        let step: Vec<f64> = g
+            .iter()
+            .map(|&v| {
+                if v > 0.0 {
+                    -lr_eff
+                } else if v < 0.0 {
+                    lr_eff
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let svd = linalg::svd(&step, out, inp).unwrap();
+        let best = svd.truncate(r).reconstruct();
+        let layer = model
+            .linears_mut()
+            .into_iter()
+            .find(|l| l.name == lin.name)
+            .map(|l| {
+                let a = l.adapters[0].as_any().downcast_ref::<tinytune::peft::loraxs::LoraXsLayer>().unwrap();
+                (a.a.to_vec_f64().unwrap(), a.b.to_vec_f64().unwrap(), a.r.to_vec_f64().unwrap(), a.scale)
+            })
+            .unwrap();
+        let (a, b, core, scale) = layer;
+        assert_eq!(scale, 1.0, "s = 1");
+        for i in 0..r {
+            for j in 0..r {
+                let want = if i == j { svd.s[i] } else { 0.0 };
+                assert!((core[i * r + j] - want).abs() < 1e-6 * svd.s[0], "{}: R[{i},{j}] = {} vs {want}", lin.name, core[i * r + j]);
+            }
+        }
+        let bra = linalg::matmul(&linalg::matmul(&b, &core, out, r, r), &a, out, r, inp);
+        let worst = bra.iter().zip(&best).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        assert!(worst < 1e-5 * lr_eff, "{}: B R A is the rank-{r} truncation of −lr_eff·sign(G) (off by {worst})", lin.name);
+        let btb = linalg::matmul(&linalg::transpose(&b, out, r), &b, r, out, r);
+        let aat = linalg::matmul(&a, &linalg::transpose(&a, r, inp), r, inp, r);
+        for i in 0..r * r {
+            let eye = (i % (r + 1) == 0) as u8 as f64;
+            assert!((btb[i] - eye).abs() < 1e-5 && (aat[i] - eye).abs() < 1e-5, "{}: BᵀB = A Aᵀ = I", lin.name);
+        }
+    }
+    for lin in model.linears_mut() {
+        let w0 = &base_weights.iter().find(|(n, _)| *n == lin.name).unwrap().1;
+        assert!(!lin.weight.requires_grad_flag() && lin.weight.grad().is_none(), "{}: the base weight is frozen again", lin.name);
+        assert_eq!(&lin.weight.to_vec_f64().unwrap(), w0, "{}: the base weight is unchanged", lin.name);
+    }
+
+    // Trained: the loss goes down; a resumed run (start recomputed) equals an uninterrupted one.
+    let (a, b) = (dir.join("straight"), dir.join("resumed"));
+    let straight = run(&cfg(a.clone()), &lm, Some(&lm_eval), &mut Quiet).unwrap();
+    let (before, after) = (straight.before.clone().unwrap().loss, straight.after.clone().unwrap().loss);
+    assert!(after < 0.9 * before, "lora-sb: held-out loss {before} -> {after}");
+    assert_eq!(straight.trainable_parameters, 4 * r * r);
+    let mut stopper = Recorder { stop_after: Some(10), ..Recorder::default() };
+    assert!(run(&cfg(b.clone()), &lm, Some(&lm_eval), &mut stopper).unwrap().interrupted);
+    run(&TrainConfig { resume: true, ..cfg(b.clone()) }, &lm, Some(&lm_eval), &mut Quiet).unwrap();
+    let (pa, pb) = (a.join("adapter/adapter_model.safetensors"), b.join("adapter/adapter_model.safetensors"));
+    assert!(std::fs::read(&pa).unwrap() == std::fs::read(&pb).unwrap(), "{:?}", differences(&pa, &pb));
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(a.join("adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((config["peft_type"].as_str(), config["r"].as_u64(), config["init"].as_str()), (Some("LORA_SB"), Some(3), Some("gradient")));
+
+    // Bad settings name the value.
+    let e = train::attach(
+        tiny_llama(&Device::Cpu).as_mut(),
+        &TrainConfig { method: Arc::new(LoraSbConfig { r: 40, ..sb.clone() }), ..c.clone() },
+        DataKind::Lm,
+        None,
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("rank 40") && e.contains("q_proj"), "{e}");
+    let e = train::attach(
+        tiny_llama(&Device::Cpu).as_mut(),
+        &TrainConfig { method: Arc::new(LoraSbConfig { init_examples: 0, ..sb }), ..c },
+        DataKind::Lm,
+        None,
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("init-examples must be at least 1"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// LoRA-SB's start on the GPU (the sites' gradients through the GPU kernels) against the CPU's:
+/// the same `B R A` up to the few gradient entries near 0 whose sign rounding may flip.
+#[test]
+fn lora_sb_starts_the_same_on_the_gpu() {
+    use tinytune::train::data::DataKind;
+    let Some(gpu) = common::gpu_device() else { return };
+    let dir = scratch("lora-sb-gpu");
+    let lm = load_data(&write_lines(&dir, "lm.jsonl", &lm_lines(12, 31)));
+    let cfg = TrainConfig {
+        method: Arc::new(LoraSbConfig { r: 4, targets: vec!["all-linear".into()], init_examples: 8, ..LoraSbConfig::default() }),
+        warmup_steps: 2,
+        ..config(&dir)
+    };
+    let mut starts = Vec::new();
+    for dev in [Device::Cpu, gpu] {
+        let mut model = tiny_llama(&dev);
+        let mut att = train::attach(model.as_mut(), &cfg, DataKind::Lm, None, &dev).unwrap();
+        train::init_from_data(model.as_mut(), &mut att, &cfg, &lm, &dev).unwrap();
+        let xs = att.method.as_any().downcast_ref::<tinytune::peft::LoraXsAdapter>().unwrap();
+        starts.push(xs.layers.iter().map(|l| (l.site.clone(), l.delta_weight().unwrap().to_vec_f64().unwrap())).collect::<Vec<_>>());
+    }
+    assert_eq!(starts[0].len(), 14);
+    for ((site, c), (_, g)) in starts[0].iter().zip(&starts[1]) {
+        let norm = c.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let diff = c.iter().zip(g).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
+        assert!(norm > 0.0 && diff < 0.05 * norm, "{site}: the GPU's start differs by {diff} (norm {norm})");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -76,8 +76,30 @@ pub trait Method: Send + Sync + std::fmt::Debug {
     }
     /// Take the method off the model (the base model again).
     fn remove(&self, model: &mut dyn CausalLm) -> Result<()>;
+    /// A method initialised from the task's own gradient (LoRA-SB): the linear sites whose
+    /// full weight gradient it needs and over how many training examples. The trainer then
+    /// makes those weights trainable, accumulates their gradient over the first examples of
+    /// the seeded epoch order (before the optimizer exists), restores them, and hands the
+    /// gradients to [`Method::init_from_gradients`]. Default: none.
+    fn gradient_init(&self) -> Option<GradientInit> {
+        None
+    }
+    /// Initialise from `grads` (site name → `∂L/∂W` summed over the examples, `[out, in]`);
+    /// `lr_eff` is the learning rate of the first warm-up step. Attaches the adapters.
+    fn init_from_gradients(&mut self, _model: &mut dyn CausalLm, _grads: &[(String, Tensor)], _lr_eff: f64) -> Result<()> {
+        Ok(())
+    }
     /// For downcasting to the method's own type.
     fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// What [`Method::gradient_init`] asks of the trainer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradientInit {
+    /// Linear site names (as [`crate::nn::Linear::name`]).
+    pub sites: Vec<String>,
+    /// Training examples the gradient is accumulated over.
+    pub examples: usize,
 }
 
 /// What a saved adapter directory offers a method's loader.
@@ -190,6 +212,7 @@ pub const METHODS: &[Registration] = &[
     super::lora::LORA,
     super::lora::DORA,
     super::loraxs::LORA_XS,
+    super::loraxs::LORA_SB,
     super::full::FULL,
     super::head::HEAD,
     super::ia3::IA3,

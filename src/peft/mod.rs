@@ -35,8 +35,8 @@ pub use full::Full;
 pub use head::{ClassifierHead, HeadOnly, Pooling};
 pub use ia3::{Ia3Adapter, Ia3Config};
 pub use lora::{LoraAdapter, LoraConfig, LoraLayer};
-pub use loraxs::{LoraXsAdapter, LoraXsConfig};
-pub use method::{configure, registration, Method, MethodConfig, Settings, METHODS};
+pub use loraxs::{LoraSbConfig, LoraXsAdapter, LoraXsConfig};
+pub use method::{configure, registration, GradientInit, Method, MethodConfig, Settings, METHODS};
 pub use prefix::{PrefixAdapter, PrefixConfig};
 pub use prompt::{PromptAdapter, PromptConfig, PromptInit};
 

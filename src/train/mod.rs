@@ -15,6 +15,6 @@ pub use objective::{
 pub use ppo::PpoConfig;
 pub use preference::{DpoConfig, DpoLoss, PreferenceObjective};
 pub use trainer::{
-    attach, evaluate, evaluate_observed, train, Attached, EvalRecord, Observer, OptimizerKind, Quiet, StepRecord, TrainConfig, TrainReport,
-    Trainer,
+    attach, evaluate, evaluate_observed, init_from_data, train, Attached, EvalRecord, Observer, OptimizerKind, Quiet, StepRecord,
+    TrainConfig, TrainReport, Trainer,
 };

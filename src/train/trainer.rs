@@ -479,6 +479,62 @@ pub fn attach(
     Ok(Attached { method, objective, params })
 }
 
+/// Initialise a method that starts from the task's gradient ([`Method::gradient_init`]:
+/// LoRA-SB), before any optimizer exists: its sites' weights become trainable for a moment,
+/// the objective's gradient is summed over the first `examples` of epoch 0's seeded order (no
+/// dropout), the weights are restored untouched, and the method receives the gradients with
+/// `lr_eff = lr / warmup` (the first warm-up step's rate; `lr` without warm-up). `attached.params`
+/// then holds the method's new tensors. Nothing happens for other methods.
+pub fn init_from_data(
+    model: &mut dyn CausalLm,
+    attached: &mut Attached,
+    cfg: &TrainConfig,
+    train: &Dataset,
+    device: &Device,
+) -> Result<()> {
+    let Some(init) = attached.method.gradient_init() else { return Ok(()) };
+    let mut saved = Vec::new();
+    for lin in model.linears_mut().into_iter().filter(|l| init.sites.contains(&l.name)) {
+        let w = lin.weight.clone();
+        lin.weight = w.to_dtype(crate::peft::trainable_dtype(w.dtype()))?.requires_grad()?;
+        saved.push((lin.name.clone(), w));
+    }
+    let accumulate = |model: &mut dyn CausalLm| -> Result<Vec<(String, Tensor)>> {
+        let order = train.epoch_order(0, cfg.seed);
+        let n = init.examples.min(order.len());
+        attached.method.set_training(false);
+        for chunk in order[..n].chunks(cfg.batch_size.max(1)) {
+            let b = train.batch(chunk, device)?;
+            attached.objective.set_step(0);
+            // The sign of the sum is all the start reads: no normalisation needed.
+            attached.objective.batch_loss(model, &b, false)?.sum.backward()?;
+        }
+        let mut grads = Vec::new();
+        for lin in model.linears_mut().into_iter().filter(|l| init.sites.contains(&l.name)) {
+            if let Some(g) = lin.weight.grad() {
+                grads.push((lin.name.clone(), g));
+            }
+        }
+        Ok(grads)
+    };
+    let grads = accumulate(model);
+    // The base weights come back as they were (never trained), and the head's gradient goes.
+    for lin in model.linears_mut() {
+        if let Some((_, w)) = saved.iter().find(|(n, _)| *n == lin.name) {
+            lin.weight = w.clone();
+        }
+    }
+    for (_, t) in attached.objective.parameters() {
+        t.zero_grad();
+    }
+    let lr_eff = cfg.lr / cfg.warmup_steps.max(1) as f64;
+    attached.method.init_from_gradients(model, &grads?, lr_eff)?;
+    let mut params = attached.method.parameters();
+    params.extend(attached.objective.parameters());
+    attached.params = params;
+    Ok(())
+}
+
 /// Mean loss (and accuracy) of `model` on `data` under `objective`, without gradients or
 /// dropout.
 pub fn evaluate(
@@ -887,7 +943,8 @@ impl<'a> Trainer<'a> {
             });
         }
         let model_id = model_hash(model)?;
-        let attached = attach(model, cfg, kind, classes, device)?;
+        let mut attached = attach(model, cfg, kind, classes, device)?;
+        init_from_data(model, &mut attached, cfg, train, device)?;
         if kind == DataKind::Preference && matches!(cfg.preference, PreferenceObjective::Dpo(_)) && attached.method.saves_model() {
             // Full fine-tuning changes the base weights: the adapters-off model is not the reference.
             if let Some(d) = std::iter::once(train).chain(eval).find(|d| d.examples().iter().any(|e| e.reference.is_none())) {

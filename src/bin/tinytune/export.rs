@@ -34,7 +34,7 @@ pub struct ExportArgs {
     /// Write the LoRA adapter alone, as a llama.cpp GGUF LoRA adapter (`llama-cli --lora`).
     #[arg(long, requires = "adapter")]
     adapter_only: bool,
-    /// Write the adapter as a plain PEFT LoRA adapter directory at --out (LoRA-XS: `lora_A = A`,
+    /// Write the adapter as a plain PEFT LoRA adapter directory at --out (LoRA-XS, LoRA-SB: `lora_A = A`,
     /// `lora_B = s·B R`), for PEFT, vLLM and other LoRA servers.
     #[arg(long, requires = "adapter", conflicts_with_all = ["adapter_only", "eval_data"])]
     peft_lora: bool,
@@ -209,7 +209,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--peft-lora`: a LoRA-XS adapter rewritten as the plain PEFT LoRA adapter of the same update.
+/// `--peft-lora`: a LoRA-XS or LoRA-SB adapter rewritten as the plain PEFT LoRA adapter of the same update.
 fn export_peft_lora(a: &ExportArgs) -> Result<()> {
     let adapter = a.adapter.as_ref().expect("clap requires --adapter");
     let mut m = super::load_model(&a.model, &Device::Cpu, BaseDType::Keep)?;
@@ -217,7 +217,7 @@ fn export_peft_lora(a: &ExportArgs) -> Result<()> {
     let xs = loaded.method_as::<tinytune::peft::LoraXsAdapter>().ok_or_else(|| Error::InvalidArgument {
         op: "export --peft-lora",
         msg: format!(
-            "{} is a '{}' adapter: --peft-lora rewrites LoRA-XS adapters (a LoRA adapter already is one)",
+            "{} is a '{}' adapter: --peft-lora rewrites LoRA-XS and LoRA-SB adapters (a LoRA adapter already is one)",
             adapter.display(),
             loaded.method.name()
         ),
@@ -235,10 +235,11 @@ fn export_peft_lora(a: &ExportArgs) -> Result<()> {
         outln!("{}", json!({ "out": a.out, "kind": "peft-lora", "sites": xs.layers.len(), "rank": xs.config.r }));
     } else {
         outln!(
-            "wrote {}: a PEFT LoRA adapter of {} sites, rank {} (lora_B = s·B R of the LoRA-XS adapter)",
+            "wrote {}: a PEFT LoRA adapter of {} sites, rank {} (lora_B = s·B R of the {} adapter)",
             a.out.display(),
             xs.layers.len(),
-            xs.config.r
+            xs.config.r,
+            xs.variant.name()
         );
     }
     Ok(())
