@@ -55,7 +55,9 @@ pub struct FinetuneArgs {
     /// Module names (comma-separated), patterns with *, or all-linear [default: q_proj,v_proj].
     #[arg(long, value_delimiter = ',')]
     pub target_modules: Option<Vec<String>>,
-    /// Only these transformer blocks: comma-separated indices or ranges (0-3,8).
+    /// Only these transformer blocks: comma-separated indices or ranges (0-3,8); `auto`: from
+    /// the block of greatest gain to the last, `auto:K`: the K blocks of greatest gain, by
+    /// semantic layer selection on the training data (`tinytune select-layers`).
     #[arg(long)]
     pub layers: Option<String>,
     /// IA³: targets whose input is scaled instead of their output (a subset of
@@ -264,7 +266,15 @@ impl FinetuneArgs {
             .set("dropout", self.dropout)
             .set("rslora", self.rslora)
             .set("target-modules", self.target_modules.clone())
-            .set("layers", self.layers.as_deref().map(parse_layers).transpose()?)
+            // `auto` / `auto:K` are chosen by the finetune command from the data (train::select).
+            .set(
+                "layers",
+                self.layers
+                    .as_deref()
+                    .filter(|l| crate::train::select::LayerPolicy::parse(l).ok().flatten().is_none())
+                    .map(parse_layers)
+                    .transpose()?,
+            )
             .set("feedforward-modules", self.feedforward_modules.clone())
             .set("num-virtual-tokens", self.num_virtual_tokens)
             .set("prompt-init", self.prompt_init.clone())

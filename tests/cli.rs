@@ -1215,3 +1215,37 @@ fn preference_tuning_from_the_command_line() {
     let (ok, _, err) = tinytune(&["sample", "--model", path_str(&model), "--prompts", path_str(&empty), "--device", "cpu"]);
     assert!(!ok && err.contains("empty.jsonl") && err.contains("no prompts"), "{err}");
 }
+
+/// `select-layers` prints the table and the chosen blocks (and its chart); `finetune --layers
+/// auto:1` trains LoRA on the block it chooses and keeps the selection beside the run; a
+/// method that does not attach per layer and a budget above the layers are refused, naming them.
+#[test]
+fn layer_selection_from_the_cli() {
+    let dir = scratch("select-layers");
+    let (model, data) = (tiny_model_dir(&dir), write_lm_data(&dir));
+    let svg = dir.join("layers.svg");
+    let (ok, stdout, err) =
+        tinytune(&["select-layers", "--model", path_str(&model), "--data", path_str(&data), "--device", "cpu", "--svg", path_str(&svg)]);
+    assert!(ok && stdout.contains("lm-head reading of 40 examples") && stdout.contains("chosen: --layers"), "{stdout}{err}");
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    let (ok, stdout, err) =
+        tinytune(&["select-layers", "--model", path_str(&model), "--data", path_str(&data), "--device", "cpu", "--budget", "1", "--json"]);
+    assert!(ok, "{err}");
+    let sel = json(&stdout);
+    let chosen = sel["chosen"].as_array().unwrap().clone();
+    assert_eq!((chosen.len(), sel["deviations"].as_array().unwrap().len()), (1, 3));
+    let out = dir.join("auto");
+    let report = finetune(&model, &data, &out, &["--layers", "auto:1", "--max-steps", "4", "--batch-size", "4"]);
+    assert_eq!(read_json(&out.join("layer-selection.json"))["chosen"], serde_json::Value::Array(chosen.clone()));
+    // LoRA r=2 (the tests' finetune_args) on q_proj (32 → 32) and v_proj (32 → 16) of the one chosen block.
+    assert_eq!(report["trainable_parameters"].as_u64(), Some(2 * (32 + 32) + 2 * (32 + 16)));
+    let config = read_json(&out.join("adapter/adapter_config.json"));
+    assert_eq!(config["layers_to_transform"], serde_json::Value::Array(chosen));
+    let args = finetune_args(&model, &data, &dir.join("x"), &["--method", "full", "--layers", "auto"]);
+    let (ok, _, err) = tinytune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && err.contains("method full does not attach per layer"), "{err}");
+    let args = finetune_args(&model, &data, &dir.join("y"), &["--layers", "auto:5"]);
+    let (ok, _, err) = tinytune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && err.contains("a layer budget of 5 is not between 1 and the model's 2 layers"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

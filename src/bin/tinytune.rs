@@ -55,6 +55,8 @@ mod progress;
 mod reward;
 #[path = "tinytune/sample.rs"]
 mod sample;
+#[path = "tinytune/select.rs"]
+mod select;
 use tinytune::cli::FinetuneArgs;
 
 #[derive(Parser)]
@@ -190,6 +192,9 @@ tinytune export --model M --adapter run/adapter --adapter-only --out adapter.ggu
     /// JSONL; with --log-probs the policy's and the reference's log-probabilities, with
     /// --reward-model the reward of each.
     Sample(Box<sample::SampleArgs>),
+    /// Which blocks to fine-tune: each block's deviation and gain on a sample of the task's
+    /// data (semantic layer selection), the chosen blocks as a --layers argument, an SVG chart.
+    SelectLayers(Box<select::SelectArgs>),
     /// Continue a prompt (text, or token ids), streaming the new text.
     #[command(group(ArgGroup::new("input").required(true).args(["ids", "prompt"])))]
     #[command(after_help = "Examples:\n  tinytune generate --model M --prompt \"Once upon a time\" --max-new-tokens 40\n  \
@@ -629,6 +634,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::bench(*args),
         Command::Export(args) => export::export(*args),
         Command::Sample(args) => sample::sample(*args),
+        Command::SelectLayers(args) => select::select(*args),
         Command::Merge { model, adapter, out, dtype } => {
             refuse_overwrite("merge --out", &out, &[("--model", &model), ("--adapter", &adapter)])?;
             let dtype = match dtype.as_deref() {

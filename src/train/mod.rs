@@ -6,6 +6,7 @@ pub mod objective;
 pub mod plot;
 pub mod ppo;
 pub mod preference;
+pub mod select;
 pub mod trainer;
 
 pub use grpo::{GrpoConfig, RewardModel};

@@ -167,6 +167,70 @@ fn legend(s: &mut String, x: f64, y: f64, color: &str, name: &str) {
     );
 }
 
+/// A bar chart: one bar per label (`values` may be negative: bars grow from 0), the bars
+/// where `highlight` holds in colour, the others grey.
+pub fn bars(title: &str, xlabel: &str, ylabel: &str, labels: &[String], values: &[f64], highlight: &[bool]) -> String {
+    let (w, h, left, right, top, bottom) = (720.0, 360.0, 64.0, 20.0, 36.0, 48.0);
+    let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    let (mut y0, mut y1) = finite.iter().fold((0.0f64, 0.0f64), |(a, b), &v| (a.min(v), b.max(v)));
+    if y1 <= y0 {
+        y1 = y0 + 1.0;
+    }
+    let pad = (y1 - y0) * 0.08;
+    (y0, y1) = (if y0 < 0.0 { y0 - pad } else { 0.0 }, y1 + pad);
+    let n = labels.len().max(1) as f64;
+    let slot = (w - left - right) / n;
+    let py = |y: f64| top + (y1 - y) / (y1 - y0) * (h - top - bottom);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(s, r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#, w / 2.0, escape(title));
+    for t in ticks(y0, y1, 6) {
+        let y = py(t);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#e5e5e5"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            w - right,
+            left - 6.0,
+            y + 4.0,
+            label(t)
+        );
+    }
+    // Label every bar when they fit, else every k-th.
+    let every = ((n * 14.0) / (w - left - right)).ceil().max(1.0) as usize;
+    for (i, (l, v)) in labels.iter().zip(values).enumerate() {
+        let x = left + slot * i as f64;
+        if v.is_finite() {
+            let (a, b) = (py(v.max(0.0)), py(v.min(0.0)));
+            let color = if highlight.get(i).copied().unwrap_or(false) { "#1f77b4" } else { "#bbbbbb" };
+            let _ = writeln!(
+                s,
+                r#"<rect x="{:.1}" y="{a:.1}" width="{:.1}" height="{:.1}" fill="{color}"/>"#,
+                x + slot * 0.15,
+                slot * 0.7,
+                (b - a).max(0.5)
+            );
+        }
+        if i % every == 0 {
+            let _ = writeln!(s, r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#, x + slot / 2.0, h - bottom + 16.0, escape(l));
+        }
+    }
+    let _ = writeln!(s, r##"<line x1="{left}" x2="{}" y1="{:.1}" y2="{:.1}" stroke="#444"/>"##, w - right, py(0.0), py(0.0));
+    let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, (left + w - right) / 2.0, h - 10.0, escape(xlabel));
+    let _ = writeln!(
+        s,
+        r#"<text x="16" y="{}" text-anchor="middle" transform="rotate(-90 16 {})">{}</text>"#,
+        (top + h - bottom) / 2.0,
+        (top + h - bottom) / 2.0,
+        escape(ylabel)
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
 /// The running mean of `points` over a window of `k` (for a noisy training curve).
 pub fn smooth(points: &[(f64, f64)], k: usize) -> Vec<(f64, f64)> {
     let k = k.max(1);

@@ -14,6 +14,7 @@ use tinytune::io::Tokenizer;
 use tinytune::optim::ScheduleKind;
 use tinytune::peft;
 use tinytune::train::data::{DataKind, DataOptions, Dataset, Holdout};
+use tinytune::train::select::{select_layers, LayerPolicy, SelectOptions};
 use tinytune::train::{
     self, DpoConfig, EvalRecord, GrpoConfig, Observer, OptimizerKind, PpoConfig, PreferenceObjective, RewardModel, StepRecord, TrainConfig,
 };
@@ -216,8 +217,16 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     let tok = Tokenizer::for_model(&model_path)?;
     let method_name = a.method.as_deref().unwrap_or("lora");
     // The method's own settings, by flag name; the method says which it reads.
-    let settings = a.method_settings(&|t| tok.encode(t, false))?;
-    let method = peft::configure(method_name, &settings)?;
+    let layer_policy = a.layers.as_deref().map(LayerPolicy::parse).transpose()?.flatten();
+    let mut settings = a.method_settings(&|t| tok.encode(t, false))?;
+    let mut method = peft::configure(method_name, &settings)?;
+    if layer_policy.is_some() && !peft::registration(method_name)?.settings.contains(&"layers") {
+        let with: Vec<&str> = peft::METHODS.iter().filter(|m| m.settings.contains(&"layers")).map(|m| m.name).collect();
+        return Err(Error::InvalidArgument {
+            op: "--layers",
+            msg: format!("method {method_name} does not attach per layer (--layers is a setting of {})", with.join(", ")),
+        });
+    }
     let seed = a.seed.unwrap_or(0);
     // Without --seq-len, examples are cut to fit the model (an explicit longer one is an error
     // naming the line).
@@ -353,6 +362,32 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
             set.set_reference_log_probs(&values)?;
         }
     }
+    // --layers auto / auto:K: the blocks chosen from the frozen model's reading of the data.
+    let selection = match layer_policy {
+        Some(policy) => {
+            let opts = SelectOptions {
+                seed,
+                batch_size: a.batch_size.unwrap_or(8).max(8),
+                pooling: a.pooling.as_deref().unwrap_or("last").parse()?,
+                ..SelectOptions::default()
+            };
+            let sel = progress::spin(
+                &format!(
+                    "reading {} examples through every layer (--layers {})",
+                    opts.examples.min(train_set.len()),
+                    a.layers.as_deref().unwrap_or("")
+                ),
+                false,
+                || select_layers(model.as_ref(), &train_set, &opts, policy, &device),
+            )?;
+            note!("layer selection ({} reading of {} examples):\n{}", sel.reading, sel.examples, sel.table());
+            note!("training layers {} ({} of {})", sel.layers_arg(), sel.chosen.len(), sel.gains.len());
+            settings.set("layers", Some(json!(sel.chosen)));
+            method = peft::configure(method_name, &settings)?;
+            Some(sel)
+        }
+        None => None,
+    };
     let cfg = TrainConfig {
         method: method.clone(),
         pooling: a.pooling.as_deref().unwrap_or("last").parse()?,
@@ -468,6 +503,13 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     };
     let report = train::train(model.as_mut(), &train_set, eval_set.as_ref(), &cfg, &base, &device, &mut progress)?;
     progress.bar.finish();
+    if let Some(sel) = &selection {
+        tinytune::io::write_atomic(
+            &cfg.out.join("layer-selection.json"),
+            serde_json::to_string_pretty(&sel.to_json()).unwrap_or_default().as_bytes(),
+        )?;
+        tinytune::io::write_atomic(&cfg.out.join("layers.svg"), sel.svg("gain of each block (trained: blue)").as_bytes())?;
+    }
     if report.interrupted {
         note!(
             "stopped at step {}; the checkpoint is in {}: continue with the same command and --resume",
