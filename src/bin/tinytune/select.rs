@@ -58,7 +58,8 @@ pub fn select(a: SelectArgs) -> Result<()> {
     let what = format!("reading {} examples through every layer", a.examples.min(data.len()));
     let sel = progress::spin(&what, true, || select_layers(model.as_ref(), &data, &sopts, policy, &device))?;
     if let Some(p) = &a.svg {
-        let title = format!("gain of each block on {} ({} reading; trained: blue)", a.data.display(), sel.reading);
+        let name = a.data.file_name().map_or_else(|| a.data.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let title = format!("gain of each block on {name} ({} reading of {} examples; trained: blue)", sel.reading, sel.examples);
         tinytune::io::write_atomic(p, sel.svg(&title).as_bytes())?;
     }
     if a.common.json {
