@@ -37,7 +37,7 @@ pub struct FinetuneArgs {
     /// Fraction of the training data held out for evaluation when there is no --eval-data [default: 0.1].
     #[arg(long)]
     pub eval_split: Option<f64>,
-    /// lora, dora, lora-xs, lora-sb, full, head (a classifier head alone), ia3, prefix, prompt or adapter (bottleneck) [default: lora].
+    /// lora, dora, lora-xs, lora-sb, finegates, full, head (a classifier head alone), ia3, prefix, prompt or adapter (bottleneck) [default: lora].
     #[arg(long)]
     pub method: Option<String>,
     /// LoRA rank [default: 8].
@@ -94,6 +94,19 @@ pub struct FinetuneArgs {
     /// start [default: 64].
     #[arg(long)]
     pub init_examples: Option<usize>,
+    /// FineGates: the fraction of gates meant to close, in [0, 1) [default: 0.3].
+    #[arg(long)]
+    pub target_sparsity: Option<f64>,
+    /// FineGates: λ, the sparsity objective's weight [default: 50].
+    #[arg(long)]
+    pub lambda: Option<f64>,
+    /// FineGates: target (open fractions pulled to 1 − target sparsity) or l0 (relaxed ℓ0)
+    /// [default: target].
+    #[arg(long)]
+    pub sparsity_form: Option<String>,
+    /// FineGates: train the gated layers' biases [default: true].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub train_biases: Option<bool>,
     /// Any method setting by name, for settings without a flag of their own (a method added
     /// to the registry needs no CLI edit): `--set num-virtual-tokens=8`; the value is read as
     /// JSON when it parses (numbers, true/false, lists), else as a string. Repeatable.
@@ -285,7 +298,11 @@ impl FinetuneArgs {
             .set("adapter-kind", self.adapter_kind.clone())
             .set("reduction-factor", self.reduction_factor)
             .set("non-linearity", self.non_linearity.clone())
-            .set("init-examples", self.init_examples);
+            .set("init-examples", self.init_examples)
+            .set("target-sparsity", self.target_sparsity)
+            .set("lambda", self.lambda)
+            .set("sparsity-form", self.sparsity_form.clone())
+            .set("train-biases", self.train_biases);
         for kv in self.set.iter().flatten() {
             let (k, v) =
                 kv.split_once('=').ok_or_else(|| Error::InvalidArgument { op: "--set", msg: format!("'{kv}' is not KEY=VALUE") })?;
@@ -325,6 +342,10 @@ impl FinetuneArgs {
             reduction_factor,
             non_linearity,
             init_examples,
+            target_sparsity,
+            lambda,
+            sparsity_form,
+            train_biases,
             set,
             lr,
             epochs,

@@ -313,7 +313,10 @@ fn eval_with_a_head_adapter_reports_accuracy() {
     let mut args = finetune_args(&model, &data, &dir.join("wrong"), &["--method", "head", "--rank", "4"]);
     args.push("--max-steps=1".into());
     let (ok, _, err) = tinytune(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(!ok && err.contains("--rank does not apply to method head (it is a setting of lora, dora, lora-xs, lora-sb)"), "{err}");
+    assert!(
+        !ok && err.contains("--rank does not apply to method head (it is a setting of lora, dora, lora-xs, lora-sb, finegates)"),
+        "{err}"
+    );
     assert!(report["after"]["loss"].as_f64() < report["before"]["loss"].as_f64(), "{report}");
     let adapter = out.join("adapter");
     let (ok, stdout, err) = tinytune(&[
@@ -421,7 +424,7 @@ fn finetune_checks_its_options() {
     let (ok, _, err) = with(&["--method", "prefix-tuning"]);
     assert!(
         !ok && err.contains("unknown method 'prefix-tuning'")
-            && err.contains("lora, dora, lora-xs, lora-sb, full, head, ia3, prefix, prompt, adapter"),
+            && err.contains("lora, dora, lora-xs, lora-sb, finegates, full, head, ia3, prefix, prompt, adapter"),
         "{err}"
     );
     let (ok, _, err) = with(&["--target-modules", "attn"]);

@@ -915,3 +915,118 @@ fn lora_xs_on_the_gpu_follows_the_cpu() {
         assert!(worst < 2e-3 * scale, "R gradient {i}: differs by {worst} (scale {scale})");
     }
 }
+
+/// FineGates: θ's gradient (through tanh, the noise and the clamp: exactly 0 where a gate is
+/// clamped) and the sparsity objective's gradient against finite differences on the float64
+/// model; at init every eval gate is open, so the model is the base model; merge (the eval
+/// gates folded into the weights) equals the gated model; save → load gives its logits;
+/// removed, the base model again; the LoRA variant trains LoRA between the gates.
+#[test]
+fn finegates_gates_the_rows_and_columns_and_fold_into_the_weights() {
+    use tinytune::peft::{FineGates, FineGatesConfig, SparsityForm};
+    let (ids, keep, _) = batch(&Device::Cpu);
+    let logits =
+        |m: &dyn CausalLm| m.forward(&ids, Some(&keep.to_dtype(m.lm_head().weight.dtype()).unwrap())).unwrap().to_vec_f64().unwrap();
+    for (form, lora_rank) in [(SparsityForm::Target, None), (SparsityForm::L0, Some(2))] {
+        let mut model = load("tiny-llama", DType::F64);
+        let plain = logits(load("tiny-llama", DType::F64).as_ref());
+        let cfg = FineGatesConfig { form, lora_rank, ..FineGatesConfig::default() };
+        let g = FineGates::attach(model.as_mut(), cfg.clone()).unwrap();
+        assert_eq!(g.gates.len(), 14, "the 7 linears of 2 blocks");
+        let start = logits(model.as_ref());
+        let worst = plain.iter().zip(&start).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(worst < 1e-12, "every gate starts open: the base model (off by {worst})");
+        // Gates inside (0, 1) and clamped ones: θ ~ N(0, 0.6²); LoRA's B off zero.
+        for (i, (n, p)) in g.parameters().iter().enumerate() {
+            randomize(p, if n.contains("finegates") { 0.6 } else { 0.3 }, 70 + i as u64);
+        }
+        g.set_training(true);
+        g.set_step(3);
+        let loss = || lm_loss(model.as_ref()).add(&g.sparsity_loss().unwrap().0).unwrap();
+        loss().backward().unwrap();
+        let params = g.parameters();
+        assert_eq!(params.iter().filter(|(n, _)| n.ends_with("lora_A.weight")).count(), if lora_rank.is_some() { 14 } else { 0 });
+        for (name, p) in &params {
+            check_grad(name, p, &|| loss().to_scalar().unwrap());
+        }
+        // Where the (noisy) gate is clamped, only the sparsity term reaches θ; with λ = 0 nothing.
+        for p in params.iter().map(|(_, p)| p) {
+            p.zero_grad();
+        }
+        lm_loss(model.as_ref()).backward().unwrap();
+        for (r, _) in &g.gates {
+            let z = r.gates().unwrap().to_vec_f64().unwrap();
+            let grad = r.theta.grad().unwrap().to_vec_f64().unwrap();
+            for (zi, gi) in z.iter().zip(&grad) {
+                if *zi == 0.0 || *zi == 1.0 {
+                    assert_eq!(*gi, 0.0, "{}: a clamped gate gets no task gradient", r.site);
+                }
+            }
+            assert!(z.iter().any(|&v| v > 0.0 && v < 1.0) && z.iter().any(|&v| v == 0.0 || v == 1.0), "{}: both kinds", r.site);
+        }
+        // Eval: deterministic gates; merge and save → load agree with the gated model.
+        g.set_training(false);
+        let gated = logits(model.as_ref());
+        assert_eq!(gated, logits(model.as_ref()));
+        let dir = std::env::temp_dir().join(format!("tinytune-finegates-{}-{}", std::process::id(), lora_rank.is_some()));
+        let _ = std::fs::remove_dir_all(&dir);
+        format::save(&dir, model.as_mut(), Some(&g), None, "tiny-llama").unwrap();
+        let mut fresh = load("tiny-llama", DType::F64);
+        let loaded = format::load(&dir, fresh.as_mut(), &Device::Cpu).unwrap();
+        assert_eq!(loaded.method.name(), "finegates");
+        loaded.method.set_training(false);
+        let close = |got: &[f64], what: &str| {
+            let worst = got.iter().zip(&gated).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            assert!(worst < 1e-9, "{what} differs from the gated model by {worst}");
+        };
+        close(&logits(fresh.as_ref()), "loaded");
+        loaded.method.merge(fresh.as_mut()).unwrap();
+        assert!(fresh.linears_mut().iter().all(|l| l.adapters.is_empty()));
+        close(&logits(fresh.as_ref()), "merged");
+        let closed = g.closed().unwrap();
+        let q = fresh.linears_mut().into_iter().find(|l| l.name == "model.layers.0.self_attn.q_proj").unwrap().weight.to_vec_f64().unwrap();
+        let (_, shut_rows, rows, _, cols) = closed.iter().find(|c| c.0 == "model.layers.0.self_attn.q_proj").unwrap().clone();
+        let zero_rows = (0..rows).filter(|r| q[r * cols..(r + 1) * cols].iter().all(|&v| v == 0.0)).count();
+        assert!(shut_rows > 0 && zero_rows >= shut_rows, "closed rows are zero rows after the merge ({zero_rows} of {shut_rows})");
+        g.remove(model.as_mut()).unwrap();
+        assert_eq!(logits(model.as_ref()), plain, "removed: the base model");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    let e = FineGates::attach(load("tiny-llama", DType::F32).as_mut(), FineGatesConfig { target_sparsity: 1.0, ..Default::default() })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("target sparsity 1 is not in [0, 1)"), "{e}");
+}
+
+/// FineGates on the GPU against the CPU, in training mode (the same seeded noise on both): the
+/// logits and every gate's and the sparsity objective's gradients.
+#[test]
+fn finegates_on_the_gpu_follows_the_cpu() {
+    use tinytune::peft::{FineGates, FineGatesConfig};
+    let Some(gpu) = common::gpu_device() else { return };
+    let mut out = Vec::new();
+    for dev in [Device::Cpu, gpu] {
+        let mut model = models::load(fixture("tiny-llama"), &dev).unwrap();
+        let g = FineGates::attach(model.as_mut(), FineGatesConfig { lora_rank: Some(2), ..Default::default() }).unwrap();
+        for (i, (_, p)) in g.parameters().iter().enumerate() {
+            let v = Tensor::randn(p.shape(), 0.0, 0.6, DType::F32, &Device::Cpu, &mut Rng::new(80 + i as u64)).unwrap();
+            p.set_data(&v.to_device(&dev).unwrap()).unwrap();
+        }
+        g.set_training(true);
+        g.set_step(5);
+        let (ids, keep, targets) = batch(&dev);
+        let logits = model.forward(&ids, Some(&keep)).unwrap();
+        let loss = logits.cross_entropy(&targets, -100, CrossEntropyReduction::Mean).unwrap();
+        loss.add(&g.sparsity_loss().unwrap().0).unwrap().backward().unwrap();
+        let grads: Vec<Vec<f32>> =
+            g.parameters().iter().map(|(_, p)| p.grad().unwrap().to_device(&Device::Cpu).unwrap().to_vec().unwrap()).collect();
+        out.push((logits.to_device(&Device::Cpu).unwrap().to_vec::<f32>().unwrap(), grads));
+    }
+    let worst = out[0].0.iter().zip(&out[1].0).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-3, "logits differ by {worst}");
+    for (i, (c, g)) in out[0].1.iter().zip(&out[1].1).enumerate() {
+        let scale = c.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let worst = c.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 2e-3 * scale, "gradient {i}: differs by {worst} (scale {scale})");
+    }
+}

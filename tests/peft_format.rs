@@ -315,6 +315,9 @@ fn an_unknown_peft_type_lists_the_ones_that_load() {
     std::fs::write(dir.join(format::CONFIG_FILE), r#"{"peft_type": "LOHA", "r": 4}"#).unwrap();
     let mut model = base_model(&reference("llama-lora"));
     let e = format::load(&dir, model.as_mut(), &Device::Cpu).unwrap_err().to_string();
-    assert!(e.contains("'LOHA'") && e.contains("LORA, LORA_XS, LORA_SB, IA3, PREFIX_TUNING, PROMPT_TUNING, BOTTLENECK, or NONE"), "{e}");
+    assert!(
+        e.contains("'LOHA'") && e.contains("LORA, LORA_XS, LORA_SB, FINEGATES, IA3, PREFIX_TUNING, PROMPT_TUNING, BOTTLENECK, or NONE"),
+        "{e}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

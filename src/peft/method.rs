@@ -76,6 +76,11 @@ pub trait Method: Send + Sync + std::fmt::Debug {
     }
     /// Take the method off the model (the base model again).
     fn remove(&self, model: &mut dyn CausalLm) -> Result<()>;
+    /// A term the method adds to the training loss once per optimizer update (FineGates'
+    /// sparsity objective), with metrics to report; not part of an evaluation's loss.
+    fn regularizer(&self) -> Result<Option<Regularizer>> {
+        Ok(None)
+    }
     /// A method initialised from the task's own gradient (LoRA-SB): the linear sites whose
     /// full weight gradient it needs and over how many training examples. The trainer then
     /// makes those weights trainable, accumulates their gradient over the first examples of
@@ -91,6 +96,14 @@ pub trait Method: Send + Sync + std::fmt::Debug {
     }
     /// For downcasting to the method's own type.
     fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// What [`Method::regularizer`] adds to a step's loss.
+pub struct Regularizer {
+    /// A scalar with its graph.
+    pub loss: Tensor,
+    /// Reported beside the step's loss (means over the step's updates).
+    pub metrics: Vec<(&'static str, f64)>,
 }
 
 /// What [`Method::gradient_init`] asks of the trainer.
@@ -213,6 +226,7 @@ pub const METHODS: &[Registration] = &[
     super::lora::DORA,
     super::loraxs::LORA_XS,
     super::loraxs::LORA_SB,
+    super::finegates::FINEGATES,
     super::full::FULL,
     super::head::HEAD,
     super::ia3::IA3,

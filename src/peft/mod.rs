@@ -20,6 +20,7 @@
 
 pub mod bottleneck;
 pub mod dora;
+pub mod finegates;
 pub mod format;
 pub mod full;
 pub mod head;
@@ -31,12 +32,13 @@ pub mod prefix;
 pub mod prompt;
 
 pub use bottleneck::{AdapterKind, BottleneckAdapter, BottleneckConfig};
+pub use finegates::{FineGates, FineGatesConfig, SparsityForm};
 pub use full::Full;
 pub use head::{ClassifierHead, HeadOnly, Pooling};
 pub use ia3::{Ia3Adapter, Ia3Config};
 pub use lora::{LoraAdapter, LoraConfig, LoraLayer};
 pub use loraxs::{LoraSbConfig, LoraXsAdapter, LoraXsConfig};
-pub use method::{configure, registration, GradientInit, Method, MethodConfig, Settings, METHODS};
+pub use method::{configure, registration, GradientInit, Method, MethodConfig, Regularizer, Settings, METHODS};
 pub use prefix::{PrefixAdapter, PrefixConfig};
 pub use prompt::{PromptAdapter, PromptConfig, PromptInit};
 

