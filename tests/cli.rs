@@ -1252,3 +1252,48 @@ fn layer_selection_from_the_cli() {
     assert!(!ok && err.contains("a layer budget of 5 is not between 1 and the model's 2 layers"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// FineGates from the command line: trained towards a target sparsity, then `merge --compress`
+/// writes a smaller model (per-layer report) that evaluates as the gated adapter does and
+/// generates; a compression of another method's adapter is refused.
+#[test]
+fn finegates_from_the_cli_and_a_compressed_model() {
+    let dir = scratch("finegates");
+    let (model, data) = (tiny_model_dir(&dir), write_lm_data(&dir));
+    let ids = "3,4,5,6,7,8,9,10;3,5,9,7,6,8";
+    let out = dir.join("fg");
+    let report = finetune(
+        &model,
+        &data,
+        &out,
+        &["--method", "finegates", "--target-sparsity", "0.5", "--lr", "1e-1", "--max-steps", "30", "--batch-size", "4"],
+    );
+    assert!(report["after"]["loss"].as_f64().unwrap().is_finite());
+    let adapter = out.join("adapter");
+    assert_eq!(read_json(&adapter.join("adapter_config.json"))["peft_type"], "FINEGATES");
+    let gated =
+        mean_nll(&["eval", "--model", path_str(&model), "--adapter", path_str(&adapter), "--ids", ids, "--device", "cpu", "--json"]);
+    let small = dir.join("small");
+    let (ok, stdout, err) =
+        tinytune(&["merge", "--model", path_str(&model), "--adapter", path_str(&adapter), "--compress", "--out", path_str(&small)]);
+    assert!(ok && stdout.contains("MLP units removed") && stdout.contains("linear weights:"), "{stdout}{err}");
+    assert!(read_json(&small.join("config.json"))["intermediate_sizes"].is_array(), "per-block widths");
+    let compressed = mean_nll(&["eval", "--model", path_str(&small), "--ids", ids, "--device", "cpu", "--json"]);
+    assert!((compressed - gated).abs() < 1e-4 * gated, "compressed {compressed} vs gated {gated}");
+    let (ok, _, err) = tinytune(&["generate", "--model", path_str(&small), "--ids", "3,4,5", "--max-new-tokens", "4", "--device", "cpu"]);
+    assert!(ok, "{err}");
+    let lora = dir.join("lora");
+    finetune(&model, &data, &lora, &["--max-steps", "2"]);
+    let (ok, _, err) = tinytune(&[
+        "merge",
+        "--model",
+        path_str(&model),
+        "--adapter",
+        path_str(&lora.join("adapter")),
+        "--compress",
+        "--out",
+        path_str(&dir.join("no")),
+    ]);
+    assert!(!ok && err.contains("--compress removes what FineGates' closed gates make dead"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1030,3 +1030,66 @@ fn finegates_on_the_gpu_follows_the_cpu() {
         assert!(worst < 2e-3 * scale, "gradient {i}: differs by {worst} (scale {scale})");
     }
 }
+
+/// FineGates' compression: MLP units whose gate row, up row or down column is closed are
+/// removed, so the blocks' MLPs narrow; the compressed model's logits equal the gated model's
+/// in eval mode; saved as an ordinary checkpoint with per-block widths, it loads and gives them.
+#[test]
+fn finegates_compression_removes_dead_mlp_units_and_keeps_the_logits() {
+    use tinytune::peft::{FineGates, FineGatesConfig};
+    let (ids, keep, _) = batch(&Device::Cpu);
+    let logits =
+        |m: &dyn CausalLm| m.forward(&ids, Some(&keep.to_dtype(m.lm_head().weight.dtype()).unwrap())).unwrap().to_vec_f64().unwrap();
+    for dtype in [DType::F64, DType::F32] {
+        let mut model = load("tiny-llama", dtype);
+        let g = FineGates::attach(model.as_mut(), FineGatesConfig { lora_rank: Some(2), ..FineGatesConfig::default() }).unwrap();
+        for (i, (n, p)) in g.parameters().iter().enumerate() {
+            let v = Tensor::randn(
+                p.shape(),
+                if n.contains("finegates") { -0.1 } else { 0.0 },
+                0.6,
+                dtype,
+                &Device::Cpu,
+                &mut Rng::new(90 + i as u64),
+            )
+            .unwrap();
+            p.set_data(&v).unwrap();
+        }
+        g.set_training(false);
+        let gated = logits(model.as_ref());
+        let report = g.compress(model.as_mut()).unwrap();
+        eprintln!("{}", report.table());
+        assert_eq!(report.mlp.len(), 2, "both blocks' MLPs shrink: {:?}", report.mlp);
+        assert!(report.mlp.iter().all(|&(_, removed, width)| removed > 0 && removed < width && width == 64));
+        assert!(report.params_after < report.params_before);
+        for b in &model.decoder().blocks {
+            let w = b.mlp.down.in_features();
+            let (_, removed, _) = report.mlp.iter().find(|m| m.0 == b.index).unwrap();
+            assert_eq!(
+                (w, b.mlp.up.out_features(), b.mlp.gate.as_ref().unwrap().out_features()),
+                (64 - removed, 64 - removed, 64 - removed)
+            );
+        }
+        let tol = if dtype == DType::F64 { 1e-9 } else { 1e-4 };
+        let worst = logits(model.as_ref()).iter().zip(&gated).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(worst < tol, "{dtype:?}: compressed vs gated logits differ by {worst}");
+        if dtype == DType::F32 {
+            let dir = std::env::temp_dir().join(format!("tinytune-compressed-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            models::save_checkpoint(model.as_mut(), &dir).unwrap();
+            let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+            let widths: Vec<u64> = report.mlp.iter().map(|m| (m.2 - m.1) as u64).collect();
+            assert_eq!(config["intermediate_sizes"], serde_json::json!(widths));
+            let reloaded = models::load(&dir, &Device::Cpu).unwrap();
+            let worst = logits(reloaded.as_ref()).iter().zip(&gated).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            assert!(worst < tol, "the saved compressed model differs by {worst}");
+            // A width list that does not fit the layers is refused, naming the field.
+            let mut bad = config.clone();
+            bad["intermediate_sizes"] = serde_json::json!([8]);
+            std::fs::write(dir.join("config.json"), bad.to_string()).unwrap();
+            let e = models::load(&dir, &Device::Cpu).err().unwrap().to_string();
+            assert!(e.contains("intermediate_sizes lists 1 widths for 2 layers"), "{e}");
+            std::fs::remove_dir_all(&dir).ok();
+        }
+    }
+}

@@ -180,6 +180,11 @@ tinytune bench --python /tmp/pyref/bin/python --steps 5     # against PyTorch + 
         /// for a quantised GGUF].
         #[arg(long)]
         dtype: Option<String>,
+        /// FineGates: also remove what the closed gates make dead (LLaMA MLP units whose gate
+        /// or up row or down column is closed), printing per layer what went; the result is a
+        /// smaller checkpoint with per-block MLP widths.
+        #[arg(long)]
+        compress: bool,
     },
     /// Write a model (with an adapter merged in) as a GGUF file llama.cpp loads (f16, q8_0,
     /// q4_0, q4_k, ...), or with --adapter-only the LoRA adapter alone as a GGUF LoRA adapter.
@@ -635,7 +640,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Export(args) => export::export(*args),
         Command::Sample(args) => sample::sample(*args),
         Command::SelectLayers(args) => select::select(*args),
-        Command::Merge { model, adapter, out, dtype } => {
+        Command::Merge { model, adapter, out, dtype, compress } => {
             refuse_overwrite("merge --out", &out, &[("--model", &model), ("--adapter", &adapter)])?;
             let dtype = match dtype.as_deref() {
                 Some("f32") => DType::F32,
@@ -648,19 +653,36 @@ fn run(cli: Cli) -> Result<()> {
             let loaded = format::load(&adapter, m.as_mut(), &Device::Cpu)?;
             // A head alone refuses (HeadOnly::merge), as every method that cannot be merged.
             let method = &loaded.method;
-            progress::spin(&format!("merging {} adapter layers", method.num_sites()), false, || method.merge(m.as_mut())).map_err(|e| {
-                match e {
+            let report = if compress {
+                let gates = loaded.method_as::<tinytune::peft::FineGates>().ok_or_else(|| Error::InvalidArgument {
+                    op: "merge --compress",
+                    msg: format!(
+                        "{} is a '{}' adapter: --compress removes what FineGates' closed gates make dead",
+                        adapter.display(),
+                        method.name()
+                    ),
+                })?;
+                Some(progress::spin("merging the gates and removing what they closed", false, || gates.compress(m.as_mut()))?)
+            } else {
+                None
+            };
+            let merge = |m: &mut dyn CausalLm| if compress { Ok(()) } else { method.merge(m) };
+            progress::spin(&format!("merging {} adapter layers", method.num_sites()), false, || merge(m.as_mut())).map_err(
+                |e| match e {
                     Error::InvalidArgument { msg, .. } => {
                         Error::InvalidArgument { op: "merge", msg: format!("{}: {msg}", adapter.display()) }
                     }
                     e => e,
-                }
-            })?;
+                },
+            )?;
             let what = format!("writing {} ({dtype:?})", out.join("model.safetensors").display());
             progress::spin(&what, weight_bytes(&model) > 500_000_000, || models::save_checkpoint_as(m.as_mut(), &out, dtype))?;
             Tokenizer::for_model(&model)?.save_hf(&out)?;
             if loaded.head.is_some() {
                 note!("note: the adapter's classification head is not part of the merged language model; keep using --adapter for it");
+            }
+            if let Some(r) = &report {
+                outln!("{}", r.table().trim_end());
             }
             outln!("merged {} adapter layers into {} ({dtype:?})", method.num_sites(), out.display());
             Ok(())

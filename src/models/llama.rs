@@ -39,6 +39,9 @@ pub struct LlamaConfig {
     pub sliding_window: Option<usize>,
     /// `max_position_embeddings` (GGUF: `llama.context_length`), when given.
     pub max_position_embeddings: Option<usize>,
+    /// Per-block MLP widths, when they differ (tinytune's `intermediate_sizes` key: a model
+    /// compressed by FineGates); `None`: every block is `intermediate_size` wide.
+    pub intermediate_sizes: Option<Vec<usize>>,
 }
 
 impl LlamaConfig {
@@ -70,7 +73,20 @@ impl LlamaConfig {
         if let Some(n) = self.max_position_embeddings.filter(|&n| n == 0 || n > super::MAX_CONTEXT) {
             return Err(format!("max_position_embeddings = {n} is outside 1..={} (no real model has such a context)", super::MAX_CONTEXT));
         }
+        if let Some(sizes) = &self.intermediate_sizes {
+            if sizes.len() != self.num_hidden_layers {
+                return Err(format!("intermediate_sizes lists {} widths for {} layers", sizes.len(), self.num_hidden_layers));
+            }
+            if let Some(w) = sizes.iter().find(|&&w| w == 0 || w > MAX_DIM) {
+                return Err(format!("intermediate_sizes holds {w}, outside 1..={MAX_DIM}"));
+            }
+        }
         Ok(self)
+    }
+
+    /// The MLP width of block `i`.
+    pub fn intermediate_size_of(&self, i: usize) -> usize {
+        self.intermediate_sizes.as_ref().and_then(|s| s.get(i).copied()).unwrap_or(self.intermediate_size)
     }
 
     pub fn from_raw(raw: &RawConfig) -> Result<LlamaConfig> {
@@ -118,6 +134,14 @@ impl LlamaConfig {
             mlp_bias: raw.bool_or("mlp_bias", false)?,
             sliding_window,
             max_position_embeddings: raw.opt_usize("max_position_embeddings")?,
+            intermediate_sizes: match raw.get("intermediate_sizes") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => Some(
+                    v.as_array()
+                        .and_then(|a| a.iter().map(|x| x.as_u64().map(|n| n as usize)).collect::<Option<Vec<_>>>())
+                        .ok_or_else(|| raw.error(format!("field 'intermediate_sizes' must list one width per layer, got {v}")))?,
+                ),
+            },
         }
         .checked()
         .map_err(|m| raw.error(m))
@@ -194,6 +218,7 @@ impl LlamaConfig {
             mlp_bias: file.contains("blk.0.ffn_up.bias"),
             sliding_window: None,
             max_position_embeddings: file.opt_usize("llama.context_length")?,
+            intermediate_sizes: None,
         }
         .checked()
         .map_err(|m| file.error(m))
@@ -259,9 +284,9 @@ impl Llama {
                 mlp_norm: rms(w, &format!("{p}.post_attention_layernorm"), d, c.rms_norm_eps, dev)?,
                 mlp: Mlp {
                     name: format!("{p}.mlp"),
-                    gate: Some(lin("mlp.gate_proj", c.intermediate_size, d, c.mlp_bias)?),
-                    up: lin("mlp.up_proj", c.intermediate_size, d, c.mlp_bias)?,
-                    down: lin("mlp.down_proj", d, c.intermediate_size, c.mlp_bias)?,
+                    gate: Some(lin("mlp.gate_proj", c.intermediate_size_of(i), d, c.mlp_bias)?),
+                    up: lin("mlp.up_proj", c.intermediate_size_of(i), d, c.mlp_bias)?,
+                    down: lin("mlp.down_proj", d, c.intermediate_size_of(i), c.mlp_bias)?,
                 },
                 hooks: Vec::new(),
             });
@@ -365,6 +390,12 @@ impl CausalLm for Llama {
         }
         if let Some(w) = c.sliding_window {
             v["sliding_window"] = w.into();
+        }
+        // The widths as the blocks hold them (a compressed model's differ per block).
+        let widths: Vec<usize> = self.decoder.blocks.iter().map(|b| b.mlp.down.in_features()).collect();
+        if widths.iter().any(|&w| w != c.intermediate_size) {
+            v["intermediate_size"] = widths.iter().copied().max().unwrap_or(c.intermediate_size).into();
+            v["intermediate_sizes"] = widths.into();
         }
         v
     }

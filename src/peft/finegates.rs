@@ -324,6 +324,113 @@ impl FineGates {
     }
 }
 
+/// What [`FineGates::compress`] removed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompressReport {
+    /// Per gated site: `(site, rows closed, rows, columns closed, columns)`.
+    pub sites: Vec<(String, usize, usize, usize, usize)>,
+    /// Per block whose MLP shrank: `(block, units removed, width before)`.
+    pub mlp: Vec<(usize, usize, usize)>,
+    /// Weights of the linear layers before and after.
+    pub params_before: usize,
+    pub params_after: usize,
+}
+
+impl CompressReport {
+    /// A table: each gated site's closed rows and columns, then each block's MLP units removed.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "{:<44} {:>15} {:>15}", "site", "rows closed", "columns closed");
+        for (site, rc, r, cc, c) in &self.sites {
+            let _ = writeln!(s, "{site:<44} {:>15} {:>15}", format!("{rc}/{r}"), format!("{cc}/{c}"));
+        }
+        for (b, removed, width) in &self.mlp {
+            let _ = writeln!(s, "block {b}: {removed} of {width} MLP units removed ({} left)", width - removed);
+        }
+        let _ = writeln!(
+            s,
+            "linear weights: {} -> {} ({:.1}% removed)",
+            self.params_before,
+            self.params_after,
+            100.0 * (1.0 - self.params_after as f64 / self.params_before.max(1) as f64)
+        );
+        s
+    }
+}
+
+/// `t [out, in]` (or a bias `[out]`) keeping the rows `keep` (host, then `t`'s dtype and device).
+fn keep_rows(t: &Tensor, keep: &[usize]) -> Result<Tensor> {
+    let shape = t.shape().to_vec();
+    let width: usize = shape[1..].iter().product();
+    let v = t.to_device(&Device::Cpu)?.to_vec_f64()?;
+    let out: Vec<f64> = keep.iter().flat_map(|&r| v[r * width..(r + 1) * width].iter().copied()).collect();
+    let mut new_shape = shape.clone();
+    new_shape[0] = keep.len();
+    Tensor::from_vec(out, &new_shape, &Device::Cpu)?.to_dtype(t.dtype())?.to_device(t.device())
+}
+
+/// `t [out, in]` keeping the columns `keep`.
+fn keep_cols(t: &Tensor, keep: &[usize]) -> Result<Tensor> {
+    let (rows, cols) = (t.shape()[0], t.shape()[1]);
+    let v = t.to_device(&Device::Cpu)?.to_vec_f64()?;
+    let out: Vec<f64> = (0..rows).flat_map(|r| keep.iter().map(move |&c| (r, c))).map(|(r, c)| v[r * cols + c]).collect();
+    Tensor::from_vec(out, &[rows, keep.len()], &Device::Cpu)?.to_dtype(t.dtype())?.to_device(t.device())
+}
+
+impl FineGates {
+    /// Merge (the eval gates and any LoRA update folded into the weights), then shrink what
+    /// couples cleanly: an MLP unit `j` of a gated LLaMA block goes when its gate-projection
+    /// row, its up-projection row or its down-projection column is closed (`silu(0)·u = 0`,
+    /// `silu(g)·0 = 0`, a zero column adds nothing), so the block's MLP is narrower and the
+    /// logits are the gated model's. Other closed rows and columns stay as zeros (attention
+    /// heads and the residual stream couple across layers and are not removed). The model can
+    /// then be saved as an ordinary checkpoint with per-block widths (`intermediate_sizes`).
+    pub fn compress(&self, model: &mut dyn CausalLm) -> Result<CompressReport> {
+        let sites = self.closed()?;
+        let open: HashMap<String, (Vec<f64>, Vec<f64>)> = self
+            .gates
+            .iter()
+            .map(|(r, c)| Ok((r.site.clone(), (r.eval_gates()?.to_vec_f64()?, c.eval_gates()?.to_vec_f64()?))))
+            .collect::<Result<_>>()?;
+        let count = |m: &mut dyn CausalLm| m.linears_mut().iter().filter(|l| l.name != "lm_head").map(|l| l.weight.numel()).sum::<usize>();
+        let params_before = count(model);
+        Method::merge(self, model)?;
+        let mut mlp = Vec::new();
+        if model.architecture() == "llama" {
+            for block in model.decoder_mut().blocks.iter_mut() {
+                let m = &mut block.mlp;
+                let Some(gate) = m.gate.as_mut() else { continue };
+                let width = m.down.in_features();
+                let rows_of = |name: &str| open.get(name).map(|z| z.0.clone());
+                let (g, u, d) = (rows_of(&gate.name), rows_of(&m.up.name), open.get(&m.down.name).map(|z| z.1.clone()));
+                let alive = |z: &Option<Vec<f64>>, j: usize| z.as_ref().is_none_or(|z| z[j] > 0.0);
+                let mut keep: Vec<usize> = (0..width).filter(|&j| alive(&g, j) && alive(&u, j) && alive(&d, j)).collect();
+                if keep.is_empty() {
+                    // A block of width 0 is no checkpoint: keep one closed unit (it adds 0).
+                    keep.push(0);
+                }
+                if keep.len() == width {
+                    continue;
+                }
+                crate::autograd::with_no_grad(|| -> Result<()> {
+                    for lin in [&mut *gate, &mut m.up] {
+                        lin.weight = keep_rows(&lin.weight, &keep)?;
+                        if let Some(b) = &lin.bias {
+                            lin.bias = Some(keep_rows(b, &keep)?);
+                        }
+                    }
+                    m.down.weight = keep_cols(&m.down.weight, &keep)?;
+                    Ok(())
+                })?;
+                mlp.push((block.index, width - keep.len(), width));
+            }
+        }
+        let params_after = count(model);
+        Ok(CompressReport { sites, mlp, params_before, params_after })
+    }
+}
+
 impl MethodConfig for FineGatesConfig {
     fn name(&self) -> &'static str {
         "finegates"
