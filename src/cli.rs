@@ -107,6 +107,9 @@ pub struct FinetuneArgs {
     /// FineGates: train the gated layers' biases [default: true].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub train_biases: Option<bool>,
+    /// FineGates: the gates' learning rate as a multiple of --lr [default: 10].
+    #[arg(long)]
+    pub gate_lr_scale: Option<f64>,
     /// Any method setting by name, for settings without a flag of their own (a method added
     /// to the registry needs no CLI edit): `--set num-virtual-tokens=8`; the value is read as
     /// JSON when it parses (numbers, true/false, lists), else as a string. Repeatable.
@@ -302,7 +305,8 @@ impl FinetuneArgs {
             .set("target-sparsity", self.target_sparsity)
             .set("lambda", self.lambda)
             .set("sparsity-form", self.sparsity_form.clone())
-            .set("train-biases", self.train_biases);
+            .set("train-biases", self.train_biases)
+            .set("gate-lr-scale", self.gate_lr_scale);
         for kv in self.set.iter().flatten() {
             let (k, v) =
                 kv.split_once('=').ok_or_else(|| Error::InvalidArgument { op: "--set", msg: format!("'{kv}' is not KEY=VALUE") })?;
@@ -346,6 +350,7 @@ impl FinetuneArgs {
             lambda,
             sparsity_form,
             train_biases,
+            gate_lr_scale,
             set,
             lr,
             epochs,

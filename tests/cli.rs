@@ -1266,7 +1266,7 @@ fn finegates_from_the_cli_and_a_compressed_model() {
         &model,
         &data,
         &out,
-        &["--method", "finegates", "--target-sparsity", "0.5", "--lr", "1e-1", "--max-steps", "30", "--batch-size", "4"],
+        &["--method", "finegates", "--target-sparsity", "0.5", "--lr", "1e-2", "--max-steps", "30", "--batch-size", "4"],
     );
     assert!(report["after"]["loss"].as_f64().unwrap().is_finite());
     let adapter = out.join("adapter");

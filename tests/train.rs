@@ -963,7 +963,8 @@ fn finegates_closes_gates_towards_the_target() {
     let lm_eval = load_data(&write_lines(&dir, "lm-eval.jsonl", &lm_lines(6, 42)));
     let cfg = TrainConfig {
         method: Arc::new(FineGatesConfig { target_sparsity: 0.4, ..FineGatesConfig::default() }),
-        lr: 1e-1,
+        // The gates at 10× (gate_lr_scale): 0.1.
+        lr: 1e-2,
         max_steps: Some(30),
         schedule: ScheduleKind::Constant,
         ..config(&dir.join("run"))

@@ -89,6 +89,8 @@ pub struct FineGatesConfig {
     pub lora_alpha: Option<f64>,
     /// Train the biases of the gated layers.
     pub train_biases: bool,
+    /// The gates' learning rate as a multiple of the run's (the head's, LoRA's, the biases').
+    pub gate_lr_scale: f64,
     pub seed: u64,
 }
 
@@ -103,6 +105,7 @@ impl Default for FineGatesConfig {
             lora_rank: None,
             lora_alpha: None,
             train_biases: true,
+            gate_lr_scale: 10.0,
             seed: 0,
         }
     }
@@ -116,6 +119,9 @@ impl FineGatesConfig {
         }
         if !(self.lambda.is_finite() && self.lambda >= 0.0) {
             return bad(format!("lambda {} must be a non-negative number", self.lambda));
+        }
+        if !(self.gate_lr_scale.is_finite() && self.gate_lr_scale > 0.0) {
+            return bad(format!("gate-lr-scale {} must be positive", self.gate_lr_scale));
         }
         if self.lora_rank == Some(0) {
             return bad("the LoRA variant's rank must be at least 1".into());
@@ -444,12 +450,13 @@ impl MethodConfig for FineGatesConfig {
         json!({
             "targets": self.targets, "layers": self.layers, "target_sparsity": self.target_sparsity, "lambda": self.lambda,
             "form": self.form.name(), "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha, "train_biases": self.train_biases,
+            "gate_lr_scale": self.gate_lr_scale,
         })
     }
 
-    /// θ moves by tanh's slope: the paper's gate rates are well above LoRA's.
+    /// The head's, LoRA's and the biases' rate; the gates train at `gate_lr_scale` × it.
     fn default_lr(&self) -> f64 {
-        1e-2
+        3e-3
     }
 }
 
@@ -487,6 +494,14 @@ impl Method for FineGates {
 
     fn num_sites(&self) -> usize {
         self.gates.len()
+    }
+
+    fn lr_scale(&self, param: &str) -> f64 {
+        if param.ends_with(".theta") {
+            self.config.gate_lr_scale
+        } else {
+            1.0
+        }
     }
 
     fn regularizer(&self) -> Result<Option<Regularizer>> {
@@ -571,7 +586,7 @@ pub const FINEGATES: Registration = Registration {
     name: "finegates",
     about: "stochastic gates on the rows and columns of the linears, trained to a target sparsity (fine-tunes and compresses)",
     peft_type: "FINEGATES",
-    settings: &["target-modules", "layers", "target-sparsity", "lambda", "sparsity-form", "rank", "alpha", "train-biases"],
+    settings: &["target-modules", "layers", "target-sparsity", "lambda", "sparsity-form", "rank", "alpha", "train-biases", "gate-lr-scale"],
     configure: |s: &Settings| {
         let d = FineGatesConfig::default();
         let config = FineGatesConfig {
@@ -583,6 +598,7 @@ pub const FINEGATES: Registration = Registration {
             lora_rank: s.usize("rank")?,
             lora_alpha: s.f64("alpha")?,
             train_biases: s.bool("train-biases")?.unwrap_or(d.train_biases),
+            gate_lr_scale: s.f64("gate-lr-scale")?.unwrap_or(d.gate_lr_scale),
             seed: 0,
         };
         if config.lora_alpha.is_some() && config.lora_rank.is_none() {
@@ -625,6 +641,7 @@ fn load(model: &mut dyn CausalLm, files: &mut AdapterFiles, device: &Device) -> 
             None => None,
         },
         train_biases: files.config.get("train_biases").and_then(Value::as_bool).unwrap_or(true),
+        gate_lr_scale: d.gate_lr_scale,
         seed: 0,
     };
     config.validate().map_err(|e| files.config_error(e.to_string()))?;

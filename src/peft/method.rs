@@ -76,6 +76,12 @@ pub trait Method: Send + Sync + std::fmt::Debug {
     }
     /// Take the method off the model (the base model again).
     fn remove(&self, model: &mut dyn CausalLm) -> Result<()>;
+    /// The learning rate's multiplier for the trainable tensor `param` (by its name in
+    /// [`Method::parameters`]); 1 by default. FineGates' gates take their own (their θ must
+    /// travel O(1) in a run where weights move by O(lr)).
+    fn lr_scale(&self, _param: &str) -> f64 {
+        1.0
+    }
     /// A term the method adds to the training loss once per optimizer update (FineGates'
     /// sparsity objective), with metrics to report; not part of an evaluation's loss.
     fn regularizer(&self) -> Result<Option<Regularizer>> {

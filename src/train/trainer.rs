@@ -601,12 +601,17 @@ fn add_metrics(into: &mut Vec<(String, f64)>, part: &[(&'static str, f64)], scal
 
 /// Weight decay applies to matrices; vectors (norm weights, biases, DoRA magnitudes, IA³'s
 /// `(out, 1)` scales: at most one axis longer than 1) get none.
-fn param_groups(params: &[(String, Tensor)], weight_decay: f64) -> Vec<ParamGroup> {
-    let (matrices, vectors): (Vec<_>, Vec<_>) =
-        params.iter().cloned().partition(|(_, t)| t.shape().iter().filter(|&&d| d > 1).count() >= 2);
+fn param_groups(params: &[(String, Tensor)], weight_decay: f64, method: &dyn Method) -> Vec<ParamGroup> {
+    // A method's own rate for some of its tensors (FineGates' gates), without decay.
+    let (scaled, params): (Vec<_>, Vec<_>) = params.iter().cloned().partition(|(n, _)| method.lr_scale(n) != 1.0);
+    let (matrices, vectors): (Vec<_>, Vec<_>) = params.into_iter().partition(|(_, t)| t.shape().iter().filter(|&&d| d > 1).count() >= 2);
     let mut groups = vec![ParamGroup::new("decay", matrices, 1.0, weight_decay)];
     if !vectors.is_empty() {
         groups.push(ParamGroup::new("no_decay", vectors, 1.0, 0.0));
+    }
+    if let Some((first, _)) = scaled.first() {
+        let scale = method.lr_scale(first);
+        groups.push(ParamGroup::new("method_rate", scaled, scale, 0.0));
     }
     groups
 }
@@ -959,7 +964,7 @@ impl<'a> Trainer<'a> {
                 });
             }
         }
-        let groups = param_groups(&attached.params, cfg.weight_decay);
+        let groups = param_groups(&attached.params, cfg.weight_decay, attached.method.as_ref());
         let mut opt: Box<dyn Optimizer> = match cfg.optimizer {
             OptimizerKind::AdamW => Box::new(AdamW::new(groups)?),
             OptimizerKind::Sgd => Box::new(Sgd::new(groups, SgdConfig { momentum: 0.9, dampening: 0.0, nesterov: false })?),
