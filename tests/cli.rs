@@ -1282,6 +1282,44 @@ fn finegates_from_the_cli_and_a_compressed_model() {
     assert!((compressed - gated).abs() < 1e-4 * gated, "compressed {compressed} vs gated {gated}");
     let (ok, _, err) = tinytune(&["generate", "--model", path_str(&small), "--ids", "3,4,5", "--max-new-tokens", "4", "--device", "cpu"]);
     assert!(ok, "{err}");
+    // A classifier: merge keeps its head beside the compressed model, which then scores the
+    // labelled data as the gated classifier does.
+    let cls = write_cls_data(&dir);
+    let fg_cls = dir.join("fg-cls");
+    finetune(
+        &model,
+        &cls,
+        &fg_cls,
+        &["--method", "finegates", "--target-sparsity", "0.5", "--lr", "1e-2", "--max-steps", "20", "--batch-size", "4"],
+    );
+    let adapter = fg_cls.join("adapter");
+    let score = |args: &[&str]| -> serde_json::Value {
+        let (ok, stdout, err) = tinytune(args);
+        assert!(ok, "{err}");
+        json(&stdout)
+    };
+    let gated = score(&[
+        "eval",
+        "--model",
+        path_str(&model),
+        "--adapter",
+        path_str(&adapter),
+        "--data",
+        path_str(&cls),
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    let small = dir.join("small-cls");
+    let (ok, stdout, err) =
+        tinytune(&["merge", "--model", path_str(&model), "--adapter", path_str(&adapter), "--compress", "--out", path_str(&small)]);
+    assert!(ok && err.contains("small-cls/head"), "the head's directory is named: {stdout}{err}");
+    let head = small.join("head");
+    let compressed =
+        score(&["eval", "--model", path_str(&small), "--adapter", path_str(&head), "--data", path_str(&cls), "--device", "cpu", "--json"]);
+    assert_eq!(compressed["accuracy"], gated["accuracy"], "compressed {compressed} vs gated {gated}");
+    let (g, c) = (gated["mean_loss"].as_f64().unwrap(), compressed["mean_loss"].as_f64().unwrap());
+    assert!((g - c).abs() < 1e-4 * g.max(1e-3), "mean loss: compressed {c} vs gated {g}");
     let lora = dir.join("lora");
     finetune(&model, &data, &lora, &["--max-steps", "2"]);
     let (ok, _, err) = tinytune(&[

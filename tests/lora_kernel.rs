@@ -11,8 +11,8 @@
 mod common;
 
 use common::{check, Dom, Nd, TOL};
-use tinytune::backend::gpu::{AdapterKind, MatmulKernel};
-use tinytune::{DType, Device, Error, GpuDevice, Result, Rng, Tensor};
+use tinytune::backend::gpu::MatmulKernel;
+use tinytune::{DType, Device, Error, Result, Rng, Tensor};
 
 /// The f64 reference `x W0ᵀ + s (xd Aᵀ) Bᵀ` in plain loops; x, xd `[.., k]` (leading axes are
 /// rows), w0 `[m, k]`, a `[r, k]`, b `[m, r]`.
@@ -265,20 +265,6 @@ fn run(c: &Case, d: &Data, dev: &Device, fused: bool) -> Vec<(&'static str, Tens
     vec![("y", y.detach()), ("dx", t(grad(&x_leaf))), ("dA", grad(&a)), ("dB", t(grad(&b_leaf)))]
 }
 
-/// `|gpu − cpu| ≤ abs + rel·|cpu|`, with the matmul tolerance of tests/gpu.rs (2e-6·K per
-/// unit-sized product term, 2e-5 relative) where K is the shared dimension of the result and the
-/// product-term size is estimated from the reference: the rms of a sum of K random-signed terms
-/// is √K times theirs, so abs = 2e-6·√K·rms(cpu).
-fn close(what: &str, cpu: &Tensor, gpu: &Tensor, kdim: usize) {
-    assert_eq!(cpu.shape(), gpu.shape(), "{what}: shape");
-    let (a, b) = (cpu.to_vec_f64().unwrap(), gpu.to_vec_f64().unwrap());
-    let rms = (a.iter().map(|v| v * v).sum::<f64>() / a.len().max(1) as f64).sqrt();
-    let abs = 2e-6 * (kdim as f64).sqrt() * rms;
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert!((x - y).abs() <= abs + 2e-5 * x.abs(), "{what}: element {i} of {:?}: cpu {x} gpu {y} (abs tol {abs:e})", cpu.shape());
-    }
-}
-
 /// The GPU op against the CPU composition, forward and the gradients of x, A and B.
 fn compare(c: &Case, g: &Device, seed: u64) {
     let d = data(c, seed);
@@ -289,16 +275,8 @@ fn compare(c: &Case, g: &Device, seed: u64) {
     let kdims = [c.k + c.r, c.m + c.r, c.n, c.n];
     for (((name, w), (_, v)), kd) in want.iter().zip(&got).zip(kdims) {
         assert_eq!(v.device(), g, "{c:?} {name}: device");
-        close(&format!("{c:?} {name}"), w, v, kd);
+        common::close_product(&format!("{c:?} {name}"), w, v, kd);
     }
-}
-
-/// A device of its own running `kernel` (both matmul kernel families are tested wherever the
-/// adapter is).
-fn device_with(kernel: MatmulKernel) -> Device {
-    let dev = GpuDevice::new(AdapterKind::Software).or_else(|_| GpuDevice::new(AdapterKind::Hardware)).unwrap();
-    dev.set_matmul_kernel(kernel);
-    Device::Gpu(dev)
 }
 
 #[test]
@@ -307,7 +285,7 @@ fn gpu_fused_equals_the_composition_on_awkward_shapes() {
         return;
     }
     for kernel in [MatmulKernel::Registers, MatmulKernel::Tiled] {
-        let g = device_with(kernel);
+        let g = common::gpu_with_kernel(kernel);
         let mut i = 0;
         for n in [1, 7, 33, 130] {
             for k in [13, 64, 257] {
@@ -339,7 +317,7 @@ fn gpu_rank_3_input_and_degenerate_sizes() {
     if common::gpu_device().is_none() {
         return;
     }
-    let g = device_with(MatmulKernel::Tiled);
+    let g = common::gpu_with_kernel(MatmulKernel::Tiled);
     let (x, w0, a, b) =
         (normal_nd(&[2, 5, 13], 20, 1.0), normal_nd(&[7, 13], 21, 0.3), normal_nd(&[3, 13], 22, 0.3), normal_nd(&[7, 3], 23, 1.0));
     let up = |nd: &Nd| tensor(nd, DType::F32).to_device(&g).unwrap();
@@ -388,7 +366,7 @@ fn gpu_launches_only_what_is_needed() {
         ((true, true, true, false), (0, 5)),  // dx, g B, dxd, dA, dB
     ];
     for ((gx, ga, gb, same), want) in cases {
-        let g = device_with(MatmulKernel::Registers);
+        let g = common::gpu_with_kernel(MatmulKernel::Registers);
         let up = |t: &Tensor, rg: bool| {
             let t = t.to_device(&g).unwrap();
             if rg {

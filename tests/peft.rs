@@ -1031,6 +1031,54 @@ fn finegates_on_the_gpu_follows_the_cpu() {
     }
 }
 
+/// FineGates' fused path (one gated product per linear, the gates folded into LoRA's small
+/// factors) against the composition it replaces (gates at the before/after sites around the
+/// plain or LoRA product), in training mode with the same seeded noise: logits and every
+/// trainable gradient, on the float64 CPU model, and on the GPU against the CPU composition.
+#[test]
+fn finegates_fused_product_equals_the_composition() {
+    use tinytune::peft::{FineGates, FineGatesConfig, GatedProduct};
+    let mut devices = vec![(Device::Cpu, DType::F64)];
+    devices.extend(common::gpu_device().map(|g| (g, DType::F32)));
+    for lora_rank in [None, Some(2)] {
+        for (dev, dt) in &devices {
+            let mut out = Vec::new();
+            for composed in [true, false] {
+                // The composition on the CPU, the fused product on the device.
+                let (dev, dt) = if composed { (Device::Cpu, *dt) } else { (dev.clone(), *dt) };
+                let mut model = if dt == DType::F64 { load("tiny-llama", dt) } else { models::load(fixture("tiny-llama"), &dev).unwrap() };
+                let cfg = FineGatesConfig { lora_rank, train_biases: true, ..Default::default() };
+                let g = FineGates::attach(model.as_mut(), cfg).unwrap();
+                let fused_sites = model.linears_mut().iter().filter(|l| l.adapters.iter().any(|a| a.as_any().is::<GatedProduct>())).count();
+                assert_eq!(fused_sites, 14, "every gated linear runs the fused product");
+                if composed {
+                    g.use_composition(model.as_mut()).unwrap();
+                    assert!(model.linears_mut().iter().all(|l| l.adapters.iter().all(|a| !a.as_any().is::<GatedProduct>())));
+                }
+                for (i, (_, p)) in g.parameters().iter().enumerate() {
+                    let v = Tensor::randn(p.shape(), 0.0, 0.6, dt, &Device::Cpu, &mut Rng::new(90 + i as u64)).unwrap();
+                    p.set_data(&v.to_device(&dev).unwrap()).unwrap();
+                }
+                g.set_training(true);
+                g.set_step(2);
+                let (ids, keep, targets) = batch(&dev);
+                let logits = model.forward(&ids, Some(&keep.to_dtype(dt).unwrap())).unwrap();
+                logits.cross_entropy(&targets, -100, CrossEntropyReduction::Mean).unwrap().backward().unwrap();
+                let grads: Vec<Vec<f64>> = g.parameters().iter().map(|(_, p)| p.grad().unwrap().to_vec_f64().unwrap()).collect();
+                out.push((logits.to_vec_f64().unwrap(), grads));
+            }
+            let tol = if *dt == DType::F64 { 1e-10 } else { 1e-3 };
+            let worst = out[0].0.iter().zip(&out[1].0).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            assert!(worst < tol, "lora {lora_rank:?} on {dev}: logits differ by {worst}");
+            for (i, (c, f)) in out[0].1.iter().zip(&out[1].1).enumerate() {
+                let scale = c.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-6);
+                let worst = c.iter().zip(f).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+                assert!(worst < 2.0 * tol * scale, "lora {lora_rank:?} on {dev}: gradient {i} differs by {worst} (scale {scale})");
+            }
+        }
+    }
+}
+
 /// FineGates' compression: MLP units whose gate row, up row or down column is closed are
 /// removed, so the blocks' MLPs narrow; the compressed model's logits equal the gated model's
 /// in eval mode; saved as an ordinary checkpoint with per-block widths, it loads and gives them.

@@ -286,6 +286,12 @@ impl OutBytes for CpuStorage {
     }
 }
 
+impl<A: OutBytes> OutBytes for Option<A> {
+    fn out_bytes(&self) -> usize {
+        self.as_ref().map_or(0, OutBytes::out_bytes)
+    }
+}
+
 impl<A: OutBytes, B: OutBytes> OutBytes for (A, B) {
     fn out_bytes(&self) -> usize {
         self.0.out_bytes() + self.1.out_bytes()
@@ -555,6 +561,64 @@ impl Storage {
                     let (w, xd, a, b) = (w.gpu(OP, self)?, xd.gpu(OP, self)?, a.gpu(OP, self)?, b.gpu(OP, self)?);
                     let (y, u) = x.lora_linear(layout, w, w_layout, xd, xd_layout, a, a_layout, b, b_layout, scale)?;
                     Ok((Storage::Gpu(y), Storage::Gpu(u)))
+                }
+            }
+        })
+    }
+
+    /// The gated product `c = ((a ⊙ gc) b + bias) ⊙ gr` on `a [m, k]` and `b [k, n]` read
+    /// through their layouts (`b` may be f16/bf16 storage beside an f32 `a`, a frozen weight;
+    /// quantised on the CPU), with `gc [k]`, `bias [n]`, `gr [n]` contiguous vectors, each
+    /// optional; returns `(c, pre)`, `pre = (a ⊙ gc) b + bias` only when `keep_pre`.
+    ///
+    /// FineGates' linear and its input gradient (`tensor/gated.rs`). The GPU runs one kernel,
+    /// the gates in its prologue and epilogue (`shaders/gated.wgsl`); the CPU, the reference,
+    /// scales `a` by `gc` into a copy, multiplies, and applies the bias and `gr` in one pass
+    /// over the product.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gated_matmul(
+        &self,
+        layout: &Layout,
+        b: &Storage,
+        b_layout: &Layout,
+        gc: Option<&Storage>,
+        bias: Option<&Storage>,
+        gr: Option<&Storage>,
+        keep_pre: bool,
+    ) -> Result<(Storage, Option<Storage>)> {
+        const OP: &str = "gated_matmul";
+        let flops = match (layout.shape(), b_layout.shape()) {
+            ([m, k], [_, n]) => 2.0 * (m * k * n) as f64,
+            _ => 0.0,
+        };
+        profiled(OP, flops, || -> Result<(Storage, Option<Storage>)> {
+            let (m, k) = match layout.shape() {
+                [m, k] => (*m, *k),
+                s => return Err(Error::Shape { op: OP, msg: format!("a must be a matrix, got shape {s:?}") }),
+            };
+            let n = match b_layout.shape() {
+                [kb, n] if *kb == k => *n,
+                s => return Err(Error::Shape { op: OP, msg: format!("b must be [{k}, n] for a [{m}, {k}], got {s:?}") }),
+            };
+            for (v, len, what) in [(gc, k, "gc"), (bias, n, "bias"), (gr, n, "gr")] {
+                if let Some(v) = v {
+                    if v.len() < len {
+                        return Err(Error::Shape { op: OP, msg: format!("{what} must hold {len} values, got {}", v.len()) });
+                    }
+                }
+            }
+            match self {
+                Storage::Cpu(a) => {
+                    let (gc, bias, gr) = (Self::opt_cpu(gc, OP, self)?, Self::opt_cpu(bias, OP, self)?, Self::opt_cpu(gr, OP, self)?);
+                    let b = b.cpu(OP, self)?;
+                    let (c, pre) = a.gated_matmul(layout, b, b_layout, gc, bias, gr, keep_pre)?;
+                    Ok((Storage::Cpu(c), pre.map(Storage::Cpu)))
+                }
+                Storage::Gpu(a) => {
+                    let (gc, bias, gr) = (Self::opt_gpu(gc, OP, self)?, Self::opt_gpu(bias, OP, self)?, Self::opt_gpu(gr, OP, self)?);
+                    let b = b.gpu(OP, self)?;
+                    let (c, pre) = a.gated_matmul(layout, b, b_layout, gc, bias, gr, keep_pre)?;
+                    Ok((Storage::Gpu(c), pre.map(Storage::Gpu)))
                 }
             }
         })

@@ -678,8 +678,23 @@ fn run(cli: Cli) -> Result<()> {
             let what = format!("writing {} ({dtype:?})", out.join("model.safetensors").display());
             progress::spin(&what, weight_bytes(&model) > 500_000_000, || models::save_checkpoint_as(m.as_mut(), &out, dtype))?;
             Tokenizer::for_model(&model)?.save_hf(&out)?;
-            if loaded.head.is_some() {
-                note!("note: the adapter's classification head is not part of the merged language model; keep using --adapter for it");
+            if let Some(head) = &loaded.head {
+                // The head stays a head: a head-only adapter over the merged model, so the
+                // merged (or compressed) classifier evaluates and classifies at once.
+                let dir = out.join("head");
+                format::save(&dir, m.as_mut(), None, Some(head), &out.display().to_string())?;
+                if let Some(n) = loaded.seq_len {
+                    format::record(&dir, "seq_len", json!(n))?;
+                }
+                if !loaded.add_special_tokens {
+                    format::record(&dir, "add_special_tokens", json!(false))?;
+                }
+                note!(
+                    "the classification head is not part of the language model: it is in {} (use it with --model {} --adapter {})",
+                    dir.display(),
+                    out.display(),
+                    dir.display()
+                );
             }
             if let Some(r) = &report {
                 outln!("{}", r.table().trim_end());

@@ -16,8 +16,12 @@
 //! the gates, the biases of the gated layers, a task head; with `lora_rank` also a LoRA update,
 //! `y = ((x ⊙ z_c)(W0 + s B A)ᵀ + b) ⊙ z_r`.
 //!
-//! The column gates sit at the linear's `before` site and the row gates at its `after` site, so
-//! any method that replaces the product (LoRA here) runs between them unchanged. Merge folds the
+//! Each gated linear's product is one [`GatedProduct`] at its `replace` site: the gated linear
+//! op (`Tensor::gated_linear`; on the GPU `shaders/gated.wgsl`, the column gates in the
+//! matmul's tile load and the bias and row gates where it writes), the LoRA variant's update
+//! with the gates folded into its small factors. The composition — column gates at the
+//! `before` site, row gates at the `after` site, the product between — is the same map and the
+//! tested reference ([`FineGates::use_composition`]). Merge folds the
 //! eval gates into the weights (`W ← Diag(z_r) W Diag(z_c)`, `b ← z_r ⊙ b`): closed rows and
 //! columns become zeros.
 //!
@@ -30,7 +34,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::lora::{LoraAdapter, LoraConfig};
+use super::lora::{LoraAdapter, LoraConfig, LoraLayer};
 use super::method::{AdapterFiles, Method, MethodConfig, Registration, Regularizer, Settings};
 use super::{select_sites, DropoutState};
 use crate::backend::Device;
@@ -198,6 +202,45 @@ impl LinearAdapter for GateLayer {
     }
 }
 
+/// The gated product of one linear, the adapter FineGates attaches at the linear's `replace`
+/// site: `y = ((x ⊙ z_c) W0ᵀ + b) ⊙ z_r` as one op (`Tensor::gated_linear`: on the GPU one
+/// kernel with the gates in its prologue and epilogue); with the LoRA variant, plus
+/// `s · (xd A'ᵀ) B'ᵀ` with the gates folded into the small factors, `A' = A Diag(z_c)`,
+/// `B' = Diag(z_r) B` (`xd` = LoRA's dropout of `x`, which commutes with `⊙ z_c`), so that
+/// no gate is a pass over a full-size activation. The composition — [`GateLayer`]s at the
+/// `before` and `after` sites around the plain product or LoRA's — is the same map
+/// ([`FineGates::use_composition`]), kept as the reference it is tested against.
+#[derive(Debug)]
+pub struct GatedProduct {
+    pub rows: Arc<GateLayer>,
+    pub cols: Arc<GateLayer>,
+    pub lora: Option<Arc<LoraLayer>>,
+}
+
+impl LinearAdapter for GatedProduct {
+    fn site(&self) -> LinearSite {
+        LinearSite::Replace
+    }
+
+    fn forward(&self, base: &Linear, x: &Tensor) -> Result<Tensor> {
+        let (zr, zc) = (self.rows.gates()?, self.cols.gates()?);
+        let y = x.gated_linear(&base.weight, base.bias.as_ref(), Some(&zc), Some(&zr))?;
+        let Some(l) = &self.lora else { return Ok(y) };
+        let (a, b) = (l.a.mul(&zc.unsqueeze(0)?)?, l.b.mul(&zr.unsqueeze(1)?)?);
+        let low = l.dropped(x)?.matmul(&a.t()?)?.matmul(&b.t()?)?.mul_scalar(l.scale)?;
+        y.add(&low)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// Whether `a` is one of FineGates' adapters (gated product or gate layer).
+fn is_gate_adapter(a: &Arc<dyn LinearAdapter>) -> bool {
+    a.as_any().is::<GateLayer>() || a.as_any().is::<GatedProduct>()
+}
+
 /// FineGates attached to a model.
 #[derive(Debug)]
 pub struct FineGates {
@@ -276,11 +319,33 @@ impl FineGates {
                     biases.push((lin.name.clone(), b, frozen));
                 }
             }
-            lin.attach(col.clone())?;
-            lin.attach(row.clone())?;
+            // The LoRA variant's layer moves into the gated product (plain LoRA only).
+            let low = lora.as_ref().and_then(|l| l.layers.iter().find(|x| x.site == lin.name && x.magnitude.is_none()).cloned());
+            if let Some(l) = &low {
+                super::lora::detach(lin, l);
+            }
+            lin.attach(Arc::new(GatedProduct { rows: row.clone(), cols: col.clone(), lora: low }))?;
             gates.push((row, col));
         }
         Ok(FineGates { config, gates, biases, lora, state })
+    }
+
+    /// Replace each site's gated product by the composition it fuses: the column gates at the
+    /// linear's `before` site, the row gates at its `after` site, and the plain product or
+    /// LoRA's fused linear between them (elementwise passes beside the matmul: the reference
+    /// the fused path is tested against).
+    pub fn use_composition(&self, model: &mut dyn CausalLm) -> Result<()> {
+        for lin in self.sites(model) {
+            let Some(pos) = lin.adapters.iter().position(|a| a.as_any().is::<GatedProduct>()) else { continue };
+            let fused = lin.adapters.remove(pos);
+            let g = fused.as_any().downcast_ref::<GatedProduct>().expect("found by type");
+            lin.attach(g.cols.clone())?;
+            if let Some(l) = &g.lora {
+                lin.attach(l.clone())?;
+            }
+            lin.attach(g.rows.clone())?;
+        }
+        Ok(())
     }
 
     fn sites<'m>(&self, model: &'m mut dyn CausalLm) -> Vec<&'m mut Linear> {
@@ -543,7 +608,7 @@ impl Method for FineGates {
                 if let Some(b) = &lin.bias {
                     lin.bias = Some(b.detach().mul(&zr.to_dtype(b.dtype())?)?.contiguous()?);
                 }
-                lin.adapters.retain(|a| a.as_any().downcast_ref::<GateLayer>().is_none());
+                lin.adapters.retain(|a| !is_gate_adapter(a));
             }
             Ok(())
         })
@@ -555,7 +620,7 @@ impl Method for FineGates {
         }
         let frozen: HashMap<&str, &Tensor> = self.biases.iter().map(|(s, _, f)| (s.as_str(), f)).collect();
         for lin in self.sites(model) {
-            lin.adapters.retain(|a| a.as_any().downcast_ref::<GateLayer>().is_none());
+            lin.adapters.retain(|a| !is_gate_adapter(a));
             if let Some(f) = frozen.get(lin.name.as_str()) {
                 lin.bias = Some((*f).clone());
             }

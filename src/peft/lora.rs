@@ -105,7 +105,7 @@ pub struct LoraLayer {
 
 impl LoraLayer {
     /// `dropout(x)` in training, `x` otherwise.
-    fn dropped(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn dropped(&self, x: &Tensor) -> Result<Tensor> {
         if self.dropout > 0.0 && self.state.is_training() {
             x.dropout(self.dropout, true, &mut self.state.rng(self.index))
         } else {
@@ -346,7 +346,7 @@ pub struct Merged {
 }
 
 /// Take `layer` (this adapter's, not another method's) off `lin`.
-fn detach(lin: &mut Linear, layer: &Arc<LoraLayer>) {
+pub(crate) fn detach(lin: &mut Linear, layer: &Arc<LoraLayer>) {
     lin.adapters.retain(|a| !super::is_same(a, layer));
 }
 

@@ -32,7 +32,7 @@ pub mod prefix;
 pub mod prompt;
 
 pub use bottleneck::{AdapterKind, BottleneckAdapter, BottleneckConfig};
-pub use finegates::{FineGates, FineGatesConfig, SparsityForm};
+pub use finegates::{FineGates, FineGatesConfig, GatedProduct, SparsityForm};
 pub use full::Full;
 pub use head::{ClassifierHead, HeadOnly, Pooling};
 pub use ia3::{Ia3Adapter, Ia3Config};

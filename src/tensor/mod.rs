@@ -5,6 +5,7 @@
 //! `transpose`, `narrow`, `broadcast_to`, `squeeze`/`unsqueeze`) share the storage; `contiguous()`
 //! copies only when the layout is not already row-major.
 
+mod gated;
 mod lora;
 mod nn_ops;
 mod ops;

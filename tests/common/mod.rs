@@ -347,3 +347,28 @@ pub fn tiny_model_dir(dir: &std::path::Path) -> std::path::PathBuf {
     std::fs::copy(fixtures.join("tokenizer/tiny-words_config.json"), m.join("tokenizer_config.json")).unwrap();
     m
 }
+
+/// `|gpu − cpu| ≤ abs + rel·|cpu|` for a product result, with the matmul tolerance of
+/// tests/gpu.rs (2e-6·K per unit-sized product term, 2e-5 relative), K the result's shared
+/// dimension and the product-term size estimated from the reference: the rms of a sum of K
+/// random-signed terms is √K times theirs, so abs = 2e-6·√K·rms(cpu).
+#[allow(dead_code)]
+pub fn close_product(what: &str, cpu: &Tensor, gpu: &Tensor, kdim: usize) {
+    assert_eq!(cpu.shape(), gpu.shape(), "{what}: shape");
+    let (a, b) = (cpu.to_vec_f64().unwrap(), gpu.to_vec_f64().unwrap());
+    let rms = (a.iter().map(|v| v * v).sum::<f64>() / a.len().max(1) as f64).sqrt();
+    let abs = 2e-6 * (kdim as f64).sqrt() * rms.max(1e-30);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() <= abs + 2e-5 * x.abs(), "{what}: element {i} of {:?}: cpu {x} gpu {y} (abs tol {abs:e})", cpu.shape());
+    }
+}
+
+/// A GPU device of its own running `kernel` (both matmul kernel families are tested wherever
+/// the adapter is): the software adapter when there is one, else the hardware one.
+#[allow(dead_code)]
+pub fn gpu_with_kernel(kernel: tinytune::backend::gpu::MatmulKernel) -> Device {
+    use tinytune::backend::gpu::AdapterKind;
+    let dev = tinytune::GpuDevice::new(AdapterKind::Software).or_else(|_| tinytune::GpuDevice::new(AdapterKind::Hardware)).unwrap();
+    dev.set_matmul_kernel(kernel);
+    Device::Gpu(dev)
+}

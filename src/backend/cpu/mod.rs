@@ -1071,6 +1071,55 @@ impl CpuStorage {
         Ok(float_op!(self, "matmul", v => matmul_kernel(v, layout, FromStorage::slice(rhs, "matmul")?, rhs_layout)))
     }
 
+    /// The gated product `((a ⊙ gc) b + bias) ⊙ gr` and, when `keep_pre`, the value before
+    /// `gr` (see [`crate::backend::Storage::gated_matmul`]): `a ⊙ gc` into a copy, the GEMM
+    /// (which reads a 16-bit or quantised `b` in place), then bias and row gate in one pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gated_matmul(
+        &self,
+        layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+        gc: Option<&CpuStorage>,
+        bias: Option<&CpuStorage>,
+        gr: Option<&CpuStorage>,
+        keep_pre: bool,
+    ) -> Result<(CpuStorage, Option<CpuStorage>)> {
+        const OP: &str = "gated_matmul";
+        let (k, n) = (layout.shape()[1], b_layout.shape()[1]);
+        macro_rules! run {
+            ($t:ty, $var:ident, $a:expr) => {{
+                let (gc, bias, gr) = (
+                    gc.map(|v| <$t>::slice(v, OP)).transpose()?,
+                    bias.map(|v| <$t>::slice(v, OP)).transpose()?,
+                    gr.map(|v| <$t>::slice(v, OP)).transpose()?,
+                );
+                let product = match gc {
+                    Some(gc) => {
+                        let mut a = contiguous($a, layout).into_owned();
+                        a.par_chunks_mut(k.max(1)).for_each(|row| row.iter_mut().zip(gc).for_each(|(v, g)| *v *= *g));
+                        CpuStorage::$var(a).matmul(&Layout::contiguous(layout.shape()), b, b_layout)?
+                    }
+                    None => self.matmul(layout, b, b_layout)?,
+                };
+                let CpuStorage::$var(mut c) = product else { unreachable!("the product keeps a's dtype") };
+                if let Some(bias) = bias {
+                    c.par_chunks_mut(n.max(1)).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += *b));
+                }
+                let pre = keep_pre.then(|| c.clone());
+                if let Some(gr) = gr {
+                    c.par_chunks_mut(n.max(1)).for_each(|row| row.iter_mut().zip(gr).for_each(|(v, g)| *v *= *g));
+                }
+                Ok((CpuStorage::$var(c), pre.map(CpuStorage::$var)))
+            }};
+        }
+        match self {
+            CpuStorage::F32(a) => run!(f32, F32, a),
+            CpuStorage::F64(a) => run!(f64, F64, a),
+            other => Err(Error::DType { op: OP, expected: "f32 or f64", got: other.dtype() }),
+        }
+    }
+
     /// The LoRA linear `(y, u)` on rank-2 operands of one dtype (see [`lora_kernel`]).
     #[allow(clippy::too_many_arguments)]
     pub fn lora_linear(

@@ -21,6 +21,7 @@
 
 mod binary;
 mod copy;
+mod gated;
 mod index;
 mod lora;
 mod matmul;
@@ -962,6 +963,21 @@ impl GpuStorage {
         scale: f64,
     ) -> Result<(GpuStorage, GpuStorage)> {
         lora::lora_linear(self, layout, w, wl, xd, xdl, a, al, b, bl, scale)
+    }
+
+    /// `((a ⊙ gc) b + bias) ⊙ gr` in one kernel, and the value before `gr` when asked (see `gated.rs`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gated_matmul(
+        &self,
+        layout: &Layout,
+        b: &GpuStorage,
+        bl: &Layout,
+        gc: Option<&GpuStorage>,
+        bias: Option<&GpuStorage>,
+        gr: Option<&GpuStorage>,
+        keep_pre: bool,
+    ) -> Result<(GpuStorage, Option<GpuStorage>)> {
+        gated::gated_matmul(self, layout, b, bl, gc, bias, gr, keep_pre)
     }
 
     pub fn softmax_last(&self, layout: &Layout, log: bool) -> Result<GpuStorage> {
