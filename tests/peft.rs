@@ -1103,10 +1103,32 @@ fn finegates_compression_removes_dead_mlp_units_and_keeps_the_logits() {
             .unwrap();
             p.set_data(&v).unwrap();
         }
+        // Dead attention heads: block 0 loses query head 0 and 2 (one per key/value group) by
+        // their o_proj columns; block 1 loses key/value head 1 (so query heads 2 and 3) by its
+        // v_proj rows. Every other o_proj column and v_proj row stays open.
+        let theta = |len: usize, closed: &[std::ops::Range<usize>]| {
+            let v: Vec<f64> = (0..len).map(|i| if closed.iter().any(|r| r.contains(&i)) { -3.0 } else { 2.0 }).collect();
+            Tensor::from_vec(v, &[len], &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+        };
+        for (r, c) in &g.gates {
+            match r.site.as_str() {
+                "model.layers.0.self_attn.o_proj" => c.theta.set_data(&theta(32, &[0..8, 16..24])).unwrap(),
+                "model.layers.1.self_attn.o_proj" => c.theta.set_data(&theta(32, &[])).unwrap(),
+                "model.layers.0.self_attn.v_proj" => r.theta.set_data(&theta(16, &[])).unwrap(),
+                "model.layers.1.self_attn.v_proj" => r.theta.set_data(&theta(16, &[8..16])).unwrap(),
+                _ => {}
+            }
+        }
         g.set_training(false);
         let gated = logits(model.as_ref());
         let report = g.compress(model.as_mut()).unwrap();
         eprintln!("{}", report.table());
+        assert_eq!(report.heads, vec![(0, (4, 2), (2, 2)), (1, (4, 2), (2, 1))], "heads removed per block");
+        for b in &model.decoder().blocks {
+            let tinytune::nn::Qkv::Separate { q, k, v } = &b.attn.qkv else { unreachable!() };
+            let (h, kv) = if b.index == 0 { (2, 2) } else { (2, 1) };
+            assert_eq!((q.out_features(), k.out_features(), v.out_features(), b.attn.o.in_features()), (8 * h, 8 * kv, 8 * kv, 8 * h));
+        }
         assert_eq!(report.mlp.len(), 2, "both blocks' MLPs shrink: {:?}", report.mlp);
         assert!(report.mlp.iter().all(|&(_, removed, width)| removed > 0 && removed < width && width == 64));
         assert!(report.params_after < report.params_before);
@@ -1128,6 +1150,7 @@ fn finegates_compression_removes_dead_mlp_units_and_keeps_the_logits() {
             let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
             let widths: Vec<u64> = report.mlp.iter().map(|m| (m.2 - m.1) as u64).collect();
             assert_eq!(config["intermediate_sizes"], serde_json::json!(widths));
+            assert_eq!(config["attention_heads"], serde_json::json!([[2, 2], [2, 1]]));
             let reloaded = models::load(&dir, &Device::Cpu).unwrap();
             let worst = logits(reloaded.as_ref()).iter().zip(&gated).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
             assert!(worst < tol, "the saved compressed model differs by {worst}");
@@ -1137,6 +1160,16 @@ fn finegates_compression_removes_dead_mlp_units_and_keeps_the_logits() {
             std::fs::write(dir.join("config.json"), bad.to_string()).unwrap();
             let e = models::load(&dir, &Device::Cpu).err().unwrap().to_string();
             assert!(e.contains("intermediate_sizes lists 1 widths for 2 layers"), "{e}");
+            let mut bad = config.clone();
+            bad["attention_heads"] = serde_json::json!([[2, 2], [3, 2]]);
+            std::fs::write(dir.join("config.json"), bad.to_string()).unwrap();
+            let e = models::load(&dir, &Device::Cpu).err().unwrap().to_string();
+            assert!(e.contains("attention_heads[1] = [3, 2]"), "{e}");
+            // Prefix tuning needs one key/value width for every block.
+            std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+            let mut reloaded = models::load(&dir, &Device::Cpu).unwrap();
+            let e = tinytune::peft::PrefixAdapter::attach(reloaded.as_mut(), Default::default(), 0).unwrap_err().to_string();
+            assert!(e.contains("block 1 has 1 key/value heads where the model has 2"), "{e}");
             std::fs::remove_dir_all(&dir).ok();
         }
     }

@@ -147,6 +147,9 @@ pub fn export_model(
     if config.get("intermediate_sizes").is_some() {
         return Err(bad("the model's blocks have different MLP widths (a compressed model): GGUF export writes one feed_forward_length"));
     }
+    if config.get("attention_heads").is_some() {
+        return Err(bad("the model's blocks have different attention heads (a compressed model): GGUF export writes one head_count"));
+    }
     let c = |k: &str| config[k].as_u64().map(|v| v as usize).ok_or_else(|| bad(format!("the model's config has no '{k}'")));
     let (hidden, heads) = (c("hidden_size")?, c("num_attention_heads")?);
     let head_dim = config["head_dim"].as_u64().map_or(hidden / heads.max(1), |v| v as usize);

@@ -42,6 +42,10 @@ pub struct LlamaConfig {
     /// Per-block MLP widths, when they differ (tinytune's `intermediate_sizes` key: a model
     /// compressed by FineGates); `None`: every block is `intermediate_size` wide.
     pub intermediate_sizes: Option<Vec<usize>>,
+    /// Per-block `(query heads, key/value heads)`, when they differ (tinytune's
+    /// `attention_heads` key, `[[heads, kv_heads], …]`: a model whose dead attention heads
+    /// FineGates' compression removed); `None`: every block has the model's heads.
+    pub attention_heads: Option<Vec<(usize, usize)>>,
 }
 
 impl LlamaConfig {
@@ -81,7 +85,25 @@ impl LlamaConfig {
                 return Err(format!("intermediate_sizes holds {w}, outside 1..={MAX_DIM}"));
             }
         }
+        if let Some(heads) = &self.attention_heads {
+            if heads.len() != self.num_hidden_layers {
+                return Err(format!("attention_heads lists {} pairs for {} layers", heads.len(), self.num_hidden_layers));
+            }
+            if let Some((i, (h, kv))) =
+                heads.iter().enumerate().find(|(_, &(h, kv))| h == 0 || kv == 0 || h % kv != 0 || h > self.num_attention_heads)
+            {
+                return Err(format!(
+                    "attention_heads[{i}] = [{h}, {kv}]: the heads must be a positive multiple of the key/value heads and at most num_attention_heads {}",
+                    self.num_attention_heads
+                ));
+            }
+        }
         Ok(self)
+    }
+
+    /// `(query heads, key/value heads)` of block `i`.
+    pub fn heads_of(&self, i: usize) -> (usize, usize) {
+        self.attention_heads.as_ref().and_then(|h| h.get(i).copied()).unwrap_or((self.num_attention_heads, self.num_key_value_heads))
     }
 
     /// The MLP width of block `i`.
@@ -140,6 +162,23 @@ impl LlamaConfig {
                     v.as_array()
                         .and_then(|a| a.iter().map(|x| x.as_u64().map(|n| n as usize)).collect::<Option<Vec<_>>>())
                         .ok_or_else(|| raw.error(format!("field 'intermediate_sizes' must list one width per layer, got {v}")))?,
+                ),
+            },
+            attention_heads: match raw.get("attention_heads") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => Some(
+                    v.as_array()
+                        .and_then(|a| {
+                            a.iter()
+                                .map(|p| match p.as_array().map(Vec::as_slice) {
+                                    Some([h, kv]) => Some((h.as_u64()? as usize, kv.as_u64()? as usize)),
+                                    _ => None,
+                                })
+                                .collect::<Option<Vec<_>>>()
+                        })
+                        .ok_or_else(|| {
+                            raw.error(format!("field 'attention_heads' must list one [heads, kv_heads] pair per layer, got {v}"))
+                        })?,
                 ),
             },
         }
@@ -219,6 +258,7 @@ impl LlamaConfig {
             sliding_window: None,
             max_position_embeddings: file.opt_usize("llama.context_length")?,
             intermediate_sizes: None,
+            attention_heads: None,
         }
         .checked()
         .map_err(|m| file.error(m))
@@ -268,6 +308,8 @@ impl Llama {
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let lin = |name: &str, out: usize, inp: usize, bias: bool| linear(w, &format!("{p}.{name}"), out, inp, bias, dev);
+            let (heads, kv_heads) = c.heads_of(i);
+            let (q_dim, kv_dim) = (heads * bc.head_dim, kv_heads * bc.head_dim);
             blocks.push(DecoderBlock {
                 name: p.clone(),
                 index: i,
@@ -275,11 +317,11 @@ impl Llama {
                 attn: SelfAttention {
                     name: format!("{p}.self_attn"),
                     qkv: Qkv::Separate {
-                        q: lin("self_attn.q_proj", bc.q_dim(), d, c.attention_bias)?,
-                        k: lin("self_attn.k_proj", bc.kv_dim(), d, c.attention_bias)?,
-                        v: lin("self_attn.v_proj", bc.kv_dim(), d, c.attention_bias)?,
+                        q: lin("self_attn.q_proj", q_dim, d, c.attention_bias)?,
+                        k: lin("self_attn.k_proj", kv_dim, d, c.attention_bias)?,
+                        v: lin("self_attn.v_proj", kv_dim, d, c.attention_bias)?,
                     },
-                    o: lin("self_attn.o_proj", d, bc.q_dim(), false)?,
+                    o: lin("self_attn.o_proj", d, q_dim, false)?,
                 },
                 mlp_norm: rms(w, &format!("{p}.post_attention_layernorm"), d, c.rms_norm_eps, dev)?,
                 mlp: Mlp {
@@ -396,6 +438,10 @@ impl CausalLm for Llama {
         if widths.iter().any(|&w| w != c.intermediate_size) {
             v["intermediate_size"] = widths.iter().copied().max().unwrap_or(c.intermediate_size).into();
             v["intermediate_sizes"] = widths.into();
+        }
+        let heads: Vec<(usize, usize)> = self.decoder.blocks.iter().map(|b| b.attn.heads(&self.decoder.config)).collect();
+        if heads.iter().any(|&h| h != (c.num_attention_heads, c.num_key_value_heads)) {
+            v["attention_heads"] = heads.iter().map(|&(h, kv)| serde_json::json!([h, kv])).collect::<Vec<_>>().into();
         }
         v
     }

@@ -77,6 +77,18 @@ impl BlockConfig {
     }
 }
 
+impl SelfAttention {
+    /// `(query heads, key/value heads)` of this block: read off the projections' widths (a
+    /// compressed model's blocks may have fewer than the config's), the config's for a fused
+    /// projection.
+    pub fn heads(&self, c: &BlockConfig) -> (usize, usize) {
+        match &self.qkv {
+            Qkv::Separate { q, k, .. } if c.head_dim > 0 => (q.out_features() / c.head_dim, k.out_features() / c.head_dim),
+            _ => (c.heads, c.kv_heads),
+        }
+    }
+}
+
 /// The query, key and value projections: three linears, or one whose output is `[q | k | v]`.
 #[derive(Debug, Clone)]
 pub enum Qkv {
@@ -221,7 +233,8 @@ impl DecoderBlock {
                 (next(), next(), next())
             }
         };
-        let (mut q, mut k, v) = (heads(q, c.heads)?, heads(k, c.kv_heads)?, heads(v, c.kv_heads)?);
+        let (nq, nkv) = self.attn.heads(c);
+        let (mut q, mut k, v) = (heads(q, nq)?, heads(k, nkv)?, heads(v, nkv)?);
         if let Some((cos, sin)) = &sh.rope {
             let layout = c.rope.map_or(RopeLayout::HalfSplit, |r| r.layout);
             q = q.rope(cos, sin, layout)?;
@@ -238,7 +251,7 @@ impl DecoderBlock {
             None => (k, v),
         };
         let y = attention(&q, &k, &v, &sh.mask)?;
-        let y = y.transpose(1, 2)?.reshape(&[b as isize, t as isize, c.q_dim() as isize])?;
+        let y = y.transpose(1, 2)?.reshape(&[b as isize, t as isize, (nq * c.head_dim) as isize])?;
         self.attn.o.forward(&y)
     }
 

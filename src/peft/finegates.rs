@@ -402,6 +402,8 @@ pub struct CompressReport {
     pub sites: Vec<(String, usize, usize, usize, usize)>,
     /// Per block whose MLP shrank: `(block, units removed, width before)`.
     pub mlp: Vec<(usize, usize, usize)>,
+    /// Per block whose attention shrank: `(block, (heads, kv heads) before, after)`.
+    pub heads: Vec<(usize, (usize, usize), (usize, usize))>,
     /// Weights of the linear layers before and after.
     pub params_before: usize,
     pub params_after: usize,
@@ -419,6 +421,9 @@ impl CompressReport {
         for (b, removed, width) in &self.mlp {
             let _ = writeln!(s, "block {b}: {removed} of {width} MLP units removed ({} left)", width - removed);
         }
+        for (b, (h, kv), (h2, kv2)) in &self.heads {
+            let _ = writeln!(s, "block {b}: attention heads {h} -> {h2}, key/value heads {kv} -> {kv2}");
+        }
         let _ = writeln!(
             s,
             "linear weights: {} -> {} ({:.1}% removed)",
@@ -428,6 +433,61 @@ impl CompressReport {
         );
         s
     }
+}
+
+/// Remove the attention heads of one (merged) LLaMA block that the eval gates made dead, and
+/// return `((heads, kv heads) before, after)` when any went. Query head `h` (of key/value
+/// group `g = h / (heads / kv_heads)`) is dead when its `head_dim` columns of `o_proj` are
+/// closed, or its group's rows of `v_proj` (its values are then 0). A group whose heads are all
+/// dead goes whole (its key and value rows too); from the groups that stay, the same number of
+/// dead heads goes from each, so every group keeps one size (grouped-query attention's layout).
+/// Heads that are dead but not removable stay as zeros; closed query or key rows alone do not
+/// make a head dead (a zero score still averages the values).
+fn remove_dead_heads(
+    attn: &mut crate::nn::SelfAttention,
+    c: &crate::nn::BlockConfig,
+    open: &HashMap<String, (Vec<f64>, Vec<f64>)>,
+) -> Result<Option<((usize, usize), (usize, usize))>> {
+    let (h, kv) = attn.heads(c);
+    let hd = c.head_dim;
+    let crate::nn::Qkv::Separate { q, k, v } = &mut attn.qkv else { return Ok(None) };
+    let size = h / kv.max(1);
+    let shut = |z: Option<&Vec<f64>>, i: usize| z.is_some_and(|z| z[i * hd..(i + 1) * hd].iter().all(|&g| g == 0.0));
+    let (o_cols, v_rows) = (open.get(&attn.o.name).map(|z| &z.1), open.get(&v.name).map(|z| &z.0));
+    let dead: Vec<bool> = (0..h).map(|i| shut(o_cols, i) || shut(v_rows, i / size)).collect();
+    let dead_in = |g: usize| (g * size..(g + 1) * size).filter(|&i| dead[i]).count();
+    let mut groups: Vec<usize> = (0..kv).filter(|&g| dead_in(g) < size).collect();
+    if groups.is_empty() {
+        groups.push(0); // every head is dead: keep one (its output is 0), a block needs a head
+    }
+    let cut = groups.iter().map(|&g| dead_in(g)).min().unwrap_or(0).min(size - 1);
+    if groups.len() == kv && cut == 0 {
+        return Ok(None);
+    }
+    let mut heads_kept = Vec::new();
+    for &g in &groups {
+        let mut dropped = 0;
+        for i in g * size..(g + 1) * size {
+            if dead[i] && dropped < cut {
+                dropped += 1;
+            } else {
+                heads_kept.push(i);
+            }
+        }
+    }
+    let span = |units: &[usize]| -> Vec<usize> { units.iter().flat_map(|&u| u * hd..(u + 1) * hd).collect() };
+    let (q_keep, kv_keep) = (span(&heads_kept), span(&groups));
+    crate::autograd::with_no_grad(|| -> Result<()> {
+        for (lin, keep) in [(&mut *q, &q_keep), (&mut *k, &kv_keep), (&mut *v, &kv_keep)] {
+            lin.weight = keep_rows(&lin.weight, keep)?;
+            if let Some(b) = &lin.bias {
+                lin.bias = Some(keep_rows(b, keep)?);
+            }
+        }
+        attn.o.weight = keep_cols(&attn.o.weight, &q_keep)?;
+        Ok(())
+    })?;
+    Ok(Some(((h, kv), (heads_kept.len(), groups.len()))))
 }
 
 /// `t [out, in]` (or a bias `[out]`) keeping the rows `keep` (host, then `t`'s dtype and device).
@@ -454,9 +514,10 @@ impl FineGates {
     /// couples cleanly: an MLP unit `j` of a gated LLaMA block goes when its gate-projection
     /// row, its up-projection row or its down-projection column is closed (`silu(0)·u = 0`,
     /// `silu(g)·0 = 0`, a zero column adds nothing), so the block's MLP is narrower and the
-    /// logits are the gated model's. Other closed rows and columns stay as zeros (attention
-    /// heads and the residual stream couple across layers and are not removed). The model can
-    /// then be saved as an ordinary checkpoint with per-block widths (`intermediate_sizes`).
+    /// logits are the gated model's; dead attention heads go too (see [`remove_dead_heads`]).
+    /// Other closed rows and columns stay as zeros (the residual stream's dimensions couple
+    /// every layer). The model can then be saved as an ordinary checkpoint with per-block
+    /// widths and heads (`intermediate_sizes`, `attention_heads`).
     pub fn compress(&self, model: &mut dyn CausalLm) -> Result<CompressReport> {
         let sites = self.closed()?;
         let open: HashMap<String, (Vec<f64>, Vec<f64>)> = self
@@ -467,7 +528,7 @@ impl FineGates {
         let count = |m: &mut dyn CausalLm| m.linears_mut().iter().filter(|l| l.name != "lm_head").map(|l| l.weight.numel()).sum::<usize>();
         let params_before = count(model);
         Method::merge(self, model)?;
-        let mut mlp = Vec::new();
+        let (mut mlp, mut heads) = (Vec::new(), Vec::new());
         if model.architecture() == "llama" {
             for block in model.decoder_mut().blocks.iter_mut() {
                 let m = &mut block.mlp;
@@ -496,9 +557,15 @@ impl FineGates {
                 })?;
                 mlp.push((block.index, width - keep.len(), width));
             }
+            let config = model.decoder().config.clone();
+            for block in model.decoder_mut().blocks.iter_mut() {
+                if let Some(change) = remove_dead_heads(&mut block.attn, &config, &open)? {
+                    heads.push((block.index, change.0, change.1));
+                }
+            }
         }
         let params_after = count(model);
-        Ok(CompressReport { sites, mlp, params_before, params_after })
+        Ok(CompressReport { sites, mlp, heads, params_before, params_after })
     }
 }
 

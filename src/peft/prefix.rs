@@ -104,17 +104,29 @@ pub struct PrefixAdapter {
     pub hook: Arc<PrefixHook>,
 }
 
-/// `(layers, kv_heads, head_dim, hidden)` of `model`.
-fn shape_of(model: &dyn CausalLm) -> (usize, usize, usize, usize) {
+/// `(layers, kv_heads, head_dim, hidden)` of `model`; an error when its blocks have different
+/// key/value heads (a compressed model): PEFT's prefix layout has one width for every layer.
+fn shape_of(model: &dyn CausalLm) -> Result<(usize, usize, usize, usize)> {
     let c = &model.decoder().config;
-    (model.num_layers(), c.kv_heads, c.head_dim, model.hidden_size())
+    if let Some(b) = model.decoder().blocks.iter().find(|b| b.attn.heads(c).1 != c.kv_heads) {
+        return Err(Error::InvalidArgument {
+            op: "prefix tuning",
+            msg: format!(
+                "block {} has {} key/value heads where the model has {}: prefix tuning needs the same heads in every block",
+                b.index,
+                b.attn.heads(c).1,
+                c.kv_heads
+            ),
+        });
+    }
+    Ok((model.num_layers(), c.kv_heads, c.head_dim, model.hidden_size()))
 }
 
 impl PrefixAdapter {
     /// Attach a fresh prefix: `prompt_embeddings ~ N(0, 1)` (PEFT's `nn.Embedding` init), or
     /// with a projection `E ~ N(0, 1)` and the MLP's linears as `nn.Linear`'s default.
     pub fn attach(model: &mut dyn CausalLm, config: PrefixConfig, seed: u64) -> Result<PrefixAdapter> {
-        let (layers, kv_heads, head_dim, hidden) = shape_of(model);
+        let (layers, kv_heads, head_dim, hidden) = shape_of(model)?;
         let width = layers * 2 * kv_heads * head_dim;
         let dev = model.lm_head().weight.device().clone();
         let dt = super::trainable_dtype(model.lm_head().weight.dtype());
@@ -139,7 +151,7 @@ impl PrefixAdapter {
     }
 
     fn install(model: &mut dyn CausalLm, config: PrefixConfig, source: Source) -> Result<PrefixAdapter> {
-        let (layers, kv_heads, head_dim, _) = shape_of(model);
+        let (layers, kv_heads, head_dim, _) = shape_of(model)?;
         let p = config.num_virtual_tokens;
         if p == 0 {
             return Err(Error::InvalidArgument { op: "prefix tuning", msg: "num_virtual_tokens must be at least 1".into() });
@@ -287,7 +299,7 @@ fn load(model: &mut dyn CausalLm, files: &mut AdapterFiles, device: &Device) -> 
         ],
         &["init_weights"],
     );
-    let (layers, kv_heads, head_dim, _) = shape_of(model);
+    let (layers, kv_heads, head_dim, _) = shape_of(model)?;
     for (field, want) in [("num_layers", layers), ("token_dim", kv_heads * head_dim)] {
         if let Some(got) = files.usize(field)? {
             if got != want {
