@@ -5,14 +5,15 @@
     python3 scripts/claims.py                       # everything, into /tmp/tinytune-claims
     python3 scripts/claims.py sb gates layers       # a part: sb (LoRA, LoRA-XS, LoRA-SB),
                                                     # gates (FineGates + compression), layers
-    OUT=/tmp/c SPARSITIES=0.2,0.4 python3 scripts/claims.py gates
+    OUT=/tmp/c SPARSITIES=0.2,0.4 GATE_LR_SCALE=100 python3 scripts/claims.py gates
+    OUT=/tmp/c REUSE_LORA=1 SB_LR=1e-2 XS_LR=1e-2 REPORT=sb-lr.md python3 scripts/claims.py sb
 
 Every run is `target/release/tinytune finetune` on SmolLM2-135M-Instruct with a new 2-class
 head on the movie reviews of scripts/fetch-assets.sh, with the main job's split and budget
 (scripts/finetune-demo.sh: the first 800 training and 200 held-out examples of the seeded
 order, sequences of ≤ 48 tokens, 50 steps of 16, warm-up 5, linear decay, seed 0, the CPU).
 Only the method and its learning rate change. Results: a Markdown report on stdout (and
-`$OUT/report.md`), the runs' directories under `$OUT`, and `$OUT/gates.svg`, the removed
+`$OUT/report.md`, or `$OUT/$REPORT`), the runs' directories under `$OUT`, and `$OUT/gates-scaleS.svg`, the removed
 fraction against accuracy over the target sparsities.
 
 - sb: LoRA r=8 on q,v (the main job) against LoRA-XS and LoRA-SB at r=16 on q,v (their
@@ -90,9 +91,18 @@ def pct(x):
 
 def part_sb():
     rows = []
+    # XS_LR / SB_LR: a rate of their own (default: the methods' defaults, 2e-3).
+    rate = lambda var, name: (["--lr", os.environ[var]], f"{name}-lr{os.environ[var]}") if os.environ.get(var) else ([], name)
+    (xs_lr, xs_name), (sb_lr, sb_name) = rate("XS_LR", "lora-xs"), rate("SB_LR", "lora-sb")
     for name, flags in [("lora", LORA),
-                        ("lora-xs", ["--method", "lora-xs", "--rank", "16", "--target-modules", "q_proj,v_proj"]),
-                        ("lora-sb", ["--method", "lora-sb", "--rank", "16", "--target-modules", "q_proj,v_proj"])]:
+                        (xs_name, ["--method", "lora-xs", "--rank", "16", "--target-modules", "q_proj,v_proj", *xs_lr]),
+                        (sb_name, ["--method", "lora-sb", "--rank", "16", "--target-modules", "q_proj,v_proj", *sb_lr])]:
+        out = OUT / name / "stdout.txt"
+        if name == "lora" and out.exists() and os.environ.get("REUSE_LORA"):  # the same run, kept from before
+            rep = json.loads(out.read_text().strip().splitlines()[-1])
+            rep["wall_s"] = float("nan")
+            rows.append((name, rep))
+            continue
         rows.append((name, finetune(name, flags)))
     base = rows[0][1]
     lines = ["## LoRA-SB and LoRA-XS against LoRA", "",
@@ -143,9 +153,10 @@ def part_gates(lora_accuracy):
     rounds = int(os.environ.get("ROUNDS", "3"))
     rows = []
     for kappa in sparsities:
-        name = f"finegates-{kappa:g}"
+        scale = os.environ.get("GATE_LR_SCALE", "30")
+        name = f"finegates-{kappa:g}" + ("" if scale == "30" else f"-scale{scale}")
         rep = finetune(name, ["--method", "finegates", "--rank", "8", "--alpha", "16", "--target-sparsity", str(kappa),
-                              "--gate-lr-scale", os.environ.get("GATE_LR_SCALE", "30")])
+                              "--gate-lr-scale", scale])
         merged, small = OUT / name / "merged", OUT / name / "compressed"
         run(["merge", "--model", str(MODEL), "--adapter", str(OUT / name / "adapter"), "--out", str(merged)], what="merge")
         stdout, _, _ = run(["merge", "--model", str(MODEL), "--adapter", str(OUT / name / "adapter"), "--compress", "--out", str(small)],
@@ -159,7 +170,7 @@ def part_gates(lora_accuracy):
             t_small.append(prefill_seconds(small))
         rows.append((kappa, rep, frac, acc_small, min(t_full), min(t_small), acc_full, n_eval))
         log(f"{name}: removed {pct(frac)}, compressed accuracy {pct(acc_small)}, prefill {min(t_full):.3f} → {min(t_small):.3f} s")
-    lines = ["## FineGates: removed fraction, accuracy and prefill speed", "",
+    lines = [f"## FineGates (LoRA r=8 variant, --gate-lr-scale {os.environ.get('GATE_LR_SCALE', '30')}): removed fraction, accuracy and prefill speed", "",
              f"LoRA r=8 on q,v at the same budget: {pct(lora_accuracy)}." if lora_accuracy is not None else "",
              "", "Accuracy: the run's own (200 held-out examples), then the merged and the compressed model with the head "
              f"`merge` keeps beside them on the whole held-out file ({rows[0][7] if rows else 0} examples).", "",
@@ -168,8 +179,9 @@ def part_gates(lora_accuracy):
     for kappa, rep, frac, acc_small, tf, ts, acc_full, _ in rows:
         lines.append(f"| {kappa:g} | {pct(frac)} | {pct(rep['after']['accuracy'])} | {pct(acc_full)} → {pct(acc_small)} | "
                      f"{tf:.3f} → {ts:.3f} | {tf / ts:.2f}× |")
-    plot_gates(rows, OUT / "gates.svg")
-    lines += ["", f"![removed fraction against accuracy]({OUT / 'gates.svg'})"]
+    svg = OUT / f"gates-scale{os.environ.get('GATE_LR_SCALE', '30')}.svg"
+    plot_gates(rows, svg)
+    lines += ["", f"![removed fraction against accuracy]({svg.name})"]
     return lines
 
 
@@ -252,7 +264,7 @@ def main():
     if "layers" in parts:
         report += part_layers() + [""]
     text = "\n".join(report)
-    (OUT / "report.md").write_text(text)
+    (OUT / os.environ.get("REPORT", "report.md")).write_text(text)
     print(text)
 
 
