@@ -246,6 +246,9 @@ def part_layers():
 
 
 def main():
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__)
+        return
     parts = sys.argv[1:] or ["sb", "gates", "layers"]
     for p in parts:
         if p not in ("sb", "gates", "layers"):
