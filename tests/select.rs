@@ -5,6 +5,8 @@
 //! cost no backward kernels (counted by the profiler). The tests share the profiler's global
 //! counters, so they run one at a time.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -150,4 +152,24 @@ fn frozen_blocks_cost_no_backward_kernels() {
     // down) + 2 × 28 (a block's LoRA gradients); block 1 alone 65 = 3 + 34 + 28.
     assert!(last > 0 && last as f64 <= 0.55 * all as f64, "block 1 alone: {last} backward kernels, both blocks: {all}");
     assert!(first > last && first as f64 >= 0.7 * all as f64, "block 0: {first}, block 1: {last}, both: {all}");
+}
+
+/// On the GPU the readings equal the CPU's (the model read on the device, the deviations and
+/// the probe's fit on the host from the same latents), so the choice is the same.
+#[test]
+fn the_gpu_reads_the_layers_as_the_cpu_does() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = common::gpu_device() else { return };
+    let opts = SelectOptions { batch_size: 6, ..SelectOptions::default() };
+    let on_gpu = models::load(fixture("tiny-llama"), &gpu).unwrap();
+    for (name, labels) in [("gpu-lm", false), ("gpu-cls", true)] {
+        let d = data(name, 20, labels);
+        let cpu = select_layers(tiny_llama().as_ref(), &d, &opts, LayerPolicy::Budget(1), &Device::Cpu).unwrap();
+        let got = select_layers(on_gpu.as_ref(), &d, &opts, LayerPolicy::Budget(1), &gpu).unwrap();
+        assert_eq!(got.reading, cpu.reading);
+        for (k, (a, b)) in cpu.deviations.iter().zip(&got.deviations).enumerate() {
+            assert!((a - b).abs() < 1e-4 * a.abs().max(1e-3), "{name}: D_{k} cpu {a} gpu {b}");
+        }
+        assert_eq!(got.chosen, cpu.chosen, "{name}: the same choice");
+    }
 }
