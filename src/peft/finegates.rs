@@ -479,15 +479,21 @@ fn remove_dead_heads(
     let (q_keep, kv_keep) = (span(&heads_kept), span(&groups));
     crate::autograd::with_no_grad(|| -> Result<()> {
         for (lin, keep) in [(&mut *q, &q_keep), (&mut *k, &kv_keep), (&mut *v, &kv_keep)] {
-            lin.weight = keep_rows(&lin.weight, keep)?;
-            if let Some(b) = &lin.bias {
-                lin.bias = Some(keep_rows(b, keep)?);
-            }
+            keep_output_rows(lin, keep)?;
         }
         attn.o.weight = keep_cols(&attn.o.weight, &q_keep)?;
         Ok(())
     })?;
     Ok(Some(((h, kv), (heads_kept.len(), groups.len()))))
+}
+
+/// A linear keeping the output rows `keep` of its weight and bias.
+fn keep_output_rows(lin: &mut Linear, keep: &[usize]) -> Result<()> {
+    lin.weight = keep_rows(&lin.weight, keep)?;
+    if let Some(b) = &lin.bias {
+        lin.bias = Some(keep_rows(b, keep)?);
+    }
+    Ok(())
 }
 
 /// `t [out, in]` (or a bias `[out]`) keeping the rows `keep` (host, then `t`'s dtype and device).
@@ -547,10 +553,7 @@ impl FineGates {
                 }
                 crate::autograd::with_no_grad(|| -> Result<()> {
                     for lin in [&mut *gate, &mut m.up] {
-                        lin.weight = keep_rows(&lin.weight, &keep)?;
-                        if let Some(b) = &lin.bias {
-                            lin.bias = Some(keep_rows(b, &keep)?);
-                        }
+                        keep_output_rows(lin, &keep)?;
                     }
                     m.down.weight = keep_cols(&m.down.weight, &keep)?;
                     Ok(())

@@ -2,10 +2,10 @@
 //! the gates in the tile load (prologue) and in the write of the result (epilogue), and the
 //! pre-gate value `(a ⊙ gc) b + bias` written beside it when asked.
 
-use super::matmul::MatmulKernel;
+use super::matmul::{weight_code, MatmulKernel};
 use super::{Access, GpuStorage, Kernel, Params, Traffic};
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::layout::Layout;
 
 const SRC: &str = include_str!("../../../shaders/gated.wgsl");
@@ -34,12 +34,7 @@ pub(super) fn gated_matmul(
     for s in [gc, bias, gr].into_iter().flatten() {
         s.need_f32(OP)?;
     }
-    let b_code = match b.dtype {
-        DType::F32 => 0,
-        DType::F16 => 1,
-        DType::BF16 => 2,
-        other => return Err(Error::DTypeMismatch { op: OP, lhs: a.dtype, rhs: other }),
-    };
+    let b_code = weight_code(b, a, OP)?;
     let (m, k, n) = (la.shape()[0], la.shape()[1], lb.shape()[1]);
     let dev = &a.dev;
     let c = GpuStorage::alloc(dev, DType::F32, m * n, OP)?;

@@ -4,10 +4,10 @@
 //! the concatenated shared dimension `[x | s·u] · [wᵀ ; bᵀ]`, so `x wᵀ` is neither written nor
 //! read back and `y` is written once. `u` is returned too: the backward needs it for `db`.
 
-use super::matmul::{matmul, MatmulKernel};
+use super::matmul::{matmul, weight_code, MatmulKernel};
 use super::{fbits, Access, GpuStorage, Kernel, Params, Traffic};
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::layout::Layout;
 
 const SRC: &str = include_str!("../../../shaders/lora.wgsl");
@@ -42,12 +42,7 @@ pub(super) fn lora_linear(
     for s in [x, xd, a, b] {
         s.need_f32(OP)?;
     }
-    let w_code = match w.dtype {
-        DType::F32 => 0,
-        DType::F16 => 1,
-        DType::BF16 => 2,
-        other => return Err(Error::DTypeMismatch { op: OP, lhs: x.dtype, rhs: other }),
-    };
+    let w_code = weight_code(w, x, OP)?;
     let (n, k, m, r) = (lx.shape()[0], lx.shape()[1], lw.shape()[0], la.shape()[0]);
     // u = xd aᵀ: the plain matmul (its output is [n, r], a sliver beside y).
     let u = matmul(xd, lxd, a, &la.transpose(0, 1)?)?;

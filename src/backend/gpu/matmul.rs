@@ -25,15 +25,21 @@ fn batch_layout(l: &Layout) -> Layout {
     Layout::new(l.shape()[..r - 2].to_vec(), l.strides()[..r - 2].to_vec(), l.offset())
 }
 
+/// The code of a weight operand's storage as the product kernels' `load_b` reads it (0 f32,
+/// 1 f16, 2 bf16, widened in the kernel); any other dtype is an error beside `a`'s.
+pub(super) fn weight_code(w: &GpuStorage, a: &GpuStorage, op: &'static str) -> Result<u32> {
+    match w.dtype {
+        DType::F32 => Ok(0),
+        DType::F16 => Ok(1),
+        DType::BF16 => Ok(2),
+        other => Err(Error::DTypeMismatch { op, lhs: a.dtype, rhs: other }),
+    }
+}
+
 pub(super) fn matmul(a: &GpuStorage, la: &Layout, b: &GpuStorage, lb: &Layout) -> Result<GpuStorage> {
     a.need_f32("matmul")?;
     // B may be 16-bit storage (a frozen weight), dequantised inside the kernel.
-    let b_code = match b.dtype {
-        DType::F32 => 0,
-        DType::F16 => 1,
-        DType::BF16 => 2,
-        other => return Err(Error::DTypeMismatch { op: "matmul", lhs: a.dtype, rhs: other }),
-    };
+    let b_code = weight_code(b, a, "matmul")?;
     let r = la.rank();
     let (m, k, n) = (la.shape()[r - 2], la.shape()[r - 1], lb.shape()[r - 1]);
     let (ba, bb) = (batch_layout(la), batch_layout(lb));
