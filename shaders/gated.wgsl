@@ -17,32 +17,19 @@
 //
 // Bindings: 0 params [m, n, k, a_rs, a_cs, b_rs, b_cs, b_dtype, flags, a_off, b_off]
 //           (flags: 1 gc, 2 bias, 4 gr, 8 write pre), 1 C (read_write f32), 2 A (f32),
-//           3 B (f32, or f16/bf16 pairs per word), 4 gc, 5 bias, 6 gr (f32; any buffer when
+//           3 B (read through `load_w`, weights.wgsl: f32, f16/bf16 pairs or quantised
+//           blocks; b_dtype repeats the W_FORMAT code), 4 gc, 5 bias, 6 gr (f32; any buffer when
 //           absent), 7 pre (read_write f32; a one-element buffer when not written).
 // Launch: (⌈n/32⌉, ⌈m/32⌉, 1) workgroups of 64.
 
 @group(0) @binding(1) var<storage, read_write> c: array<f32>;
 @group(0) @binding(2) var<storage, read> a: array<f32>;
-@group(0) @binding(3) var<storage, read> b: array<u32>;
+@group(0) @binding(3) var<storage, read> wq: array<u32>; // B, read by load_w (weights.wgsl)
 @group(0) @binding(4) var<storage, read> gc: array<f32>;
 @group(0) @binding(5) var<storage, read> bias: array<f32>;
 @group(0) @binding(6) var<storage, read> gr: array<f32>;
 @group(0) @binding(7) var<storage, read_write> pre: array<f32>;
 
-// Element i of B: f32 (params[7] = 0), or f16 (1) / bf16 (2) storage widened here.
-fn load_b(i: u32) -> f32 {
-    let dt = params[7];
-    if (dt == 0u) {
-        return bitcast<f32>(b[i]);
-    }
-    let h = (b[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu;
-    if (dt == 1u) {
-        return unpack2x16float(h).x;
-    }
-    return bitcast<f32>(h << 16u);
-}
-
-// The prologue: element (i, p) of A scaled by its column gate.
 fn load_a(i: u32, p: u32) -> f32 {
     let v = a[params[9] + i * params[3] + p * params[4]];
     if ((params[8] & 1u) != 0u) {
@@ -107,7 +94,7 @@ fn gated(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
             let bc = e % TN;
             var bv = 0.0;
             if (k0 + bk < k && col0 + bc < n) {
-                bv = load_b(b0 + (k0 + bk) * b_rs + (col0 + bc) * b_cs);
+                bv = load_w(b0 + (k0 + bk) * b_rs + (col0 + bc) * b_cs);
             }
             Bs[bk * TN + bc] = bv;
         }
@@ -166,7 +153,7 @@ fn gated_reg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         var bv: array<f32, 4>;
         for (var r = 0u; r < 4u; r++) {
             av[r] = load_a(ra[r], p);
-            bv[r] = load_b(cb[r] + p * b_rs);
+            bv[r] = load_w(cb[r] + p * b_rs);
         }
         for (var r = 0u; r < 4u; r++) {
             for (var q = 0u; q < 4u; q++) {

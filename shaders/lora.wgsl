@@ -7,8 +7,8 @@
 // [tokens, rank], small), S = Bᵀ: y = x W0ᵀ + s·u Bᵀ written once, and x W0ᵀ never exists on
 // its own. The input gradient has the same form: dx = g W0 + s·(g B) A, with P = g, R = W0,
 // Q = g B, S = A. P, R and S are read through (row stride, column stride, offset), so the
-// transposed weights are read in place; R may be f16/bf16 storage (a frozen base weight),
-// dequantised on load, with accumulation in f32.
+// transposed weights are read in place; R may be a frozen base weight kept as stored (f16/bf16 or
+// quantised blocks), decoded on load by `load_w` (weights.wgsl), with accumulation in f32.
 //
 // Tiling (`lora`, as `matmul`): a workgroup of 8×8 invocations computes a 32×32 tile of C,
 // each invocation a 4×4 block (rows ty + 8r, columns tx + 8c). The shared dimension is walked
@@ -20,30 +20,17 @@
 // per invocation (rows 4·ty + r, columns 4·tx + c), operands read straight from the buffers,
 // one loop over k1 and one over k2, no workgroup memory or barriers.
 //
-// Bindings: 0 params [m, n, k1, k2, p_rs, p_cs, r_rs, r_cs, s_rs, s_cs, r_dtype (0 f32,
-//           1 f16, 2 bf16), scale (f32 bits), p_off, r_off, s_off],
-//           1 C (read_write f32), 2 P (read f32), 3 R (read: f32, or f16/bf16 pairs per word),
+// Bindings: 0 params [m, n, k1, k2, p_rs, p_cs, r_rs, r_cs, s_rs, s_cs, r_format (the
+//           W_FORMAT code of weights.wgsl), scale (f32 bits), p_off, r_off, s_off],
+//           1 C (read_write f32), 2 P (read f32), 3 R (read through `load_w`),
 //           4 Q (read f32, contiguous [m, k2]), 5 S (read f32).
 // Launch: (⌈n/32⌉, ⌈m/32⌉, 1) workgroups of 64.
 
 @group(0) @binding(1) var<storage, read_write> c: array<f32>;
 @group(0) @binding(2) var<storage, read> pm: array<f32>;
-@group(0) @binding(3) var<storage, read> rm: array<u32>;
+@group(0) @binding(3) var<storage, read> wq: array<u32>; // R, read by load_w (weights.wgsl)
 @group(0) @binding(4) var<storage, read> qm: array<f32>;
 @group(0) @binding(5) var<storage, read> sm: array<f32>;
-
-// Element i of R: f32, or f16/bf16 storage widened here (the branch is uniform).
-fn load_r(i: u32) -> f32 {
-    let dt = params[10];
-    if (dt == 0u) {
-        return bitcast<f32>(rm[i]);
-    }
-    let h = (rm[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu;
-    if (dt == 1u) {
-        return unpack2x16float(h).x;
-    }
-    return bitcast<f32>(h << 16u);
-}
 
 const TM: u32 = 32u;
 const TN: u32 = 32u;
@@ -98,7 +85,7 @@ fn lora(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                     av = pm[p0 + i * p_rs + (k0 + ak) * p_cs];
                 }
                 if (k0 + bk < k1 && j < n) {
-                    bv = load_r(r0 + (k0 + bk) * r_rs + j * r_cs);
+                    bv = load_w(r0 + (k0 + bk) * r_rs + j * r_cs);
                 }
             } else {
                 let qa = k0 - k1p + ak;
@@ -179,7 +166,7 @@ fn lora_reg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         var bv: array<f32, 4>;
         for (var r = 0u; r < 4u; r++) {
             av[r] = pm[rp[r] + p * p_cs];
-            bv[r] = load_r(cr[r] + p * r_rs);
+            bv[r] = load_w(cr[r] + p * r_rs);
         }
         for (var r = 0u; r < 4u; r++) {
             for (var q = 0u; q < 4u; q++) {

@@ -18,27 +18,14 @@
 //
 // Bindings: 0 params [m, n, k, a_rs, a_cs, b_rs, b_cs, rec_batch_a, rec_batch_b, b_dtype,
 //           z0 (first batch index of this launch: batches beyond the z limit are split)],
-//           1 C (read_write f32), 2 A (read f32), 3 B (read: f32, or f16/bf16 pairs per word).
+//           1 C (read_write f32), 2 A (read f32), 3 B (read through `load_w`: f32, a frozen
+//           weight's f16/bf16 pairs, or its quantised blocks; weights.wgsl, which the launcher
+//           prepends with B's format as W_FORMAT — params[9] repeats that code).
 // Launch: (⌈n/32⌉, ⌈m/32⌉, batch) workgroups of 64 (several launches when batch > 65535).
 
 @group(0) @binding(1) var<storage, read_write> c: array<f32>;
 @group(0) @binding(2) var<storage, read> a: array<f32>;
-@group(0) @binding(3) var<storage, read> b: array<u32>;
-
-// Element i of B: f32 (params[9] = 0), or f16 (1) / bf16 (2) storage dequantised here, so a
-// frozen 16-bit weight is multiplied without a converted copy (accumulation stays f32). The
-// branch is uniform across the launch.
-fn load_b(i: u32) -> f32 {
-    let dt = params[9];
-    if (dt == 0u) {
-        return bitcast<f32>(b[i]);
-    }
-    let h = (b[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu;
-    if (dt == 1u) {
-        return unpack2x16float(h).x;
-    }
-    return bitcast<f32>(h << 16u);
-}
+@group(0) @binding(3) var<storage, read> wq: array<u32>; // B, read by load_w (weights.wgsl)
 
 const TM: u32 = 32u;
 const TN: u32 = 32u;
@@ -85,7 +72,7 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
             let bc = e % TN;
             var bv = 0.0;
             if (k0 + bk < k && col0 + bc < n) {
-                bv = load_b(b0 + (k0 + bk) * b_rs + (col0 + bc) * b_cs);
+                bv = load_w(b0 + (k0 + bk) * b_rs + (col0 + bc) * b_cs);
             }
             Bs[bk * TN + bc] = bv;
         }
@@ -149,7 +136,7 @@ fn matmul_reg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         var bv: array<f32, 4>;
         for (var r = 0u; r < 4u; r++) {
             av[r] = a[ra[r] + p * a_cs];
-            bv[r] = load_b(cb[r] + p * b_rs);
+            bv[r] = load_w(cb[r] + p * b_rs);
         }
         for (var r = 0u; r < 4u; r++) {
             for (var q = 0u; q < 4u; q++) {

@@ -278,3 +278,80 @@ fn quant_fixtures_match_gguf_py_and_bitsandbytes() {
         assert!((g - w).abs() <= 1e-6 * w.abs().max(1e-3), "NF4 element {i}: {g} vs bitsandbytes {w}");
     }
 }
+
+/// Every format on the GPU (both matmul kernel families) against the CPU kernels on the same
+/// blocks: the products in both operand orders, the fused LoRA linear with its gradients, the
+/// fused gated linear, `to_dtype`, embedding lookups and the way back to the host. The GPU
+/// holds the blocks as stored (bytes counted), so a decoder bug shows as a wrong value here.
+#[test]
+fn quantised_weights_on_the_gpu_equal_the_cpu_kernels() {
+    use common::{close_product, gpu_device, gpu_with_kernel};
+    use tinytune::backend::gpu::MatmulKernel;
+    if gpu_device().is_none() {
+        return;
+    }
+    let mut rng = TestRng::new(11);
+    for kernel in [MatmulKernel::Tiled, MatmulKernel::Registers] {
+        let g = gpu_with_kernel(kernel);
+        // rows × cols of W: ragged against the 32-wide tiles, cols a whole number of every block.
+        for (rows, cols) in [(37, 256), (5, 512)] {
+            for q in every_format(rows, cols, 100 + rows as u64) {
+                let name = format!("{} [{rows}, {cols}] ({kernel:?})", q.format().name());
+                let cpu_bytes = q.bytes();
+                let w = Tensor::from_qmatrix(q.clone(), &Device::Cpu).unwrap();
+                let wg = w.to_device(&g).unwrap();
+                assert_eq!(wg.dtype(), w.dtype(), "{name}: dtype on the GPU");
+                // The blocks as stored plus an 8-word header (NF4: its 256-entry code table
+                // too), each part padded to whole words.
+                let extra = wg.storage_bytes() as isize - cpu_bytes as isize - 32 - if q.format() == QFormat::Nf4 { 1024 } else { 0 };
+                assert!((0..8).contains(&extra), "{name}: {} bytes on the GPU, {cpu_bytes} on the CPU", wg.storage_bytes());
+                // Back to the host: the same matrix, byte for byte.
+                assert_eq!(*wg.to_device(&Device::Cpu).unwrap().qmatrix().unwrap(), q, "{name}: read back");
+                // Decoded on the device: the CPU decoder's values (a fused multiply-add may
+                // move the last bit).
+                let dense = w.to_dtype(DType::F32).unwrap();
+                assert_near(&format!("{name} to_dtype"), &wg.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap(), &dense);
+                let h = wg.to_dtype(DType::F16).unwrap();
+                assert_eq!(h.dtype(), DType::F16);
+                for m in [1, 6, 45] {
+                    let x = randn(&[m, cols], &mut rng);
+                    let got = x.to_device(&g).unwrap().matmul(&wg.t().unwrap()).unwrap().to_device(&Device::Cpu).unwrap();
+                    close_product(&format!("{name} x[{m}]·Wᵀ"), &x.matmul(&w.t().unwrap()).unwrap(), &got, cols);
+                    let gy = randn(&[m, rows], &mut rng);
+                    let got = gy.to_device(&g).unwrap().matmul(&wg).unwrap().to_device(&Device::Cpu).unwrap();
+                    close_product(&format!("{name} g[{m}]·W"), &gy.matmul(&w).unwrap(), &got, rows);
+                }
+                // The fused LoRA linear over the quantised base, forward and backward.
+                let (n, r, s) = (7, 4, 2.0);
+                let (x0, a0, b0, c) =
+                    (randn(&[n, cols], &mut rng), randn(&[r, cols], &mut rng), randn(&[rows, r], &mut rng), randn(&[n, rows], &mut rng));
+                let run = |d: &Device, w: &Tensor| {
+                    let up = |t: &Tensor| t.to_device(d).unwrap().requires_grad().unwrap();
+                    let (x, a, b) = (up(&x0), up(&a0), up(&b0));
+                    let y = x.lora_linear(&x, w, &a, &b, s).unwrap();
+                    y.mul(&c.to_device(d).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+                    [y, x.grad().unwrap(), a.grad().unwrap(), b.grad().unwrap()].map(|t| t.to_device(&Device::Cpu).unwrap())
+                };
+                let (want, got) = (run(&Device::Cpu, &w), run(&g, &wg));
+                for (i, part) in ["y", "dx", "dA", "dB"].iter().enumerate() {
+                    close_product(&format!("{name} lora {part}"), &want[i], &got[i], cols.max(rows));
+                }
+                // The gated linear (FineGates) over the quantised base.
+                let zc = Tensor::from_vec((0..cols).map(|i| (i % 3) as f32 * 0.5).collect::<Vec<f32>>(), &[cols], &Device::Cpu).unwrap();
+                let x = randn(&[n, cols], &mut rng);
+                let want = x.gated_linear(&w, None, Some(&zc), None).unwrap();
+                let got = x.to_device(&g).unwrap().gated_linear(&wg, None, Some(&zc.to_device(&g).unwrap()), None).unwrap();
+                close_product(&format!("{name} gated"), &want, &got.to_device(&Device::Cpu).unwrap(), cols);
+                // Embedding rows decoded on the device.
+                let ids = Tensor::from_vec(vec![3u32, 0, (rows - 1) as u32, 3], &[4], &Device::Cpu).unwrap();
+                let got = wg.embedding(&ids.to_device(&g).unwrap()).unwrap().to_device(&Device::Cpu).unwrap();
+                assert_near(&format!("{name} embedding"), &got, &w.embedding(&ids).unwrap());
+            }
+        }
+        // An index out of range is an error on the device too.
+        let wg = Tensor::from_qmatrix(every_format(4, 256, 1).remove(0), &Device::Cpu).unwrap().to_device(&g).unwrap();
+        let bad = Tensor::from_vec(vec![4u32], &[1], &Device::Cpu).unwrap().to_device(&g).unwrap();
+        let e = wg.embedding(&bad).unwrap_err().to_string();
+        assert!(e.contains("4"), "{e}");
+    }
+}

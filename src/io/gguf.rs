@@ -716,10 +716,6 @@ impl Weights for GgufLlamaWeights<'_> {
             GgmlType::F16 => DType::F16,
             GgmlType::BF16 => DType::BF16,
             _ if shape.len() == 2 && crate::quant::QFormat::from_ggml(ty).is_some() => {
-                if device.is_gpu() {
-                    // No WGSL decoders yet: the GPU reads half precision directly.
-                    return self.get(name, shape, DType::F16, device);
-                }
                 if info.shape() != shape {
                     return self.get(name, shape, DType::F32, device);
                 }

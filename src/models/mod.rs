@@ -198,8 +198,8 @@ pub fn load_with(path: impl AsRef<Path>, device: &Device, base: crate::quant::Ba
 /// * `Nf4`, `Int8`: the linears of the blocks quantised (QLoRA); the embeddings and the output
 ///   layer stay as stored, as bitsandbytes leaves them.
 ///
-/// Norms and biases are always f32. On the GPU only the float policies apply (no WGSL decoders
-/// for the quantised formats yet).
+/// Norms and biases are always f32. Quantising runs on the host; the result stays on the
+/// model's device (the GPU's product kernels decode every format, `shaders/weights.wgsl`).
 pub fn apply_base_dtype(model: &mut dyn CausalLm, base: crate::quant::BaseDType) -> Result<()> {
     use crate::quant::{BaseDType, QFormat};
     let target = match base {
@@ -218,13 +218,6 @@ pub fn apply_base_dtype(model: &mut dyn CausalLm, base: crate::quant::BaseDType)
         }
         *t = match target {
             crate::DType::Quant(f) if blocks.contains(name) => {
-                if t.device().is_gpu() {
-                    return Err(Error::Unsupported {
-                        op: "--base-dtype",
-                        device: t.device().to_string(),
-                        msg: format!("{f} weights have no GPU kernels yet; use --base-dtype f16 or keep on the GPU"),
-                    });
-                }
                 t.quantize(f).map_err(|e| Error::InvalidArgument { op: "--base-dtype", msg: format!("{name}: {e}") })?
             }
             crate::DType::Quant(_) => return Ok(()),

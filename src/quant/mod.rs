@@ -54,6 +54,24 @@ impl QFormat {
         }
     }
 
+    /// The code `shaders/weights.wgsl` knows the format by (its `W_FORMAT`): NF4 3, int8 4,
+    /// a GGML block format 100 + its GGML type id (0–2 are the dense f32, f16, bf16).
+    pub fn gpu_code(self) -> u32 {
+        match self {
+            QFormat::Nf4 => 3,
+            QFormat::Int8 => 4,
+            QFormat::Ggml(t) => 100 + t.id(),
+        }
+    }
+
+    pub fn from_gpu_code(code: u32) -> Option<QFormat> {
+        match code {
+            3 => Some(QFormat::Nf4),
+            4 => Some(QFormat::Int8),
+            c => QFormat::from_ggml(GgmlType::from_id(c.checked_sub(100)?)?),
+        }
+    }
+
     /// Whether a GGML type is a block format kept as a [`QMatrix`] (not F32/F16/BF16, which
     /// are plain tensors, nor a type tinytune cannot decode).
     pub fn from_ggml(t: GgmlType) -> Option<QFormat> {
@@ -66,6 +84,9 @@ impl std::fmt::Display for QFormat {
         f.write_str(self.name())
     }
 }
+
+/// Words before the blocks in a quantised matrix's GPU copy ([`QMatrix::to_gpu_words`]).
+pub const GPU_HEADER: usize = 8;
 
 /// The side data of a format whose scales live outside its blocks.
 #[derive(Debug, Clone, PartialEq)]
@@ -228,6 +249,79 @@ impl QMatrix {
             }
             col += take;
         }
+    }
+
+    /// The words a GPU holds this matrix in, as `shaders/weights.wgsl` reads it: a header of
+    /// [`GPU_HEADER`] words `[format code, rows, cols, side, nf4 scales, nf4 codes, data bytes, 0]`,
+    /// the blocks as stored (byte `b` is byte `b % 4` of word `GPU_HEADER + b / 4`), then from
+    /// word `side` the side data: int8 one f32 scale per row; NF4 the mean `offset`, the 256
+    /// values of the dynamic code, from word `nf4 scales` one f32 per 256 blocks, and from
+    /// word `nf4 codes` the 8-bit scale codes, four per word. Nothing is decoded: the GPU
+    /// copy takes the bytes the CPU one does, plus 1 KiB of code table for NF4.
+    pub fn to_gpu_words(&self) -> Vec<u32> {
+        fn bytes_to_words(b: &[u8], out: &mut Vec<u32>) {
+            out.extend(b.chunks(4).map(|c| {
+                let mut w = [0u8; 4];
+                w[..c.len()].copy_from_slice(c);
+                u32::from_le_bytes(w)
+            }));
+        }
+        let mut w = vec![0u32; GPU_HEADER];
+        bytes_to_words(&self.data, &mut w);
+        let side = w.len();
+        let (mut scales_at, mut codes_at) = (0, 0);
+        match &self.scales {
+            Scales::InBlock => {}
+            Scales::Rows(s) => w.extend(s.iter().map(|v| v.to_bits())),
+            Scales::Nf4(a) => {
+                w.push(a.offset.to_bits());
+                w.extend(nf4::dynamic_code().iter().map(|v| v.to_bits()));
+                scales_at = w.len();
+                w.extend(a.scale.iter().map(|v| v.to_bits()));
+                codes_at = w.len();
+                bytes_to_words(&a.q, &mut w);
+            }
+        }
+        let head = [
+            self.format.gpu_code(),
+            self.rows as u32,
+            self.cols as u32,
+            side as u32,
+            scales_at as u32,
+            codes_at as u32,
+            self.data.len() as u32,
+            0,
+        ];
+        w[..GPU_HEADER].copy_from_slice(&head);
+        w
+    }
+
+    /// The matrix back from the words of [`QMatrix::to_gpu_words`] (a read back from the GPU).
+    pub fn from_gpu_words(w: &[u32]) -> Result<QMatrix, String> {
+        let bad = || format!("not a quantised matrix's GPU words ({} words)", w.len());
+        let word = |i: usize| w.get(i).copied().map(|v| v as usize).ok_or_else(bad);
+        let format = QFormat::from_gpu_code(word(0)? as u32).ok_or_else(bad)?;
+        let (rows, cols, side, scales_at, codes_at, n) = (word(1)?, word(2)?, word(3)?, word(4)?, word(5)?, word(6)?);
+        let bytes = |from: usize, len: usize| -> Result<Vec<u8>, String> {
+            let words = w.get(from..from + len.div_ceil(4)).ok_or_else(bad)?;
+            Ok(words.iter().flat_map(|v| v.to_le_bytes()).take(len).collect())
+        };
+        let floats = |from: usize, len: usize| -> Result<Vec<f32>, String> {
+            Ok(w.get(from..from + len).ok_or_else(bad)?.iter().map(|&v| f32::from_bits(v)).collect())
+        };
+        let data = bytes(GPU_HEADER, n)?;
+        let scales = match format {
+            QFormat::Ggml(_) => Scales::InBlock,
+            QFormat::Int8 => Scales::Rows(floats(side, rows)?),
+            QFormat::Nf4 => {
+                let blocks = rows * cols / nf4::BLOCK;
+                let offset = floats(side, 1)?[0];
+                let scale = floats(scales_at, blocks.div_ceil(nf4::SCALE_BLOCK))?;
+                Scales::Nf4(nf4::Absmax { q: bytes(codes_at, blocks)?, scale, offset })
+            }
+        };
+        check_cols(format, rows, cols)?;
+        Ok(QMatrix { format, rows, cols, data, scales })
     }
 
     /// The whole matrix as row-major f32 (for merges, exports and tests; the kernels never

@@ -162,7 +162,7 @@ impl Tensor {
     }
 
     /// A `[rows, cols]` tensor holding a quantised matrix (frozen weights; see
-    /// [`crate::quant`]). Only the CPU has kernels that read one.
+    /// [`crate::quant`]), kept as stored on either device: the product kernels decode it.
     pub fn from_qmatrix(q: crate::quant::QMatrix, device: &Device) -> Result<Tensor> {
         let shape = [q.rows(), q.cols()];
         let cpu = crate::backend::CpuStorage::Quant(std::sync::Arc::new(q));
@@ -195,7 +195,7 @@ impl Tensor {
     pub fn storage_bytes(&self) -> usize {
         match &*self.storage_arc() {
             Storage::Cpu(c) => c.bytes(),
-            s => s.len() * s.dtype().size_in_bytes(),
+            Storage::Gpu(g) => g.bytes(),
         }
     }
 

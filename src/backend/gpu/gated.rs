@@ -15,7 +15,7 @@ const ACCESS: &[(u32, Access)] = &[(1, W), (2, R), (3, R), (4, R), (5, R), (6, R
 const GATED: Kernel = Kernel { shader: "gated", source: SRC, entry: "gated", access: ACCESS };
 const GATED_REG: Kernel = Kernel { shader: "gated", source: SRC, entry: "gated_reg", access: ACCESS };
 
-/// `a [m, k]` (f32) and `b [k, n]` (f32, f16 or bf16) through their rank-2 layouts; `gc [k]`,
+/// `a [m, k]` (f32) and `b [k, n]` (f32, or a frozen weight kept as stored: f16, bf16, quantised) through their rank-2 layouts; `gc [k]`,
 /// `bias [n]`, `gr [n]` contiguous f32 vectors when given. Returns `(c [m, n], pre)`, `pre`
 /// (`[m, n]`, before the row gate) only when `keep_pre`.
 #[allow(clippy::too_many_arguments)]
@@ -67,14 +67,15 @@ pub(super) fn gated_matmul(
     let loads = groups * k * if tiled { 64 } else { 512 };
     let gate_loads = if gc.is_some() { loads / 2 } else { 0 };
     let epilogue = m * n * (bias.is_some() as usize + gr.is_some() as usize);
-    let read = loads / 2 * 4 + loads / 2 * b.dtype.size_in_bytes() + 4 * (gate_loads + epilogue);
+    let read = loads / 2 * 4 + super::weight_bytes(b.dtype, loads / 2) + 4 * (gate_loads + epilogue);
     let written = 4 * m * n * (1 + keep_pre as usize);
     fn or_a<'s>(s: Option<&'s GpuStorage>, a: &'s GpuStorage) -> &'s super::GpuBuffer {
         s.map_or(a.buffer(), |s| s.buffer())
     }
     let pre_buf = pre.as_ref().or(spare.as_ref()).expect("one of them is set").buffer();
-    dev.launch(
+    dev.launch_weights(
         kernel,
+        b_code,
         &p,
         &[c.buffer(), a.buffer(), b.buffer(), or_a(gc, a), or_a(bias, a), or_a(gr, a), pre_buf],
         [n.div_ceil(32) as u32, m.div_ceil(32) as u32, 1],

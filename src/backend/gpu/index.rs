@@ -14,7 +14,7 @@ const GATHER: Kernel = Kernel { shader: "index", source: SRC, entry: "gather", a
 const CSR: Kernel = Kernel { shader: "index", source: SRC, entry: "csr_sum", access: &[(1, W), (2, R), (4, R), (5, R)] };
 
 /// The index values, range-checked against `size` as the CPU does.
-fn checked(idx: &GpuStorage, il: &Layout, size: usize, op: &'static str) -> Result<Vec<usize>> {
+pub(super) fn checked(idx: &GpuStorage, il: &Layout, size: usize, op: &'static str) -> Result<Vec<usize>> {
     idx.index_values(il, op)?
         .into_iter()
         .map(|i| if i >= 0 && (i as usize) < size { Ok(i as usize) } else { Err(Error::IndexOutOfRange { op, index: i, size }) })

@@ -22,7 +22,7 @@ fn rc(l: &Layout) -> (u32, u32) {
     (l.strides()[0] as u32, l.strides()[1] as u32)
 }
 
-/// `x [n, k]`, `w [m, k]` (f32, f16 or bf16), `xd [n, k]`, `a [r, k]`, `b [m, r]`, all read
+/// `x [n, k]`, `w [m, k]` (f32, or a frozen weight kept as stored: f16, bf16, quantised), `xd [n, k]`, `a [r, k]`, `b [m, r]`, all read
 /// through their rank-2 layouts. Returns `(y [n, m], u [n, r])`, contiguous.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn lora_linear(
@@ -78,10 +78,10 @@ pub(super) fn lora_linear(
     let groups = m.div_ceil(32) * n.div_ceil(32);
     let (k1, k2) = if tiled { (k.div_ceil(TK) * TK, r.div_ceil(TK) * TK) } else { (k, r) };
     let per = if tiled { 32 } else { 256 };
-    let w_esz = w.dtype.size_in_bytes();
-    let read = groups * per * (k1 * (4 + w_esz) + k2 * 8);
-    dev.launch(
+    let read = groups * per * (k1 * 4 + k2 * 8) + super::weight_bytes(w.dtype, groups * per * k1);
+    dev.launch_weights(
         kernel,
+        w_code,
         &p,
         &[y.buffer(), x.buffer(), w.buffer(), u.buffer(), b.buffer()],
         [m.div_ceil(32) as u32, n.div_ceil(32) as u32, 1],

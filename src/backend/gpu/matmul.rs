@@ -1,7 +1,6 @@
 //! Launcher of `shaders/matmul.wgsl`: batched, strided, 32×32 tiles with 4×4 register blocks.
 
 use super::{Access, GpuStorage, Kernel, Params, Traffic};
-use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 
@@ -25,20 +24,16 @@ fn batch_layout(l: &Layout) -> Layout {
     Layout::new(l.shape()[..r - 2].to_vec(), l.strides()[..r - 2].to_vec(), l.offset())
 }
 
-/// The code of a weight operand's storage as the product kernels' `load_b` reads it (0 f32,
-/// 1 f16, 2 bf16, widened in the kernel); any other dtype is an error beside `a`'s.
+/// The format code of a weight operand's storage as the product kernels' `load_w` reads it
+/// (`shaders/weights.wgsl`: f32, f16/bf16 widened, quantised blocks decoded in the kernel);
+/// any other dtype is an error beside `a`'s.
 pub(super) fn weight_code(w: &GpuStorage, a: &GpuStorage, op: &'static str) -> Result<u32> {
-    match w.dtype {
-        DType::F32 => Ok(0),
-        DType::F16 => Ok(1),
-        DType::BF16 => Ok(2),
-        other => Err(Error::DTypeMismatch { op, lhs: a.dtype, rhs: other }),
-    }
+    super::weight_format(w.dtype).ok_or(Error::DTypeMismatch { op, lhs: a.dtype, rhs: w.dtype })
 }
 
 pub(super) fn matmul(a: &GpuStorage, la: &Layout, b: &GpuStorage, lb: &Layout) -> Result<GpuStorage> {
     a.need_f32("matmul")?;
-    // B may be 16-bit storage (a frozen weight), dequantised inside the kernel.
+    // B may be a frozen weight kept as stored (16-bit or quantised), decoded inside the kernel.
     let b_code = weight_code(b, a, "matmul")?;
     let r = la.rank();
     let (m, k, n) = (la.shape()[r - 2], la.shape()[r - 1], lb.shape()[r - 1]);
@@ -81,10 +76,10 @@ pub(super) fn matmul(a: &GpuStorage, la: &Layout, b: &GpuStorage, lb: &Layout) -
         // element of k; a register-blocked one has each of its 64 invocations load 4 + 4.
         let groups = n.div_ceil(32) * m.div_ceil(32) * zs;
         let loads = groups * k * if kernel.entry == "matmul" { 64 } else { 512 };
-        let b_esz = b.dtype.size_in_bytes();
-        let traffic = Traffic::bytes(loads / 2 * 4 + loads / 2 * b_esz, 4 * m * n * zs);
-        a.dev.launch(
+        let traffic = Traffic::bytes(loads / 2 * 4 + super::weight_bytes(b.dtype, loads / 2), 4 * m * n * zs);
+        a.dev.launch_weights(
             kernel,
+            b_code,
             &p,
             &[out.buffer(), a.buffer(), b.buffer()],
             [n.div_ceil(32) as u32, m.div_ceil(32) as u32, zs as u32],

@@ -21,6 +21,7 @@
 
 mod binary;
 mod copy;
+mod dequant;
 mod gated;
 mod index;
 mod lora;
@@ -144,7 +145,8 @@ struct Ctx {
     limits: wgpu::Limits,
     device: wgpu::Device,
     queue: wgpu::Queue,
-    pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<wgpu::ComputePipeline>>>,
+    /// Keyed by (family, entry, weight format code or [`NO_WEIGHT`]).
+    pipelines: Mutex<HashMap<(&'static str, &'static str, u32), Arc<wgpu::ComputePipeline>>>,
     pool: Mutex<Pool>,
     batch: Mutex<Batch>,
     counts: Mutex<HashMap<&'static str, KernelCount>>,
@@ -579,13 +581,22 @@ impl GpuDevice {
 
     // ----- kernels ------------------------------------------------------------------------
 
-    fn pipeline(&self, k: &Kernel) -> Result<Arc<wgpu::ComputePipeline>> {
-        if let Some(p) = self.0.pipelines.lock().expect("pipeline lock").get(&(k.shader, k.entry)) {
+    /// The pipeline of `k`; for a product kernel (`w_format` not [`NO_WEIGHT`]) built with
+    /// `shaders/weights.wgsl` and `const W_FORMAT` set to the weight's format, so each format
+    /// compiles to its own decoder (built the first time that format is used).
+    fn pipeline(&self, k: &Kernel, w_format: u32) -> Result<Arc<wgpu::ComputePipeline>> {
+        let key = (k.shader, k.entry, w_format);
+        if let Some(p) = self.0.pipelines.lock().expect("pipeline lock").get(&key) {
             return Ok(p.clone());
         }
         let dev = &self.0.device;
         let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
-        let source = format!("{}\n{}", include_str!("../../../shaders/common.wgsl"), k.source);
+        let common = include_str!("../../../shaders/common.wgsl");
+        let source = if w_format == NO_WEIGHT {
+            format!("{common}\n{}", k.source)
+        } else {
+            format!("{common}\nconst W_FORMAT: u32 = {w_format}u;\n{}\n{}", include_str!("../../../shaders/weights.wgsl"), k.source)
+        };
         let module = dev
             .create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(k.shader), source: wgpu::ShaderSource::Wgsl(source.into()) });
         let entry = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
@@ -618,12 +629,26 @@ impl GpuDevice {
             return Err(Error::Gpu(format!("compiling {}.wgsl / {}: {e}", k.shader, k.entry)));
         }
         let p = Arc::new(pipeline);
-        self.0.pipelines.lock().expect("pipeline lock").insert((k.shader, k.entry), p.clone());
+        self.0.pipelines.lock().expect("pipeline lock").insert(key, p.clone());
         Ok(p)
     }
 
     /// Record one dispatch of `k` with `params` and the buffers for bindings 1.. .
     pub(crate) fn launch(&self, k: &Kernel, params: &Params, buffers: &[&GpuBuffer], groups: [u32; 3], traffic: Traffic) -> Result<()> {
+        self.launch_weights(k, NO_WEIGHT, params, buffers, groups, traffic)
+    }
+
+    /// [`GpuDevice::launch`] of a kernel that reads a weight operand through `load_w`
+    /// (`shaders/weights.wgsl`) in format `w_format` ([`weight_format`]).
+    pub(crate) fn launch_weights(
+        &self,
+        k: &Kernel,
+        w_format: u32,
+        params: &Params,
+        buffers: &[&GpuBuffer],
+        groups: [u32; 3],
+        traffic: Traffic,
+    ) -> Result<()> {
         debug_assert_eq!(buffers.len(), k.access.len(), "{}: binding count", k.entry);
         if groups.contains(&0) {
             return Ok(());
@@ -636,7 +661,7 @@ impl GpuDevice {
                 msg: format!("launch of {groups:?} workgroups exceeds the limit {maxg} per dimension"),
             });
         }
-        let pipeline = self.pipeline(k)?;
+        let pipeline = self.pipeline(k, w_format)?;
         let pbuf = self.temp_buffer(&params.0, "params")?;
         let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: pbuf.raw().as_entire_binding() }];
         entries.extend(
@@ -783,13 +808,43 @@ pub struct GpuStorage {
     dev: GpuDevice,
     buf: Arc<GpuBuffer>,
     dtype: DType,
+    /// Elements (a quantised matrix: rows × cols).
     len: usize,
+    /// Bytes of the buffer in use (a quantised matrix: its words of [`QMatrix::to_gpu_words`]).
+    ///
+    /// [`QMatrix::to_gpu_words`]: crate::quant::QMatrix::to_gpu_words
+    bytes: usize,
     host: Option<Arc<CpuStorage>>,
 }
 
 impl std::fmt::Debug for GpuStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "GpuStorage({:?}, {} elements on {})", self.dtype, self.len, self.dev)
+    }
+}
+
+/// The pipeline key of a kernel that reads no weight operand.
+const NO_WEIGHT: u32 = u32::MAX;
+
+/// The `W_FORMAT` code of a weight operand of the product kernels (`shaders/weights.wgsl`):
+/// 0 f32, 1 f16, 2 bf16, or a quantised format's code ([`crate::quant::QFormat::gpu_code`]).
+pub(crate) fn weight_format(d: DType) -> Option<u32> {
+    match d {
+        DType::F32 => Some(0),
+        DType::F16 => Some(1),
+        DType::BF16 => Some(2),
+        DType::Quant(f) => Some(f.gpu_code()),
+        _ => None,
+    }
+}
+
+/// Bytes of `n` elements of a weight in dtype `d` (quantised: the blocks' share, rounded up).
+pub(crate) fn weight_bytes(d: DType, n: usize) -> usize {
+    match d.quant_format() {
+        Some(crate::quant::QFormat::Ggml(t)) => (n * t.type_size()).div_ceil(t.block_size()),
+        Some(crate::quant::QFormat::Nf4) => n.div_ceil(2) + n / 64,
+        Some(crate::quant::QFormat::Int8) => n,
+        None => n * d.size_in_bytes(),
     }
 }
 
@@ -832,11 +887,33 @@ impl GpuStorage {
         if let DType::Quant(f) = dtype {
             return Err(dev.unsupported(
                 what,
-                &format!("{f} weights have no GPU kernels yet: load with --base-dtype f16 (or to_dtype(F16)) on the GPU"),
+                &format!("a {f} buffer is only made from a whole quantised matrix (Tensor::quantize, Tensor::from_qmatrix)"),
             ));
         }
-        let bytes = (n * dtype.size_in_bytes()) as u64;
-        Ok(GpuStorage { dev: dev.clone(), buf: dev.alloc(bytes.max(4), what)?, dtype, len: n, host: None })
+        let bytes = n * dtype.size_in_bytes();
+        Ok(GpuStorage { dev: dev.clone(), buf: dev.alloc((bytes as u64).max(4), what)?, dtype, len: n, bytes, host: None })
+    }
+
+    /// Bytes the buffer holds (a quantised matrix: its blocks, side data and header).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// A quantised matrix uploaded as stored (its words of `QMatrix::to_gpu_words`, which
+    /// the product kernels and `dequant.wgsl` decode through `shaders/weights.wgsl`).
+    fn from_qmatrix(dev: &GpuDevice, q: &crate::quant::QMatrix) -> Result<GpuStorage> {
+        let words = q.to_gpu_words();
+        let bytes = 4 * words.len();
+        let buf = dev.alloc(bytes as u64, "upload")?;
+        dev.upload(&buf, bytemuck::cast_slice(&words))?;
+        Ok(GpuStorage { dev: dev.clone(), buf, dtype: DType::Quant(q.format()), len: q.rows() * q.cols(), bytes, host: None })
+    }
+
+    /// The quantised matrix this storage holds, read back (a sync point).
+    fn to_qmatrix(&self) -> Result<crate::quant::QMatrix> {
+        let bytes = self.dev.download(&self.buf, 0, self.bytes as u64)?;
+        crate::quant::QMatrix::from_gpu_words(&bytemuck::pod_collect_to_vec::<u8, u32>(&bytes))
+            .map_err(|msg| Error::Gpu(format!("reading back a {:?} weight: {msg}", self.dtype)))
     }
 
     /// An error unless `dtype` is f32 (the GPU compute type).
@@ -855,6 +932,9 @@ impl GpuStorage {
     }
 
     pub fn from_cpu(dev: &GpuDevice, data: &CpuStorage) -> Result<GpuStorage> {
+        if let CpuStorage::Quant(q) = data {
+            return GpuStorage::from_qmatrix(dev, q);
+        }
         let mut out = GpuStorage::alloc(dev, data.dtype(), data.len(), "upload")?;
         let bytes: &[u8] = match data {
             CpuStorage::F32(v) => bytemuck::cast_slice(v),
@@ -879,6 +959,10 @@ impl GpuStorage {
         // reading them back is not a sync point.
         if let Some(h) = &self.host {
             return h.copy_strided(layout);
+        }
+        if self.dtype.is_quant() {
+            // Whole matrices only, as on the CPU (a view of part is refused there by name).
+            return CpuStorage::Quant(Arc::new(self.to_qmatrix()?)).copy_strided(layout);
         }
         let n = layout.numel();
         let esz = self.dtype.size_in_bytes();
@@ -924,6 +1008,9 @@ impl GpuStorage {
     }
 
     pub fn cast(&self, layout: &Layout, dtype: DType) -> Result<GpuStorage> {
+        if self.dtype.is_quant() || dtype.is_quant() {
+            return dequant::cast(self, layout, dtype);
+        }
         copy::cast(self, layout, dtype)
     }
 
@@ -1010,6 +1097,9 @@ impl GpuStorage {
     }
 
     pub fn index_select(&self, layout: &Layout, axis: usize, idx: &GpuStorage, il: &Layout) -> Result<GpuStorage> {
+        if self.dtype.is_quant() {
+            return dequant::index_select(self, layout, axis, idx, il);
+        }
         index::index_select(self, layout, axis, idx, il)
     }
 
