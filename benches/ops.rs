@@ -1,7 +1,9 @@
 //! Criterion benchmarks of the CPU kernels: matmul (GFLOP/s, reported by criterion as
 //! "elements/s" where one element is one flop), softmax and layer norm at model-like shapes
-//! (bytes/s). Run `cargo bench --bench ops`; compare with `scripts/bench_reference.py`,
-//! which times NumPy/OpenBLAS on the same shapes in the same session.
+//! (bytes/s), and the one-token products of decoding (`decode_1x…`: one row against a frozen
+//! weight of every storage, f32 the reference measured in the same run). Run
+//! `cargo bench --bench ops`; compare with `scripts/bench_reference.py`, which times
+//! NumPy/OpenBLAS on the same shapes in the same session.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::time::Duration;
@@ -49,5 +51,50 @@ fn softmax_and_norms(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matmul, softmax_and_norms);
+/// Decoding a token: x [1, k] · Wᵀ with W [n, k] as stored (SmolLM2-135M's MLP up-projection
+/// and, for the 256-element K-quants, its down-projection), against f32 W of the same shape.
+fn decode_products(c: &mut Criterion) {
+    use tinytune::quant::{GgmlType, QFormat};
+    let mut rng = Rng::new(2);
+    let mut g = c.benchmark_group("decode");
+    g.sample_size(20).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    let formats: [(&str, Option<QFormat>, usize, usize); 10] = [
+        ("f32", None, 1536, 576),
+        ("q8_0", Some(QFormat::Ggml(GgmlType::Q8_0)), 1536, 576),
+        ("q4_0", Some(QFormat::Ggml(GgmlType::Q4_0)), 1536, 576),
+        ("q4_1", Some(QFormat::Ggml(GgmlType::Q4_1)), 1536, 576),
+        ("q5_0", Some(QFormat::Ggml(GgmlType::Q5_0)), 1536, 576),
+        ("nf4", Some(QFormat::Nf4), 1536, 576),
+        ("int8", Some(QFormat::Int8), 1536, 576),
+        ("f32", None, 576, 1536),
+        ("q4_k", Some(QFormat::Ggml(GgmlType::Q4_K)), 576, 1536),
+        ("q6_k", Some(QFormat::Ggml(GgmlType::Q6_K)), 576, 1536),
+    ];
+    for (name, format, n, k) in formats {
+        let w = randn(&[n, k], &mut rng);
+        let w = match format {
+            Some(QFormat::Ggml(t)) if !matches!(t, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q4_K) => {
+                // Formats tinytune does not write: blocks of random bytes with sane scales.
+                let (bs, ts) = (t.block_size(), t.type_size());
+                let mut bytes: Vec<u8> = (0..n * k / bs * ts).map(|i| (i * 2654435761usize >> 7) as u8).collect();
+                let scale = half::f16::from_f32(0.01).to_bits().to_le_bytes();
+                let at: &[usize] = if t == GgmlType::Q6_K { &[208] } else { &[0, 2] };
+                for blk in bytes.chunks_mut(ts) {
+                    for &o in at {
+                        blk[o..o + 2].copy_from_slice(&scale);
+                    }
+                }
+                Tensor::from_qmatrix(tinytune::quant::QMatrix::from_ggml(t, n, k, bytes).unwrap(), &Device::Cpu).unwrap()
+            }
+            Some(f) => w.quantize(f).unwrap(),
+            None => w,
+        };
+        let (x, wt) = (randn(&[1, k], &mut rng), w.t().unwrap());
+        g.throughput(Throughput::Elements((2 * n * k) as u64));
+        g.bench_function(format!("decode_1x{k}x{n}_{name}"), |b| b.iter(|| x.matmul(&wt).unwrap()));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, matmul, softmax_and_norms, decode_products);
 criterion_main!(benches);

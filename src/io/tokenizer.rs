@@ -104,6 +104,9 @@ pub struct Tokenizer {
     unk: Option<SpecialToken>,
     chat: ChatTemplate,
     chat_source: Option<String>,
+    /// `inner.get_vocab_size(true)`, which builds the whole vocabulary map on every call
+    /// (and streaming decode asks once per token).
+    vocab_size: usize,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -200,6 +203,7 @@ impl Tokenizer {
             eos: resolve("eos_token", eos)?,
             pad: resolve("pad_token", pad)?,
             unk: resolve("unk_token", unk)?,
+            vocab_size: inner.get_vocab_size(true),
             inner,
             source,
             chat,
@@ -544,7 +548,7 @@ impl Tokenizer {
 
     /// Number of ids, added tokens included (`len(tokenizer)` in `transformers`).
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     /// The id of a token (a vocabulary entry or an added token), spelled as stored.

@@ -132,65 +132,124 @@ impl std::fmt::Display for GgmlType {
     }
 }
 
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+/// The f16 at byte `i`, widened exactly (the block decoders' scales). Written out rather than
+/// `half::f16::to_f32`, whose per-call feature check keeps it from inlining into the block
+/// loops: the magnitude's bits shifted into f32 position and rescaled by 2¹¹² (exact for normal
+/// and subnormal values alike), infinities and NaNs mapped apart.
+#[inline(always)]
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
+    let h = u16::from_le_bytes([b[i], b[i + 1]]) as u32;
+    let mag = if h & 0x7c00 == 0x7c00 {
+        f32::from_bits(0x7f80_0000 | ((h & 0x3ff) << 13))
+    } else {
+        f32::from_bits((h & 0x7fff) << 13) * f32::from_bits(0x7780_0000)
+    };
+    f32::from_bits(mag.to_bits() | ((h & 0x8000) << 16))
 }
 
+// The 32-element formats hold `x[i] = d · q[i] (+ m)`, with the f16 `d` at byte 0 and `m`
+// (Q4_1, Q5_1) at byte 2: each has a `_codes` function that writes the codes q[i] as f32, and
+// its block decoder scales them. The fused dot product (`QMatrix::dot_row`) uses the codes
+// directly: Σ x[i]·y[i] = d·Σ q[i]·y[i] + m·Σ y[i].
+
 /// Q8_0 block (34 bytes → 32 values): `x[i] = d · q[i]`.
-fn q8_0_block(b: &[u8], out: &mut [f32]) {
-    let d = f16_at(b, 0);
+#[inline(always)]
+pub(crate) fn q8_0_codes(b: &[u8], out: &mut [f32]) {
     for (o, &q) in out.iter_mut().zip(&b[2..34]) {
-        *o = d * (q as i8) as f32;
+        *o = (q as i8) as f32;
     }
 }
 
 /// Q4_0 block (18 bytes → 32 values): `x[i] = d · (q[i] − 8)`.
-fn q4_0_block(b: &[u8], out: &mut [f32]) {
-    let d = f16_at(b, 0);
+#[inline(always)]
+pub(crate) fn q4_0_codes(b: &[u8], out: &mut [f32]) {
     let (lo, hi) = out.split_at_mut(16);
     for (j, &byte) in b[2..18].iter().enumerate() {
-        lo[j] = d * ((byte & 0x0F) as i32 - 8) as f32;
-        hi[j] = d * ((byte >> 4) as i32 - 8) as f32;
+        lo[j] = ((byte & 0x0F) as i32 - 8) as f32;
+        hi[j] = ((byte >> 4) as i32 - 8) as f32;
     }
 }
 
 /// Q4_1 block (20 bytes → 32 values): `x[i] = d · q[i] + m`.
-fn q4_1_block(b: &[u8], out: &mut [f32]) {
-    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+#[inline(always)]
+pub(crate) fn q4_1_codes(b: &[u8], out: &mut [f32]) {
     let (lo, hi) = out.split_at_mut(16);
     for (j, &byte) in b[4..20].iter().enumerate() {
-        lo[j] = d * (byte & 0x0F) as f32 + m;
-        hi[j] = d * (byte >> 4) as f32 + m;
+        lo[j] = (byte & 0x0F) as f32;
+        hi[j] = (byte >> 4) as f32;
     }
 }
 
 /// The fifth bits of a Q5 block: bit i of the little-endian u32 `qh` belongs to element i.
+#[inline(always)]
 fn q5_high(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 /// Q5_0 block (22 bytes → 32 values): f16 `d`, u32 `qh`, 16 bytes of nibbles;
 /// `q[i] = nibble | bit_i(qh) << 4`, `x[i] = d · (q[i] − 16)`.
-fn q5_0_block(b: &[u8], out: &mut [f32]) {
-    let (d, qh) = (f16_at(b, 0), q5_high(b, 2));
+#[inline(always)]
+pub(crate) fn q5_0_codes(b: &[u8], out: &mut [f32]) {
+    let qh = q5_high(b, 2);
     let (lo, hi) = out.split_at_mut(16);
     for (j, &byte) in b[6..22].iter().enumerate() {
         let (h0, h1) = (((qh >> j) & 1) << 4, ((qh >> (j + 16)) & 1) << 4);
-        lo[j] = d * (((byte & 0x0F) as u32 | h0) as i32 - 16) as f32;
-        hi[j] = d * (((byte >> 4) as u32 | h1) as i32 - 16) as f32;
+        lo[j] = (((byte & 0x0F) as u32 | h0) as i32 - 16) as f32;
+        hi[j] = (((byte >> 4) as u32 | h1) as i32 - 16) as f32;
     }
 }
 
 /// Q5_1 block (24 bytes → 32 values): f16 `d`, f16 `m`, u32 `qh`, 16 bytes of nibbles;
 /// `x[i] = d · q[i] + m` with the 5-bit `q` of Q5_0.
-fn q5_1_block(b: &[u8], out: &mut [f32]) {
-    let (d, m, qh) = (f16_at(b, 0), f16_at(b, 2), q5_high(b, 4));
+#[inline(always)]
+pub(crate) fn q5_1_codes(b: &[u8], out: &mut [f32]) {
+    let qh = q5_high(b, 4);
     let (lo, hi) = out.split_at_mut(16);
     for (j, &byte) in b[8..24].iter().enumerate() {
         let (h0, h1) = (((qh >> j) & 1) << 4, ((qh >> (j + 16)) & 1) << 4);
-        lo[j] = d * ((byte & 0x0F) as u32 | h0) as f32 + m;
-        hi[j] = d * ((byte >> 4) as u32 | h1) as f32 + m;
+        lo[j] = ((byte & 0x0F) as u32 | h0) as f32;
+        hi[j] = ((byte >> 4) as u32 | h1) as f32;
     }
+}
+
+/// A 32-element block decoded from its codes: `d · q` (the products gguf-py forms), plus `m`
+/// where the format has one.
+#[inline(always)]
+fn scaled(b: &[u8], out: &mut [f32], offset: bool) {
+    let (d, m) = (f16_at(b, 0), if offset { f16_at(b, 2) } else { 0.0 });
+    for o in out.iter_mut() {
+        *o = if offset { d * *o + m } else { d * *o };
+    }
+}
+
+#[inline(always)]
+pub(crate) fn q8_0_block(b: &[u8], out: &mut [f32]) {
+    q8_0_codes(b, out);
+    scaled(b, out, false)
+}
+
+#[inline(always)]
+pub(crate) fn q4_0_block(b: &[u8], out: &mut [f32]) {
+    q4_0_codes(b, out);
+    scaled(b, out, false)
+}
+
+#[inline(always)]
+pub(crate) fn q4_1_block(b: &[u8], out: &mut [f32]) {
+    q4_1_codes(b, out);
+    scaled(b, out, true)
+}
+
+#[inline(always)]
+pub(crate) fn q5_0_block(b: &[u8], out: &mut [f32]) {
+    q5_0_codes(b, out);
+    scaled(b, out, false)
+}
+
+#[inline(always)]
+pub(crate) fn q5_1_block(b: &[u8], out: &mut [f32]) {
+    q5_1_codes(b, out);
+    scaled(b, out, true)
 }
 
 /// Q2_K super-block (84 bytes → 256 values): `scales[16]` (low nibble: the scale, high nibble:
@@ -198,7 +257,8 @@ fn q5_1_block(b: &[u8], out: &mut [f32]) {
 /// Group g's element: `d · (scales[g] & 15) · q − dmin · (scales[g] >> 4)`. The 2-bit values
 /// are laid out in two halves of 128: byte l (0..32) of a half's 32 bytes holds, at bit
 /// shift 2j, element 32j + l of that half.
-fn q2_k_block(b: &[u8], out: &mut [f32]) {
+#[inline(always)]
+pub(crate) fn q2_k_block(b: &[u8], out: &mut [f32]) {
     let (scales, qs) = (&b[0..16], &b[16..80]);
     let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
     for half in 0..2 {
@@ -219,6 +279,7 @@ fn q2_k_block(b: &[u8], out: &mut [f32]) {
 /// The sixteen 6-bit scales of a Q3_K super-block, unpacked from its 12 bytes: the low
 /// nibbles of bytes 0..8 hold scales 0..8 and the high nibbles scales 8..16; bytes 8..12
 /// hold the two top bits of all sixteen, scale s at bit 2·(s / 4) of byte 8 + s % 4.
+#[inline(always)]
 fn q3_k_scales(s: &[u8]) -> [i8; 16] {
     std::array::from_fn(|i| {
         let low = if i < 8 { s[i] & 0x0F } else { s[i - 8] >> 4 };
@@ -231,7 +292,8 @@ fn q3_k_scales(s: &[u8]) -> [i8; 16] {
 /// two bits, laid out as in Q2_K), `scales[12]` (sixteen 6-bit signed scales, offset 32), f16
 /// `d`. Element: `d · scale_g · (q − 4·(1 − hbit))`, `q ∈ 0..4`; the high bit of element
 /// 32j + l of half h is bit 4h + j of `hmask[l]`.
-fn q3_k_block(b: &[u8], out: &mut [f32]) {
+#[inline(always)]
+pub(crate) fn q3_k_block(b: &[u8], out: &mut [f32]) {
     let (hmask, qs) = (&b[0..32], &b[32..96]);
     let scales = q3_k_scales(&b[96..108]);
     let d = f16_at(b, 108);
@@ -256,6 +318,7 @@ fn q3_k_block(b: &[u8], out: &mut [f32]) {
 /// Scale and min of sub-block j (0..8) of a Q4_K/Q5_K super-block, six bits each, from its 12
 /// scale bytes: j < 4 in the low six bits of bytes j and j + 4; j ≥ 4 in the nibbles of byte
 /// j + 4 with their top two bits in the top bits of bytes j − 4 and j.
+#[inline(always)]
 fn k4_scale_min(s: &[u8], j: usize) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
@@ -267,7 +330,8 @@ fn k4_scale_min(s: &[u8], j: usize) -> (u8, u8) {
 /// Q4_K super-block (144 bytes → 256 values): f16 `d`, f16 `dmin`, `scales[12]` (eight 6-bit
 /// scale/min pairs), `qs[128]`. Sub-block j of 32: `d · sc_j · q − dmin · m_j`; the 32 bytes
 /// `qs[32c..]` hold sub-block 2c in their low nibbles and 2c + 1 in their high ones.
-fn q4_k_block(b: &[u8], out: &mut [f32]) {
+#[inline(always)]
+pub(crate) fn q4_k_block(b: &[u8], out: &mut [f32]) {
     let (d, dmin, scales, qs) = (f16_at(b, 0), f16_at(b, 2), &b[4..16], &b[16..144]);
     for c in 0..4 {
         let q = &qs[c * 32..c * 32 + 32];
@@ -284,7 +348,8 @@ fn q4_k_block(b: &[u8], out: &mut [f32]) {
 /// Q5_K super-block (176 bytes → 256 values): Q4_K with a fifth bit: f16 `d`, f16 `dmin`,
 /// `scales[12]`, `qh[32]`, `qs[128]`; the fifth bit of element l of sub-block j is bit j of
 /// `qh[l]`.
-fn q5_k_block(b: &[u8], out: &mut [f32]) {
+#[inline(always)]
+pub(crate) fn q5_k_block(b: &[u8], out: &mut [f32]) {
     let (d, dmin, scales, qh, qs) = (f16_at(b, 0), f16_at(b, 2), &b[4..16], &b[16..48], &b[48..176]);
     for c in 0..4 {
         let q = &qs[c * 32..c * 32 + 32];
@@ -305,7 +370,8 @@ fn q5_k_block(b: &[u8], out: &mut [f32]) {
 /// `q ∈ 0..64`. Each half of 128 elements uses 64 bytes of `ql` and 32 of `qh`: element
 /// 32k + l (k < 4) takes the low or high nibble of `ql[l + 32·(k & 1)]` (high for k ≥ 2) and
 /// bits 2k..2k+2 of `qh[l]`.
-fn q6_k_block(b: &[u8], out: &mut [f32]) {
+#[inline(always)]
+pub(crate) fn q6_k_block(b: &[u8], out: &mut [f32]) {
     let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
     let d = f16_at(b, 208);
     for half in 0..2 {
@@ -559,6 +625,14 @@ fn q4_k_quantize(x: &[f32]) -> [u8; 144] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn f16_scales_widen_exactly_for_all_65536_values() {
+        for h in 0..=u16::MAX {
+            let (got, want) = (f16_at(&h.to_le_bytes(), 0), f16::from_bits(h).to_f32());
+            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{h:#06x}: {got} vs {want}");
+        }
+    }
 
     #[test]
     fn hand_made_blocks() {

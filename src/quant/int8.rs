@@ -19,7 +19,7 @@ pub fn quantize(x: &[f32], cols: usize) -> (Vec<u8>, Vec<f32>) {
 }
 
 /// Decode `bytes.len()` values of a row with scale `s`.
-#[inline]
+#[inline(always)]
 pub fn decode(bytes: &[u8], s: f32, out: &mut [f32]) {
     for (o, &b) in out.iter_mut().zip(bytes) {
         *o = (b as i8) as f32 * s;

@@ -15,6 +15,8 @@
 //! Adding a format is one variant of [`QFormat`], its block decoder, and its tests: the kernels
 //! only ever call [`QMatrix::decode`].
 
+#[cfg(target_arch = "x86_64")]
+mod dot_x86;
 pub mod ggml;
 pub mod int8;
 pub mod nf4;
@@ -219,6 +221,178 @@ impl QMatrix {
         }
     }
 
+    /// `out[i] = W[row] · a[i]` for a few vectors `a` of `cols` values: the product of decoding
+    /// a token. Each block of the row is decoded into registers (a stack block, never a row
+    /// buffer) and multiplied as it is decoded, with eight partial sums per vector; on x86-64
+    /// with AVX2 and FMA the whole loop is compiled for them (chosen at run time). Equal to
+    /// the dot products of [`QMatrix::decode`]'s row within f32 rounding (another summation
+    /// order).
+    pub fn dot_row(&self, row: usize, a: &[&[f32]], out: &mut [f32]) {
+        debug_assert!(row < self.rows && a.len() == out.len() && a.iter().all(|x| x.len() == self.cols));
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+                // SAFETY: the CPU has the features the function is compiled for.
+                return unsafe { self.dot_row_avx2(row, a, out) };
+            }
+        }
+        self.dot_row_any::<false>(row, a, out, ggml::f16_at)
+    }
+
+    /// [`QMatrix::dot_row`] compiled for AVX2 and FMA, the blocks' f16 scales widened by F16C;
+    /// the 32-element GGML formats through the hand-written kernels of `dot_x86.rs`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_row_avx2(&self, row: usize, a: &[&[f32]], out: &mut [f32]) {
+        use std::arch::x86_64::{_mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32};
+        let f16 = |b: &[u8], i: usize| {
+            let h = u16::from_le_bytes([b[i], b[i + 1]]);
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+        };
+        if let QFormat::Ggml(t) = self.format {
+            let (ts, nb) = (t.type_size(), self.cols / t.block_size());
+            if dot_x86::dot_row(t, &self.data[row * nb * ts..(row + 1) * nb * ts], a, out) {
+                return;
+            }
+        }
+        self.dot_row_any::<true>(row, a, out, f16)
+    }
+
+    /// One loop per format with its block decoder inlined (the per-block call through a
+    /// function pointer would cost as much as the decoding).
+    #[inline(always)]
+    fn dot_row_any<const FMA: bool>(&self, row: usize, a: &[&[f32]], out: &mut [f32], f16: impl Fn(&[u8], usize) -> f32) {
+        let nb = self.cols / self.format.block_size();
+        let first = row * nb;
+        match (self.format, &self.scales) {
+            (QFormat::Ggml(t), _) => {
+                let ts = t.type_size();
+                let d = &self.data[first * ts..(first + nb) * ts];
+                let at = |g: usize| &d[g * ts..(g + 1) * ts];
+                match t {
+                    GgmlType::Q8_0 => affine_dots::<32, FMA, false>(
+                        nb,
+                        a,
+                        out,
+                        #[inline(always)]
+                        |g, o| {
+                            let b = at(g);
+                            ggml::q8_0_codes(b, o);
+                            (f16(b, 0), 0.0)
+                        },
+                    ),
+                    GgmlType::Q4_0 => affine_dots::<32, FMA, false>(
+                        nb,
+                        a,
+                        out,
+                        #[inline(always)]
+                        |g, o| {
+                            let b = at(g);
+                            ggml::q4_0_codes(b, o);
+                            (f16(b, 0), 0.0)
+                        },
+                    ),
+                    GgmlType::Q4_1 => affine_dots::<32, FMA, true>(
+                        nb,
+                        a,
+                        out,
+                        #[inline(always)]
+                        |g, o| {
+                            let b = at(g);
+                            ggml::q4_1_codes(b, o);
+                            (f16(b, 0), f16(b, 2))
+                        },
+                    ),
+                    GgmlType::Q5_0 => affine_dots::<32, FMA, false>(
+                        nb,
+                        a,
+                        out,
+                        #[inline(always)]
+                        |g, o| {
+                            let b = at(g);
+                            ggml::q5_0_codes(b, o);
+                            (f16(b, 0), 0.0)
+                        },
+                    ),
+                    GgmlType::Q5_1 => affine_dots::<32, FMA, true>(
+                        nb,
+                        a,
+                        out,
+                        #[inline(always)]
+                        |g, o| {
+                            let b = at(g);
+                            ggml::q5_1_codes(b, o);
+                            (f16(b, 0), f16(b, 2))
+                        },
+                    ),
+                    GgmlType::Q2_K => block_dots::<256, FMA>(
+                        nb,
+                        a,
+                        out,
+                        #[inline(always)]
+                        |g, o| ggml::q2_k_block(at(g), o),
+                    ),
+                    GgmlType::Q3_K => block_dots::<256, FMA>(
+                        nb,
+                        a,
+                        out,
+                        #[inline(always)]
+                        |g, o| ggml::q3_k_block(at(g), o),
+                    ),
+                    GgmlType::Q4_K => block_dots::<256, FMA>(
+                        nb,
+                        a,
+                        out,
+                        #[inline(always)]
+                        |g, o| ggml::q4_k_block(at(g), o),
+                    ),
+                    GgmlType::Q5_K => block_dots::<256, FMA>(
+                        nb,
+                        a,
+                        out,
+                        #[inline(always)]
+                        |g, o| ggml::q5_k_block(at(g), o),
+                    ),
+                    GgmlType::Q6_K => block_dots::<256, FMA>(
+                        nb,
+                        a,
+                        out,
+                        #[inline(always)]
+                        |g, o| ggml::q6_k_block(at(g), o),
+                    ),
+                    _ => unreachable!("a QMatrix holds a decodable block format"),
+                }
+            }
+            (QFormat::Nf4, Scales::Nf4(s)) => {
+                let d = &self.data[first * nf4::BLOCK / 2..(first + nb) * nf4::BLOCK / 2];
+                affine_dots::<{ nf4::BLOCK }, FMA, false>(
+                    nb,
+                    a,
+                    out,
+                    #[inline(always)]
+                    |g, o| {
+                        nf4::decode_block(&d[g * nf4::BLOCK / 2..(g + 1) * nf4::BLOCK / 2], 1.0, o);
+                        (s.get(first + g), 0.0)
+                    },
+                )
+            }
+            (QFormat::Int8, Scales::Rows(s)) => {
+                let d = &self.data[first * int8::BLOCK..(first + nb) * int8::BLOCK];
+                affine_dots::<{ int8::BLOCK }, FMA, false>(
+                    nb,
+                    a,
+                    out,
+                    #[inline(always)]
+                    |g, o| {
+                        int8::decode(&d[g * int8::BLOCK..(g + 1) * int8::BLOCK], 1.0, o);
+                        (s[row], 0.0)
+                    },
+                )
+            }
+            _ => unreachable!("QMatrix::quantize/from_ggml pair each format with its scales"),
+        }
+    }
+
     /// Elements `start .. start + out.len()` of row `row`, as f32. Whole blocks are decoded
     /// straight into `out`; a block cut by either end goes through a small stack buffer.
     pub fn decode(&self, row: usize, start: usize, out: &mut [f32]) {
@@ -407,6 +581,76 @@ mod tests {
             .collect()
     }
 
+    /// Every format: a matrix of random blocks (random code bytes, f16 scales of a sane size).
+    fn random_matrices(rows: usize, cols: usize) -> Vec<QMatrix> {
+        let mut out = Vec::new();
+        for t in [
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q2_K,
+            GgmlType::Q3_K,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+        ] {
+            let (bs, ts) = (t.block_size(), t.type_size());
+            let noise = sample(rows * cols / bs * ts, t.id() as u64);
+            let mut bytes: Vec<u8> = noise.iter().map(|v| (v.to_bits() >> 7) as u8).collect();
+            let fields: &[usize] = match t {
+                GgmlType::Q2_K => &[80, 82],
+                GgmlType::Q3_K => &[108],
+                GgmlType::Q6_K => &[208],
+                GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 => &[0],
+                _ => &[0, 2],
+            };
+            for (b, blk) in bytes.chunks_mut(ts).enumerate() {
+                for &at in fields {
+                    let v = half::f16::from_f32(0.01 + 0.02 * noise[b].abs()).to_bits().to_le_bytes();
+                    blk[at..at + 2].copy_from_slice(&v);
+                }
+            }
+            out.push(QMatrix::from_ggml(t, rows, cols, bytes).unwrap());
+        }
+        let dense = sample(rows * cols, 99);
+        out.push(QMatrix::quantize(QFormat::Nf4, rows, cols, &dense).unwrap());
+        out.push(QMatrix::quantize(QFormat::Int8, rows, cols, &dense).unwrap());
+        out
+    }
+
+    #[test]
+    fn fused_dot_products_equal_the_decoded_rows_in_float64() {
+        // Every format, 1 to 6 vectors (the kernels take up to four per pass), through the
+        // path this CPU runs (`dot_row`: AVX2 kernels where present) and the portable one.
+        let (rows, cols) = (3, 512);
+        for q in random_matrices(rows, cols) {
+            let dense = q.dequantize();
+            for m in 1..=6 {
+                let a: Vec<Vec<f32>> = (0..m).map(|i| sample(cols, 1000 + i as u64)).collect();
+                let refs: Vec<&[f32]> = a.iter().map(|v| v.as_slice()).collect();
+                for row in 0..rows {
+                    let (mut fast, mut portable) = (vec![f32::NAN; m], vec![f32::NAN; m]);
+                    q.dot_row(row, &refs, &mut fast);
+                    q.dot_row_any::<false>(row, &refs, &mut portable, ggml::f16_at);
+                    for i in 0..m {
+                        let terms = dense[row * cols..(row + 1) * cols].iter().zip(&a[i]).map(|(&w, &x)| w as f64 * x as f64);
+                        let want: f64 = terms.clone().sum();
+                        let size: f64 = terms.map(f64::abs).sum();
+                        for (path, got) in [("dot_row", fast[i]), ("portable", portable[i])] {
+                            assert!(
+                                (got as f64 - want).abs() <= 1e-6 * size,
+                                "{} row {row} vector {i}/{m} ({path}): {got} vs {want}",
+                                q.format()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn decode_of_any_segment_equals_the_full_dequantisation() {
         for format in [QFormat::Nf4, QFormat::Int8, QFormat::Ggml(GgmlType::Q8_0), QFormat::Ggml(GgmlType::Q4_0)] {
@@ -439,5 +683,112 @@ mod tests {
         let (a, b) = (m.dequantize(), p.dequantize());
         assert_eq!(b[..32], a[64..96]);
         assert_eq!(b[96..], a[32..64]);
+    }
+}
+
+/// [`block_dots`] for a format whose block g holds `d_g · q + m_g`: `codes(g, buf)` writes
+/// the codes q and returns (d_g, m_g), and the block adds `d_g · Σ q·y + m_g · Σ y` — one
+/// multiply-add per element instead of three (the decode's scale and offset folded out of the
+/// element loop).
+#[inline(always)]
+fn affine_dots<const BS: usize, const FMA: bool, const OFFSET: bool>(
+    nb: usize,
+    a: &[&[f32]],
+    out: &mut [f32],
+    codes: impl Fn(usize, &mut [f32; BS]) -> (f32, f32),
+) {
+    #[inline(always)]
+    fn fma<const FMA: bool>(w: f32, v: f32, s: f32) -> f32 {
+        if FMA {
+            w.mul_add(v, s)
+        } else {
+            s + w * v
+        }
+    }
+    #[inline(always)]
+    fn pass<const BS: usize, const FMA: bool, const OFFSET: bool, const M: usize>(
+        nb: usize,
+        a: &[&[f32]],
+        out: &mut [f32],
+        codes: &impl Fn(usize, &mut [f32; BS]) -> (f32, f32),
+    ) {
+        // Per vector: the scaled sums d·Σq·y and, with an offset, m·Σy (two chains).
+        let mut acc = [[[0f32; 8]; 2]; M];
+        let mut buf = [0f32; BS];
+        for g in 0..nb {
+            let (d, m) = codes(g, &mut buf);
+            for i in 0..M {
+                let x: &[f32; BS] = a[i][g * BS..(g + 1) * BS].try_into().expect("whole blocks");
+                let (mut qy, mut y) = ([0f32; 8], [0f32; 8]);
+                for c in 0..BS / 8 {
+                    for l in 0..8 {
+                        qy[l] = fma::<FMA>(buf[c * 8 + l], x[c * 8 + l], qy[l]);
+                        if OFFSET {
+                            y[l] += x[c * 8 + l];
+                        }
+                    }
+                }
+                let [sd, sm] = &mut acc[i];
+                for l in 0..8 {
+                    sd[l] = fma::<FMA>(d, qy[l], sd[l]);
+                    if OFFSET {
+                        sm[l] = fma::<FMA>(m, y[l], sm[l]);
+                    }
+                }
+            }
+        }
+        for i in 0..M {
+            out[i] = acc[i].iter().flatten().sum();
+        }
+    }
+    for (a, out) in a.chunks(4).zip(out.chunks_mut(4)) {
+        match a.len() {
+            1 => pass::<BS, FMA, OFFSET, 1>(nb, a, out, &codes),
+            2 => pass::<BS, FMA, OFFSET, 2>(nb, a, out, &codes),
+            3 => pass::<BS, FMA, OFFSET, 3>(nb, a, out, &codes),
+            _ => pass::<BS, FMA, OFFSET, 4>(nb, a, out, &codes),
+        }
+    }
+}
+
+/// `out[i] = Σ_g block_g · a[i][g·BS ..]` over `nb` blocks of `BS` values, `decode(g, buf)`
+/// writing block g: 32 partial sums per vector — four independent chains of eight lanes, so
+/// the products vectorise and do not wait on one another (fused multiply-adds when `FMA`, the
+/// caller compiled for them) — and up to four vectors per pass over the blocks, their count a
+/// constant so the partial sums stay in registers.
+#[inline(always)]
+fn block_dots<const BS: usize, const FMA: bool>(nb: usize, a: &[&[f32]], out: &mut [f32], decode: impl Fn(usize, &mut [f32; BS])) {
+    #[inline(always)]
+    fn pass<const BS: usize, const FMA: bool, const M: usize>(
+        nb: usize,
+        a: &[&[f32]],
+        out: &mut [f32],
+        decode: &impl Fn(usize, &mut [f32; BS]),
+    ) {
+        let mut acc = [[0f32; 32]; M];
+        let mut buf = [0f32; BS];
+        for g in 0..nb {
+            decode(g, &mut buf);
+            for i in 0..M {
+                let x: &[f32; BS] = a[i][g * BS..(g + 1) * BS].try_into().expect("whole blocks");
+                for c in 0..BS / 8 {
+                    for l in 0..8 {
+                        let (w, v, s) = (buf[c * 8 + l], x[c * 8 + l], &mut acc[i][(c % 4) * 8 + l]);
+                        *s = if FMA { w.mul_add(v, *s) } else { *s + w * v };
+                    }
+                }
+            }
+        }
+        for i in 0..M {
+            out[i] = acc[i].iter().sum();
+        }
+    }
+    for (a, out) in a.chunks(4).zip(out.chunks_mut(4)) {
+        match a.len() {
+            1 => pass::<BS, FMA, 1>(nb, a, out, &decode),
+            2 => pass::<BS, FMA, 2>(nb, a, out, &decode),
+            3 => pass::<BS, FMA, 3>(nb, a, out, &decode),
+            _ => pass::<BS, FMA, 4>(nb, a, out, &decode),
+        }
     }
 }

@@ -151,7 +151,7 @@ pub fn double_quantize(absmax: &[f32]) -> Absmax {
 }
 
 /// Decode one block: `bytes` holds 32 bytes (64 nibbles), `c` its scale.
-#[inline]
+#[inline(always)]
 pub fn decode_block(bytes: &[u8], c: f32, out: &mut [f32]) {
     for (o, &b) in out.chunks_exact_mut(2).zip(bytes) {
         o[0] = LEVELS[(b >> 4) as usize] * c;

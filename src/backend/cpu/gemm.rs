@@ -132,6 +132,15 @@ pub trait RowDecoder: Sync {
     fn cols(&self) -> usize;
     /// Elements `start .. start + out.len()` of row `row`.
     fn decode(&self, row: usize, start: usize, out: &mut [f32]);
+    /// `out[i] = W[row] · a[i]` (each `a[i]` of `cols` values), for decoding a token; by
+    /// default the row decoded into `scratch` (`cols` values), then dot products. A format
+    /// with a fused block dot product overrides it.
+    fn dot_row(&self, row: usize, a: &[&[f32]], out: &mut [f32], scratch: &mut [f32]) {
+        self.decode(row, 0, scratch);
+        for (o, x) in out.iter_mut().zip(a) {
+            *o = dot(x, scratch);
+        }
+    }
 }
 
 /// `C (+)= A · Wᵀ` (`transposed`, the forward `x Wᵀ` of a linear: k = W.cols, n = W.rows) or
@@ -204,21 +213,24 @@ fn gemm_skinny_decoded(
     if !acc {
         c.fill(0.0);
     }
-    // Columns of C per task: whole 256-element blocks of every format when not transposed.
-    const COLS: usize = 256;
+    // Columns of C per task: whole 256-element blocks of every format when not transposed;
+    // transposed, whole rows of W, four tasks per thread so that the threads finish together
+    // (k and v projections have only 192 rows: one 256-column task would leave a core idle).
+    let cols = if transposed { n.div_ceil(4 * rayon::current_num_threads()).max(16) } else { 256 };
     let cp = SendPtr(c.as_mut_ptr());
-    (0..n.div_ceil(COLS)).into_par_iter().for_each(|blk| {
-        let (j0, j1) = (blk * COLS, ((blk + 1) * COLS).min(n));
+    (0..n.div_ceil(cols)).into_par_iter().for_each(|blk| {
+        let (j0, j1) = (blk * cols, ((blk + 1) * cols).min(n));
         let cp = &cp;
         // SAFETY: tasks write disjoint column ranges j0..j1 of C's m rows (C is m×n, checked
         // by the caller).
         let at = |i: usize, j: usize| unsafe { &mut *cp.0.add(i * n + j) };
         if transposed {
-            let mut row = vec![0f32; k];
+            let refs: Vec<&[f32]> = arows.iter().map(|r| r.as_slice()).collect();
+            let (mut row, mut dots) = (vec![0f32; k], vec![0f32; m]);
             for j in j0..j1 {
-                w.decode(j, 0, &mut row);
-                for (i, ar) in arows.iter().enumerate() {
-                    *at(i, j) += dot(ar, &row);
+                w.dot_row(j, &refs, &mut dots, &mut row);
+                for (i, d) in dots.iter().enumerate() {
+                    *at(i, j) += d;
                 }
             }
         } else {

@@ -632,6 +632,9 @@ impl gemm::RowDecoder for crate::quant::QMatrix {
     fn decode(&self, row: usize, start: usize, out: &mut [f32]) {
         crate::quant::QMatrix::decode(self, row, start, out)
     }
+    fn dot_row(&self, row: usize, a: &[&[f32]], out: &mut [f32], _scratch: &mut [f32]) {
+        crate::quant::QMatrix::dot_row(self, row, a, out)
+    }
 }
 
 /// `A · B` for an f32 A and a frozen B that is decoded as it is packed (a quantised matrix, or
