@@ -155,3 +155,74 @@ unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
 }
+
+/// `out[i] = row · a[i]` for one row of NF4 blocks: `codes` the row's 32-byte blocks (element
+/// 2j in the high nibble of byte j, 2j + 1 in the low), `scale(g)` block g's absmax. The
+/// sixteen levels are looked up in registers: the low three bits of a code index one of two
+/// eight-entry tables (`vpermps`), the fourth picks the table.
+///
+/// # Safety
+/// AVX2, FMA and F16C; each `a[i]` has 64 values per block of `codes`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_row_nf4(codes: &[u8], scale: impl Fn(usize) -> f32, a: &[&[f32]], out: &mut [f32]) {
+    let nb = codes.len() / 32;
+    debug_assert!(a.iter().all(|x| x.len() == 64 * nb));
+    let levels = &super::nf4::LEVELS;
+    let (low, high) = (_mm256_loadu_ps(levels.as_ptr()), _mm256_loadu_ps(levels.as_ptr().add(8)));
+    for (a, out) in a.iter().zip(out.iter_mut()) {
+        let y = a.as_ptr();
+        let mut acc = _mm256_setzero_ps();
+        for g in 0..nb {
+            let b = codes.as_ptr().add(32 * g);
+            let mut qy = _mm256_setzero_ps();
+            for c in 0..4 {
+                // Eight bytes: sixteen codes in element order (high nibble first).
+                let v = _mm_loadl_epi64(b.add(8 * c) as *const __m128i);
+                let mask = _mm_set1_epi8(0x0f);
+                let inter = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+                for (h, idx) in [_mm256_cvtepu8_epi32(inter), _mm256_cvtepu8_epi32(_mm_srli_si128(inter, 8))].into_iter().enumerate() {
+                    let pick = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+                    let w = _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, idx), _mm256_permutevar8x32_ps(high, idx), pick);
+                    qy = _mm256_fmadd_ps(w, _mm256_loadu_ps(y.add(64 * g + 16 * c + 8 * h)), qy);
+                }
+            }
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(scale(g)), qy, acc);
+        }
+        *out = hsum(acc);
+    }
+}
+
+/// `out[i] = row · a[i]` for a row of f16 (`BF16` false) or bf16 (true) values, eight at a time.
+///
+/// # Safety
+/// AVX2, FMA and F16C; each `a[i]` has `row.len()` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_row_half<const BF16: bool>(row: &[u16], a: &[&[f32]], out: &mut [f32]) {
+    let n = row.len();
+    let widen = |p: *const u16| -> __m256 {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        if BF16 {
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        } else {
+            _mm256_cvtph_ps(h)
+        }
+    };
+    for (a, out) in a.iter().zip(out.iter_mut()) {
+        debug_assert_eq!(a.len(), n);
+        let (w, y) = (row.as_ptr(), a.as_ptr());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut j = 0;
+        while j + 16 <= n {
+            s0 = _mm256_fmadd_ps(widen(w.add(j)), _mm256_loadu_ps(y.add(j)), s0);
+            s1 = _mm256_fmadd_ps(widen(w.add(j + 8)), _mm256_loadu_ps(y.add(j + 8)), s1);
+            j += 16;
+        }
+        let mut tail = 0f32;
+        for j in j..n {
+            let h = *w.add(j);
+            let v = if BF16 { f32::from_bits((h as u32) << 16) } else { half::f16::from_bits(h).to_f32() };
+            tail += v * *y.add(j);
+        }
+        *out = hsum(_mm256_add_ps(s0, s1)) + tail;
+    }
+}

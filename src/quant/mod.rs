@@ -16,7 +16,7 @@
 //! only ever call [`QMatrix::decode`].
 
 #[cfg(target_arch = "x86_64")]
-mod dot_x86;
+pub(crate) mod dot_x86;
 pub mod ggml;
 pub mod int8;
 pub mod nf4;
@@ -240,7 +240,7 @@ impl QMatrix {
     }
 
     /// [`QMatrix::dot_row`] compiled for AVX2 and FMA, the blocks' f16 scales widened by F16C;
-    /// the 32-element GGML formats through the hand-written kernels of `dot_x86.rs`.
+    /// the 32-element GGML formats and NF4 through the hand-written kernels of `dot_x86.rs`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_row_avx2(&self, row: usize, a: &[&[f32]], out: &mut [f32]) {
@@ -249,11 +249,19 @@ impl QMatrix {
             let h = u16::from_le_bytes([b[i], b[i + 1]]);
             _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
         };
-        if let QFormat::Ggml(t) = self.format {
-            let (ts, nb) = (t.type_size(), self.cols / t.block_size());
-            if dot_x86::dot_row(t, &self.data[row * nb * ts..(row + 1) * nb * ts], a, out) {
-                return;
+        match (self.format, &self.scales) {
+            (QFormat::Ggml(t), _) => {
+                let (ts, nb) = (t.type_size(), self.cols / t.block_size());
+                if dot_x86::dot_row(t, &self.data[row * nb * ts..(row + 1) * nb * ts], a, out) {
+                    return;
+                }
             }
+            (QFormat::Nf4, Scales::Nf4(s)) => {
+                let (nb, first) = (self.cols / nf4::BLOCK, row * (self.cols / nf4::BLOCK));
+                let codes = &self.data[first * nf4::BLOCK / 2..(first + nb) * nf4::BLOCK / 2];
+                return dot_x86::dot_row_nf4(codes, |g| s.get(first + g), a, out);
+            }
+            _ => {}
         }
         self.dot_row_any::<true>(row, a, out, f16)
     }

@@ -249,7 +249,7 @@ fn gemm_skinny_decoded(
 }
 
 /// A dot product with eight independent partial sums, so it vectorises.
-fn dot(x: &[f32], y: &[f32]) -> f32 {
+pub(crate) fn dot(x: &[f32], y: &[f32]) -> f32 {
     let mut partial = [0f32; 8];
     let (cx, cy) = (x.chunks_exact(8), y.chunks_exact(8));
     let tail: f32 = cx.remainder().iter().zip(cy.remainder()).map(|(a, b)| a * b).sum();

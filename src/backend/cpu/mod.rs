@@ -607,7 +607,7 @@ struct HalfRows<'a, H> {
     cols: usize,
 }
 
-impl<H: Elem + Into<f32>> gemm::RowDecoder for HalfRows<'_, H> {
+impl<H: Elem + Into<f32> + bytemuck::Pod> gemm::RowDecoder for HalfRows<'_, H> {
     fn rows(&self) -> usize {
         self.rows
     }
@@ -618,6 +618,27 @@ impl<H: Elem + Into<f32>> gemm::RowDecoder for HalfRows<'_, H> {
         let (at, len) = (self.offset + row * self.rs + start, out.len());
         for (o, &h) in out.iter_mut().zip(&self.data[at..at + len]) {
             *o = h.into();
+        }
+    }
+    fn dot_row(&self, row: usize, a: &[&[f32]], out: &mut [f32], scratch: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+                let at = self.offset + row * self.rs;
+                let bits: &[u16] = bytemuck::cast_slice(&self.data[at..at + self.cols]);
+                // SAFETY: the CPU has the features; every a[i] has `cols` values (the caller's).
+                unsafe {
+                    match H::DTYPE {
+                        DType::BF16 => crate::quant::dot_x86::dot_row_half::<true>(bits, a, out),
+                        _ => crate::quant::dot_x86::dot_row_half::<false>(bits, a, out),
+                    }
+                }
+                return;
+            }
+        }
+        self.decode(row, 0, scratch);
+        for (o, x) in out.iter_mut().zip(a) {
+            *o = gemm::dot(x, scratch);
         }
     }
 }
