@@ -736,7 +736,10 @@ fn real_files_decode_bit_for_bit_as_gguf_py() {
                 let mut row = vec![0f32; cols];
                 for r in [0, rows / 2, rows - 1] {
                     q.decode(r, 0, &mut row);
-                    assert!(row.iter().zip(&x[r * cols..(r + 1) * cols]).all(|(a, b)| a.to_bits() == b.to_bits()), "{file} {name}: row {r}");
+                    assert!(
+                        row.iter().zip(&x[r * cols..(r + 1) * cols]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{file} {name}: row {r}"
+                    );
                     // The fused product with the unit vectors e_j picks W[r][j].
                     let units: Vec<Vec<f32>> = (0..3).map(|k| (0..cols).map(|j| (j == (k * cols) / 3) as u8 as f32).collect()).collect();
                     let refs: Vec<&[f32]> = units.iter().map(|u| u.as_slice()).collect();

@@ -225,6 +225,63 @@ fn sharded_checkpoints_load() {
 /// `nn::attention` under a mask description against plain float64 loops: grouped-query heads
 /// (K/V not repeated by the caller), a prefix every query sees, cached positions before the
 /// queries, a sliding window and key padding.
+/// `nn::attention` (query heads of a group stacked against their shared K/V head, nothing
+/// repeated) against `attention_reference` (K/V repeated per head): the same outputs and the
+/// same gradients of q, k and v, on the CPU in float64 and on the GPU against the CPU, with a
+/// transposed (non-contiguous) q as the model passes it, padding, a prefix and a window.
+#[test]
+fn grouped_attention_equals_the_repeated_reference_with_gradients() {
+    use tinytune::nn::{attention, attention_reference, Mask};
+    let (b, hkv, tq, d) = (2, 2, 4, 6);
+    let mut devices = vec![(Device::Cpu, DType::F64)];
+    if let Some(g) = common::gpu_device() {
+        devices.push((g, DType::F32));
+    }
+    for rep in [1, 3] {
+        for (prefix, offset, window, padded) in [(0, 0, None, true), (2, 1, Some(3), true), (0, 2, None, false)] {
+            let (h, tk, real) = (hkv * rep, prefix + offset + tq, offset + tq);
+            let mut rng = tinytune::Rng::new(31 + rep as u64);
+            let q0 = tinytune::Tensor::randn(&[b, tq, h, d], 0.0, 1.0, DType::F64, &Device::Cpu, &mut rng).unwrap();
+            let k0 = tinytune::Tensor::randn(&[b, hkv, tk, d], 0.0, 1.0, DType::F64, &Device::Cpu, &mut rng).unwrap();
+            let v0 = tinytune::Tensor::randn(&[b, hkv, tk, d], 0.0, 1.0, DType::F64, &Device::Cpu, &mut rng).unwrap();
+            let c0 = tinytune::Tensor::randn(&[b, h, tq, d], 0.0, 1.0, DType::F64, &Device::Cpu, &mut rng).unwrap();
+            let keep: Vec<f32> = (0..b * real).map(|i| if padded && i == real { 0.0 } else { 1.0 }).collect();
+            let mut results = Vec::new();
+            for (dev, dt) in &devices {
+                let up = |t: &tinytune::Tensor| t.to_dtype(*dt).unwrap().to_device(dev).unwrap();
+                let keep_t = tinytune::Tensor::from_vec(keep.clone(), &[b, real], dev).unwrap();
+                let mask = Mask::causal(offset, padded.then_some(&keep_t)).with_window(window);
+                let run = |f: &dyn Fn(&tinytune::Tensor, &tinytune::Tensor, &tinytune::Tensor) -> tinytune::Result<tinytune::Tensor>| {
+                    let (q, k, v) = (up(&q0).requires_grad().unwrap(), up(&k0).requires_grad().unwrap(), up(&v0).requires_grad().unwrap());
+                    let y = f(&q.transpose(1, 2).unwrap(), &k, &v).unwrap();
+                    y.mul(&up(&c0)).unwrap().sum_all().unwrap().backward().unwrap();
+                    [y, q.grad().unwrap(), k.grad().unwrap(), v.grad().unwrap()].map(|t| t.to_vec_f64().unwrap())
+                };
+                let grouped = run(&|q, k, v| attention(q, k, v, &mask));
+                let reference = run(&|q, k, v| attention_reference(q, k, v, &mask));
+                let tol = if *dt == DType::F64 { 1e-12 } else { 1e-5 };
+                for (part, (a, r)) in ["y", "dq", "dk", "dv"].iter().zip(grouped.iter().zip(&reference)) {
+                    for (i, (x, y)) in a.iter().zip(r).enumerate() {
+                        assert!(
+                            (x - y).abs() <= tol * (1.0 + y.abs()),
+                            "{dev} rep {rep} prefix {prefix} offset {offset}: {part}[{i}] {x} vs {y}"
+                        );
+                    }
+                }
+                results.push(grouped);
+            }
+            // The GPU's grouped attention against the CPU's.
+            if let [cpu, gpu] = &results[..] {
+                for (part, (a, r)) in ["y", "dq", "dk", "dv"].iter().zip(gpu.iter().zip(cpu)) {
+                    for (i, (x, y)) in a.iter().zip(r).enumerate() {
+                        assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "gpu vs cpu rep {rep}: {part}[{i}] {x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn attention_follows_its_mask_description() {
     use tinytune::nn::{attention, Mask};

@@ -16,7 +16,8 @@
 //! The mask is a description, not a dense bias, so a fused kernel (flash attention) can read
 //! the rule instead of a `[tq, tk]` tensor, and K/V stay un-repeated for grouped-query
 //! attention. [`attention_reference`] is the composed implementation every faster one is
-//! tested against; today [`attention`] calls it.
+//! tested against; [`attention`] is the same composition with the query heads of a group
+//! stacked against their shared K/V head, so grouped-query attention never repeats K and V.
 
 use std::sync::{Arc, Mutex};
 
@@ -121,7 +122,25 @@ fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
 
 /// Scaled dot-product attention of `q` over `k, v` under `mask` (see the module docs).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> Result<Tensor> {
-    attention_reference(q, k, v, mask)
+    check_shapes(q, k, v)?;
+    let (b, h, tq, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+    let (hk, tk) = (k.shape()[1], k.shape()[2]);
+    let rep = h / hk;
+    if rep == 1 {
+        return attention_reference(q, k, v, mask);
+    }
+    // Grouped-query attention without repeating K and V: the `rep` query heads that share a
+    // key/value head (heads g·rep .. g·rep + rep) are one matrix of rep·tq rows against that
+    // head's keys, so the products read K and V once and nothing of the size of K or V is
+    // copied (decoding a token: the whole cache, every layer, every step). The same dot
+    // products as `attention_reference`, the same softmax rows.
+    let i = |x: usize| x as isize;
+    let bias = mask.bias(tq, tk, q.dtype(), q.device())?;
+    let bias = if bias.rank() == 4 { bias.unsqueeze(1)? } else { bias };
+    let qg = q.reshape(&[i(b), i(hk), i(rep * tq), i(d)])?;
+    let scores = qg.matmul(&k.t()?)?.mul_scalar(1.0 / (d as f64).sqrt())?;
+    let p = scores.reshape(&[i(b), i(hk), i(rep), i(tq), i(tk)])?.add(&bias)?.softmax(-1)?;
+    p.reshape(&[i(b), i(hk), i(rep * tq), i(tk)])?.matmul(v)?.reshape(&[i(b), i(h), i(tq), i(d)])
 }
 
 /// The composed reference: repeat the K/V heads, `softmax(q kᵀ/√d + bias) v`.
