@@ -73,11 +73,12 @@
 //!
 //! # Dispatch
 //!
-//! On x86-64 the AVX2+FMA micro-kernels are selected at run time with
-//! `is_x86_feature_detected!`. (On Zen 4 AVX-512 runs 512-bit FMAs as two 256-bit halves, so
-//! it has the same peak as AVX2 there; AVX2 also keeps the crate's minimum Rust version.)
-//! Everywhere else a portable kernel written with plain arrays is used, which the compiler
-//! auto-vectorises for the target. Tiny products skip all of this and use a direct loop.
+//! On x86-64 the micro-kernels are selected at run time with `is_x86_feature_detected!`
+//! ([`F32Kernel::best`]): AVX-512 (12×32) on Intel CPUs that have it, AVX2 + FMA (6×16)
+//! otherwise — on Zen 4 AVX-512 runs 512-bit FMAs as two 256-bit halves, so it has the same
+//! peak as AVX2 there. Everywhere else a portable kernel written with plain arrays is used,
+//! which the compiler auto-vectorises for the target. Tiny products skip all of this and use a
+//! direct loop. The unit tests run every kernel the CPU has.
 
 use std::cell::Cell;
 use std::ops::{Add, Mul};
@@ -85,6 +86,69 @@ use std::ops::{Add, Mul};
 // ---------------------------------------------------------------------------------------------
 // Public entry points
 // ---------------------------------------------------------------------------------------------
+
+/// The f32 micro-kernel family: AVX-512 (a 12×32 tile in 24 zmm accumulators), AVX2 + FMA
+/// (6×16 in 12 ymm), or the portable one (4×16, auto-vectorised). [`F32Kernel::best`] picks
+/// AVX-512 on Intel CPUs that have it (two 512-bit FMA pipes: twice AVX2's peak) and AVX2
+/// elsewhere: AMD's Zen 4 runs a 512-bit FMA as two 256-bit halves, and measured there the
+/// 12×32 kernel was no faster than the 6×16 one (170–190 against 155–200 GFLOP/s, within this
+/// machine's noise). `TINYTUNE_GEMM=avx512|avx2|portable` forces one (for comparisons in one
+/// run: `TINYTUNE_GEMM=avx2 cargo bench --bench ops`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum F32Kernel {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl F32Kernel {
+    /// The kernels this CPU can run, widest first.
+    pub fn available() -> Vec<F32Kernel> {
+        let mut out = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                out.push(F32Kernel::Avx512);
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                out.push(F32Kernel::Avx2);
+            }
+        }
+        out.push(F32Kernel::Portable);
+        out
+    }
+
+    /// The kernel for this CPU (see the type), or the one `TINYTUNE_GEMM` names if this CPU
+    /// runs it (read once).
+    pub fn best() -> F32Kernel {
+        static BEST: std::sync::OnceLock<F32Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let available = F32Kernel::available();
+            let asked = match std::env::var("TINYTUNE_GEMM").ok().as_deref() {
+                Some("avx512") => Some(F32Kernel::Avx512),
+                Some("avx2") => Some(F32Kernel::Avx2),
+                Some("portable") => Some(F32Kernel::Portable),
+                _ => None,
+            };
+            let wide = available.iter().copied().find(|&k| k != F32Kernel::Avx512 || intel());
+            asked.filter(|k| available.contains(k)).or(wide).unwrap_or(F32Kernel::Portable)
+        })
+    }
+}
+
+/// Whether the CPU's vendor string (CPUID leaf 0) is "GenuineIntel".
+fn intel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU (the intrinsic is safe in newer Rust).
+        #[allow(unused_unsafe)]
+        let r = unsafe { std::arch::x86_64::__cpuid(0) };
+        let vendor: Vec<u8> = [r.ebx, r.edx, r.ecx].iter().flat_map(|w| w.to_le_bytes()).collect();
+        vendor == b"GenuineIntel"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
 
 /// C = A · B for one matrix: A is m×k, B is k×n, read through element strides
 /// (element (i,p) of A is `a[i*a_rs + p*a_cs]`; (p,j) of B is `b[p*b_rs + j*b_cs]`), so a
@@ -113,15 +177,42 @@ pub fn gemm_f32_into(
     c: &mut [f32],
     accumulate: bool,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+    gemm_f32_with(F32Kernel::best(), m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, accumulate)
+}
+
+/// [`gemm_f32_into`] with the micro-kernel family `kernel` (one of [`F32Kernel::available`]).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32_with(
+    kernel: F32Kernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    assert!(F32Kernel::available().contains(&kernel), "gemm: {kernel:?} does not run on this CPU");
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        F32Kernel::Avx512 => {
+            let plan = Plan { kc: KC_F32_512, mc: MC_F32, nc: NC_F32, kernel: x86::kernel_f32_12x32 };
+            gemm_generic::<f32, 12, 32>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
+        }
+        #[cfg(target_arch = "x86_64")]
+        F32Kernel::Avx2 => {
             let plan = Plan { kc: KC_F32, mc: MC_F32, nc: NC_F32, kernel: x86::kernel_f32_6x16 };
-            return gemm_generic::<f32, 6, 16>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate);
+            gemm_generic::<f32, 6, 16>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
+        }
+        _ => {
+            let plan = Plan { kc: 256, mc: 128, nc: 2048, kernel: kernel_portable::<f32, 4, 16> };
+            gemm_generic::<f32, 4, 16>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
         }
     }
-    let plan = Plan { kc: 256, mc: 128, nc: 2048, kernel: kernel_portable::<f32, 4, 16> };
-    gemm_generic::<f32, 4, 16>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
 }
 
 /// A matrix whose rows are decoded on demand — a quantised or half-precision frozen weight
@@ -182,15 +273,22 @@ pub fn gemm_f32_decoded(
         gemm_skinny_decoded(m, n, k, a, a_rs, a_cs, w, transposed, c, accumulate);
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+    match F32Kernel::best() {
+        #[cfg(target_arch = "x86_64")]
+        F32Kernel::Avx512 => {
+            let plan = Plan { kc: KC_F32_512, mc: MC_F32, nc: NC_F32, kernel: x86::kernel_f32_12x32 };
+            run_blocked::<f32, 12, 32>(m, n, k, a, a_rs, a_cs, b, c, plan, accumulate)
+        }
+        #[cfg(target_arch = "x86_64")]
+        F32Kernel::Avx2 => {
             let plan = Plan { kc: KC_F32, mc: MC_F32, nc: NC_F32, kernel: x86::kernel_f32_6x16 };
-            return run_blocked::<f32, 6, 16>(m, n, k, a, a_rs, a_cs, b, c, plan, accumulate);
+            run_blocked::<f32, 6, 16>(m, n, k, a, a_rs, a_cs, b, c, plan, accumulate)
+        }
+        _ => {
+            let plan = Plan { kc: 256, mc: 128, nc: 2048, kernel: kernel_portable::<f32, 4, 16> };
+            run_blocked::<f32, 4, 16>(m, n, k, a, a_rs, a_cs, b, c, plan, accumulate)
         }
     }
-    let plan = Plan { kc: 256, mc: 128, nc: 2048, kernel: kernel_portable::<f32, 4, 16> };
-    run_blocked::<f32, 4, 16>(m, n, k, a, a_rs, a_cs, b, c, plan, accumulate)
 }
 
 /// [`gemm_skinny`] for a decoded W: `C[i][j] = A[i]·W[j]` decodes each row of W once for all
@@ -324,9 +422,11 @@ type Kernel<T> = unsafe fn(usize, *const T, *const T, *mut T, usize, bool);
 const KC_F32: usize = 256;
 const MC_F32: usize = 144;
 const NC_F32: usize = 2048;
+/// AVX-512: the KC×32 B micro-panel at KC = 192 takes 24 KiB of the 32 KiB L1.
+const KC_F32_512: usize = 192;
 
 /// Largest MR·NR of any kernel below (sizes the edge-tile stack buffer).
-const MAX_TILE: usize = 128;
+const MAX_TILE: usize = 384;
 
 /// Cache block sizes and micro-kernel for one element type on the running CPU. The register
 /// tile MR×NR is a const generic parameter of the driver instead, so that the packing loops
@@ -922,7 +1022,8 @@ unsafe fn kernel_portable<T: Elem, const MR: usize, const NR: usize>(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! AVX2 + FMA micro-kernels. Only reached after `is_x86_feature_detected!` confirmed both.
+    //! AVX2 + FMA and AVX-512 micro-kernels. Only reached after `is_x86_feature_detected!`
+    //! confirmed the features.
     use std::arch::x86_64::*;
 
     /// f32 6×16 kernel: C tile = 6 rows × 2 ymm (8 lanes each) = 12 accumulators.
@@ -971,6 +1072,52 @@ mod x86 {
                 }
                 _mm256_storeu_ps(cr, v0);
                 _mm256_storeu_ps(cr.add(8), v1);
+            }
+        }
+    }
+
+    /// f32 12×32 kernel (AVX-512): C tile = 12 rows × 2 zmm (16 lanes each) = 24 accumulators,
+    /// with the 2 B vectors and the broadcast 27 of the 32 zmm registers. The scheme of the 6×16
+    /// kernel: per step p, B row p in two loads, each A value broadcast (folded into the FMA's
+    /// memory operand) and multiplied into its row's two accumulators — 24 FMAs of 16 lanes per
+    /// 2 + 12 loads, against 12 FMAs of 8 per 2 + 6 for AVX2.
+    ///
+    /// # Safety
+    /// See [`super::Kernel`]; additionally the CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn kernel_f32_12x32(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
+        const MR: usize = 12;
+        const NR: usize = 32;
+        // SAFETY (whole body): as for `kernel_f32_6x16`, with MR = 12, NR = 32.
+        unsafe {
+            for r in 0..MR {
+                let cr = c.add(r * ldc) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(cr);
+                _mm_prefetch::<_MM_HINT_T0>(cr.add(NR * 4 - 1));
+            }
+            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            let mut ap = a;
+            let mut bp = b;
+            for _ in 0..kc {
+                let b0 = _mm512_loadu_ps(bp);
+                let b1 = _mm512_loadu_ps(bp.add(16));
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*ap.add(r));
+                    row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+                    row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+                }
+                ap = ap.add(MR);
+                bp = bp.add(NR);
+            }
+            for (r, row) in acc.iter().enumerate() {
+                let cr = c.add(r * ldc);
+                let (mut v0, mut v1) = (row[0], row[1]);
+                if accumulate {
+                    v0 = _mm512_add_ps(v0, _mm512_loadu_ps(cr));
+                    v1 = _mm512_add_ps(v1, _mm512_loadu_ps(cr.add(16)));
+                }
+                _mm512_storeu_ps(cr, v0);
+                _mm512_storeu_ps(cr.add(16), v1);
             }
         }
     }
@@ -1087,14 +1234,20 @@ mod tests {
         gemm_f64(m, n, k, &a, a_rs, a_cs, &b, b_rs, b_cs, &mut c64);
         let a32: Vec<f32> = a.iter().map(|&x| x as f32).collect();
         let b32: Vec<f32> = b.iter().map(|&x| x as f32).collect();
-        let mut c32 = vec![f32::NAN; m * n];
-        gemm_f32(m, n, k, &a32, a_rs, a_cs, &b32, b_rs, b_cs, &mut c32);
         for idx in 0..m * n {
-            let (g64, g32, w) = (c64[idx], c32[idx] as f64, want[idx]);
+            let (g64, w) = (c64[idx], want[idx]);
             assert!((g64 - w).abs() <= tol(f64::EPSILON), "f64 {m}x{n}x{k} {la:?}/{lb:?} at {idx}: {g64} vs {w}");
-            // f32 inputs are rounded too, so compare to the exact product of the rounded values
-            // loosely: sqrt(k)-scaled f32 epsilon, with a margin.
-            assert!((g32 - w).abs() <= tol(f32::EPSILON as f64), "f32 {m}x{n}x{k} {la:?}/{lb:?} at {idx}: {g32} vs {w}");
+        }
+        // Every f32 kernel family this CPU runs (AVX-512, AVX2, portable).
+        for kernel in F32Kernel::available() {
+            let mut c32 = vec![f32::NAN; m * n];
+            gemm_f32_with(kernel, m, n, k, &a32, a_rs, a_cs, &b32, b_rs, b_cs, &mut c32, false);
+            for idx in 0..m * n {
+                let (g32, w) = (c32[idx] as f64, want[idx]);
+                // f32 inputs are rounded too, so compare to the exact product of the rounded
+                // values loosely: sqrt(k)-scaled f32 epsilon, with a margin.
+                assert!((g32 - w).abs() <= tol(f32::EPSILON as f64), "f32 {kernel:?} {m}x{n}x{k} {la:?}/{lb:?} at {idx}: {g32} vs {w}");
+            }
         }
     }
 
@@ -1169,12 +1322,21 @@ mod tests {
                 let mut c64 = c0.clone();
                 gemm_f64_into(m, n, k, &a, a_rs, a_cs, &b, b_rs, b_cs, &mut c64, true);
                 let (a32, b32): (Vec<f32>, Vec<f32>) = (a.iter().map(|&x| x as f32).collect(), b.iter().map(|&x| x as f32).collect());
-                let mut c32: Vec<f32> = c0.iter().map(|&x| x as f32).collect();
-                gemm_f32_into(m, n, k, &a32, a_rs, a_cs, &b32, b_rs, b_cs, &mut c32, true);
                 for i in 0..m * n {
                     let want = c0[i] + prod[i];
                     assert!((c64[i] - want).abs() <= tol * f64::EPSILON, "f64 {m}x{n}x{k} at {i}: {} vs {want}", c64[i]);
-                    assert!((c32[i] as f64 - want).abs() <= tol * f32::EPSILON as f64, "f32 {m}x{n}x{k} at {i}: {} vs {want}", c32[i]);
+                }
+                for kernel in F32Kernel::available() {
+                    let mut c32: Vec<f32> = c0.iter().map(|&x| x as f32).collect();
+                    gemm_f32_with(kernel, m, n, k, &a32, a_rs, a_cs, &b32, b_rs, b_cs, &mut c32, true);
+                    for i in 0..m * n {
+                        let want = c0[i] + prod[i];
+                        assert!(
+                            (c32[i] as f64 - want).abs() <= tol * f32::EPSILON as f64,
+                            "f32 {kernel:?} {m}x{n}x{k} at {i}: {} vs {want}",
+                            c32[i]
+                        );
+                    }
                 }
             }
         }
