@@ -20,8 +20,8 @@ pub struct FinetuneArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Model directory or .gguf file.
-    #[arg(long)]
+    /// Model directory, .gguf file, or Hugging Face id in the local cache (org/name[@revision]).
+    #[arg(long, value_parser = crate::io::model_arg)]
     pub model: Option<PathBuf>,
     /// The frozen weights' type: keep (as stored: GGUF blocks stay quantised, f16/bf16 stay
     /// 16-bit), f32, f16, bf16, nf4 (QLoRA: the block linears in NF4) or int8 [default: keep].

@@ -1335,3 +1335,71 @@ fn finegates_from_the_cli_and_a_compressed_model() {
     assert!(!ok && err.contains("--compress removes what FineGates' closed gates make dead"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--model org/name` from a Hugging Face hub cache laid out as `huggingface_hub` lays it out
+/// (`models--org--name/refs/main` naming a `snapshots/<commit>` directory), found through
+/// `$HF_HUB_CACHE` without the network, with `@revision`; the adapter a run writes names the id
+/// as its base; an id not in the cache is an error that says where it looked.
+#[test]
+fn models_by_hugging_face_id_from_the_local_cache() {
+    let tmp = std::env::temp_dir().join(format!("tinytune-hfcache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let repo = tmp.join("hub/models--tiny-org--tiny-llama");
+    let (main, old) = ("0123abcd", "89efcafe");
+    for commit in [main, old] {
+        let snap = tiny_model_dir(&tmp.join(commit));
+        std::fs::create_dir_all(repo.join("snapshots")).unwrap();
+        std::fs::rename(&snap, repo.join("snapshots").join(commit)).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), format!("{main}\n")).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tinytune")).env("HF_HUB_CACHE", tmp.join("hub")).args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, out, err) = run(&["inspect", "--model", "tiny-org/tiny-llama", "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(json(&out)["architecture"], "llama");
+    // The same numbers as the directory itself gives, through the id and through @revision.
+    let text = "the cat sat on the mat";
+    let by_path = run(&["eval", "--model", &repo.join("snapshots").join(main).display().to_string(), "--text", text, "--json"]);
+    let by_id = run(&["eval", "--model", "tiny-org/tiny-llama", "--text", text, "--json"]);
+    let by_rev = run(&["eval", "--model", &format!("tiny-org/tiny-llama@{old}"), "--text", text, "--json"]);
+    assert!(by_path.0 && by_id.0 && by_rev.0, "{} {} {}", by_path.2, by_id.2, by_rev.2);
+    assert_eq!(json(&by_id.1)["mean_nll"], json(&by_path.1)["mean_nll"]);
+    assert_eq!(json(&by_rev.1)["mean_nll"], json(&by_path.1)["mean_nll"]);
+    // A run on the id names it as the adapter's base.
+    let data = tmp.join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"the cat sat on the mat\"}\n".repeat(8)).unwrap();
+    let out_dir = tmp.join("run");
+    let (ok, _, err) = run(&[
+        "finetune",
+        "--model",
+        "tiny-org/tiny-llama",
+        "--data",
+        &data.display().to_string(),
+        "--out",
+        &out_dir.display().to_string(),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "8",
+        "--eval-data",
+        &data.display().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    let cfg = json(&std::fs::read_to_string(out_dir.join("adapter/adapter_config.json")).unwrap());
+    assert_eq!(cfg["base_model_name_or_path"], "tiny-org/tiny-llama");
+    // Not in the cache: the error names the id and where it looked.
+    let (ok, _, err) = run(&["eval", "--model", "tiny-org/missing-model", "--text", text]);
+    assert!(!ok);
+    assert!(
+        err.contains("tiny-org/missing-model") && err.contains("models--tiny-org--missing-model") && err.contains("HF_HUB_CACHE"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["eval", "--model", "tiny-org/tiny-llama@nope", "--text", text]);
+    assert!(!ok && err.contains("refs/nope"), "{err}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}

@@ -74,10 +74,11 @@ enum Command {
         after_help = "Examples:\n  tinytune inspect --model ~/.cache/tinytune/smollm2-135m-instruct/SmolLM2-135M-Instruct-Q8_0.gguf\n  tinytune inspect --model path/to/hf-dir --json"
     )]
     Inspect {
-        /// Model directory or .gguf file.
+        /// Model directory, .gguf file, or Hugging Face id in the local cache (org/name).
+        #[arg(value_parser = tinytune::io::model_arg)]
         model: Option<PathBuf>,
         /// The same, as every other command takes it.
-        #[arg(long = "model", value_name = "MODEL")]
+        #[arg(long = "model", value_name = "MODEL", value_parser = tinytune::io::model_arg)]
         model_flag: Option<PathBuf>,
         /// Load the model on the CPU with this frozen-weight type (keep, f32, f16, bf16, nf4,
         /// int8) and report the bytes its weights take in memory.
@@ -90,8 +91,8 @@ enum Command {
     /// The token ids of a text, with special tokens added as the model's tokenizer does.
     #[command(after_help = "Example:\n  tinytune tokenize --model M --text \"Hello, world\" --json")]
     Tokenize {
-        /// Model directory or .gguf file (its tokenizer is used).
-        #[arg(long)]
+        /// Model directory, .gguf file or Hugging Face id in the local cache (its tokenizer is used).
+        #[arg(long, value_parser = tinytune::io::model_arg)]
         model: PathBuf,
         /// The text to tokenize.
         #[arg(long)]
@@ -167,8 +168,8 @@ tinytune bench --python /tmp/pyref/bin/python --steps 5     # against PyTorch + 
     /// config.json + tokenizer).
     #[command(after_help = "Example:\n  tinytune merge --model M --adapter run/adapter --out merged --dtype bf16")]
     Merge {
-        /// Base model directory or .gguf file.
-        #[arg(long)]
+        /// Base model directory, .gguf file or Hugging Face id in the local cache.
+        #[arg(long, value_parser = tinytune::io::model_arg)]
         model: PathBuf,
         /// Adapter directory (PEFT layout: adapter_config.json + adapter_model.safetensors).
         #[arg(long)]
@@ -245,8 +246,8 @@ tinytune generate --model M --adapter run/adapter --chat --prompt \"Write a haik
 
 #[derive(Args)]
 pub struct Common {
-    /// Model directory or .gguf file.
-    #[arg(long)]
+    /// Model directory, .gguf file, or Hugging Face id in the local cache (org/name[@revision]).
+    #[arg(long, value_parser = tinytune::io::model_arg)]
     model: PathBuf,
     /// auto (a hardware GPU, else the CPU), cpu, gpu, or gpu-software. Default: $TINYTUNE_DEVICE or auto.
     #[arg(long)]

@@ -32,7 +32,7 @@ const CASES: [&str; 4] = ["lora-step", "cls-step", "cls-eval", "prefill"];
 pub struct BenchArgs {
     /// Model directory or .gguf file [default: the SmolLM2-135M-Instruct GGUF that
     /// scripts/fetch-assets.sh puts in ~/.cache/tinytune].
-    #[arg(long)]
+    #[arg(long, value_parser = tinytune::io::model_arg)]
     model: Option<PathBuf>,
     /// {"text", "label"} lines for the classification cases [default: the cached movie reviews].
     #[arg(long)]

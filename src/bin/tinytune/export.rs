@@ -18,8 +18,8 @@ use tinytune::{Device, Error, Result};
 
 #[derive(Args)]
 pub struct ExportArgs {
-    /// Base model directory or .gguf file (LLaMA family).
-    #[arg(long)]
+    /// Base model directory, .gguf file or Hugging Face id in the local cache (LLaMA family).
+    #[arg(long, value_parser = tinytune::io::model_arg)]
     model: PathBuf,
     /// Adapter directory: merged into the model, or with --adapter-only written alone.
     #[arg(long)]

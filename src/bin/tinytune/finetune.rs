@@ -204,7 +204,8 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     let a = args.with_file()?;
     let need =
         |v: Option<PathBuf>, flag: &str| v.ok_or_else(|| Error::InvalidArgument { op: "finetune", msg: format!("--{flag} is required") });
-    let model_path = need(a.model.clone(), "model")?;
+    // A --model from a --config file has not been through the flag's parser: resolve it too.
+    let model_path = tinytune::io::resolve_model(&need(a.model.clone(), "model")?.to_string_lossy())?;
     let data_path = need(a.data.clone(), "data")?;
     let clip = match a.clip {
         None => Some(1.0),
@@ -499,6 +500,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         None => tinytune::io::GgufFile::open(&model_path)
             .ok()
             .and_then(|f| f.opt_str("general.source.huggingface.repository").ok().flatten().map(str::to_string))
+            .or_else(|| tinytune::io::hf_cache_id(&model_path))
             .unwrap_or_else(|| model_path.display().to_string()),
     };
     let report = train::train(model.as_mut(), &train_set, eval_set.as_ref(), &cfg, &base, &device, &mut progress)?;
