@@ -164,7 +164,7 @@ fn messages_have_loss_on_the_assistant_turns_only() {
         &[("system", "You are terse."), ("user", "Hi!"), ("assistant", "Hello."), ("user", "Count to 3."), ("assistant", "1, 2, 3.")],
     ];
     for (i, msgs) in conv.iter().enumerate() {
-        assert_eq!(ds.example(i).ids, tok.encode(&tok.apply_chat_template(msgs, false), true).unwrap(), "conversation {i}");
+        assert_eq!(ds.example(i).ids, tok.encode(&tok.apply_chat_template(msgs, false).unwrap(), true).unwrap(), "conversation {i}");
     }
     let b = ds.batch(&[0, 1], &Device::Cpu).unwrap();
     let targets = rows_i32(&b);
@@ -174,7 +174,7 @@ fn messages_have_loss_on_the_assistant_turns_only() {
     // first target is the newline of the generation prompt.
     let ids = &ds.example(1).ids;
     let first = ds.example(1).is_target.iter().position(|&t| t).unwrap();
-    let prompt = tok.encode(&tok.apply_chat_template(&conv[1][..2], true), true).unwrap();
+    let prompt = tok.encode(&tok.apply_chat_template(&conv[1][..2], true).unwrap(), true).unwrap();
     assert_eq!(first, prompt.len());
     assert_eq!(&ids[..first], &prompt[..]);
 }
@@ -577,7 +577,7 @@ fn preference_pairs_of_messages_go_through_the_chat_template() {
     for text in [explicit, implicit] {
         let ds = Dataset::from_jsonl_str(text, "chat.jsonl", &tok, &opts(128)).unwrap();
         let e = ds.example(0);
-        assert_eq!(e.ids, tok.encode(&tok.apply_chat_template(&[("user", "Hi!"), ("assistant", "Hello.")], false), true).unwrap());
+        assert_eq!(e.ids, tok.encode(&tok.apply_chat_template(&[("user", "Hi!"), ("assistant", "Hello.")], false).unwrap(), true).unwrap());
         let targets = rows_i32(&ds.batch(&[0], &Device::Cpu).unwrap());
         assert_eq!(predicted_text(&tok, &targets[0]), "Hello.<|im_end|>\n", "{text}");
         assert_eq!(predicted_text(&tok, &targets[1]), "Go.<|im_end|>\n", "{text}");

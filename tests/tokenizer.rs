@@ -98,7 +98,14 @@ fn with_names(tok: Tokenizer) -> Tokenizer {
     std::fs::remove_dir_all(&dir).ok();
     assert_eq!(named.vocab_size(), tok.vocab_size());
     assert!(tok.bos().is_none(), "no config beside the file, so no names");
-    assert_eq!(named.chat_template(), &ChatTemplate::ChatMl { default_system: None });
+    // The file's own template, with the special tokens it names.
+    match named.chat_template() {
+        ChatTemplate::Jinja { source, special, .. } => {
+            assert!(source.starts_with("{% for message in messages %}"), "{source}");
+            assert!(special.contains(&("bos_token".to_string(), "<|im_start|>".to_string())), "{special:?}");
+        }
+        other => panic!("expected the file's Jinja template, got {other:?}"),
+    }
     named
 }
 
@@ -132,22 +139,66 @@ fn smollm2_from_gguf_matches_transformers() {
         let msgs: Vec<(&str, &str)> =
             chat["messages"].as_array().unwrap().iter().map(|m| (m[0].as_str().unwrap(), m[1].as_str().unwrap())).collect();
         let gen = chat["add_generation_prompt"].as_bool().unwrap();
-        assert_eq!(tok.apply_chat_template(&msgs, gen), chat["rendered"].as_str().unwrap(), "chat {msgs:?}");
+        assert_eq!(tok.apply_chat_template(&msgs, gen).unwrap(), chat["rendered"].as_str().unwrap(), "chat {msgs:?}");
     }
 }
 
+/// Chat templates rendered byte for byte as transformers renders them
+/// (`scripts/make_chat_fixtures.py`: SmolLM2's own template, a Gemma-style and a Llama-3-style
+/// one with whitespace control, namespaces, loop controls, Python string methods, `tojson` and
+/// `raise_exception`), for a system message, multi-turn and assistant-last conversations, with
+/// and without the generation prompt; a conversation a template refuses is an error with the
+/// template's own message; a template that does not compile names where it came from and the
+/// line.
 #[test]
-fn chatml_template_is_read_out_of_jinja() {
-    let smol = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-    let t = ChatTemplate::from_jinja(smol).unwrap();
-    assert_eq!(t, ChatTemplate::ChatMl { default_system: Some("You are helpful".into()) });
-    assert_eq!(
-        t.render(&[("user", "Hi")], true),
-        "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    );
-    assert_eq!(t.render(&[("system", "S"), ("user", "Hi")], false), "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
-    assert_eq!(t.render(&[], true), "<|im_start|>assistant\n");
-    assert!(ChatTemplate::from_jinja("{{ bos_token }}[INST] {{ message }} [/INST]").is_none());
+fn jinja_chat_templates_render_as_transformers_renders_them() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat/templates.json");
+    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let conversations = &fixture["conversations"];
+    for t in fixture["templates"].as_array().unwrap() {
+        let name = t["name"].as_str().unwrap();
+        let special: Vec<(String, String)> =
+            t["special"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect();
+        let chat = ChatTemplate::Jinja { source: t["template"].as_str().unwrap().to_string(), origin: name.to_string(), special };
+        for case in t["cases"].as_array().unwrap() {
+            let conv = case["conversation"].as_str().unwrap();
+            let msgs: Vec<(&str, &str)> = conversations[conv]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+                .collect();
+            let gen = case["add_generation_prompt"].as_bool().unwrap();
+            let got = chat.render(&msgs, gen);
+            match case["text"].as_str() {
+                Some(want) => assert_eq!(got.unwrap(), want, "{name} / {conv} / generation prompt {gen}"),
+                None => {
+                    let e = got.unwrap_err().to_string();
+                    let want = case["error"].as_str().unwrap();
+                    assert!(e.contains(want) && e.contains(name), "{name} / {conv}: {e} (transformers: {want})");
+                }
+            }
+        }
+    }
+    // SmolLM2's template from its GGUF file through the tokenizer equals the fixture's.
+    if let Some(p) = common::asset("SmolLM2-135M-Instruct.Q4_1.gguf") {
+        let tok = Tokenizer::from_gguf(&p).unwrap();
+        let smol = &fixture["templates"][0];
+        assert_eq!(tok.chat_template_source(), smol["template"].as_str());
+        let case = &smol["cases"][1];
+        assert_eq!(tok.apply_chat_template(&[("user", "Hi there!")], true).unwrap(), case["text"].as_str().unwrap());
+    }
+    // A template that does not compile: the origin, the line and its text.
+    let broken = ChatTemplate::Jinja {
+        source: "{% for m in messages %}\n{{ m['content'] }}\n{% if %}\n{% endfor %}".into(),
+        origin: "model/tokenizer_config.json: chat template".into(),
+        special: vec![],
+    };
+    let e = broken.render(&[("user", "x")], false).unwrap_err().to_string();
+    assert!(e.contains("model/tokenizer_config.json: chat template") && e.contains("line 3") && e.contains("{% if %}"), "{e}");
+    // A model without a template renders ChatML.
+    let chatml = ChatTemplate::ChatMl { default_system: None };
+    assert_eq!(chatml.render(&[("user", "Hi")], true).unwrap(), "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
 }
 
 fn tmp(name: &str, bytes: &[u8]) -> PathBuf {

@@ -729,7 +729,7 @@ fn run(cli: Cli) -> Result<()> {
             let prompt_ids = match (&ids, &prompt, &tok) {
                 (Some(ids), _, _) => parse_ids("generate --ids", ids)?,
                 (_, Some(p), Some(t)) => {
-                    let text = if chat { t.apply_chat_template(&[("user", p.as_str())], true) } else { p.clone() };
+                    let text = if chat { t.apply_chat_template(&[("user", p.as_str())], true)? } else { p.clone() };
                     t.encode(&text, true)?
                 }
                 (_, Some(_), None) => {

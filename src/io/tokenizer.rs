@@ -38,10 +38,10 @@ pub struct SpecialToken {
     pub token: String,
 }
 
-/// How [`Tokenizer::apply_chat_template`] lays out a conversation. Only ChatML is rendered; a
-/// Jinja template from a file is recognised as ChatML when it writes `<|im_start|>`, and the one
-/// variable part SmolLM2's template has (a default system message, inserted when the first
-/// message is not a system one) is read out of it.
+/// How [`Tokenizer::apply_chat_template`] lays out a conversation: the model's own Jinja
+/// template (`tokenizer_config.json`'s `chat_template` or a GGUF file's
+/// `tokenizer.chat_template`), rendered as `transformers` renders it, or — for a model that
+/// carries none — ChatML.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChatTemplate {
     /// `<|im_start|>role\ncontent<|im_end|>\n` per message; `<|im_start|>assistant\n` as the
@@ -50,46 +50,206 @@ pub enum ChatTemplate {
         /// System message put first when the conversation does not start with one.
         default_system: Option<String>,
     },
+    /// A Jinja template, rendered with minijinja in the environment `transformers` builds
+    /// (`trim_blocks`, `lstrip_blocks`, loop controls, Python's string methods, `tojson` as
+    /// `json.dumps`, `raise_exception`, `strftime_now`), with `messages`, `add_generation_prompt`
+    /// and the special tokens (`bos_token`, `eos_token`, `pad_token`, `unk_token`) defined.
+    Jinja {
+        /// The template text.
+        source: String,
+        /// Where it came from, for errors (a file and the key).
+        origin: String,
+        /// `(name, token)` of the special tokens the template may use.
+        special: Vec<(String, String)>,
+    },
 }
 
 impl ChatTemplate {
-    /// Recognise a Jinja chat template (as stored in `tokenizer_config.json` or a GGUF file's
-    /// `tokenizer.chat_template`). `None` when it is not ChatML.
+    /// A Jinja chat template from `origin` (e.g. `path: tokenizer.chat_template`). Nothing is
+    /// checked here: a template that does not compile is reported, with its line, when a
+    /// conversation is first rendered (a model without chat use loads as before).
     pub fn from_jinja(template: &str) -> Option<ChatTemplate> {
-        if !template.contains("<|im_start|>") {
-            return None;
-        }
-        let guarded = ["messages[0]['role'] != 'system'", "messages[0][\"role\"] != \"system\"", "messages[0].role != 'system'"];
-        let default_system = guarded.iter().find_map(|g| template.find(g)).and_then(|at| {
-            let rest = &template[at..];
-            let open = "<|im_start|>system";
-            let start = rest.find(open)? + open.len();
-            let body = &rest[start..];
-            // The newline after the role, written as a real newline or as the escape `\n`.
-            let body = body.strip_prefix('\n').or_else(|| body.strip_prefix("\\n"))?;
-            let end = body.find("<|im_end|>")?;
-            Some(body[..end].replace("\\n", "\n").replace("\\'", "'"))
-        });
-        Some(ChatTemplate::ChatMl { default_system })
+        Some(ChatTemplate::Jinja { source: template.to_string(), origin: "chat template".into(), special: Vec::new() })
     }
 
     /// The conversation as text, exactly as the template writes it.
-    pub fn render(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> String {
-        let ChatTemplate::ChatMl { default_system } = self;
-        let mut out = String::new();
-        for (i, (role, content)) in messages.iter().enumerate() {
-            if i == 0 && *role != "system" {
-                if let Some(system) = default_system {
-                    out.push_str(&format!("<|im_start|>system\n{system}<|im_end|>\n"));
+    pub fn render(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> crate::error::Result<String> {
+        match self {
+            ChatTemplate::ChatMl { default_system } => {
+                let mut out = String::new();
+                for (i, (role, content)) in messages.iter().enumerate() {
+                    if i == 0 && *role != "system" {
+                        if let Some(system) = default_system {
+                            out.push_str(&format!("<|im_start|>system\n{system}<|im_end|>\n"));
+                        }
+                    }
+                    out.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
                 }
+                if add_generation_prompt {
+                    out.push_str("<|im_start|>assistant\n");
+                }
+                Ok(out)
             }
-            out.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
+            ChatTemplate::Jinja { source, origin, special } => render_jinja(source, origin, special, messages, add_generation_prompt),
         }
-        if add_generation_prompt {
-            out.push_str("<|im_start|>assistant\n");
-        }
-        out
     }
+}
+
+/// `json.dumps(x, ensure_ascii=False, indent=indent)` of a template value: Python's separators
+/// (`", "`, `": "`, or `","` and `": "` with an indent), mappings in insertion order, non-ASCII
+/// kept, as `transformers`' `tojson` filter writes it.
+fn python_json(v: &minijinja::Value, indent: Option<usize>, depth: usize, out: &mut String) -> std::result::Result<(), minijinja::Error> {
+    use minijinja::value::ValueKind;
+    let newline = |out: &mut String, d: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * d));
+        }
+    };
+    let sep = if indent.is_some() { "," } else { ", " };
+    let string = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    match v.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+        ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
+        ValueKind::Number => match (v.as_i64(), f64::try_from(v.clone())) {
+            (Some(i), _) => out.push_str(&i.to_string()),
+            // Python writes floats with a fractional part (1.0, not 1).
+            (None, Ok(f)) if f.is_finite() && f == f.trunc() && f.abs() < 1e16 => out.push_str(&format!("{f:.1}")),
+            (None, Ok(f)) => out.push_str(&serde_json::to_string(&f).unwrap_or_else(|_| "NaN".into())),
+            (None, Err(e)) => return Err(e),
+        },
+        ValueKind::String => out.push_str(&string(v.as_str().unwrap_or_default())),
+        ValueKind::Map => {
+            let keys: Vec<minijinja::Value> = v.try_iter()?.collect();
+            out.push('{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                newline(out, depth + 1);
+                out.push_str(&string(&k.to_string()));
+                out.push_str(": ");
+                python_json(&v.get_item(k)?, indent, depth + 1, out)?;
+            }
+            if !keys.is_empty() {
+                newline(out, depth);
+            }
+            out.push('}');
+        }
+        _ => {
+            let items: Vec<minijinja::Value> = v.try_iter()?.collect();
+            out.push('[');
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                newline(out, depth + 1);
+                python_json(x, indent, depth + 1, out)?;
+            }
+            if !items.is_empty() {
+                newline(out, depth);
+            }
+            out.push(']');
+        }
+    }
+    Ok(())
+}
+
+fn render_jinja(
+    source: &str,
+    origin: &str,
+    special: &[(String, String)],
+    messages: &[(&str, &str)],
+    add_generation_prompt: bool,
+) -> crate::error::Result<String> {
+    use minijinja::{Environment, Error as JError, ErrorKind, Value};
+    let bad = |e: &JError| {
+        let mut msg = format!("{origin}: {}", e.kind());
+        if let Some(d) = e.detail() {
+            msg.push_str(&format!(": {d}"));
+        }
+        if let Some(line) = e.line() {
+            let text = source.lines().nth(line.saturating_sub(1)).unwrap_or("").trim();
+            msg.push_str(&format!(" (template line {line}: `{}`)", text.chars().take(120).collect::<String>()));
+        }
+        crate::error::Error::InvalidArgument { op: "chat template", msg }
+    };
+    let mut env = Environment::new();
+    let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build().map_err(|e| bad(&e))?;
+    env.set_syntax(syntax);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, JError> {
+        Err(JError::new(ErrorKind::InvalidOperation, msg))
+    });
+    env.add_function("strftime_now", |format: String| -> String {
+        // No clock formatting library here: the date parts templates ask for (e.g. Llama 3's
+        // "%d %b %Y") from the system time, in UTC.
+        strftime_utc(&format)
+    });
+    env.add_filter("tojson", |v: Value, kwargs: minijinja::value::Kwargs| -> std::result::Result<String, JError> {
+        let indent: Option<usize> = kwargs.get("indent")?;
+        let mut out = String::new();
+        python_json(&v, indent, 0, &mut out)?;
+        kwargs.assert_all_used()?;
+        Ok(out)
+    });
+    env.add_template("chat", source).map_err(|e| bad(&e))?;
+    let tmpl = env.get_template("chat").map_err(|e| bad(&e))?;
+    // Each message a mapping with `role` before `content` (insertion order, as a Python dict).
+    let msgs: Vec<Value> = messages.iter().map(|&(role, content)| Value::from_pairs([("role", role), ("content", content)])).collect();
+    let mut ctx: Vec<(String, Value)> =
+        vec![("messages".into(), Value::from(msgs)), ("add_generation_prompt".into(), Value::from(add_generation_prompt))];
+    ctx.extend(special.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str()))));
+    tmpl.render(Value::from_pairs(ctx)).map_err(|e| bad(&e))
+}
+
+/// `datetime.now().strftime(format)` for the directives chat templates use (`%d %b %B %Y %m %H
+/// %M %S %y %j %%`), in UTC; any other directive is kept as written.
+fn strftime_utc(format: &str) -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + (month <= 2) as i64;
+    const MONTHS: [&str; 12] =
+        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let cum = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
+    let yday = cum[(month - 1) as usize] + day + (leap && month > 2) as i64;
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year % 100)),
+            Some('b') => out.push_str(&MONTHS[(month - 1) as usize][..3]),
+            Some('B') => out.push_str(MONTHS[(month - 1) as usize]),
+            Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", rem % 3600 / 60)),
+            Some('S') => out.push_str(&format!("{:02}", rem % 60)),
+            Some('j') => out.push_str(&format!("{yday:03}")),
+            Some('%') => out.push('%'),
+            Some(o) => {
+                out.push('%');
+                out.push(o);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
 }
 
 /// A tokenizer: text to ids and back, special tokens, chat template.
@@ -197,18 +357,21 @@ impl Tokenizer {
                 Some((None, token)) => Err(format_err(path, format!("{field} '{token}' is not in the vocabulary"))),
             }
         };
-        let chat = chat_source.as_deref().and_then(ChatTemplate::from_jinja).unwrap_or(ChatTemplate::ChatMl { default_system: None });
-        Ok(Tokenizer {
-            bos: resolve("bos_token", bos)?,
-            eos: resolve("eos_token", eos)?,
-            pad: resolve("pad_token", pad)?,
-            unk: resolve("unk_token", unk)?,
-            vocab_size: inner.get_vocab_size(true),
-            inner,
-            source,
-            chat,
-            chat_source,
-        })
+        let (bos, eos, pad, unk) =
+            (resolve("bos_token", bos)?, resolve("eos_token", eos)?, resolve("pad_token", pad)?, resolve("unk_token", unk)?);
+        let chat = match &chat_source {
+            Some(t) => ChatTemplate::Jinja {
+                source: t.clone(),
+                origin: format!("{source}: chat template"),
+                // The special tokens transformers passes to the template (its special_tokens_map).
+                special: [("bos_token", &bos), ("eos_token", &eos), ("pad_token", &pad), ("unk_token", &unk)]
+                    .into_iter()
+                    .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.token.clone())))
+                    .collect(),
+            },
+            None => ChatTemplate::ChatMl { default_system: None },
+        };
+        Ok(Tokenizer { bos, eos, pad, unk, vocab_size: inner.get_vocab_size(true), inner, source, chat, chat_source })
     }
 
     /// The tokenizer that goes with a model: the vocabulary inside a GGUF file, or in a model
@@ -612,8 +775,10 @@ impl Tokenizer {
     }
 
     /// A conversation of `(role, content)` messages as the prompt text, as `transformers`'
-    /// `apply_chat_template(.., tokenize=False)` renders it for ChatML models (SmolLM2).
-    pub fn apply_chat_template(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> String {
+    /// `apply_chat_template(.., tokenize=False)` renders it with the model's own template
+    /// (ChatML for a model that carries none). A template that does not compile, or that
+    /// raises (`raise_exception`), is an error naming the template and the line.
+    pub fn apply_chat_template(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> Result<String> {
         self.chat.render(messages, add_generation_prompt)
     }
 

@@ -153,7 +153,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     let mut task = progress::Task::new(format!("sampling {} × {} completions", prompts.len(), args.num_samples), prompts.len());
     let (mut rewards, mut kls) = (Vec::new(), Vec::new());
     for (k, (line, text)) in prompts.iter().enumerate() {
-        let text = if args.chat { tok.apply_chat_template(&[("user", text.as_str())], true) } else { text.clone() };
+        let text = if args.chat { tok.apply_chat_template(&[("user", text.as_str())], true)? } else { text.clone() };
         let mut ids = tok.encode(&text, true)?;
         if let Some((lo, hi)) = range {
             // A draw per line from the seed: the same prompts whatever else the file holds.
