@@ -96,3 +96,62 @@ fn smollm2_through_the_cli() {
     assert_eq!(ids, r.greedy_ids);
     assert_eq!(v["text"], "The capital of France is Paris.");
 }
+
+/// `tinytune chat` in a pseudo-terminal (util-linux `script` gives it one): the first answer
+/// is the greedy answer `generate --chat` gives to the same question, the history goes through
+/// the chat template (a follow-up question is answered in context), and /save, /system,
+/// /reset do what they say; a /save that cannot be written is reported and the chat goes on.
+#[test]
+fn chat_in_a_terminal() {
+    let Some(path) = common::asset(MODEL) else { return };
+    if Command::new("script").arg("--version").output().is_err() {
+        assert!(std::env::var("CI").is_err(), "util-linux `script` is needed for the pseudo-terminal");
+        println!("skipped: no `script` (util-linux) for a pseudo-terminal");
+        return;
+    }
+    let m = path.to_str().unwrap();
+    let question = "What is the capital of France?";
+    let out = Command::new(env!("CARGO_BIN_EXE_tinytune"))
+        .args(["generate", "--model", m, "--device", "cpu", "--chat", "--prompt", question, "--max-new-tokens", "16", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let want = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["text"].as_str().unwrap().trim().to_string();
+    let dir = std::env::temp_dir().join(format!("tinytune-chat-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let saved = dir.join("chat.jsonl");
+    let input = format!(
+        "{question}\n/save {s}\n/save {d}/missing/dir/x.jsonl\n/system Answer in one word.\nAnd of Italy?\n/save {s}\n/reset\n/save {s}\n/quit\n",
+        s = saved.display(),
+        d = dir.display()
+    );
+    let cmd = format!("{} chat --model {m} --device cpu --max-new-tokens 16", env!("CARGO_BIN_EXE_tinytune"));
+    let mut child = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{screen}");
+    assert!(screen.contains(&format!("> {want}")), "the first answer should be generate's ({want:?}):\n{screen}");
+    assert!(screen.contains("(system message set)") && screen.contains("(conversation cleared)"), "{screen}");
+    assert!(screen.contains("error:") && screen.contains("missing/dir"), "the failed /save is reported:\n{screen}");
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&saved).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let roles = |v: &serde_json::Value| -> Vec<String> {
+        v["messages"].as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(roles(&lines[0]), ["user", "assistant"]);
+    assert_eq!(lines[0]["messages"][1]["content"].as_str().unwrap().trim(), want);
+    assert_eq!(roles(&lines[1]), ["system", "user", "assistant", "user", "assistant"]);
+    assert_eq!(lines[1]["messages"][0]["content"], "Answer in one word.");
+    assert!(lines[1]["messages"][4]["content"].as_str().unwrap().contains("Rome"), "{}", lines[1]);
+    assert_eq!(roles(&lines[2]), ["system"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

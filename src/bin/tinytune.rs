@@ -45,6 +45,8 @@ mod finetune;
 use finetune::finetune;
 #[path = "tinytune/bench.rs"]
 mod bench;
+#[path = "tinytune/chat.rs"]
+mod chat;
 #[path = "tinytune/classify.rs"]
 mod classify;
 #[path = "tinytune/export.rs"]
@@ -217,31 +219,66 @@ tinytune generate --model M --adapter run/adapter --chat --prompt \"Write a haik
         /// Wrap the prompt as a user message in the model's chat template.
         #[arg(long, requires = "prompt")]
         chat: bool,
-        /// Most tokens to generate (fewer when a stop token comes, or the context is full).
-        #[arg(long, default_value_t = 32)]
-        max_new_tokens: usize,
-        /// Always take the most likely token (the default unless --temperature is given).
-        #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
-        greedy: bool,
-        /// Sample: divide the logits by this (higher = more varied) [default with --top-k/--top-p: 1].
-        #[arg(long)]
-        temperature: Option<f64>,
-        /// Sample from the k most likely tokens only.
-        #[arg(long)]
-        top_k: Option<usize>,
-        /// Sample from the smallest set of tokens whose probabilities add up to p (nucleus sampling).
-        #[arg(long)]
-        top_p: Option<f64>,
-        /// Scale down the logits of tokens already in the text (> 1 repeats less; 1 = off).
-        #[arg(long, default_value_t = 1.0)]
-        repetition_penalty: f64,
-        /// Seed of the sampling.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Stop after any of these token ids (comma-separated). Default: the tokenizer's EOS.
-        #[arg(long)]
-        stop: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
     },
+    /// Talk to a model in the terminal: its chat template keeps the history, the answer streams
+    /// as it is generated; /reset, /system TEXT, /save FILE, /quit.
+    #[command(after_help = "Examples:\n  tinytune chat --model HuggingFaceTB/SmolLM2-135M-Instruct\n  \
+tinytune chat --model M --adapter run/adapter --system \"You are terse.\" --temperature 0.7 --top-p 0.9")]
+    Chat(Box<chat::ChatArgs>),
+}
+
+/// How to pick each new token, shared by `generate` and `chat`.
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Most tokens to generate per answer (fewer when a stop token comes, or the context is
+    /// full) [default: 32 for generate, 256 for chat].
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Always take the most likely token (the default unless --temperature is given).
+    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
+    greedy: bool,
+    /// Sample: divide the logits by this (higher = more varied) [default with --top-k/--top-p: 1].
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Sample from the k most likely tokens only.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sample from the smallest set of tokens whose probabilities add up to p (nucleus sampling).
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Scale down the logits of tokens already in the text (> 1 repeats less; 1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f64,
+    /// Seed of the sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop after any of these token ids (comma-separated). Default: the tokenizer's EOS.
+    #[arg(long)]
+    stop: Option<String>,
+}
+
+impl SamplingArgs {
+    /// The options of one generation of at most `max_new_tokens` (`--max-new-tokens` or the
+    /// command's default), stopping at `--stop` or the tokenizer's EOS.
+    pub fn options(&self, default_max: usize, tok: Option<&Tokenizer>, op: &'static str) -> Result<GenerateOptions> {
+        let sampling = match (self.temperature, self.top_k, self.top_p) {
+            (None, None, None) => Sampling::Greedy,
+            (t, k, p) => Sampling::Sample { temperature: t.unwrap_or(1.0), top_k: k, top_p: p },
+        };
+        let stop_tokens = match self.stop.as_deref() {
+            Some(s) => parse_ids(op, s)?,
+            None => tok.and_then(|t| t.eos_id()).into_iter().collect(),
+        };
+        Ok(GenerateOptions {
+            max_new_tokens: self.max_new_tokens.unwrap_or(default_max),
+            sampling,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            stop_tokens,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -703,20 +740,8 @@ fn run(cli: Cli) -> Result<()> {
             outln!("merged {} adapter layers into {} ({dtype:?})", method.num_sites(), out.display());
             Ok(())
         }
-        Command::Generate {
-            common,
-            prompt,
-            ids,
-            chat,
-            max_new_tokens,
-            greedy: _,
-            temperature,
-            top_k,
-            top_p,
-            repetition_penalty,
-            seed,
-            stop,
-        } => {
+        Command::Chat(args) => chat::chat(*args),
+        Command::Generate { common, prompt, ids, chat, sampling } => {
             let device = common.device()?;
             let (model, head) = common.load(&device)?;
             if head.is_some() {
@@ -739,16 +764,9 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 _ => unreachable!("clap requires one input"),
             };
-            let sampling = match (temperature, top_k, top_p) {
-                (None, None, None) => Sampling::Greedy,
-                (t, k, p) => Sampling::Sample { temperature: t.unwrap_or(1.0), top_k: k, top_p: p },
-            };
-            let stop_tokens = match stop.as_deref() {
-                Some(s) => parse_ids("generate --stop", s)?,
-                None => tok.as_ref().and_then(|t| t.eos_id()).into_iter().collect(),
-            };
+            let mut opts = sampling.options(32, tok.as_ref(), "generate --stop")?;
             // The model's context bounds what can be generated: say so rather than run past it.
-            let mut max_new_tokens = max_new_tokens;
+            let mut max_new_tokens = opts.max_new_tokens;
             if let Some(ctx) = model.max_positions() {
                 model.check_tokens("generate: the prompt", &prompt_ids, prompt_ids.len())?;
                 if prompt_ids.len() + max_new_tokens > ctx {
@@ -759,7 +777,7 @@ fn run(cli: Cli) -> Result<()> {
                     );
                 }
             }
-            let opts = GenerateOptions { max_new_tokens, sampling, repetition_penalty, seed, stop_tokens };
+            opts.max_new_tokens = max_new_tokens;
             let stream = !common.json;
             // Streaming text: decode everything generated so far and print what is new.
             let (mut generated, mut shown) = (Vec::new(), 0usize);
@@ -771,16 +789,7 @@ fn run(cli: Cli) -> Result<()> {
                     generated.push(t);
                     if stream {
                         match &tok {
-                            Some(tok) => {
-                                // A character split across tokens decodes as U+FFFD until its
-                                // last byte arrives: print only up to the last complete one.
-                                let text = tok.decode_lossy(&generated, true)?;
-                                let complete = text.trim_end_matches('\u{FFFD}');
-                                if complete.len() > shown && complete.is_char_boundary(shown) {
-                                    emit(format_args!("{}", &complete[shown..]))?;
-                                    shown = complete.len();
-                                }
-                            }
+                            Some(tok) => stream_new_text(tok, &generated, &mut shown)?,
                             None => {
                                 emit(format_args!("{t} "))?;
                             }
@@ -802,6 +811,19 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Print the text of `generated` past the `shown` bytes already printed. A character split
+/// across tokens decodes as U+FFFD until its last byte arrives: print only up to the last
+/// complete one.
+fn stream_new_text(tok: &Tokenizer, generated: &[u32], shown: &mut usize) -> Result<()> {
+    let text = tok.decode_lossy(generated, true)?;
+    let complete = text.trim_end_matches('\u{FFFD}');
+    if complete.len() > *shown && complete.is_char_boundary(*shown) {
+        emit(format_args!("{}", &complete[*shown..]))?;
+        *shown = complete.len();
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
