@@ -839,7 +839,14 @@ fn main() -> ExitCode {
     // TINYTUNE_PROFILE=1: where the whole command's time went, kernel by kernel (`bench
     // --profile` gives one step of each case instead).
     let profiled = !matches!(cli.command, Command::Bench(_)) && tinytune::profile::enabled();
-    let result = run(cli);
+    // The command runs on a thread of the worker pool: the kernels' parallel loops then start
+    // from a worker (the work pushed on its own queue, small loops run inline, idle workers
+    // steal) instead of being handed from this thread to the pool and waited for, a round trip
+    // per op that showed as a tenth of a decoded token's time.
+    let result = match rayon::ThreadPoolBuilder::new().build() {
+        Ok(pool) => pool.install(|| run(cli)),
+        Err(_) => run(cli),
+    };
     if profiled {
         note!("{}", tinytune::profile::table());
     }
