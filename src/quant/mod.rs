@@ -236,19 +236,15 @@ impl QMatrix {
                 return unsafe { self.dot_row_avx2(row, a, out) };
             }
         }
-        self.dot_row_any::<false>(row, a, out, ggml::f16_at)
+        self.dot_row_any::<false>(row, a, out)
     }
 
-    /// [`QMatrix::dot_row`] compiled for AVX2 and FMA, the blocks' f16 scales widened by F16C;
-    /// the 32-element GGML formats and NF4 through the hand-written kernels of `dot_x86.rs`.
+    /// [`QMatrix::dot_row`] compiled for AVX2, FMA and F16C: the 32-element GGML formats and NF4
+    /// through the hand-written kernels of `dot_x86.rs`, the K-quants and int8 through the
+    /// generic loop.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_row_avx2(&self, row: usize, a: &[&[f32]], out: &mut [f32]) {
-        use std::arch::x86_64::{_mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32};
-        let f16 = |b: &[u8], i: usize| {
-            let h = u16::from_le_bytes([b[i], b[i + 1]]);
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
-        };
         match (self.format, &self.scales) {
             (QFormat::Ggml(t), _) => {
                 let (ts, nb) = (t.type_size(), self.cols / t.block_size());
@@ -263,13 +259,14 @@ impl QMatrix {
             }
             _ => {}
         }
-        self.dot_row_any::<true>(row, a, out, f16)
+        self.dot_row_any::<true>(row, a, out)
     }
 
     /// One loop per format with its block decoder inlined (the per-block call through a
     /// function pointer would cost as much as the decoding).
     #[inline(always)]
-    fn dot_row_any<const FMA: bool>(&self, row: usize, a: &[&[f32]], out: &mut [f32], f16: impl Fn(&[u8], usize) -> f32) {
+    fn dot_row_any<const FMA: bool>(&self, row: usize, a: &[&[f32]], out: &mut [f32]) {
+        let f16 = ggml::f16_at;
         let nb = self.cols / self.format.block_size();
         let first = row * nb;
         match (self.format, &self.scales) {
@@ -641,7 +638,7 @@ mod tests {
                 for row in 0..rows {
                     let (mut fast, mut portable) = (vec![f32::NAN; m], vec![f32::NAN; m]);
                     q.dot_row(row, &refs, &mut fast);
-                    q.dot_row_any::<false>(row, &refs, &mut portable, ggml::f16_at);
+                    q.dot_row_any::<false>(row, &refs, &mut portable);
                     for i in 0..m {
                         let terms = dense[row * cols..(row + 1) * cols].iter().zip(&a[i]).map(|(&w, &x)| w as f64 * x as f64);
                         let want: f64 = terms.clone().sum();

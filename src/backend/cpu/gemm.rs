@@ -102,20 +102,22 @@ pub enum F32Kernel {
 }
 
 impl F32Kernel {
+    /// Whether this CPU runs the kernel (a feature check, no allocation: every product asks).
+    pub fn runs(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            F32Kernel::Avx512 => is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            F32Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            F32Kernel::Portable => true,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
     /// The kernels this CPU can run, widest first.
     pub fn available() -> Vec<F32Kernel> {
-        let mut out = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                out.push(F32Kernel::Avx512);
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                out.push(F32Kernel::Avx2);
-            }
-        }
-        out.push(F32Kernel::Portable);
-        out
+        [F32Kernel::Avx512, F32Kernel::Avx2, F32Kernel::Portable].into_iter().filter(|k| k.runs()).collect()
     }
 
     /// The kernel for this CPU (see the type), or the one `TINYTUNE_GEMM` names if this CPU
@@ -196,7 +198,7 @@ pub fn gemm_f32_with(
     c: &mut [f32],
     accumulate: bool,
 ) {
-    assert!(F32Kernel::available().contains(&kernel), "gemm: {kernel:?} does not run on this CPU");
+    assert!(kernel.runs(), "gemm: {kernel:?} does not run on this CPU");
     match kernel {
         #[cfg(target_arch = "x86_64")]
         F32Kernel::Avx512 => {
