@@ -116,6 +116,22 @@ fn tiny_sentencepiece_tokenizer_json_matches_transformers() {
     let tok = Tokenizer::from_hf_json(fixtures().join("tiny-sentencepiece.json")).unwrap();
     check_against(&tok, "tiny_sentencepiece");
     assert_eq!(tok.encode("Hello", true).unwrap()[0], tok.bos_id().unwrap());
+    // A chat template that writes BOS itself: the conversation's ids hold it once, as
+    // transformers' apply_chat_template(tokenize=True) gives them (the post-processor does not
+    // add a second); the ChatML fallback, which writes none, gets the tokenizer's.
+    let bos = tok.bos().unwrap().token.clone();
+    let mut chat = tok.clone();
+    chat.set_chat_template(ChatTemplate::Jinja {
+        source: "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}".into(),
+        origin: "test".into(),
+        special: vec![("bos_token".into(), bos)],
+    });
+    let ids = chat.encode_chat(&[("user", "Hello")], true).unwrap();
+    assert_eq!(ids.iter().filter(|&&i| i == tok.bos_id().unwrap()).count(), 1, "{ids:?}");
+    assert_eq!(ids[0], tok.bos_id().unwrap());
+    let mut chatml = tok.clone();
+    chatml.set_chat_template(ChatTemplate::ChatMl { default_system: None });
+    assert_eq!(chatml.encode_chat(&[("user", "Hello")], true).unwrap()[0], tok.bos_id().unwrap());
 }
 
 #[test]

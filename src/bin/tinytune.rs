@@ -754,8 +754,11 @@ fn run(cli: Cli) -> Result<()> {
             let prompt_ids = match (&ids, &prompt, &tok) {
                 (Some(ids), _, _) => parse_ids("generate --ids", ids)?,
                 (_, Some(p), Some(t)) => {
-                    let text = if chat { t.apply_chat_template(&[("user", p.as_str())], true)? } else { p.clone() };
-                    t.encode(&text, true)?
+                    if chat {
+                        t.encode_chat(&[("user", p.as_str())], true)?
+                    } else {
+                        t.encode(p, true)?
+                    }
                 }
                 (_, Some(_), None) => {
                     return Err(Tokenizer::for_model(&common.model)

@@ -65,13 +65,6 @@ pub enum ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// A Jinja chat template from `origin` (e.g. `path: tokenizer.chat_template`). Nothing is
-    /// checked here: a template that does not compile is reported, with its line, when a
-    /// conversation is first rendered (a model without chat use loads as before).
-    pub fn from_jinja(template: &str) -> Option<ChatTemplate> {
-        Some(ChatTemplate::Jinja { source: template.to_string(), origin: "chat template".into(), special: Vec::new() })
-    }
-
     /// The conversation as text, exactly as the template writes it.
     pub fn render(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> crate::error::Result<String> {
         match self {
@@ -780,6 +773,15 @@ impl Tokenizer {
     /// raises (`raise_exception`), is an error naming the template and the line.
     pub fn apply_chat_template(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> Result<String> {
         self.chat.render(messages, add_generation_prompt)
+    }
+
+    /// The ids of a conversation rendered by [`Tokenizer::apply_chat_template`], as
+    /// `apply_chat_template(.., tokenize=True)` gives them: a model's own template writes its
+    /// special tokens itself (`{{ bos_token }}`), so they are not added again; the ChatML
+    /// fallback, which writes none, gets the tokenizer's usual ones.
+    pub fn encode_chat(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        let own_template = matches!(self.chat, ChatTemplate::Jinja { .. });
+        self.encode(&self.apply_chat_template(messages, add_generation_prompt)?, !own_template)
     }
 
     /// The Hugging Face tokenizer underneath, for what this type does not wrap.

@@ -893,15 +893,17 @@ fn check_options(format: DataFormat, tokenizer: &Tokenizer, opts: &DataOptions, 
 /// Only the assistant turns from message `from` on are targets (a preference pair's prompt
 /// turns are not).
 fn chat_example(msgs: &[(&str, &str)], from: usize, tokenizer: &Tokenizer, name: &str, line: usize) -> Result<(Vec<u32>, Vec<bool>)> {
-    let encode = |s: &str| tokenizer.encode(s, true).map_err(|e| format_err(name, format!("line {line}: tokenizing failed: {e}")));
-    let ids = encode(&tokenizer.apply_chat_template(msgs, false)?)?;
+    let encode = |m: &[(&str, &str)], generation_prompt: bool| {
+        tokenizer.encode_chat(m, generation_prompt).map_err(|e| format_err(name, format!("line {line}: {e}")))
+    };
+    let ids = encode(msgs, false)?;
     let mut is_target = vec![false; ids.len()];
     for (i, (role, _)) in msgs.iter().enumerate() {
         if *role != "assistant" || i < from {
             continue;
         }
-        let start = encode(&tokenizer.apply_chat_template(&msgs[..i], true)?)?;
-        let end = encode(&tokenizer.apply_chat_template(&msgs[..=i], false)?)?;
+        let start = encode(&msgs[..i], true)?;
+        let end = encode(&msgs[..=i], false)?;
         if !ids.starts_with(&start) || !ids.starts_with(&end) || start.len() > end.len() {
             return Err(format_err(
                 name,

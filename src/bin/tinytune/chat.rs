@@ -48,7 +48,7 @@ impl Conversation {
     /// The prompt ids of the history plus the generation prompt, tokenized as
     /// `apply_chat_template(tokenize=True)` does (the template writes any special tokens).
     fn prompt(&self, tok: &Tokenizer) -> Result<Vec<u32>> {
-        tok.encode(&tok.apply_chat_template(&self.messages(), true)?, false)
+        tok.encode_chat(&self.messages(), true)
     }
 }
 

@@ -110,8 +110,8 @@ pub fn classify(args: ClassifyArgs) -> Result<()> {
             let mut task = super::progress::Task::new(format!("scoring {} labels for {} texts", labels.len(), texts.len()), texts.len());
             for t in &texts {
                 let prompt = args.prompt_template.replace("{text}", t);
-                let prompt = if args.chat { tok.apply_chat_template(&[("user", prompt.as_str())], true)? } else { prompt };
-                out.push(label_scores(model.as_ref(), &tok.encode(&prompt, true)?, &label_ids, &device)?.1);
+                let ids = if args.chat { tok.encode_chat(&[("user", prompt.as_str())], true)? } else { tok.encode(&prompt, true)? };
+                out.push(label_scores(model.as_ref(), &ids, &label_ids, &device)?.1);
                 task.set(out.len(), texts.len());
             }
             task.finish();

@@ -153,8 +153,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     let mut task = progress::Task::new(format!("sampling {} × {} completions", prompts.len(), args.num_samples), prompts.len());
     let (mut rewards, mut kls) = (Vec::new(), Vec::new());
     for (k, (line, text)) in prompts.iter().enumerate() {
-        let text = if args.chat { tok.apply_chat_template(&[("user", text.as_str())], true)? } else { text.clone() };
-        let mut ids = tok.encode(&text, true)?;
+        let mut ids = if args.chat { tok.encode_chat(&[("user", text.as_str())], true)? } else { tok.encode(text, true)? };
         if let Some((lo, hi)) = range {
             // A draw per line from the seed: the same prompts whatever else the file holds.
             let w = philox4x32_10([*line as u32, 0x5052_4d54, 0, 0], [args.seed as u32, (args.seed >> 32) as u32]);
