@@ -254,7 +254,8 @@ pub struct SamplingArgs {
     /// Seed of the sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Stop after any of these token ids (comma-separated). Default: the tokenizer's EOS.
+    /// Stop after any of these token ids (comma-separated). Default: the tokenizer's EOS and its
+    /// chat format's end-of-turn token (`<end_of_turn>`, `<|im_end|>`, `<|eot_id|>`).
     #[arg(long)]
     stop: Option<String>,
 }
@@ -269,7 +270,7 @@ impl SamplingArgs {
         };
         let stop_tokens = match self.stop.as_deref() {
             Some(s) => parse_ids(op, s)?,
-            None => tok.and_then(|t| t.eos_id()).into_iter().collect(),
+            None => tok.map(Tokenizer::stop_ids).unwrap_or_default(),
         };
         Ok(GenerateOptions {
             max_new_tokens: self.max_new_tokens.unwrap_or(default_max),

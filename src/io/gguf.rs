@@ -189,7 +189,11 @@ pub struct GgufTokenizer {
     pub unk_id: Option<u32>,
     pub add_bos: Option<bool>,
     pub add_eos: Option<bool>,
+    /// `tokenizer.ggml.add_space_prefix` (SentencePiece): a `▁` before the first word.
+    pub add_space_prefix: Option<bool>,
     pub chat_template: Option<String>,
+    /// `general.architecture`: Gemma's SentencePiece vocabularies are built differently.
+    pub architecture: Option<String>,
 }
 
 enum Bytes {
@@ -557,7 +561,9 @@ impl GgufFile {
             unk_id: id("tokenizer.ggml.unknown_token_id")?,
             add_bos: self.opt_bool("tokenizer.ggml.add_bos_token")?,
             add_eos: self.opt_bool("tokenizer.ggml.add_eos_token")?,
+            add_space_prefix: self.opt_bool("tokenizer.ggml.add_space_prefix")?,
             chat_template: self.opt_str("tokenizer.chat_template")?.map(str::to_string),
+            architecture: self.opt_str("general.architecture")?.map(str::to_string),
             tokens,
         };
         for (key, len) in [
@@ -614,6 +620,17 @@ impl GgufFile {
 /// llama.cpp's tensor name for a Hugging Face LLaMA module path
 /// (`model.layers.3.self_attn.q_proj.weight` → `blk.3.attn_q.weight`), or `None`.
 pub fn llama_gguf_name(hf: &str) -> Option<String> {
+    gguf_name(hf, LLAMA_BLOCK_NAMES)
+}
+
+/// The llama.cpp tensor of a Gemma 3 weight (`model.layers.3.pre_feedforward_layernorm.weight`
+/// → `blk.3.ffn_norm.weight`). Gemma 3's `post_attention_layernorm` is a norm of the attention
+/// output, not LLaMA's MLP pre-norm, so the block names differ from [`llama_gguf_name`]'s.
+pub fn gemma3_gguf_name(hf: &str) -> Option<String> {
+    gguf_name(hf, GEMMA3_BLOCK_NAMES)
+}
+
+fn gguf_name(hf: &str, block_names: &[(&str, &str)]) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -627,7 +644,7 @@ pub fn llama_gguf_name(hf: &str) -> Option<String> {
     if param != "weight" && param != "bias" {
         return None;
     }
-    let g = LLAMA_BLOCK_NAMES.iter().find(|(h, _)| *h == module)?.1;
+    let g = block_names.iter().find(|(h, _)| *h == module)?.1;
     Some(format!("blk.{layer}.{g}.{param}"))
 }
 
@@ -642,6 +659,22 @@ const LLAMA_BLOCK_NAMES: &[(&str, &str)] = &[
     ("mlp.down_proj", "ffn_down"),
     ("input_layernorm", "attn_norm"),
     ("post_attention_layernorm", "ffn_norm"),
+];
+
+const GEMMA3_BLOCK_NAMES: &[(&str, &str)] = &[
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("self_attn.q_norm", "attn_q_norm"),
+    ("self_attn.k_norm", "attn_k_norm"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+    ("input_layernorm", "attn_norm"),
+    ("post_attention_layernorm", "post_attention_norm"),
+    ("pre_feedforward_layernorm", "ffn_norm"),
+    ("post_feedforward_layernorm", "post_ffw_norm"),
 ];
 
 /// Undo llama.cpp's row permutation of q_proj/k_proj, in place on row-major `[rows, cols]` data.
@@ -667,28 +700,39 @@ pub fn reorder_rows(data: &[f32], cols: usize, order: &[usize]) -> Vec<f32> {
     order.iter().flat_map(|&r| data[r * cols..(r + 1) * cols].iter().copied()).collect()
 }
 
-/// The weights of a LLaMA-architecture GGUF file under Hugging Face names, dequantised to f32
-/// on load, with q_proj/k_proj rows put back in Hugging Face order.
+/// The weights of a GGUF file under Hugging Face names: matrices as stored (or dequantised to
+/// f32 where asked), put back in Hugging Face's form. LLaMA: llama.cpp's converter permuted the
+/// q_proj/k_proj rows, undone here. Gemma 3: no permutation (its RoPE is the half-split one
+/// llama.cpp calls NEOX), but every norm weight was stored as `1 + w`; the `w` of the Hugging
+/// Face checkpoint is given back, which the model's norms use as `1 + w`.
 pub struct GgufLlamaWeights<'a> {
     file: &'a GgufFile,
-    n_head: usize,
-    n_kv_head: usize,
+    /// `(heads, key/value heads)` whose q/k rows were permuted (LLaMA); `None`: not permuted.
+    permuted: Option<(usize, usize)>,
+    names: fn(&str) -> Option<String>,
+    norm_shift: f32,
 }
 
 impl<'a> GgufLlamaWeights<'a> {
+    /// A `general.architecture = "llama"` file.
     pub fn new(file: &'a GgufFile, n_head: usize, n_kv_head: usize) -> GgufLlamaWeights<'a> {
-        GgufLlamaWeights { file, n_head, n_kv_head }
+        GgufLlamaWeights { file, permuted: Some((n_head, n_kv_head)), names: llama_gguf_name, norm_shift: 0.0 }
+    }
+
+    /// A `general.architecture = "gemma3"` file.
+    pub fn gemma3(file: &'a GgufFile) -> GgufLlamaWeights<'a> {
+        GgufLlamaWeights { file, permuted: None, names: gemma3_gguf_name, norm_shift: 1.0 }
     }
 }
 
 impl Weights for GgufLlamaWeights<'_> {
     fn contains(&self, name: &str) -> bool {
-        llama_gguf_name(name).is_some_and(|g| self.file.contains(&g))
+        (self.names)(name).is_some_and(|g| self.file.contains(&g))
     }
 
     fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let f = self.file;
-        let g = llama_gguf_name(name).ok_or_else(|| f.error(format!("no GGUF tensor corresponds to '{name}'")))?;
+        let g = (self.names)(name).ok_or_else(|| f.error(format!("no GGUF tensor corresponds to '{name}'")))?;
         let info = f.tensor_info(&g).ok_or_else(|| f.error(format!("missing tensor '{g}' (for '{name}', expected shape {shape:?})")))?;
         if info.shape() != shape {
             return Err(f.error(format!(
@@ -698,6 +742,9 @@ impl Weights for GgufLlamaWeights<'_> {
             )));
         }
         let mut data = f.dequantize(&g)?;
+        if self.norm_shift != 0.0 && g.ends_with("norm.weight") {
+            data.iter_mut().for_each(|x| *x -= self.norm_shift);
+        }
         if let Some(n) = self.heads(&g) {
             let rows = shape.first().copied().unwrap_or(0);
             let cols = shape.get(1).copied().unwrap_or(1);
@@ -709,7 +756,7 @@ impl Weights for GgufLlamaWeights<'_> {
 
     fn get_stored(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
         let f = self.file;
-        let g = llama_gguf_name(name).ok_or_else(|| f.error(format!("no GGUF tensor corresponds to '{name}'")))?;
+        let g = (self.names)(name).ok_or_else(|| f.error(format!("no GGUF tensor corresponds to '{name}'")))?;
         let Some(info) = f.tensor_info(&g) else { return self.get(name, shape, DType::F32, device) };
         let (ty, rows, cols) = (info.ty, shape.first().copied().unwrap_or(0), shape.get(1).copied().unwrap_or(1));
         let stored = match ty {
@@ -737,10 +784,11 @@ impl Weights for GgufLlamaWeights<'_> {
 impl GgufLlamaWeights<'_> {
     /// The heads whose rows llama.cpp's converter permuted (q and k projections).
     fn heads(&self, g: &str) -> Option<usize> {
+        let (n_head, n_kv_head) = self.permuted?;
         if g.contains(".attn_q.") {
-            Some(self.n_head)
+            Some(n_head)
         } else if g.contains(".attn_k.") {
-            Some(self.n_kv_head)
+            Some(n_kv_head)
         } else {
             None
         }

@@ -334,6 +334,35 @@ fn config_token(v: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// Gemma's chat format (`<start_of_turn>user\n…<end_of_turn>\n`, the assistant's role
+/// called `model`, a system message put before the first user turn), as the template of
+/// Gemma 3's instruction-tuned checkpoints writes it for text messages.
+const GEMMA_TURNS: &str = r#"{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {{- message['content'] | trim }}
+    {{- '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<start_of_turn>model\n' }}
+{%- endif -%}
+"#;
+
 impl Tokenizer {
     fn finish(
         inner: tokenizers::Tokenizer,
@@ -357,6 +386,16 @@ impl Tokenizer {
                 source: t.clone(),
                 origin: format!("{source}: chat template"),
                 // The special tokens transformers passes to the template (its special_tokens_map).
+                special: [("bos_token", &bos), ("eos_token", &eos), ("pad_token", &pad), ("unk_token", &unk)]
+                    .into_iter()
+                    .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.token.clone())))
+                    .collect(),
+            },
+            // A vocabulary with Gemma's turn markers and no template of its own (Gemma GGUFs
+            // converted without one): Gemma's turn format, not ChatML.
+            None if ["<start_of_turn>", "<end_of_turn>"].iter().all(|t| inner.token_to_id(t).is_some()) => ChatTemplate::Jinja {
+                source: GEMMA_TURNS.to_string(),
+                origin: format!("{source}: Gemma's turn template (built in; the file has no chat template)"),
                 special: [("bos_token", &bos), ("eos_token", &eos), ("pad_token", &pad), ("unk_token", &unk)]
                     .into_iter()
                     .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.token.clone())))
@@ -477,10 +516,12 @@ impl Tokenizer {
         Tokenizer::from_gguf_file(&GgufFile::open(path)?)
     }
 
-    /// The vocabulary of an open GGUF file. Only `tokenizer.ggml.model = "gpt2"` (byte-level BPE)
-    /// is supported; it is built as `transformers` builds it: tokens marked control (type 3) are
-    /// special tokens, user-defined ones (type 4) plain added tokens, the split regex follows
-    /// `tokenizer.ggml.pre`, and a BOS/EOS is added only where `add_bos_token`/`add_eos_token` say.
+    /// The vocabulary of an open GGUF file: `tokenizer.ggml.model = "gpt2"` (byte-level BPE) or
+    /// `"llama"` (SentencePiece BPE with byte fallback), built as `transformers` builds it: tokens
+    /// marked control (type 3) are special tokens, user-defined ones (type 4) plain added tokens,
+    /// the split regex follows `tokenizer.ggml.pre`, and a BOS/EOS is added only where
+    /// `add_bos_token`/`add_eos_token` say (a SentencePiece vocabulary adds BOS unless it says
+    /// not to). See [`sentencepiece`] for how SentencePiece merges are recovered.
     pub fn from_gguf_file(file: &GgufFile) -> Result<Tokenizer> {
         let t = file.tokenizer()?;
         Tokenizer::from_gguf_tokenizer(&t, file.path())
@@ -488,8 +529,11 @@ impl Tokenizer {
 
     /// The same from already-read GGUF tokenizer metadata; `path` is named in errors.
     pub fn from_gguf_tokenizer(t: &GgufTokenizer, path: &Path) -> Result<Tokenizer> {
-        if t.model != "gpt2" {
-            return Err(format_err(path, format!("tokenizer.ggml.model '{}' is not supported (only 'gpt2', byte-level BPE)", t.model)));
+        if t.model != "gpt2" && t.model != "llama" {
+            return Err(format_err(
+                path,
+                format!("tokenizer.ggml.model '{}' is not supported ('gpt2': byte-level BPE, 'llama': SentencePiece BPE)", t.model),
+            ));
         }
         let n = t.tokens.len();
         for (field, id) in [
@@ -502,17 +546,12 @@ impl Tokenizer {
                 return Err(format_err(path, format!("{field} = {id} is outside the vocabulary of {n} tokens")));
             }
         }
+        let spm = t.model == "llama";
         // Tokens outside the byte alphabet (rare; e.g. spelled with real spaces) are respelled
         // byte by byte, as transformers does.
         let spelling = bytes_to_unicode();
         let alphabet: std::collections::HashSet<char> = spelling.iter().copied().collect();
-        let in_alphabet = |s: &str| s.chars().all(|c| alphabet.contains(&c));
-        let mut vocab = HashMap::with_capacity(n);
-        for (id, token) in t.tokens.iter().enumerate() {
-            let spelled = if in_alphabet(token) { token.clone() } else { token.bytes().map(|b| spelling[b as usize]).collect() };
-            // Later duplicates win, as in a Python dict built in order.
-            vocab.insert(spelled, id as u32);
-        }
+        let in_alphabet = |s: &str| spm || s.chars().all(|c| alphabet.contains(&c));
         let mut merges = Vec::with_capacity(t.merges.len());
         for (i, m) in t.merges.iter().enumerate() {
             let mut parts = m.split(' ');
@@ -521,8 +560,17 @@ impl Tokenizer {
                 _ => return Err(format_err(path, format!("tokenizer.ggml.merges[{i}] = {m:?} is not a merge 'a b'"))),
             }
         }
-        let split = t.pre.as_deref().and_then(gguf_pre_split);
-        let mut inner = byte_level(vocab, merges, split, path)?;
+        let mut inner = if spm {
+            sentencepiece(t, merges, path)?
+        } else {
+            let mut vocab = HashMap::with_capacity(n);
+            for (id, token) in t.tokens.iter().enumerate() {
+                let spelled = if in_alphabet(token) { token.clone() } else { token.bytes().map(|b| spelling[b as usize]).collect() };
+                // Later duplicates win, as in a Python dict built in order.
+                vocab.insert(spelled, id as u32);
+            }
+            byte_level(vocab, merges, t.pre.as_deref().and_then(gguf_pre_split), path)?
+        };
         if let Some(types) = &t.token_types {
             let control: Vec<AddedToken> = t
                 .tokens
@@ -546,7 +594,8 @@ impl Tokenizer {
         // The named special tokens are special even when the file's token types do not say so.
         let named: Vec<AddedToken> = names.iter().flatten().map(|tok| AddedToken::from(tok.clone(), true)).collect();
         inner.add_special_tokens(&named);
-        let add_bos = t.add_bos.unwrap_or(false).then(|| t.bos_id.map(|id| (t.tokens[id as usize].clone(), id))).flatten();
+        // transformers (as llama.cpp) adds BOS to a SentencePiece vocabulary that does not say.
+        let add_bos = t.add_bos.unwrap_or(spm).then(|| t.bos_id.map(|id| (t.tokens[id as usize].clone(), id))).flatten();
         let add_eos = t.add_eos.unwrap_or(false).then(|| t.eos_id.map(|id| (t.tokens[id as usize].clone(), id))).flatten();
         if add_bos.is_some() || add_eos.is_some() {
             let mut single = String::new();
@@ -655,6 +704,8 @@ impl Tokenizer {
             add_bos: adds(self.bos_id(), |s| s.first()),
             add_eos: adds(self.eos_id(), |s| s.last()),
             chat_template: self.chat_source.clone(),
+            add_space_prefix: None,
+            architecture: None,
         })
     }
 
@@ -732,6 +783,20 @@ impl Tokenizer {
     pub fn bos_id(&self) -> Option<u32> {
         self.bos.as_ref().map(|t| t.id)
     }
+    /// The tokens that end a generated answer: EOS, and the end-of-turn marker of the chat
+    /// format when the vocabulary has one as a special token (Gemma's `<end_of_turn>`,
+    /// ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`), as the models' generation configs list.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.eos_id().into_iter().collect();
+        let special = self.special_ids();
+        for t in ["<end_of_turn>", "<|im_end|>", "<|eot_id|>"] {
+            if let Some(id) = self.token_to_id(t).filter(|id| special.contains(id) && !ids.contains(id)) {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+
     pub fn eos_id(&self) -> Option<u32> {
         self.eos.as_ref().map(|t| t.id)
     }
@@ -802,6 +867,105 @@ fn parse_hf_json(bytes: &[u8], path: &Path) -> Result<tokenizers::Tokenizer> {
         Ok(Err(e)) => Err(format_err(path, format!("not a valid tokenizer.json: {e}"))),
         Err(_) => Err(format_err(path, "not a valid tokenizer.json: the tokenizers crate panicked reading it")),
     }
+}
+
+/// The merges a SentencePiece vocabulary implies, best first, as `transformers`' GGUF loader
+/// recovers them (`generate_merges`): every split of every token into two tokens of the
+/// vocabulary is a merge, ranked by the merged token's priority (then the longer left part,
+/// then the longer right part; equal ranks keep the order of the tokens' ids). The priority is
+/// the token's score, except for Gemma, whose scores do not follow its merge order: there it
+/// is the token's position in the file, earlier first.
+fn sentencepiece_merges(tokens: &[String], vocab: &HashMap<String, u32>, priority: &[f32]) -> Vec<(String, String)> {
+    // Tokens in first-seen order with their last priority, as a Python dict built in order.
+    let mut first: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
+    let mut order: Vec<(&str, f32)> = Vec::with_capacity(tokens.len());
+    for (token, &p) in tokens.iter().zip(priority) {
+        match first.get(token.as_str()) {
+            Some(&i) => order[i].1 = p,
+            None => {
+                first.insert(token, order.len());
+                order.push((token, p));
+            }
+        }
+    }
+    let mut merges: Vec<(&str, &str, f32)> = Vec::new();
+    for (token, p) in order {
+        let start = merges.len();
+        for (cut, _) in token.char_indices().skip(1) {
+            let (l, r) = token.split_at(cut);
+            if vocab.contains_key(l) && vocab.contains_key(r) {
+                merges.push((l, r, p));
+            }
+        }
+        merges[start..].sort_by_key(|&(l, r, _)| (vocab[l], vocab[r]));
+    }
+    let chars = |s: &str| s.chars().count();
+    // Descending and stable, as Python's sorted(..., reverse=True).
+    merges.sort_by(|a, b| b.2.total_cmp(&a.2).then(chars(b.0).cmp(&chars(a.0))).then(chars(b.1).cmp(&chars(a.1))));
+    merges.into_iter().map(|(l, r, _)| (l.to_string(), r.to_string())).collect()
+}
+
+/// A SentencePiece BPE vocabulary from GGUF (`tokenizer.ggml.model = "llama"`), as
+/// `transformers` builds it: BPE with byte fallback (`<0x0A>`-style byte tokens) and merges
+/// from the file or [`sentencepiece_merges`].
+///
+/// - Gemma (`general.architecture` gemma, gemma2, gemma3): spaces become `▁` (a normaliser, no
+///   prefix space); tokens made only of spaces are stored with real spaces and are respelled
+///   `▁…` first; the decoder turns `▁` back into spaces.
+/// - Others (LLaMA 2 and kin): a `▁` is put before the text when `add_space_prefix` (default
+///   true) and spaces become `▁` (Metaspace); the decoder strips that first space again.
+fn sentencepiece(t: &GgufTokenizer, merges: Vec<(String, String)>, path: &Path) -> Result<tokenizers::Tokenizer> {
+    use tokenizers::decoders::{byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as DecoderSequence, strip::Strip};
+    use tokenizers::normalizers::replace::Replace;
+    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+
+    let gemma = matches!(t.architecture.as_deref(), Some("gemma" | "gemma2" | "gemma3"));
+    let tokens: Vec<String> = if gemma {
+        t.tokens
+            .iter()
+            .map(|tok| if tok.contains(' ') && tok.trim().is_empty() { "▁".repeat(tok.chars().count()) } else { tok.clone() })
+            .collect()
+    } else {
+        t.tokens.clone()
+    };
+    let mut vocab = HashMap::with_capacity(tokens.len());
+    for (id, token) in tokens.iter().enumerate() {
+        vocab.insert(token.clone(), id as u32);
+    }
+    let merges = if !merges.is_empty() {
+        merges
+    } else if gemma {
+        let positions: Vec<f32> = (0..tokens.len()).map(|i| -(i as f32)).collect();
+        sentencepiece_merges(&tokens, &vocab, &positions)
+    } else {
+        let scores = t
+            .scores
+            .as_ref()
+            .ok_or_else(|| format_err(path, "tokenizer.ggml.scores is missing: a SentencePiece vocabulary without merges needs them"))?;
+        sentencepiece_merges(&tokens, &vocab, scores)
+    };
+    let vocab: Vocab = vocab.into_iter().collect();
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).fuse_unk(true).byte_fallback(true);
+    if gemma {
+        builder = builder.unk_token("<unk>".into());
+    }
+    let bpe = builder.build().map_err(|e| format_err(path, format!("SentencePiece vocabulary: {e}")))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let space = |e: tokenizers::Error| format_err(path, format!("SentencePiece normaliser: {e}"));
+    let mut decoders: Vec<DecoderWrapper> =
+        vec![Replace::new("▁", " ").map_err(space)?.into(), ByteFallback::new().into(), Fuse::new().into()];
+    if gemma {
+        inner.with_normalizer(Some(Replace::new(" ", "▁").map_err(space)?));
+    } else {
+        let prefix = t.add_space_prefix.unwrap_or(true);
+        let scheme = if prefix { PrependScheme::First } else { PrependScheme::Never };
+        inner.with_pre_tokenizer(Some(Metaspace::new('▁', scheme, false)));
+        if prefix {
+            decoders.push(Strip::new(' ', 1, 0).into());
+        }
+    }
+    inner.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(inner)
 }
 
 /// A byte-level BPE tokenizer as `transformers`' `GPT2Tokenizer` builds it: no normaliser, GPT-2's

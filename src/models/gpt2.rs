@@ -111,6 +111,8 @@ impl Gpt2Config {
             rope: None,
             act: Activation::GeluTanh,
             window: None,
+            local: None,
+            attn_scale: None,
         }
     }
 }
@@ -134,7 +136,10 @@ impl Gpt2 {
                     name: format!("transformer.{p}.attn"),
                     qkv: Qkv::Fused(conv("attn.c_attn", d, 3 * d)?),
                     o: conv("attn.c_proj", d, d)?,
+                    q_norm: None,
+                    k_norm: None,
                 },
+                post_attn_norm: None,
                 mlp_norm: layer_norm(w, &format!("{p}.ln_2"), d, c.layer_norm_epsilon, dev)?,
                 mlp: Mlp {
                     name: format!("transformer.{p}.mlp"),
@@ -142,6 +147,8 @@ impl Gpt2 {
                     up: conv("mlp.c_fc", d, c.n_inner)?,
                     down: conv("mlp.c_proj", c.n_inner, d)?,
                 },
+                post_mlp_norm: None,
+                local: false,
                 hooks: Vec::new(),
             });
         }

@@ -280,7 +280,7 @@ fn linear(w: &dyn Weights, name: &str, out: usize, inp: usize, bias: bool, dev: 
 }
 
 fn rms(w: &dyn Weights, name: &str, d: usize, eps: f64, dev: &Device) -> Result<Norm> {
-    Ok(Norm::Rms { name: name.to_string(), weight: w.get(&format!("{name}.weight"), &[d], COMPUTE, dev)?, eps })
+    Ok(Norm::Rms { name: name.to_string(), weight: w.get(&format!("{name}.weight"), &[d], COMPUTE, dev)?, eps, unit_offset: false })
 }
 
 impl LlamaConfig {
@@ -290,10 +290,12 @@ impl LlamaConfig {
             heads: self.num_attention_heads,
             kv_heads: self.num_key_value_heads,
             head_dim: self.head_dim,
-            rope: Some(Rope { theta: self.rope_theta, layout: RopeLayout::HalfSplit }),
+            rope: Some(Rope::plain(self.rope_theta, RopeLayout::HalfSplit)),
             act: Activation::Silu,
             // Refused beyond the window instead (see `embed`); the mask supports windows.
             window: None,
+            local: None,
+            attn_scale: None,
         }
     }
 }
@@ -322,7 +324,10 @@ impl Llama {
                         v: lin("self_attn.v_proj", kv_dim, d, c.attention_bias)?,
                     },
                     o: lin("self_attn.o_proj", d, q_dim, false)?,
+                    q_norm: None,
+                    k_norm: None,
                 },
+                post_attn_norm: None,
                 mlp_norm: rms(w, &format!("{p}.post_attention_layernorm"), d, c.rms_norm_eps, dev)?,
                 mlp: Mlp {
                     name: format!("{p}.mlp"),
@@ -330,6 +335,8 @@ impl Llama {
                     up: lin("mlp.up_proj", c.intermediate_size_of(i), d, c.mlp_bias)?,
                     down: lin("mlp.down_proj", d, c.intermediate_size_of(i), c.mlp_bias)?,
                 },
+                post_mlp_norm: None,
+                local: false,
                 hooks: Vec::new(),
             });
         }

@@ -1,6 +1,7 @@
 //! Transformer language models loaded from Hugging Face checkpoints.
 
 pub mod eval;
+pub mod gemma3;
 pub mod generate;
 pub mod gguf_export;
 pub mod gpt2;
@@ -267,7 +268,18 @@ fn load_stored(path: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
             check_layer_count(&config_path, "n_layer", cfg.n_layer, layers_in(weights.names().iter()))?;
             Ok(Box::new(gpt2::Gpt2::load(cfg, &weights, device)?))
         }
-        other => Err(raw.error(format!("unknown architecture '{other}' (tinytune runs llama-family and gpt2 models)"))),
+        "gemma3_text" | "Gemma3ForCausalLM" => {
+            let cfg = gemma3::Gemma3Config::from_raw(&raw)?;
+            check_layer_count(&config_path, "num_hidden_layers", cfg.num_hidden_layers, layers_in(weights.names().iter()))?;
+            Ok(Box::new(gemma3::Gemma3::load(cfg, &weights, device)?))
+        }
+        "gemma3" | "Gemma3ForConditionalGeneration" => Err(raw.error(
+            "model_type 'gemma3' is the multimodal Gemma 3 (vision tower and language model): not supported; \
+             the text-only checkpoints (model_type 'gemma3_text': 270M, 1B) are",
+        )),
+        other => Err(raw.error(format!(
+            "unknown architecture '{other}' (tinytune runs llama-family (llama, mistral, qwen2), gemma3_text and gpt2 models)"
+        ))),
     }
 }
 
@@ -280,7 +292,7 @@ fn is_gguf(path: &Path) -> bool {
     path.is_file() && std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok() && &magic == b"GGUF"
 }
 
-/// Load a GGUF file (LLaMA architecture), dequantising its tensors to f32.
+/// Load a GGUF file (LLaMA or Gemma 3 architecture), its matrices as stored.
 fn load_gguf(path: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
     let file = GgufFile::open(path)?;
     match file.architecture()? {
@@ -290,7 +302,19 @@ fn load_gguf(path: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
             let weights = GgufLlamaWeights::new(&file, cfg.num_attention_heads, cfg.num_key_value_heads);
             Ok(Box::new(llama::Llama::load(cfg, &weights, device)?))
         }
-        other => Err(file.error(format!("GGUF architecture '{other}' is not supported (tinytune reads 'llama' GGUF files)"))),
+        "gemma3" => {
+            let cfg = gemma3::Gemma3Config::from_gguf(&file)?;
+            check_layer_count(
+                path,
+                "gemma3.block_count",
+                cfg.num_hidden_layers,
+                layers_in(file.tensors().iter().map(|t| t.name.as_str())),
+            )?;
+            Ok(Box::new(gemma3::Gemma3::load(cfg, &GgufLlamaWeights::gemma3(&file), device)?))
+        }
+        other => {
+            Err(file.error(format!("general.architecture = '{other}' is not supported (tinytune reads 'llama' and 'gemma3' GGUF files)")))
+        }
     }
 }
 

@@ -4,17 +4,23 @@
 //! block(h):                                   sites (see BlockHook)
 //!   x      = attn_norm(h)
 //!   q,k,v  = x W_qᵀ, x W_kᵀ, x W_vᵀ           linear sites (or one fused W_qkv, GPT-2)
+//!   q,k    = q_norm(q), k_norm(k)              per head, when the family has QK-norm (Gemma 3)
 //!   q,k    = rope(q), rope(k)                 (when the family rotates)
 //!   k,v    = kv(k, v)                          attn.kv: after RoPE, before the cache
 //!   k,v    = cache ++ (k, v)
 //!   a      = attention(q, k, v, mask) W_oᵀ
+//!   a      = post_attn_norm(a)                 when the family has one (Gemma 3)
 //!   h      = h + attn_out(a)                   attn.out: before the residual add
 //!   x      = mlp_norm(h)
-//!   m      = act(x W_gateᵀ) ⊙ x W_upᵀ          gated (LLaMA: SwiGLU), or act(x W_upᵀ) (GPT-2)
+//!   m      = act(x W_gateᵀ) ⊙ x W_upᵀ          gated (LLaMA: SwiGLU, Gemma: GeGLU), or act(x W_upᵀ) (GPT-2)
 //!   m      = mlp_act(m)                        mlp.act: the inner activation
-//!   h      = h + mlp_out(m W_downᵀ)            mlp.out
+//!   y      = post_mlp_norm(m W_downᵀ)          the norm when the family has one (Gemma 3)
+//!   h      = h + mlp_out(y)                    mlp.out
 //!   h      = block_out(h)                      block.out: the residual stream after the block
 //! ```
+//!
+//! A block is global or local: a family with [`BlockConfig::local`] (Gemma 3) has blocks that
+//! attend within a sliding window and rotate with their own RoPE base, between global ones.
 //!
 //! A [`Decoder`] is the stack: positions (RoPE tables), one [`Mask`] per forward, the blocks
 //! (each recomputed in backward under gradient checkpointing, hooks included), the final norm,
@@ -51,6 +57,23 @@ impl Activation {
 pub struct Rope {
     pub theta: f64,
     pub layout: RopeLayout,
+    /// Linear position scaling (`rope_type = "linear"`): positions are divided by this
+    /// factor; 1 for plain RoPE.
+    pub linear_factor: f64,
+}
+
+impl Rope {
+    pub fn plain(theta: f64, layout: RopeLayout) -> Rope {
+        Rope { theta, layout, linear_factor: 1.0 }
+    }
+}
+
+/// The local blocks of a family that interleaves them with global ones (Gemma 3): each
+/// attends to at most `window` latest keys (itself included) and rotates with `rope`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LocalAttention {
+    pub window: usize,
+    pub rope: Rope,
 }
 
 /// What varies between families, the same for every block of a model.
@@ -63,8 +86,12 @@ pub struct BlockConfig {
     /// `None`: positions come from the embeddings (GPT-2).
     pub rope: Option<Rope>,
     pub act: Activation,
-    /// Sliding-window attention span, when the family has one.
+    /// Sliding-window attention span of every block, when the family has one.
     pub window: Option<usize>,
+    /// The attention of blocks marked [`DecoderBlock::local`], when the family has such blocks.
+    pub local: Option<LocalAttention>,
+    /// The scale of `q·k` when it is not `1/√head_dim` (Gemma: `query_pre_attn_scalar^-½`).
+    pub attn_scale: Option<f64>,
 }
 
 impl BlockConfig {
@@ -107,6 +134,9 @@ pub struct SelfAttention {
     pub name: String,
     pub qkv: Qkv,
     pub o: Linear,
+    /// RMS norms of each query and key head over `head_dim`, before RoPE (Gemma 3's QK-norm).
+    pub q_norm: Option<Norm>,
+    pub k_norm: Option<Norm>,
 }
 
 #[derive(Debug, Clone)]
@@ -175,8 +205,14 @@ pub struct DecoderBlock {
     pub index: usize,
     pub attn_norm: Norm,
     pub attn: SelfAttention,
+    /// A norm of the attention sublayer's output before the residual add (Gemma 3).
+    pub post_attn_norm: Option<Norm>,
     pub mlp_norm: Norm,
     pub mlp: Mlp,
+    /// A norm of the MLP sublayer's output before the residual add (Gemma 3).
+    pub post_mlp_norm: Option<Norm>,
+    /// Attends within [`BlockConfig::local`]'s window and rotates with its RoPE.
+    pub local: bool,
     /// Methods attached at this block's sites, run in order.
     pub hooks: Vec<Arc<dyn BlockHook>>,
 }
@@ -184,8 +220,8 @@ pub struct DecoderBlock {
 /// What one forward shares between its blocks.
 #[derive(Clone)]
 pub struct Shared {
-    /// RoPE tables for this forward's positions.
-    rope: Option<(Tensor, Tensor)>,
+    /// RoPE tables for this forward's positions, and how pairs are laid out.
+    rope: Option<(Tensor, Tensor, RopeLayout)>,
     pub mask: Mask,
 }
 
@@ -209,7 +245,15 @@ impl DecoderBlock {
         for l in self.linears_mut() {
             l.visit_parameters(f)?;
         }
-        self.mlp_norm.visit_parameters(f)
+        let norms = [&mut self.attn.q_norm, &mut self.attn.k_norm, &mut self.post_attn_norm].into_iter().flatten();
+        for n in norms {
+            n.visit_parameters(f)?;
+        }
+        self.mlp_norm.visit_parameters(f)?;
+        match &mut self.post_mlp_norm {
+            Some(n) => n.visit_parameters(f),
+            None => Ok(()),
+        }
     }
 
     /// `f` over the hooks (none inside an adapters-off scope).
@@ -222,8 +266,12 @@ impl DecoderBlock {
 
     fn attention(&self, c: &BlockConfig, x: &Tensor, sh: &Shared, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = (x.shape()[0], x.shape()[1]);
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            y.reshape(&[b as isize, t as isize, n as isize, c.head_dim as isize])?.transpose(1, 2)
+        let heads = |y: Tensor, n: usize, norm: Option<&Norm>| -> Result<Tensor> {
+            let y = y.reshape(&[b as isize, t as isize, n as isize, c.head_dim as isize])?;
+            match norm {
+                Some(norm) => norm.forward(&y)?.transpose(1, 2),
+                None => y.transpose(1, 2),
+            }
         };
         let (q, k, v) = match &self.attn.qkv {
             Qkv::Separate { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
@@ -234,11 +282,17 @@ impl DecoderBlock {
             }
         };
         let (nq, nkv) = self.attn.heads(c);
-        let (mut q, mut k, v) = (heads(q, nq)?, heads(k, nkv)?, heads(v, nkv)?);
-        if let Some((cos, sin)) = &sh.rope {
-            let layout = c.rope.map_or(RopeLayout::HalfSplit, |r| r.layout);
-            q = q.rope(cos, sin, layout)?;
-            k = k.rope(cos, sin, layout)?;
+        let (mut q, mut k, v) = (heads(q, nq, self.attn.q_norm.as_ref())?, heads(k, nkv, self.attn.k_norm.as_ref())?, heads(v, nkv, None)?);
+        if let Some((cos, sin, layout)) = &sh.rope {
+            q = q.rope(cos, sin, *layout)?;
+            k = k.rope(cos, sin, *layout)?;
+        }
+        // attention() scales by 1/√d; another scale is put on the queries.
+        if let Some(s) = c.attn_scale {
+            let f = s * (c.head_dim as f64).sqrt();
+            if (f - 1.0).abs() > 1e-12 {
+                q = q.mul_scalar(f)?;
+            }
         }
         let (mut k, mut v) = (k, v);
         if adapters_enabled() {
@@ -267,9 +321,13 @@ impl DecoderBlock {
 
     /// The block on the residual stream `h: [b, t, hidden]` (see the module docs).
     pub fn forward(&self, c: &BlockConfig, h: &Tensor, sh: &Shared, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let a = self.attention(c, &self.attn_norm.forward(h)?, sh, cache)?;
+        let post = |norm: &Option<Norm>, y: Tensor| match norm {
+            Some(n) => n.forward(&y),
+            None => Ok(y),
+        };
+        let a = post(&self.post_attn_norm, self.attention(c, &self.attn_norm.forward(h)?, sh, cache)?)?;
         let h = h.add(&self.hook(a, |hk, y| hk.attn_out(self.index, y))?)?;
-        let m = self.mlp(c, &self.mlp_norm.forward(&h)?)?;
+        let m = post(&self.post_mlp_norm, self.mlp(c, &self.mlp_norm.forward(&h)?)?)?;
         let h = h.add(&self.hook(m, |hk, y| hk.mlp_out(self.index, y))?)?;
         self.hook(h, |hk, h| hk.block_out(self.index, h))
     }
@@ -313,25 +371,33 @@ impl Decoder {
         let start = cache.as_ref().map_or(0, |c| c.len()) + self.positions_before();
         // Tables in the weights' dtype: f32 normally, f64 when a test converts the model.
         let dt = h.dtype();
-        let rope = match self.config.rope {
-            Some(r) => Some(Tensor::rope_tables(start, t, self.config.head_dim, r.theta, dt, h.device())?),
-            None => None,
+        let tables = |r: Option<Rope>| -> Result<Option<(Tensor, Tensor, RopeLayout)>> {
+            let Some(r) = r else { return Ok(None) };
+            let (cos, sin) = Tensor::rope_tables_scaled(start, t, self.config.head_dim, r.theta, r.linear_factor, dt, h.device())?;
+            Ok(Some((cos, sin, r.layout)))
         };
         let real_start = cache.as_ref().map_or(0, |c| c.len());
-        let sh = Shared { rope, mask: Mask::causal(real_start, keep).with_window(self.config.window) };
+        let sh = Shared { rope: tables(self.config.rope)?, mask: Mask::causal(real_start, keep).with_window(self.config.window) };
+        let local = match self.config.local {
+            Some(l) if self.blocks.iter().any(|b| b.local) => {
+                Some(Shared { rope: tables(Some(l.rope))?, mask: Mask::causal(real_start, keep).with_window(Some(l.window)) })
+            }
+            _ => None,
+        };
         let mut states = Vec::new();
         let mut h = h;
         for blk in &self.blocks {
             if all {
                 states.push(h.clone());
             }
+            let sh = if blk.local { local.as_ref().unwrap_or(&sh) } else { &sh };
             h = if self.checkpointing && cache.is_none() {
                 let (blk, c, sh) = (blk.clone(), self.config.clone(), sh.clone());
                 // The recomputation in backward runs with the adapters as they were now.
                 let scope = AdaptersScope::current();
                 checkpoint(&[h], Arc::new(move |x: &[Tensor]| scope.run(|| blk.forward(&c, &x[0], &sh, None))))?
             } else {
-                blk.forward(&self.config, &h, &sh, cache.as_deref_mut())?
+                blk.forward(&self.config, &h, sh, cache.as_deref_mut())?
             };
         }
         if let Some(c) = cache {

@@ -15,7 +15,9 @@ pub mod block;
 pub mod xent;
 
 pub use attention::{attention, attention_reference, repeat_kv, Mask};
-pub use block::{Activation, BlockConfig, BlockHook, Decoder, DecoderBlock, Hidden, InputHook, KvCache, Mlp, Qkv, Rope, SelfAttention};
+pub use block::{
+    Activation, BlockConfig, BlockHook, Decoder, DecoderBlock, Hidden, InputHook, KvCache, LocalAttention, Mlp, Qkv, Rope, SelfAttention,
+};
 pub use xent::{linear_cross_entropy_rows, linear_cross_entropy_rows_chunked, linear_cross_entropy_sum, linear_cross_entropy_sum_chunked};
 
 use std::cell::Cell;
@@ -196,8 +198,9 @@ impl Embedding {
 /// Which normalisation a model uses.
 #[derive(Debug, Clone)]
 pub enum Norm {
-    /// `x / √(mean(x²) + eps) ⊙ w`
-    Rms { name: String, weight: Tensor, eps: f64 },
+    /// `x / √(mean(x²) + eps) ⊙ w`, or `⊙ (1 + w)` with `unit_offset` (Gemma, whose
+    /// checkpoints store `w` centred on 0; the weight kept here is the checkpoint's).
+    Rms { name: String, weight: Tensor, eps: f64, unit_offset: bool },
     /// `(x − μ)/√(σ² + eps) ⊙ w + b`
     Layer { name: String, weight: Tensor, bias: Tensor, eps: f64 },
 }
@@ -216,7 +219,8 @@ impl Norm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Norm::Rms { weight, eps, .. } => x.rms_norm(Some(weight), *eps),
+            Norm::Rms { weight, eps, unit_offset: false, .. } => x.rms_norm(Some(weight), *eps),
+            Norm::Rms { weight, eps, unit_offset: true, .. } => x.rms_norm(Some(&weight.add_scalar(1.0)?), *eps),
             Norm::Layer { weight, bias, eps, .. } => x.layer_norm(Some(weight), Some(bias), *eps),
         }
     }

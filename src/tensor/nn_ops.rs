@@ -240,17 +240,30 @@ impl Tensor {
     /// Cosine and sine tables `[seq, head_dim/2]` for positions `start..start+seq`, with the
     /// frequencies `θ_i = base^{−2i/head_dim}`. Computed in f64, stored as `dtype`.
     pub fn rope_tables(start: usize, seq: usize, head_dim: usize, base: f64, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
-        if head_dim % 2 != 0 || base <= 0.0 {
+        Tensor::rope_tables_scaled(start, seq, head_dim, base, 1.0, dtype, device)
+    }
+
+    /// [`Tensor::rope_tables`] with linear position scaling: position `p` rotates as `p / factor`.
+    pub fn rope_tables_scaled(
+        start: usize,
+        seq: usize,
+        head_dim: usize,
+        base: f64,
+        factor: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        if head_dim % 2 != 0 || base <= 0.0 || !(factor.is_finite() && factor > 0.0) {
             return Err(Error::InvalidArgument {
                 op: "rope_tables",
-                msg: format!("head_dim {head_dim} must be even and base {base} positive"),
+                msg: format!("head_dim {head_dim} must be even, base {base} and factor {factor} positive"),
             });
         }
         let half = head_dim / 2;
         let (mut c, mut s) = (Vec::with_capacity(seq * half), Vec::with_capacity(seq * half));
         for p in start..start + seq {
             for i in 0..half {
-                let angle = p as f64 * base.powf(-2.0 * i as f64 / head_dim as f64);
+                let angle = p as f64 / factor * base.powf(-2.0 * i as f64 / head_dim as f64);
                 c.push(angle.cos());
                 s.push(angle.sin());
             }
