@@ -19,6 +19,11 @@ Reads the assets of scripts/fetch-assets.sh from ${TINYTUNE_ASSETS:-$HOME/.cache
 - tiny-sentencepiece.json: a SentencePiece-style BPE (Llama 2/TinyLlama style: "▁" for spaces,
   byte fallback <0xNN>, BOS <s> added by the post-processor), also trained here.
 - tiny-sentencepiece_config.json: a tokenizer_config.json for it (bos/eos/pad names).
+- tiny-sentencepiece.gguf: a SentencePiece BPE model trained here with the sentencepiece library
+  (byte fallback, a user-defined <tool> token) written as llama.cpp's converter writes a LLaMA
+  vocabulary (tokenizer.ggml.model = "llama": tokens, scores, token types, no merges, BOS added,
+  add_space_prefix); its reference ("tiny_sentencepiece_gguf") is what transformers builds from
+  the GGUF. `--gguf-sentencepiece` remakes only this one and its entry in reference.json.
 """
 import json
 import os
@@ -171,7 +176,50 @@ def tiny_sentencepiece(path):
     return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+def tiny_sentencepiece_gguf(path):
+    import io
+
+    import gguf
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=model, model_type="bpe", vocab_size=420, byte_fallback=True,
+        user_defined_symbols=["<tool>"], hard_vocab_limit=False, character_coverage=1.0, add_dummy_prefix=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+    )
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    tokens, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
+                     else 5 if sp.is_unused(i) else 4 if sp.id_to_piece(i) == "<tool>" else 1)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
 def main():
+    if "--gguf-sentencepiece" in sys.argv:
+        out = json.loads((OUT / "reference.json").read_text(encoding="utf-8"))
+        out["tiny_sentencepiece_gguf"] = reference(tiny_sentencepiece_gguf(OUT / "tiny-sentencepiece.gguf"))
+        (OUT / "reference.json").write_text(json.dumps(out, ensure_ascii=False, indent=None, separators=(",", ":")) + "\n", encoding="utf-8")
+        print(f"wrote {OUT}/tiny-sentencepiece.gguf and its reference")
+        return
     if not (ASSETS / "gpt2" / "encoder.json").exists() or not (ASSETS / SMOL).exists():
         sys.exit(f"assets missing in {ASSETS}: run scripts/fetch-assets.sh")
     OUT.mkdir(parents=True, exist_ok=True)
@@ -185,6 +233,7 @@ def main():
     out["tiny_sentencepiece"] = reference(sp)
     out["gpt2"] = reference(gpt2())
     smol = smollm2()
+    out["tiny_sentencepiece_gguf"] = reference(tiny_sentencepiece_gguf(OUT / "tiny-sentencepiece.gguf"))
     out["smollm2"] = reference(smol)
     out["smollm2"]["chat_template"] = smol.chat_template
     out["smollm2"]["chats"] = [

@@ -110,6 +110,17 @@ fn with_names(tok: Tokenizer) -> Tokenizer {
 }
 
 #[test]
+fn sentencepiece_gguf_vocabulary_matches_transformers() {
+    // A LLaMA-family GGUF vocabulary (tokenizer.ggml.model = "llama"): tokens, scores and
+    // types but no merges (recovered from the scores), byte fallback, a user-defined token,
+    // add_space_prefix, BOS added. Trained by the sentencepiece library.
+    let tok = Tokenizer::from_gguf(fixtures().join("tiny-sentencepiece.gguf")).unwrap();
+    check_against(&tok, "tiny_sentencepiece_gguf");
+    let tool = tok.token_to_id("<tool>").unwrap();
+    assert!(tok.encode("x<tool>y", false).unwrap().contains(&tool), "a user-defined token is matched whole");
+}
+
+#[test]
 fn tiny_sentencepiece_tokenizer_json_matches_transformers() {
     // Llama 2 style: "▁" for spaces, byte fallback, BOS added by the post-processor; the names
     // come from tiny-sentencepiece_config.json beside it.
