@@ -312,9 +312,9 @@ fn load_gguf(path: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
             )?;
             Ok(Box::new(gemma3::Gemma3::load(cfg, &GgufLlamaWeights::gemma3(&file), device)?))
         }
-        other => {
-            Err(file.error(format!("general.architecture = '{other}' is not supported (tinytune reads 'llama' and 'gemma3' GGUF files)")))
-        }
+        other => Err(file.error(format!(
+            "GGUF architecture '{other}' (general.architecture) is not supported (tinytune reads 'llama' and 'gemma3' GGUF files)"
+        ))),
     }
 }
 
