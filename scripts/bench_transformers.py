@@ -1,19 +1,21 @@
 #!/usr/bin/env python3
 """The reference for `cargo bench --bench generate`: prefill and decode tokens/s and peak
-memory of SmolLM2-135M-Instruct (the same Q4_1 GGUF, dequantised to float32) through
-`transformers` on the CPU, same prompt length, decode length and best-of-3 protocol.
+memory of a fetched GGUF (default SmolLM2-135M-Instruct Q4_1; `--model gemma-3-270m-q4_k_m.gguf`
+for Gemma 3) dequantised to float32, through `transformers` on the CPU, same prompt length,
+decode length and best-of-3 protocol.
 
-    /tmp/pyref/bin/python scripts/bench_transformers.py
+    /tmp/pyref/bin/python scripts/bench_transformers.py [--model FILE]
 """
 import os
 import pathlib
 import resource
+import sys
 import time
 
 import torch
 from transformers import AutoModelForCausalLM
 
-NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NAME = sys.argv[sys.argv.index("--model") + 1] if "--model" in sys.argv else "SmolLM2-135M-Instruct.Q4_1.gguf"
 ASSETS = pathlib.Path(os.environ.get("TINYTUNE_ASSETS", pathlib.Path.home() / ".cache" / "tinytune"))
 
 
@@ -34,7 +36,7 @@ def main():
             t2 = time.perf_counter()
             best_p, best_d = min(best_p, t1 - t0), min(best_d, t2 - t1)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"transformers {torch.get_num_threads()} threads: prefill {prompt_len / best_p:.1f} tok/s, "
+    print(f"{NAME}: transformers {torch.get_num_threads()} threads: prefill {prompt_len / best_p:.1f} tok/s, "
           f"decode {decode_len / best_d:.1f} tok/s, peak RSS {rss:.0f} MiB")
 
 

@@ -6,7 +6,12 @@ use std::path::PathBuf;
 /// (`cargo bench` passes `--bench`; `cargo test --all-targets` runs the binary without it, and
 /// then it only says what it would measure) and the file exists.
 pub fn smollm2(bench: &str) -> Option<PathBuf> {
-    let path = tinytune::io::assets_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    asset(bench, "SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The fetched asset `name` when running under `cargo bench`; `None` (saying why) otherwise.
+pub fn asset(bench: &str, name: &str) -> Option<PathBuf> {
+    let path = tinytune::io::assets_dir().join(name);
     if !std::env::args().any(|a| a == "--bench") {
         println!("{bench} bench: run with `cargo bench --bench {bench}`");
         return None;
