@@ -379,3 +379,24 @@ fn lossy_decoding_drops_ids_outside_the_vocabulary() {
     with_pad.insert(1, beyond);
     assert_eq!(tok.decode_lossy(&with_pad, true).unwrap(), tok.decode(&ids, true).unwrap());
 }
+
+#[test]
+fn chat_template_jinja_beside_the_tokenizer_is_the_template() {
+    // transformers ≥ 4.43 saves the template as chat_template.jinja and prefers it to the
+    // config's chat_template key.
+    let dir = std::env::temp_dir().join(format!("tinytune-tok-jinja-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixtures().join("tiny-bytelevel.json"), dir.join("tokenizer.json")).unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), r#"{"eos_token": "<|im_end|>", "chat_template": "from the config"}"#).unwrap();
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}",
+    )
+    .unwrap();
+    let tok = Tokenizer::from_hf_json(dir.join("tokenizer.json")).unwrap();
+    assert_eq!(tok.apply_chat_template(&[("user", "Hi")], false).unwrap(), "[user] Hi<|im_end|>");
+    std::fs::remove_file(dir.join("chat_template.jinja")).unwrap();
+    let tok = Tokenizer::from_hf_json(dir.join("tokenizer.json")).unwrap();
+    assert_eq!(tok.apply_chat_template(&[("user", "Hi")], false).unwrap(), "from the config");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -407,7 +407,8 @@ impl Tokenizer {
     }
 
     /// The tokenizer that goes with a model: the vocabulary inside a GGUF file, or in a model
-    /// directory `tokenizer.json`, else GPT-2's `encoder.json` + `vocab.bpe` (or `vocab.json`
+    /// directory `tokenizer.json` (with `tokenizer_config.json` and `chat_template.jinja` when
+    /// present), else GPT-2's `encoder.json` + `vocab.bpe` (or `vocab.json`
     /// + `merges.txt`).
     pub fn for_model(model: impl AsRef<Path>) -> Result<Tokenizer> {
         let model = model.as_ref();
@@ -470,6 +471,13 @@ impl Tokenizer {
                     .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
                 _ => None,
             };
+        }
+        // transformers ≥ 4.43 saves the template as chat_template.jinja beside the config, and
+        // reads that file in preference to the config's key.
+        let jinja = path.with_file_name("chat_template.jinja");
+        if path.file_name().is_some_and(|n| n == "tokenizer.json") && jinja.is_file() {
+            let text = read(&jinja)?;
+            chat = Some(String::from_utf8(text).map_err(|_| format_err(&jinja, "not UTF-8 text"))?);
         }
         Tokenizer::finish(inner, path.display().to_string(), names, chat, path)
     }
