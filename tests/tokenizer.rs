@@ -400,3 +400,36 @@ fn chat_template_jinja_beside_the_tokenizer_is_the_template() {
     assert_eq!(tok.apply_chat_template(&[("user", "Hi")], false).unwrap(), "from the config");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn gguf_vocabularies_whose_sizes_disagree_are_errors_naming_the_field() {
+    use tinytune::io::gguf_write::GgufWriter;
+    use tinytune::io::GgufValue;
+    let dir = std::env::temp_dir().join(format!("tinytune-tok-sizes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokens = GgufValue::Array(["<unk>", "<s>", "▁a"].iter().map(|t| GgufValue::String(t.to_string())).collect());
+    for (key, value) in [
+        ("tokenizer.ggml.scores", GgufValue::Array(vec![GgufValue::F32(0.0); 2])),
+        ("tokenizer.ggml.token_type", GgufValue::Array(vec![GgufValue::I32(1); 4])),
+    ] {
+        let mut w = GgufWriter::new();
+        w.set_str("general.architecture", "llama");
+        w.set_str("tokenizer.ggml.model", "llama");
+        w.set("tokenizer.ggml.tokens", tokens.clone());
+        w.set(key, value);
+        let p = dir.join("vocab.gguf");
+        w.write(&p).unwrap();
+        let msg = Tokenizer::from_gguf(&p).err().unwrap_or_else(|| panic!("{key}: accepted")).to_string();
+        assert!(msg.contains("vocab.gguf") && msg.contains(key) && msg.contains("3 tokens"), "{key}: {msg}");
+    }
+    // A token id past the vocabulary.
+    let mut w = GgufWriter::new();
+    w.set_str("tokenizer.ggml.model", "llama");
+    w.set("tokenizer.ggml.tokens", tokens);
+    w.set("tokenizer.ggml.bos_token_id", GgufValue::U32(7));
+    let p = dir.join("vocab.gguf");
+    w.write(&p).unwrap();
+    let msg = Tokenizer::from_gguf(&p).err().unwrap().to_string();
+    assert!(msg.contains("tokenizer.ggml.bos_token_id") && msg.contains("outside the vocabulary"), "{msg}");
+    std::fs::remove_dir_all(&dir).ok();
+}
