@@ -225,3 +225,25 @@ fn real_gemma3_matches_transformers_on_the_cpu() {
     let got = models::generate(model.as_ref(), &r.chat_prompt_ids, &opts, &mut |_| Ok(()), &dev).unwrap();
     assert_eq!(got, r.greedy_ids, "greedy answer");
 }
+
+/// A Gemma 3 saved as a Hugging Face checkpoint (what full fine-tuning and `merge` write) loads
+/// back as the same model: the config's RoPE, layer types and query scale, and the norms in
+/// the checkpoint's `w` convention.
+#[test]
+fn gemma3_saved_as_a_checkpoint_loads_back_the_same() {
+    let dev = Device::Cpu;
+    let dir = std::env::temp_dir().join(format!("tinytune-gemma3-save-{}", std::process::id()));
+    let mut m = models::load(fixture("tiny-gemma3"), &dev).unwrap();
+    models::save_checkpoint(m.as_mut(), &dir).unwrap();
+    let back = models::load(&dir, &dev).unwrap();
+    let ids = tinytune::Tensor::from_vec(vec![3u32, 17, 5, 88, 41, 9, 60], &[1, 7], &dev).unwrap();
+    let (a, b) = (m.forward(&ids, None).unwrap().to_vec::<f32>().unwrap(), back.forward(&ids, None).unwrap().to_vec::<f32>().unwrap());
+    assert_eq!(a, b, "logits after a save and load");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "gemma3_text");
+    assert_eq!(cfg["layer_types"][1], "full_attention");
+    if let Ok(keep) = std::env::var("TINYTUNE_KEEP_SAVED") {
+        std::fs::rename(&dir, keep).unwrap();
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -421,7 +421,12 @@ impl CausalLm for Gemma3 {
             },
             "sliding_window": c.sliding_window,
             "layer_types": c.local_layers.iter().map(|&l| if l { "sliding_attention" } else { "full_attention" }).collect::<Vec<_>>(),
-            "query_pre_attn_scalar": c.query_pre_attn_scalar,
+            // An integer in transformers' config class.
+            "query_pre_attn_scalar": if c.query_pre_attn_scalar.fract() == 0.0 {
+                serde_json::json!(c.query_pre_attn_scalar as u64)
+            } else {
+                serde_json::json!(c.query_pre_attn_scalar)
+            },
             "attention_bias": c.attention_bias,
             "tie_word_embeddings": self.lm_head.weight.id() == self.embed.weight.id(),
             "torch_dtype": "float32",
