@@ -1,7 +1,8 @@
 //! Criterion benchmarks of the CPU kernels: matmul (GFLOP/s, reported by criterion as
 //! "elements/s" where one element is one flop), softmax and layer norm at model-like shapes
 //! (bytes/s), and the one-token products of decoding (`decode_1x…`: one row against a frozen
-//! weight of every storage, f32 the reference measured in the same run). Run
+//! weight of every storage, f32 the reference measured in the same run), and attention forward
+//! + backward, fused against composed (`attention/…`). Run
 //! `cargo bench --bench ops`; compare with `scripts/bench_reference.py`, which times
 //! NumPy/OpenBLAS on the same shapes in the same session.
 
@@ -96,5 +97,35 @@ fn decode_products(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matmul, softmax_and_norms, decode_products);
+/// Causal attention forward + backward of one SmolLM2-135M layer (9 query heads over 3 key/value
+/// heads of width 64, batch 1) at T = 128, 512, 2048: the fused CPU kernel (`nn::attention`)
+/// against the composed reference (`nn::attention_reference`: K/V repeated, the `[h, T, T]`
+/// scores materialised), in the same run.
+fn attention_fwd_bwd(c: &mut Criterion) {
+    use tinytune::nn::{attention, attention_reference, Mask};
+    let mut rng = Rng::new(3);
+    let mut g = c.benchmark_group("attention");
+    g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(3));
+    for t in [128usize, 512, 2048] {
+        let q = randn(&[1, 9, t, 64], &mut rng).requires_grad().unwrap();
+        let (k, v) = (randn(&[1, 3, t, 64], &mut rng).requires_grad().unwrap(), randn(&[1, 3, t, 64], &mut rng).requires_grad().unwrap());
+        let mask = Mask::causal(0, None);
+        g.throughput(Throughput::Elements((9 * t * t / 2 * 64 * 2 * 2 * 3) as u64));
+        type Attn = fn(&Tensor, &Tensor, &Tensor, &Mask) -> tinytune::Result<Tensor>;
+        for (name, f) in [("fused", attention as Attn), ("composed", attention_reference as Attn)] {
+            g.bench_with_input(BenchmarkId::new(name, t), &t, |bch, _| {
+                bch.iter(|| {
+                    let y = f(&q, &k, &v, &mask).unwrap();
+                    y.sum_all().unwrap().backward().unwrap();
+                    for x in [&q, &k, &v] {
+                        x.zero_grad();
+                    }
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, matmul, softmax_and_norms, decode_products, attention_fwd_bwd);
 criterion_main!(benches);

@@ -693,6 +693,74 @@ impl Storage {
         })
     }
 
+    /// Fused attention forward on the CPU (see [`cpu::attention`]): `(O, log-sum-exp)`. The
+    /// GPU has no fused kernel yet: callers compose attention there.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attention(
+        &self,
+        lq: &Layout,
+        k: &Storage,
+        lk: &Layout,
+        v: &Storage,
+        lv: &Layout,
+        dims: cpu::attention::Dims,
+        spec: &cpu::attention::AttnSpec,
+    ) -> Result<(Storage, Storage)> {
+        const OP: &str = "flash_attention";
+        // ~ 4·tq·tk·d per head (two products), halved by a causal mask.
+        let flops = 4.0 * (dims.b * dims.h * dims.tq * dims.tk * dims.d) as f64 / if spec.causal { 2.0 } else { 1.0 };
+        profiled(OP, flops, || -> Result<(Storage, Storage)> {
+            match self {
+                Storage::Cpu(s) => {
+                    let (o, l) = s.flash_attention(lq, k.cpu(OP, self)?, lk, v.cpu(OP, self)?, lv, dims, spec)?;
+                    Ok((Storage::Cpu(o), Storage::Cpu(l)))
+                }
+                Storage::Gpu(_) => Err(Error::InvalidArgument { op: OP, msg: "the fused attention kernel runs on the CPU only".into() }),
+            }
+        })
+    }
+
+    /// Fused attention backward on the CPU: `(dQ, dK, dV)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attention_backward(
+        &self,
+        lq: &Layout,
+        k: &Storage,
+        lk: &Layout,
+        v: &Storage,
+        lv: &Layout,
+        o: &Storage,
+        lse: &Storage,
+        go: &Storage,
+        lgo: &Layout,
+        dims: cpu::attention::Dims,
+        spec: &cpu::attention::AttnSpec,
+    ) -> Result<(Storage, Storage, Storage)> {
+        const OP: &str = "flash_attention_backward";
+        let flops = 8.0 * (dims.b * dims.h * dims.tq * dims.tk * dims.d) as f64 / if spec.causal { 2.0 } else { 1.0 };
+        profiled(OP, flops, || -> Result<(Storage, Storage, Storage)> {
+            match self {
+                Storage::Cpu(s) => {
+                    let (dq, dk, dv) = s.flash_attention_backward(
+                        lq,
+                        k.cpu(OP, self)?,
+                        lk,
+                        v.cpu(OP, self)?,
+                        lv,
+                        o.cpu(OP, self)?,
+                        lse.cpu(OP, self)?,
+                        go.cpu(OP, self)?,
+                        lgo,
+                        dims,
+                        spec,
+                    )?;
+                    Ok((Storage::Cpu(dq), Storage::Cpu(dk), Storage::Cpu(dv)))
+                }
+                Storage::Gpu(_) => Err(Error::InvalidArgument { op: OP, msg: "the fused attention kernel runs on the CPU only".into() }),
+            }
+        })
+    }
+
     /// `out[.., j, ..] = self[.., idx[j], ..]` along `axis`; `idx` is a contiguous U32/I32 list.
     pub fn index_select(&self, layout: &Layout, axis: usize, idx: &Storage, idx_layout: &Layout) -> Result<Storage> {
         profiled("index_select", 0.0, || -> Result<Storage> {

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{AttnSpec, Tensor};
 
 /// Which keys each query of one forward may attend to (see the module docs). One `Mask` is
 /// built per forward and shared by every layer; the dense bias the reference needs is built
@@ -39,12 +39,14 @@ pub struct Mask {
     /// `[batch, offset + tq]`: 1 for a real token, 0 for padding; `None` when every row is full.
     pub keep: Option<Tensor>,
     bias: Arc<Mutex<Option<(usize, usize, DType, Tensor)>>>,
+    /// `keep` read to the host once per forward, for the fused kernel.
+    keep_host: Arc<Mutex<Option<Vec<bool>>>>,
 }
 
 impl Mask {
     /// Causal attention for queries that start at real position `offset`.
     pub fn causal(offset: usize, keep: Option<&Tensor>) -> Mask {
-        Mask { causal: true, offset, window: None, keep: keep.cloned(), bias: Arc::default() }
+        Mask { causal: true, offset, window: None, keep: keep.cloned(), bias: Arc::default(), keep_host: Arc::default() }
     }
 
     /// The same with a sliding window of `window` keys (`None`: full attention).
@@ -120,10 +122,44 @@ fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Scaled dot-product attention of `q` over `k, v` under `mask` (see the module docs).
+/// Whether [`attention`] uses the fused kernel where there is one (the CPU): yes unless
+/// `TINYTUNE_ATTENTION=composed` (for measuring one against the other), read once.
+pub fn fused_attention_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TINYTUNE_ATTENTION").map_or(true, |v| v != "composed"))
+}
+
+/// The fused kernel's description of `mask` for `tq` queries (scale `1/√d`).
+fn spec(mask: &Mask, d: usize) -> Result<AttnSpec> {
+    let keep = match &mask.keep {
+        None => None,
+        Some(keep) => {
+            let mut memo = mask.keep_host.lock().unwrap_or_else(|e| e.into_inner());
+            if memo.is_none() {
+                *memo = Some(keep.to_dtype(DType::F64)?.to_vec::<f64>()?.iter().map(|&x| x != 0.0).collect());
+            }
+            memo.clone()
+        }
+    };
+    Ok(AttnSpec { scale: 1.0 / (d as f64).sqrt(), causal: mask.causal, offset: mask.offset, window: mask.window, keep })
+}
+
+/// Scaled dot-product attention of `q` over `k, v` under `mask` (see the module docs). On the
+/// CPU, the fused kernel ([`Tensor::flash_attention`]); elsewhere the composition below.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> Result<Tensor> {
     check_shapes(q, k, v)?;
     let (b, h, tq, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+    if !q.device().is_gpu() && fused_attention_enabled() {
+        if let Some(keep) = &mask.keep {
+            if keep.rank() != 2 || keep.shape()[1] != mask.offset + tq {
+                return Err(Error::Shape {
+                    op: "attention",
+                    msg: format!("keep mask must be [batch, {}], got {:?}", mask.offset + tq, keep.shape()),
+                });
+            }
+        }
+        return q.flash_attention(k, v, &spec(mask, d)?);
+    }
     let (hk, tk) = (k.shape()[1], k.shape()[2]);
     let rep = h / hk;
     if rep == 1 {

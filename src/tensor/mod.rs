@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::layout::{resolve_axis, Layout};
 use crate::rng::Rng;
 
+pub use crate::backend::cpu::attention::AttnSpec;
 pub use nn_ops::{CrossEntropyReduction, RopeLayout};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);

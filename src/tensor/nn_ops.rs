@@ -66,6 +66,67 @@ impl Tensor {
         })
     }
 
+    /// Fused scaled dot-product attention on the CPU: `softmax(scale · q kᵀ + mask) v` with
+    /// `q: [b, h, tq, d]` (self) and `k, v: [b, h_kv, tk, d]`, `h` a multiple of `h_kv`, the mask
+    /// described by `spec` (see [`AttnSpec`] and `crate::backend::cpu::attention`); the score
+    /// matrix is never materialised. Backward recomputes it tile by tile from the saved
+    /// log-sum-exp.
+    pub fn flash_attention(&self, k: &Tensor, v: &Tensor, spec: &super::AttnSpec) -> Result<Tensor> {
+        const OP: &str = "flash_attention";
+        check_same(OP, self, k)?;
+        check_same(OP, self, v)?;
+        let bad = |why: String| Err(Error::Shape { op: OP, msg: why });
+        if self.rank() != 4 || k.rank() != 4 || k.shape() != v.shape() {
+            return bad(format!(
+                "q [b, h, tq, d], k and v [b, h_kv, tk, d] expected, got {:?}, {:?}, {:?}",
+                self.shape(),
+                k.shape(),
+                v.shape()
+            ));
+        }
+        let (qs, ks) = (self.shape(), k.shape());
+        let dims = crate::backend::cpu::attention::Dims { b: qs[0], h: qs[1], hk: ks[1], tq: qs[2], tk: ks[2], d: qs[3] };
+        if ks[0] != dims.b || ks[3] != dims.d || dims.hk == 0 || dims.h % dims.hk != 0 {
+            return bad(format!("q {qs:?} and k {ks:?}: batch or head width differ, or the heads are not a multiple of the kv heads"));
+        }
+        if dims.tk < spec.offset + dims.tq {
+            return bad(format!("{} keys for {} queries at offset {}: too few", dims.tk, dims.tq, spec.offset));
+        }
+        if let Some(keep) = &spec.keep {
+            if keep.len() != dims.b * (spec.offset + dims.tq) {
+                return bad(format!("keep holds {} flags, [batch {}, {}] expected", keep.len(), dims.b, spec.offset + dims.tq));
+            }
+        }
+        if self.device().is_gpu() {
+            return Err(Error::InvalidArgument { op: OP, msg: format!("runs on the CPU only, q is on {}", self.device()) });
+        }
+        let (o, lse) =
+            self.storage_arc().flash_attention(self.layout(), &k.storage_arc(), k.layout(), &v.storage_arc(), v.layout(), dims, spec)?;
+        let o = Arc::new(o);
+        let out = Tensor::leaf_shared(o.clone(), self.shape());
+        let (q, k_, v_, spec) = (self.detach(), k.detach(), v.detach(), spec.clone());
+        Ok(Tensor::from_op_shared(o, self.shape(), OP, &[self, k, v], move |g| {
+            let (dq, dk, dv) = q.storage_arc().flash_attention_backward(
+                q.layout(),
+                &k_.storage_arc(),
+                k_.layout(),
+                &v_.storage_arc(),
+                v_.layout(),
+                &out.storage_arc(),
+                &lse,
+                &g.storage_arc(),
+                g.layout(),
+                dims,
+                &spec,
+            )?;
+            Ok(vec![
+                Some(Tensor::from_storage(dq, q.shape())),
+                Some(Tensor::from_storage(dk, k_.shape())),
+                Some(Tensor::from_storage(dv, v_.shape())),
+            ])
+        }))
+    }
+
     /// `log_softmax(x)_i = x_i − max x − log Σ_j e^{x_j − max x}` along `axis`.
     /// Backward: `dx = g − e^y Σ g`.
     pub fn log_softmax(&self, axis: isize) -> Result<Tensor> {

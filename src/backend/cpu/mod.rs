@@ -5,6 +5,7 @@
 //! contiguous inputs take a fast path over slices, the others walk their strides with
 //! [`Layout::offsets_from`], one parallel chunk at a time.
 
+pub mod attention;
 pub mod gemm;
 pub mod math;
 
@@ -1181,6 +1182,73 @@ impl CpuStorage {
         match self {
             CpuStorage::F32(x) => run!(f32, F32, x),
             CpuStorage::F64(x) => run!(f64, F64, x),
+            other => Err(Error::DType { op: OP, expected: "f32 or f64", got: other.dtype() }),
+        }
+    }
+
+    /// Fused attention forward (see [`attention`]): `(O, log-sum-exp)`.
+    pub fn flash_attention(
+        &self,
+        lq: &Layout,
+        k: &CpuStorage,
+        lk: &Layout,
+        v: &CpuStorage,
+        lv: &Layout,
+        dims: attention::Dims,
+        spec: &attention::AttnSpec,
+    ) -> Result<(CpuStorage, CpuStorage)> {
+        const OP: &str = "flash_attention";
+        macro_rules! go {
+            ($q:expr, $wrap:path) => {{
+                let (k, v) = (FromStorage::slice(k, OP)?, FromStorage::slice(v, OP)?);
+                let (o, l) = attention::forward(&contiguous($q, lq), &contiguous(k, lk), &contiguous(v, lv), dims, spec);
+                Ok(($wrap(o), $wrap(l)))
+            }};
+        }
+        match self {
+            CpuStorage::F32(q) => go!(q, CpuStorage::F32),
+            CpuStorage::F64(q) => go!(q, CpuStorage::F64),
+            other => Err(Error::DType { op: OP, expected: "f32 or f64", got: other.dtype() }),
+        }
+    }
+
+    /// Fused attention backward: `(dQ, dK, dV)`; `o`, `lse` and `go` are contiguous.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attention_backward(
+        &self,
+        lq: &Layout,
+        k: &CpuStorage,
+        lk: &Layout,
+        v: &CpuStorage,
+        lv: &Layout,
+        o: &CpuStorage,
+        lse: &CpuStorage,
+        go: &CpuStorage,
+        lgo: &Layout,
+        dims: attention::Dims,
+        spec: &attention::AttnSpec,
+    ) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
+        const OP: &str = "flash_attention_backward";
+        macro_rules! go {
+            ($q:expr, $wrap:path) => {{
+                let (k, v) = (FromStorage::slice(k, OP)?, FromStorage::slice(v, OP)?);
+                let (o, lse, g) = (FromStorage::slice(o, OP)?, FromStorage::slice(lse, OP)?, FromStorage::slice(go, OP)?);
+                let (dq, dk, dv) = attention::backward(
+                    &contiguous($q, lq),
+                    &contiguous(k, lk),
+                    &contiguous(v, lv),
+                    o,
+                    lse,
+                    &contiguous(g, lgo),
+                    dims,
+                    spec,
+                );
+                Ok(($wrap(dq), $wrap(dk), $wrap(dv)))
+            }};
+        }
+        match self {
+            CpuStorage::F32(q) => go!(q, CpuStorage::F32),
+            CpuStorage::F64(q) => go!(q, CpuStorage::F64),
             other => Err(Error::DType { op: OP, expected: "f32 or f64", got: other.dtype() }),
         }
     }
