@@ -32,7 +32,7 @@ target/release/tinytune finetune \
     --eval-data "$ASSETS/data/movie_reviews.eval.jsonl" \
     --method lora --rank 8 --alpha 16 --dropout 0.05 --target-modules q_proj,v_proj \
     --max-train-examples 800 --max-eval-examples 200 --seq-len 48 \
-    --batch-size 16 --lr 3e-3 --warmup 5 --schedule linear --seed 0 \
+    --batch-size 16 --length-buckets 8 --lr 3e-3 --warmup 5 --schedule linear --seed 0 \
     --device "${DEVICE:-auto}" --out "$OUT" "$@"
 echo
 echo "== three fresh sentences, zero-shot by the base model and then by the fine-tuned adapter"

@@ -130,6 +130,11 @@ pub struct FinetuneArgs {
     /// Micro-batches per optimizer step [default: 1].
     #[arg(long)]
     pub grad_accum: Option<usize>,
+    /// Batch examples of similar length: each run of N batches of the seeded epoch order is
+    /// sorted by length, cut into batches, and the batches shuffled (seeded), so a batch is not
+    /// mostly padding. 0 (the default): off.
+    #[arg(long)]
+    pub length_buckets: Option<usize>,
     /// Most tokens per example (longer ones are truncated) [default: 256, or the model's context if shorter].
     #[arg(long)]
     pub seq_len: Option<usize>,
@@ -357,6 +362,7 @@ impl FinetuneArgs {
             max_steps,
             batch_size,
             grad_accum,
+            length_buckets,
             seq_len,
             pack,
             no_special_tokens,

@@ -237,12 +237,16 @@ fn a_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
     // step, 10 examples in batches of 3 (4 batches an epoch, the last one short), so the 7
     // steps (14 micro-batches) cross epoch boundaries mid-step; the interruption is at a step
     // with no checkpoint due, the resumed part crosses the save at step 5 and an evaluation.
-    for (name, dora, train_path, eval_path, stop) in [("lora", false, &lm, &lm_eval, 3), ("dora-head", true, &cls, &cls_eval, 4)] {
+    // The third run batches by length (runs of 2 batches sorted by length, then shuffled).
+    for (name, dora, train_path, eval_path, stop, buckets) in
+        [("lora", false, &lm, &lm_eval, 3, 0), ("dora-head", true, &cls, &cls_eval, 4, 0), ("lora-buckets", false, &lm, &lm_eval, 3, 2)]
+    {
         let (train_set, eval_set) = (load_data(train_path), load_data(eval_path));
         let cfg = |out: PathBuf| TrainConfig {
             method: Arc::new(LoraConfig { dora, targets: vec!["q_proj".into(), "v_proj".into(), "up_proj".into()], ..lora(2, 4.0, 0.1) }),
             batch_size: 3,
             grad_accum: 2,
+            length_buckets: buckets,
             max_steps: Some(7),
             eval_every: Some(3),
             save_every: 5,
@@ -296,6 +300,32 @@ fn a_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
         assert_eq!((again.resumed_from, again.final_loss), (Some(7), straight.final_loss));
         assert_eq!(metrics(&a), metrics(&b), "{name}: a second resume of a finished run keeps the metrics as they were");
         assert!(std::fs::read(b.join("adapter/adapter_model.safetensors")).unwrap() == wa);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn length_bucketed_batches_are_seeded_permutations_with_less_padding() {
+    let dir = scratch("buckets");
+    let data = load_data(&write_lines(&dir, "lm.jsonl", &lm_lines(203, 5)));
+    let len = |i: usize| data.example(i).ids.len();
+    // Positions computed: every batch padded to its longest example.
+    let padded = |order: &[usize], b: usize| order.chunks(b).map(|c| c.len() * c.iter().map(|&i| len(i)).max().unwrap()).sum::<usize>();
+    for epoch in 0..3 {
+        let plain = data.training_order(epoch, 9, 8, 0);
+        assert_eq!(plain, data.epoch_order(epoch, 9), "0 buckets: the plain epoch order");
+        let bucketed = data.training_order(epoch, 9, 8, 10);
+        assert_eq!(bucketed, data.training_order(epoch, 9, 8, 10), "deterministic");
+        let mut sorted = bucketed.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..203).collect::<Vec<_>>(), "each example once per epoch");
+        assert!(padded(&bucketed, 8) < padded(&plain, 8), "epoch {epoch}: bucketing pads less");
+        assert_ne!(bucketed, data.training_order(epoch + 10, 9, 8, 10), "another epoch, another order");
+        // Within a batch, the lengths are close: each batch lies inside one sorted run.
+        for c in bucketed[..200].chunks(8) {
+            let (lo, hi) = (c.iter().map(|&i| len(i)).min().unwrap(), c.iter().map(|&i| len(i)).max().unwrap());
+            assert!(hi - lo <= hi / 2 + 2, "a batch of lengths {lo}..{hi}");
+        }
     }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -463,6 +463,7 @@ fn record<'a>(obj: &'a Map<String, Value>, format: DataFormat, first: usize, pat
 const DOMAIN_EPOCH: u32 = 0x4550_4f43; // "EPOC"
 const DOMAIN_SPLIT: u32 = 0x5350_4c54; // "SPLT"
 const DOMAIN_SUBSET: u32 = 0x5355_4253; // "SUBS"
+const DOMAIN_BUCKETS: u32 = 0x4255_434b; // "BUCK"
 
 /// A uniformly random permutation of `0..n`: Fisher–Yates from the top, `i = n−1 .. 1`, swapping
 /// `i` with `j = ⌊u · (i + 1) / 2⁶⁴⌋` for the next 64-bit draw `u` (bias below `n / 2⁶⁴`).
@@ -755,6 +756,40 @@ impl Dataset {
     /// trainer resuming at batch `k` of an epoch takes `epoch_order(epoch, seed)[k * b..]`.
     pub fn epoch_order(&self, epoch: u64, seed: u64) -> Vec<usize> {
         permutation(self.len(), seed, DOMAIN_EPOCH, epoch)
+    }
+
+    /// The training order of epoch `epoch` in batches of `batch_size`, the batch `k` being
+    /// `[k·batch_size, (k+1)·batch_size)` of it. With `buckets ≥ 2`, batches of similar length
+    /// (length-bucketed batching): the [`epoch_order`](Self::epoch_order) is cut into runs of
+    /// `buckets · batch_size` examples, each run is sorted by length (longest first; equal
+    /// lengths keep their shuffled order) and cut into batches, and the batches are put in a
+    /// seeded random order (all but a short last batch, which stays last). Every example is seen
+    /// once per epoch; the order depends only on `(epoch, seed, batch_size, buckets)`, so a
+    /// resumed run continues it exactly. Otherwise the plain epoch order.
+    pub fn training_order(&self, epoch: u64, seed: u64, batch_size: usize, buckets: usize) -> Vec<usize> {
+        let order = self.epoch_order(epoch, seed);
+        if buckets < 2 || batch_size < 2 {
+            return order;
+        }
+        let len = |i: usize| {
+            let e = &self.examples[i];
+            e.ids.len().max(e.rejected.as_ref().map_or(0, |r| r.ids.len()))
+        };
+        let mut batches: Vec<Vec<usize>> = Vec::with_capacity(order.len().div_ceil(batch_size));
+        for run in order.chunks(buckets * batch_size) {
+            let mut run = run.to_vec();
+            run.sort_by_key(|&i| std::cmp::Reverse(len(i)));
+            batches.extend(run.chunks(batch_size).map(<[usize]>::to_vec));
+        }
+        let full = if order.len() % batch_size == 0 { batches.len() } else { batches.len() - 1 };
+        let mut out = Vec::with_capacity(order.len());
+        for b in permutation(full, seed, DOMAIN_BUCKETS, epoch) {
+            out.extend_from_slice(&batches[b]);
+        }
+        for b in &batches[full..] {
+            out.extend_from_slice(b);
+        }
+        out
     }
 
     /// Splits off a held-out set: `(train, held_out)`. Which examples are held out depends only

@@ -69,6 +69,9 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
+    /// Length-bucketed batches: runs of this many batches of the epoch order sorted by length
+    /// (see [`Dataset::training_order`]); 0: off.
+    pub length_buckets: usize,
     pub warmup_steps: u64,
     pub schedule: ScheduleKind,
     /// Decoupled weight decay of the matrices (norm weights, biases and vectors get none).
@@ -114,6 +117,7 @@ impl Default for TrainConfig {
             max_steps: None,
             batch_size: 8,
             grad_accum: 1,
+            length_buckets: 0,
             warmup_steps: 0,
             schedule: ScheduleKind::Linear,
             weight_decay: 0.0,
@@ -182,6 +186,10 @@ impl TrainConfig {
         });
         if matches!(train.kind(), DataKind::Preference | DataKind::Prompts) {
             v["preference"] = json!(format!("{:?}", self.preference));
+        }
+        // Only when on, so that runs from before the option resume as they were.
+        if self.length_buckets >= 2 {
+            v["length_buckets"] = json!(self.length_buckets);
         }
         // The method's own settings sit beside the trainer's, by their names (`r`, `alpha`, ...).
         if let Value::Object(m) = self.method.fingerprint() {
@@ -1031,7 +1039,8 @@ impl<'a> Trainer<'a> {
         for _ in 0..cfg.grad_accum {
             let (epoch, k) = (self.st.micro / self.batches_per_epoch, (self.st.micro % self.batches_per_epoch) as usize);
             let train = self.train;
-            let order = self.orders.entry(epoch).or_insert_with(|| train.epoch_order(epoch, cfg.seed));
+            let order =
+                self.orders.entry(epoch).or_insert_with(|| train.training_order(epoch, cfg.seed, cfg.batch_size, cfg.length_buckets));
             let idx = &order[k * cfg.batch_size..((k + 1) * cfg.batch_size).min(order.len())];
             batches.push((self.st.micro, self.train.batch(idx, &self.device)?));
             self.st.micro += 1;

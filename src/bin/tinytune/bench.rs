@@ -56,6 +56,10 @@ pub struct BenchArgs {
     /// auto, cpu, gpu or gpu-software [default: $TINYTUNE_DEVICE or auto].
     #[arg(long)]
     device: Option<String>,
+    /// How the frozen weights are held: keep (as stored: Q4_1 blocks for the default model),
+    /// f32 (what PyTorch computes with after loading the GGUF), bf16, nf4, int8 [default: keep].
+    #[arg(long, default_value = "keep")]
+    base_dtype: BaseDType,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -119,7 +123,7 @@ fn review_batch(data: &Path, tok: &Tokenizer, model: &dyn CausalLm) -> Result<Da
 }
 
 fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device: &Device) -> Result<Measured> {
-    let mut model = super::load_model(model_path, device, BaseDType::Keep)?;
+    let mut model = super::load_model(model_path, device, args.base_dtype)?;
     match case {
         "lora-step" => {
             let cfg =

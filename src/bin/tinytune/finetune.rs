@@ -405,6 +405,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         max_steps: a.max_steps,
         batch_size: a.batch_size.unwrap_or(8),
         grad_accum: a.grad_accum.unwrap_or(1),
+        length_buckets: a.length_buckets.unwrap_or(0),
         warmup_steps: a.warmup.unwrap_or(0),
         schedule: ScheduleKind::from_name(a.schedule.as_deref().unwrap_or("linear"))?,
         weight_decay: a.weight_decay.unwrap_or(0.0),
