@@ -103,17 +103,19 @@ impl AttnSpec {
     fn mask_tile<T: Float>(&self, s: &mut [T], b: usize, i0: usize, kmin: usize, kn: usize, dims: &Dims) {
         let p = self.prefix(dims);
         let scale = T::from_f64(self.scale);
+        let col = |jj: usize| jj.clamp(kmin, kmin + kn) - kmin;
         for (r, row) in s.chunks_mut(kn).enumerate() {
             row.iter_mut().for_each(|x| *x = *x * scale);
+            // Real keys j are columns p + j − kmin; the prefix columns are all seen.
             let (lo, hi) = self.real_range(i0 + r, dims);
-            for (c, x) in row.iter_mut().enumerate() {
-                let jj = kmin + c;
-                if jj < p {
-                    continue;
-                }
-                let j = jj - p;
-                if j < lo || j >= hi || !self.kept(b, j, dims) {
-                    *x = T::neg_infinity();
+            row[col(p)..col(p + lo)].iter_mut().for_each(|x| *x = T::neg_infinity());
+            row[col(p + hi)..].iter_mut().for_each(|x| *x = T::neg_infinity());
+            if self.keep.is_some() {
+                for j in lo..hi {
+                    let c = p + j;
+                    if c >= kmin && c < kmin + kn && !self.kept(b, j, dims) {
+                        row[c - kmin] = T::neg_infinity();
+                    }
                 }
             }
         }
@@ -158,8 +160,17 @@ fn sum<T: Float>(x: &[T]) -> T {
     lanes.iter().fold(tail, |a, &b| a + b)
 }
 
+/// `max_c a_c` with 8 accumulators (vectorises).
 fn max<T: Float>(x: &[T]) -> T {
-    x.iter().fold(T::neg_infinity(), |a, &b| if b > a { b } else { a })
+    let mut lanes = [T::neg_infinity(); 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+        }
+    }
+    let tail = chunks.remainder().iter().fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
+    lanes.iter().fold(tail, |a, &b| if b > a { b } else { a })
 }
 
 /// Turn one masked score row into probabilities in place; returns its log-sum-exp (−∞ for a
