@@ -5,6 +5,8 @@
 //! causal, sliding window, right and left padding (rows that see nothing), a prefix every query
 //! sees, queries continuing a KV cache — plus central finite differences on the fused op itself.
 
+mod common;
+
 use tinytune::nn::{attention, attention_reference, Mask};
 use tinytune::{DType, Device, Tensor};
 
@@ -188,4 +190,47 @@ fn fused_attention_refuses_bad_shapes() {
     let bad_keep = tinytune::tensor::AttnSpec { keep: Some(vec![true; 3]), ..spec.clone() };
     let e = t(&[1, 2, 4, 8]).flash_attention(&t(&[1, 2, 4, 8]), &t(&[1, 2, 4, 8]), &bad_keep).err().unwrap().to_string();
     assert!(e.contains("keep"), "{e}");
+}
+
+/// The WGSL kernels (`shaders/attention.wgsl`) against the CPU kernel on the same f32 inputs:
+/// outputs and the gradients of q, k, v, under every mask and on awkward shapes (lavapipe when
+/// there is no GPU).
+#[test]
+fn fused_attention_on_the_gpu_equals_the_cpu() {
+    let Some(gpu) = common::gpu_device() else { return };
+    let cases = [
+        case(1, 1, 1, 1, 1),
+        case(2, 6, 2, 65, 8),
+        Case { causal: false, ..case(1, 3, 3, 70, 5) },
+        Case { window: Some(3), lengths: Some(vec![70, 9]), ..case(2, 4, 2, 70, 16) },
+        Case { lengths: Some(vec![66, 2]), left: true, ..case(2, 2, 1, 66, 3) },
+        Case { prefix: 3, lengths: Some(vec![4, 6]), ..case(2, 2, 1, 6, 7) },
+        Case { offset: 40, lengths: Some(vec![80, 75]), left: true, ..case(2, 2, 1, 41, 3) },
+        Case { offset: 9, ..case(1, 4, 2, 1, 256) },
+        case(1, 2, 1, 130, 200),
+    ];
+    for (n, c) in cases.iter().enumerate() {
+        let mut rng = Lcg(500 + n as u64);
+        let tk = c.prefix + c.offset + c.tq;
+        let f32_ = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        let (q, k, v) =
+            (f32_(rng.tensor(&[c.b, c.h, c.tq, c.d])), f32_(rng.tensor(&[c.b, c.hk, tk, c.d])), f32_(rng.tensor(&[c.b, c.hk, tk, c.d])));
+        let w = f32_(rng.tensor(&[c.b, c.h, c.tq, c.d]));
+        let mut results = Vec::new();
+        for dev in [Device::Cpu, gpu.clone()] {
+            let up = |t: &Tensor| t.to_device(&dev).unwrap().requires_grad().unwrap();
+            let (q, k, v) = (up(&q), up(&k), up(&v));
+            let m = mask_of(c);
+            let keep = m.keep.as_ref().map(|t| t.to_dtype(DType::F32).unwrap().to_device(&dev).unwrap());
+            let mut mask = Mask::causal(c.offset, keep.as_ref()).with_window(c.window);
+            mask.causal = c.causal;
+            let y = attention(&q, &k, &v, &mask).unwrap();
+            y.mul(&w.to_device(&dev).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+            results.push([y, q.grad().unwrap(), k.grad().unwrap(), v.grad().unwrap()].map(|t| t.to_vec_f64().unwrap()));
+        }
+        for (part, (a, b)) in ["y", "dq", "dk", "dv"].iter().zip(results[1].iter().zip(&results[0])) {
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0.0, f64::max);
+            assert!(worst < 2e-5, "case {n}: GPU {part} differs from the CPU's by {worst}");
+        }
+    }
 }

@@ -13,6 +13,11 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 pub use cpu::CpuStorage;
+
+/// The widest attention head the GPU's fused attention kernel takes.
+pub fn gpu_attention_max_head_dim() -> usize {
+    gpu::ATTENTION_MAX_HEAD_DIM
+}
 pub use gpu::{GpuDevice, GpuStorage, MemoryStats};
 
 /// Where a tensor's storage lives.
@@ -693,8 +698,9 @@ impl Storage {
         })
     }
 
-    /// Fused attention forward on the CPU (see [`cpu::attention`]): `(O, log-sum-exp)`. The
-    /// GPU has no fused kernel yet: callers compose attention there.
+    /// Fused attention forward (see [`cpu::attention`], `shaders/attention.wgsl`): `(O,
+    /// log-sum-exp)`. On the GPU, q, k, v must be contiguous and `keep` is the spec's padding
+    /// mask as an f32 buffer.
     #[allow(clippy::too_many_arguments)]
     pub fn flash_attention(
         &self,
@@ -703,6 +709,7 @@ impl Storage {
         lk: &Layout,
         v: &Storage,
         lv: &Layout,
+        keep: Option<&Storage>,
         dims: cpu::attention::Dims,
         spec: &cpu::attention::AttnSpec,
     ) -> Result<(Storage, Storage)> {
@@ -715,12 +722,16 @@ impl Storage {
                     let (o, l) = s.flash_attention(lq, k.cpu(OP, self)?, lk, v.cpu(OP, self)?, lv, dims, spec)?;
                     Ok((Storage::Cpu(o), Storage::Cpu(l)))
                 }
-                Storage::Gpu(_) => Err(Error::InvalidArgument { op: OP, msg: "the fused attention kernel runs on the CPU only".into() }),
+                Storage::Gpu(s) => {
+                    let keep = keep.map(|k| k.gpu(OP, self)).transpose()?;
+                    let (o, l) = s.flash_attention(k.gpu(OP, self)?, v.gpu(OP, self)?, keep, dims, spec)?;
+                    Ok((Storage::Gpu(o), Storage::Gpu(l)))
+                }
             }
         })
     }
 
-    /// Fused attention backward on the CPU: `(dQ, dK, dV)`.
+    /// Fused attention backward: `(dQ, dK, dV)`.
     #[allow(clippy::too_many_arguments)]
     pub fn flash_attention_backward(
         &self,
@@ -733,6 +744,7 @@ impl Storage {
         lse: &Storage,
         go: &Storage,
         lgo: &Layout,
+        keep: Option<&Storage>,
         dims: cpu::attention::Dims,
         spec: &cpu::attention::AttnSpec,
     ) -> Result<(Storage, Storage, Storage)> {
@@ -756,7 +768,20 @@ impl Storage {
                     )?;
                     Ok((Storage::Cpu(dq), Storage::Cpu(dk), Storage::Cpu(dv)))
                 }
-                Storage::Gpu(_) => Err(Error::InvalidArgument { op: OP, msg: "the fused attention kernel runs on the CPU only".into() }),
+                Storage::Gpu(s) => {
+                    let keep = keep.map(|k| k.gpu(OP, self)).transpose()?;
+                    let (dq, dk, dv) = s.flash_attention_backward(
+                        k.gpu(OP, self)?,
+                        v.gpu(OP, self)?,
+                        o.gpu(OP, self)?,
+                        lse.gpu(OP, self)?,
+                        go.gpu(OP, self)?,
+                        keep,
+                        dims,
+                        spec,
+                    )?;
+                    Ok((Storage::Gpu(dq), Storage::Gpu(dk), Storage::Gpu(dv)))
+                }
             }
         })
     }

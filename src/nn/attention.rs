@@ -136,7 +136,7 @@ fn spec(mask: &Mask, d: usize) -> Result<AttnSpec> {
         Some(keep) => {
             let mut memo = mask.keep_host.lock().unwrap_or_else(|e| e.into_inner());
             if memo.is_none() {
-                *memo = Some(keep.to_dtype(DType::F64)?.to_vec::<f64>()?.iter().map(|&x| x != 0.0).collect());
+                *memo = Some(keep.to_vec_f64()?.iter().map(|&x| x != 0.0).collect());
             }
             memo.clone()
         }
@@ -144,12 +144,15 @@ fn spec(mask: &Mask, d: usize) -> Result<AttnSpec> {
     Ok(AttnSpec { scale: 1.0 / (d as f64).sqrt(), causal: mask.causal, offset: mask.offset, window: mask.window, keep })
 }
 
-/// Scaled dot-product attention of `q` over `k, v` under `mask` (see the module docs). On the
-/// CPU, the fused kernel ([`Tensor::flash_attention`]); elsewhere the composition below.
+/// Scaled dot-product attention of `q` over `k, v` under `mask` (see the module docs): the
+/// fused kernel ([`Tensor::flash_attention`]: the CPU's, or the GPU's for f32 heads up to 256
+/// wide), else the composition below.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> Result<Tensor> {
     check_shapes(q, k, v)?;
     let (b, h, tq, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
-    if !q.device().is_gpu() && fused_attention_enabled() {
+    // The fused kernel: on the CPU always, on the GPU for heads up to its width limit.
+    let fits = !q.device().is_gpu() || (d <= crate::backend::gpu_attention_max_head_dim() && q.dtype() == DType::F32);
+    if fits && fused_attention_enabled() {
         if let Some(keep) = &mask.keep {
             if keep.rank() != 2 || keep.shape()[1] != mask.offset + tq {
                 return Err(Error::Shape {

@@ -97,15 +97,33 @@ impl Tensor {
                 return bad(format!("keep holds {} flags, [batch {}, {}] expected", keep.len(), dims.b, spec.offset + dims.tq));
             }
         }
-        if self.device().is_gpu() {
-            return Err(Error::InvalidArgument { op: OP, msg: format!("runs on the CPU only, q is on {}", self.device()) });
-        }
-        let (o, lse) =
-            self.storage_arc().flash_attention(self.layout(), &k.storage_arc(), k.layout(), &v.storage_arc(), v.layout(), dims, spec)?;
+        // The GPU kernels read contiguous operands and the padding mask as an f32 buffer.
+        let gpu = self.device().is_gpu();
+        let (qc, kc, vc) = if gpu { (self.compact()?, k.compact()?, v.compact()?) } else { (self.clone(), k.clone(), v.clone()) };
+        let keep = match (&spec.keep, gpu) {
+            (Some(keep), true) => {
+                let f: Vec<f32> = keep.iter().map(|&x| f32::from(u8::from(x))).collect();
+                Some(Tensor::from_vec(f, &[keep.len()], self.device())?)
+            }
+            _ => None,
+        };
+        let keep_st = keep.as_ref().map(|t| t.storage_arc());
+        let (o, lse) = qc.storage_arc().flash_attention(
+            qc.layout(),
+            &kc.storage_arc(),
+            kc.layout(),
+            &vc.storage_arc(),
+            vc.layout(),
+            keep_st.as_deref(),
+            dims,
+            spec,
+        )?;
         let o = Arc::new(o);
         let out = Tensor::leaf_shared(o.clone(), self.shape());
-        let (q, k_, v_, spec) = (self.detach(), k.detach(), v.detach(), spec.clone());
-        Ok(Tensor::from_op_shared(o, self.shape(), OP, &[self, k, v], move |g| {
+        let (q, k_, v_, spec) = (qc.detach(), kc.detach(), vc.detach(), spec.clone());
+        Ok(Tensor::from_op_shared(o, self.shape(), OP, &[&qc, &kc, &vc], move |g| {
+            let g = if g.device().is_gpu() { g.compact()? } else { g.clone() };
+            let keep_st = keep.as_ref().map(|t| t.storage_arc());
             let (dq, dk, dv) = q.storage_arc().flash_attention_backward(
                 q.layout(),
                 &k_.storage_arc(),
@@ -116,6 +134,7 @@ impl Tensor {
                 &lse,
                 &g.storage_arc(),
                 g.layout(),
+                keep_st.as_deref(),
                 dims,
                 &spec,
             )?;

@@ -19,7 +19,9 @@
 //! [`crate::backend::Device::from_env`]; `TINYTUNE_MATMUL` (`tiled`, `registers`) overrides the
 //! matmul kernel a new device starts with.
 
+mod attention;
 mod binary;
+pub(crate) use attention::MAX_HEAD_DIM as ATTENTION_MAX_HEAD_DIM;
 mod copy;
 mod dequant;
 mod gated;
@@ -1069,6 +1071,34 @@ impl GpuStorage {
 
     pub fn softmax_last(&self, layout: &Layout, log: bool) -> Result<GpuStorage> {
         softmax::softmax_last(self, layout, log)
+    }
+
+    /// Fused attention forward of contiguous q, k, v (see `shaders/attention.wgsl`).
+    pub fn flash_attention(
+        &self,
+        k: &GpuStorage,
+        v: &GpuStorage,
+        keep: Option<&GpuStorage>,
+        dims: crate::backend::cpu::attention::Dims,
+        spec: &crate::backend::cpu::attention::AttnSpec,
+    ) -> Result<(GpuStorage, GpuStorage)> {
+        attention::forward(self, k, v, keep, dims, spec)
+    }
+
+    /// Fused attention backward: `(dQ, dK, dV)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attention_backward(
+        &self,
+        k: &GpuStorage,
+        v: &GpuStorage,
+        o: &GpuStorage,
+        lse: &GpuStorage,
+        go: &GpuStorage,
+        keep: Option<&GpuStorage>,
+        dims: crate::backend::cpu::attention::Dims,
+        spec: &crate::backend::cpu::attention::AttnSpec,
+    ) -> Result<(GpuStorage, GpuStorage, GpuStorage)> {
+        attention::backward(self, k, v, o, lse, go, keep, dims, spec)
     }
 
     pub fn norm_last(
