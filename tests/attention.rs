@@ -234,3 +234,27 @@ fn fused_attention_on_the_gpu_equals_the_cpu() {
         }
     }
 }
+
+/// One launch forward and three backward (statistics, dQ, dK/dV), nothing of the composed
+/// path (no softmax, no score matmul), whatever the mask.
+#[test]
+fn gpu_attention_launches_one_kernel_forward_and_three_backward() {
+    if common::gpu_device().is_none() {
+        return;
+    }
+    let g = common::gpu_with_kernel(tinytune::backend::gpu::MatmulKernel::Registers);
+    let Device::Gpu(dev) = &g else { unreachable!() };
+    let mut rng = Lcg(9);
+    let up = |t: Tensor| t.to_dtype(DType::F32).unwrap().to_device(&g).unwrap().requires_grad().unwrap();
+    let (q, k, v) = (up(rng.tensor(&[2, 4, 7, 8])), up(rng.tensor(&[2, 2, 7, 8])), up(rng.tensor(&[2, 2, 7, 8])));
+    let keep = Tensor::from_vec(vec![1.0f32; 14], &[2, 7], &g).unwrap();
+    let mask = Mask::causal(0, Some(&keep)).with_window(Some(4));
+    let count = |name: &str| dev.kernel_counts().iter().filter(|(k, _)| *k == name).map(|(_, c)| c.dispatches).sum::<u64>();
+    let y = attention(&q, &k, &v, &mask).unwrap();
+    assert_eq!(count("attn_fwd"), 1);
+    y.sum_all().unwrap().backward().unwrap();
+    for (name, n) in [("attn_fwd", 1), ("attn_bwd_prep", 1), ("attn_bwd_dq", 1), ("attn_bwd_dkv", 1), ("softmax_rows", 0)] {
+        assert_eq!(count(name), n, "{name} launches: {:?}", dev.kernel_counts());
+    }
+    assert!(dev.kernel_counts().iter().all(|(k, _)| !k.starts_with("matmul")), "no score products: {:?}", dev.kernel_counts());
+}
