@@ -254,23 +254,25 @@ pub struct SamplingArgs {
     /// Seed of the sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Stop after any of these token ids (comma-separated). Default: the tokenizer's EOS and its
-    /// chat format's end-of-turn token (`<end_of_turn>`, `<|im_end|>`, `<|eot_id|>`).
+    /// Stop after any of these token ids (comma-separated). Default: the tokenizer's EOS, and
+    /// for a chat its format's end-of-turn token (`<end_of_turn>`, `<|im_end|>`, `<|eot_id|>`).
     #[arg(long)]
     stop: Option<String>,
 }
 
 impl SamplingArgs {
     /// The options of one generation of at most `max_new_tokens` (`--max-new-tokens` or the
-    /// command's default), stopping at `--stop` or the tokenizer's EOS.
-    pub fn options(&self, default_max: usize, tok: Option<&Tokenizer>, op: &'static str) -> Result<GenerateOptions> {
+    /// command's default), stopping at `--stop`, or at the tokenizer's EOS (and, for a
+    /// conversation, `chat`, at its end-of-turn token).
+    pub fn options(&self, default_max: usize, tok: Option<&Tokenizer>, chat: bool, op: &'static str) -> Result<GenerateOptions> {
         let sampling = match (self.temperature, self.top_k, self.top_p) {
             (None, None, None) => Sampling::Greedy,
             (t, k, p) => Sampling::Sample { temperature: t.unwrap_or(1.0), top_k: k, top_p: p },
         };
         let stop_tokens = match self.stop.as_deref() {
             Some(s) => parse_ids(op, s)?,
-            None => tok.map(Tokenizer::stop_ids).unwrap_or_default(),
+            None if chat => tok.map(Tokenizer::stop_ids).unwrap_or_default(),
+            None => tok.and_then(|t| t.eos_id()).into_iter().collect(),
         };
         Ok(GenerateOptions {
             max_new_tokens: self.max_new_tokens.unwrap_or(default_max),
@@ -768,7 +770,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 _ => unreachable!("clap requires one input"),
             };
-            let mut opts = sampling.options(32, tok.as_ref(), "generate --stop")?;
+            let mut opts = sampling.options(32, tok.as_ref(), chat, "generate --stop")?;
             // The model's context bounds what can be generated: say so rather than run past it.
             let mut max_new_tokens = opts.max_new_tokens;
             if let Some(ctx) = model.max_positions() {

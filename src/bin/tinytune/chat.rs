@@ -59,7 +59,7 @@ pub fn chat(args: ChatArgs) -> Result<()> {
         note!("note: this adapter was trained for classification: its weights change the answers, its head is not used here");
     }
     let tok = Tokenizer::for_model(&args.common.model)?;
-    let opts = args.sampling.options(256, Some(&tok), "chat --stop")?;
+    let opts = args.sampling.options(256, Some(&tok), true, "chat --stop")?;
     let ctx = model.max_positions();
     let mut conv = Conversation { system: args.system.clone(), turns: Vec::new() };
     note!("chat with {} — /reset, /system TEXT, /save FILE, /quit (or Ctrl-D)", args.common.model.display());

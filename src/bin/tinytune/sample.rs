@@ -143,7 +143,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     }
     let range = args.prompt_tokens.as_deref().map(parse_range).transpose()?;
     let sampling = Sampling::Sample { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p };
-    let stop_tokens: Vec<u32> = tok.stop_ids();
+    let stop_tokens: Vec<u32> = if args.chat { tok.stop_ids() } else { tok.eos_id().into_iter().collect() };
     let mut out: Box<dyn Write> = match &args.out {
         Some(p) => Box::new(create(p)?),
         None => Box::new(std::io::stdout().lock()),
