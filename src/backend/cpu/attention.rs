@@ -189,6 +189,88 @@ fn softmax_row<T: Float>(row: &mut [T], tk: usize) -> T {
     m + l.ln()
 }
 
+/// Softmax of every masked row of a tile in place, log-sum-exps into `lse`.
+#[inline(always)]
+fn softmax_rows<T: Float>(s: &mut [T], kn: usize, tk: usize, lse: &mut [T]) {
+    for (r, row) in s.chunks_mut(kn).enumerate() {
+        lse[r] = softmax_row(row, tk);
+    }
+}
+
+/// [`softmax_rows`] compiled for AVX2 + FMA (the exponentials in 8 lanes instead of SSE2's 4).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_rows_avx2<T: Float>(s: &mut [T], kn: usize, tk: usize, lse: &mut [T]) {
+    softmax_rows(s, kn, tk, lse)
+}
+
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn softmax_tile<T: Float>(s: &mut [T], kn: usize, tk: usize, lse: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+        return unsafe { softmax_rows_avx2(s, kn, tk, lse) };
+    }
+    softmax_rows(s, kn, tk, lse)
+}
+
+/// Backward's row work on a tile: `p` from the scores and `L` (uniform on a row that sees no
+/// key), then `ds = p (dP − D) · scale` in place of `dP` (0 on such a row).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_rows<T: Float>(p: &mut [T], ds: &mut [T], kn: usize, tk: usize, lse: &[T], go: &[T], o: &[T], d: usize, scale: T) {
+    for (r, (pr, dr)) in p.chunks_mut(kn).zip(ds.chunks_mut(kn)).enumerate() {
+        let l = lse[r];
+        if l == T::neg_infinity() {
+            let u = T::ONE / T::from_f64(tk as f64);
+            pr.iter_mut().for_each(|x| *x = u);
+            // A row that sees no key averages the values whatever the scores.
+            dr.iter_mut().for_each(|x| *x = T::ZERO);
+            continue;
+        }
+        pr.iter_mut().for_each(|x| *x = (*x - l).exp_fast());
+        let dsum = (0..d).fold(T::ZERO, |a, c| a + go[r * d + c] * o[r * d + c]);
+        for (x, &pv) in dr.iter_mut().zip(pr.iter()) {
+            *x = pv * (*x - dsum) * scale;
+        }
+    }
+}
+
+/// [`backward_rows`] compiled for AVX2 + FMA.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_rows_avx2<T: Float>(p: &mut [T], ds: &mut [T], kn: usize, tk: usize, lse: &[T], go: &[T], o: &[T], d: usize, scale: T) {
+    backward_rows(p, ds, kn, tk, lse, go, o, d, scale)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_tile<T: Float>(p: &mut [T], ds: &mut [T], kn: usize, tk: usize, lse: &[T], go: &[T], o: &[T], d: usize, scale: T) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+        return unsafe { backward_rows_avx2(p, ds, kn, tk, lse, go, o, d, scale) };
+    }
+    backward_rows(p, ds, kn, tk, lse, go, o, d, scale)
+}
+
 /// Forward: `(O [b, h, tq, d], L [b, h, tq])`.
 pub fn forward<T: GemmFloat>(q: &[T], k: &[T], v: &[T], dims: Dims, spec: &AttnSpec) -> (Vec<T>, Vec<T>) {
     let Dims { b: _, h, hk, tq, tk, d } = dims;
@@ -211,9 +293,7 @@ pub fn forward<T: GemmFloat>(q: &[T], k: &[T], v: &[T], dims: Dims, spec: &AttnS
                 // S = Q_I K[kmin..kmax]ᵀ: B[p, j] = k[(kmin + j)·d + p].
                 T::gemm(rows, kn, d, &qh[i0 * d..], d, 1, &kg[kmin * d..], 1, d, s);
                 spec.mask_tile(s, bi, i0, kmin, kn, &dims);
-                for (r, row) in s.chunks_mut(kn).enumerate() {
-                    l_t[r] = softmax_row(row, tk);
-                }
+                softmax_tile(s, kn, tk, l_t);
                 T::gemm(rows, d, kn, s, kn, 1, &vg[kmin * d..], d, 1, o_t);
             });
         });
@@ -262,32 +342,12 @@ pub fn backward<T: GemmFloat>(
                         // P, recomputed.
                         T::gemm(rows, kn, d, q_i, d, 1, &kg[kmin * d..], 1, d, p);
                         spec.mask_tile(p, bi, i0, kmin, kn, &dims);
-                        for (r, row) in p.chunks_mut(kn).enumerate() {
-                            let l = lh[i0 + r];
-                            if l == T::neg_infinity() {
-                                let u = T::ONE / T::from_f64(tk as f64);
-                                row.iter_mut().for_each(|x| *x = u);
-                            } else {
-                                row.iter_mut().for_each(|x| *x = (*x - l).exp_fast());
-                            }
-                        }
+                        // dP = dO_I V[kmin..kmax]ᵀ, then P and dS from it in one pass.
+                        T::gemm(rows, kn, d, go_i, d, 1, &vg[kmin * d..], 1, d, ds);
+                        let lse_i = &lh[i0..i0 + rows];
+                        backward_tile(p, ds, kn, tk, lse_i, go_i, o_i, d, T::from_f64(spec.scale));
                         // dV[kmin..kmax] += Pᵀ dO_I.
                         T::gemm_into(kn, d, rows, p, 1, kn, go_i, d, 1, &mut dv_g[kmin * d..kmax * d], true);
-                        // dP = dO_I V[kmin..kmax]ᵀ.
-                        T::gemm(rows, kn, d, go_i, d, 1, &vg[kmin * d..], 1, d, ds);
-                        let scale = T::from_f64(spec.scale);
-                        for r in 0..rows {
-                            let (pr, dr) = (&p[r * kn..(r + 1) * kn], &mut ds[r * kn..(r + 1) * kn]);
-                            if lh[i0 + r] == T::neg_infinity() {
-                                // A row that sees no key averages the values whatever the scores.
-                                dr.iter_mut().for_each(|x| *x = T::ZERO);
-                                continue;
-                            }
-                            let dsum = (0..d).fold(T::ZERO, |a, c| a + go_i[r * d + c] * o_i[r * d + c]);
-                            for (x, &pv) in dr.iter_mut().zip(pr) {
-                                *x = pv * (*x - dsum) * scale;
-                            }
-                        }
                         // dQ_I = dS K[kmin..kmax];  dK[kmin..kmax] += dSᵀ Q_I.
                         T::gemm(rows, d, kn, ds, kn, 1, &kg[kmin * d..], d, 1, &mut dq_h[i0 * d..(i0 + rows) * d]);
                         T::gemm_into(kn, d, rows, ds, 1, kn, q_i, d, 1, &mut dk_g[kmin * d..kmax * d], true);
