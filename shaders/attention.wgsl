@@ -15,9 +15,10 @@
 //
 // Mask (the rule of nn::Mask): the first `prefix` keys are seen by every query; real key
 // j = jj − prefix is seen by query i (absolute position offset + i) when j ≤ offset + i
-// (causal), j + window > offset + i (window ≠ 0), and keep[b, j] ≠ 0 (has_keep).
+// (causal), j + window > offset + i (has_window), and keep[b, j] ≠ 0 (has_keep).
 //
-// Params: [b, h, hk, tq, tk, d, offset, prefix, causal, window, has_keep, scale (f32 bits)].
+// Params: [b, h, hk, tq, tk, d, offset, prefix, causal, window, has_keep, scale (f32 bits),
+// has_window].
 // q [b, h, tq, d], k and v [b, hk, tk, d], o [b, h, tq, d], all contiguous; d ≤ 256.
 // Tiling: 64 invocations per workgroup; invocation t scores key (or query) t of a block, then
 // accumulates output columns t, t+64, t+128, t+192.
@@ -49,7 +50,7 @@ fn sees(bi: u32, i: u32, jj: u32) -> bool {
     let pos = params[6] + i;
     if (params[8] != 0u && j > pos) { return false; }
     let w = params[9];
-    if (w != 0u && j + w <= pos) { return false; }
+    if (params[12] != 0u && pos >= w && j <= pos - w) { return false; }
     if (params[10] != 0u && keep[bi * (params[6] + params[3]) + j] == 0.0) { return false; }
     return true;
 }

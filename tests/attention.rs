@@ -208,6 +208,9 @@ fn fused_attention_on_the_gpu_equals_the_cpu() {
         Case { offset: 40, lengths: Some(vec![80, 75]), left: true, ..case(2, 2, 1, 41, 3) },
         Case { offset: 9, ..case(1, 4, 2, 1, 256) },
         case(1, 2, 1, 130, 200),
+        // A window of 0 sees nothing (every row the mean of the values); a huge one everything.
+        Case { window: Some(0), ..case(1, 2, 1, 5, 4) },
+        Case { window: Some(usize::MAX), causal: false, ..case(1, 2, 2, 6, 4) },
     ];
     for (n, c) in cases.iter().enumerate() {
         let mut rng = Lcg(500 + n as u64);
@@ -257,4 +260,29 @@ fn gpu_attention_launches_one_kernel_forward_and_three_backward() {
         assert_eq!(count(name), n, "{name} launches: {:?}", dev.kernel_counts());
     }
     assert!(dev.kernel_counts().iter().all(|(k, _)| !k.starts_with("matmul")), "no score products: {:?}", dev.kernel_counts());
+}
+
+/// No queries: an empty output and zero gradients for the keys and values on both devices
+/// (the GPU's pooled buffers are not left as they were).
+#[test]
+fn fused_attention_with_no_queries_gives_zero_gradients() {
+    let mut devices = vec![Device::Cpu];
+    devices.extend(common::gpu_device());
+    for dev in devices {
+        // Fill the pool with non-zero buffers of the sizes about to be asked for.
+        for _ in 0..4 {
+            drop(Tensor::full(&[32], 14.0, DType::F32, &dev).unwrap().add_scalar(1.0).unwrap());
+        }
+        let mut rng = Lcg(11);
+        let up = |t: Tensor| t.to_dtype(DType::F32).unwrap().to_device(&dev).unwrap().requires_grad().unwrap();
+        let (q, k, v) = (up(rng.tensor(&[1, 1, 0, 8])), up(rng.tensor(&[1, 1, 4, 8])), up(rng.tensor(&[1, 1, 4, 8])));
+        let y = attention(&q, &k, &v, &Mask::causal(4, None)).unwrap();
+        assert_eq!(y.shape(), &[1, 1, 0, 8]);
+        y.sum_all().unwrap().backward().unwrap();
+        for t in [&k, &v] {
+            if let Some(g) = t.grad() {
+                assert!(g.to_vec_f64().unwrap().iter().all(|&x| x == 0.0), "{dev}: {:?}", g.to_vec_f64().unwrap());
+            }
+        }
+    }
 }

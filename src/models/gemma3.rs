@@ -195,7 +195,7 @@ impl Gemma3Config {
     /// From a GGUF file's `gemma3.*` metadata. What llama.cpp does not store it fixes for the
     /// architecture, and so does this: local layers use RoPE base 10⁴, every sixth layer is
     /// global (unless `gemma3.attention.sliding_window_pattern` says otherwise), and
-    /// `query_pre_attn_scalar` is the head width.
+    /// `query_pre_attn_scalar` is the head width (hidden / heads for the 62-layer 27B).
     pub fn from_gguf(file: &GgufFile) -> Result<Gemma3Config> {
         let arch = file.architecture()?;
         if arch != "gemma3" {
@@ -236,7 +236,13 @@ impl Gemma3Config {
             rope_local_theta: 10_000.0,
             sliding_window: file.usize(&key("attention.sliding_window"))?,
             local_layers: local_pattern(layers, file.opt_usize(&key("attention.sliding_window_pattern"))?.unwrap_or(6)),
-            query_pre_attn_scalar: head_dim as f64,
+            // llama.cpp's rule: the 27B (62 layers) scales by hidden / heads (5376 / 32 = 168),
+            // the other sizes by the head width.
+            query_pre_attn_scalar: if layers == 62 {
+                (file.usize(&key("embedding_length"))? / heads.max(1)) as f64
+            } else {
+                head_dim as f64
+            },
             attention_bias: file.contains("blk.0.attn_q.bias"),
             tie_word_embeddings: !file.contains("output.weight"),
             max_position_embeddings: file.opt_usize(&key("context_length"))?,
@@ -306,7 +312,7 @@ impl Gemma3 {
                         k: lin("self_attn.k_proj", kv_dim, d, c.attention_bias)?,
                         v: lin("self_attn.v_proj", kv_dim, d, c.attention_bias)?,
                     },
-                    o: lin("self_attn.o_proj", d, q_dim, false)?,
+                    o: lin("self_attn.o_proj", d, q_dim, c.attention_bias)?,
                     q_norm: Some(nrm("self_attn.q_norm", c.head_dim)?),
                     k_norm: Some(nrm("self_attn.k_norm", c.head_dim)?),
                 },

@@ -59,7 +59,7 @@ impl Mask {
     pub fn sees(&self, i: usize, j: usize) -> bool {
         let pos = self.offset + i;
         let causal = !self.causal || j <= pos;
-        let window = self.window.is_none_or(|w| j + w > pos);
+        let window = self.window.is_none_or(|w| j > pos || pos - j < w);
         causal && window
     }
 

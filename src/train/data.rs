@@ -776,7 +776,7 @@ impl Dataset {
             e.ids.len().max(e.rejected.as_ref().map_or(0, |r| r.ids.len()))
         };
         let mut batches: Vec<Vec<usize>> = Vec::with_capacity(order.len().div_ceil(batch_size));
-        for run in order.chunks(buckets * batch_size) {
+        for run in order.chunks(buckets.saturating_mul(batch_size)) {
             let mut run = run.to_vec();
             run.sort_by_key(|&i| std::cmp::Reverse(len(i)));
             batches.extend(run.chunks(batch_size).map(<[usize]>::to_vec));

@@ -33,9 +33,11 @@ fn params(dims: &Dims, spec: &AttnSpec) -> Params {
         spec.offset as u32,
         prefix as u32,
         spec.causal as u32,
-        spec.window.unwrap_or(0) as u32,
+        // The window clamped to u32 (one that wide never masks a real position).
+        spec.window.map_or(0, |w| w.min(u32::MAX as usize) as u32),
         spec.keep.is_some() as u32,
         fbits(spec.scale),
+        spec.window.is_some() as u32,
     ])
 }
 
@@ -100,7 +102,9 @@ pub(super) fn backward(
     let dq = GpuStorage::alloc(dev, q.dtype, rows * dims.d, "flash_attention_backward")?;
     let dkv = GpuStorage::alloc(dev, q.dtype, 2 * nk * dims.d, "flash_attention_backward")?;
     if rows == 0 || dims.d == 0 || nk == 0 {
-        return Ok((dq, copy_range(&dkv, 0, nk * dims.d)?, copy_range(&dkv, nk * dims.d, nk * dims.d)?));
+        // Nothing attends: zero gradients (a pooled buffer holds whatever it held before).
+        let zero = |n: usize| GpuStorage::from_cpu(dev, &crate::backend::CpuStorage::F32(vec![0.0; n]));
+        return Ok((zero(rows * dims.d)?, zero(nk * dims.d)?, zero(nk * dims.d)?));
     }
     let p = params(&dims, spec);
     let stats = GpuStorage::alloc(dev, q.dtype, 2 * rows, "flash_attention_backward")?;
