@@ -19,15 +19,14 @@
 //! (`model_type = "gemma3_text"`) or a GGUF file (`general.architecture = "gemma3"`, whose norm
 //! weights llama.cpp stored as `1 + w`).
 
+use super::llama::linear;
 use super::CausalLm;
 use crate::backend::Device;
 use crate::error::Result;
 use crate::io::config::RawConfig;
 use crate::io::gguf::GgufFile;
 use crate::io::Weights;
-use crate::nn::{
-    Activation, BlockConfig, Decoder, DecoderBlock, Embedding, Linear, LocalAttention, Mlp, Norm, Qkv, Rope, SelfAttention, COMPUTE,
-};
+use crate::nn::{Activation, BlockConfig, Decoder, DecoderBlock, Embedding, Linear, LocalAttention, Mlp, Norm, Qkv, Rope, SelfAttention};
 use crate::tensor::{RopeLayout, Tensor};
 
 /// The config fields the math depends on.
@@ -278,15 +277,9 @@ pub struct Gemma3 {
     lm_head: Linear,
 }
 
-fn linear(w: &dyn Weights, name: &str, out: usize, inp: usize, bias: bool, dev: &Device) -> Result<Linear> {
-    let weight = w.get_stored(&format!("{name}.weight"), &[out, inp], dev)?;
-    let bias = if bias { Some(w.get(&format!("{name}.bias"), &[out], COMPUTE, dev)?) } else { None };
-    Ok(Linear::new(name, weight, bias))
-}
-
 /// Gemma's RMSNorm: the checkpoint's `w`, applied as `1 + w`.
 fn norm(w: &dyn Weights, name: &str, d: usize, eps: f64, dev: &Device) -> Result<Norm> {
-    Ok(Norm::Rms { name: name.to_string(), weight: w.get(&format!("{name}.weight"), &[d], COMPUTE, dev)?, eps, unit_offset: true })
+    super::llama::rms_norm(w, name, d, eps, true, dev)
 }
 
 impl Gemma3 {
@@ -375,15 +368,7 @@ impl CausalLm for Gemma3 {
     }
 
     fn visit_parameters(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
-        let tied = self.lm_head.weight.id() == self.embed.weight.id();
-        f("model.embed_tokens.weight", &mut self.embed.weight)?;
-        self.decoder.visit_parameters(f)?;
-        if tied {
-            self.lm_head.weight = self.embed.weight.clone();
-            Ok(())
-        } else {
-            self.lm_head.visit_parameters(f)
-        }
+        super::visit_embed_decoder_head(&mut self.embed, &mut self.decoder, &mut self.lm_head, f)
     }
 
     fn vocab_size(&self) -> usize {

@@ -273,14 +273,21 @@ pub struct Llama {
     lm_head: Linear,
 }
 
-fn linear(w: &dyn Weights, name: &str, out: usize, inp: usize, bias: bool, dev: &Device) -> Result<Linear> {
+/// `{name}.weight` `[out, inp]` as stored, and `{name}.bias` when `bias`.
+pub(super) fn linear(w: &dyn Weights, name: &str, out: usize, inp: usize, bias: bool, dev: &Device) -> Result<Linear> {
     let weight = w.get_stored(&format!("{name}.weight"), &[out, inp], dev)?;
     let bias = if bias { Some(w.get(&format!("{name}.bias"), &[out], COMPUTE, dev)?) } else { None };
     Ok(Linear::new(name, weight, bias))
 }
 
 fn rms(w: &dyn Weights, name: &str, d: usize, eps: f64, dev: &Device) -> Result<Norm> {
-    Ok(Norm::Rms { name: name.to_string(), weight: w.get(&format!("{name}.weight"), &[d], COMPUTE, dev)?, eps, unit_offset: false })
+    rms_norm(w, name, d, eps, false, dev)
+}
+
+/// An RMSNorm of width `d` with the checkpoint's `{name}.weight` (applied as `1 + w` with
+/// `unit_offset`, Gemma's).
+pub(super) fn rms_norm(w: &dyn Weights, name: &str, d: usize, eps: f64, unit_offset: bool, dev: &Device) -> Result<Norm> {
+    Ok(Norm::Rms { name: name.to_string(), weight: w.get(&format!("{name}.weight"), &[d], COMPUTE, dev)?, eps, unit_offset })
 }
 
 impl LlamaConfig {
@@ -387,15 +394,7 @@ impl CausalLm for Llama {
     }
 
     fn visit_parameters(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
-        let tied = self.lm_head.weight.id() == self.embed.weight.id();
-        f("model.embed_tokens.weight", &mut self.embed.weight)?;
-        self.decoder.visit_parameters(f)?;
-        if tied {
-            self.lm_head.weight = self.embed.weight.clone();
-            Ok(())
-        } else {
-            self.lm_head.visit_parameters(f)
-        }
+        super::visit_embed_decoder_head(&mut self.embed, &mut self.decoder, &mut self.lm_head, f)
     }
 
     fn vocab_size(&self) -> usize {

@@ -150,6 +150,26 @@ pub fn parameters(model: &mut dyn CausalLm) -> Result<Vec<(String, Tensor)>> {
     Ok(out)
 }
 
+/// `model.embed_tokens.weight`, the decoder's weights and the LM head, by checkpoint name, for
+/// the families laid out that way (LLaMA, Gemma 3). A head tied to the embedding is not visited
+/// again and stays tied to whatever `f` put in the embedding's place.
+fn visit_embed_decoder_head(
+    embed: &mut crate::nn::Embedding,
+    decoder: &mut Decoder,
+    lm_head: &mut Linear,
+    f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>,
+) -> Result<()> {
+    let tied = lm_head.weight.id() == embed.weight.id();
+    f("model.embed_tokens.weight", &mut embed.weight)?;
+    decoder.visit_parameters(f)?;
+    if tied {
+        lm_head.weight = embed.weight.clone();
+        Ok(())
+    } else {
+        lm_head.visit_parameters(f)
+    }
+}
+
 /// The longest context a config may declare. Real models reach 10M tokens (Llama 4 Scout); a
 /// larger value is a corrupt or hostile config, refused before anything is sized from it.
 pub const MAX_CONTEXT: usize = 1 << 26;
