@@ -714,8 +714,7 @@ impl Storage {
         spec: &cpu::attention::AttnSpec,
     ) -> Result<(Storage, Storage)> {
         const OP: &str = "flash_attention";
-        // ~ 4·tq·tk·d per head (two products), halved by a causal mask.
-        let flops = 4.0 * (dims.b * dims.h * dims.tq * dims.tk * dims.d) as f64 / if spec.causal { 2.0 } else { 1.0 };
+        let flops = dims.product_flops(spec.causal);
         profiled(OP, flops, || -> Result<(Storage, Storage)> {
             match self {
                 Storage::Cpu(s) => {
@@ -749,7 +748,8 @@ impl Storage {
         spec: &cpu::attention::AttnSpec,
     ) -> Result<(Storage, Storage, Storage)> {
         const OP: &str = "flash_attention_backward";
-        let flops = 8.0 * (dims.b * dims.h * dims.tq * dims.tk * dims.d) as f64 / if spec.causal { 2.0 } else { 1.0 };
+        // Four products (S recomputed, dP, dQ, dK) against the forward's two, and dV: ~2x.
+        let flops = 2.0 * dims.product_flops(spec.causal);
         profiled(OP, flops, || -> Result<(Storage, Storage, Storage)> {
             match self {
                 Storage::Cpu(s) => {

@@ -25,7 +25,7 @@
 
 use rayon::prelude::*;
 
-use super::GemmFloat;
+use super::{fold_slice, row_max, GemmFloat};
 use crate::dtype::Float;
 
 /// Query rows per task.
@@ -55,6 +55,14 @@ pub struct Dims {
     pub tq: usize,
     pub tk: usize,
     pub d: usize,
+}
+
+impl Dims {
+    /// The forward's two products, `2 · 2·tq·tk·d` per head, halved by a causal mask (for the
+    /// profile).
+    pub fn product_flops(&self, causal: bool) -> f64 {
+        4.0 * (self.b * self.h * self.tq * self.tk * self.d) as f64 / if causal { 2.0 } else { 1.0 }
+    }
 }
 
 impl AttnSpec {
@@ -147,43 +155,17 @@ fn with_scratch<T: Float, R>(n: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
     r
 }
 
-/// `Σ_c a_c` with 8 accumulators (vectorises).
-fn sum<T: Float>(x: &[T]) -> T {
-    let mut lanes = [T::ZERO; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for i in 0..8 {
-            lanes[i] = lanes[i] + c[i];
-        }
-    }
-    let tail = chunks.remainder().iter().fold(T::ZERO, |a, &b| a + b);
-    lanes.iter().fold(tail, |a, &b| a + b)
-}
-
-/// `max_c a_c` with 8 accumulators (vectorises).
-fn max<T: Float>(x: &[T]) -> T {
-    let mut lanes = [T::neg_infinity(); 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for i in 0..8 {
-            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
-        }
-    }
-    let tail = chunks.remainder().iter().fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
-    lanes.iter().fold(tail, |a, &b| if b > a { b } else { a })
-}
-
 /// Turn one masked score row into probabilities in place; returns its log-sum-exp (−∞ for a
 /// row that sees nothing, which becomes uniform).
 fn softmax_row<T: Float>(row: &mut [T], tk: usize) -> T {
-    let m = max(row);
+    let m = row_max(row);
     if m == T::neg_infinity() {
         let u = T::ONE / T::from_f64(tk as f64);
         row.iter_mut().for_each(|x| *x = u);
         return T::neg_infinity();
     }
     row.iter_mut().for_each(|x| *x = (*x - m).exp_fast());
-    let l = sum(row);
+    let l = fold_slice(row, T::ZERO, |a, b| a + b);
     let inv = T::ONE / l;
     row.iter_mut().for_each(|x| *x = *x * inv);
     m + l.ln()

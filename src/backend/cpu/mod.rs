@@ -364,7 +364,7 @@ fn reduce_kernel<T: Float, R: Copy + Send + Sync + Default>(
 /// Fold a contiguous slice with 8 independent accumulators (vectorisable, and a shorter
 /// rounding chain than one running sum).
 #[inline]
-fn fold_slice<T: Float>(s: &[T], id: T, comb: impl Fn(T, T) -> T) -> T {
+pub(super) fn fold_slice<T: Float>(s: &[T], id: T, comb: impl Fn(T, T) -> T) -> T {
     let mut lanes = [id; 8];
     let mut chunks = s.chunks_exact(8);
     for c in &mut chunks {
@@ -393,7 +393,7 @@ fn sum_exp<T: Float>(row: &[T], shift: T) -> T {
 
 /// Largest element of a row (−∞ for an empty row).
 #[inline]
-fn row_max<T: Float>(row: &[T]) -> T {
+pub(super) fn row_max<T: Float>(row: &[T]) -> T {
     fold_slice(row, T::neg_infinity(), |a, b| if b > a { b } else { a })
 }
 
