@@ -363,7 +363,7 @@ fn reduce_kernel<T: Float, R: Copy + Send + Sync + Default>(
 
 /// Fold a contiguous slice with 8 independent accumulators (vectorisable, and a shorter
 /// rounding chain than one running sum).
-#[inline]
+#[inline(always)]
 pub(super) fn fold_slice<T: Float>(s: &[T], id: T, comb: impl Fn(T, T) -> T) -> T {
     let mut lanes = [id; 8];
     let mut chunks = s.chunks_exact(8);
@@ -392,7 +392,7 @@ fn sum_exp<T: Float>(row: &[T], shift: T) -> T {
 }
 
 /// Largest element of a row (−∞ for an empty row).
-#[inline]
+#[inline(always)]
 pub(super) fn row_max<T: Float>(row: &[T]) -> T {
     fold_slice(row, T::neg_infinity(), |a, b| if b > a { b } else { a })
 }
