@@ -15,6 +15,15 @@ scripts/fetch-assets.sh). The cases are those of `tinytune bench` (src/bin/tinyt
                 new `score` head trained (task SEQ_CLS), AdamW as above.
     cls-eval    the same batch forward only, under torch.no_grad(), model.eval().
     prefill     one 512-token sequence forward only (logits of every position).
+    decode      64 tokens generated greedily one at a time with the KV cache (past_key_values)
+                after a 16-token prompt whose prefill is not timed.
+    full-step   full fine-tuning: every weight trainable (float32), 4 x 128 ids as lora-step,
+                AdamW lr 2e-5, weight decay 0.01.
+    linears     the linear products of one SmolLM2 layer (q, k, v, o, gate, up, down) on 512
+                tokens with float32 weights, each as x W^T, dy W and dy^T x (no model loaded).
+    attention-T causal scaled_dot_product_attention forward + backward of one SmolLM2 layer
+                (9 query heads over 3 key/value heads, width 64, enable_gqa) at T = 128, 512 or
+                2048 (no model loaded).
 
 Each case: --warmup untimed repetitions, then --steps timed ones. Prints one JSON line:
 
@@ -67,9 +76,59 @@ def reset_peak_rss():
         return False
 
 
+def kernel_case(args, dev):
+    """`linears` and `attention-T`: the products alone, on random float32 operands."""
+    g = torch.Generator().manual_seed(0)
+    randn = lambda *shape: torch.randn(*shape, generator=g).to(dev)
+    if args.case == "linears":
+        rows = 512
+        ops = [(randn(rows, i), randn(o, i), randn(rows, o)) for i, o in
+               [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]]
+
+        def step():
+            for x, w, dy in ops:
+                x @ w.T
+                dy @ w
+                dy.T @ x
+        tokens = rows
+    else:
+        t = int(args.case.split("-")[1])
+        q = randn(1, 9, t, 64).requires_grad_()
+        k, v = randn(1, 3, t, 64).requires_grad_(), randn(1, 3, t, 64).requires_grad_()
+
+        def step():
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            y.sum().backward()
+            for x in (q, k, v):
+                x.grad = None
+        tokens = t
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    with torch.no_grad() if args.case == "linears" else torch.enable_grad():
+        for _ in range(args.warmup):
+            step()
+        sync()
+        rss_reset = reset_peak_rss()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync()
+        dt = (time.perf_counter() - t0) / args.steps
+    hwm = vm_kib("VmHWM")
+    print(json.dumps({
+        "case": args.case, "s_per_step": round(dt, 6), "tokens": tokens, "tokens_per_s": round(tokens / dt, 1),
+        "peak_rss_mib": round(hwm / 1024, 1) if rss_reset and hwm is not None else None,
+        "torch_threads": torch.get_num_threads(), "device": str(dev), "steps": args.steps,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+    }))
+
+
 def main():
     ap = argparse.ArgumentParser(description="PyTorch + PEFT reference of tinytune bench")
-    ap.add_argument("--case", default="lora-step", choices=["lora-step", "cls-step", "cls-eval", "prefill"])
+    ap.add_argument("--case", default="lora-step", choices=["lora-step", "cls-step", "cls-eval", "prefill", "decode", "full-step", "linears",
+                                                           "attention-128", "attention-512", "attention-2048"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
@@ -88,11 +147,15 @@ def main():
         sys.exit(f"{path} is missing: run scripts/fetch-assets.sh")
     dev = torch.device(args.device)
     losses = []
-    if args.case == "lora-step":
+    if args.case == "linears" or args.case.startswith("attention-"):
+        return kernel_case(args, dev)
+    if args.case in ("lora-step", "full-step"):
         model = transformers.AutoModelForCausalLM.from_pretrained(ASSETS, gguf_file=NAME, dtype=torch.float32)
         model.config.use_cache = False
-        cfg = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-        model = get_peft_model(model, cfg).to(dev)
+        if args.case == "lora-step":
+            cfg = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+            model = get_peft_model(model, cfg)
+        model = model.to(dev)
         model.train()
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(dev)
@@ -117,17 +180,33 @@ def main():
             model.train()
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(ASSETS, gguf_file=NAME, dtype=torch.float32).to(dev)
-        model.config.use_cache = False
+        model.config.use_cache = args.case == "decode"
         model.eval()
         g = torch.Generator().manual_seed(0)
         inputs, tokens = {"input_ids": torch.randint(0, model.config.vocab_size, (1, 512), generator=g).to(dev)}, 512
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in model.parameters())
-    training = args.case in ("lora-step", "cls-step")
-    opt = torch.optim.AdamW(trainable, lr=1e-4) if training else None
+    training = args.case in ("lora-step", "cls-step", "full-step")
+    lr = 2e-5 if args.case == "full-step" else 1e-4
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01) if training else None
+    timed = None
+    if args.case == "decode":
+        tokens = 64
 
     def step():
+        nonlocal timed
+        if args.case == "decode":
+            with torch.no_grad():
+                out = model(input_ids=inputs["input_ids"][:, :16], use_cache=True)
+                pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                t0 = time.perf_counter()
+                for _ in range(tokens):
+                    out = model(input_ids=nxt, past_key_values=pkv, use_cache=True)
+                    pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                int(nxt[0, 0])  # waits for a GPU
+                timed = (timed or 0.0) + time.perf_counter() - t0
+                return 0.0
         if not training:
             with torch.no_grad():
                 return float(model(**inputs).logits.float().sum())  # float() waits for a GPU
@@ -142,10 +221,11 @@ def main():
     rss_reset = reset_peak_rss()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    timed = None
     t0 = time.perf_counter()
     for _ in range(args.steps):
         losses.append(step())
-    dt = (time.perf_counter() - t0) / args.steps
+    dt = (timed if timed is not None else time.perf_counter() - t0) / args.steps
     hwm = vm_kib("VmHWM")
     out = {
         "case": args.case,

@@ -27,6 +27,7 @@ pub mod cli;
 pub mod dtype;
 pub mod error;
 pub mod io;
+pub mod kernels;
 pub mod layout;
 pub mod linalg;
 pub mod mem;

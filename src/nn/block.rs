@@ -50,6 +50,15 @@ impl Activation {
             Activation::GeluTanh => x.gelu_tanh(),
         }
     }
+
+    /// `act(gate) ⊙ up` as one fused op ([`crate::kernels::glu`]).
+    pub fn gated(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let act = match self {
+            Activation::Silu => crate::kernels::glu::GluAct::Silu,
+            Activation::GeluTanh => crate::kernels::glu::GluAct::GeluTanh,
+        };
+        gate.glu(up, act)
+    }
 }
 
 /// Rotary position embedding of queries and keys.
@@ -312,7 +321,7 @@ impl DecoderBlock {
     fn mlp(&self, c: &BlockConfig, x: &Tensor) -> Result<Tensor> {
         let up = self.mlp.up.forward(x)?;
         let inner = match &self.mlp.gate {
-            Some(gate) => c.act.apply(&gate.forward(x)?)?.mul(&up)?,
+            Some(gate) => c.act.gated(&gate.forward(x)?, &up)?,
             None => c.act.apply(&up)?,
         };
         let inner = self.hook(inner, |h, a| h.mlp_act(self.index, a))?;

@@ -9,6 +9,16 @@
 //!   longest), LoRA r=8 on all seven projections plus a new 2-class head, AdamW.
 //! - `cls-eval`: the same batch forward only (no graph), as evaluation and `classify` run it.
 //! - `prefill`: one 512-token sequence forward only, the logits of every position.
+//! - `decode`: 64 tokens generated greedily one at a time with the KV cache after a 16-token
+//!   prompt (the prompt's prefill is not timed).
+//! - `full-step`: full fine-tuning, every weight trainable in f32; 4 × 128 tokens, mean
+//!   next-token cross-entropy, AdamW (lr 2e-5, weight decay 0.01).
+//! - `linears`: the linear products of one SmolLM2 layer on 512 tokens with f32 weights, each
+//!   in the three orders a training step runs it (`x Wᵀ`, `dy W`, `dyᵀ x`): the GEMM alone.
+//! - `attention-128`, `attention-512`, `attention-2048`: causal attention forward + backward of
+//!   one SmolLM2 layer (9 query heads over 3 key/value heads, width 64) at that length, the
+//!   fused kernel; the composed reference (scores materialised) is timed in the same run and
+//!   printed beside it. PyTorch's side is `scaled_dot_product_attention`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,7 +36,8 @@ use tinytune::train::data::{DataKind, DataOptions, Dataset};
 use tinytune::train::{self, TrainConfig};
 use tinytune::{profile, CrossEntropyReduction, Device, Error, Result, Tensor};
 
-const CASES: [&str; 4] = ["lora-step", "cls-step", "cls-eval", "prefill"];
+const CASES: [&str; 10] =
+    ["lora-step", "cls-step", "cls-eval", "prefill", "decode", "full-step", "linears", "attention-128", "attention-512", "attention-2048"];
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -37,7 +48,8 @@ pub struct BenchArgs {
     /// {"text", "label"} lines for the classification cases [default: the cached movie reviews].
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Which cases, comma-separated: lora-step, cls-step, cls-eval, prefill [default: all].
+    /// Which cases, comma-separated: lora-step, cls-step, cls-eval, prefill, decode, full-step,
+    /// linears, attention-128, attention-512, attention-2048 [default: all].
     #[arg(long, value_delimiter = ',')]
     cases: Option<Vec<String>>,
     /// Timed repetitions of each case (their mean is reported).
@@ -74,8 +86,20 @@ struct Measured {
 
 const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// A repeatable unit of work: returns the number of tokens it processed.
-type Work<'a> = Box<dyn FnMut() -> Result<usize> + 'a>;
+/// One repetition's result: the tokens it processed and, when only part of it is to be timed
+/// (decoding after an untimed prompt), that part's seconds.
+struct Rep {
+    tokens: usize,
+    timed_s: Option<f64>,
+}
+
+/// A repetition all of whose time counts.
+fn all(tokens: usize) -> Result<Rep> {
+    Ok(Rep { tokens, timed_s: None })
+}
+
+/// A repeatable unit of work.
+type Work<'a> = Box<dyn FnMut() -> Result<Rep> + 'a>;
 
 /// Time `work`: `warmup` untimed runs, one profiled run when asked, then `steps` timed runs.
 fn measure(name: &str, mut work: Work, args: &BenchArgs, device: &Device) -> Result<Measured> {
@@ -94,12 +118,24 @@ fn measure(name: &str, mut work: Work, args: &BenchArgs, device: &Device) -> Res
     // The peak covers this case's timed steps: memory freed earlier goes back first.
     tinytune::mem::release_free_memory();
     tinytune::mem::reset_peak_rss();
-    let (t0, mut tokens) = (Instant::now(), 0);
+    let (t0, mut tokens, mut parts) = (Instant::now(), 0, Some(0.0));
     for _ in 0..args.steps.max(1) {
-        tokens = work()?;
+        let rep = work()?;
+        tokens = rep.tokens;
+        parts = parts.zip(rep.timed_s).map(|(a, b)| a + b);
     }
     device.synchronize()?;
-    Ok(Measured { s_per_step: t0.elapsed().as_secs_f64() / args.steps.max(1) as f64, tokens, peak_rss: tinytune::mem::peak_rss_bytes() })
+    let total = parts.unwrap_or_else(|| t0.elapsed().as_secs_f64());
+    Ok(Measured { s_per_step: total / args.steps.max(1) as f64, tokens, peak_rss: tinytune::mem::peak_rss_bytes() })
+}
+
+/// The language-modelling batch of `lora-step` and `full-step`: 4 × 128 ids and their next
+/// tokens as targets (the last position of each row ignored), and the token count.
+fn lm_batch(model: &dyn CausalLm, device: &Device) -> Result<(Tensor, Tensor, usize)> {
+    let (b, t) = (4usize, 128.min(model.max_positions().unwrap_or(128)));
+    let ids = spread_ids(b * t, model.vocab_size());
+    let targets: Vec<i32> = (0..b * t).map(|i| if i % t == t - 1 { -100 } else { ids[i + 1] as i32 }).collect();
+    Ok((Tensor::from_vec(ids, &[b, t], device)?, Tensor::from_vec(targets, &[b, t], device)?, b * t))
 }
 
 /// Deterministic ids spread over the vocabulary (the tokens do not change the work).
@@ -122,19 +158,112 @@ fn review_batch(data: &Path, tok: &Tokenizer, model: &dyn CausalLm) -> Result<Da
     Ok(ds)
 }
 
+/// SmolLM2-135M's linear layers as (in, out) features: q, k, v, o, gate, up, down.
+const SMOLLM2_LINEARS: [(usize, usize); 7] = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)];
+
+/// The cases that need no model: one layer's linear products, attention at length `t`.
+fn run_kernel_case(case: &str, args: &BenchArgs, device: &Device) -> Result<Option<Measured>> {
+    let mut rng = tinytune::Rng::new(0);
+    let mut randn = |shape: &[usize]| Tensor::randn(shape, 0.0, 1.0, tinytune::DType::F32, device, &mut rng);
+    if case == "linears" {
+        let rows = 512;
+        let mut ops = Vec::new();
+        for (fan_in, fan_out) in SMOLLM2_LINEARS {
+            ops.push((randn(&[rows, fan_in])?, randn(&[fan_out, fan_in])?, randn(&[rows, fan_out])?));
+        }
+        let work = Box::new(move || {
+            for (x, w, dy) in &ops {
+                x.matmul(&w.t()?)?; // forward: x Wᵀ
+                dy.matmul(w)?; // dx = dy W
+                dy.t()?.matmul(x)?; // dW = dyᵀ x
+            }
+            all(rows)
+        });
+        return measure(case, work, args, device).map(Some);
+    }
+    let Some(t) = case.strip_prefix("attention-").and_then(|t| t.parse::<usize>().ok()) else { return Ok(None) };
+    use tinytune::nn::{attention, attention_reference, Mask};
+    let q = randn(&[1, 9, t, 64])?.requires_grad()?;
+    let (k, v) = (randn(&[1, 3, t, 64])?.requires_grad()?, randn(&[1, 3, t, 64])?.requires_grad()?);
+    type Attn = fn(&Tensor, &Tensor, &Tensor, &Mask) -> Result<Tensor>;
+    let run = |f: Attn| -> Work {
+        let (q, k, v) = (q.clone(), k.clone(), v.clone());
+        Box::new(move || {
+            f(&q, &k, &v, &Mask::causal(0, None))?.sum_all()?.backward()?;
+            for x in [&q, &k, &v] {
+                x.zero_grad();
+            }
+            all(t)
+        })
+    };
+    let fused = measure(case, run(attention), args, device)?;
+    let composed = measure(&format!("{case} composed"), run(attention_reference), args, device)?;
+    note!(
+        "{case}: fused {:.2} ms ({:.0} MiB peak), composed {:.2} ms ({:.0} MiB peak): fused {:.2}× faster",
+        fused.s_per_step * 1e3,
+        fused.peak_rss.unwrap_or(0) as f64 / (1 << 20) as f64,
+        composed.s_per_step * 1e3,
+        composed.peak_rss.unwrap_or(0) as f64 / (1 << 20) as f64,
+        composed.s_per_step / fused.s_per_step
+    );
+    Ok(Some(fused))
+}
+
 fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device: &Device) -> Result<Measured> {
+    if let Some(m) = run_kernel_case(case, args, device)? {
+        return Ok(m);
+    }
     let mut model = super::load_model(model_path, device, args.base_dtype)?;
     match case {
+        "full-step" => {
+            let params = tinytune::peft::full::make_trainable(model.as_mut())?;
+            let mut opt = AdamW::new(vec![ParamGroup::new("all", params, 1.0, 0.01)])?;
+            let (ids, targets, tokens) = lm_batch(model.as_ref(), device)?;
+            let m = model.as_ref();
+            measure(
+                case,
+                Box::new(move || {
+                    let loss = m.forward(&ids, None)?.cross_entropy(&targets, -100, CrossEntropyReduction::Mean)?;
+                    loss.backward()?;
+                    profile::in_phase("optimizer", || opt.step(2e-5))?;
+                    opt.zero_grad();
+                    loss.to_scalar()?;
+                    all(tokens)
+                }),
+                args,
+                device,
+            )
+        }
+        "decode" => {
+            let (prompt, steps) = (16usize, 64usize);
+            let ids = Tensor::from_vec(spread_ids(prompt, model.vocab_size()), &[1, prompt], device)?;
+            let m = model.as_ref();
+            measure(
+                case,
+                Box::new(move || {
+                    tinytune::autograd::with_no_grad(|| {
+                        let mut cache = tinytune::models::KvCache::new(m.num_layers());
+                        let logits = m.forward_cached(&ids, None, Some(&mut cache))?;
+                        let mut next = logits.narrow(1, prompt - 1, 1)?.argmax(-1, false)?.to_vec::<u32>()?[0];
+                        // Only the generated tokens count: the prompt's prefill is the `prefill` case.
+                        let t0 = Instant::now();
+                        for _ in 0..steps {
+                            let step = Tensor::from_vec(vec![next], &[1, 1], device)?;
+                            next = m.forward_cached(&step, None, Some(&mut cache))?.argmax(-1, false)?.to_vec::<u32>()?[0];
+                        }
+                        Ok(Rep { tokens: steps, timed_s: Some(t0.elapsed().as_secs_f64()) })
+                    })
+                }),
+                args,
+                device,
+            )
+        }
         "lora-step" => {
             let cfg =
                 LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, targets: vec!["q_proj".into(), "v_proj".into()], ..LoraConfig::default() };
             let lora = tinytune::peft::LoraAdapter::attach(model.as_mut(), cfg)?;
             let mut opt = AdamW::new(vec![ParamGroup::new("lora", lora.parameters(), 1.0, 0.01)])?;
-            let (b, t) = (4usize, 128.min(model.max_positions().unwrap_or(128)));
-            let ids = spread_ids(b * t, model.vocab_size());
-            let targets: Vec<i32> = (0..b * t).map(|i| if i % t == t - 1 { -100 } else { ids[i + 1] as i32 }).collect();
-            let ids = Tensor::from_vec(ids, &[b, t], device)?;
-            let targets = Tensor::from_vec(targets, &[b, t], device)?;
+            let (ids, targets, tokens) = lm_batch(model.as_ref(), device)?;
             let m = model.as_ref();
             measure(
                 case,
@@ -144,7 +273,7 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
                     profile::in_phase("optimizer", || opt.step(1e-4))?;
                     opt.zero_grad();
                     loss.to_scalar()?;
-                    Ok(b * t)
+                    all(tokens)
                 }),
                 args,
                 device,
@@ -165,7 +294,7 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
                     case,
                     Box::new(move || {
                         tinytune::autograd::with_no_grad(|| objective.batch_loss(m, &batch, true)?.sum.to_scalar())?;
-                        Ok(tokens)
+                        all(tokens)
                     }),
                     args,
                     device,
@@ -180,7 +309,7 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
                     profile::in_phase("optimizer", || opt.step(1e-4))?;
                     opt.zero_grad();
                     loss.to_scalar()?;
-                    Ok(tokens)
+                    all(tokens)
                 }),
                 args,
                 device,
@@ -194,7 +323,7 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
                 case,
                 Box::new(move || {
                     tinytune::autograd::with_no_grad(|| m.forward(&ids, None)?.sum_all()?.to_scalar())?;
-                    Ok(t)
+                    all(t)
                 }),
                 args,
                 device,
@@ -277,7 +406,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
 fn print_row(r: &Value, first: bool) -> Result<()> {
     if first {
         outln!(
-            "{:<10} {:>7} {:>10} {:>10} {:>9}   {:>10} {:>9} {:>8}",
+            "{:<14} {:>7} {:>10} {:>10} {:>9}   {:>10} {:>9} {:>8}",
             "case",
             "tokens",
             "s/step",
@@ -290,13 +419,13 @@ fn print_row(r: &Value, first: bool) -> Result<()> {
     }
     let f = |v: &Value, prec: usize| v.as_f64().map_or("-".to_string(), |x| format!("{x:.prec$}"));
     outln!(
-        "{:<10} {:>7} {:>10} {:>10} {:>9}   {:>10} {:>9} {:>8}",
+        "{:<14} {:>7} {:>10} {:>10} {:>9}   {:>10} {:>9} {:>8}",
         r["case"].as_str().unwrap_or(""),
-        r["tokens"],
-        f(&r["s_per_step"], 3),
+        r["tokens"].as_u64().unwrap_or(0),
+        f(&r["s_per_step"], 4),
         f(&r["tokens_per_s"], 0),
         f(&r["peak_rss_mib"], 0),
-        f(&r["torch_s_per_step"], 3),
+        f(&r["torch_s_per_step"], 4),
         f(&r["torch_peak_rss_mib"], 0),
         r["speedup"].as_f64().map_or("-".to_string(), |x| format!("{x:.2}×")),
     );
