@@ -127,5 +127,29 @@ fn attention_fwd_bwd(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matmul, softmax_and_norms, decode_products, attention_fwd_bwd);
+/// SmolLM2-135M's gated MLP activation on 512 tokens (`silu(g) ⊙ u`, [512, 1536]), forward and
+/// forward + backward: the fused op (`Tensor::glu`) against the composition it replaced
+/// (`silu` then `mul`), in the same run.
+fn glu(c: &mut Criterion) {
+    use tinytune::kernels::glu::GluAct;
+    let mut rng = Rng::new(4);
+    let mut g = c.benchmark_group("glu");
+    g.sample_size(20).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    let (gate, up) = (randn(&[512, 1536], &mut rng).requires_grad().unwrap(), randn(&[512, 1536], &mut rng).requires_grad().unwrap());
+    g.throughput(Throughput::Elements(512 * 1536));
+    type Glu = fn(&Tensor, &Tensor, GluAct) -> tinytune::Result<Tensor>;
+    for (name, f) in [("fused", Tensor::glu as Glu), ("composed", Tensor::glu_reference as Glu)] {
+        g.bench_function(format!("{name}/forward"), |b| b.iter(|| tinytune::with_no_grad(|| f(&gate, &up, GluAct::Silu)).unwrap()));
+        g.bench_function(format!("{name}/forward+backward"), |b| {
+            b.iter(|| {
+                f(&gate, &up, GluAct::Silu).unwrap().sum_all().unwrap().backward().unwrap();
+                gate.zero_grad();
+                up.zero_grad();
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, matmul, softmax_and_norms, decode_products, attention_fwd_bwd, glu);
 criterion_main!(benches);

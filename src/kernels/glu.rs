@@ -67,27 +67,24 @@ fn tanh_fast<T: Float>(z: T) -> T {
     }
 }
 
-/// `(act(x), act'(x))`.
+/// SiLU and its slope: `(x σ(x), σ(x)(1 + x(1 − σ(x))))`, σ from the exp of a non-positive
+/// number only (stable on both tails).
 #[inline(always)]
-fn act_and_slope<T: Float>(act: GluAct, x: T) -> (T, T) {
-    let half = T::from_f64(0.5);
-    match act {
-        GluAct::Silu => {
-            // σ from exp of a non-positive number only (stable on both tails).
-            let e = (-x.abs()).exp_fast();
-            let p = T::ONE / (T::ONE + e);
-            let s = if x >= T::ZERO { p } else { e * p };
-            (x * s, s * (T::ONE + x * (T::ONE - s)))
-        }
-        GluAct::GeluTanh => {
-            let (c, a) = (T::from_f64(GELU_C), T::from_f64(GELU_A));
-            let x2 = x * x;
-            let t = tanh_fast(c * x * (T::ONE + a * x2));
-            let y = half * x * (T::ONE + t);
-            let dy = half * (T::ONE + t) + half * x * (T::ONE - t * t) * c * (T::ONE + T::from_f64(3.0) * a * x2);
-            (y, dy)
-        }
-    }
+fn silu<T: Float>(x: T) -> (T, T) {
+    let e = (-x.abs()).exp_fast();
+    let p = T::ONE / (T::ONE + e);
+    let s = if x >= T::ZERO { p } else { e * p };
+    (x * s, s * (T::ONE + x * (T::ONE - s)))
+}
+
+/// GELU-tanh and its slope (see the module docs).
+#[inline(always)]
+fn gelu_tanh<T: Float>(x: T) -> (T, T) {
+    let (half, c, a) = (T::from_f64(0.5), T::from_f64(GELU_C), T::from_f64(GELU_A));
+    let x2 = x * x;
+    let t = tanh_fast(c * x * (T::ONE + a * x2));
+    let y = half * x * (T::ONE + t);
+    (y, half * (T::ONE + t) + half * x * (T::ONE - t * t) * c * (T::ONE + T::from_f64(3.0) * a * x2))
 }
 
 /// Elements per rayon task.
@@ -95,28 +92,40 @@ const CHUNK: usize = 1 << 14;
 
 /// `y = act(g) · u` (contiguous, same length).
 pub fn glu_cpu<T: Float>(act: GluAct, g: &[T], u: &[T]) -> Vec<T> {
-    let mut y = vec![T::ZERO; g.len()];
-    y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (g, u))| {
-        for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-            *y = act_and_slope(act, g).0 * u;
-        }
-    });
-    y
+    // One loop per activation, so each is a monomorphic (vectorised) function.
+    fn go<T: Float>(f: impl Fn(T) -> (T, T) + Sync, g: &[T], u: &[T]) -> Vec<T> {
+        let mut y = vec![T::ZERO; g.len()];
+        y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (g, u))| {
+            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *y = f(g).0 * u;
+            }
+        });
+        y
+    }
+    match act {
+        GluAct::Silu => go(silu, g, u),
+        GluAct::GeluTanh => go(gelu_tanh, g, u),
+    }
 }
 
 /// `(dg, du)` of `y = act(g) · u` given `dy` (contiguous, same length).
 pub fn glu_backward_cpu<T: Float>(act: GluAct, g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
-    let (mut dg, mut du) = (vec![T::ZERO; g.len()], vec![T::ZERO; g.len()]);
-    dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (dg, du))| {
-        let r = c * CHUNK..c * CHUNK + dg.len();
-        for (i, (dg, du)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
-            let (g, u, dy) = (g[r.start + i], u[r.start + i], dy[r.start + i]);
-            let (a, slope) = act_and_slope(act, g);
-            *du = a * dy;
-            *dg = slope * u * dy;
-        }
-    });
-    (dg, du)
+    fn go<T: Float>(f: impl Fn(T) -> (T, T) + Sync, g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+        let (mut dg, mut du) = (vec![T::ZERO; g.len()], vec![T::ZERO; g.len()]);
+        let ins = g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK));
+        dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).zip(ins).for_each(|((dg, du), ((g, u), dy))| {
+            for ((((dg, du), &g), &u), &dy) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
+                let (a, slope) = f(g);
+                *du = a * dy;
+                *dg = slope * u * dy;
+            }
+        });
+        (dg, du)
+    }
+    match act {
+        GluAct::Silu => go(silu, g, u, dy),
+        GluAct::GeluTanh => go(gelu_tanh, g, u, dy),
+    }
 }
 
 const SRC: &str = include_str!("../../shaders/glu.wgsl");
