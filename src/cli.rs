@@ -23,8 +23,9 @@ pub struct FinetuneArgs {
     /// Model directory, .gguf file, or Hugging Face id in the local cache (org/name[@revision]).
     #[arg(long, value_parser = crate::io::model_arg)]
     pub model: Option<PathBuf>,
-    /// The frozen weights' type: keep (as stored: GGUF blocks stay quantised, f16/bf16 stay
-    /// 16-bit), f32, f16, bf16, nf4 (QLoRA: the block linears in NF4) or int8 [default: keep].
+    /// The frozen weights' type: auto (keep, but f32 matrices in f16 on a GPU with shader-f16),
+    /// keep (as stored: GGUF blocks stay quantised, f16/bf16 stay 16-bit), f32, f16, bf16, nf4
+    /// (QLoRA: the block linears in NF4) or int8 [default: auto].
     #[arg(long)]
     pub base_dtype: Option<crate::quant::BaseDType>,
     /// Training data, JSONL: {"text"}, {"prompt","completion"}, {"messages"}, {"text","label"}

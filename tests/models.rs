@@ -347,3 +347,42 @@ fn attention_follows_its_mask_description() {
     let e = attention(&q, &k, &k, &Mask::causal(0, None)).unwrap_err().to_string();
     assert!(e.contains("too few"), "{e}");
 }
+
+/// `--base-dtype auto` (the CLI's default): on the CPU the weights stay as stored; on a GPU
+/// with shader-f16 the f32 matrices become f16 (norms stay f32, a bf16 checkpoint stays bf16),
+/// and the logits stay within f16 rounding of transformers'.
+#[test]
+fn auto_base_dtype_is_f16_matrices_on_a_gpu_with_shader_f16() {
+    use tinytune::quant::BaseDType;
+    let dtypes = |m: &mut dyn models::CausalLm| {
+        let mut v = Vec::new();
+        m.visit_parameters(&mut |name, t| {
+            v.push((name.to_string(), t.rank(), t.dtype()));
+            Ok(())
+        })
+        .unwrap();
+        v
+    };
+    let dir = fixture("tiny-llama");
+    let mut cpu = models::load_with(&dir, &Device::Cpu, BaseDType::Auto).unwrap();
+    let mut kept = models::load_with(&dir, &Device::Cpu, BaseDType::Keep).unwrap();
+    assert_eq!(dtypes(cpu.as_mut()), dtypes(kept.as_mut()), "auto is keep on the CPU");
+    let Some(gpu) = common::gpu_device() else { return };
+    let Device::Gpu(g) = &gpu else { unreachable!() };
+    if !g.features().contains(wgpu::Features::SHADER_F16) {
+        return;
+    }
+    let mut m = models::load_with(&dir, &gpu, BaseDType::Auto).unwrap();
+    let d = dtypes(m.as_mut());
+    assert!(d.iter().filter(|(_, r, _)| *r == 2).all(|(_, _, t)| *t == DType::F16), "matrices in f16: {d:?}");
+    assert!(d.iter().filter(|(_, r, _)| *r == 1).all(|(_, _, t)| *t == DType::F32), "norms stay f32: {d:?}");
+    let reference = SafetensorsFile::open(dir.join("reference.safetensors")).unwrap();
+    let ids = reference.load("ids", &gpu).unwrap().to_dtype(DType::U32).unwrap();
+    let want = reference.load("logits", &Device::Cpu).unwrap().to_vec::<f32>().unwrap();
+    let got = m.forward(&ids, None).unwrap().to_vec::<f32>().unwrap();
+    let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
+    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst > 0.0 && worst < 1e-2 * scale.max(1.0), "f16 weights: logits within f16 rounding ({worst} of {scale})");
+    let mut bf = models::load_with(fixture("tiny-llama-tied-bf16"), &gpu, BaseDType::Auto).unwrap();
+    assert!(dtypes(bf.as_mut()).iter().filter(|(_, r, _)| *r == 2).all(|(_, _, t)| *t == DType::BF16), "a bf16 checkpoint stays bf16");
+}

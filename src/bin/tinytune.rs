@@ -295,9 +295,10 @@ pub struct Common {
     /// A fine-tuned adapter directory (PEFT layout) to apply on top of the model.
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// The frozen weights' type: keep (as stored: GGUF blocks stay quantised, f16/bf16 stay
-    /// 16-bit), f32, f16, bf16, nf4 or int8 [default: keep].
-    #[arg(long, default_value = "keep")]
+    /// The frozen weights' type: auto (keep, but f32 matrices in f16 on a GPU with shader-f16),
+    /// keep (as stored: GGUF blocks stay quantised, f16/bf16 stay 16-bit), f32, f16, bf16, nf4
+    /// or int8 [default: auto].
+    #[arg(long, default_value = "auto")]
     base_dtype: BaseDType,
     /// Print one JSON object instead of text.
     #[arg(long)]

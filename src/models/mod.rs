@@ -213,6 +213,9 @@ pub fn load_with(path: impl AsRef<Path>, device: &Device, base: crate::quant::Ba
 }
 
 /// Put a model's frozen matrices in the type `base` asks for:
+/// * `Auto` (the default of the CLI): `Keep` on the CPU; on a GPU whose adapter has
+///   `SHADER_F16`, every f32 matrix becomes f16 (halving the bytes each product reads) and the
+///   rest stays as stored;
 /// * `Keep`: as loaded (GGUF blocks quantised, 16-bit checkpoints 16-bit);
 /// * `F32`, `F16`, `BF16`: every matrix (linears, embeddings, the output layer) in that type,
 ///   quantised ones dequantised;
@@ -224,6 +227,7 @@ pub fn load_with(path: impl AsRef<Path>, device: &Device, base: crate::quant::Ba
 pub fn apply_base_dtype(model: &mut dyn CausalLm, base: crate::quant::BaseDType) -> Result<()> {
     use crate::quant::{BaseDType, QFormat};
     let target = match base {
+        BaseDType::Auto => return auto_f16_on_gpu(model),
         BaseDType::Keep => return Ok(()),
         BaseDType::F32 => crate::DType::F32,
         BaseDType::F16 => crate::DType::F16,
@@ -244,6 +248,18 @@ pub fn apply_base_dtype(model: &mut dyn CausalLm, base: crate::quant::BaseDType)
             crate::DType::Quant(_) => return Ok(()),
             d => t.to_dtype(d)?,
         };
+        Ok(())
+    })
+}
+
+/// [`BaseDType::Auto`](crate::quant::BaseDType::Auto): the f32 matrices of a model on a GPU
+/// with `SHADER_F16` become f16; anything else is left as loaded.
+fn auto_f16_on_gpu(model: &mut dyn CausalLm) -> Result<()> {
+    model.visit_parameters(&mut |_, t| {
+        let f16 = matches!(t.device(), Device::Gpu(g) if g.features().contains(wgpu::Features::SHADER_F16));
+        if f16 && t.rank() == 2 && t.dtype() == crate::DType::F32 {
+            *t = t.to_dtype(crate::DType::F16)?;
+        }
         Ok(())
     })
 }

@@ -519,8 +519,11 @@ impl QMatrix {
 /// the blocks (and the embedding table, for `keep`) are held in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BaseDType {
-    /// As stored: GGUF blocks stay quantised, f16/bf16 checkpoints stay 16-bit, f32 stays f32.
+    /// `Keep`, except that on a GPU whose adapter has `SHADER_F16` the f32 matrices become f16
+    /// (half the bytes every product reads; quantised and 16-bit ones stay as stored).
     #[default]
+    Auto,
+    /// As stored: GGUF blocks stay quantised, f16/bf16 checkpoints stay 16-bit, f32 stays f32.
     Keep,
     F32,
     F16,
@@ -532,11 +535,12 @@ pub enum BaseDType {
 }
 
 impl BaseDType {
-    pub const NAMES: &'static str = "keep, f32, f16, bf16, nf4, int8";
+    pub const NAMES: &'static str = "auto, keep, f32, f16, bf16, nf4, int8";
 
     pub fn from_name(name: &str) -> Option<BaseDType> {
         Some(match name.trim().to_ascii_lowercase().as_str() {
-            "keep" | "" => BaseDType::Keep,
+            "auto" | "" => BaseDType::Auto,
+            "keep" => BaseDType::Keep,
             "f32" | "float32" => BaseDType::F32,
             "f16" | "float16" => BaseDType::F16,
             "bf16" | "bfloat16" => BaseDType::BF16,
@@ -548,6 +552,7 @@ impl BaseDType {
 
     pub fn name(self) -> &'static str {
         match self {
+            BaseDType::Auto => "auto",
             BaseDType::Keep => "keep",
             BaseDType::F32 => "f32",
             BaseDType::F16 => "f16",

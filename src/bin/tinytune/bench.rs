@@ -68,9 +68,10 @@ pub struct BenchArgs {
     /// auto, cpu, gpu or gpu-software [default: $TINYTUNE_DEVICE or auto].
     #[arg(long)]
     device: Option<String>,
-    /// How the frozen weights are held: keep (as stored: Q4_1 blocks for the default model),
-    /// f32 (what PyTorch computes with after loading the GGUF), bf16, nf4, int8 [default: keep].
-    #[arg(long, default_value = "keep")]
+    /// How the frozen weights are held: auto (as stored, f32 matrices in f16 on a GPU with
+    /// shader-f16), keep (as stored: Q4_1 blocks for the default model), f32 (what PyTorch
+    /// computes with after loading the GGUF), bf16, nf4, int8 [default: auto].
+    #[arg(long, default_value = "auto")]
     base_dtype: BaseDType,
     /// Print one JSON object instead of the table.
     #[arg(long)]
