@@ -184,7 +184,7 @@ fn fused_attention_in_f32_is_close_to_f64() {
 #[test]
 fn fused_attention_refuses_bad_shapes() {
     let t = |s: &[usize]| Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap();
-    let spec = tinytune::tensor::AttnSpec { scale: 1.0, causal: true, offset: 0, window: None, keep: None };
+    let spec = tinytune::tensor::AttnSpec { scale: 1.0, causal: true, offset: 0, window: None, keep: None, starts: None };
     assert!(t(&[1, 3, 4, 8]).flash_attention(&t(&[1, 2, 4, 8]), &t(&[1, 2, 4, 8]), &spec).is_err(), "3 heads over 2 kv heads");
     assert!(t(&[1, 2, 5, 8]).flash_attention(&t(&[1, 2, 4, 8]), &t(&[1, 2, 4, 8]), &spec).is_err(), "fewer keys than queries");
     let bad_keep = tinytune::tensor::AttnSpec { keep: Some(vec![true; 3]), ..spec.clone() };

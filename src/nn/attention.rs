@@ -11,7 +11,12 @@
 //!          j ≤ offset + i                       (causal)
 //!          j > offset + i − window              (sliding window, when given)
 //!          keep[b, j] = 1                       (key padding, when given)
+//!          j ≥ starts[offset + i]               (packed sequences, when given)
 //! ```
+//!
+//! `starts` packs several sequences into one row (see `nn::block`'s padding-free forward):
+//! for each real position, the first position of its sequence, so a query sees only the
+//! earlier keys of its own sequence.
 //!
 //! The mask is a description, not a dense bias, so a fused kernel (flash attention) can read
 //! the rule instead of a `[tq, tk]` tensor, and K/V stay un-repeated for grouped-query
@@ -38,6 +43,9 @@ pub struct Mask {
     pub window: Option<usize>,
     /// `[batch, offset + tq]`: 1 for a real token, 0 for padding; `None` when every row is full.
     pub keep: Option<Tensor>,
+    /// `[offset + tq]`: the first position of each position's sequence when sequences are
+    /// packed into one row (causal masks only); `None`: one sequence per row.
+    pub starts: Option<Arc<Vec<usize>>>,
     bias: Arc<Mutex<Option<(usize, usize, DType, Tensor)>>>,
     /// `keep` read to the host once per forward, for the fused kernel.
     keep_host: Arc<Mutex<Option<Vec<bool>>>>,
@@ -46,7 +54,14 @@ pub struct Mask {
 impl Mask {
     /// Causal attention for queries that start at real position `offset`.
     pub fn causal(offset: usize, keep: Option<&Tensor>) -> Mask {
-        Mask { causal: true, offset, window: None, keep: keep.cloned(), bias: Arc::default(), keep_host: Arc::default() }
+        Mask { causal: true, offset, window: None, keep: keep.cloned(), starts: None, bias: Arc::default(), keep_host: Arc::default() }
+    }
+
+    /// The same over packed sequences: `starts[j]` is the first position of position `j`'s
+    /// sequence (nondecreasing, `starts[j] ≤ j`).
+    pub fn with_starts(mut self, starts: Arc<Vec<usize>>) -> Mask {
+        self.starts = Some(starts);
+        self
     }
 
     /// The same with a sliding window of `window` keys (`None`: full attention).
@@ -60,7 +75,8 @@ impl Mask {
         let pos = self.offset + i;
         let causal = !self.causal || j <= pos;
         let window = self.window.is_none_or(|w| j > pos || pos - j < w);
-        causal && window
+        let same_sequence = self.starts.as_ref().is_none_or(|s| j >= s[pos]);
+        causal && window && same_sequence
     }
 
     /// The additive bias `[tq, tk]` (or `[b, 1, tq, tk]` with padding) for `tq` queries and
@@ -141,7 +157,7 @@ fn spec(mask: &Mask, d: usize) -> Result<AttnSpec> {
             memo.clone()
         }
     };
-    Ok(AttnSpec { scale: 1.0 / (d as f64).sqrt(), causal: mask.causal, offset: mask.offset, window: mask.window, keep })
+    Ok(AttnSpec { scale: 1.0 / (d as f64).sqrt(), causal: mask.causal, offset: mask.offset, window: mask.window, keep, starts: mask.starts.clone() })
 }
 
 /// Scaled dot-product attention of `q` over `k, v` under `mask` (see the module docs): the
@@ -150,8 +166,19 @@ fn spec(mask: &Mask, d: usize) -> Result<AttnSpec> {
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> Result<Tensor> {
     check_shapes(q, k, v)?;
     let (b, h, tq, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
-    // The fused kernel: on the CPU always, on the GPU for heads up to its width limit.
-    let fits = !q.device().is_gpu() || (d <= crate::backend::gpu_attention_max_head_dim() && q.dtype() == DType::F32);
+    // The fused kernel: on the CPU always, on the GPU for heads up to its width limit and
+    // one sequence per row.
+    let fits = !q.device().is_gpu()
+        || (d <= crate::backend::gpu_attention_max_head_dim() && q.dtype() == DType::F32 && mask.starts.is_none());
+    if let Some(s) = &mask.starts {
+        let real = mask.offset + tq;
+        if !mask.causal || s.len() != real || s.iter().enumerate().any(|(j, &st)| st > j || (j > 0 && st < s[j - 1])) {
+            return Err(Error::Shape {
+                op: "attention",
+                msg: format!("packed-sequence starts must be {real} nondecreasing positions, each ≤ its own, under a causal mask"),
+            });
+        }
+    }
     if fits && fused_attention_enabled() {
         if let Some(keep) = &mask.keep {
             if keep.rank() != 2 || keep.shape()[1] != mask.offset + tq {

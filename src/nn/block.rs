@@ -372,9 +372,19 @@ impl Decoder {
     /// The blocks on the embedded input `h: [b, t, hidden]` whose first position is real
     /// position `cache.len()` (0 without a cache); `keep: [b, cache.len() + t]` marks padding.
     /// With `all`, every layer's hidden states are returned too.
+    ///
+    /// A right-padded batch on the CPU runs padding-free (see [`Packing`]): the real tokens of
+    /// every row packed into one row, each attending only to its own sequence, and unpacked
+    /// after the final norm (padding positions come back as zeros, where the padded forward
+    /// gives values no loss reads).
     pub fn forward(&self, h: Tensor, keep: Option<&Tensor>, mut cache: Option<&mut KvCache>, all: bool) -> Result<Hidden> {
         if h.rank() != 3 {
             return Err(Error::Shape { op: "decoder", msg: format!("hidden states must be [batch, seq, hidden], got {:?}", h.shape()) });
+        }
+        if cache.is_none() && !all {
+            if let Some(p) = self.packing(&h, keep)? {
+                return self.forward_packed(h, p);
+            }
         }
         let t = h.shape()[1];
         let start = cache.as_ref().map_or(0, |c| c.len()) + self.positions_before();
@@ -393,13 +403,33 @@ impl Decoder {
             }
             _ => None,
         };
+        let (h, mut states) = self.run_blocks(h, &sh, local.as_ref(), cache.as_deref_mut(), all)?;
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        let last = self.norm.forward(&h)?;
+        if all {
+            states.push(last.clone());
+        }
+        Ok(Hidden { last, all: states, last_virtual: None })
+    }
+
+    /// Every block on `h` (global blocks under `sh`, local ones under `local`), and with
+    /// `all` the input of each.
+    fn run_blocks(
+        &self,
+        mut h: Tensor,
+        sh: &Shared,
+        local: Option<&Shared>,
+        mut cache: Option<&mut KvCache>,
+        all: bool,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut states = Vec::new();
-        let mut h = h;
         for blk in &self.blocks {
             if all {
                 states.push(h.clone());
             }
-            let sh = if blk.local { local.as_ref().unwrap_or(&sh) } else { &sh };
+            let sh = if blk.local { local.unwrap_or(sh) } else { sh };
             h = if self.checkpointing && cache.is_none() {
                 let (blk, c, sh) = (blk.clone(), self.config.clone(), sh.clone());
                 // The recomputation in backward runs with the adapters as they were now.
@@ -409,14 +439,78 @@ impl Decoder {
                 blk.forward(&self.config, &h, sh, cache.as_deref_mut())?
             };
         }
-        if let Some(c) = cache {
-            c.advance(t);
+        Ok((h, states))
+    }
+
+    /// How to run this batch padding-free, or `None` to run it as it is: only on the CPU, for a
+    /// fresh forward (no cache) of several right-padded rows (each row's real tokens first)
+    /// with at least 1/8 of the positions padding, when no method puts positions or virtual
+    /// tokens before the real ones; `TINYTUNE_PACK=off` turns it off.
+    fn packing(&self, h: &Tensor, keep: Option<&Tensor>) -> Result<Option<Packing>> {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on = *ON.get_or_init(|| std::env::var("TINYTUNE_PACK").map_or(true, |v| v != "off")) && !UNPACKED.with(|u| u.get());
+        let (b, t) = (h.shape()[0], h.shape()[1]);
+        let Some(keep) = keep else { return Ok(None) };
+        if !on || b < 2 || h.device().is_gpu() || keep.shape() != [b, t] || self.positions_before() > 0 || !self.inputs.is_empty() {
+            return Ok(None);
         }
-        let last = self.norm.forward(&h)?;
-        if all {
-            states.push(last.clone());
+        let flags = keep.to_vec_f64()?;
+        let mut lengths = Vec::with_capacity(b);
+        for row in flags.chunks(t) {
+            let len = row.iter().take_while(|&&x| x != 0.0).count();
+            if row[len..].iter().any(|&x| x != 0.0) {
+                return Ok(None); // not right-padded
+            }
+            lengths.push(len);
         }
-        Ok(Hidden { last, all: states, last_virtual: None })
+        let n: usize = lengths.iter().sum();
+        if n == 0 || 8 * n > 7 * b * t {
+            return Ok(None);
+        }
+        let (mut rows, mut positions, mut starts) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut unpack = vec![n as u32; b * t];
+        for (r, &len) in lengths.iter().enumerate() {
+            let first = rows.len();
+            for j in 0..len {
+                unpack[r * t + j] = rows.len() as u32;
+                rows.push((r * t + j) as u32);
+                positions.push(j as u32);
+                starts.push(first);
+            }
+        }
+        let dev = h.device();
+        Ok(Some(Packing {
+            rows: Tensor::from_vec(rows, &[n], dev)?,
+            positions: Tensor::from_vec(positions, &[n], dev)?,
+            unpack: Tensor::from_vec(unpack, &[b * t], dev)?,
+            starts: Arc::new(starts),
+        }))
+    }
+
+    /// [`Decoder::forward`] of a right-padded batch `h: [b, t, hidden]` packed as `p` says.
+    fn forward_packed(&self, h: Tensor, p: Packing) -> Result<Hidden> {
+        let (b, t, d) = (h.shape()[0], h.shape()[1], h.shape()[2]);
+        let n = p.starts.len();
+        let i = |x: usize| x as isize;
+        let x = h.reshape(&[i(b * t), i(d)])?.index_select(0, &p.rows)?.reshape(&[1, i(n), i(d)])?;
+        // RoPE by each token's position in its own sequence: rows of the padded batch's tables.
+        let tables = |r: Option<Rope>| -> Result<Option<(Tensor, Tensor, RopeLayout)>> {
+            let Some(r) = r else { return Ok(None) };
+            let (cos, sin) = Tensor::rope_tables_scaled(0, t, self.config.head_dim, r.theta, r.linear_factor, h.dtype(), h.device())?;
+            Ok(Some((cos.index_select(0, &p.positions)?, sin.index_select(0, &p.positions)?, r.layout)))
+        };
+        let mask = |window: Option<usize>| Mask::causal(0, None).with_window(window).with_starts(p.starts.clone());
+        let sh = Shared { rope: tables(self.config.rope)?, mask: mask(self.config.window) };
+        let local = match self.config.local {
+            Some(l) if self.blocks.iter().any(|b| b.local) => Some(Shared { rope: tables(Some(l.rope))?, mask: mask(Some(l.window)) }),
+            _ => None,
+        };
+        let (x, _) = self.run_blocks(x, &sh, local.as_ref(), None, false)?;
+        let last = self.norm.forward(&x)?.reshape(&[i(n), i(d)])?;
+        // Unpack: padding positions take the zero row appended at index n.
+        let zero = Tensor::zeros(&[1, d], last.dtype(), last.device())?;
+        let last = Tensor::concat(&[&last, &zero], 0)?.index_select(0, &p.unpack)?.reshape(&[i(b), i(t), i(d)])?;
+        Ok(Hidden { last, all: Vec::new(), last_virtual: None })
     }
 
     /// The virtual tokens `[p, hidden]` the input hooks put first (`None`: none, or inside an
@@ -449,6 +543,36 @@ impl Decoder {
         }
         self.norm.visit_parameters(f)
     }
+}
+
+thread_local! {
+    static UNPACKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with the padding-free forward off on this thread (the padded batch as it is): for
+/// comparing the two, as the tests do.
+pub fn without_packing<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            UNPACKED.with(|u| u.set(self.0));
+        }
+    }
+    let _restore = Restore(UNPACKED.with(|u| u.replace(true)));
+    f()
+}
+
+/// A right-padded batch `[b, t]` packed into one row of its `n` real tokens (the padding-free
+/// forward of [`Decoder::forward`]).
+struct Packing {
+    /// `[n]`: each packed token's index in the flattened `[b·t]` batch.
+    rows: Tensor,
+    /// `[n]`: each packed token's position in its own sequence (its RoPE angle).
+    positions: Tensor,
+    /// `[b·t]`: each batch position's packed index; `n` (a zero row) for padding.
+    unpack: Tensor,
+    /// `[n]`: the packed index where each token's sequence starts (the attention mask).
+    starts: Arc<Vec<usize>>,
 }
 
 /// Keys and values of every layer for the positions seen so far, `[batch, kv_heads, len, d]`

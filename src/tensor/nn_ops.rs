@@ -97,6 +97,18 @@ impl Tensor {
                 return bad(format!("keep holds {} flags, [batch {}, {}] expected", keep.len(), dims.b, spec.offset + dims.tq));
             }
         }
+        if let Some(starts) = &spec.starts {
+            if starts.len() != spec.offset + dims.tq || starts.iter().enumerate().any(|(j, &s)| s > j) {
+                return bad(format!("starts holds {} positions, {} expected, each ≤ its own", starts.len(), spec.offset + dims.tq));
+            }
+            if self.device().is_gpu() {
+                return Err(Error::Unsupported {
+                    op: OP,
+                    device: self.device().to_string(),
+                    msg: "packed sequences (starts) run through the composed attention on the GPU".into(),
+                });
+            }
+        }
         // The GPU kernels read contiguous operands and the padding mask as an f32 buffer.
         let gpu = self.device().is_gpu();
         let (qc, kc, vc) = if gpu { (self.compact()?, k.compact()?, v.compact()?) } else { (self.clone(), k.clone(), v.clone()) };

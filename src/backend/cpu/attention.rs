@@ -44,6 +44,10 @@ pub struct AttnSpec {
     pub window: Option<usize>,
     /// `[batch, offset + tq]`: false for a padding position; `None`: no padding.
     pub keep: Option<Vec<bool>>,
+    /// `[offset + tq]`, the same for every batch row: the first real position of the sequence
+    /// each position belongs to, when several sequences are packed into one row (causal only;
+    /// nondecreasing, `starts[j] ≤ j`): a query sees no key before its sequence's start.
+    pub starts: Option<std::sync::Arc<Vec<usize>>>,
 }
 
 /// Shapes of one attention: `q: [b, h, tq, d]`, `k, v: [b, hk, tk, d]`, contiguous.
@@ -76,7 +80,8 @@ impl AttnSpec {
         let pos = self.offset + i;
         let real = dims.tk - self.prefix(dims);
         let hi = if self.causal { (pos + 1).min(real) } else { real };
-        let lo = self.window.map_or(0, |w| (pos + 1).saturating_sub(w)).min(hi);
+        let lo = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let lo = self.starts.as_ref().map_or(lo, |s| lo.max(s[pos])).min(hi);
         (lo, hi)
     }
 

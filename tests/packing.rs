@@ -1,0 +1,157 @@
+//! The padding-free forward (`nn::Decoder::forward` packing a right-padded batch into one row
+//! of its real tokens, each attending only to its own sequence): logits and LoRA gradients equal,
+//! in float64, those of each row run alone and those of the padded batch
+//! (`nn::without_packing`), for LLaMA (tied and untied), Gemma 3 (local sliding-window layers)
+//! and GPT-2 (learned positions); and the packed attention mask (`Mask::with_starts`) in the
+//! fused kernel against the composed reference.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tinytune::models::{self, CausalLm};
+use tinytune::nn::{attention, attention_reference, without_packing, Mask};
+use tinytune::peft::{LoraAdapter, LoraConfig};
+use tinytune::{CrossEntropyReduction, DType, Device, Rng, Tensor};
+
+fn load_f64(name: &str) -> Box<dyn CausalLm> {
+    let mut m = models::load(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name), &Device::Cpu).unwrap();
+    m.visit_parameters(&mut |_, t| {
+        *t = t.to_dtype(DType::F64)?;
+        Ok(())
+    })
+    .unwrap();
+    m
+}
+
+/// Logits of the real positions of each row (row-major), and the LoRA gradients of the mean
+/// next-token loss over them.
+fn run(model: &dyn CausalLm, lora: &LoraAdapter, ids: &[Vec<u32>], t: usize) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    let b = ids.len();
+    let mut flat = vec![0u32; b * t];
+    let mut keep = vec![0f64; b * t];
+    let mut targets = vec![-100i32; b * t];
+    for (r, row) in ids.iter().enumerate() {
+        for (j, &id) in row.iter().enumerate() {
+            flat[r * t + j] = id;
+            keep[r * t + j] = 1.0;
+            if j + 1 < row.len() {
+                targets[r * t + j] = row[j + 1] as i32;
+            }
+        }
+    }
+    let (idt, kt) = (Tensor::from_vec(flat, &[b, t], &Device::Cpu).unwrap(), Tensor::from_vec(keep, &[b, t], &Device::Cpu).unwrap());
+    // Full rows need no mask: run them without one, as a caller would.
+    let keep = if ids.iter().all(|r| r.len() == t) { None } else { Some(&kt) };
+    let logits = model.forward(&idt, keep).unwrap();
+    let v = model.vocab_size();
+    let all = logits.to_vec::<f64>().unwrap();
+    let real: Vec<Vec<f64>> = ids.iter().enumerate().map(|(r, row)| all[r * t * v..(r * t + row.len()) * v].to_vec()).collect();
+    let loss = logits.cross_entropy(&Tensor::from_vec(targets, &[b, t], &Device::Cpu).unwrap(), -100, CrossEntropyReduction::Sum).unwrap();
+    loss.backward().unwrap();
+    let grads = lora
+        .parameters()
+        .iter()
+        .map(|(_, p)| {
+            let g = p.grad().unwrap().to_vec::<f64>().unwrap();
+            p.zero_grad();
+            g
+        })
+        .collect();
+    (real, grads)
+}
+
+fn close(what: &str, a: &[f64], b: &[f64]) {
+    assert_eq!(a.len(), b.len(), "{what}: length");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= 1e-9 * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
+    }
+}
+
+#[test]
+fn packed_forward_equals_each_row_alone_and_the_padded_batch() {
+    for name in ["tiny-llama", "tiny-llama-tied-bf16", "tiny-gemma3", "tiny-gpt2-f16"] {
+        let mut model = load_f64(name);
+        let cfg = LoraConfig { r: 2, alpha: 4.0, targets: vec!["all-linear".into()], ..LoraConfig::default() };
+        let lora = LoraAdapter::attach(model.as_mut(), cfg).unwrap();
+        // B = 0 at attach would make every gradient of A zero: randomise the adapter.
+        for (i, (_, p)) in lora.parameters().iter().enumerate() {
+            p.set_data(&Tensor::randn(p.shape(), 0.0, 0.2, DType::F64, &Device::Cpu, &mut Rng::new(i as u64)).unwrap()).unwrap();
+        }
+        let vocab = model.vocab_size() as u32;
+        let t = 9;
+        // Lengths 9, 4, 1 and 6: 20 of 36 positions real, so the batch is packed.
+        let ids: Vec<Vec<u32>> = [9usize, 4, 1, 6].iter().enumerate().map(|(r, &n)| (0..n as u32).map(|j| (7 + 13 * j + 5 * r as u32) % vocab).collect()).collect();
+        let (packed, pg) = run(model.as_ref(), &lora, &ids, t);
+        let (padded, padg) = without_packing(|| run(model.as_ref(), &lora, &ids, t));
+        let mut alone_g: Vec<Vec<f64>> = Vec::new();
+        for (r, row) in ids.iter().enumerate() {
+            let (l, g) = run(model.as_ref(), &lora, std::slice::from_ref(row), row.len());
+            close(&format!("{name} row {r} packed vs alone"), &packed[r], &l[0]);
+            close(&format!("{name} row {r} padded vs alone"), &padded[r], &l[0]);
+            if alone_g.is_empty() {
+                alone_g = g;
+            } else {
+                alone_g.iter_mut().zip(&g).for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, g)| *a += g));
+            }
+        }
+        for (k, ((p, q), a)) in pg.iter().zip(&padg).zip(&alone_g).enumerate() {
+            close(&format!("{name} LoRA grad {k} packed vs padded"), p, q);
+            close(&format!("{name} LoRA grad {k} packed vs rows alone"), p, a);
+        }
+    }
+}
+
+/// The mask of packed sequences in the fused kernel and the composed reference (CPU, f64), and
+/// the GPU (which takes the composed path for it) against the CPU.
+#[test]
+fn packed_attention_mask_fused_matches_composed() {
+    let mut rng = Rng::new(5);
+    let starts: Vec<usize> = [0usize, 0, 0, 3, 3, 5, 5, 5, 5, 5, 10].to_vec();
+    let n = starts.len();
+    for window in [None, Some(2)] {
+        let mask = Mask::causal(0, None).with_window(window).with_starts(Arc::new(starts.clone()));
+        let r = |h: usize, rng: &mut Rng| Tensor::randn(&[1, h, n, 5], 0.0, 1.0, DType::F64, &Device::Cpu, rng).unwrap().requires_grad().unwrap();
+        let (q, k, v) = (r(4, &mut rng), r(2, &mut rng), r(2, &mut rng));
+        let w = Tensor::randn(&[1, 4, n, 5], 0.0, 1.0, DType::F64, &Device::Cpu, &mut rng).unwrap();
+        let mut outs = Vec::new();
+        for f in [attention, attention_reference] {
+            let y = f(&q, &k, &v, &mask).unwrap();
+            y.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs: Vec<Vec<f64>> = [&q, &k, &v]
+                .iter()
+                .map(|x| {
+                    let g = x.grad().unwrap().to_vec::<f64>().unwrap();
+                    x.zero_grad();
+                    g
+                })
+                .collect();
+            outs.push((y.to_vec::<f64>().unwrap(), gs));
+        }
+        close(&format!("window {window:?} y"), &outs[0].0, &outs[1].0);
+        for (i, (a, b)) in outs[0].1.iter().zip(&outs[1].1).enumerate() {
+            close(&format!("window {window:?} grad {i}"), a, b);
+        }
+        // Row 3 starts a sequence: it sees only itself, so its output is v at position 3.
+        let y = outs[0].0.clone();
+        let vv = v.to_vec::<f64>().unwrap();
+        for d in 0..5 {
+            assert!((y[3 * 5 + d] - vv[3 * 5 + d]).abs() < 1e-12, "a sequence's first token attends to itself only");
+        }
+        if let Some(gpu) = common::gpu_device() {
+            let up = |x: &Tensor| x.detach().to_dtype(DType::F32).unwrap().to_device(&gpu).unwrap();
+            let yg = attention(&up(&q), &up(&k), &up(&v), &mask).unwrap().to_vec_f64().unwrap();
+            for (i, (a, b)) in yg.iter().zip(&y).enumerate() {
+                assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "gpu [{i}]: {a} vs {b}");
+            }
+        }
+    }
+    // Starts that go backwards or past their own position are errors.
+    let q = Tensor::zeros(&[1, 1, 3, 2], DType::F64, &Device::Cpu).unwrap();
+    for bad in [vec![0usize, 2, 1], vec![0, 0], vec![1, 1, 1]] {
+        let mask = Mask::causal(0, None).with_starts(Arc::new(bad.clone()));
+        let e = attention(&q, &q, &q, &mask).unwrap_err().to_string();
+        assert!(e.contains("starts"), "{bad:?}: {e}");
+    }
+}
