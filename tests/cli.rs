@@ -973,17 +973,52 @@ fn bench_times_every_case_profiles_and_reads_the_reference() {
     let v = json(&stdout);
     let cases = v["cases"].as_array().unwrap();
     let names: Vec<&str> = cases.iter().map(|c| c["case"].as_str().unwrap()).collect();
-    assert_eq!(names, ["lora-step", "cls-step", "cls-eval", "prefill"]);
+    assert_eq!(
+        names,
+        ["lora-step", "cls-step", "cls-eval", "prefill", "decode", "full-step", "linears", "attention-128", "attention-512", "attention-2048"]
+    );
     for c in cases {
         let s = c["s_per_step"].as_f64().unwrap();
         assert!(s > 0.0 && c["tokens"].as_u64().unwrap() > 0, "{c}");
         assert!((c["speedup"].as_f64().unwrap() - 2.0 / s).abs() < 1e-9 * (2.0 / s), "{c}");
     }
     assert_eq!(cases[1]["tokens"], cases[2]["tokens"], "the step and the eval see the same batch");
-    assert_eq!(err.matches("(outside kernels)").count(), 4, "one profile per case:\n{err}");
+    assert_eq!(cases[4]["tokens"], 64, "decode times 64 generated tokens");
+    // One profile per case, and one more for each attention case's composed reference.
+    assert_eq!(err.matches("(outside kernels)").count(), 13, "one profile per case:\n{err}");
+    for t in [128, 512, 2048] {
+        assert!(err.contains(&format!("attention-{t}: fused ")) && err.contains("composed"), "{err}");
+    }
     assert!(err.contains("backward:lora_linear") && err.contains("optimizer"), "{err}");
     let (ok, _, err) = tinytune(&["bench", "--model", path_str(&model), "--data", path_str(&data), "--cases", "nope"]);
     assert!(!ok && err.contains("unknown case 'nope'"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `tinytune bench --device gpu…`: one repetition of each model case is counted on the GPU
+/// (dispatches and bytes per kernel) and printed beside the case's analytic floor.
+#[test]
+fn bench_on_the_gpu_reports_traffic_against_the_floor() {
+    if common::gpu_device().is_none() {
+        return;
+    }
+    let dir = scratch("bench-gpu");
+    let (model, data) = (tiny_model_dir(&dir), write_cls_data(&dir));
+    let (ok, _, err) = tinytune(&[
+        "bench", "--model", path_str(&model), "--data", path_str(&data), "--device", "gpu-software", "--steps", "1", "--warmup", "0",
+        "--cases", "lora-step,cls-eval,prefill",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(err.matches("one repetition on the GPU").count(), 3, "{err}");
+    for line in err.lines().filter(|l| l.contains("one repetition on the GPU")) {
+        let num = |after: &str| -> f64 {
+            let rest = &line[line.find(after).unwrap_or_else(|| panic!("{after} in {line}")) + after.len()..];
+            rest.trim_start().split(|c: char| !(c.is_ascii_digit() || c == '.')).next().unwrap().parse().unwrap()
+        };
+        let (moved, floor) = (num("dispatches,"), num("floor"));
+        assert!(num("GPU:") > 0.0 && moved > 0.0 && floor > 0.0 && moved >= floor, "{line}");
+    }
+    assert!(err.contains("matmul") && err.contains("MB written"), "per-kernel rows: {err}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

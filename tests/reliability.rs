@@ -377,6 +377,28 @@ fn resumes_to(model: &Path, data: &Path, out: &Path, steps: u64, want: &[u8]) {
     assert!(adapter_bytes(out) == want, "the resumed adapter equals the uninterrupted one");
 }
 
+/// The temporary files a killed run's writes left in its output directory (SIGKILL during an
+/// atomic write leaves `.NAME.tmp-PID`) are removed by the next run that takes the directory,
+/// before it writes anything; other files stay.
+#[test]
+fn a_run_removes_the_temporary_files_a_killed_run_left() {
+    let dir = scratch("stray");
+    let (model, data) = (common::tiny_model_dir(&dir), write(&dir, "lm.jsonl", &lm_lines()));
+    let out = dir.join("run");
+    std::fs::create_dir_all(out.join("checkpoint")).unwrap();
+    let strays = [out.join(".adapter_model.safetensors.tmp-4000001"), out.join("checkpoint/.step-7.safetensors.tmp-4000002")];
+    for p in &strays {
+        std::fs::write(p, b"half a write").unwrap();
+    }
+    std::fs::write(out.join("notes.txt"), b"mine").unwrap();
+    let o = run(&finetune_args(&model, &data, &out, 2).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    for p in &strays {
+        assert!(!p.exists(), "{} was left", p.display());
+    }
+    assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"mine");
+}
+
 #[test]
 fn checkpoints_survive_a_full_disk_and_refuse_damage() {
     let dir = scratch("disk");

@@ -883,6 +883,16 @@ impl OutLock {
             Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&path, format!("cannot lock: {e}"))),
         }
         let _ = f.set_len(0).and_then(|_| f.rewind()).and_then(|_| writeln!(f, "{}", std::process::id()));
+        // Whoever held the directory before is gone: a temporary file of its writes (a run
+        // killed mid-write leaves one; nothing can clean up after SIGKILL) is garbage now.
+        for dir in [out.to_path_buf(), out.join(CHECKPOINT_DIR)] {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') && name.contains(".tmp-") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         Ok(OutLock { _file: f })
     }
 }

@@ -202,12 +202,12 @@ pub fn gemm_f32_with(
     match kernel {
         #[cfg(target_arch = "x86_64")]
         F32Kernel::Avx512 => {
-            let plan = Plan { kc: KC_F32_512, mc: MC_F32, nc: NC_F32, kernel: x86::kernel_f32_12x32 };
+            let plan = f32_plan(12, 32, x86::kernel_f32_12x32);
             gemm_generic::<f32, 12, 32>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
         }
         #[cfg(target_arch = "x86_64")]
         F32Kernel::Avx2 => {
-            let plan = Plan { kc: KC_F32, mc: MC_F32, nc: NC_F32, kernel: x86::kernel_f32_6x16 };
+            let plan = f32_plan(6, 16, x86::kernel_f32_6x16);
             gemm_generic::<f32, 6, 16>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
         }
         _ => {
@@ -278,12 +278,12 @@ pub fn gemm_f32_decoded(
     match F32Kernel::best() {
         #[cfg(target_arch = "x86_64")]
         F32Kernel::Avx512 => {
-            let plan = Plan { kc: KC_F32_512, mc: MC_F32, nc: NC_F32, kernel: x86::kernel_f32_12x32 };
+            let plan = f32_plan(12, 32, x86::kernel_f32_12x32);
             run_blocked::<f32, 12, 32>(m, n, k, a, a_rs, a_cs, b, c, plan, accumulate)
         }
         #[cfg(target_arch = "x86_64")]
         F32Kernel::Avx2 => {
-            let plan = Plan { kc: KC_F32, mc: MC_F32, nc: NC_F32, kernel: x86::kernel_f32_6x16 };
+            let plan = f32_plan(6, 16, x86::kernel_f32_6x16);
             run_blocked::<f32, 6, 16>(m, n, k, a, a_rs, a_cs, b, c, plan, accumulate)
         }
         _ => {
@@ -419,13 +419,91 @@ impl Elem for f64 {
 /// features the kernel was compiled for.
 type Kernel<T> = unsafe fn(usize, *const T, *const T, *mut T, usize, bool);
 
-/// f32 AVX2 cache blocks (see the header for why): KC×16 B micro-panel in L1, MC×KC A block
-/// in L2, KC×NC B block in L3.
-const KC_F32: usize = 256;
-const MC_F32: usize = 144;
-const NC_F32: usize = 2048;
-/// AVX-512: the KC×32 B micro-panel at KC = 192 takes 24 KiB of the 32 KiB L1.
-const KC_F32_512: usize = 192;
+/// The data caches a core sees, in bytes: L1d, L2 and its share of L3 (read once from Linux's
+/// `/sys/devices/system/cpu/cpu0/cache`; Zen 4's 32 KiB / 1 MiB / 4 MiB elsewhere).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caches {
+    pub l1d: usize,
+    pub l2: usize,
+    pub l3_share: usize,
+}
+
+impl Caches {
+    pub fn of_this_cpu() -> Caches {
+        static C: std::sync::OnceLock<Caches> = std::sync::OnceLock::new();
+        *C.get_or_init(|| Caches::from_sysfs(std::path::Path::new("/sys/devices/system/cpu/cpu0/cache")).unwrap_or(Caches::ZEN4))
+    }
+
+    /// Zen 4 (the machine the constants were measured on): 32 KiB L1d, 1 MiB L2, 32 MiB of L3
+    /// shared by 8 cores.
+    pub const ZEN4: Caches = Caches { l1d: 32 << 10, l2: 1 << 20, l3_share: 4 << 20 };
+
+    /// From a sysfs cache directory (`index*/level`, `type`, `size`, `shared_cpu_list`).
+    pub fn from_sysfs(dir: &std::path::Path) -> Option<Caches> {
+        let read = |p: std::path::PathBuf| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string());
+        let size = |s: &str| -> Option<usize> {
+            let (num, mult) = match s.strip_suffix('K') {
+                Some(n) => (n, 1 << 10),
+                None => match s.strip_suffix('M') {
+                    Some(n) => (n, 1 << 20),
+                    None => (s, 1),
+                },
+            };
+            num.parse::<usize>().ok().map(|n| n * mult)
+        };
+        // CPUs sharing a cache, from a list like "0-7" or "0,8".
+        let sharing = |s: &str| -> usize {
+            s.split(',')
+                .map(|r| match r.split_once('-') {
+                    Some((a, b)) => b.trim().parse::<usize>().unwrap_or(0).saturating_sub(a.trim().parse().unwrap_or(0)) + 1,
+                    None => 1,
+                })
+                .sum::<usize>()
+                .max(1)
+        };
+        let (mut l1d, mut l2, mut l3) = (None, None, None);
+        for i in 0..8 {
+            let ix = dir.join(format!("index{i}"));
+            let (Some(level), Some(kind), Some(sz)) = (read(ix.join("level")), read(ix.join("type")), read(ix.join("size"))) else {
+                continue;
+            };
+            let Some(sz) = size(&sz) else { continue };
+            match (level.as_str(), kind.as_str()) {
+                ("1", "Data") => l1d = Some(sz),
+                ("2", "Unified" | "Data") => l2 = Some(sz),
+                ("3", "Unified") => l3 = Some(sz / read(ix.join("shared_cpu_list")).map_or(1, |s| sharing(&s))),
+                _ => {}
+            }
+        }
+        let (l1d, l2) = (l1d?, l2?);
+        Some(Caches { l1d, l2, l3_share: l3.unwrap_or(l2) })
+    }
+
+    /// Cache blocks (KC, MC, NC) for an MR×NR f32 kernel (see the header): the KC×NR B
+    /// micro-panel takes at most 3/4 of L1d and KC is a multiple of 64 (256 for AVX2's 6×16
+    /// and 192 for AVX-512's 12×32 on a 32 KiB L1d); the MC×KC A block about a seventh of L2
+    /// (MC = 144 for 1 MiB, 256-deep, measured best on Zen 4: the B panels streaming through
+    /// and the C tiles must not evict it), a multiple of MR; the KC×NC B block a half of this
+    /// core's L3 share, 512..=2048 columns (2048 measured best on Zen 4), a multiple of NR.
+    pub fn blocks(&self, mr: usize, nr: usize) -> (usize, usize, usize) {
+        let kc = (self.l1d * 3 / 4 / (4 * nr) / 64 * 64).clamp(64, 512);
+        let kc = if nr <= 16 { kc.min(256) } else { kc };
+        let mc = ((self.l2 / 7 / (4 * kc)) / mr * mr).clamp(2 * mr, 1024 / mr * mr);
+        let nc = ((self.l3_share / 2 / (4 * kc)) / nr * nr).clamp(512, 2048);
+        (kc, mc, nc)
+    }
+}
+
+/// The cache blocks of the f32 kernel `mr`×`nr` on this CPU (computed once per kernel).
+fn f32_plan(mr: usize, nr: usize, kernel: Kernel<f32>) -> Plan<f32> {
+    static BLOCKS: std::sync::OnceLock<[(usize, usize, usize); 2]> = std::sync::OnceLock::new();
+    let b = BLOCKS.get_or_init(|| {
+        let c = Caches::of_this_cpu();
+        [c.blocks(6, 16), c.blocks(12, 32)]
+    });
+    let (kc, mc, nc) = if nr <= 16 { b[0] } else { b[1] };
+    Plan { kc, mc, nc, kernel }
+}
 
 /// Largest MR·NR of any kernel below (sizes the edge-tile stack buffer).
 const MAX_TILE: usize = 384;
@@ -1165,6 +1243,37 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Cache sizes from a sysfs-like directory, and the blocks they give: Zen 4's measured
+    /// constants for its caches, larger blocks for larger caches, and none without sizes.
+    #[test]
+    fn cache_blocks_follow_the_cache_sizes() {
+        let dir = std::env::temp_dir().join(format!("tinytune-caches-{}", std::process::id()));
+        let write = |i: usize, level: &str, kind: &str, size: &str, shared: &str| {
+            let ix = dir.join(format!("index{i}"));
+            std::fs::create_dir_all(&ix).unwrap();
+            for (f, v) in [("level", level), ("type", kind), ("size", size), ("shared_cpu_list", shared)] {
+                std::fs::write(ix.join(f), format!("{v}\n")).unwrap();
+            }
+        };
+        write(0, "1", "Data", "32K", "0");
+        write(1, "1", "Instruction", "32K", "0");
+        write(2, "2", "Unified", "1024K", "0");
+        write(3, "3", "Unified", "32768K", "0-7");
+        let zen4 = Caches::from_sysfs(&dir).unwrap();
+        assert_eq!(zen4, Caches { l1d: 32 << 10, l2: 1 << 20, l3_share: 4 << 20 });
+        assert_eq!(zen4.blocks(6, 16), (256, 144, 2048), "AVX2 on Zen 4: the measured constants");
+        assert_eq!(zen4.blocks(12, 32), (192, 192, 2048));
+        // A core with a 48 KiB L1d and 2 MiB L2 (recent Intel): a deeper AVX-512 panel, a taller A block.
+        write(0, "1", "Data", "48K", "0");
+        write(2, "2", "Unified", "2M", "0");
+        let big = Caches::from_sysfs(&dir).unwrap();
+        assert_eq!(big.blocks(12, 32), (256, 288, 2048));
+        assert_eq!(big.blocks(6, 16).0, 256);
+        std::fs::remove_dir_all(dir.join("index2")).unwrap();
+        assert_eq!(Caches::from_sysfs(&dir), None, "no L2 size: no description");
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     /// Deterministic pseudo-random values in [-1, 1) (xorshift), so tests need no RNG crate.
     fn fill(len: usize, seed: u64) -> Vec<f64> {

@@ -103,9 +103,16 @@ fn all(tokens: usize) -> Result<Rep> {
 type Work<'a> = Box<dyn FnMut() -> Result<Rep> + 'a>;
 
 /// Time `work`: `warmup` untimed runs, one profiled run when asked, then `steps` timed runs.
-fn measure(name: &str, mut work: Work, args: &BenchArgs, device: &Device) -> Result<Measured> {
+fn measure(name: &str, mut work: Work, args: &BenchArgs, device: &Device, floor: Option<Floor>) -> Result<Measured> {
     for _ in 0..args.warmup {
         work()?;
+    }
+    if let (Device::Gpu(g), Some(floor)) = (device, floor) {
+        device.synchronize()?;
+        let before = g.kernel_counts();
+        work()?;
+        device.synchronize()?;
+        note!("{}", traffic_report(name, &before, &g.kernel_counts(), &floor));
     }
     if args.profile {
         profile::set_enabled(true);
@@ -128,6 +135,88 @@ fn measure(name: &str, mut work: Work, args: &BenchArgs, device: &Device) -> Res
     device.synchronize()?;
     let total = parts.unwrap_or_else(|| t0.elapsed().as_secs_f64());
     Ok(Measured { s_per_step: total / args.steps.max(1) as f64, tokens, peak_rss: tinytune::mem::peak_rss_bytes() })
+}
+
+/// The bytes a step cannot avoid moving on a GPU, which the counted traffic is printed beside
+/// (`--device gpu`): every frozen tensor the step uses, in its stored bytes, read once per pass
+/// that needs it (`passes`: the forward, and the backward's `dx` products again); every
+/// trainable f32 element read in the forward, its gradient written, and AdamW reading weight,
+/// gradient and both moments and writing three of them (36 bytes); the token ids in and the
+/// outputs the case returns. Activations are not counted: what a step moves above this floor
+/// is theirs (saved for backward, re-read, and every intermediate a kernel writes).
+#[derive(Clone, Copy, Debug)]
+struct Floor {
+    weights: u64,
+    trainable: u64,
+    io: u64,
+}
+
+impl Floor {
+    /// The floor of a case on `model` (methods attached): `lm_head` whether the output layer
+    /// is used (a classification case uses only the rows of the embedding its tokens pick),
+    /// `positions` token positions in, `outputs` bytes returned.
+    fn of(model: &mut dyn CausalLm, lm_head: bool, passes: usize, positions: usize, outputs: u64) -> Result<Floor> {
+        let mut params = Vec::new();
+        model.visit_parameters(&mut |name, t| {
+            params.push((name.to_string(), t.storage_bytes() as u64, t.numel() as u64, t.shape().first().copied().unwrap_or(1), t.requires_grad_flag()));
+            Ok(())
+        })?;
+        let is_head = |n: &str| n.starts_with("lm_head") || n == "output.weight";
+        let tied = !params.iter().any(|p| is_head(&p.0));
+        let (mut weights, mut trainable) = (0u64, 0u64);
+        for (name, bytes, numel, rows, grad) in &params {
+            if *grad {
+                trainable += 36 * numel;
+            } else if name.contains("embed_tokens") || name.contains("wte") || name == "token_embd.weight" {
+                // The lookup reads the rows it picks; a tied output layer reads it all.
+                weights += bytes / (*rows).max(1) as u64 * positions as u64 + if lm_head && tied { bytes * passes as u64 } else { 0 };
+            } else if !is_head(name) || lm_head {
+                weights += bytes * passes as u64;
+            }
+        }
+        Ok(Floor { weights, trainable, io: 4 * positions as u64 + outputs })
+    }
+
+    fn total(&self) -> u64 {
+        self.weights + self.trainable + self.io
+    }
+}
+
+/// What one repetition moved on the GPU (the engine's per-kernel counts between `before` and
+/// `after`) beside its floor.
+fn traffic_report(
+    name: &str,
+    before: &[(&'static str, tinytune::backend::gpu::KernelCount)],
+    after: &[(&'static str, tinytune::backend::gpu::KernelCount)],
+    floor: &Floor,
+) -> String {
+    let was = |k: &str| before.iter().find(|(n, _)| *n == k).map(|(_, c)| *c).unwrap_or_default();
+    let mut rows: Vec<(&str, u64, u64, u64)> = after
+        .iter()
+        .map(|(k, c)| {
+            let b = was(k);
+            (*k, c.dispatches - b.dispatches, c.bytes_read - b.bytes_read, c.bytes_written - b.bytes_written)
+        })
+        .filter(|r| r.1 > 0)
+        .collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r.2 + r.3));
+    let (dispatches, bytes) = rows.iter().fold((0, 0), |(d, b), r| (d + r.1, b + r.2 + r.3));
+    let mb = |b: u64| b as f64 / 1e6;
+    let mut out = format!(
+        "== {name}: one repetition on the GPU: {dispatches} dispatches, {:.3} MB read + written; floor {:.3} MB (weights {:.3}, \
+         trainable state {:.3}, ids and outputs {:.3}; activations not counted): {:.2}× the floor\n",
+        mb(bytes),
+        mb(floor.total()),
+        mb(floor.weights),
+        mb(floor.trainable),
+        mb(floor.io),
+        bytes as f64 / floor.total().max(1) as f64
+    );
+    out += &format!("{:<28} {:>10} {:>12} {:>12}\n", "kernel", "dispatches", "MB read", "MB written");
+    for (k, d, r, w) in rows.iter().take(12) {
+        out += &format!("{k:<28} {d:>10} {:>12.1} {:>12.1}\n", mb(*r), mb(*w));
+    }
+    out
 }
 
 /// The language-modelling batch of `lora-step` and `full-step`: 4 × 128 ids and their next
@@ -180,7 +269,7 @@ fn run_kernel_case(case: &str, args: &BenchArgs, device: &Device) -> Result<Opti
             }
             all(rows)
         });
-        return measure(case, work, args, device).map(Some);
+        return measure(case, work, args, device, None).map(Some);
     }
     let Some(t) = case.strip_prefix("attention-").and_then(|t| t.parse::<usize>().ok()) else { return Ok(None) };
     use tinytune::nn::{attention, attention_reference, Mask};
@@ -197,8 +286,8 @@ fn run_kernel_case(case: &str, args: &BenchArgs, device: &Device) -> Result<Opti
             all(t)
         })
     };
-    let fused = measure(case, run(attention), args, device)?;
-    let composed = measure(&format!("{case} composed"), run(attention_reference), args, device)?;
+    let fused = measure(case, run(attention), args, device, None)?;
+    let composed = measure(&format!("{case} composed"), run(attention_reference), args, device, None)?;
     note!(
         "{case}: fused {:.2} ms ({:.0} MiB peak), composed {:.2} ms ({:.0} MiB peak): fused {:.2}× faster",
         fused.s_per_step * 1e3,
@@ -220,6 +309,7 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
             let params = tinytune::peft::full::make_trainable(model.as_mut())?;
             let mut opt = AdamW::new(vec![ParamGroup::new("all", params, 1.0, 0.01)])?;
             let (ids, targets, tokens) = lm_batch(model.as_ref(), device)?;
+            let floor = Floor::of(model.as_mut(), true, 2, tokens, 4)?;
             let m = model.as_ref();
             measure(
                 case,
@@ -233,11 +323,16 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
                 }),
                 args,
                 device,
+                Some(floor),
             )
         }
         "decode" => {
             let (prompt, steps) = (16usize, 64usize);
             let ids = Tensor::from_vec(spread_ids(prompt, model.vocab_size()), &[1, prompt], device)?;
+            // Every generated token reads every weight once and returns its logits (the
+            // prompt's prefill, untimed, is part of the counted repetition too).
+            let out_bytes = ((prompt + steps) * model.vocab_size() * 4) as u64;
+            let floor = Floor::of(model.as_mut(), true, steps + 1, prompt + steps, out_bytes)?;
             let m = model.as_ref();
             measure(
                 case,
@@ -257,6 +352,7 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
                 }),
                 args,
                 device,
+                Some(floor),
             )
         }
         "lora-step" => {
@@ -265,6 +361,7 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
             let lora = tinytune::peft::LoraAdapter::attach(model.as_mut(), cfg)?;
             let mut opt = AdamW::new(vec![ParamGroup::new("lora", lora.parameters(), 1.0, 0.01)])?;
             let (ids, targets, tokens) = lm_batch(model.as_ref(), device)?;
+            let floor = Floor::of(model.as_mut(), true, 2, tokens, 4)?;
             let m = model.as_ref();
             measure(
                 case,
@@ -278,6 +375,7 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
                 }),
                 args,
                 device,
+                Some(floor),
             )
         }
         "cls-step" | "cls-eval" => {
@@ -288,6 +386,8 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
             let attached = train::attach(model.as_mut(), &cfg, DataKind::Classification, Some(2), device)?;
             let batch = ds.batch(&(0..ds.len()).collect::<Vec<_>>(), device)?;
             let tokens = batch.n_tokens;
+            let positions = batch.ids.shape().iter().product();
+            let floor = Floor::of(model.as_mut(), false, if case == "cls-eval" { 1 } else { 2 }, positions, 4)?;
             let (m, objective) = (model.as_ref(), attached.objective);
             if case == "cls-eval" {
                 attached.method.as_ref().set_training(false);
@@ -299,6 +399,7 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
                     }),
                     args,
                     device,
+                    Some(floor),
                 );
             }
             let mut opt = AdamW::new(vec![ParamGroup::new("all", attached.params, 1.0, 0.01)])?;
@@ -314,11 +415,14 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
                 }),
                 args,
                 device,
+                Some(floor),
             )
         }
         "prefill" => {
             let t = 512.min(model.max_positions().unwrap_or(512));
             let ids = Tensor::from_vec(spread_ids(t, model.vocab_size()), &[1, t], device)?;
+            let out_bytes = (t * model.vocab_size() * 4) as u64;
+            let floor = Floor::of(model.as_mut(), true, 1, t, out_bytes)?;
             let m = model.as_ref();
             measure(
                 case,
@@ -328,6 +432,7 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
                 }),
                 args,
                 device,
+                Some(floor),
             )
         }
         other => Err(Error::InvalidArgument { op: "bench", msg: format!("unknown case '{other}' (one of {})", CASES.join(", ")) }),
