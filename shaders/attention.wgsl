@@ -15,10 +15,13 @@
 //
 // Mask (the rule of nn::Mask): the first `prefix` keys are seen by every query; real key
 // j = jj − prefix is seen by query i (absolute position offset + i) when j ≤ offset + i
-// (causal), j + window > offset + i (has_window), and keep[b, j] ≠ 0 (has_keep).
+// (causal), j + window > offset + i (has_window), and keep[b, j] ≠ 0 (has_keep). With
+// has_starts (several sequences packed into one row), the `keep` binding holds instead, for
+// each real position p, the first position of p's sequence: query i sees real key j only when
+// j ≥ starts[b, offset + i].
 //
 // Params: [b, h, hk, tq, tk, d, offset, prefix, causal, window, has_keep, scale (f32 bits),
-// has_window].
+// has_window, has_starts].
 // q [b, h, tq, d], k and v [b, hk, tk, d], o [b, h, tq, d], all contiguous; d ≤ 256.
 // Tiling: 64 invocations per workgroup; invocation t scores key (or query) t of a block, then
 // accumulates output columns t, t+64, t+128, t+192.
@@ -51,7 +54,10 @@ fn sees(bi: u32, i: u32, jj: u32) -> bool {
     if (params[8] != 0u && j > pos) { return false; }
     let w = params[9];
     if (params[12] != 0u && pos >= w && j <= pos - w) { return false; }
-    if (params[10] != 0u && keep[bi * (params[6] + params[3]) + j] == 0.0) { return false; }
+    let real = params[6] + params[3];
+    if (params[13] != 0u) {
+        if (j < u32(keep[bi * real + pos])) { return false; }
+    } else if (params[10] != 0u && keep[bi * real + j] == 0.0) { return false; }
     return true;
 }
 

@@ -103,8 +103,44 @@ fn packed_forward_equals_each_row_alone_and_the_padded_batch() {
     }
 }
 
+/// On the GPU the packed batch runs through the fused attention kernel (the starts in its mask
+/// buffer) and gives the logits of the CPU's padded batch at every real position.
+#[test]
+fn gpu_packed_forward_matches_the_cpu() {
+    let Some(gpu) = common::gpu_device() else { return };
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for name in ["tiny-llama", "tiny-gemma3"] {
+        let cpu_model = models::load(dir.join(name), &Device::Cpu).unwrap();
+        let gpu_model = models::load(dir.join(name), &gpu).unwrap();
+        let (b, t, v) = (3usize, 8usize, cpu_model.vocab_size());
+        let lens = [8usize, 3, 5];
+        let ids: Vec<u32> = (0..b * t).map(|i| (11 + 7 * i as u32) % v as u32).collect();
+        let keep: Vec<f32> = (0..b * t).map(|i| f32::from(u8::from(i % t < lens[i / t]))).collect();
+        let run = |m: &dyn CausalLm, d: &Device| {
+            let idt = Tensor::from_vec(ids.clone(), &[b, t], d).unwrap();
+            let kt = Tensor::from_vec(keep.clone(), &[b, t], d).unwrap();
+            m.forward(&idt, Some(&kt)).unwrap().to_vec::<f32>().unwrap()
+        };
+        let want = without_packing(|| run(cpu_model.as_ref(), &Device::Cpu));
+        let Device::Gpu(g) = &gpu else { unreachable!() };
+        let fused = |c: &[(&'static str, tinytune::backend::gpu::KernelCount)]| c.iter().filter(|(k, _)| *k == "attn_fwd").map(|(_, c)| c.dispatches).sum::<u64>();
+        let before = fused(&g.kernel_counts());
+        let got = run(gpu_model.as_ref(), &gpu);
+        assert!(fused(&g.kernel_counts()) > before, "{name}: the GPU's fused attention ran");
+        for r in 0..b {
+            for j in 0..lens[r] {
+                let at = (r * t + j) * v;
+                for c in 0..v {
+                    let (x, y) = (got[at + c], want[at + c]);
+                    assert!((x - y).abs() < 2e-4 * (1.0 + y.abs()), "{name} row {r} pos {j} logit {c}: gpu {x} cpu {y}");
+                }
+            }
+        }
+    }
+}
+
 /// The mask of packed sequences in the fused kernel and the composed reference (CPU, f64), and
-/// the GPU (which takes the composed path for it) against the CPU.
+/// the GPU's fused kernel against the CPU, forward and backward.
 #[test]
 fn packed_attention_mask_fused_matches_composed() {
     let mut rng = Rng::new(5);
@@ -140,10 +176,17 @@ fn packed_attention_mask_fused_matches_composed() {
             assert!((y[3 * 5 + d] - vv[3 * 5 + d]).abs() < 1e-12, "a sequence's first token attends to itself only");
         }
         if let Some(gpu) = common::gpu_device() {
-            let up = |x: &Tensor| x.detach().to_dtype(DType::F32).unwrap().to_device(&gpu).unwrap();
-            let yg = attention(&up(&q), &up(&k), &up(&v), &mask).unwrap().to_vec_f64().unwrap();
-            for (i, (a, b)) in yg.iter().zip(&y).enumerate() {
+            let up = |x: &Tensor| x.detach().to_dtype(DType::F32).unwrap().to_device(&gpu).unwrap().requires_grad().unwrap();
+            let (qg, kg, vg) = (up(&q), up(&k), up(&v));
+            let yg = attention(&qg, &kg, &vg, &mask).unwrap();
+            yg.mul(&w.to_dtype(DType::F32).unwrap().to_device(&gpu).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+            for (i, (a, b)) in yg.to_vec_f64().unwrap().iter().zip(&y).enumerate() {
                 assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "gpu [{i}]: {a} vs {b}");
+            }
+            for (x, want) in [&qg, &kg, &vg].iter().zip(&outs[0].1) {
+                for (i, (a, b)) in x.grad().unwrap().to_vec_f64().unwrap().iter().zip(want).enumerate() {
+                    assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "gpu grad [{i}]: {a} vs {b}");
+                }
             }
         }
     }

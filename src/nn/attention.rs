@@ -61,6 +61,8 @@ impl Mask {
     /// sequence (nondecreasing, `starts[j] ≤ j`).
     pub fn with_starts(mut self, starts: Arc<Vec<usize>>) -> Mask {
         self.starts = Some(starts);
+        // A clone of a mask that has run holds its memoised bias: not this mask's.
+        self.bias = Arc::default();
         self
     }
 
@@ -166,18 +168,14 @@ fn spec(mask: &Mask, d: usize) -> Result<AttnSpec> {
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> Result<Tensor> {
     check_shapes(q, k, v)?;
     let (b, h, tq, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
-    // The fused kernel: on the CPU always, on the GPU for heads up to its width limit and
-    // one sequence per row.
+    // The fused kernel: on the CPU always, on the GPU for heads up to its width limit (and
+    // packed sequences without padding).
     let fits = !q.device().is_gpu()
-        || (d <= crate::backend::gpu_attention_max_head_dim() && q.dtype() == DType::F32 && mask.starts.is_none());
+        || (d <= crate::backend::gpu_attention_max_head_dim()
+            && q.dtype() == DType::F32
+            && (mask.starts.is_none() || mask.keep.is_none()));
     if let Some(s) = &mask.starts {
-        let real = mask.offset + tq;
-        if !mask.causal || s.len() != real || s.iter().enumerate().any(|(j, &st)| st > j || (j > 0 && st < s[j - 1])) {
-            return Err(Error::Shape {
-                op: "attention",
-                msg: format!("packed-sequence starts must be {real} nondecreasing positions, each ≤ its own, under a causal mask"),
-            });
-        }
+        check_starts(s, mask.offset + tq, mask.causal)?;
     }
     if fits && fused_attention_enabled() {
         if let Some(keep) = &mask.keep {
@@ -209,10 +207,29 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> Result<Tens
     p.reshape(&[i(b), i(hk), i(rep * tq), i(tk)])?.matmul(v)?.reshape(&[i(b), i(h), i(tq), i(d)])
 }
 
+/// Packed-sequence starts for `real` positions: one per position, nondecreasing, each at or
+/// before its own position, under a causal mask.
+pub(crate) fn check_starts(s: &[usize], real: usize, causal: bool) -> Result<()> {
+    if !causal || s.len() != real || s.iter().enumerate().any(|(j, &st)| st > j || (j > 0 && st < s[j - 1])) {
+        return Err(Error::Shape {
+            op: "attention",
+            msg: format!(
+                "packed-sequence starts must be {real} nondecreasing positions, each ≤ its own, under a causal mask (got {} starts{})",
+                s.len(),
+                if causal { "" } else { ", not causal" }
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The composed reference: repeat the K/V heads, `softmax(q kᵀ/√d + bias) v`.
 pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> Result<Tensor> {
     check_shapes(q, k, v)?;
     let (tq, d) = (q.shape()[2], q.shape()[3]);
+    if let Some(s) = &mask.starts {
+        check_starts(s, mask.offset + tq, mask.causal)?;
+    }
     let rep = q.shape()[1] / k.shape()[1];
     let (k, v) = (repeat_kv(k, rep)?, repeat_kv(v, rep)?);
     let bias = mask.bias(tq, k.shape()[2], q.dtype(), q.device())?;

@@ -159,7 +159,10 @@ pub struct Mlp {
 }
 
 /// A fine-tuning method's code at the block's sites. Every method has a default that
-/// leaves its tensor unchanged, so a method implements only the sites it needs. Each runs
+/// leaves its tensor unchanged, so a method implements only the sites it needs. The shapes
+/// below are those of a padded batch; in the padding-free forward (see [`Decoder::forward`])
+/// the batch is one row of `n` packed real tokens, `[1, n, …]`: a hook works token by token
+/// (a method that needs the batch's rows puts positions first, which turns packing off). Each runs
 /// inside the block (so gradient checkpointing recomputes it) and not at all inside an
 /// [`super::adapters_off`] scope.
 pub trait BlockHook: Send + Sync + std::fmt::Debug {
@@ -373,7 +376,7 @@ impl Decoder {
     /// position `cache.len()` (0 without a cache); `keep: [b, cache.len() + t]` marks padding.
     /// With `all`, every layer's hidden states are returned too.
     ///
-    /// A right-padded batch on the CPU runs padding-free (see [`Packing`]): the real tokens of
+    /// A right-padded batch runs padding-free (see [`Packing`]): the real tokens of
     /// every row packed into one row, each attending only to its own sequence, and unpacked
     /// after the final norm (padding positions come back as zeros, where the padded forward
     /// gives values no loss reads).
@@ -442,7 +445,7 @@ impl Decoder {
         Ok((h, states))
     }
 
-    /// How to run this batch padding-free, or `None` to run it as it is: only on the CPU, for a
+    /// How to run this batch padding-free, or `None` to run it as it is: for a
     /// fresh forward (no cache) of several right-padded rows (each row's real tokens first)
     /// with at least 1/8 of the positions padding, when no method puts positions or virtual
     /// tokens before the real ones; `TINYTUNE_PACK=off` turns it off.
@@ -451,7 +454,9 @@ impl Decoder {
         let on = *ON.get_or_init(|| std::env::var("TINYTUNE_PACK").map_or(true, |v| v != "off")) && !UNPACKED.with(|u| u.get());
         let (b, t) = (h.shape()[0], h.shape()[1]);
         let Some(keep) = keep else { return Ok(None) };
-        if !on || b < 2 || h.device().is_gpu() || keep.shape() != [b, t] || self.positions_before() > 0 || !self.inputs.is_empty() {
+        // The composed attention would build a packed row's full [n, n] scores: no packing then.
+        let fused = super::attention::fused_attention_enabled();
+        if !on || !fused || b < 2 || keep.shape() != [b, t] || self.positions_before() > 0 || !self.inputs.is_empty() {
             return Ok(None);
         }
         let flags = keep.to_vec_f64()?;
@@ -550,7 +555,7 @@ thread_local! {
 }
 
 /// Run `f` with the padding-free forward off on this thread (the padded batch as it is): for
-/// comparing the two, as the tests do.
+/// comparing the two, as the tests do. Only forwards called on this thread are affected.
 pub fn without_packing<R>(f: impl FnOnce() -> R) -> R {
     struct Restore(bool);
     impl Drop for Restore {

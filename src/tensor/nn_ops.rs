@@ -98,24 +98,28 @@ impl Tensor {
             }
         }
         if let Some(starts) = &spec.starts {
-            if starts.len() != spec.offset + dims.tq || starts.iter().enumerate().any(|(j, &s)| s > j) {
-                return bad(format!("starts holds {} positions, {} expected, each ≤ its own", starts.len(), spec.offset + dims.tq));
-            }
-            if self.device().is_gpu() {
+            crate::nn::attention::check_starts(starts, spec.offset + dims.tq, spec.causal)?;
+            if self.device().is_gpu() && (spec.keep.is_some() || starts.iter().any(|&s| s >= 1 << 24)) {
                 return Err(Error::Unsupported {
                     op: OP,
                     device: self.device().to_string(),
-                    msg: "packed sequences (starts) run through the composed attention on the GPU".into(),
+                    msg: "packed sequences with padding, or beyond 2^24 positions, run through the composed attention on the GPU".into(),
                 });
             }
         }
-        // The GPU kernels read contiguous operands and the padding mask as an f32 buffer.
+        // The GPU kernels read contiguous operands and the padding mask (or the packed
+        // sequences' starts, one per batch row's position) as an f32 buffer.
         let gpu = self.device().is_gpu();
         let (qc, kc, vc) = if gpu { (self.compact()?, k.compact()?, v.compact()?) } else { (self.clone(), k.clone(), v.clone()) };
-        let keep = match (&spec.keep, gpu) {
-            (Some(keep), true) => {
+        let keep = match (&spec.keep, &spec.starts, gpu) {
+            (Some(keep), _, true) => {
                 let f: Vec<f32> = keep.iter().map(|&x| f32::from(u8::from(x))).collect();
                 Some(Tensor::from_vec(f, &[keep.len()], self.device())?)
+            }
+            (None, Some(starts), true) => {
+                let f: Vec<f32> = (0..dims.b).flat_map(|_| starts.iter().map(|&s| s as f32)).collect();
+                let n = f.len();
+                Some(Tensor::from_vec(f, &[n], self.device())?)
             }
             _ => None,
         };

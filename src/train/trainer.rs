@@ -887,8 +887,11 @@ impl OutLock {
         // killed mid-write leaves one; nothing can clean up after SIGKILL) is garbage now.
         for dir in [out.to_path_buf(), out.join(CHECKPOINT_DIR)] {
             for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                // Only write_atomic's own names: `.NAME.tmp-PID`.
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with('.') && name.contains(".tmp-") {
+                let ours = name.starts_with('.')
+                    && name.rsplit_once(".tmp-").is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|c| c.is_ascii_digit()));
+                if ours {
                     let _ = std::fs::remove_file(entry.path());
                 }
             }

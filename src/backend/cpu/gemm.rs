@@ -438,7 +438,8 @@ impl Caches {
     /// shared by 8 cores.
     pub const ZEN4: Caches = Caches { l1d: 32 << 10, l2: 1 << 20, l3_share: 4 << 20 };
 
-    /// From a sysfs cache directory (`index*/level`, `type`, `size`, `shared_cpu_list`).
+    /// From a sysfs cache directory (`index*/level`, `type`, `size`, `shared_cpu_list`; the
+    /// CPU's `topology/thread_siblings_list` beside it).
     pub fn from_sysfs(dir: &std::path::Path) -> Option<Caches> {
         let read = |p: std::path::PathBuf| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string());
         let size = |s: &str| -> Option<usize> {
@@ -461,6 +462,9 @@ impl Caches {
                 .sum::<usize>()
                 .max(1)
         };
+        // Hardware threads per core (`../topology/thread_siblings_list` beside `cache`), so the
+        // L3 is shared out among cores, not SMT threads.
+        let smt = read(dir.join("../topology/thread_siblings_list")).map_or(1, |s| sharing(&s));
         let (mut l1d, mut l2, mut l3) = (None, None, None);
         for i in 0..8 {
             let ix = dir.join(format!("index{i}"));
@@ -471,7 +475,7 @@ impl Caches {
             match (level.as_str(), kind.as_str()) {
                 ("1", "Data") => l1d = Some(sz),
                 ("2", "Unified" | "Data") => l2 = Some(sz),
-                ("3", "Unified") => l3 = Some(sz / read(ix.join("shared_cpu_list")).map_or(1, |s| sharing(&s))),
+                ("3", "Unified") => l3 = Some(sz / read(ix.join("shared_cpu_list")).map_or(1, |s| (sharing(&s) / smt).max(1))),
                 _ => {}
             }
         }
@@ -494,8 +498,9 @@ impl Caches {
     }
 }
 
-/// The cache blocks of the f32 kernel `mr`×`nr` on this CPU (computed once per kernel).
+/// The cache blocks of the f32 kernel `mr`×`nr` (6×16 or 12×32) on this CPU (computed once).
 fn f32_plan(mr: usize, nr: usize, kernel: Kernel<f32>) -> Plan<f32> {
+    debug_assert!(matches!((mr, nr), (6, 16) | (12, 32)), "no blocks for a {mr}x{nr} kernel");
     static BLOCKS: std::sync::OnceLock<[(usize, usize, usize); 2]> = std::sync::OnceLock::new();
     let b = BLOCKS.get_or_init(|| {
         let c = Caches::of_this_cpu();
@@ -1248,7 +1253,7 @@ mod tests {
     /// constants for its caches, larger blocks for larger caches, and none without sizes.
     #[test]
     fn cache_blocks_follow_the_cache_sizes() {
-        let dir = std::env::temp_dir().join(format!("tinytune-caches-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("tinytune-caches-{}", std::process::id())).join("cache");
         let write = |i: usize, level: &str, kind: &str, size: &str, shared: &str| {
             let ix = dir.join(format!("index{i}"));
             std::fs::create_dir_all(&ix).unwrap();
@@ -1262,7 +1267,16 @@ mod tests {
         write(3, "3", "Unified", "32768K", "0-7");
         let zen4 = Caches::from_sysfs(&dir).unwrap();
         assert_eq!(zen4, Caches { l1d: 32 << 10, l2: 1 << 20, l3_share: 4 << 20 });
+        // With SMT the L3 is shared by 8 cores of 16 threads: still 4 MiB a core.
+        let topo = dir.join("../topology");
+        std::fs::create_dir_all(&topo).unwrap();
+        std::fs::write(topo.join("thread_siblings_list"), "0,8\n").unwrap();
+        write(3, "3", "Unified", "32768K", "0-15");
+        assert_eq!(Caches::from_sysfs(&dir).unwrap(), zen4);
+        std::fs::remove_dir_all(&topo).unwrap();
+        write(3, "3", "Unified", "32768K", "0-7");
         assert_eq!(zen4.blocks(6, 16), (256, 144, 2048), "AVX2 on Zen 4: the measured constants");
+        // AVX-512 (run on Intel only): the same bytes of A in L2 (192×192 ≈ 144×256), unmeasured.
         assert_eq!(zen4.blocks(12, 32), (192, 192, 2048));
         // A core with a 48 KiB L1d and 2 MiB L2 (recent Intel): a deeper AVX-512 panel, a taller A block.
         write(0, "1", "Data", "48K", "0");
@@ -1272,7 +1286,7 @@ mod tests {
         assert_eq!(big.blocks(6, 16).0, 256);
         std::fs::remove_dir_all(dir.join("index2")).unwrap();
         assert_eq!(Caches::from_sysfs(&dir), None, "no L2 size: no description");
-        std::fs::remove_dir_all(&dir).ok();
+        std::fs::remove_dir_all(dir.parent().unwrap()).ok();
     }
 
     /// Deterministic pseudo-random values in [-1, 1) (xorshift), so tests need no RNG crate.

@@ -38,6 +38,7 @@ fn params(dims: &Dims, spec: &AttnSpec) -> Params {
         spec.keep.is_some() as u32,
         fbits(spec.scale),
         spec.window.is_some() as u32,
+        spec.starts.is_some() as u32,
     ])
 }
 
@@ -52,7 +53,8 @@ fn check(q: &GpuStorage, dims: &Dims) -> Result<()> {
     Ok(())
 }
 
-/// `(O, L)` from contiguous q, k, v; `keep` is the `[b, offset + tq]` f32 mask when the spec has one.
+/// `(O, L)` from contiguous q, k, v; `keep` is the `[b, offset + tq]` f32 mask when the spec has
+/// one, or its packed sequences' starts (as f32) when it has those.
 pub(super) fn forward(
     q: &GpuStorage,
     k: &GpuStorage,

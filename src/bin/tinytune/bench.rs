@@ -155,25 +155,30 @@ impl Floor {
     /// The floor of a case on `model` (methods attached): `lm_head` whether the output layer
     /// is used (a classification case uses only the rows of the embedding its tokens pick),
     /// `positions` token positions in, `outputs` bytes returned.
-    fn of(model: &mut dyn CausalLm, lm_head: bool, passes: usize, positions: usize, outputs: u64) -> Result<Floor> {
-        let mut params = Vec::new();
+    fn of(model: &mut dyn CausalLm, trainable: &[(String, Tensor)], lm_head: bool, passes: usize, positions: usize, outputs: u64) -> Result<Floor> {
+        let mut frozen = Vec::new();
         model.visit_parameters(&mut |name, t| {
-            params.push((name.to_string(), t.storage_bytes() as u64, t.numel() as u64, t.shape().first().copied().unwrap_or(1), t.requires_grad_flag()));
+            if !t.requires_grad_flag() {
+                frozen.push((name.to_string(), t.storage_bytes() as u64, t.shape().first().copied().unwrap_or(1)));
+            }
             Ok(())
         })?;
-        let is_head = |n: &str| n.starts_with("lm_head") || n == "output.weight";
-        let tied = !params.iter().any(|p| is_head(&p.0));
-        let (mut weights, mut trainable) = (0u64, 0u64);
-        for (name, bytes, numel, rows, grad) in &params {
-            if *grad {
-                trainable += 36 * numel;
-            } else if name.contains("embed_tokens") || name.contains("wte") || name == "token_embd.weight" {
+        let is_head = |n: &str| n.starts_with("lm_head") || n.starts_with("score");
+        let tied = !frozen.iter().any(|p| is_head(&p.0));
+        let mut weights = 0u64;
+        for (name, bytes, rows) in &frozen {
+            let picked = bytes / (*rows).max(1) as u64 * positions as u64;
+            if name.contains("embed_tokens") || name.contains("wte") {
                 // The lookup reads the rows it picks; a tied output layer reads it all.
-                weights += bytes / (*rows).max(1) as u64 * positions as u64 + if lm_head && tied { bytes * passes as u64 } else { 0 };
+                weights += picked + if lm_head && tied { bytes * passes as u64 } else { 0 };
+            } else if name.contains("wpe") {
+                weights += picked; // learned positions: the rows of the positions in use
             } else if !is_head(name) || lm_head {
                 weights += bytes * passes as u64;
             }
         }
+        // The method's tensors (LoRA, a new head; every weight when fully fine-tuned).
+        let trainable = trainable.iter().map(|(_, t)| 36 * t.numel() as u64).sum();
         Ok(Floor { weights, trainable, io: 4 * positions as u64 + outputs })
     }
 
@@ -303,13 +308,15 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
     if let Some(m) = run_kernel_case(case, args, device)? {
         return Ok(m);
     }
-    let mut model = super::load_model(model_path, device, args.base_dtype)?;
+    // Full fine-tuning trains the base weights: `auto` must not round them to f16 first.
+    let base = if case == "full-step" && args.base_dtype == BaseDType::Auto { BaseDType::Keep } else { args.base_dtype };
+    let mut model = super::load_model(model_path, device, base)?;
     match case {
         "full-step" => {
             let params = tinytune::peft::full::make_trainable(model.as_mut())?;
-            let mut opt = AdamW::new(vec![ParamGroup::new("all", params, 1.0, 0.01)])?;
             let (ids, targets, tokens) = lm_batch(model.as_ref(), device)?;
-            let floor = Floor::of(model.as_mut(), true, 2, tokens, 4)?;
+            let floor = Floor::of(model.as_mut(), &params, true, 2, tokens, 4)?;
+            let mut opt = AdamW::new(vec![ParamGroup::new("all", params, 1.0, 0.01)])?;
             let m = model.as_ref();
             measure(
                 case,
@@ -332,7 +339,7 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
             // Every generated token reads every weight once and returns its logits (the
             // prompt's prefill, untimed, is part of the counted repetition too).
             let out_bytes = ((prompt + steps) * model.vocab_size() * 4) as u64;
-            let floor = Floor::of(model.as_mut(), true, steps + 1, prompt + steps, out_bytes)?;
+            let floor = Floor::of(model.as_mut(), &[], true, steps + 1, prompt + steps, out_bytes)?;
             let m = model.as_ref();
             measure(
                 case,
@@ -361,7 +368,7 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
             let lora = tinytune::peft::LoraAdapter::attach(model.as_mut(), cfg)?;
             let mut opt = AdamW::new(vec![ParamGroup::new("lora", lora.parameters(), 1.0, 0.01)])?;
             let (ids, targets, tokens) = lm_batch(model.as_ref(), device)?;
-            let floor = Floor::of(model.as_mut(), true, 2, tokens, 4)?;
+            let floor = Floor::of(model.as_mut(), &lora.parameters(), true, 2, tokens, 4)?;
             let m = model.as_ref();
             measure(
                 case,
@@ -387,7 +394,8 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
             let batch = ds.batch(&(0..ds.len()).collect::<Vec<_>>(), device)?;
             let tokens = batch.n_tokens;
             let positions = batch.ids.shape().iter().product();
-            let floor = Floor::of(model.as_mut(), false, if case == "cls-eval" { 1 } else { 2 }, positions, 4)?;
+            let trained = if case == "cls-eval" { Vec::new() } else { attached.params.clone() };
+            let floor = Floor::of(model.as_mut(), &trained, false, if case == "cls-eval" { 1 } else { 2 }, positions, 4)?;
             let (m, objective) = (model.as_ref(), attached.objective);
             if case == "cls-eval" {
                 attached.method.as_ref().set_training(false);
@@ -422,7 +430,7 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
             let t = 512.min(model.max_positions().unwrap_or(512));
             let ids = Tensor::from_vec(spread_ids(t, model.vocab_size()), &[1, t], device)?;
             let out_bytes = (t * model.vocab_size() * 4) as u64;
-            let floor = Floor::of(model.as_mut(), true, 1, t, out_bytes)?;
+            let floor = Floor::of(model.as_mut(), &[], true, 1, t, out_bytes)?;
             let m = model.as_ref();
             measure(
                 case,

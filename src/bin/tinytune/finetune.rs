@@ -214,7 +214,12 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         Some(c) => return Err(Error::InvalidArgument { op: "--clip", msg: format!("must be positive (or 0 for no clipping), got {c}") }),
     };
     let device = super::device_from(a.device.as_deref())?;
-    let mut model = super::load_model(&model_path, &device, a.base_dtype.unwrap_or_default())?;
+    // Full fine-tuning trains the base weights: `auto` must not round them to f16 first.
+    let base_dtype = match a.base_dtype.unwrap_or_default() {
+        tinytune::quant::BaseDType::Auto if a.method.as_deref() == Some("full") => tinytune::quant::BaseDType::Keep,
+        b => b,
+    };
+    let mut model = super::load_model(&model_path, &device, base_dtype)?;
     let tok = Tokenizer::for_model(&model_path)?;
     let method_name = a.method.as_deref().unwrap_or("lora");
     // The method's own settings, by flag name; the method says which it reads.
