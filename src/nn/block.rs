@@ -456,7 +456,8 @@ impl Decoder {
         let Some(keep) = keep else { return Ok(None) };
         // The composed attention would build a packed row's full [n, n] scores: no packing then.
         let fused = super::attention::fused_attention_enabled();
-        if !on || !fused || b < 2 || keep.shape() != [b, t] || self.positions_before() > 0 || !self.inputs.is_empty() {
+        let virtual_tokens = adapters_enabled() && !self.inputs.is_empty();
+        if !on || !fused || b < 2 || keep.shape() != [b, t] || self.positions_before() > 0 || virtual_tokens {
             return Ok(None);
         }
         let flags = keep.to_vec_f64()?;
