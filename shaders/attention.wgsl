@@ -208,6 +208,7 @@ fn attn_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         let n = min(64u, kend - j0);
         for (var t = 0u; t < n; t = t + 1u) {
             let dst = blk_a[t];
+            if (dst == 0.0) { continue; } // a key this query cannot see (uniform, as above)
             for (var u = 0u; u < 4u; u = u + 1u) {
                 let c = lid + 64u * u;
                 if (c < d) { acc[u] = acc[u] + dst * k[kb + (j0 + t) * d + c]; }
@@ -274,6 +275,9 @@ fn attn_bwd_dkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
             let rt = g * rep * tq + u0 + t;
             let pt = blk_a[t];
             let dst = blk_b[t];
+            // A query that cannot see this key adds nothing: skip its rows' reads (the same
+            // value for every invocation, so the branch is uniform).
+            if (pt == 0.0 && dst == 0.0) { continue; }
             for (var w = 0u; w < 4u; w = w + 1u) {
                 let c = lid + 64u * w;
                 if (c < d) {

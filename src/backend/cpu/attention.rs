@@ -85,6 +85,17 @@ impl AttnSpec {
         (lo, hi)
     }
 
+    /// The fraction of (query, key) pairs the rule lets through, padding aside: what the GPU
+    /// kernels' traffic counts scale by (they skip the rows of keys a query cannot see).
+    pub(crate) fn visible_fraction(&self, dims: &Dims) -> f64 {
+        let p = self.prefix(dims);
+        let seen: usize = (0..dims.tq).map(|i| p + {
+            let (lo, hi) = self.real_range(i, dims);
+            hi - lo
+        }).sum();
+        seen as f64 / (dims.tq * dims.tk).max(1) as f64
+    }
+
     fn kept(&self, b: usize, j: usize, dims: &Dims) -> bool {
         let real = dims.tk - self.prefix(dims);
         self.keep.as_ref().is_none_or(|k| k[b * real + j])

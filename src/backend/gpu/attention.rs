@@ -119,7 +119,8 @@ pub(super) fn backward(
         dev.groups_1d(rows),
         Traffic::words(2 * n + rows, 2 * rows),
     )?;
-    let qk = rows * dims.tk * dims.d;
+    // Query-key row pairs the kernels read: the visible ones (masked pairs are skipped).
+    let qk = (rows as f64 * dims.tk as f64 * dims.d as f64 * spec.visible_fraction(&dims)).ceil() as usize;
     dev.launch(
         &DQ,
         &p,
