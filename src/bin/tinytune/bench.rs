@@ -312,27 +312,6 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
     let base = if case == "full-step" && args.base_dtype == BaseDType::Auto { BaseDType::Keep } else { args.base_dtype };
     let mut model = super::load_model(model_path, device, base)?;
     match case {
-        "full-step" => {
-            let params = tinytune::peft::full::make_trainable(model.as_mut())?;
-            let (ids, targets, tokens) = lm_batch(model.as_ref(), device)?;
-            let floor = Floor::of(model.as_mut(), &params, true, 2, tokens, 4)?;
-            let mut opt = AdamW::new(vec![ParamGroup::new("all", params, 1.0, 0.01)])?;
-            let m = model.as_ref();
-            measure(
-                case,
-                Box::new(move || {
-                    let loss = m.forward(&ids, None)?.cross_entropy(&targets, -100, CrossEntropyReduction::Mean)?;
-                    loss.backward()?;
-                    profile::in_phase("optimizer", || opt.step(2e-5))?;
-                    opt.zero_grad();
-                    loss.to_scalar()?;
-                    all(tokens)
-                }),
-                args,
-                device,
-                Some(floor),
-            )
-        }
         "decode" => {
             let (prompt, steps) = (16usize, 64usize);
             let ids = Tensor::from_vec(spread_ids(prompt, model.vocab_size()), &[1, prompt], device)?;
@@ -362,20 +341,25 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
                 Some(floor),
             )
         }
-        "lora-step" => {
-            let cfg =
-                LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, targets: vec!["q_proj".into(), "v_proj".into()], ..LoraConfig::default() };
-            let lora = tinytune::peft::LoraAdapter::attach(model.as_mut(), cfg)?;
-            let mut opt = AdamW::new(vec![ParamGroup::new("lora", lora.parameters(), 1.0, 0.01)])?;
+        "lora-step" | "full-step" => {
+            // LoRA r=8 on q, v (lr 1e-4), or every weight trainable (lr 2e-5).
+            let (params, lr) = if case == "full-step" {
+                (tinytune::peft::full::make_trainable(model.as_mut())?, 2e-5)
+            } else {
+                let targets = vec!["q_proj".into(), "v_proj".into()];
+                let cfg = LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, targets, ..LoraConfig::default() };
+                (tinytune::peft::LoraAdapter::attach(model.as_mut(), cfg)?.parameters(), 1e-4)
+            };
             let (ids, targets, tokens) = lm_batch(model.as_ref(), device)?;
-            let floor = Floor::of(model.as_mut(), &lora.parameters(), true, 2, tokens, 4)?;
+            let floor = Floor::of(model.as_mut(), &params, true, 2, tokens, 4)?;
+            let mut opt = AdamW::new(vec![ParamGroup::new("trained", params, 1.0, 0.01)])?;
             let m = model.as_ref();
             measure(
                 case,
                 Box::new(move || {
                     let loss = m.forward(&ids, None)?.cross_entropy(&targets, -100, CrossEntropyReduction::Mean)?;
                     loss.backward()?;
-                    profile::in_phase("optimizer", || opt.step(1e-4))?;
+                    profile::in_phase("optimizer", || opt.step(lr))?;
                     opt.zero_grad();
                     loss.to_scalar()?;
                     all(tokens)
