@@ -247,8 +247,10 @@ fn output_that_cannot_be_written_never_panics() {
     assert!(out.join("adapter/adapter_model.safetensors").exists(), "the adapter was saved before the report failed");
     let (code, err) = sh(&format!("{bin} inspect {} --json > /dev/full", s(&model)));
     assert!(code == Some(1) && !err.contains("panicked"), "{code:?} {err}");
-    // A closed pipe: quiet, with the status of a process killed by SIGPIPE.
-    let (code, err) = sh(&format!("{bin} generate --model {} --prompt 'the cat' --max-new-tokens 40 | head -c 1 > /dev/null", s(&model)));
+    // A closed pipe: quiet, with the status of a process killed by SIGPIPE. The reader is gone
+    // before the generation starts (`head -c 1` raced it: a fast enough run wrote everything
+    // into the pipe's buffer before head closed it, and exited 0).
+    let (code, err) = sh(&format!("{{ sleep 0.3; {bin} generate --model {} --prompt 'the cat' --max-new-tokens 40; }} | true", s(&model)));
     assert_eq!(code, Some(141), "{err}");
     assert!(!err.contains("panicked") && !err.contains("error"), "{err}");
     // stderr closed or full: the work still gets done.
