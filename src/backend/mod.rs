@@ -927,15 +927,19 @@ impl Storage {
             match self {
                 Storage::Cpu(s) => {
                     let (g, m, v) = (grad.cpu(OP, self)?, m.cpu(OP, self)?, v.cpu(OP, self)?);
+                    // Contiguous operands (the usual case) are read in place: a copy of each
+                    // would be four fresh allocations of the parameter's size per step.
                     let whole = Layout::contiguous(&[m.len()]);
-                    let (p, g, m, v) =
-                        (s.copy_strided(layout)?, g.copy_strided(g_layout)?, m.copy_strided(&whole)?, v.copy_strided(&whole)?);
-                    match (p, g, m, v) {
+                    match (s, g, m, v) {
                         (CpuStorage::F32(p), CpuStorage::F32(g), CpuStorage::F32(m), CpuStorage::F32(v)) => {
+                            let (p, g) = (cpu::contiguous(p, layout), cpu::contiguous(g, g_layout));
+                            let (m, v) = (cpu::contiguous(m, &whole), cpu::contiguous(v, &whole));
                             let (p, m, v) = adamw_cpu(&p, &g, &m, &v, h);
                             Ok((Storage::Cpu(CpuStorage::F32(p)), Storage::Cpu(CpuStorage::F32(m)), Storage::Cpu(CpuStorage::F32(v))))
                         }
                         (CpuStorage::F64(p), CpuStorage::F64(g), CpuStorage::F64(m), CpuStorage::F64(v)) => {
+                            let (p, g) = (cpu::contiguous(p, layout), cpu::contiguous(g, g_layout));
+                            let (m, v) = (cpu::contiguous(m, &whole), cpu::contiguous(v, &whole));
                             let (p, m, v) = adamw_cpu(&p, &g, &m, &v, h);
                             Ok((Storage::Cpu(CpuStorage::F64(p)), Storage::Cpu(CpuStorage::F64(m)), Storage::Cpu(CpuStorage::F64(v))))
                         }

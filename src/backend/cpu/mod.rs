@@ -160,7 +160,7 @@ pub fn gather_strided<T: Copy + Send + Sync + Default>(src: &[T], layout: &Layou
 }
 
 /// Borrow the data of a contiguous layout, or copy it into a contiguous buffer.
-fn contiguous<'a, T: Copy + Send + Sync + Default>(src: &'a [T], layout: &Layout) -> std::borrow::Cow<'a, [T]> {
+pub(crate) fn contiguous<'a, T: Copy + Send + Sync + Default>(src: &'a [T], layout: &Layout) -> std::borrow::Cow<'a, [T]> {
     if layout.is_contiguous() {
         std::borrow::Cow::Borrowed(&src[layout.offset()..layout.offset() + layout.numel()])
     } else {
