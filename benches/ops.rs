@@ -158,7 +158,14 @@ fn dequant_rows(c: &mut Criterion) {
     let mut g = c.benchmark_group("dequant_rows");
     g.sample_size(20).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
     let (rows, cols) = (576usize, 1536usize);
-    for (name, ty) in [("q4_0", GgmlType::Q4_0), ("q4_1", GgmlType::Q4_1), ("q5_0", GgmlType::Q5_0), ("q8_0", GgmlType::Q8_0), ("q4_k", GgmlType::Q4_K), ("q6_k", GgmlType::Q6_K)] {
+    for (name, ty) in [
+        ("q4_0", GgmlType::Q4_0),
+        ("q4_1", GgmlType::Q4_1),
+        ("q5_0", GgmlType::Q5_0),
+        ("q8_0", GgmlType::Q8_0),
+        ("q4_k", GgmlType::Q4_K),
+        ("q6_k", GgmlType::Q6_K),
+    ] {
         let bytes = rows * cols / ty.block_size() * ty.type_size();
         // Small positive f16 scales everywhere (0x2000 ≈ 2^-7 in every 16-bit word).
         let data: Vec<u8> = (0..bytes).map(|i| if i % 2 == 0 { 0x00 } else { 0x20 }).collect();

@@ -975,7 +975,18 @@ fn bench_times_every_case_profiles_and_reads_the_reference() {
     let names: Vec<&str> = cases.iter().map(|c| c["case"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["lora-step", "cls-step", "cls-eval", "prefill", "decode", "full-step", "linears", "attention-128", "attention-512", "attention-2048"]
+        [
+            "lora-step",
+            "cls-step",
+            "cls-eval",
+            "prefill",
+            "decode",
+            "full-step",
+            "linears",
+            "attention-128",
+            "attention-512",
+            "attention-2048"
+        ]
     );
     for c in cases {
         let s = c["s_per_step"].as_f64().unwrap();
@@ -1005,8 +1016,19 @@ fn bench_on_the_gpu_reports_traffic_against_the_floor() {
     let dir = scratch("bench-gpu");
     let (model, data) = (tiny_model_dir(&dir), write_cls_data(&dir));
     let (ok, _, err) = tinytune(&[
-        "bench", "--model", path_str(&model), "--data", path_str(&data), "--device", "gpu-software", "--steps", "1", "--warmup", "0",
-        "--cases", "lora-step,cls-eval,prefill",
+        "bench",
+        "--model",
+        path_str(&model),
+        "--data",
+        path_str(&data),
+        "--device",
+        "gpu-software",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--cases",
+        "lora-step,cls-eval,prefill",
     ]);
     assert!(ok, "{err}");
     assert_eq!(err.matches("one repetition on the GPU").count(), 3, "{err}");

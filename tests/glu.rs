@@ -82,7 +82,8 @@ fn glu_gradients_match_finite_differences() {
         let (gv, uv, wv) = (rng.vec(n, 4.0), rng.vec(n, 2.0), rng.vec(n, 1.0));
         let w = Tensor::from_vec(wv, &[n], &Device::Cpu).unwrap();
         let loss = |g: &[f64], u: &[f64]| {
-            let (g, u) = (Tensor::from_vec(g.to_vec(), &[n], &Device::Cpu).unwrap(), Tensor::from_vec(u.to_vec(), &[n], &Device::Cpu).unwrap());
+            let (g, u) =
+                (Tensor::from_vec(g.to_vec(), &[n], &Device::Cpu).unwrap(), Tensor::from_vec(u.to_vec(), &[n], &Device::Cpu).unwrap());
             g.glu(&u, act).unwrap().mul(&w).unwrap().sum_all().unwrap().to_scalar().unwrap()
         };
         let g = Tensor::from_vec(gv.clone(), &[n], &Device::Cpu).unwrap().requires_grad().unwrap();

@@ -82,7 +82,11 @@ fn packed_forward_equals_each_row_alone_and_the_padded_batch() {
         let vocab = model.vocab_size() as u32;
         let t = 9;
         // Lengths 9, 4, 1 and 6: 20 of 36 positions real, so the batch is packed.
-        let ids: Vec<Vec<u32>> = [9usize, 4, 1, 6].iter().enumerate().map(|(r, &n)| (0..n as u32).map(|j| (7 + 13 * j + 5 * r as u32) % vocab).collect()).collect();
+        let ids: Vec<Vec<u32>> = [9usize, 4, 1, 6]
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| (0..n as u32).map(|j| (7 + 13 * j + 5 * r as u32) % vocab).collect())
+            .collect();
         let (packed, pg) = run(model.as_ref(), &lora, &ids, t);
         let (padded, padg) = without_packing(|| run(model.as_ref(), &lora, &ids, t));
         let mut alone_g: Vec<Vec<f64>> = Vec::new();
@@ -123,7 +127,9 @@ fn gpu_packed_forward_matches_the_cpu() {
         };
         let want = without_packing(|| run(cpu_model.as_ref(), &Device::Cpu));
         let Device::Gpu(g) = &gpu else { unreachable!() };
-        let fused = |c: &[(&'static str, tinytune::backend::gpu::KernelCount)]| c.iter().filter(|(k, _)| *k == "attn_fwd").map(|(_, c)| c.dispatches).sum::<u64>();
+        let fused = |c: &[(&'static str, tinytune::backend::gpu::KernelCount)]| {
+            c.iter().filter(|(k, _)| *k == "attn_fwd").map(|(_, c)| c.dispatches).sum::<u64>()
+        };
         let before = fused(&g.kernel_counts());
         let got = run(gpu_model.as_ref(), &gpu);
         assert!(fused(&g.kernel_counts()) > before, "{name}: the GPU's fused attention ran");
@@ -148,7 +154,9 @@ fn packed_attention_mask_fused_matches_composed() {
     let n = starts.len();
     for window in [None, Some(2)] {
         let mask = Mask::causal(0, None).with_window(window).with_starts(Arc::new(starts.clone()));
-        let r = |h: usize, rng: &mut Rng| Tensor::randn(&[1, h, n, 5], 0.0, 1.0, DType::F64, &Device::Cpu, rng).unwrap().requires_grad().unwrap();
+        let r = |h: usize, rng: &mut Rng| {
+            Tensor::randn(&[1, h, n, 5], 0.0, 1.0, DType::F64, &Device::Cpu, rng).unwrap().requires_grad().unwrap()
+        };
         let (q, k, v) = (r(4, &mut rng), r(2, &mut rng), r(2, &mut rng));
         let w = Tensor::randn(&[1, 4, n, 5], 0.0, 1.0, DType::F64, &Device::Cpu, &mut rng).unwrap();
         let mut outs = Vec::new();

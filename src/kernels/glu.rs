@@ -129,7 +129,8 @@ pub fn glu_backward_cpu<T: Float>(act: GluAct, g: &[T], u: &[T], dy: &[T]) -> (V
 }
 
 const SRC: &str = include_str!("../../shaders/glu.wgsl");
-const FORWARD: Kernel = Kernel { shader: "glu", source: SRC, entry: "glu", access: &[(1, Access::Write), (3, Access::Read), (4, Access::Read)] };
+const FORWARD: Kernel =
+    Kernel { shader: "glu", source: SRC, entry: "glu", access: &[(1, Access::Write), (3, Access::Read), (4, Access::Read)] };
 const BACKWARD: Kernel = Kernel {
     shader: "glu",
     source: SRC,

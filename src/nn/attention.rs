@@ -159,7 +159,14 @@ fn spec(mask: &Mask, d: usize) -> Result<AttnSpec> {
             memo.clone()
         }
     };
-    Ok(AttnSpec { scale: 1.0 / (d as f64).sqrt(), causal: mask.causal, offset: mask.offset, window: mask.window, keep, starts: mask.starts.clone() })
+    Ok(AttnSpec {
+        scale: 1.0 / (d as f64).sqrt(),
+        causal: mask.causal,
+        offset: mask.offset,
+        window: mask.window,
+        keep,
+        starts: mask.starts.clone(),
+    })
 }
 
 /// Scaled dot-product attention of `q` over `k, v` under `mask` (see the module docs): the
@@ -171,9 +178,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> Result<Tens
     // The fused kernel: on the CPU always, on the GPU for heads up to its width limit (and
     // packed sequences without padding).
     let fits = !q.device().is_gpu()
-        || (d <= crate::backend::gpu_attention_max_head_dim()
-            && q.dtype() == DType::F32
-            && (mask.starts.is_none() || mask.keep.is_none()));
+        || (d <= crate::backend::gpu_attention_max_head_dim() && q.dtype() == DType::F32 && (mask.starts.is_none() || mask.keep.is_none()));
     if let Some(s) = &mask.starts {
         check_starts(s, mask.offset + tq, mask.causal)?;
     }

@@ -16,8 +16,8 @@ pub mod xent;
 
 pub use attention::{attention, attention_reference, repeat_kv, Mask};
 pub use block::{
-    Activation, BlockConfig, BlockHook, Decoder, DecoderBlock, Hidden, InputHook, KvCache, LocalAttention, Mlp, Qkv, Rope, SelfAttention,
-    without_packing,
+    without_packing, Activation, BlockConfig, BlockHook, Decoder, DecoderBlock, Hidden, InputHook, KvCache, LocalAttention, Mlp, Qkv, Rope,
+    SelfAttention,
 };
 pub use xent::{linear_cross_entropy_rows, linear_cross_entropy_rows_chunked, linear_cross_entropy_sum, linear_cross_entropy_sum_chunked};
 

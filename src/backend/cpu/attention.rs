@@ -89,10 +89,14 @@ impl AttnSpec {
     /// kernels' traffic counts scale by (they skip the rows of keys a query cannot see).
     pub(crate) fn visible_fraction(&self, dims: &Dims) -> f64 {
         let p = self.prefix(dims);
-        let seen: usize = (0..dims.tq).map(|i| p + {
-            let (lo, hi) = self.real_range(i, dims);
-            hi - lo
-        }).sum();
+        let seen: usize = (0..dims.tq)
+            .map(|i| {
+                p + {
+                    let (lo, hi) = self.real_range(i, dims);
+                    hi - lo
+                }
+            })
+            .sum();
         seen as f64 / (dims.tq * dims.tk).max(1) as f64
     }
 

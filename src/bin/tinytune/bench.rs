@@ -155,7 +155,14 @@ impl Floor {
     /// The floor of a case on `model` (methods attached): `lm_head` whether the output layer
     /// is used (a classification case uses only the rows of the embedding its tokens pick),
     /// `positions` token positions in, `outputs` bytes returned.
-    fn of(model: &mut dyn CausalLm, trainable: &[(String, Tensor)], lm_head: bool, passes: usize, positions: usize, outputs: u64) -> Result<Floor> {
+    fn of(
+        model: &mut dyn CausalLm,
+        trainable: &[(String, Tensor)],
+        lm_head: bool,
+        passes: usize,
+        positions: usize,
+        outputs: u64,
+    ) -> Result<Floor> {
         let mut frozen = Vec::new();
         model.visit_parameters(&mut |name, t| {
             if !t.requires_grad_flag() {
