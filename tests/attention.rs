@@ -252,7 +252,7 @@ fn gpu_attention_launches_one_kernel_forward_and_three_backward() {
     let (q, k, v) = (up(rng.tensor(&[2, 4, 7, 8])), up(rng.tensor(&[2, 2, 7, 8])), up(rng.tensor(&[2, 2, 7, 8])));
     let keep = Tensor::from_vec(vec![1.0f32; 14], &[2, 7], &g).unwrap();
     let mask = Mask::causal(0, Some(&keep)).with_window(Some(4));
-    let count = |name: &str| dev.kernel_counts().iter().filter(|(k, _)| *k == name).map(|(_, c)| c.dispatches).sum::<u64>();
+    let count = |name: &str| common::dispatches(dev, name);
     let y = attention(&q, &k, &v, &mask).unwrap();
     assert_eq!(count("attn_fwd"), 1);
     y.sum_all().unwrap().backward().unwrap();

@@ -9,16 +9,9 @@ mod common;
 use tinytune::kernels::glu::GluAct;
 use tinytune::{DType, Device, Tensor};
 
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((self.0 >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-    }
-    /// Values spread over ±`scale` (both tails of σ and tanh at 12).
-    fn vec(&mut self, n: usize, scale: f64) -> Vec<f64> {
-        (0..n).map(|_| scale * self.next()).collect()
-    }
+/// Values spread uniformly over ±`scale` (both tails of σ and tanh at 12).
+fn spread(rng: &mut common::TestRng, n: usize, scale: f64) -> Vec<f64> {
+    (0..n).map(|_| scale * (2.0 * rng.uniform() - 1.0)).collect()
 }
 
 /// `act(x)` and `act'(x)` in float64, written from the definitions (σ, tanh of std).
@@ -50,11 +43,11 @@ fn close(what: &str, got: &[f64], want: &[f64], tol: f64) {
 /// over sizes around the kernel's chunking (1, 7, 16384 ± 1, …) and values in both tails.
 #[test]
 fn glu_matches_the_formula_and_the_composition_in_f64() {
-    let mut rng = Lcg(1);
+    let mut rng = common::TestRng::new(1);
     for act in ACTS {
         for shape in [vec![1usize], vec![7], vec![3, 5], vec![2, 8191], vec![16385], vec![4, 3, 33]] {
             let n: usize = shape.iter().product();
-            let (gv, uv, wv) = (rng.vec(n, 12.0), rng.vec(n, 3.0), rng.vec(n, 1.0));
+            let (gv, uv, wv) = (spread(&mut rng, n, 12.0), spread(&mut rng, n, 3.0), spread(&mut rng, n, 1.0));
             let t = |v: &[f64]| Tensor::from_vec(v.to_vec(), &shape, &Device::Cpu).unwrap().requires_grad().unwrap();
             let want_y: Vec<f64> = gv.iter().zip(&uv).map(|(&g, &u)| act_f64(act, g).0 * u).collect();
             let want_dg: Vec<f64> = (0..n).map(|i| act_f64(act, gv[i]).1 * uv[i] * wv[i]).collect();
@@ -76,10 +69,10 @@ fn glu_matches_the_formula_and_the_composition_in_f64() {
 /// Central differences of `Σ w ⊙ glu(g, u)` against the fused op's gradients.
 #[test]
 fn glu_gradients_match_finite_differences() {
-    let mut rng = Lcg(2);
+    let mut rng = common::TestRng::new(2);
     let n = 23;
     for act in ACTS {
-        let (gv, uv, wv) = (rng.vec(n, 4.0), rng.vec(n, 2.0), rng.vec(n, 1.0));
+        let (gv, uv, wv) = (spread(&mut rng, n, 4.0), spread(&mut rng, n, 2.0), spread(&mut rng, n, 1.0));
         let w = Tensor::from_vec(wv, &[n], &Device::Cpu).unwrap();
         let loss = |g: &[f64], u: &[f64]| {
             let (g, u) =
@@ -110,10 +103,10 @@ fn glu_gradients_match_finite_differences() {
 /// f64 formula, across both tails.
 #[test]
 fn glu_f32_is_close_to_the_f64_formula() {
-    let mut rng = Lcg(3);
+    let mut rng = common::TestRng::new(3);
     let n = 5000;
     for act in ACTS {
-        let (gv, uv) = (rng.vec(n, 20.0), rng.vec(n, 3.0));
+        let (gv, uv) = (spread(&mut rng, n, 20.0), spread(&mut rng, n, 3.0));
         let f = |v: &[f64]| Tensor::from_vec(v.iter().map(|&x| x as f32).collect::<Vec<f32>>(), &[n], &Device::Cpu).unwrap();
         let y = f(&gv).glu(&f(&uv), act).unwrap().to_vec::<f32>().unwrap();
         for i in 0..n {
@@ -133,10 +126,10 @@ fn gpu_glu_matches_cpu_in_one_launch_each_way() {
     }
     let gpu = common::gpu_with_kernel(tinytune::backend::gpu::MatmulKernel::Registers);
     let Device::Gpu(dev) = &gpu else { unreachable!() };
-    let mut rng = Lcg(4);
+    let mut rng = common::TestRng::new(4);
     for act in ACTS {
         for n in [1usize, 255, 256, 257, 3 * 1031] {
-            let (gv, uv, wv) = (rng.vec(n + 3, 10.0), rng.vec(n + 3, 2.0), rng.vec(n, 1.0));
+            let (gv, uv, wv) = (spread(&mut rng, n + 3, 10.0), spread(&mut rng, n + 3, 2.0), spread(&mut rng, n, 1.0));
             let mut grads = Vec::new();
             for d in [Device::Cpu, gpu.clone()] {
                 let mk = |v: &[f64]| {
@@ -146,19 +139,15 @@ fn gpu_glu_matches_cpu_in_one_launch_each_way() {
                 let (g, u, w) = (mk(&gv), mk(&uv), mk(&wv));
                 // Views at offsets 3 and 1 of their buffers.
                 let (gs, us) = (g.narrow(0, 3, n).unwrap(), u.narrow(0, 1, n).unwrap());
-                let before = dev.kernel_counts();
+                let names = ["glu", "glu_backward", "unary"];
+                let before = names.map(|k| common::dispatches(dev, k));
                 let y = gs.glu(&us, act).unwrap();
                 y.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
                 if d.is_gpu() {
-                    let after = dev.kernel_counts();
-                    let delta = |name: &str| {
-                        let c = |v: &[(&'static str, tinytune::backend::gpu::KernelCount)]| {
-                            v.iter().filter(|(k, _)| *k == name).map(|(_, c)| c.dispatches).sum::<u64>()
-                        };
-                        c(&after) - c(&before)
-                    };
-                    assert_eq!((delta("glu"), delta("glu_backward")), (1, 1), "{act:?} n={n}: {after:?}");
-                    assert_eq!(delta("unary"), 0, "no separate activation launch");
+                    let after = names.map(|k| common::dispatches(dev, k));
+                    let delta = |i: usize| after[i] - before[i];
+                    assert_eq!((delta(0), delta(1)), (1, 1), "{act:?} n={n}: {:?}", dev.kernel_counts());
+                    assert_eq!(delta(2), 0, "no separate activation launch");
                 }
                 grads.push((y.to_vec_f64().unwrap(), g.grad().unwrap().to_vec_f64().unwrap(), u.grad().unwrap().to_vec_f64().unwrap()));
             }

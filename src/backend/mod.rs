@@ -722,7 +722,7 @@ impl Storage {
                     Ok((Storage::Cpu(o), Storage::Cpu(l)))
                 }
                 Storage::Gpu(s) => {
-                    let keep = keep.map(|k| k.gpu(OP, self)).transpose()?;
+                    let keep = Self::opt_gpu(keep, OP, self)?;
                     let (o, l) = s.flash_attention(k.gpu(OP, self)?, v.gpu(OP, self)?, keep, dims, spec)?;
                     Ok((Storage::Gpu(o), Storage::Gpu(l)))
                 }
@@ -769,7 +769,7 @@ impl Storage {
                     Ok((Storage::Cpu(dq), Storage::Cpu(dk), Storage::Cpu(dv)))
                 }
                 Storage::Gpu(s) => {
-                    let keep = keep.map(|k| k.gpu(OP, self)).transpose()?;
+                    let keep = Self::opt_gpu(keep, OP, self)?;
                     let (dq, dk, dv) = s.flash_attention_backward(
                         k.gpu(OP, self)?,
                         v.gpu(OP, self)?,

@@ -391,21 +391,9 @@ impl Decoder {
         }
         let t = h.shape()[1];
         let start = cache.as_ref().map_or(0, |c| c.len()) + self.positions_before();
-        // Tables in the weights' dtype: f32 normally, f64 when a test converts the model.
-        let dt = h.dtype();
-        let tables = |r: Option<Rope>| -> Result<Option<(Tensor, Tensor, RopeLayout)>> {
-            let Some(r) = r else { return Ok(None) };
-            let (cos, sin) = Tensor::rope_tables_scaled(start, t, self.config.head_dim, r.theta, r.linear_factor, dt, h.device())?;
-            Ok(Some((cos, sin, r.layout)))
-        };
         let real_start = cache.as_ref().map_or(0, |c| c.len());
-        let sh = Shared { rope: tables(self.config.rope)?, mask: Mask::causal(real_start, keep).with_window(self.config.window) };
-        let local = match self.config.local {
-            Some(l) if self.blocks.iter().any(|b| b.local) => {
-                Some(Shared { rope: tables(Some(l.rope))?, mask: Mask::causal(real_start, keep).with_window(Some(l.window)) })
-            }
-            _ => None,
-        };
+        let (sh, local) =
+            self.shared(&h, start, t, |cos, sin| Ok((cos, sin)), |window| Mask::causal(real_start, keep).with_window(window))?;
         let (h, mut states) = self.run_blocks(h, &sh, local.as_ref(), cache.as_deref_mut(), all)?;
         if let Some(c) = cache {
             c.advance(t);
@@ -415,6 +403,32 @@ impl Decoder {
             states.push(last.clone());
         }
         Ok(Hidden { last, all: states, last_virtual: None })
+    }
+
+    /// What the global blocks and (when some blocks are local) the local ones share in one
+    /// forward of `h`: RoPE tables for positions `start..start + t` in `h`'s dtype (f64 when a
+    /// test converts the model), passed through `rows` (the packed forward picks each token's
+    /// row), and the mask `mask` builds for each kind's window.
+    fn shared(
+        &self,
+        h: &Tensor,
+        start: usize,
+        t: usize,
+        rows: impl Fn(Tensor, Tensor) -> Result<(Tensor, Tensor)>,
+        mask: impl Fn(Option<usize>) -> Mask,
+    ) -> Result<(Shared, Option<Shared>)> {
+        let tables = |r: Option<Rope>| -> Result<Option<(Tensor, Tensor, RopeLayout)>> {
+            let Some(r) = r else { return Ok(None) };
+            let (cos, sin) = Tensor::rope_tables_scaled(start, t, self.config.head_dim, r.theta, r.linear_factor, h.dtype(), h.device())?;
+            let (cos, sin) = rows(cos, sin)?;
+            Ok(Some((cos, sin, r.layout)))
+        };
+        let global = Shared { rope: tables(self.config.rope)?, mask: mask(self.config.window) };
+        let local = match self.config.local {
+            Some(l) if self.blocks.iter().any(|b| b.local) => Some(Shared { rope: tables(Some(l.rope))?, mask: mask(Some(l.window)) }),
+            _ => None,
+        };
+        Ok((global, local))
     }
 
     /// Every block on `h` (global blocks under `sh`, local ones under `local`), and with
@@ -500,17 +514,13 @@ impl Decoder {
         let i = |x: usize| x as isize;
         let x = h.reshape(&[i(b * t), i(d)])?.index_select(0, &p.rows)?.reshape(&[1, i(n), i(d)])?;
         // RoPE by each token's position in its own sequence: rows of the padded batch's tables.
-        let tables = |r: Option<Rope>| -> Result<Option<(Tensor, Tensor, RopeLayout)>> {
-            let Some(r) = r else { return Ok(None) };
-            let (cos, sin) = Tensor::rope_tables_scaled(0, t, self.config.head_dim, r.theta, r.linear_factor, h.dtype(), h.device())?;
-            Ok(Some((cos.index_select(0, &p.positions)?, sin.index_select(0, &p.positions)?, r.layout)))
-        };
-        let mask = |window: Option<usize>| Mask::causal(0, None).with_window(window).with_starts(p.starts.clone());
-        let sh = Shared { rope: tables(self.config.rope)?, mask: mask(self.config.window) };
-        let local = match self.config.local {
-            Some(l) if self.blocks.iter().any(|b| b.local) => Some(Shared { rope: tables(Some(l.rope))?, mask: mask(Some(l.window)) }),
-            _ => None,
-        };
+        let (sh, local) = self.shared(
+            &h,
+            0,
+            t,
+            |cos, sin| Ok((cos.index_select(0, &p.positions)?, sin.index_select(0, &p.positions)?)),
+            |window| Mask::causal(0, None).with_window(window).with_starts(p.starts.clone()),
+        )?;
         let (x, _) = self.run_blocks(x, &sh, local.as_ref(), None, false)?;
         let last = self.norm.forward(&x)?.reshape(&[i(n), i(d)])?;
         // Unpack: padding positions take the zero row appended at index n.

@@ -363,6 +363,12 @@ pub fn close_product(what: &str, cpu: &Tensor, gpu: &Tensor, kdim: usize) {
     }
 }
 
+/// Dispatches of the kernel entry point `name` recorded on `dev` so far.
+#[allow(dead_code)]
+pub fn dispatches(dev: &tinytune::GpuDevice, name: &str) -> u64 {
+    dev.kernel_counts().iter().filter(|(k, _)| *k == name).map(|(_, c)| c.dispatches).sum()
+}
+
 /// A GPU device of its own running `kernel` (both matmul kernel families are tested wherever
 /// the adapter is): the software adapter when there is one, else the hardware one.
 #[allow(dead_code)]
