@@ -432,46 +432,64 @@ impl QMatrix {
         }
     }
 
-    /// Elements `start .. start + out.len()` of row `row`, as f32. Whole blocks are decoded
-    /// straight into `out`; a block cut by either end goes through a small stack buffer.
+    /// Elements `start .. start + out.len()` of row `row`, as f32. The whole blocks inside the
+    /// range are decoded straight into `out` in one pass; a block cut by either end is decoded
+    /// into a small stack buffer and the needed part copied.
     pub fn decode(&self, row: usize, start: usize, out: &mut [f32]) {
         debug_assert!(row < self.rows && start + out.len() <= self.cols);
         let bs = self.format.block_size();
         let end = start + out.len();
-        if let QFormat::Ggml(t) = self.format {
-            if start % bs == 0 && end % bs == 0 {
-                // Whole blocks: one pass over the row's bytes.
-                let ts = t.type_size();
-                let at = (row * (self.cols / bs) + start / bs) * ts;
-                let bytes = &self.data[at..at + out.len() / bs * ts];
-                #[cfg(target_arch = "x86_64")]
-                {
-                    // Where compiling for AVX2 measured faster (benches/ops dequant_rows: Q4_0
-                    // 2.7 → 12.3, Q4_1 2.4 → 8.6, Q8_0 5.9 → 9.8 G values/s on one Zen 4 core;
-                    // Q5_0 and Q6_K were slower that way, Q4_K the same).
-                    if avx2() && matches!(t, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) {
-                        // SAFETY: the CPU has AVX2 and F16C (checked once at run time).
-                        return unsafe { decode_into_avx2(t, bytes, out) };
-                    }
-                }
-                ggml::decode_into(t, bytes, out);
-                return;
+        let (first, last) = (start.next_multiple_of(bs), end / bs * bs);
+        // A block cut by the range: decode all of it, keep `lo..hi` of the row.
+        let part = |lo: usize, hi: usize, out: &mut [f32]| {
+            let mut tmp = [0f32; 256];
+            let b0 = lo / bs * bs;
+            self.decode_blocks(row, b0 / bs, &mut tmp[..bs]);
+            out.copy_from_slice(&tmp[lo - b0..hi - b0]);
+        };
+        if first >= last {
+            // No whole block inside: at most two cut ones.
+            let mut col = start;
+            while col < end {
+                let hi = (col / bs * bs + bs).min(end);
+                part(col, hi, &mut out[col - start..hi - start]);
+                col = hi;
             }
+            return;
         }
-        let mut col = start;
-        while col < end {
-            let blk = col / bs;
-            let b0 = blk * bs;
-            let take = (b0 + bs).min(end) - col;
-            let o = &mut out[col - start..col - start + take];
-            if col == b0 && take == bs {
-                self.decode_block(row, blk, o);
-            } else {
-                let mut tmp = [0f32; 256];
-                self.decode_block(row, blk, &mut tmp[..bs]);
-                o.copy_from_slice(&tmp[col - b0..col - b0 + take]);
+        if start < first {
+            part(start, first, &mut out[..first - start]);
+        }
+        self.decode_blocks(row, first / bs, &mut out[first - start..last - start]);
+        if last < end {
+            part(last, end, &mut out[last - start..]);
+        }
+    }
+
+    /// Whole blocks `blk, blk + 1, …` of row `row` into `out` (a multiple of the block size):
+    /// the GGML formats in one pass over the row's bytes, compiled for AVX2 where that
+    /// measured faster; NF4 and int8 block by block.
+    fn decode_blocks(&self, row: usize, blk: usize, out: &mut [f32]) {
+        let bs = self.format.block_size();
+        debug_assert!(out.len() % bs == 0);
+        if let QFormat::Ggml(t) = self.format {
+            let ts = t.type_size();
+            let at = (row * (self.cols / bs) + blk) * ts;
+            let bytes = &self.data[at..at + out.len() / bs * ts];
+            #[cfg(target_arch = "x86_64")]
+            {
+                // Where compiling for AVX2 measured faster (benches/ops dequant_rows: Q4_0
+                // 2.7 → 12.3, Q4_1 2.4 → 8.6, Q8_0 5.9 → 9.8 G values/s on one Zen 4 core;
+                // Q5_0 and Q6_K were slower that way, Q4_K the same).
+                if avx2() && matches!(t, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) {
+                    // SAFETY: the CPU has AVX2 and F16C (checked once at run time).
+                    return unsafe { decode_into_avx2(t, bytes, out) };
+                }
             }
-            col += take;
+            return ggml::decode_into(t, bytes, out);
+        }
+        for (i, o) in out.chunks_exact_mut(bs).enumerate() {
+            self.decode_block(row, blk + i, o);
         }
     }
 
@@ -712,7 +730,8 @@ mod tests {
             let (rows, cols) = (3, 192);
             let m = QMatrix::quantize(format, rows, cols, &sample(rows * cols, 7)).unwrap();
             let full = m.dequantize();
-            for (start, len) in [(0, 192), (5, 1), (31, 40), (64, 64), (100, 92), (191, 1), (0, 0)] {
+            // Whole blocks, cut blocks alone, and whole blocks between a cut head and a cut tail.
+            for (start, len) in [(0, 192), (5, 1), (31, 40), (64, 64), (100, 92), (191, 1), (0, 0), (16, 160), (33, 150), (1, 190)] {
                 let mut out = vec![f32::NAN; len];
                 m.decode(2, start, &mut out);
                 assert_eq!(out, full[2 * cols + start..2 * cols + start + len], "{format} {start}+{len}");
