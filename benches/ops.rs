@@ -17,18 +17,31 @@ fn randn(shape: &[usize], rng: &mut Rng) -> Tensor {
 fn matmul(c: &mut Criterion) {
     let mut rng = Rng::new(0);
     let mut g = c.benchmark_group("matmul_f32");
-    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    // Square products in every transpose case: `nt` is A · Bᵀ with Bᵀ read in place (a view),
+    // `tn` is Aᵀ · B, `tt` both.
     for n in [256usize, 512, 1024, 2048] {
         let (a, b) = (randn(&[n, n], &mut rng), randn(&[n, n], &mut rng));
+        let (at, bt) = (a.t().unwrap(), b.t().unwrap());
         g.throughput(Throughput::Elements((2 * n * n * n) as u64));
-        g.bench_with_input(BenchmarkId::new("nn", n), &n, |bch, _| bch.iter(|| a.matmul(&b).unwrap()));
-        let bt = b.t().unwrap();
-        g.bench_with_input(BenchmarkId::new("nt", n), &n, |bch, _| bch.iter(|| a.matmul(&bt).unwrap()));
+        for (name, x, y) in [("nn", &a, &b), ("nt", &a, &bt), ("tn", &at, &b), ("tt", &at, &bt)] {
+            g.bench_with_input(BenchmarkId::new(name, n), &n, |bch, _| bch.iter(|| x.matmul(y).unwrap()));
+        }
     }
-    // A linear layer of a small LLaMA (SmolLM2-135M MLP up-projection) on 512 tokens: x · Wᵀ.
-    let (x, w) = (randn(&[512, 576], &mut rng), randn(&[1536, 576], &mut rng));
-    g.throughput(Throughput::Elements((2 * 512 * 576 * 1536) as u64));
-    g.bench_function("linear_512x576x1536", |bch| bch.iter(|| x.matmul(&w.t().unwrap()).unwrap()));
+    g.finish();
+    // Every linear shape of SmolLM2-135M (in → out features) on 512 tokens, in the three orders
+    // a training step runs it: forward `x Wᵀ`, `dx = dy W`, `dW = dyᵀ x`.
+    let mut g = c.benchmark_group("linear_f32");
+    g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    for (fan_in, fan_out) in [(576usize, 576usize), (576, 192), (576, 1536), (1536, 576)] {
+        let (x, w, dy) = (randn(&[512, fan_in], &mut rng), randn(&[fan_out, fan_in], &mut rng), randn(&[512, fan_out], &mut rng));
+        let (wt, dyt) = (w.t().unwrap(), dy.t().unwrap());
+        g.throughput(Throughput::Elements((2 * 512 * fan_in * fan_out) as u64));
+        let shape = format!("{fan_in}x{fan_out}");
+        g.bench_function(format!("{shape}/forward"), |bch| bch.iter(|| x.matmul(&wt).unwrap()));
+        g.bench_function(format!("{shape}/dx"), |bch| bch.iter(|| dy.matmul(&w).unwrap()));
+        g.bench_function(format!("{shape}/dw"), |bch| bch.iter(|| dyt.matmul(&x).unwrap()));
+    }
     g.finish();
 }
 
