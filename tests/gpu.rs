@@ -468,8 +468,24 @@ fn memory_is_counted_and_limits_are_errors() {
     let counts = dev.kernel_counts();
     let bin = counts.iter().find(|(k, _)| *k == "binary").expect("binary counted").1;
     assert_eq!((bin.dispatches, bin.bytes_read, bin.bytes_written), (1, 8000, 4000));
+    // Unique bytes: each bound buffer once — the [100] row is requested 10 times, read once.
+    assert_eq!((bin.unique_read, bin.unique_written), (4400, 4000));
     assert!(counts.iter().any(|(k, c)| *k == "fill" && c.dispatches >= 2), "{counts:?}");
     drop(x);
+    // A product's tiles re-read its operands; its unique bytes are the operands and the output.
+    let before = |k: &str, c: &[(&str, tinytune::backend::gpu::KernelCount)]| {
+        c.iter()
+            .filter(|(n, _)| n.starts_with(k))
+            .fold((0, 0, 0, 0), |s, (_, c)| (s.0 + c.bytes_read, s.1 + c.unique_read, s.2 + c.unique_written, s.3 + c.dispatches))
+    };
+    let was = before("matmul", &dev.kernel_counts());
+    let (a, b) = (Tensor::ones(&[64, 48], DType::F32, &d).unwrap(), Tensor::ones(&[48, 80], DType::F32, &d).unwrap());
+    let y = a.matmul(&b).unwrap();
+    let now = before("matmul", &dev.kernel_counts());
+    assert_eq!(now.3 - was.3, 1, "one product launch");
+    assert_eq!((now.1 - was.1, now.2 - was.2), (4 * (64 * 48 + 48 * 80), 4 * 64 * 80));
+    assert!(now.0 - was.0 > now.1 - was.1, "the tiles re-read the operands");
+    drop(y);
     // A lost device: errors from then on, no hang.
     dev.destroy();
     let lost = Tensor::zeros(&[3], DType::F32, &d).and_then(|t| t.to_vec::<f32>());

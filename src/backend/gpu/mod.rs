@@ -86,14 +86,21 @@ pub struct MemoryStats {
     pub bytes_downloaded: u64,
 }
 
-/// Dispatches and bytes per kernel entry point, for traffic reports: the bytes the shader's
-/// loads and stores request from storage buffers as written (each launcher states the
-/// count; caches may serve some of the loads, so compare with an analytic floor, not DRAM).
+/// Dispatches and bytes per kernel entry point, for traffic reports.
+///
+/// `bytes_read` / `bytes_written` are what the shader's loads and stores request from storage
+/// buffers as written, re-reads across workgroups included (each launcher states the count;
+/// a cache serves most re-reads). `unique_read` / `unique_written` count each buffer a launch
+/// binds once, by the bytes it was allocated for — what a launch would move through DRAM if
+/// every re-read hit a cache — and never more than the requested bytes (a kernel reading
+/// part of a buffer). Compare the unique bytes with an analytic floor.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KernelCount {
     pub dispatches: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
+    pub unique_read: u64,
+    pub unique_written: u64,
 }
 
 /// The bytes one launch reads and writes (see [`KernelCount`]).
@@ -491,7 +498,7 @@ impl GpuDevice {
         let mut p = self.0.pool.lock().expect("pool lock");
         p.stats.live_bytes += class;
         p.stats.peak_bytes = p.stats.peak_bytes.max(p.stats.live_bytes);
-        Ok(Arc::new(GpuBuffer { buffer: Some(buffer), class, dev: Some(self.clone()) }))
+        Ok(Arc::new(GpuBuffer { buffer: Some(buffer), class, len: bytes, dev: Some(self.clone()) }))
     }
 
     fn release(&self, buffer: wgpu::Buffer, class: u64) {
@@ -675,11 +682,22 @@ impl GpuDevice {
             entries: &entries,
         });
         {
+            // Each distinct buffer once per access (an absent optional operand is bound to
+            // another operand's buffer as a placeholder; it is not read twice).
+            let (mut read, mut written) = (0u64, 0u64);
+            for (i, (b, &(_, access))) in buffers.iter().zip(k.access).enumerate() {
+                let seen = buffers[..i].iter().zip(k.access).any(|(o, &(_, a))| a == access && std::ptr::eq(*o, *b));
+                if !seen {
+                    *if access == Access::Read { &mut read } else { &mut written } += b.len;
+                }
+            }
             let mut counts = self.0.counts.lock().expect("counts lock");
             let c = counts.entry(k.entry).or_default();
             c.dispatches += 1;
             c.bytes_read += traffic.read;
             c.bytes_written += traffic.written;
+            c.unique_read += read.min(traffic.read);
+            c.unique_written += written.min(traffic.written);
         }
         self.0.pool.lock().expect("pool lock").stats.dispatches += 1;
         self.with_encoder(|enc| {
@@ -713,7 +731,7 @@ impl GpuDevice {
             view.copy_from_slice(bytemuck::cast_slice(data));
         }
         buf.unmap();
-        Ok(GpuBuffer { buffer: Some(buf), class: bytes, dev: None })
+        Ok(GpuBuffer { buffer: Some(buf), class: bytes, len: 4 * words.len() as u64, dev: None })
     }
 
     /// Workgroup counts for `n` workgroups of a 1-d launch spread over x and y.
@@ -734,6 +752,8 @@ impl GpuDevice {
 pub(crate) struct GpuBuffer {
     buffer: Option<wgpu::Buffer>,
     class: u64,
+    /// The bytes asked for (the pool rounds them up to `class`).
+    len: u64,
     /// The pool to return to; `None` for a transient buffer (dropped, not pooled).
     dev: Option<GpuDevice>,
 }

@@ -203,30 +203,35 @@ fn traffic_report(
     floor: &Floor,
 ) -> String {
     let was = |k: &str| before.iter().find(|(n, _)| *n == k).map(|(_, c)| *c).unwrap_or_default();
-    let mut rows: Vec<(&str, u64, u64, u64)> = after
+    // (kernel, dispatches, requested read + written, unique read + written, read, written)
+    let mut rows: Vec<(&str, u64, u64, u64, u64, u64)> = after
         .iter()
         .map(|(k, c)| {
             let b = was(k);
-            (*k, c.dispatches - b.dispatches, c.bytes_read - b.bytes_read, c.bytes_written - b.bytes_written)
+            let (r, w) = (c.bytes_read - b.bytes_read, c.bytes_written - b.bytes_written);
+            let (ur, uw) = (c.unique_read - b.unique_read, c.unique_written - b.unique_written);
+            (*k, c.dispatches - b.dispatches, r + w, ur + uw, r, w)
         })
         .filter(|r| r.1 > 0)
         .collect();
-    rows.sort_by_key(|r| std::cmp::Reverse(r.2 + r.3));
-    let (dispatches, bytes) = rows.iter().fold((0, 0), |(d, b), r| (d + r.1, b + r.2 + r.3));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.3));
+    let (dispatches, requested, unique) = rows.iter().fold((0, 0, 0), |(d, b, u), r| (d + r.1, b + r.2, u + r.3));
     let mb = |b: u64| b as f64 / 1e6;
     let mut out = format!(
-        "== {name}: one repetition on the GPU: {dispatches} dispatches, {:.3} MB read + written; floor {:.3} MB (weights {:.3}, \
-         trainable state {:.3}, ids and outputs {:.3}; activations not counted): {:.2}× the floor\n",
-        mb(bytes),
+        "== {name}: one repetition on the GPU: {dispatches} dispatches; {:.3} MB requested by the shaders' loads and stores, \
+         {:.3} MB unique per launch; floor {:.3} MB (weights {:.3}, trainable state {:.3}, ids and outputs {:.3}; \
+         activations not counted): unique {:.2}× the floor\n",
+        mb(requested),
+        mb(unique),
         mb(floor.total()),
         mb(floor.weights),
         mb(floor.trainable),
         mb(floor.io),
-        bytes as f64 / floor.total().max(1) as f64
+        unique as f64 / floor.total().max(1) as f64
     );
-    out += &format!("{:<28} {:>10} {:>12} {:>12}\n", "kernel", "dispatches", "MB read", "MB written");
-    for (k, d, r, w) in rows.iter().take(12) {
-        out += &format!("{k:<28} {d:>10} {:>12.1} {:>12.1}\n", mb(*r), mb(*w));
+    out += &format!("{:<28} {:>10} {:>12} {:>12} {:>12}\n", "kernel", "dispatches", "MB unique", "MB read", "MB written");
+    for (k, d, _, u, r, w) in rows.iter().take(12) {
+        out += &format!("{k:<28} {d:>10} {:>12.1} {:>12.1} {:>12.1}\n", mb(*u), mb(*r), mb(*w));
     }
     out
 }
