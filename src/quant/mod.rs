@@ -121,13 +121,6 @@ fn check_cols(format: QFormat, rows: usize, cols: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether the CPU has AVX2 and F16C (asked once).
-#[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c"))
-}
-
 /// [`ggml::decode_into`] compiled for AVX2 and F16C: its per-format loops (inlined here)
 /// convert codes to floats 8 lanes at a time instead of SSE2's 4.
 ///
@@ -265,7 +258,7 @@ impl QMatrix {
         debug_assert!(row < self.rows && a.len() == out.len() && a.iter().all(|x| x.len() == self.cols));
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+            if crate::backend::cpu::avx2() {
                 // SAFETY: the CPU has the features the function is compiled for.
                 return unsafe { self.dot_row_avx2(row, a, out) };
             }
@@ -481,8 +474,8 @@ impl QMatrix {
                 // Where compiling for AVX2 measured faster (benches/ops dequant_rows: Q4_0
                 // 2.7 → 12.3, Q4_1 2.4 → 8.6, Q8_0 5.9 → 9.8 G values/s on one Zen 4 core;
                 // Q5_0 and Q6_K were slower that way, Q4_K the same).
-                if avx2() && matches!(t, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) {
-                    // SAFETY: the CPU has AVX2 and F16C (checked once at run time).
+                if crate::backend::cpu::avx2() && matches!(t, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) {
+                    // SAFETY: the CPU has AVX2, FMA and F16C (checked once at run time).
                     return unsafe { decode_into_avx2(t, bytes, out) };
                 }
             }

@@ -209,21 +209,9 @@ unsafe fn softmax_rows_avx2<T: Float>(s: &mut [T], kn: usize, tk: usize, lse: &m
     softmax_rows(s, kn, tk, lse)
 }
 
-fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *ON.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 fn softmax_tile<T: Float>(s: &mut [T], kn: usize, tk: usize, lse: &mut [T]) {
     #[cfg(target_arch = "x86_64")]
-    if avx2() {
+    if super::avx2() {
         // SAFETY: the CPU has AVX2 and FMA (checked at run time).
         return unsafe { softmax_rows_avx2(s, kn, tk, lse) };
     }
@@ -266,7 +254,7 @@ unsafe fn backward_rows_avx2<T: Float>(p: &mut [T], ds: &mut [T], kn: usize, tk:
 #[allow(clippy::too_many_arguments)]
 fn backward_tile<T: Float>(p: &mut [T], ds: &mut [T], kn: usize, tk: usize, lse: &[T], go: &[T], o: &[T], d: usize, scale: T) {
     #[cfg(target_arch = "x86_64")]
-    if avx2() {
+    if super::avx2() {
         // SAFETY: the CPU has AVX2 and FMA (checked at run time).
         return unsafe { backward_rows_avx2(p, ds, kn, tk, lse, go, o, d, scale) };
     }

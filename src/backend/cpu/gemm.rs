@@ -76,8 +76,10 @@
 //! On x86-64 the micro-kernels are selected at run time with `is_x86_feature_detected!`
 //! ([`F32Kernel::best`]): AVX-512 (12×32) on Intel CPUs that have it, AVX2 + FMA (6×16)
 //! otherwise — on Zen 4 AVX-512 runs 512-bit FMAs as two 256-bit halves, so it has the same
-//! peak as AVX2 there. Everywhere else a portable kernel written with plain arrays is used,
-//! which the compiler auto-vectorises for the target. Tiny products skip all of this and use a
+//! peak as AVX2 there. On AArch64 (Apple silicon, Graviton) a NEON kernel (8×12: 24
+//! accumulators of 4 lanes, `fmla` by lane of A so A needs no broadcast) is always there.
+//! Everywhere else a portable kernel written with plain arrays is used, which the compiler
+//! auto-vectorises for the target. Tiny products skip all of this and use a
 //! direct loop. The unit tests run every kernel the CPU has.
 
 use std::cell::Cell;
@@ -88,16 +90,19 @@ use std::ops::{Add, Mul};
 // ---------------------------------------------------------------------------------------------
 
 /// The f32 micro-kernel family: AVX-512 (a 12×32 tile in 24 zmm accumulators), AVX2 + FMA
-/// (6×16 in 12 ymm), or the portable one (4×16, auto-vectorised). [`F32Kernel::best`] picks
-/// AVX-512 on Intel CPUs that have it (two 512-bit FMA pipes: twice AVX2's peak) and AVX2
-/// elsewhere: AMD's Zen 4 runs a 512-bit FMA as two 256-bit halves, and measured there the
-/// 12×32 kernel was no faster than the 6×16 one (170–190 against 155–200 GFLOP/s, within this
-/// machine's noise). `TINYTUNE_GEMM=avx512|avx2|portable` forces one (for comparisons in one
-/// run: `TINYTUNE_GEMM=avx2 cargo bench --bench ops`).
+/// (6×16 in 12 ymm), NEON on 64-bit ARM (8×12 in 24 q registers: Apple silicon, Graviton), or
+/// the portable one (4×16, auto-vectorised). [`F32Kernel::best`] picks AVX-512 on Intel CPUs
+/// that have it (two 512-bit FMA pipes: twice AVX2's peak) and AVX2 elsewhere on x86-64: AMD's
+/// Zen 4 runs a 512-bit FMA as two 256-bit halves, and measured there the 12×32 kernel was no
+/// faster than the 6×16 one (170–190 against 155–200 GFLOP/s, within this machine's noise);
+/// NEON on every AArch64 CPU (it is part of the architecture). `TINYTUNE_GEMM=avx512|avx2|
+/// neon|portable` forces one (for comparisons in one run: `TINYTUNE_GEMM=avx2 cargo bench
+/// --bench ops`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum F32Kernel {
     Avx512,
     Avx2,
+    Neon,
     Portable,
 }
 
@@ -109,15 +114,17 @@ impl F32Kernel {
             F32Kernel::Avx512 => is_x86_feature_detected!("avx512f"),
             #[cfg(target_arch = "x86_64")]
             F32Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "aarch64")]
+            F32Kernel::Neon => true,
             F32Kernel::Portable => true,
-            #[cfg(not(target_arch = "x86_64"))]
+            #[allow(unreachable_patterns)]
             _ => false,
         }
     }
 
     /// The kernels this CPU can run, widest first.
     pub fn available() -> Vec<F32Kernel> {
-        [F32Kernel::Avx512, F32Kernel::Avx2, F32Kernel::Portable].into_iter().filter(|k| k.runs()).collect()
+        [F32Kernel::Avx512, F32Kernel::Avx2, F32Kernel::Neon, F32Kernel::Portable].into_iter().filter(|k| k.runs()).collect()
     }
 
     /// The kernel for this CPU (see the type), or the one `TINYTUNE_GEMM` names if this CPU
@@ -129,6 +136,7 @@ impl F32Kernel {
             let asked = match std::env::var("TINYTUNE_GEMM").ok().as_deref() {
                 Some("avx512") => Some(F32Kernel::Avx512),
                 Some("avx2") => Some(F32Kernel::Avx2),
+                Some("neon") => Some(F32Kernel::Neon),
                 Some("portable") => Some(F32Kernel::Portable),
                 _ => None,
             };
@@ -210,6 +218,11 @@ pub fn gemm_f32_with(
             let plan = f32_plan(6, 16, x86::kernel_f32_6x16);
             gemm_generic::<f32, 6, 16>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
         }
+        #[cfg(target_arch = "aarch64")]
+        F32Kernel::Neon => {
+            let plan = f32_plan(8, 12, neon::kernel_f32_8x12);
+            gemm_generic::<f32, 8, 12>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
+        }
         _ => {
             let plan = Plan { kc: 256, mc: 128, nc: 2048, kernel: kernel_portable::<f32, 4, 16> };
             gemm_generic::<f32, 4, 16>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
@@ -285,6 +298,11 @@ pub fn gemm_f32_decoded(
         F32Kernel::Avx2 => {
             let plan = f32_plan(6, 16, x86::kernel_f32_6x16);
             run_blocked::<f32, 6, 16>(m, n, k, a, a_rs, a_cs, b, c, plan, accumulate)
+        }
+        #[cfg(target_arch = "aarch64")]
+        F32Kernel::Neon => {
+            let plan = f32_plan(8, 12, neon::kernel_f32_8x12);
+            run_blocked::<f32, 8, 12>(m, n, k, a, a_rs, a_cs, b, c, plan, accumulate)
         }
         _ => {
             let plan = Plan { kc: 256, mc: 128, nc: 2048, kernel: kernel_portable::<f32, 4, 16> };
@@ -498,15 +516,20 @@ impl Caches {
     }
 }
 
-/// The cache blocks of the f32 kernel `mr`×`nr` (6×16 or 12×32) on this CPU (computed once).
+/// The register tiles of the f32 micro-kernels: AVX2, AVX-512, NEON.
+const F32_TILES: [(usize, usize); 3] = [(6, 16), (12, 32), (8, 12)];
+
+/// The cache blocks of the f32 kernel `mr`×`nr` (one of [`F32_TILES`]) on this CPU (computed
+/// once).
+#[allow(dead_code)] // each target uses its own tiles
 fn f32_plan(mr: usize, nr: usize, kernel: Kernel<f32>) -> Plan<f32> {
-    debug_assert!(matches!((mr, nr), (6, 16) | (12, 32)), "no blocks for a {mr}x{nr} kernel");
-    static BLOCKS: std::sync::OnceLock<[(usize, usize, usize); 2]> = std::sync::OnceLock::new();
+    static BLOCKS: std::sync::OnceLock<[(usize, usize, usize); 3]> = std::sync::OnceLock::new();
     let b = BLOCKS.get_or_init(|| {
         let c = Caches::of_this_cpu();
-        [c.blocks(6, 16), c.blocks(12, 32)]
+        F32_TILES.map(|(mr, nr)| c.blocks(mr, nr))
     });
-    let (kc, mc, nc) = if nr <= 16 { b[0] } else { b[1] };
+    let i = F32_TILES.iter().position(|&t| t == (mr, nr)).expect("blocks for every f32 kernel's tile");
+    let (kc, mc, nc) = b[i];
     Plan { kc, mc, nc, kernel }
 }
 
@@ -1100,6 +1123,62 @@ unsafe fn kernel_portable<T: Elem, const MR: usize, const NR: usize>(
             unsafe {
                 let d = c.add(r * ldc + j);
                 *d = if accumulate { *d + v } else { v };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    //! The NEON micro-kernel (part of every AArch64 CPU: no run-time check needed).
+    use std::arch::aarch64::*;
+
+    /// f32 8×12 kernel: C tile = 8 rows × 3 q registers (4 lanes each) = 24 accumulators, with
+    /// the 2 registers of A's column and the 3 of B's row 29 of the 32 vector registers.
+    ///
+    /// Per step p: load A's 8 values `A[0..8][p]` (2 registers) and B's row `B[p][0..12]`
+    /// (3), then for each row r multiply B's row by lane r of A (`fmla v.4s, b.4s, a.s[r]`,
+    /// no broadcast instruction) into that row's three accumulators: 24 fused multiply-adds of
+    /// 4 lanes per 5 loads.
+    ///
+    /// # Safety
+    /// See [`super::Kernel`].
+    pub(super) unsafe fn kernel_f32_8x12(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
+        const MR: usize = 8;
+        const NR: usize = 12;
+        // SAFETY (whole body): the packed panels hold kc steps of MR (A) and NR (B) values,
+        // and c addresses a writable 8×12 tile with row stride ldc (kernel contract).
+        unsafe {
+            let mut acc = [[vdupq_n_f32(0.0); 3]; MR];
+            let (mut ap, mut bp) = (a, b);
+            for _ in 0..kc {
+                let (a0, a1) = (vld1q_f32(ap), vld1q_f32(ap.add(4)));
+                let bv = [vld1q_f32(bp), vld1q_f32(bp.add(4)), vld1q_f32(bp.add(8))];
+                // Row r: acc[r][j] += bv[j] · A[r][p], A[r][p] being lane r % 4 of a0 or a1.
+                macro_rules! row {
+                    ($r:literal, $a:ident, $lane:literal) => {
+                        for j in 0..3 {
+                            acc[$r][j] = vfmaq_laneq_f32::<$lane>(acc[$r][j], bv[j], $a);
+                        }
+                    };
+                }
+                row!(0, a0, 0);
+                row!(1, a0, 1);
+                row!(2, a0, 2);
+                row!(3, a0, 3);
+                row!(4, a1, 0);
+                row!(5, a1, 1);
+                row!(6, a1, 2);
+                row!(7, a1, 3);
+                ap = ap.add(MR);
+                bp = bp.add(NR);
+            }
+            for (r, row) in acc.iter().enumerate() {
+                let cr = c.add(r * ldc);
+                for (j, &v) in row.iter().enumerate() {
+                    let v = if accumulate { vaddq_f32(v, vld1q_f32(cr.add(4 * j))) } else { v };
+                    vst1q_f32(cr.add(4 * j), v);
+                }
             }
         }
     }

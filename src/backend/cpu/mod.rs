@@ -9,6 +9,15 @@ pub mod attention;
 pub mod gemm;
 pub mod math;
 
+/// Whether this CPU has AVX2, FMA and F16C (asked once): the level the hand-vectorised loops
+/// outside the GEMM (attention's softmax rows, quantised block decoding and products, 16-bit
+/// weight rows) are compiled for.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx2() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c"))
+}
+
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -624,7 +633,7 @@ impl<H: Elem + Into<f32> + bytemuck::Pod> gemm::RowDecoder for HalfRows<'_, H> {
     fn dot_row(&self, row: usize, a: &[&[f32]], out: &mut [f32], scratch: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+            if avx2() {
                 let at = self.offset + row * self.rs;
                 let bits: &[u16] = bytemuck::cast_slice(&self.data[at..at + self.cols]);
                 // SAFETY: the CPU has the features; every a[i] has `cols` values (the caller's).
