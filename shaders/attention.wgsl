@@ -10,8 +10,10 @@
 //   ds_ij = p_ij (dO_i · v_j − D_i) · scale        (0 on a row that sees no key)
 //   dq_i = Σ_j ds_ij k_j,   dk_j = Σ_i ds_ij q_i,   dv_j = Σ_i p_ij dO_i   (p = 1/tk on such a row)
 // in three launches: `attn_bwd_prep` (L and D per row), `attn_bwd_dq` (a workgroup per query
-// row), `attn_bwd_dkv` (a workgroup per key row, over the queries of its kv head's group), so
-// no two workgroups write one value and no entry point binds more than 8 storage buffers.
+// row), `attn_bwd_dkv` (a workgroup per key row, over the queries of its kv head's group that
+// can see it: without padding, the later ones under a causal mask, the earlier ones under a
+// window, those of its own packed sequence), so no two workgroups write one value and no entry
+// point binds more than 8 storage buffers.
 //
 // Mask (the rule of nn::Mask): the first `prefix` keys are seen by every query; real key
 // j = jj − prefix is seen by query i (absolute position offset + i) when j ≤ offset + i
@@ -243,16 +245,49 @@ fn attn_bwd_dkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     // here the dot products are written out).
     var acc_k = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
     var acc_v = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
-    let nq = rep * tq;
+    // The queries i in [ilo, ihi) of each of the rep heads are visited. Without a padding mask
+    // or an empty window every query sees some key (itself, at least), so only the queries
+    // that can see this key need visiting; otherwise a query that sees no key at all adds the
+    // uniform p to every key's dV, so all are visited.
+    var ilo = 0u;
+    var ihi = tq;
+    let prefix = params[7];
+    let offset = params[6];
+    let none_empty = params[10] == 0u && !(params[12] != 0u && params[9] == 0u);
+    if (none_empty && jj >= prefix) {
+        let j = jj - prefix;
+        // Causal: query i sees j only when j ≤ offset + i.
+        if (params[8] != 0u && j > offset) { ilo = min(tq, j - offset); }
+        // Window w: only when j + w > offset + i (a window wider than every position bounds
+        // nothing, and j + w could overflow).
+        let w = params[9];
+        if (params[12] != 0u && w <= offset + tq) { ihi = min(ihi, select(0u, j + w - offset, j + w > offset)); }
+        // Packed sequences: the positions whose sequence starts at or before j come first
+        // (starts are nondecreasing); the first position past them ends the range.
+        if (params[13] != 0u) {
+            let real = offset + tq;
+            var lo = 0u;
+            var hi = real;
+            while (lo < hi) {
+                let mid = (lo + hi) / 2u;
+                if (u32(keep[bi * real + mid]) > j) { hi = mid; } else { lo = mid + 1u; }
+            }
+            ihi = min(ihi, select(0u, lo - offset, lo > offset));
+        }
+    }
+    let span = select(0u, ihi - ilo, ihi > ilo);
+    let nq = rep * span;
     let scale = pf32(11u);
     let uniform_p = 1.0 / f32(tk);
+    // Flat index u over (head of the group, query in range) → query-side row.
+    let first = g * rep * tq;
     for (var u0 = 0u; u0 < nq; u0 = u0 + 64u) {
         let u = u0 + lid;
         var p = 0.0;
         var ds = 0.0;
         if (u < nq) {
-            let r = g * rep * tq + u;
-            let i = u % tq;
+            let i = ilo + u % span;
+            let r = first + (u / span) * tq + i;
             let lse = stats_in[r];
             if (lse == -f32_inf()) {
                 p = uniform_p;
@@ -272,7 +307,8 @@ fn attn_bwd_dkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         workgroupBarrier();
         let n = min(64u, nq - u0);
         for (var t = 0u; t < n; t = t + 1u) {
-            let rt = g * rep * tq + u0 + t;
+            let ut = u0 + t;
+            let rt = first + (ut / span) * tq + ilo + ut % span;
             let pt = blk_a[t];
             let dst = blk_b[t];
             // A query that cannot see this key adds nothing: skip its rows' reads (the same

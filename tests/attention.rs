@@ -211,6 +211,11 @@ fn fused_attention_on_the_gpu_equals_the_cpu() {
         // A window of 0 sees nothing (every row the mean of the values); a huge one everything.
         Case { window: Some(0), ..case(1, 2, 1, 5, 4) },
         Case { window: Some(usize::MAX), causal: false, ..case(1, 2, 2, 6, 4) },
+        // No padding: dK/dV visit only the queries that can see each key (a window bounds them
+        // from above, causality from below), with a cache offset and a prefix.
+        Case { window: Some(5), offset: 7, ..case(1, 4, 2, 70, 8) },
+        Case { window: Some(3), causal: false, ..case(2, 2, 1, 66, 4) },
+        Case { prefix: 3, offset: 2, ..case(1, 3, 1, 67, 5) },
     ];
     for (n, c) in cases.iter().enumerate() {
         let mut rng = Lcg(500 + n as u64);
