@@ -427,11 +427,14 @@ fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device
             let ids = Tensor::from_vec(spread_ids(t, model.vocab_size()), &[1, t], device)?;
             let out_bytes = (t * model.vocab_size() * 4) as u64;
             let floor = Floor::of(model.as_mut(), &[], true, 1, t, out_bytes)?;
-            let m = model.as_ref();
+            let (m, dev) = (model.as_ref(), device.clone());
             measure(
                 case,
                 Box::new(move || {
-                    tinytune::autograd::with_no_grad(|| m.forward(&ids, None)?.sum_all()?.to_scalar())?;
+                    // Wait for the logits (a GPU runs asynchronously) without reading them.
+                    let logits = tinytune::autograd::with_no_grad(|| m.forward(&ids, None))?;
+                    dev.synchronize()?;
+                    drop(logits);
                     all(t)
                 }),
                 args,
