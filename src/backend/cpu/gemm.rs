@@ -511,7 +511,8 @@ impl Caches {
         let kc = (self.l1d * 3 / 4 / (4 * nr) / 64 * 64).clamp(64, 512);
         let kc = if nr <= 16 { kc.min(256) } else { kc };
         let mc = ((self.l2 / 7 / (4 * kc)) / mr * mr).clamp(2 * mr, 1024 / mr * mr);
-        let nc = ((self.l3_share / 2 / (4 * kc)) / nr * nr).clamp(512, 2048);
+        // Rounded to NR after the clamp: 512 and 2048 are not multiples of every NR (12).
+        let nc = (self.l3_share / 2 / (4 * kc)).clamp(512, 2048) / nr * nr;
         (kc, mc, nc)
     }
 }
@@ -1363,6 +1364,18 @@ mod tests {
         let big = Caches::from_sysfs(&dir).unwrap();
         assert_eq!(big.blocks(12, 32), (256, 288, 2048));
         assert_eq!(big.blocks(6, 16).0, 256);
+        // Every block a multiple of its kernel's tile (NEON's 12 divides neither clamp bound).
+        for caches in [
+            zen4,
+            big,
+            Caches { l1d: 64 << 10, l2: 4 << 20, l3_share: 256 << 10 },
+            Caches { l1d: 128 << 10, l2: 12 << 20, l3_share: 12 << 20 },
+        ] {
+            for (mr, nr) in F32_TILES {
+                let (kc, mc, nc) = caches.blocks(mr, nr);
+                assert!(kc % 64 == 0 && mc % mr == 0 && nc % nr == 0 && nc >= nr, "{caches:?} {mr}x{nr}: {kc} {mc} {nc}");
+            }
+        }
         std::fs::remove_dir_all(dir.join("index2")).unwrap();
         assert_eq!(Caches::from_sysfs(&dir), None, "no L2 size: no description");
         std::fs::remove_dir_all(dir.parent().unwrap()).ok();
@@ -1512,6 +1525,42 @@ mod tests {
 
     /// `accumulate` adds the product to what C holds, on every path (tiny, skinny, blocked with
     /// ragged edges and several k blocks), f32 and f64.
+    /// A frozen weight read through a decoder (here f32 rows cut at any point): the decoded
+    /// product in both orders (`A Wᵀ`, `A W`) equals the strided one, through the blocked path
+    /// and the skinny one, for every kernel this CPU runs.
+    #[test]
+    fn decoded_products_equal_the_dense_ones() {
+        struct Rows(usize, usize, Vec<f32>);
+        impl RowDecoder for Rows {
+            fn rows(&self) -> usize {
+                self.0
+            }
+            fn cols(&self) -> usize {
+                self.1
+            }
+            fn decode(&self, row: usize, start: usize, out: &mut [f32]) {
+                out.copy_from_slice(&self.2[row * self.1 + start..row * self.1 + start + out.len()]);
+            }
+        }
+        for (m, rows, cols) in [(3, 40, 33), (70, 130, 75), (150, 61, 300)] {
+            let w: Vec<f32> = fill(rows * cols, 9).iter().map(|&x| x as f32).collect();
+            let dec = Rows(rows, cols, w.clone());
+            for transposed in [true, false] {
+                let (k, n) = if transposed { (cols, rows) } else { (rows, cols) };
+                let a: Vec<f32> = fill(m * k, 3).iter().map(|&x| x as f32).collect();
+                // B = Wᵀ (element (p, j) at w[j·cols + p]) or W (at w[p·cols + j]).
+                let (b_rs, b_cs) = if transposed { (1, cols) } else { (cols, 1) };
+                let mut want = vec![0f32; m * n];
+                gemm_f32(m, n, k, &a, k, 1, &w, b_rs, b_cs, &mut want);
+                let mut got = vec![1f32; m * n];
+                gemm_f32_decoded(m, &a, k, 1, &dec, transposed, &mut got, false);
+                for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+                    assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{m}x{rows}x{cols} transposed={transposed} [{i}]: {x} vs {y}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn accumulate_adds_to_c() {
         for &(m, n, k) in &[(3, 5, 4), (2, 300, 200), (33, 65, 17), (130, 70, 600), (4, 6, 0)] {
