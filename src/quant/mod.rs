@@ -717,17 +717,53 @@ mod tests {
         }
     }
 
+    /// `decode` of any range of a row — whole blocks, cut blocks alone, whole blocks between a
+    /// cut head and tail — equals the row of the full dequantisation, and for the GGML formats
+    /// equals the scalar reference decoder (`ggml::dequantize`, never compiled for AVX2), also
+    /// for Q4_1 (its own AVX2 routine) and the 256-value blocks of Q4_K.
     #[test]
     fn decode_of_any_segment_equals_the_full_dequantisation() {
-        for format in [QFormat::Nf4, QFormat::Int8, QFormat::Ggml(GgmlType::Q8_0), QFormat::Ggml(GgmlType::Q4_0)] {
-            let (rows, cols) = (3, 192);
-            let m = QMatrix::quantize(format, rows, cols, &sample(rows * cols, 7)).unwrap();
+        // GGML blocks from stored bytes: random codes with small finite f16 scales.
+        let stored = |t: GgmlType, rows: usize, cols: usize| -> QMatrix {
+            let (bs, ts) = (t.block_size(), t.type_size());
+            let mut bytes: Vec<u8> = sample(rows * cols / bs * ts, 11).iter().map(|x| (x.to_bits() >> 7) as u8).collect();
+            for block in bytes.chunks_exact_mut(ts) {
+                // d and the second f16 (Q4_1's min, Q4_K's dmin) lead the block.
+                block[..2].copy_from_slice(&half::f16::from_f32(0.037).to_le_bytes());
+                block[2..4].copy_from_slice(&half::f16::from_f32(-0.21).to_le_bytes());
+            }
+            QMatrix::from_ggml(t, rows, cols, bytes).unwrap()
+        };
+        let q = |f: QFormat, cols: usize| QMatrix::quantize(f, 3, cols, &sample(3 * cols, 7)).unwrap();
+        let matrices = [
+            q(QFormat::Nf4, 192),
+            q(QFormat::Int8, 192),
+            q(QFormat::Ggml(GgmlType::Q8_0), 192),
+            q(QFormat::Ggml(GgmlType::Q4_0), 192),
+            stored(GgmlType::Q4_1, 3, 192),
+            stored(GgmlType::Q4_K, 3, 512),
+        ];
+        for m in &matrices {
+            let cols = m.cols();
             let full = m.dequantize();
-            // Whole blocks, cut blocks alone, and whole blocks between a cut head and a cut tail.
-            for (start, len) in [(0, 192), (5, 1), (31, 40), (64, 64), (100, 92), (191, 1), (0, 0), (16, 160), (33, 150), (1, 190)] {
+            let reference = match m.format() {
+                QFormat::Ggml(t) => {
+                    let mut out = vec![0f32; m.rows() * cols];
+                    ggml::dequantize(t, m.data(), &mut out).unwrap();
+                    assert_eq!(full, out, "{}: dequantize against the scalar decoder", m.format());
+                    out
+                }
+                _ => full.clone(),
+            };
+            let mut ranges =
+                vec![(0, cols), (5, 1), (31, 40), (64, 64), (100, 92), (cols - 1, 1), (0, 0), (16, 160), (33, 150), (1, cols - 2)];
+            if cols == 512 {
+                ranges.extend([(1, 510), (100, 300), (255, 2), (256, 256)]);
+            }
+            for (start, len) in ranges {
                 let mut out = vec![f32::NAN; len];
                 m.decode(2, start, &mut out);
-                assert_eq!(out, full[2 * cols + start..2 * cols + start + len], "{format} {start}+{len}");
+                assert_eq!(out, reference[2 * cols + start..2 * cols + start + len], "{} {start}+{len}", m.format());
             }
         }
     }
