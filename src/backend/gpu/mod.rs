@@ -92,8 +92,9 @@ pub struct MemoryStats {
 /// buffers as written, re-reads across workgroups included (each launcher states the count;
 /// a cache serves most re-reads). `unique_read` / `unique_written` count each buffer a launch
 /// binds once, by the bytes it was allocated for — what a launch would move through DRAM if
-/// every re-read hit a cache — and never more than the requested bytes (a kernel reading
-/// part of a buffer). Compare the unique bytes with an analytic floor.
+/// every re-read hit a cache — and never more than the requested bytes. A launch that reads
+/// only part of a buffer (a view) is charged the whole buffer up to that cap, so for views the
+/// unique bytes are an upper estimate. Compare the unique bytes with an analytic floor.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KernelCount {
     pub dispatches: u64,
