@@ -198,6 +198,28 @@ fn packed_attention_mask_fused_matches_composed() {
                     assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "gpu grad [{i}]: {a} vs {b}");
                 }
             }
+            // The starts go to the GPU once per mask (every layer of a forward shares it): a
+            // second call with this mask uploads nothing, a fresh mask with the same starts
+            // uploads them again, once per batch row. On a device of its own, so that other
+            // tests' uploads do not count.
+            use tinytune::backend::gpu::{AdapterKind, GpuDevice};
+            let own = GpuDevice::new(AdapterKind::Software).or_else(|_| GpuDevice::new(AdapterKind::Hardware)).unwrap();
+            let od = Device::Gpu(own.clone());
+            let (qo, ko, vo) = (
+                q.to_dtype(DType::F32).unwrap().to_device(&od).unwrap(),
+                k.to_dtype(DType::F32).unwrap().to_device(&od).unwrap(),
+                v.to_dtype(DType::F32).unwrap().to_device(&od).unwrap(),
+            );
+            let uploaded = || own.memory_stats().bytes_uploaded;
+            let mask = mask.clone().with_starts(Arc::new(starts.clone()));
+            attention(&qo, &ko, &vo, &mask).unwrap();
+            let before = uploaded();
+            attention(&qo, &ko, &vo, &mask).unwrap();
+            assert_eq!(uploaded() - before, 0, "the mask's device copy is reused");
+            let fresh = mask.clone().with_starts(Arc::new(starts.clone()));
+            let before = uploaded();
+            attention(&qo, &ko, &vo, &fresh).unwrap();
+            assert_eq!(uploaded() - before, (4 * b * n) as u64, "a new mask uploads its starts");
         }
     }
     // Starts that go backwards or past their own position are errors.

@@ -49,20 +49,34 @@ pub struct Mask {
     bias: Arc<Mutex<Option<(usize, usize, DType, Tensor)>>>,
     /// `keep` read to the host once per forward, for the fused kernel.
     keep_host: Arc<Mutex<Option<Vec<bool>>>>,
+    /// The GPU kernel's f32 copy of `keep` or `starts`, uploaded once per forward (every
+    /// layer's attention reads the same one).
+    device_mask: Arc<Mutex<Option<(usize, Tensor)>>>,
 }
 
 impl Mask {
     /// Causal attention for queries that start at real position `offset`.
     pub fn causal(offset: usize, keep: Option<&Tensor>) -> Mask {
-        Mask { causal: true, offset, window: None, keep: keep.cloned(), starts: None, bias: Arc::default(), keep_host: Arc::default() }
+        Mask {
+            causal: true,
+            offset,
+            window: None,
+            keep: keep.cloned(),
+            starts: None,
+            bias: Arc::default(),
+            keep_host: Arc::default(),
+            device_mask: Arc::default(),
+        }
     }
 
     /// The same over packed sequences: `starts[j]` is the first position of position `j`'s
     /// sequence (nondecreasing, `starts[j] ≤ j`).
     pub fn with_starts(mut self, starts: Arc<Vec<usize>>) -> Mask {
         self.starts = Some(starts);
-        // A clone of a mask that has run holds its memoised bias: not this mask's.
+        // A clone of a mask that has run holds its memoised bias and device mask: not this
+        // mask's.
         self.bias = Arc::default();
+        self.device_mask = Arc::default();
         self
     }
 
@@ -191,7 +205,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> Result<Tens
                 });
             }
         }
-        return q.flash_attention(k, v, &spec(mask, d)?);
+        return q.flash_attention_with(k, v, &spec(mask, d)?, Some(&mask.device_mask));
     }
     let (hk, tk) = (k.shape()[1], k.shape()[2]);
     let rep = h / hk;

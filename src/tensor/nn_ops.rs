@@ -72,6 +72,20 @@ impl Tensor {
     /// matrix is never materialised. Backward recomputes it tile by tile from the saved
     /// log-sum-exp.
     pub fn flash_attention(&self, k: &Tensor, v: &Tensor, spec: &super::AttnSpec) -> Result<Tensor> {
+        self.flash_attention_with(k, v, spec, None)
+    }
+
+    /// [`Tensor::flash_attention`] with a slot that keeps the GPU kernel's copy of the padding
+    /// mask or the packed starts between calls with the same mask (`nn::Mask` holds one per
+    /// forward, so the layers share one upload); it is rebuilt when the batch size or the
+    /// device differs from the kept one's.
+    pub(crate) fn flash_attention_with(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        spec: &super::AttnSpec,
+        device_mask: Option<&std::sync::Mutex<Option<(usize, Tensor)>>>,
+    ) -> Result<Tensor> {
         const OP: &str = "flash_attention";
         check_same(OP, self, k)?;
         check_same(OP, self, v)?;
@@ -111,17 +125,34 @@ impl Tensor {
         // sequences' starts, one per batch row's position) as an f32 buffer.
         let gpu = self.device().is_gpu();
         let (qc, kc, vc) = if gpu { (self.compact()?, k.compact()?, v.compact()?) } else { (self.clone(), k.clone(), v.clone()) };
-        let keep = match (&spec.keep, &spec.starts, gpu) {
-            (Some(keep), _, true) => {
-                let f: Vec<f32> = keep.iter().map(|&x| f32::from(u8::from(x))).collect();
-                Some(Tensor::from_vec(f, &[keep.len()], self.device())?)
+        let upload = || -> Result<Option<Tensor>> {
+            Ok(match (&spec.keep, &spec.starts) {
+                (Some(keep), _) => {
+                    let f: Vec<f32> = keep.iter().map(|&x| f32::from(u8::from(x))).collect();
+                    Some(Tensor::from_vec(f, &[keep.len()], self.device())?)
+                }
+                (None, Some(starts)) => {
+                    let f: Vec<f32> = (0..dims.b).flat_map(|_| starts.iter().map(|&s| s as f32)).collect();
+                    let n = f.len();
+                    Some(Tensor::from_vec(f, &[n], self.device())?)
+                }
+                _ => None,
+            })
+        };
+        let keep = match (gpu, device_mask) {
+            (false, _) => None,
+            (true, None) => upload()?,
+            (true, Some(slot)) => {
+                let mut memo = slot.lock().unwrap_or_else(|e| e.into_inner());
+                match &*memo {
+                    Some((b, t)) if *b == dims.b && t.device() == self.device() => Some(t.clone()),
+                    _ => {
+                        let t = upload()?;
+                        *memo = t.clone().map(|t| (dims.b, t));
+                        t
+                    }
+                }
             }
-            (None, Some(starts), true) => {
-                let f: Vec<f32> = (0..dims.b).flat_map(|_| starts.iter().map(|&s| s as f32)).collect();
-                let n = f.len();
-                Some(Tensor::from_vec(f, &[n], self.device())?)
-            }
-            _ => None,
         };
         let keep_st = keep.as_ref().map(|t| t.storage_arc());
         let (o, lse) = qc.storage_arc().flash_attention(
