@@ -142,6 +142,32 @@ fn gpu_packed_forward_matches_the_cpu() {
     }
 }
 
+/// A padded batch that does not pack (too little padding) reads its padding mask from the GPU
+/// once a forward: the packing decision's read serves the masks of the global and the local
+/// layers (each would read it again, a sync each).
+#[test]
+fn gpu_padding_flags_are_read_once_a_forward() {
+    if common::gpu_device().is_none() {
+        return;
+    }
+    use tinytune::backend::gpu::{AdapterKind, GpuDevice};
+    let own = GpuDevice::new(AdapterKind::Software).or_else(|_| GpuDevice::new(AdapterKind::Hardware)).unwrap();
+    let gpu = Device::Gpu(own.clone());
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for name in ["tiny-llama", "tiny-gemma3"] {
+        let model = models::load(dir.join(name), &gpu).unwrap();
+        let (b, t) = (3usize, 8usize);
+        // One padding position of 24: below the 1/8 that packing needs.
+        let keep: Vec<f32> = (0..b * t).map(|i| f32::from(u8::from(i != b * t - 1))).collect();
+        let ids = Tensor::from_vec((0..b * t).map(|i| (5 + 3 * i as u32) % 50).collect::<Vec<u32>>(), &[b, t], &gpu).unwrap();
+        let kt = Tensor::from_vec(keep, &[b, t], &gpu).unwrap();
+        let before = own.memory_stats().bytes_downloaded;
+        let logits = model.forward(&ids, Some(&kt)).unwrap();
+        assert_eq!(own.memory_stats().bytes_downloaded - before, (4 * b * t) as u64, "{name}: one read of the [b, t] f32 mask");
+        drop(logits);
+    }
+}
+
 /// The mask of packed sequences in the fused kernel and the composed reference (CPU, f64), and
 /// the GPU's fused kernel against the CPU, forward and backward.
 #[test]

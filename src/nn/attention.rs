@@ -80,6 +80,15 @@ impl Mask {
         self
     }
 
+    /// The same with `keep`'s flags already read to the host (`x ≠ 0`, row after row), so the
+    /// fused kernel's description does not read them again (a GPU sync); `None` changes nothing.
+    pub(crate) fn with_keep_flags(self, flags: Option<Vec<bool>>) -> Mask {
+        if let Some(f) = flags {
+            *self.keep_host.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+        }
+        self
+    }
+
     /// The same with a sliding window of `window` keys (`None`: full attention).
     pub fn with_window(mut self, window: Option<usize>) -> Mask {
         self.window = window;

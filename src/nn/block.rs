@@ -384,16 +384,23 @@ impl Decoder {
         if h.rank() != 3 {
             return Err(Error::Shape { op: "decoder", msg: format!("hidden states must be [batch, seq, hidden], got {:?}", h.shape()) });
         }
+        // The padding flags when the packing decision read them: the masks reuse them.
+        let mut flags = None;
         if cache.is_none() && !all {
-            if let Some(p) = self.packing(&h, keep)? {
+            if let Some(p) = self.packing(&h, keep, &mut flags)? {
                 return self.forward_packed(h, p);
             }
         }
         let t = h.shape()[1];
         let start = cache.as_ref().map_or(0, |c| c.len()) + self.positions_before();
         let real_start = cache.as_ref().map_or(0, |c| c.len());
-        let (sh, local) =
-            self.shared(&h, start, t, |cos, sin| Ok((cos, sin)), |window| Mask::causal(real_start, keep).with_window(window))?;
+        let (sh, local) = self.shared(
+            &h,
+            start,
+            t,
+            |cos, sin| Ok((cos, sin)),
+            |window| Mask::causal(real_start, keep).with_window(window).with_keep_flags(flags.clone()),
+        )?;
         let (h, mut states) = self.run_blocks(h, &sh, local.as_ref(), cache.as_deref_mut(), all)?;
         if let Some(c) = cache {
             c.advance(t);
@@ -462,8 +469,9 @@ impl Decoder {
     /// How to run this batch padding-free, or `None` to run it as it is: for a
     /// fresh forward (no cache) of several right-padded rows (each row's real tokens first)
     /// with at least 1/8 of the positions padding, when no method puts positions or virtual
-    /// tokens before the real ones; `TINYTUNE_PACK=off` turns it off.
-    fn packing(&self, h: &Tensor, keep: Option<&Tensor>) -> Result<Option<Packing>> {
+    /// tokens before the real ones; `TINYTUNE_PACK=off` turns it off. `flags_out` gets
+    /// `keep`'s flags (`x ≠ 0`) when they were read to decide, for the masks to reuse.
+    fn packing(&self, h: &Tensor, keep: Option<&Tensor>, flags_out: &mut Option<Vec<bool>>) -> Result<Option<Packing>> {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let on = *ON.get_or_init(|| std::env::var("TINYTUNE_PACK").map_or(true, |v| v != "off")) && !UNPACKED.with(|u| u.get());
         let (b, t) = (h.shape()[0], h.shape()[1]);
@@ -475,6 +483,7 @@ impl Decoder {
             return Ok(None);
         }
         let flags = keep.to_vec_f64()?;
+        *flags_out = Some(flags.iter().map(|&x| x != 0.0).collect());
         let mut lengths = Vec::with_capacity(b);
         for row in flags.chunks(t) {
             let len = row.iter().take_while(|&&x| x != 0.0).count();
