@@ -232,22 +232,6 @@ impl QMatrix {
         Ok(QMatrix { data, scales, ..self.clone() })
     }
 
-    /// Decode block `blk` of row `row` into `out` (`block_size()` values).
-    fn decode_block(&self, row: usize, blk: usize, out: &mut [f32]) {
-        let bs = self.format.block_size();
-        let g = row * (self.cols / bs) + blk;
-        match (&self.format, &self.scales) {
-            (QFormat::Ggml(t), _) => {
-                let ts = t.type_size();
-                let decode = ggml::block_decoder(*t).expect("a QMatrix holds a decodable block format");
-                decode(&self.data[g * ts..(g + 1) * ts], out);
-            }
-            (QFormat::Nf4, Scales::Nf4(a)) => nf4::decode_block(&self.data[g * bs / 2..(g + 1) * bs / 2], a.get(g), out),
-            (QFormat::Int8, Scales::Rows(s)) => int8::decode(&self.data[g * bs..(g + 1) * bs], s[row], out),
-            _ => unreachable!("QMatrix::quantize/from_ggml pair each format with its scales"),
-        }
-    }
-
     /// `out[i] = W[row] · a[i]` for a few vectors `a` of `cols` values: the product of decoding
     /// a token. Each block of the row is decoded into registers (a stack block, never a row
     /// buffer) and multiplied as it is decoded, with eight partial sums per vector; on x86-64
@@ -432,6 +416,7 @@ impl QMatrix {
         debug_assert!(row < self.rows && start + out.len() <= self.cols);
         let bs = self.format.block_size();
         let end = start + out.len();
+        // The whole blocks inside the range are `first..last`.
         let (first, last) = (start.next_multiple_of(bs), end / bs * bs);
         // A block cut by the range: decode all of it, keep `lo..hi` of the row.
         let part = |lo: usize, hi: usize, out: &mut [f32]| {
@@ -440,20 +425,16 @@ impl QMatrix {
             self.decode_blocks(row, b0 / bs, &mut tmp[..bs]);
             out.copy_from_slice(&tmp[lo - b0..hi - b0]);
         };
-        if first >= last {
-            // No whole block inside: at most two cut ones.
-            let mut col = start;
-            while col < end {
-                let hi = (col / bs * bs + bs).min(end);
-                part(col, hi, &mut out[col - start..hi - start]);
-                col = hi;
-            }
-            return;
+        if first > last {
+            // Inside one block.
+            return part(start, end, out);
         }
         if start < first {
             part(start, first, &mut out[..first - start]);
         }
-        self.decode_blocks(row, first / bs, &mut out[first - start..last - start]);
+        if first < last {
+            self.decode_blocks(row, first / bs, &mut out[first - start..last - start]);
+        }
         if last < end {
             part(last, end, &mut out[last - start..]);
         }
@@ -461,7 +442,7 @@ impl QMatrix {
 
     /// Whole blocks `blk, blk + 1, …` of row `row` into `out` (a multiple of the block size):
     /// the GGML formats in one pass over the row's bytes, compiled for AVX2 where that
-    /// measured faster; NF4 and int8 block by block.
+    /// measured faster; NF4 and int8 block by block with their scales.
     fn decode_blocks(&self, row: usize, blk: usize, out: &mut [f32]) {
         let bs = self.format.block_size();
         debug_assert!(out.len() % bs == 0);
@@ -482,7 +463,12 @@ impl QMatrix {
             return ggml::decode_into(t, bytes, out);
         }
         for (i, o) in out.chunks_exact_mut(bs).enumerate() {
-            self.decode_block(row, blk + i, o);
+            let g = row * (self.cols / bs) + blk + i;
+            match (&self.format, &self.scales) {
+                (QFormat::Nf4, Scales::Nf4(a)) => nf4::decode_block(&self.data[g * bs / 2..(g + 1) * bs / 2], a.get(g), o),
+                (QFormat::Int8, Scales::Rows(s)) => int8::decode(&self.data[g * bs..(g + 1) * bs], s[row], o),
+                _ => unreachable!("QMatrix::quantize/from_ggml pair each format with its scales"),
+            }
         }
     }
 
