@@ -8,8 +8,8 @@
 
 mod common;
 
-use tinytune::backend::gpu::{AdapterKind, MatmulKernel};
-use tinytune::{CmpOp, CrossEntropyReduction, DType, Device, Error, GpuDevice, Result, Rng, RopeLayout, Tensor};
+use tinytune::backend::gpu::MatmulKernel;
+use tinytune::{CmpOp, CrossEntropyReduction, DType, Device, Error, Result, Rng, RopeLayout, Tensor};
 
 fn gpu() -> Option<Device> {
     common::gpu_device()
@@ -240,7 +240,7 @@ fn matmul_tiles_batches_and_transposes() {
     gpu_or_skip!();
     // Both kernels, each on a device of its own.
     for kernel in [MatmulKernel::Tiled, MatmulKernel::Registers] {
-        let dev = GpuDevice::new(AdapterKind::Software).or_else(|_| GpuDevice::new(AdapterKind::Hardware)).unwrap();
+        let dev = common::own_gpu();
         dev.set_matmul_kernel(kernel);
         eprintln!("matmul kernel {kernel:?}");
         matmul_cases(&Device::Gpu(dev));
@@ -438,8 +438,7 @@ fn mlp_gradients_match_the_cpu() {
 #[test]
 fn memory_is_counted_and_limits_are_errors() {
     gpu_or_skip!();
-    let dev =
-        GpuDevice::new(AdapterKind::Software).or_else(|_| GpuDevice::new(AdapterKind::Hardware)).expect("an adapter (one was found above)");
+    let dev = common::own_gpu();
     let d = Device::Gpu(dev.clone());
     let s0 = dev.memory_stats();
     assert_eq!(s0.live_bytes, 0);
@@ -473,15 +472,17 @@ fn memory_is_counted_and_limits_are_errors() {
     assert!(counts.iter().any(|(k, c)| *k == "fill" && c.dispatches >= 2), "{counts:?}");
     drop(x);
     // A product's tiles re-read its operands; its unique bytes are the operands and the output.
-    let before = |k: &str, c: &[(&str, tinytune::backend::gpu::KernelCount)]| {
-        c.iter()
-            .filter(|(n, _)| n.starts_with(k))
+    // (requested read, unique read, unique written, dispatches) of the matmul kernels so far.
+    let matmul_totals = || {
+        dev.kernel_counts()
+            .iter()
+            .filter(|(n, _)| n.starts_with("matmul"))
             .fold((0, 0, 0, 0), |s, (_, c)| (s.0 + c.bytes_read, s.1 + c.unique_read, s.2 + c.unique_written, s.3 + c.dispatches))
     };
-    let was = before("matmul", &dev.kernel_counts());
+    let was = matmul_totals();
     let (a, b) = (Tensor::ones(&[64, 48], DType::F32, &d).unwrap(), Tensor::ones(&[48, 80], DType::F32, &d).unwrap());
     let y = a.matmul(&b).unwrap();
-    let now = before("matmul", &dev.kernel_counts());
+    let now = matmul_totals();
     assert_eq!(now.3 - was.3, 1, "one product launch");
     assert_eq!((now.1 - was.1, now.2 - was.2), (4 * (64 * 48 + 48 * 80), 4 * 64 * 80));
     assert!(now.0 - was.0 > now.1 - was.1, "the tiles re-read the operands");
@@ -563,7 +564,7 @@ fn matmul_with_16_bit_weights_dequantised_in_the_kernel() {
     use tinytune::layout::Layout;
     gpu_or_skip!();
     for kernel in [MatmulKernel::Tiled, MatmulKernel::Registers] {
-        let dev = GpuDevice::new(AdapterKind::Software).or_else(|_| GpuDevice::new(AdapterKind::Hardware)).unwrap();
+        let dev = common::own_gpu();
         dev.set_matmul_kernel(kernel);
         let g = Device::Gpu(dev);
         for dt in [DType::F16, DType::BF16] {

@@ -6,9 +6,8 @@ mod common;
 use std::collections::HashMap;
 
 use common::gpu_device;
-use tinytune::backend::gpu::AdapterKind;
 use tinytune::optim::{clip_grad_norm, grad_norm, AdamW, AdamWConfig, Optimizer, ParamGroup, Schedule, ScheduleKind, Sgd, SgdConfig};
-use tinytune::{DType, Device, Error, GpuDevice, Tensor};
+use tinytune::{DType, Device, Error, Tensor};
 
 /// Deterministic "random" values in about [-1, 1].
 fn vals(n: usize, seed: u64) -> Vec<f64> {
@@ -530,8 +529,7 @@ fn gpu_updates_and_clipping_stay_on_the_device() {
         return;
     }
     // A private device, so the transfer counters see only this test.
-    let g =
-        GpuDevice::new(AdapterKind::Software).or_else(|_| GpuDevice::new(AdapterKind::Hardware)).expect("an adapter (one was found above)");
+    let g = common::own_gpu();
     let dev = Device::Gpu(g.clone());
     let n = 4096;
     let w = param(&vals(n, 1), &[64, 64], DType::F32, &dev);

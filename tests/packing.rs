@@ -150,8 +150,7 @@ fn gpu_padding_flags_are_read_once_a_forward() {
     if common::gpu_device().is_none() {
         return;
     }
-    use tinytune::backend::gpu::{AdapterKind, GpuDevice};
-    let own = GpuDevice::new(AdapterKind::Software).or_else(|_| GpuDevice::new(AdapterKind::Hardware)).unwrap();
+    let own = common::own_gpu();
     let gpu = Device::Gpu(own.clone());
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     for name in ["tiny-llama", "tiny-gemma3"] {
@@ -228,8 +227,7 @@ fn packed_attention_mask_fused_matches_composed() {
             // second call with this mask uploads nothing, a fresh mask with the same starts
             // uploads them again, once per batch row. On a device of its own, so that other
             // tests' uploads do not count.
-            use tinytune::backend::gpu::{AdapterKind, GpuDevice};
-            let own = GpuDevice::new(AdapterKind::Software).or_else(|_| GpuDevice::new(AdapterKind::Hardware)).unwrap();
+            let own = common::own_gpu();
             let od = Device::Gpu(own.clone());
             let (qo, ko, vo) = (
                 q.to_dtype(DType::F32).unwrap().to_device(&od).unwrap(),

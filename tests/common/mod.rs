@@ -369,12 +369,22 @@ pub fn dispatches(dev: &tinytune::GpuDevice, name: &str) -> u64 {
     dev.kernel_counts().iter().filter(|(k, _)| *k == name).map(|(_, c)| c.dispatches).sum()
 }
 
-/// A GPU device of its own running `kernel` (both matmul kernel families are tested wherever
-/// the adapter is): the software adapter when there is one, else the hardware one.
+/// A GPU device of its own, so that its counters (transfers, dispatches, memory) see only the
+/// calling test: the software adapter when there is one, else the hardware one. Call it after
+/// a GPU was found.
+#[allow(dead_code)]
+pub fn own_gpu() -> tinytune::GpuDevice {
+    use tinytune::backend::gpu::AdapterKind;
+    tinytune::GpuDevice::new(AdapterKind::Software)
+        .or_else(|_| tinytune::GpuDevice::new(AdapterKind::Hardware))
+        .expect("an adapter (one was found before)")
+}
+
+/// A GPU device of its own (see [`own_gpu`]) running `kernel` (both matmul kernel families are
+/// tested wherever the adapter is).
 #[allow(dead_code)]
 pub fn gpu_with_kernel(kernel: tinytune::backend::gpu::MatmulKernel) -> Device {
-    use tinytune::backend::gpu::AdapterKind;
-    let dev = tinytune::GpuDevice::new(AdapterKind::Software).or_else(|_| tinytune::GpuDevice::new(AdapterKind::Hardware)).unwrap();
+    let dev = own_gpu();
     dev.set_matmul_kernel(kernel);
     Device::Gpu(dev)
 }

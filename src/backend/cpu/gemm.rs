@@ -1523,11 +1523,9 @@ mod tests {
         }
     }
 
-    /// `accumulate` adds the product to what C holds, on every path (tiny, skinny, blocked with
-    /// ragged edges and several k blocks), f32 and f64.
     /// A frozen weight read through a decoder (here f32 rows cut at any point): the decoded
     /// product in both orders (`A Wᵀ`, `A W`) equals the strided one, through the blocked path
-    /// and the skinny one, for every kernel this CPU runs.
+    /// and the skinny one, with the kernel this CPU picks (NEON when built for AArch64).
     #[test]
     fn decoded_products_equal_the_dense_ones() {
         struct Rows(usize, usize, Vec<f32>);
@@ -1561,6 +1559,8 @@ mod tests {
         }
     }
 
+    /// `accumulate` adds the product to what C holds, on every path (tiny, skinny, blocked with
+    /// ragged edges and several k blocks), f32 and f64.
     #[test]
     fn accumulate_adds_to_c() {
         for &(m, n, k) in &[(3, 5, 4), (2, 300, 200), (33, 65, 17), (130, 70, 600), (4, 6, 0)] {
