@@ -20,7 +20,8 @@ pub fn exp_f32(x: f32) -> f32 {
     // Round to nearest by adding and subtracting 1.5·2²³ (no `floor`: SSE2 has no instruction
     // for it, and a libm call would stop the loop from vectorising).
     const MAGIC: f32 = 12_582_912.0;
-    let n = (xc * LOG2E + MAGIC) - MAGIC;
+    let t = xc * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = P[0];
     for c in &P[1..] {
@@ -29,7 +30,11 @@ pub fn exp_f32(x: f32) -> f32 {
     let y = p * r * r + r + 1.0;
     // 2ⁿ as two factors 2^⌊n/2⌋ · 2^⌈n/2⌉: n reaches 128 near the top of the range, one past
     // the largest exponent a single normal float can hold.
-    let (n1, n2) = ((n as i32) >> 1, (n as i32) - ((n as i32) >> 1));
+    // n as an integer from t's bits (t = 1.5·2²³ + n, |n| ≤ 128, so n sits in the low bits of
+    // its mantissa): one vector subtraction, where `n as i32` (a saturating conversion)
+    // compiles to a scalar conversion and two conditional moves per lane.
+    let ni = t.to_bits() as i32 - MAGIC.to_bits() as i32;
+    let (n1, n2) = (ni >> 1, ni - (ni >> 1));
     let v = y * f32::from_bits(((n1 + 127) as u32) << 23) * f32::from_bits(((n2 + 127) as u32) << 23);
     // The clamp mapped the tails into range; put the true limits (and NaN) back.
     if x < -87.336_55 {
