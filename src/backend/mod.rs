@@ -550,16 +550,9 @@ impl Storage {
             }
             match self {
                 Storage::Cpu(x) => {
+                    // A 16-bit or quantised base weight is decoded as the product packs it.
                     let (w, xd, a, b) = (w.cpu(OP, self)?, xd.cpu(OP, self)?, a.cpu(OP, self)?, b.cpu(OP, self)?);
-                    // A 16-bit base weight is widened first, as `Tensor::matmul` does on the CPU.
-                    let widened;
-                    let (w, wl) = if w.dtype() != x.dtype() {
-                        widened = (w.cast(w_layout, x.dtype())?, Layout::contiguous(&[m, k]));
-                        (&widened.0, &widened.1)
-                    } else {
-                        (w, w_layout)
-                    };
-                    let (y, u) = x.lora_linear(layout, w, wl, xd, xd_layout, a, a_layout, b, b_layout, scale)?;
+                    let (y, u) = x.lora_linear(layout, w, w_layout, xd, xd_layout, a, a_layout, b, b_layout, scale)?;
                     Ok((Storage::Cpu(y), Storage::Cpu(u)))
                 }
                 Storage::Gpu(x) => {
