@@ -20,16 +20,60 @@
 //! ```
 //!
 //! Memory: O and L are kept (O(T) per head); the scratch is `TILE × tk` per task. The products
-//! are the blocked GEMM's; the row work (scale, mask, exp, normalise) is one pass over the tile.
+//! are the blocked GEMM's, with K and V of each kv head (and their transposes) packed once into
+//! its panels ([`PackedB`]) and read in place by every query tile of every head sharing them,
+//! instead of being packed again for each tile's product; the row work (scale, mask, exp,
+//! normalise) is one pass over the tile.
 //! Tested against the composed `softmax(q kᵀ/√d + bias) v` (tests/attention.rs).
 
 use rayon::prelude::*;
 
+use super::gemm::PackedB;
 use super::{fold_slice, row_max, GemmFloat};
 use crate::dtype::Float;
 
 /// Query rows per task.
 const TILE: usize = 64;
+
+/// Above this many query rows, the keys and values of each kv head are packed into the GEMM's
+/// panels once and every tile of every query head that shares them reads them in place; at
+/// this many or fewer (decoding a token against a KV cache) a product reads them unpacked,
+/// since packing would copy the whole cache for one use.
+const PACK_ABOVE_ROWS: usize = 4;
+
+/// K or V of one kv head (or its transpose) as the right operand of the tile products.
+enum Rhs<'a, T: GemmFloat> {
+    Packed(PackedB<T>),
+    InPlace { b: &'a [T], rs: usize, cs: usize },
+}
+
+impl<'a, T: GemmFloat> Rhs<'a, T> {
+    /// B (k×n, element (p, j) at `b[p*rs + j*cs]`), packed when `pack`.
+    fn new(pack: bool, k: usize, n: usize, b: &'a [T], rs: usize, cs: usize) -> Self {
+        if pack {
+            Rhs::Packed(T::pack_b(k, n, b, rs, cs))
+        } else {
+            Rhs::InPlace { b, rs, cs }
+        }
+    }
+
+    /// A product's first column is a multiple of this (the packed panels' width).
+    fn align(&self) -> usize {
+        match self {
+            Rhs::Packed(p) => p.panel_width(),
+            Rhs::InPlace { .. } => 1,
+        }
+    }
+
+    /// `C (+)= A · B[k0..k0+k, j0..j0+n]`, A m×k row-major with row stride `lda`.
+    #[allow(clippy::too_many_arguments)]
+    fn mul(&self, m: usize, n: usize, k: usize, a: &[T], lda: usize, k0: usize, j0: usize, c: &mut [T], acc: bool) {
+        match self {
+            Rhs::Packed(p) => T::gemm_packed_into(m, n, k, a, lda, 1, p, k0, j0, c, acc),
+            Rhs::InPlace { b, rs, cs } => T::gemm_into(m, n, k, a, lda, 1, &b[k0 * rs + j0 * cs..], *rs, *cs, c, acc),
+        }
+    }
+}
 
 /// Which keys each query sees (the rule of `nn::Mask`, with the prefix and the padding made
 /// explicit), and the score scale.
@@ -177,6 +221,7 @@ fn with_scratch<T: Float, R>(n: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
 
 /// Turn one masked score row into probabilities in place; returns its log-sum-exp (−∞ for a
 /// row that sees nothing, which becomes uniform).
+#[inline(always)]
 fn softmax_row<T: Float>(row: &mut [T], tk: usize) -> T {
     let m = row_max(row);
     if m == T::neg_infinity() {
@@ -263,28 +308,38 @@ fn backward_tile<T: Float>(p: &mut [T], ds: &mut [T], kn: usize, tk: usize, lse:
 
 /// Forward: `(O [b, h, tq, d], L [b, h, tq])`.
 pub fn forward<T: GemmFloat>(q: &[T], k: &[T], v: &[T], dims: Dims, spec: &AttnSpec) -> (Vec<T>, Vec<T>) {
-    let Dims { b: _, h, hk, tq, tk, d } = dims;
+    let Dims { b, h, hk, tq, tk, d } = dims;
     let rep = h / hk;
     let mut o = vec![T::ZERO; q.len()];
     let mut lse = vec![T::ZERO; q.len() / d.max(1)];
     if q.is_empty() || d == 0 {
         return (o, lse);
     }
+    // Kᵀ (B[p, j] = k[j·d + p]) and V of each kv head, packed once for all its query tiles.
+    let pack = tq > PACK_ABOVE_ROWS;
+    let kv: Vec<(Rhs<T>, Rhs<T>)> = (0..b * hk)
+        .into_par_iter()
+        .map(|g| {
+            let (kg, vg) = (&k[g * tk * d..(g + 1) * tk * d], &v[g * tk * d..(g + 1) * tk * d]);
+            (Rhs::new(pack, d, tk, kg, 1, d), Rhs::new(pack, tk, d, vg, d, 1))
+        })
+        .collect();
     o.par_chunks_mut(tq * d).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (o_bh, l_bh))| {
         let (bi, hi) = (bh / h, bh % h);
-        let g = bi * hk + hi / rep;
-        let (kg, vg) = (&k[g * tk * d..(g + 1) * tk * d], &v[g * tk * d..(g + 1) * tk * d]);
+        let (kt, vg) = &kv[bi * hk + hi / rep];
         let qh = &q[bh * tq * d..(bh + 1) * tq * d];
         o_bh.par_chunks_mut(TILE * d).zip(l_bh.par_chunks_mut(TILE)).enumerate().for_each(|(t, (o_t, l_t))| {
             let (i0, rows) = (t * TILE, l_t.len());
             let (kmin, kmax) = spec.key_range(bi, i0, i0 + rows, &dims);
+            // From a panel's first key: the keys before kmin are masked like any unseen key.
+            let kmin = kmin / kt.align() * kt.align();
             let kn = kmax - kmin;
             with_scratch(rows * kn, |s: &mut [T]| {
-                // S = Q_I K[kmin..kmax]ᵀ: B[p, j] = k[(kmin + j)·d + p].
-                T::gemm(rows, kn, d, &qh[i0 * d..], d, 1, &kg[kmin * d..], 1, d, s);
+                // S = Q_I K[kmin..kmax]ᵀ.
+                kt.mul(rows, kn, d, &qh[i0 * d..], d, 0, kmin, s, false);
                 spec.mask_tile(s, bi, i0, kmin, kn, &dims);
                 softmax_tile(s, kn, tk, l_t);
-                T::gemm(rows, d, kn, s, kn, 1, &vg[kmin * d..], d, 1, o_t);
+                vg.mul(rows, d, kn, s, kn, kmin, 0, o_t, false);
             });
         });
     });
@@ -316,6 +371,9 @@ pub fn backward<T: GemmFloat>(
         |(g, (dq_g, (dk_g, dv_g)))| {
             let bi = g / hk;
             let (kg, vg) = (&k[g * per_g..(g + 1) * per_g], &v[g * per_g..(g + 1) * per_g]);
+            // Kᵀ, Vᵀ and K of this kv head, packed once for its query heads' tiles.
+            let pack = tq > PACK_ABOVE_ROWS;
+            let (kt, vt, kk) = (Rhs::new(pack, d, tk, kg, 1, d), Rhs::new(pack, d, tk, vg, 1, d), Rhs::new(pack, tk, d, kg, d, 1));
             for r in 0..rep {
                 let bh = g * rep + r;
                 let rows = bh * tq * d..(bh + 1) * tq * d;
@@ -325,21 +383,22 @@ pub fn backward<T: GemmFloat>(
                 for i0 in (0..tq).step_by(TILE) {
                     let rows = TILE.min(tq - i0);
                     let (kmin, kmax) = spec.key_range(bi, i0, i0 + rows, &dims);
+                    let kmin = kmin / kt.align() * kt.align();
                     let kn = kmax - kmin;
                     let (q_i, o_i, go_i) = (&qh[i0 * d..(i0 + rows) * d], &oh[i0 * d..(i0 + rows) * d], &goh[i0 * d..(i0 + rows) * d]);
                     with_scratch(2 * rows * kn, |buf: &mut [T]| {
                         let (p, ds) = buf.split_at_mut(rows * kn);
                         // P, recomputed.
-                        T::gemm(rows, kn, d, q_i, d, 1, &kg[kmin * d..], 1, d, p);
+                        kt.mul(rows, kn, d, q_i, d, 0, kmin, p, false);
                         spec.mask_tile(p, bi, i0, kmin, kn, &dims);
                         // dP = dO_I V[kmin..kmax]ᵀ, then P and dS from it in one pass.
-                        T::gemm(rows, kn, d, go_i, d, 1, &vg[kmin * d..], 1, d, ds);
+                        vt.mul(rows, kn, d, go_i, d, 0, kmin, ds, false);
                         let lse_i = &lh[i0..i0 + rows];
                         backward_tile(p, ds, kn, tk, lse_i, go_i, o_i, d, T::from_f64(spec.scale));
                         // dV[kmin..kmax] += Pᵀ dO_I.
                         T::gemm_into(kn, d, rows, p, 1, kn, go_i, d, 1, &mut dv_g[kmin * d..kmax * d], true);
                         // dQ_I = dS K[kmin..kmax];  dK[kmin..kmax] += dSᵀ Q_I.
-                        T::gemm(rows, d, kn, ds, kn, 1, &kg[kmin * d..], d, 1, &mut dq_h[i0 * d..(i0 + rows) * d]);
+                        kk.mul(rows, d, kn, ds, kn, kmin, 0, &mut dq_h[i0 * d..(i0 + rows) * d], false);
                         T::gemm_into(kn, d, rows, ds, 1, kn, q_i, d, 1, &mut dk_g[kmin * d..kmax * d], true);
                     });
                 }

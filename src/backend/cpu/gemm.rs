@@ -59,6 +59,11 @@
 //! Rows/columns beyond the matrix are packed as zeros; the kernel then computes a full tile
 //! into a small stack buffer and only the valid part is copied to C.
 //!
+//! A B that many products reuse can be packed once, whole ([`PackedB`]: the same panels with
+//! all k rows, so panel `q` row `p` is at `q·NR·k + p·NR`); a product with it
+//! ([`gemm_f32_packed`]) reads any rows of any panels in place and packs only A. The fused
+//! attention packs each head's keys and values so, for all its query tiles.
+//!
 //! # Parallelism
 //!
 //! The output is cut into a few rectangles per rayon thread (halving the longer of m and n
@@ -224,7 +229,7 @@ pub fn gemm_f32_with(
             gemm_generic::<f32, 8, 12>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
         }
         _ => {
-            let plan = Plan { kc: 256, mc: 128, nc: 2048, kernel: kernel_portable::<f32, 4, 16> };
+            let plan = PORTABLE_F32;
             gemm_generic::<f32, 4, 16>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
         }
     }
@@ -305,7 +310,7 @@ pub fn gemm_f32_decoded(
             run_blocked::<f32, 8, 12>(m, n, k, a, a_rs, a_cs, b, c, plan, accumulate)
         }
         _ => {
-            let plan = Plan { kc: 256, mc: 128, nc: 2048, kernel: kernel_portable::<f32, 4, 16> };
+            let plan = PORTABLE_F32;
             run_blocked::<f32, 4, 16>(m, n, k, a, a_rs, a_cs, b, c, plan, accumulate)
         }
     }
@@ -409,6 +414,197 @@ pub fn gemm_f64_into(
     }
     let plan = Plan { kc: 256, mc: 96, nc: 1024, kernel: kernel_portable::<f64, 4, 8> };
     gemm_generic::<f64, 4, 8>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
+}
+
+/// B (k×n) packed once into the micro-kernel's column panels, for a B that many products
+/// reuse — the keys and values of one attention head, multiplied by every tile of queries of
+/// every head that shares them. Layout: panel `q` holds columns `q·NR..q·NR + NR` of all k
+/// rows, `B[p][q·NR + j]` at `q·NR·k + p·NR + j` (zero past column n), so any rows
+/// `k0..k0 + kb` of a panel are one contiguous run and a product over them reads B in place:
+/// it packs only A. NR is the tile width of the kernel this CPU runs (16 for AVX2).
+pub struct PackedB<T> {
+    data: Vec<T>,
+    /// Index of the first panel in `data` (a 64-byte boundary, as the packing scratch).
+    start: usize,
+    k: usize,
+    n: usize,
+    nr: usize,
+}
+
+impl<T> PackedB<T> {
+    /// Rows of B.
+    pub fn rows(&self) -> usize {
+        self.k
+    }
+
+    /// Columns of B.
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+
+    /// The panel width: the first column of a product with this B is a multiple of it.
+    pub fn panel_width(&self) -> usize {
+        self.nr
+    }
+
+    /// Row `p` of panel `q`.
+    ///
+    /// # Safety
+    /// `q < ceil(n/NR)` and `p < k` (or `p == k` for an empty run).
+    unsafe fn panel(&self, q: usize, p: usize) -> *const T {
+        // SAFETY: by the contract the offset is inside `data`.
+        unsafe { self.data.as_ptr().add(self.start + q * self.nr * self.k + p * self.nr) }
+    }
+}
+
+/// Pack B (element (p, j) at `b[p*rs + j*cs]`) for panels of width `NR`.
+fn pack_whole<T: Elem, const NR: usize>(k: usize, n: usize, b: &[T], rs: usize, cs: usize) -> PackedB<T> {
+    let len = n.div_ceil(NR) * NR * k;
+    if len == 0 {
+        return PackedB { data: Vec::new(), start: 0, k, n, nr: NR };
+    }
+    assert!(matches!(last_index(k, n, rs, cs), Some(l) if l < b.len()), "gemm: B slice too short for its shape");
+    let pad = ALIGN / std::mem::size_of::<T>();
+    let mut data: Vec<T> = Vec::with_capacity(len + pad);
+    let start = data.as_ptr().align_offset(ALIGN).min(pad);
+    // SAFETY: `start + len ≤ capacity`; `pack_b` writes every element of the
+    // ceil(n/NR)·NR·k panels (zeros past column n) and reads B inside its checked shape, so
+    // the first `start + len` elements are initialised once the padding is written too.
+    unsafe {
+        pack_b::<T, NR>(k, n, b, 0, rs, cs, data.as_mut_ptr().add(start));
+        for i in 0..start {
+            data.as_mut_ptr().add(i).write(T::ZERO);
+        }
+        data.set_len(start + len);
+    }
+    PackedB { data, start, k, n, nr: NR }
+}
+
+impl PackedB<f32> {
+    /// Pack B (k×n, element (p, j) at `b[p*rs + j*cs]`) for this CPU's f32 kernel
+    /// ([`F32Kernel::best`]).
+    pub fn f32(k: usize, n: usize, b: &[f32], rs: usize, cs: usize) -> PackedB<f32> {
+        match F32Kernel::best() {
+            F32Kernel::Avx512 => pack_whole::<_, 32>(k, n, b, rs, cs),
+            F32Kernel::Neon => pack_whole::<_, 12>(k, n, b, rs, cs),
+            F32Kernel::Avx2 | F32Kernel::Portable => pack_whole::<_, 16>(k, n, b, rs, cs),
+        }
+    }
+}
+
+impl PackedB<f64> {
+    /// Pack B for the f64 kernel (panels of 8 columns).
+    pub fn f64(k: usize, n: usize, b: &[f64], rs: usize, cs: usize) -> PackedB<f64> {
+        pack_whole::<_, 8>(k, n, b, rs, cs)
+    }
+}
+
+/// The checks of a product with a packed B, shared by both element types: C is m×n
+/// contiguous, B's rows `k0..k0+k` and columns `j0..j0+n` exist and `j0` starts a panel; false
+/// when there is nothing to multiply (C already settled).
+#[allow(clippy::too_many_arguments)]
+fn packed_checks<T: Elem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    a_rs: usize,
+    a_cs: usize,
+    b: &PackedB<T>,
+    k0: usize,
+    j0: usize,
+    c: &mut [T],
+    acc: bool,
+) -> bool {
+    assert!(k0 + k <= b.k && j0 + n <= b.n, "gemm: rows {k0}..{} and columns {j0}..{} of a packed {}×{} B", k0 + k, j0 + n, b.k, b.n);
+    assert!(j0.is_multiple_of(b.nr), "gemm: column {j0} of a packed B does not start a panel of {}", b.nr);
+    if m == 0 || n == 0 {
+        return false;
+    }
+    let mn = m.checked_mul(n).expect("gemm: m*n overflows usize");
+    assert!(c.len() >= mn, "gemm: C has {} elements, needs {}", c.len(), mn);
+    if k == 0 {
+        if !acc {
+            c[..mn].fill(T::ZERO);
+        }
+        return false;
+    }
+    assert!(matches!(last_index(m, k, a_rs, a_cs), Some(l) if l < a.len()), "gemm: A slice too short for its shape");
+    true
+}
+
+/// `C (+)= A · B[k0..k0+k, j0..j0+n]` with B packed once ([`PackedB::f32`]); A is m×k through
+/// strides, C is m×n contiguous, as in [`gemm_f32_into`]. `j0` is a multiple of
+/// [`PackedB::panel_width`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32_packed(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &PackedB<f32>,
+    k0: usize,
+    j0: usize,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    if !packed_checks(m, n, k, a, a_rs, a_cs, b, k0, j0, c, accumulate) {
+        return;
+    }
+    let op = BOperand::Packed { b, k0, j0 };
+    let c = &mut c[..m * n];
+    match (F32Kernel::best(), b.nr) {
+        #[cfg(target_arch = "x86_64")]
+        (F32Kernel::Avx512, 32) => {
+            run_blocked::<f32, 12, 32>(m, n, k, a, a_rs, a_cs, op, c, f32_plan(12, 32, x86::kernel_f32_12x32), accumulate)
+        }
+        #[cfg(target_arch = "x86_64")]
+        (F32Kernel::Avx2, 16) => {
+            run_blocked::<f32, 6, 16>(m, n, k, a, a_rs, a_cs, op, c, f32_plan(6, 16, x86::kernel_f32_6x16), accumulate)
+        }
+        #[cfg(target_arch = "aarch64")]
+        (F32Kernel::Neon, 12) => {
+            run_blocked::<f32, 8, 12>(m, n, k, a, a_rs, a_cs, op, c, f32_plan(8, 12, neon::kernel_f32_8x12), accumulate)
+        }
+        (F32Kernel::Portable, 16) => {
+            let plan = PORTABLE_F32;
+            run_blocked::<f32, 4, 16>(m, n, k, a, a_rs, a_cs, op, c, plan, accumulate)
+        }
+        (kernel, nr) => panic!("gemm: B packed in panels of {nr} for another kernel than {kernel:?}"),
+    }
+}
+
+/// [`gemm_f32_packed`] in double precision ([`PackedB::f64`]).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f64_packed(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f64],
+    a_rs: usize,
+    a_cs: usize,
+    b: &PackedB<f64>,
+    k0: usize,
+    j0: usize,
+    c: &mut [f64],
+    accumulate: bool,
+) {
+    if !packed_checks(m, n, k, a, a_rs, a_cs, b, k0, j0, c, accumulate) {
+        return;
+    }
+    let op = BOperand::Packed { b, k0, j0 };
+    let c = &mut c[..m * n];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            let plan = Plan { kc: 256, mc: 96, nc: 1024, kernel: x86::kernel_f64_6x8 };
+            return run_blocked::<f64, 6, 8>(m, n, k, a, a_rs, a_cs, op, c, plan, accumulate);
+        }
+    }
+    let plan = Plan { kc: 256, mc: 96, nc: 1024, kernel: kernel_portable::<f64, 4, 8> };
+    run_blocked::<f64, 4, 8>(m, n, k, a, a_rs, a_cs, op, c, plan, accumulate)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -533,6 +729,9 @@ fn f32_plan(mr: usize, nr: usize, kernel: Kernel<f32>) -> Plan<f32> {
     let (kc, mc, nc) = b[i];
     Plan { kc, mc, nc, kernel }
 }
+
+/// The portable f32 kernel's plan (constants: it runs where nothing is known of the caches).
+const PORTABLE_F32: Plan<f32> = Plan { kc: 256, mc: 128, nc: 2048, kernel: kernel_portable::<f32, 4, 16> };
 
 /// Largest MR·NR of any kernel below (sizes the edge-tile stack buffer).
 const MAX_TILE: usize = 384;
@@ -756,6 +955,12 @@ enum BOperand<'s, T> {
         w: &'s dyn RowDecoder,
         transposed: bool,
     },
+    /// Rows `k0..` and columns `j0..` (a multiple of the panel width) of a B packed once.
+    Packed {
+        b: &'s PackedB<T>,
+        k0: usize,
+        j0: usize,
+    },
 }
 
 /// Everything about one product that is shared by all tasks.
@@ -815,7 +1020,7 @@ fn split<T: Elem, const MR: usize, const NR: usize>(
     }
     let kc = plan.kc.min(op.k);
     let a_len = plan.mc.min(m).div_ceil(MR) * MR * kc;
-    let b_len = plan.nc.min(n).div_ceil(NR) * NR * kc;
+    let b_len = if matches!(op.b, BOperand::Packed { .. }) { 0 } else { plan.nc.min(n).div_ceil(NR) * NR * kc };
     with_scratch::<T, _>(a_len, b_len, |apack, bpack| {
         // SAFETY: this rectangle of C is touched by this task only (the recursion above hands
         // out disjoint rectangles); `apack`/`bpack` hold a_len/b_len elements, the sizes
@@ -887,21 +1092,31 @@ unsafe fn gemm_serial<T: Elem, const MR: usize, const NR: usize>(
         let nb = nc.min(j1 - jc);
         for pc in (0..k).step_by(kc) {
             let kb = kc.min(k - pc);
-            match op.b {
-                // SAFETY: bpack is big enough for nb (≤ NC) columns of kb (≤ KC) rows; all
-                // source indices lie inside the bounds-checked shape of B.
-                BOperand::Strided { b, rs, cs } => unsafe { pack_b::<T, NR>(kb, nb, b, pc * rs + jc * cs, rs, cs, bpack) },
-                // SAFETY: as above; the decoded rows and segments lie inside W's shape.
-                BOperand::Decoded { w, transposed } => unsafe { pack_b_decoded::<T, NR>(kb, nb, pc, jc, w, transposed, bpack) },
-            }
+            // The first B micro-panel of this block and the distance between panels.
+            let (b_block, b_stride): (*const T, usize) = match op.b {
+                BOperand::Strided { b, rs, cs } => {
+                    // SAFETY: bpack is big enough for nb (≤ NC) columns of kb (≤ KC) rows; all
+                    // source indices lie inside the bounds-checked shape of B.
+                    unsafe { pack_b::<T, NR>(kb, nb, b, pc * rs + jc * cs, rs, cs, bpack) };
+                    (bpack, NR * kb)
+                }
+                BOperand::Decoded { w, transposed } => {
+                    // SAFETY: as above; the decoded rows and segments lie inside W's shape.
+                    unsafe { pack_b_decoded::<T, NR>(kb, nb, pc, jc, w, transposed, bpack) };
+                    (bpack, NR * kb)
+                }
+                // SAFETY: j0 + jc is a multiple of NR (j0 is, and the splits and NC are) and
+                // rows k0 + pc.. k0 + pc + kb of those panels exist (checked on entry).
+                BOperand::Packed { b, k0, j0 } => (unsafe { b.panel((j0 + jc) / NR, k0 + pc) }, NR * b.k),
+            };
             for ic in (i0..i1).step_by(mc) {
                 let mb = mc.min(i1 - ic);
                 // SAFETY: as for B, with mb ≤ MC rows.
                 unsafe { pack_a::<T, MR>(mb, kb, op.a, ic * op.a_rs + pc * op.a_cs, op.a_rs, op.a_cs, apack) };
                 for jr in (0..nb).step_by(NR) {
                     let cols = NR.min(nb - jr);
-                    // SAFETY: panel jr/NR starts at jr*kb < the packed length.
-                    let bp = unsafe { bpack.add(jr * kb) };
+                    // SAFETY: panel jr/NR of this block is inside the packed B.
+                    let bp = unsafe { b_block.add(jr / NR * b_stride) };
                     for ir in (0..mb).step_by(MR) {
                         let rows = MR.min(mb - ir);
                         // SAFETY: in-bounds panel offset, as above.
@@ -1466,6 +1681,59 @@ mod tests {
                 assert!((g32 - w).abs() <= tol(f32::EPSILON as f64), "f32 {kernel:?} {m}x{n}x{k} {la:?}/{lb:?} at {idx}: {g32} vs {w}");
             }
         }
+    }
+
+    /// A product with a packed B — any rows `k0..k0+k`, columns from a panel's first — equals
+    /// the strided product over the same part of B, in f64 and f32, overwriting or adding,
+    /// with B packed from each layout, ragged panels, large enough to split across threads.
+    #[test]
+    fn packed_b_products_equal_the_strided_ones() {
+        for (kb, nb, lb) in [(64, 53, Lay::Row), (64, 53, Lay::Col), (300, 97, Lay::Col), (37, 700, Lay::Row), (530, 600, Lay::Col)] {
+            let (b_rs, b_cs) = strides(lb, kb, nb);
+            let b = fill(needed(kb, nb, b_rs, b_cs), (kb * 7 + nb) as u64);
+            let b32: Vec<f32> = b.iter().map(|&x| x as f32).collect();
+            let (p64, p32) = (PackedB::f64(kb, nb, &b, b_rs, b_cs), PackedB::f32(kb, nb, &b32, b_rs, b_cs));
+            assert_eq!((p32.rows(), p32.cols()), (kb, nb));
+            let w = p32.panel_width();
+            for (m, k0, k, jp) in [(1, 0, kb, 0), (7, 3, kb - 3, 1), (64, kb / 2, kb - kb / 2, 0), (301, 0, kb, nb / w / 2)] {
+                let (j0_64, j0_32) = (jp * 8, jp * w);
+                for (j0, tol, is32) in [(j0_64, 1e-12, false), (j0_32, 1e-4, true)] {
+                    let n = nb - j0;
+                    let a = fill(m * k, (m + k) as u64);
+                    let want = reference(m, n, k, &a, k, 1, &b[k0 * b_rs + j0 * b_cs..], b_rs, b_cs);
+                    let c0 = fill(m * n, 9);
+                    for acc in [false, true] {
+                        let got: Vec<f64> = if is32 {
+                            let a32: Vec<f32> = a.iter().map(|&x| x as f32).collect();
+                            let mut c: Vec<f32> = c0.iter().map(|&x| x as f32).collect();
+                            gemm_f32_packed(m, n, k, &a32, k, 1, &p32, k0, j0, &mut c, acc);
+                            c.iter().map(|&x| x as f64).collect()
+                        } else {
+                            let mut c = c0.clone();
+                            gemm_f64_packed(m, n, k, &a, k, 1, &p64, k0, j0, &mut c, acc);
+                            c
+                        };
+                        for i in 0..m * n {
+                            let expect = want[i] + if acc { c0[i] } else { 0.0 };
+                            assert!(
+                                (got[i] - expect).abs() <= tol * (k as f64).sqrt(),
+                                "{kb}x{nb} {lb:?} m {m} rows {k0}+{k} cols {j0}+{n} f32 {is32} acc {acc} at {i}: {} vs {expect}",
+                                got[i]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "does not start a panel")]
+    fn packed_b_columns_start_a_panel() {
+        let b = vec![1f32; 64 * 40];
+        let p = PackedB::f32(64, 40, &b, 40, 1);
+        let mut c = vec![0f32; 2 * 39];
+        gemm_f32_packed(2, 39, 64, &[1f32; 128], 64, 1, &p, 0, 1, &mut c, false);
     }
 
     #[test]

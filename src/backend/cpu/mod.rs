@@ -511,6 +511,23 @@ pub trait GemmFloat: Float {
     fn gemm(m: usize, n: usize, k: usize, a: &[Self], a_rs: usize, a_cs: usize, b: &[Self], b_rs: usize, b_cs: usize, c: &mut [Self]) {
         Self::gemm_into(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, false)
     }
+    /// B (k×n, element (p, j) at `b[p*rs + j*cs]`) packed once for [`GemmFloat::gemm_packed_into`].
+    fn pack_b(k: usize, n: usize, b: &[Self], rs: usize, cs: usize) -> gemm::PackedB<Self>;
+    /// `C (+)= A · B[k0..k0+k, j0..j0+n]` with a packed B (see [`gemm::gemm_f32_packed`]).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_packed_into(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[Self],
+        a_rs: usize,
+        a_cs: usize,
+        b: &gemm::PackedB<Self>,
+        k0: usize,
+        j0: usize,
+        c: &mut [Self],
+        acc: bool,
+    );
 }
 impl GemmFloat for f32 {
     fn gemm_into(
@@ -528,6 +545,24 @@ impl GemmFloat for f32 {
     ) {
         gemm::gemm_f32_into(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, acc)
     }
+    fn pack_b(k: usize, n: usize, b: &[f32], rs: usize, cs: usize) -> gemm::PackedB<f32> {
+        gemm::PackedB::f32(k, n, b, rs, cs)
+    }
+    fn gemm_packed_into(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        a_rs: usize,
+        a_cs: usize,
+        b: &gemm::PackedB<f32>,
+        k0: usize,
+        j0: usize,
+        c: &mut [f32],
+        acc: bool,
+    ) {
+        gemm::gemm_f32_packed(m, n, k, a, a_rs, a_cs, b, k0, j0, c, acc)
+    }
 }
 impl GemmFloat for f64 {
     fn gemm_into(
@@ -544,6 +579,24 @@ impl GemmFloat for f64 {
         acc: bool,
     ) {
         gemm::gemm_f64_into(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, acc)
+    }
+    fn pack_b(k: usize, n: usize, b: &[f64], rs: usize, cs: usize) -> gemm::PackedB<f64> {
+        gemm::PackedB::f64(k, n, b, rs, cs)
+    }
+    fn gemm_packed_into(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f64],
+        a_rs: usize,
+        a_cs: usize,
+        b: &gemm::PackedB<f64>,
+        k0: usize,
+        j0: usize,
+        c: &mut [f64],
+        acc: bool,
+    ) {
+        gemm::gemm_f64_packed(m, n, k, a, a_rs, a_cs, b, k0, j0, c, acc)
     }
 }
 
