@@ -2,7 +2,8 @@
 //! "elements/s" where one element is one flop), softmax and layer norm at model-like shapes
 //! (bytes/s), and the one-token products of decoding (`decode_1x…`: one row against a frozen
 //! weight of every storage, f32 the reference measured in the same run), and attention forward
-//! + backward, fused against composed (`attention/…`). Run
+//! + backward, fused against composed (`attention/…`), and the rank-8 products of a LoRA site
+//! (`lora_r8_f32/…`). Run
 //! `cargo bench --bench ops`; compare with `scripts/bench_reference.py`, which times
 //! NumPy/OpenBLAS on the same shapes in the same session.
 
@@ -42,6 +43,23 @@ fn matmul(c: &mut Criterion) {
         g.bench_function(format!("{shape}/dx"), |bch| bch.iter(|| dy.matmul(&w).unwrap()));
         g.bench_function(format!("{shape}/dw"), |bch| bch.iter(|| dyt.matmul(&x).unwrap()));
     }
+    g.finish();
+    // The rank-8 products of a LoRA site (576 → 576) on 512 tokens, as its step runs them:
+    // `u = x Aᵀ` ([512, 8]), `dA = (dy B)ᵀ x` ([8, 576]), `dB = dyᵀ u` ([576, 8]).
+    let mut g = c.benchmark_group("lora_r8_f32");
+    g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    let (x, a, dy, dyb, u) = (
+        randn(&[512, 576], &mut rng),
+        randn(&[8, 576], &mut rng),
+        randn(&[512, 576], &mut rng),
+        randn(&[512, 8], &mut rng),
+        randn(&[512, 8], &mut rng),
+    );
+    let (at, dybt, dyt) = (a.t().unwrap(), dyb.t().unwrap(), dy.t().unwrap());
+    g.throughput(Throughput::Elements((2 * 512 * 576 * 8) as u64));
+    g.bench_function("u=x·At", |bch| bch.iter(|| x.matmul(&at).unwrap()));
+    g.bench_function("dA=(dyB)t·x", |bch| bch.iter(|| dybt.matmul(&x).unwrap()));
+    g.bench_function("dB=dyt·u", |bch| bch.iter(|| dyt.matmul(&u).unwrap()));
     g.finish();
 }
 

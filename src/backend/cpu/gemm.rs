@@ -751,8 +751,12 @@ struct Plan<T> {
 /// would cost more than they save.
 const SMALL_MNK: usize = 32 * 1024;
 
-/// A task (rectangle of C) smaller than this many multiply-adds (about 0.1 ms of work) is not
-/// split further across threads.
+/// A product of fewer multiply-adds than this (tens of µs of work) runs on one thread; above
+/// it, it is cut into one task per thread at least.
+const MIN_SPLIT_MNK: usize = 1 << 20;
+
+/// Beyond one task per thread, a product is cut into more (up to [`TASKS_PER_THREAD`] each)
+/// only while every task keeps at least this many multiply-adds (about 0.1 ms of work).
 const MIN_TASK_MNK: usize = 4 << 20;
 
 /// How many tasks per rayon thread a large product is cut into.
@@ -830,8 +834,12 @@ fn run_blocked<T: Elem, const MR: usize, const NR: usize>(
 ) {
     let op = Operands { a, a_rs, a_cs, b, c: SendPtr(c.as_mut_ptr()), ldc: n, k, acc };
     // A few tasks per thread rather than exactly one: rayon's work stealing then evens out
-    // cores that are slowed by other work, for a few percent of duplicated packing.
-    let leaves = rayon::current_num_threads().max(1) * TASKS_PER_THREAD;
+    // cores that are slowed by other work, for a few percent of duplicated packing. But one
+    // task per thread already from MIN_SPLIT_MNK on: the rank-r products of LoRA (~2 M
+    // multiply-adds) ran on one core.
+    let threads = rayon::current_num_threads().max(1);
+    let work = m.saturating_mul(n).saturating_mul(k);
+    let leaves = if work < 2 * MIN_SPLIT_MNK { 1 } else { (work / MIN_TASK_MNK).clamp(threads, threads * TASKS_PER_THREAD) };
     split::<T, MR, NR>(&op, &plan, 0, m, 0, n, leaves);
 }
 
@@ -994,7 +1002,7 @@ fn split<T: Elem, const MR: usize, const NR: usize>(
 ) {
     let (m, n) = (i1 - i0, j1 - j0);
     let work = m.saturating_mul(n).saturating_mul(op.k);
-    if leaves >= 2 && work >= 2 * MIN_TASK_MNK {
+    if leaves >= 2 && work >= 2 * MIN_SPLIT_MNK {
         let left = leaves / 2;
         // Cut `len` at a multiple of `unit` near the fraction left/leaves, never empty.
         let cut_at = |len: usize, unit: usize| {
