@@ -94,6 +94,42 @@ use std::ops::{Add, Mul};
 // Public entry points
 // ---------------------------------------------------------------------------------------------
 
+/// Run `$body` with the register tile (`$mr`×`$nr`, constants) and the cache plan (`$plan`) of
+/// the f32 kernel family `$kernel`: the one place that maps a family to its micro-kernel.
+macro_rules! with_f32_kernel {
+    ($kernel:expr, |$plan:ident, $mr:ident, $nr:ident| $body:expr) => {
+        match $kernel {
+            #[cfg(target_arch = "x86_64")]
+            F32Kernel::Avx512 => {
+                const $mr: usize = 12;
+                const $nr: usize = 32;
+                let $plan = f32_plan($mr, $nr, x86::kernel_f32_12x32);
+                $body
+            }
+            #[cfg(target_arch = "x86_64")]
+            F32Kernel::Avx2 => {
+                const $mr: usize = 6;
+                const $nr: usize = 16;
+                let $plan = f32_plan($mr, $nr, x86::kernel_f32_6x16);
+                $body
+            }
+            #[cfg(target_arch = "aarch64")]
+            F32Kernel::Neon => {
+                const $mr: usize = 8;
+                const $nr: usize = 12;
+                let $plan = f32_plan($mr, $nr, neon::kernel_f32_8x12);
+                $body
+            }
+            _ => {
+                const $mr: usize = 4;
+                const $nr: usize = 16;
+                let $plan = PORTABLE_F32;
+                $body
+            }
+        }
+    };
+}
+
 /// The f32 micro-kernel family: AVX-512 (a 12×32 tile in 24 zmm accumulators), AVX2 + FMA
 /// (6×16 in 12 ymm), NEON on 64-bit ARM (8×12 in 24 q registers: Apple silicon, Graviton), or
 /// the portable one (4×16, auto-vectorised). [`F32Kernel::best`] picks AVX-512 on Intel CPUs
@@ -212,27 +248,7 @@ pub fn gemm_f32_with(
     accumulate: bool,
 ) {
     assert!(kernel.runs(), "gemm: {kernel:?} does not run on this CPU");
-    match kernel {
-        #[cfg(target_arch = "x86_64")]
-        F32Kernel::Avx512 => {
-            let plan = f32_plan(12, 32, x86::kernel_f32_12x32);
-            gemm_generic::<f32, 12, 32>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
-        }
-        #[cfg(target_arch = "x86_64")]
-        F32Kernel::Avx2 => {
-            let plan = f32_plan(6, 16, x86::kernel_f32_6x16);
-            gemm_generic::<f32, 6, 16>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
-        }
-        #[cfg(target_arch = "aarch64")]
-        F32Kernel::Neon => {
-            let plan = f32_plan(8, 12, neon::kernel_f32_8x12);
-            gemm_generic::<f32, 8, 12>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
-        }
-        _ => {
-            let plan = PORTABLE_F32;
-            gemm_generic::<f32, 4, 16>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
-        }
-    }
+    with_f32_kernel!(kernel, |plan, MR, NR| gemm_generic::<f32, MR, NR>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate))
 }
 
 /// A matrix whose rows are decoded on demand — a quantised or half-precision frozen weight
@@ -293,27 +309,7 @@ pub fn gemm_f32_decoded(
         gemm_skinny_decoded(m, n, k, a, a_rs, a_cs, w, transposed, c, accumulate);
         return;
     }
-    match F32Kernel::best() {
-        #[cfg(target_arch = "x86_64")]
-        F32Kernel::Avx512 => {
-            let plan = f32_plan(12, 32, x86::kernel_f32_12x32);
-            run_blocked::<f32, 12, 32>(m, n, k, a, a_rs, a_cs, b, c, plan, accumulate)
-        }
-        #[cfg(target_arch = "x86_64")]
-        F32Kernel::Avx2 => {
-            let plan = f32_plan(6, 16, x86::kernel_f32_6x16);
-            run_blocked::<f32, 6, 16>(m, n, k, a, a_rs, a_cs, b, c, plan, accumulate)
-        }
-        #[cfg(target_arch = "aarch64")]
-        F32Kernel::Neon => {
-            let plan = f32_plan(8, 12, neon::kernel_f32_8x12);
-            run_blocked::<f32, 8, 12>(m, n, k, a, a_rs, a_cs, b, c, plan, accumulate)
-        }
-        _ => {
-            let plan = PORTABLE_F32;
-            run_blocked::<f32, 4, 16>(m, n, k, a, a_rs, a_cs, b, c, plan, accumulate)
-        }
-    }
+    with_f32_kernel!(F32Kernel::best(), |plan, MR, NR| run_blocked::<f32, MR, NR>(m, n, k, a, a_rs, a_cs, b, c, plan, accumulate))
 }
 
 /// [`gemm_skinny`] for a decoded W: `C[i][j] = A[i]·W[j]` decodes each row of W once for all
@@ -484,11 +480,7 @@ impl PackedB<f32> {
     /// Pack B (k×n, element (p, j) at `b[p*rs + j*cs]`) for this CPU's f32 kernel
     /// ([`F32Kernel::best`]).
     pub fn f32(k: usize, n: usize, b: &[f32], rs: usize, cs: usize) -> PackedB<f32> {
-        match F32Kernel::best() {
-            F32Kernel::Avx512 => pack_whole::<_, 32>(k, n, b, rs, cs),
-            F32Kernel::Neon => pack_whole::<_, 12>(k, n, b, rs, cs),
-            F32Kernel::Avx2 | F32Kernel::Portable => pack_whole::<_, 16>(k, n, b, rs, cs),
-        }
+        with_f32_kernel!(F32Kernel::best(), |_plan, _MR, NR| pack_whole::<_, NR>(k, n, b, rs, cs))
     }
 }
 
@@ -555,25 +547,10 @@ pub fn gemm_f32_packed(
     }
     let op = BOperand::Packed { b, k0, j0 };
     let c = &mut c[..m * n];
-    match (F32Kernel::best(), b.nr) {
-        #[cfg(target_arch = "x86_64")]
-        (F32Kernel::Avx512, 32) => {
-            run_blocked::<f32, 12, 32>(m, n, k, a, a_rs, a_cs, op, c, f32_plan(12, 32, x86::kernel_f32_12x32), accumulate)
-        }
-        #[cfg(target_arch = "x86_64")]
-        (F32Kernel::Avx2, 16) => {
-            run_blocked::<f32, 6, 16>(m, n, k, a, a_rs, a_cs, op, c, f32_plan(6, 16, x86::kernel_f32_6x16), accumulate)
-        }
-        #[cfg(target_arch = "aarch64")]
-        (F32Kernel::Neon, 12) => {
-            run_blocked::<f32, 8, 12>(m, n, k, a, a_rs, a_cs, op, c, f32_plan(8, 12, neon::kernel_f32_8x12), accumulate)
-        }
-        (F32Kernel::Portable, 16) => {
-            let plan = PORTABLE_F32;
-            run_blocked::<f32, 4, 16>(m, n, k, a, a_rs, a_cs, op, c, plan, accumulate)
-        }
-        (kernel, nr) => panic!("gemm: B packed in panels of {nr} for another kernel than {kernel:?}"),
-    }
+    with_f32_kernel!(F32Kernel::best(), |plan, MR, NR| {
+        assert_eq!(b.nr, NR, "gemm: B packed in panels of {} for another kernel than this CPU's", b.nr);
+        run_blocked::<f32, MR, NR>(m, n, k, a, a_rs, a_cs, op, c, plan, accumulate)
+    })
 }
 
 /// [`gemm_f32_packed`] in double precision ([`PackedB::f64`]).
