@@ -130,6 +130,38 @@ macro_rules! with_f32_kernel {
     };
 }
 
+/// [`with_f32_kernel!`] for f64: AVX2 + FMA (6×8) where the CPU has them, else the portable
+/// kernel (4×8).
+macro_rules! with_f64_kernel {
+    (|$plan:ident, $mr:ident, $nr:ident| $body:expr) => {
+        match f64_avx2() {
+            #[cfg(target_arch = "x86_64")]
+            true => {
+                const $mr: usize = 6;
+                const $nr: usize = 8;
+                let $plan = Plan { kc: 256, mc: 96, nc: 1024, kernel: x86::kernel_f64_6x8 };
+                $body
+            }
+            _ => {
+                const $mr: usize = 4;
+                const $nr: usize = 8;
+                let $plan = Plan { kc: 256, mc: 96, nc: 1024, kernel: kernel_portable::<f64, 4, 8> };
+                $body
+            }
+        }
+    };
+}
+
+/// Whether the f64 AVX2 + FMA kernel runs on this CPU.
+fn f64_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// The f32 micro-kernel family: AVX-512 (a 12×32 tile in 24 zmm accumulators), AVX2 + FMA
 /// (6×16 in 12 ymm), NEON on 64-bit ARM (8×12 in 24 q registers: Apple silicon, Graviton), or
 /// the portable one (4×16, auto-vectorised). [`F32Kernel::best`] picks AVX-512 on Intel CPUs
@@ -290,20 +322,10 @@ pub fn gemm_f32_decoded(
     accumulate: bool,
 ) {
     let (k, n) = if transposed { (w.cols(), w.rows()) } else { (w.rows(), w.cols()) };
-    if m == 0 || n == 0 {
+    if !check_or_settle(m, n, k, a, a_rs, a_cs, c, accumulate) {
         return;
     }
-    let mn = m.checked_mul(n).expect("gemm: m*n overflows usize");
-    assert!(c.len() >= mn, "gemm: C has {} elements, needs {}", c.len(), mn);
-    let c = &mut c[..mn];
-    if k == 0 {
-        if !accumulate {
-            c.fill(0.0);
-        }
-        return;
-    }
-    let a_last = last_index(m, k, a_rs, a_cs);
-    assert!(matches!(a_last, Some(l) if l < a.len()), "gemm: A slice too short for its shape");
+    let c = &mut c[..m * n];
     let b = BOperand::Decoded { w, transposed };
     if m <= SKINNY_M {
         gemm_skinny_decoded(m, n, k, a, a_rs, a_cs, w, transposed, c, accumulate);
@@ -401,15 +423,7 @@ pub fn gemm_f64_into(
     c: &mut [f64],
     accumulate: bool,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            let plan = Plan { kc: 256, mc: 96, nc: 1024, kernel: x86::kernel_f64_6x8 };
-            return gemm_generic::<f64, 6, 8>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate);
-        }
-    }
-    let plan = Plan { kc: 256, mc: 96, nc: 1024, kernel: kernel_portable::<f64, 4, 8> };
-    gemm_generic::<f64, 4, 8>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate)
+    with_f64_kernel!(|plan, MR, NR| gemm_generic::<f64, MR, NR>(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, plan, accumulate))
 }
 
 /// B (k×n) packed once into the micro-kernel's column panels, for a B that many products
@@ -485,15 +499,34 @@ impl PackedB<f32> {
 }
 
 impl PackedB<f64> {
-    /// Pack B for the f64 kernel (panels of 8 columns).
+    /// Pack B for this CPU's f64 kernel.
     pub fn f64(k: usize, n: usize, b: &[f64], rs: usize, cs: usize) -> PackedB<f64> {
-        pack_whole::<_, 8>(k, n, b, rs, cs)
+        with_f64_kernel!(|_plan, _MR, NR| pack_whole::<_, NR>(k, n, b, rs, cs))
     }
 }
 
-/// The checks of a product with a packed B, shared by both element types: C is m×n
-/// contiguous, B's rows `k0..k0+k` and columns `j0..j0+n` exist and `j0` starts a panel; false
-/// when there is nothing to multiply (C already settled).
+/// The checks every product starts with: C holds m×n, A's last element lies inside its
+/// slice; with nothing to multiply (m, n or k zero) C is settled here (zeroed when not
+/// accumulating) and the result is false. Every unchecked read of A below is in bounds by it.
+#[allow(clippy::too_many_arguments)]
+fn check_or_settle<T: Elem>(m: usize, n: usize, k: usize, a: &[T], a_rs: usize, a_cs: usize, c: &mut [T], acc: bool) -> bool {
+    if m == 0 || n == 0 {
+        return false;
+    }
+    let mn = m.checked_mul(n).expect("gemm: m*n overflows usize");
+    assert!(c.len() >= mn, "gemm: C has {} elements, needs {}", c.len(), mn);
+    if k == 0 {
+        if !acc {
+            c[..mn].fill(T::ZERO);
+        }
+        return false;
+    }
+    assert!(matches!(last_index(m, k, a_rs, a_cs), Some(l) if l < a.len()), "gemm: A slice too short for its shape");
+    true
+}
+
+/// [`check_or_settle`] for a product with a packed B, whose rows `k0..k0+k` and columns
+/// `j0..j0+n` must exist, `j0` starting a panel.
 #[allow(clippy::too_many_arguments)]
 fn packed_checks<T: Elem>(
     m: usize,
@@ -510,19 +543,7 @@ fn packed_checks<T: Elem>(
 ) -> bool {
     assert!(k0 + k <= b.k && j0 + n <= b.n, "gemm: rows {k0}..{} and columns {j0}..{} of a packed {}×{} B", k0 + k, j0 + n, b.k, b.n);
     assert!(j0.is_multiple_of(b.nr), "gemm: column {j0} of a packed B does not start a panel of {}", b.nr);
-    if m == 0 || n == 0 {
-        return false;
-    }
-    let mn = m.checked_mul(n).expect("gemm: m*n overflows usize");
-    assert!(c.len() >= mn, "gemm: C has {} elements, needs {}", c.len(), mn);
-    if k == 0 {
-        if !acc {
-            c[..mn].fill(T::ZERO);
-        }
-        return false;
-    }
-    assert!(matches!(last_index(m, k, a_rs, a_cs), Some(l) if l < a.len()), "gemm: A slice too short for its shape");
-    true
+    check_or_settle(m, n, k, a, a_rs, a_cs, c, acc)
 }
 
 /// `C (+)= A · B[k0..k0+k, j0..j0+n]` with B packed once ([`PackedB::f32`]); A is m×k through
@@ -573,15 +594,7 @@ pub fn gemm_f64_packed(
     }
     let op = BOperand::Packed { b, k0, j0 };
     let c = &mut c[..m * n];
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            let plan = Plan { kc: 256, mc: 96, nc: 1024, kernel: x86::kernel_f64_6x8 };
-            return run_blocked::<f64, 6, 8>(m, n, k, a, a_rs, a_cs, op, c, plan, accumulate);
-        }
-    }
-    let plan = Plan { kc: 256, mc: 96, nc: 1024, kernel: kernel_portable::<f64, 4, 8> };
-    run_blocked::<f64, 4, 8>(m, n, k, a, a_rs, a_cs, op, c, plan, accumulate)
+    with_f64_kernel!(|plan, MR, NR| run_blocked::<f64, MR, NR>(m, n, k, a, a_rs, a_cs, op, c, plan, accumulate))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -764,22 +777,12 @@ fn gemm_generic<T: Elem, const MR: usize, const NR: usize>(
     plan: Plan<T>,
     acc: bool,
 ) {
-    if m == 0 || n == 0 {
+    if !check_or_settle(m, n, k, a, a_rs, a_cs, c, acc) {
         return;
     }
-    let mn = m.checked_mul(n).expect("gemm: m*n overflows usize");
-    assert!(c.len() >= mn, "gemm: C has {} elements, needs {}", c.len(), mn);
-    let c = &mut c[..mn];
-    if k == 0 {
-        if !acc {
-            c.fill(T::ZERO);
-        }
-        return;
-    }
-    // These two checks make every unchecked read below in bounds: all indices read are
-    // i*rs + p*cs with i, p inside the shape, hence at most the last index.
-    let a_last = last_index(m, k, a_rs, a_cs);
-    assert!(matches!(a_last, Some(l) if l < a.len()), "gemm: A slice too short for its shape");
+    let c = &mut c[..m * n];
+    // With A's check above, this makes every unchecked read below in bounds: all indices read
+    // are i*rs + p*cs with i, p inside the shape, hence at most the last index.
     let b_last = last_index(k, n, b_rs, b_cs);
     assert!(matches!(b_last, Some(l) if l < b.len()), "gemm: B slice too short for its shape");
 
