@@ -1,9 +1,10 @@
 //! Criterion benchmarks of the CPU kernels: matmul (GFLOP/s, reported by criterion as
 //! "elements/s" where one element is one flop), softmax and layer norm at model-like shapes
 //! (bytes/s), and the one-token products of decoding (`decode_1x…`: one row against a frozen
-//! weight of every storage, f32 the reference measured in the same run), and attention forward
-//! + backward, fused against composed (`attention/…`), and the rank-8 products of a LoRA site
-//! (`lora_r8_f32/…`). Run
+//! weight of every storage, f32 the reference measured in the same run), attention forward and
+//! backward, fused against composed (`attention/…`), the rank-8 products of a LoRA site
+//! (`lora_r8_f32/…`), and SmolLM2's linear shapes on 512 rows against a Q4_0 weight with the
+//! integer products on and off (`int8_dot/…`, AVX-512 VNNI CPUs). Run
 //! `cargo bench --bench ops`; compare with `scripts/bench_reference.py`, which times
 //! NumPy/OpenBLAS on the same shapes in the same session.
 
@@ -128,6 +129,33 @@ fn decode_products(c: &mut Criterion) {
     g.finish();
 }
 
+/// `x · Wᵀ` without a gradient at SmolLM2-135M's linear shapes on 512 rows (351 for the
+/// classification batch), W in Q4_0: the f32 product that decodes W as it packs it, and the
+/// integer one (`TINYTUNE_INT8_DOT`), in the same run. Skipped on CPUs without AVX-512 VNNI.
+fn int8_dot(c: &mut Criterion) {
+    use tinytune::backend::cpu::qgemm;
+    use tinytune::quant::{GgmlType, QFormat};
+    if !qgemm::supported() {
+        eprintln!("int8_dot: skipped, this CPU has no AVX-512 VNNI");
+        return;
+    }
+    let mut rng = Rng::new(5);
+    let mut g = c.benchmark_group("int8_dot");
+    g.sample_size(20).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    let _ng = tinytune::no_grad();
+    for (m, n, k) in [(512, 1536, 576), (512, 576, 1536), (351, 576, 576), (512, 192, 576)] {
+        let w = randn(&[n, k], &mut rng).quantize(QFormat::Ggml(GgmlType::Q4_0)).unwrap().t().unwrap();
+        let x = randn(&[m, k], &mut rng);
+        g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+        for (name, on) in [("f32", false), ("int8", true)] {
+            qgemm::set_enabled(on);
+            g.bench_function(format!("{m}x{n}x{k}_{name}"), |b| b.iter(|| x.matmul(&w).unwrap()));
+        }
+    }
+    qgemm::set_enabled(false);
+    g.finish();
+}
+
 /// Causal attention forward + backward of one SmolLM2-135M layer (9 query heads over 3 key/value
 /// heads of width 64, batch 1) at T = 128, 512, 2048: the fused CPU kernel (`nn::attention`)
 /// against the composed reference (`nn::attention_reference`: K/V repeated, the `[h, T, T]`
@@ -215,5 +243,5 @@ fn dequant_rows(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matmul, softmax_and_norms, decode_products, attention_fwd_bwd, glu, dequant_rows);
+criterion_group!(benches, matmul, softmax_and_norms, decode_products, int8_dot, attention_fwd_bwd, glu, dequant_rows);
 criterion_main!(benches);

@@ -860,7 +860,7 @@ fn gemm_small<T: Elem>(
 }
 
 /// Up to this many rows of A, products skip packing (see [`gemm_skinny`]).
-const SKINNY_M: usize = 4;
+pub(crate) const SKINNY_M: usize = 4;
 
 /// A few rows times a large matrix — decoding one token, `x · Wᵀ` with `x` of 1..4 rows. Packing
 /// B would copy the whole weight matrix to use each element only `m` times, so instead each C

@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod gemm;
 pub mod math;
+pub mod qgemm;
 
 /// Whether this CPU has AVX2, FMA and F16C (asked once): the level the hand-vectorised loops
 /// outside the GEMM (attention's softmax rows, quantised block decoding and products, 16-bit
@@ -740,6 +741,29 @@ fn matmul_decoded(a: &[f32], la: &Layout, rhs: &CpuStorage, lb: &Layout) -> Resu
     } else {
         return Ok(None);
     };
+    let (a_rs, a_cs) = (la.strides()[r - 2], la.strides()[r - 1]);
+    if let CpuStorage::Quant(q) = rhs {
+        // Evaluation and generation may multiply by int8 activations (see `qgemm`).
+        if transposed
+            && a_cs == 1
+            && m > gemm::SKINNY_M
+            && qgemm::enabled()
+            && !crate::autograd::is_grad_enabled()
+            && qgemm::supported()
+            && qgemm::handles(q)
+        {
+            if lb.offset() != 0 || rs != q.cols() || (rows, cols) != (q.rows(), q.cols()) {
+                return Err(quant_view_error("matmul", q, lb));
+            }
+            let panels = qgemm::panels_of(q);
+            let batch_a = Layout::new(la.shape()[..r - 2].to_vec(), la.strides()[..r - 2].to_vec(), la.offset());
+            let mut out = vec![0f32; batch_a.numel() * m * n];
+            for (c, oa) in out.chunks_mut(m * n).zip(batch_a.offsets()) {
+                qgemm::gemm_q(m, &a[oa..], a_rs, &panels, c);
+            }
+            return Ok(Some(out));
+        }
+    }
     let (h16, hb16);
     let dec: &dyn gemm::RowDecoder = match rhs {
         CpuStorage::Quant(q) => {
@@ -758,7 +782,6 @@ fn matmul_decoded(a: &[f32], la: &Layout, rhs: &CpuStorage, lb: &Layout) -> Resu
         }
         _ => return Ok(None),
     };
-    let (a_rs, a_cs) = (la.strides()[r - 2], la.strides()[r - 1]);
     let batch_a = Layout::new(la.shape()[..r - 2].to_vec(), la.strides()[..r - 2].to_vec(), la.offset());
     let mut out = vec![0f32; batch_a.numel() * m * n];
     if m * n == 0 {

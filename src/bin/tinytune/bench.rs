@@ -9,6 +9,10 @@
 //!   longest), LoRA r=8 on all seven projections plus a new 2-class head, AdamW.
 //! - `cls-eval`: the same batch forward only (no graph), as evaluation and `classify` run it.
 //! - `prefill`: one 512-token sequence forward only, the logits of every position.
+//! - `cls-eval-int8`, `prefill-int8`: the same with the integer products on
+//!   (`TINYTUNE_INT8_DOT=1`: activations rounded to int8 per block of 32, multiplied by the
+//!   Q4/Q8 weights as stored); CPUs with AVX-512 VNNI only, skipped elsewhere. PyTorch's side
+//!   is its f32 `cls-eval` / `prefill`.
 //! - `decode`: 64 tokens generated greedily one at a time with the KV cache after a 16-token
 //!   prompt (the prompt's prefill is not timed).
 //! - `full-step`: full fine-tuning, every weight trainable in f32; 4 × 128 tokens, mean
@@ -36,8 +40,20 @@ use tinytune::train::data::{DataKind, DataOptions, Dataset};
 use tinytune::train::{self, TrainConfig};
 use tinytune::{profile, CrossEntropyReduction, Device, Error, Result, Tensor};
 
-const CASES: [&str; 10] =
-    ["lora-step", "cls-step", "cls-eval", "prefill", "decode", "full-step", "linears", "attention-128", "attention-512", "attention-2048"];
+const CASES: [&str; 12] = [
+    "lora-step",
+    "cls-step",
+    "cls-eval",
+    "cls-eval-int8",
+    "prefill",
+    "prefill-int8",
+    "decode",
+    "full-step",
+    "linears",
+    "attention-128",
+    "attention-512",
+    "attention-2048",
+];
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -48,8 +64,9 @@ pub struct BenchArgs {
     /// {"text", "label"} lines for the classification cases [default: the cached movie reviews].
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Which cases, comma-separated: lora-step, cls-step, cls-eval, prefill, decode, full-step,
-    /// linears, attention-128, attention-512, attention-2048 [default: all].
+    /// Which cases, comma-separated: lora-step, cls-step, cls-eval, cls-eval-int8, prefill,
+    /// prefill-int8, decode, full-step, linears, attention-128, attention-512, attention-2048
+    /// [default: all].
     #[arg(long, value_delimiter = ',')]
     cases: Option<Vec<String>>,
     /// Timed repetitions of each case (their mean is reported).
@@ -317,6 +334,15 @@ fn run_kernel_case(case: &str, args: &BenchArgs, device: &Device) -> Result<Opti
 }
 
 fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device: &Device) -> Result<Measured> {
+    if let Some(base) = case.strip_suffix("-int8") {
+        // The same work with the integer products on, then as they were.
+        use tinytune::backend::cpu::qgemm;
+        let before = qgemm::enabled();
+        qgemm::set_enabled(true);
+        let m = run_case(base, model_path, data, args, device);
+        qgemm::set_enabled(before);
+        return m;
+    }
     if let Some(m) = run_kernel_case(case, args, device)? {
         return Ok(m);
     }
@@ -488,9 +514,14 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     note!("bench: {} on {device}, {threads} threads; {} timed after {} warm-up repetitions", model.display(), args.steps, args.warmup);
     let mut rows = Vec::new();
     for case in &cases {
+        let base_case = case.strip_suffix("-int8");
+        if base_case.is_some() && (device.is_gpu() || !tinytune::backend::cpu::qgemm::supported()) {
+            note!("bench: {case} skipped: the integer products run on CPUs with AVX-512 VNNI");
+            continue;
+        }
         let ours = run_case(case, &model, &data, &args, &device)?;
         let torch = match &args.python {
-            Some(py) => Some(run_torch(py, case, &data, &args, &device)?),
+            Some(py) => Some(run_torch(py, base_case.unwrap_or(case), &data, &args, &device)?),
             None => None,
         };
         let torch_s = torch.as_ref().and_then(|v| v["s_per_step"].as_f64());
