@@ -17,7 +17,7 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
 }
 
 /// `x` with every block of 32 along its last axis rounded as the kernel rounds it:
-/// `sx = max|x|/127`, `x ≈ sx · round(x/sx)`.
+/// `sx = max|x|/127`, `x ≈ sx · round(x/sx)` (ties to even).
 fn rounded(x: &Tensor) -> Tensor {
     let v: Vec<f32> = x
         .to_vec::<f32>()
@@ -25,7 +25,7 @@ fn rounded(x: &Tensor) -> Tensor {
         .chunks(32)
         .flat_map(|b| {
             let s = b.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
-            b.iter().map(move |&v| if s > 0.0 { (v * (1.0 / s)).round() * s } else { 0.0 }).collect::<Vec<_>>()
+            b.iter().map(move |&v| if s > 0.0 { (v * (1.0 / s)).round_ties_even() * s } else { 0.0 }).collect::<Vec<_>>()
         })
         .collect();
     Tensor::from_vec(v, x.shape(), &Device::Cpu).unwrap()

@@ -1,7 +1,7 @@
 //! `C = A · Wᵀ` with integer dot products, for a frozen GGML weight W (`Q4_0`, `Q4_1`,
 //! `Q8_0`) and an f32 A quantised on the fly, as llama.cpp computes it: each row of A is
-//! cut into blocks of 32 along k, and a block `x` becomes 32 int8 codes `xq` with one scale
-//! `sx = max|x| / 127` (`x ≈ sx · xq`). A weight block of 32 codes `u` (unsigned: a Q8_0 code
+//! cut into blocks of 32 along k, and a block `x` becomes 32 int8 codes `xq = round(x/sx)`
+//! (ties to even) with one scale `sx = max|x| / 127` (`x ≈ sx · xq`). A weight block of 32 codes `u` (unsigned: a Q8_0 code
 //! is stored plus 128) stands for `w = d · u + f`, where
 //!
 //! | format | d | f |
@@ -238,25 +238,42 @@ fn quantize_a(m: usize, k: usize, a: &[f32], a_rs: usize) -> QuantA {
     QuantA { codes, sx, zq }
 }
 
-/// One block of 32 to int8 codes: `(sx, Σ xq)`, `xq = round(x / sx)`, `sx = max|x| / 127`
-/// (codes and scale zero for a zero block). Written so it vectorises, compiled for AVX2
-/// (rounding one instruction, not a call).
+/// One block of 32 to int8 codes: `(sx, Σ xq)`, `xq = round(x / sx)` (ties to even, as the
+/// vector conversion rounds), `sx = max|x| / 127` (codes and scale zero for a zero block).
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA.
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, i32) {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    use std::arch::x86_64::*;
+    let p = x.as_ptr();
+    let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let a = v.map(|v| _mm256_and_ps(v, abs));
+    let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
     let s = amax / 127.0;
-    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-    let mut sum = 0i32;
-    for (o, &v) in q.iter_mut().zip(x) {
-        // |v·inv| ≤ 127; rounding half away from zero as f32::round does.
-        let r = (v * inv).round() as i32;
-        *o = r as i8;
-        sum += r;
-    }
+    let inv = _mm256_set1_ps(if s > 0.0 { 1.0 / s } else { 0.0 });
+    let r = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, inv)));
+    let sum = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
+    let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    let sum = _mm_add_epi32(sum, _mm_unpackhi_epi64(sum, sum));
+    let sum = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32(sum, 1)));
+    // Packing works within 128-bit halves: the bytes come out as groups of 4 in the order
+    // r0 r1 r2 r3 (first halves) then r0 r1 r2 r3 (second halves); one permute restores it.
+    let b = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+    let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, b);
     (s, sum)
+}
+
+/// Never called: [`supported`] is false off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn quantize_block(_: &[f32; QK], _: &mut [i8; QK]) -> (f32, i32) {
+    unreachable!("qgemm runs on x86-64 only")
 }
 
 /// `C = A · Wᵀ` (C m × n row-major, overwritten; A m × k with row stride `a_rs` and unit
@@ -394,6 +411,25 @@ mod x86 {
     }
 }
 
+/// Never called: [`supported`] is false off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+mod x86 {
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn kernel(
+        _: usize,
+        _: bool,
+        _: *const i8,
+        _: *const f32,
+        _: *const f32,
+        _: *const u8,
+        _: *const f32,
+        _: *const f32,
+        _: *mut f32,
+    ) {
+        unreachable!("qgemm runs on x86-64 only")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,7 +466,7 @@ mod tests {
             .chunks(QK)
             .flat_map(|x| {
                 let s = x.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
-                x.iter().map(move |&v| if s > 0.0 { (v * (1.0 / s)).round() as f64 * s as f64 } else { 0.0 })
+                x.iter().map(move |&v| if s > 0.0 { (v * (1.0 / s)).round_ties_even() as f64 * s as f64 } else { 0.0 })
             })
             .collect();
         let panels = QPanels::new(&q);
