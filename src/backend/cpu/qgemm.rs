@@ -22,7 +22,7 @@
 //! the exact product of the weights as stored with the rounded activations (to f32 rounding;
 //! each activation moves by at most sx/2), the same rounding llama.cpp does — an
 //! approximation, so it is opt-in ([`enabled`]) and only for products without a gradient:
-//! measured on SmolLM2-135M Q4_1, mean NLL 3.8750 → 3.8789 on 4,530 tokens of Austen.
+//! measured on SmolLM2-135M Q4_1, mean NLL 3.8750 → 3.8792 on 4,530 tokens of Austen.
 //!
 //! W is repacked once per matrix ([`panels_of`], 0.75 bytes a weight for the 4-bit formats)
 //! into panels of 16 rows of W (16 output columns), each 32-bit lane holding 4 consecutive
@@ -46,6 +46,11 @@ pub fn enabled() -> bool {
     match ENABLED.load(Ordering::Relaxed) {
         0 => {
             let on = std::env::var("TINYTUNE_INT8_DOT").is_ok_and(|v| v == "1");
+            if on && !supported() {
+                crate::say!(
+                    "tinytune: TINYTUNE_INT8_DOT=1 has no effect here: the integer products need AVX-512 VNNI, which this CPU lacks"
+                );
+            }
             ENABLED.store(if on { 2 } else { 1 }, Ordering::Relaxed);
             on
         }
