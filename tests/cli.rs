@@ -58,6 +58,11 @@ fn eval_and_generate_match_the_reference() {
     let v = json(&out);
     assert!((v["mean_nll"].as_f64().unwrap() - want_loss).abs() < 1e-5, "{v}");
     assert_eq!(v["tokens"], 12);
+    // --int8-dot is accepted and leaves f32 weights' products as they are (it applies to
+    // GGUF Q4_0/Q4_1/Q8_0 blocks only; tests/int8_dot.rs tests those).
+    let (ok, out, err) = tinytune(&["eval", "--model", &fixture("tiny-llama"), "--ids", &rows, "--device", "cpu", "--int8-dot", "--json"]);
+    assert!(ok, "{err}");
+    assert!((json(&out)["mean_nll"].as_f64().unwrap() - want_loss).abs() < 1e-5, "{out}");
 
     let greedy: Vec<i32> = r.load("greedy", &tinytune::Device::Cpu).unwrap().to_vec().unwrap();
     let prompt = ids[..5].iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
@@ -973,30 +978,40 @@ fn bench_times_every_case_profiles_and_reads_the_reference() {
     let v = json(&stdout);
     let cases = v["cases"].as_array().unwrap();
     let names: Vec<&str> = cases.iter().map(|c| c["case"].as_str().unwrap()).collect();
-    assert_eq!(
-        names,
-        [
-            "lora-step",
-            "cls-step",
-            "cls-eval",
-            "prefill",
-            "decode",
-            "full-step",
-            "linears",
-            "attention-128",
-            "attention-512",
-            "attention-2048"
-        ]
-    );
+    // The integer-product cases run where the CPU has AVX-512 VNNI, and say they are skipped
+    // elsewhere.
+    let int8 = tinytune::backend::cpu::qgemm::supported();
+    let want: Vec<&str> = [
+        ("lora-step", true),
+        ("cls-step", true),
+        ("cls-eval", true),
+        ("cls-eval-int8", int8),
+        ("prefill", true),
+        ("prefill-int8", int8),
+        ("decode", true),
+        ("full-step", true),
+        ("linears", true),
+        ("attention-128", true),
+        ("attention-512", true),
+        ("attention-2048", true),
+    ]
+    .into_iter()
+    .filter_map(|(c, runs)| runs.then_some(c))
+    .collect();
+    assert_eq!(names, want);
+    if !int8 {
+        assert!(err.contains("cls-eval-int8 skipped") && err.contains("prefill-int8 skipped"), "{err}");
+    }
     for c in cases {
         let s = c["s_per_step"].as_f64().unwrap();
         assert!(s > 0.0 && c["tokens"].as_u64().unwrap() > 0, "{c}");
         assert!((c["speedup"].as_f64().unwrap() - 2.0 / s).abs() < 1e-9 * (2.0 / s), "{c}");
     }
-    assert_eq!(cases[1]["tokens"], cases[2]["tokens"], "the step and the eval see the same batch");
-    assert_eq!(cases[4]["tokens"], 64, "decode times 64 generated tokens");
+    let case = |name: &str| cases.iter().find(|c| c["case"] == name).unwrap();
+    assert_eq!(case("cls-step")["tokens"], case("cls-eval")["tokens"], "the step and the eval see the same batch");
+    assert_eq!(case("decode")["tokens"], 64, "decode times 64 generated tokens");
     // One profile per case, and one more for each attention case's composed reference.
-    assert_eq!(err.matches("(outside kernels)").count(), 13, "one profile per case:\n{err}");
+    assert_eq!(err.matches("(outside kernels)").count(), names.len() + 3, "one profile per case:\n{err}");
     for t in [128, 512, 2048] {
         assert!(err.contains(&format!("attention-{t}: fused ")) && err.contains("composed"), "{err}");
     }

@@ -333,16 +333,22 @@ fn run_kernel_case(case: &str, args: &BenchArgs, device: &Device) -> Result<Opti
     Ok(Some(fused))
 }
 
+/// A case with the integer products on for the `-int8` cases and off for the others (whatever
+/// `TINYTUNE_INT8_DOT` says), then as they were.
 fn run_case(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device: &Device) -> Result<Measured> {
-    if let Some(base) = case.strip_suffix("-int8") {
-        // The same work with the integer products on, then as they were.
-        use tinytune::backend::cpu::qgemm;
-        let before = qgemm::enabled();
-        qgemm::set_enabled(true);
-        let m = run_case(base, model_path, data, args, device);
-        qgemm::set_enabled(before);
-        return m;
+    use tinytune::backend::cpu::qgemm;
+    let base = case.strip_suffix("-int8");
+    if let (Some(b), true) = (base, args.profile) {
+        note!("{case}: the {b} case with the integer products on");
     }
+    let before = qgemm::enabled();
+    qgemm::set_enabled(base.is_some());
+    let m = run_case_f32_or_int8(base.unwrap_or(case), model_path, data, args, device);
+    qgemm::set_enabled(before);
+    m
+}
+
+fn run_case_f32_or_int8(case: &str, model_path: &Path, data: &Path, args: &BenchArgs, device: &Device) -> Result<Measured> {
     if let Some(m) = run_kernel_case(case, args, device)? {
         return Ok(m);
     }
