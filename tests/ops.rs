@@ -633,6 +633,33 @@ fn large_and_non_contiguous_kernels() {
 
 /// Small operands the kernels read as plain slices (norm weights, RoPE tables) may be views
 /// with a storage offset: a narrowed weight or a table narrowed to later positions.
+/// RoPE reads a view whose rows are contiguous but not adjacent (the attention heads'
+/// `[b, t, h, d] → [b, h, t, d]` transpose, here narrowed too, so rows start at an offset) in
+/// place, and gives exactly what it gives on the same values made contiguous first.
+#[test]
+fn rope_reads_a_heads_view_in_place() {
+    let mut rng = TestRng::new(22);
+    let x = random_nd(&[2, 6, 3, 8], Dom::Normal, &mut rng);
+    let (xt, _) = make_input(&x, DType::F32, false, false);
+    let view = xt.narrow(1, 1, 5).unwrap().transpose(1, 2).unwrap();
+    assert!(!view.is_contiguous());
+    for layout in [RopeLayout::HalfSplit, RopeLayout::Interleaved] {
+        let (c, s) = Tensor::rope_tables(2, 5, 8, 10000.0, DType::F32, &Device::Cpu).unwrap();
+        let got: Vec<f32> = view.rope(&c, &s, layout).unwrap().to_vec().unwrap();
+        let want: Vec<f32> = view.contiguous().unwrap().rope(&c, &s, layout).unwrap().to_vec().unwrap();
+        assert_eq!(got, want, "{layout:?}");
+        let inter = layout == RopeLayout::Interleaved;
+        let nd = Nd { shape: vec![2, 3, 5, 8], data: view.contiguous().unwrap().to_vec_f64().unwrap() };
+        assert_close(
+            "rope of a view",
+            "forward",
+            &got.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            &ref_rope(&nd, 2, 10000.0, inter).data,
+            1e-5,
+        );
+    }
+}
+
 #[test]
 fn norm_weights_and_rope_tables_may_be_offset_views() {
     let mut rng = TestRng::new(21);

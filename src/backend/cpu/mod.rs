@@ -943,25 +943,55 @@ fn index_add_kernel<T: Float>(g: &[T], shape: &[usize], axis: usize, idx: &[usiz
     out
 }
 
-fn rope_kernel<T: Float>(x: &[T], seq: usize, dim: usize, cos: &[T], sin: &[T], interleaved: bool, inverse: bool) -> Vec<T> {
-    let mut out = vec![T::ZERO; x.len()];
+/// Rotary embedding of the rows of `x` (row `r` starts at `rows[r]`, `dim` contiguous values;
+/// its position is `r % seq`), into a fresh contiguous output: a view (the heads' transposed
+/// layout) is read in place, not copied first. The rotation of pair (a, b) by the position's
+/// angle: `(x_a c − x_b s, x_b c + x_a s)`, `s` negated for the inverse.
+#[allow(clippy::too_many_arguments)]
+fn rope_kernel<T: Float>(
+    x: &[T],
+    rows: &[usize],
+    seq: usize,
+    dim: usize,
+    cos: &[T],
+    sin: &[T],
+    interleaved: bool,
+    inverse: bool,
+) -> Vec<T> {
+    let mut out = vec![T::ZERO; rows.len() * dim];
     let half = dim / 2;
     if dim == 0 {
         return out;
     }
-    out.par_chunks_mut(dim).zip(x.par_chunks(dim)).enumerate().with_min_len(rows_per_task(dim)).for_each(|(r, (o, x))| {
+    out.par_chunks_mut(dim).zip(rows.par_iter()).enumerate().with_min_len(rows_per_task(dim)).for_each(|(r, (o, &at))| {
         let p = r % seq;
-        for i in 0..half {
-            let (c, mut s) = (cos[p * half + i], sin[p * half + i]);
-            if inverse {
-                s = -s;
+        let (x, c, s) = (&x[at..at + dim], &cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+        let sign = if inverse { T::ZERO - T::ONE } else { T::ONE };
+        if interleaved {
+            for (i, (&c, &s)) in c.iter().zip(s).enumerate() {
+                let (a, b, s) = (x[2 * i], x[2 * i + 1], s * sign);
+                o[2 * i] = a * c - b * s;
+                o[2 * i + 1] = b * c + a * s;
             }
-            let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
-            o[a] = x[a] * c - x[b] * s;
-            o[b] = x[b] * c + x[a] * s;
+        } else {
+            // Halves as separate slices, so the loop vectorises.
+            let (x0, x1) = x.split_at(half);
+            let (o0, o1) = o.split_at_mut(half);
+            for i in 0..half {
+                let (a, b, s) = (x0[i], x1[i], s[i] * sign);
+                o0[i] = a * c[i] - b * s;
+                o1[i] = b * c[i] + a * s;
+            }
         }
     });
     out
+}
+
+/// The start of every row (last axis) of `layout`, whose last axis has unit stride, in
+/// row-major order.
+fn row_starts(layout: &Layout) -> Vec<usize> {
+    let r = layout.rank();
+    Layout::new(layout.shape()[..r - 1].to_vec(), layout.strides()[..r - 1].to_vec(), layout.offset()).offsets().collect()
 }
 
 fn check_targets(t: &[i64], c: usize, ignore: i64) -> Result<()> {
@@ -1493,9 +1523,17 @@ impl CpuStorage {
     pub fn rope(&self, layout: &Layout, cos: &CpuStorage, sin: &CpuStorage, interleaved: bool, inverse: bool) -> Result<CpuStorage> {
         let r = layout.rank();
         let (seq, dim) = (layout.shape()[r - 2], layout.shape()[r - 1]);
-        Ok(
-            float_op!(self, "rope", v => rope_kernel(&contiguous(v, layout), seq, dim, FromStorage::slice(cos, "rope")?, FromStorage::slice(sin, "rope")?, interleaved, inverse)),
-        )
+        let (cos_s, sin_s) = (cos, sin);
+        Ok(float_op!(self, "rope", v => {
+            let (cos, sin) = (FromStorage::slice(cos_s, "rope")?, FromStorage::slice(sin_s, "rope")?);
+            if layout.strides()[r - 1] == 1 || dim <= 1 {
+                rope_kernel(v, &row_starts(layout), seq, dim, cos, sin, interleaved, inverse)
+            } else {
+                let x = contiguous(v, layout);
+                let rows: Vec<usize> = (0..layout.numel() / dim.max(1)).map(|i| i * dim).collect();
+                rope_kernel(&x, &rows, seq, dim, cos, sin, interleaved, inverse)
+            }
+        }))
     }
 
     pub fn cross_entropy(&self, layout: &Layout, targets: &CpuStorage, tl: &Layout, ignore: i64) -> Result<CpuStorage> {
