@@ -90,33 +90,13 @@ fn gelu_tanh<T: Float>(x: T) -> (T, T) {
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
 
-/// `f` over a chunk, compiled for AVX2 + FMA where the CPU has them (8 lanes and a fused
-/// multiply-add instead of SSE2's 4), else as is.
-#[inline(always)]
-fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        /// # Safety
-        /// The CPU has AVX2 and FMA.
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if crate::backend::cpu::avx2() {
-            // SAFETY: checked at run time.
-            return unsafe { run(f) };
-        }
-    }
-    f()
-}
-
 /// `y = act(g) · u` (contiguous, same length).
 pub fn glu_cpu<T: Float>(act: GluAct, g: &[T], u: &[T]) -> Vec<T> {
     // One loop per activation, so each is a monomorphic (vectorised) function.
     fn go<T: Float>(f: impl Fn(T) -> (T, T) + Sync + Copy, g: &[T], u: &[T]) -> Vec<T> {
         let mut y = vec![T::ZERO; g.len()];
         y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (g, u))| {
-            with_avx2(
+            crate::backend::cpu::with_avx2(
                 #[inline(always)]
                 || {
                     for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
@@ -139,7 +119,7 @@ pub fn glu_backward_cpu<T: Float>(act: GluAct, g: &[T], u: &[T], dy: &[T]) -> (V
         let (mut dg, mut du) = (vec![T::ZERO; g.len()], vec![T::ZERO; g.len()]);
         let ins = g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK));
         dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).zip(ins).for_each(|((dg, du), ((g, u), dy))| {
-            with_avx2(
+            crate::backend::cpu::with_avx2(
                 #[inline(always)]
                 || {
                     for ((((dg, du), &g), &u), &dy) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {

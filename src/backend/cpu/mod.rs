@@ -19,6 +19,28 @@ pub(crate) fn avx2() -> bool {
     *ON.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c"))
 }
 
+/// `f()` compiled for AVX2 + FMA where the CPU has them (8 lanes and fused multiply-adds
+/// instead of the baseline's SSE2), else as is: for the generic row and element loops
+/// (exponentials, divisions) that the compiler vectorises. `f` must be `#[inline(always)]`
+/// so it is compiled inside the AVX2 function.
+#[inline(always)]
+pub(crate) fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        /// # Safety
+        /// The CPU has AVX2 and FMA.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if avx2() {
+            // SAFETY: checked at run time.
+            return unsafe { run(f) };
+        }
+    }
+    f()
+}
+
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -388,7 +410,7 @@ pub(super) fn fold_slice<T: Float>(s: &[T], id: T, comb: impl Fn(T, T) -> T) -> 
 }
 
 /// `Σ e^{v − shift}` over a row, with 8 independent accumulators so it vectorises.
-#[inline]
+#[inline(always)]
 fn sum_exp<T: Float>(row: &[T], shift: T) -> T {
     let mut lanes = [T::ZERO; 8];
     let mut chunks = row.chunks_exact(8);
@@ -800,21 +822,26 @@ fn softmax_kernel<T: Float>(x: &[T], d: usize, log: bool) -> Vec<T> {
         return out;
     }
     out.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(|(o, row)| {
-        let max = row_max(row);
-        // Separate loops so each one vectorises: exponentials, then their sum.
-        for (o, &v) in o.iter_mut().zip(row) {
-            *o = (v - max).exp_fast();
-        }
-        let sum = fold_slice(o, T::ZERO, |a, b| a + b);
-        if log {
-            let lse = sum.ln();
-            for (o, &v) in o.iter_mut().zip(row) {
-                *o = v - max - lse;
-            }
-        } else {
-            let inv = T::ONE / sum;
-            o.iter_mut().for_each(|o| *o = *o * inv);
-        }
+        with_avx2(
+            #[inline(always)]
+            || {
+                let max = row_max(row);
+                // Separate loops so each one vectorises: exponentials, then their sum.
+                for (o, &v) in o.iter_mut().zip(row) {
+                    *o = (v - max).exp_fast();
+                }
+                let sum = fold_slice(o, T::ZERO, |a, b| a + b);
+                if log {
+                    let lse = sum.ln();
+                    for (o, &v) in o.iter_mut().zip(row) {
+                        *o = v - max - lse;
+                    }
+                } else {
+                    let inv = T::ONE / sum;
+                    o.iter_mut().for_each(|o| *o = *o * inv);
+                }
+            },
+        )
     });
     out
 }
@@ -1011,7 +1038,12 @@ fn cross_entropy_kernel<T: Float>(x: &[T], c: usize, t: &[i64], ignore: i64) -> 
         }
         let row = &x[r * c..(r + 1) * c];
         let max = row_max(row);
-        let lse = max + sum_exp(row, max).ln();
+        let lse = max
+            + with_avx2(
+                #[inline(always)]
+                || sum_exp(row, max),
+            )
+            .ln();
         *o = lse - row[t as usize];
     });
     out
@@ -1027,11 +1059,16 @@ fn cross_entropy_backward_kernel<T: Float>(x: &[T], c: usize, t: &[i64], g: &[T]
             return;
         }
         let max = row_max(row);
-        for (o, &v) in o.iter_mut().zip(row) {
-            *o = (v - max).exp_fast();
-        }
-        let scale = g[r] / fold_slice(o, T::ZERO, |a, b| a + b);
-        o.iter_mut().for_each(|o| *o = *o * scale);
+        with_avx2(
+            #[inline(always)]
+            || {
+                for (o, &v) in o.iter_mut().zip(row) {
+                    *o = (v - max).exp_fast();
+                }
+                let scale = g[r] / fold_slice(o, T::ZERO, |a, b| a + b);
+                o.iter_mut().for_each(|o| *o = *o * scale);
+            },
+        );
         o[t[r] as usize] = o[t[r] as usize] - g[r];
     });
     out
