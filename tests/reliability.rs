@@ -339,6 +339,8 @@ fn chains_of_kill_9_at_random_moments_resume_bit_for_bit() {
             // Resume the last checkpoint, or start over (replacing what a run killed before its
             // first checkpoint left) when there is none yet.
             args.push(if out.join("checkpoint/state.json").exists() { "--resume" } else { "--overwrite" }.into());
+            let logged = |out: &Path| std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count());
+            let before = logged(&out);
             let mut child = Command::new(env!("CARGO_BIN_EXE_tinytune"))
                 .args(&args)
                 .env("TINYTUNE_DEVICE", "cpu")
@@ -346,7 +348,18 @@ fn chains_of_kill_9_at_random_moments_resume_bit_for_bit() {
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(rng.below(full_ms as usize + 1) as u64));
+            // The moment: once the run has logged a random number of steps (so the drill does
+            // not depend on how fast this machine is compared with the straight run's timing,
+            // which other tests running beside it skew), then up to two steps' time more, so
+            // kills land anywhere in a step or a checkpoint write.
+            // Steps are counted from what earlier runs of the chain logged (read before the
+            // run started), so kills spread over what is left of the run.
+            let target = before + 1 + rng.below((steps as usize).saturating_sub(before).max(1));
+            let waited = std::time::Instant::now();
+            while logged(&out) < target && child.try_wait().unwrap().is_none() && waited.elapsed().as_secs() < 120 {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(rng.below((2 * full_ms / steps) as usize + 1) as u64));
             match child.try_wait().unwrap() {
                 Some(status) => assert!(status.success(), "chain {chain}: a run ended with {status}"),
                 None => {
