@@ -244,23 +244,13 @@ fn softmax_rows<T: Float>(s: &mut [T], kn: usize, tk: usize, lse: &mut [T]) {
     }
 }
 
-/// [`softmax_rows`] compiled for AVX2 + FMA (the exponentials in 8 lanes instead of SSE2's 4).
-///
-/// # Safety
-/// The CPU must have AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_rows_avx2<T: Float>(s: &mut [T], kn: usize, tk: usize, lse: &mut [T]) {
-    softmax_rows(s, kn, tk, lse)
-}
-
+/// [`softmax_rows`] compiled for AVX2 + FMA where the CPU has them (the exponentials in 8
+/// lanes instead of SSE2's 4).
 fn softmax_tile<T: Float>(s: &mut [T], kn: usize, tk: usize, lse: &mut [T]) {
-    #[cfg(target_arch = "x86_64")]
-    if super::avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-        return unsafe { softmax_rows_avx2(s, kn, tk, lse) };
-    }
-    softmax_rows(s, kn, tk, lse)
+    super::with_avx2(
+        #[inline(always)]
+        || softmax_rows(s, kn, tk, lse),
+    )
 }
 
 /// Backward's row work on a tile: `p` from the scores and `L` (uniform on a row that sees no
@@ -285,25 +275,13 @@ fn backward_rows<T: Float>(p: &mut [T], ds: &mut [T], kn: usize, tk: usize, lse:
     }
 }
 
-/// [`backward_rows`] compiled for AVX2 + FMA.
-///
-/// # Safety
-/// The CPU must have AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn backward_rows_avx2<T: Float>(p: &mut [T], ds: &mut [T], kn: usize, tk: usize, lse: &[T], go: &[T], o: &[T], d: usize, scale: T) {
-    backward_rows(p, ds, kn, tk, lse, go, o, d, scale)
-}
-
+/// [`backward_rows`] compiled for AVX2 + FMA where the CPU has them.
 #[allow(clippy::too_many_arguments)]
 fn backward_tile<T: Float>(p: &mut [T], ds: &mut [T], kn: usize, tk: usize, lse: &[T], go: &[T], o: &[T], d: usize, scale: T) {
-    #[cfg(target_arch = "x86_64")]
-    if super::avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-        return unsafe { backward_rows_avx2(p, ds, kn, tk, lse, go, o, d, scale) };
-    }
-    backward_rows(p, ds, kn, tk, lse, go, o, d, scale)
+    super::with_avx2(
+        #[inline(always)]
+        || backward_rows(p, ds, kn, tk, lse, go, o, d, scale),
+    )
 }
 
 /// Forward: `(O [b, h, tq, d], L [b, h, tq])`.

@@ -764,28 +764,6 @@ fn matmul_decoded(a: &[f32], la: &Layout, rhs: &CpuStorage, lb: &Layout) -> Resu
         return Ok(None);
     };
     let (a_rs, a_cs) = (la.strides()[r - 2], la.strides()[r - 1]);
-    if let CpuStorage::Quant(q) = rhs {
-        // Evaluation and generation may multiply by int8 activations (see `qgemm`).
-        if transposed
-            && a_cs == 1
-            && m > gemm::SKINNY_M
-            && qgemm::enabled()
-            && !crate::autograd::is_grad_enabled()
-            && qgemm::supported()
-            && qgemm::handles(q)
-        {
-            if lb.offset() != 0 || rs != q.cols() || (rows, cols) != (q.rows(), q.cols()) {
-                return Err(quant_view_error("matmul", q, lb));
-            }
-            let panels = qgemm::panels_of(q);
-            let batch_a = Layout::new(la.shape()[..r - 2].to_vec(), la.strides()[..r - 2].to_vec(), la.offset());
-            let mut out = vec![0f32; batch_a.numel() * m * n];
-            for (c, oa) in out.chunks_mut(m * n).zip(batch_a.offsets()) {
-                qgemm::gemm_q(m, &a[oa..], a_rs, &panels, c);
-            }
-            return Ok(Some(out));
-        }
-    }
     let (h16, hb16);
     let dec: &dyn gemm::RowDecoder = match rhs {
         CpuStorage::Quant(q) => {
@@ -808,6 +786,23 @@ fn matmul_decoded(a: &[f32], la: &Layout, rhs: &CpuStorage, lb: &Layout) -> Resu
     let mut out = vec![0f32; batch_a.numel() * m * n];
     if m * n == 0 {
         return Ok(Some(out));
+    }
+    if let CpuStorage::Quant(q) = rhs {
+        // Evaluation and generation may multiply by int8 activations (see `qgemm`).
+        if transposed
+            && a_cs == 1
+            && m > gemm::SKINNY_M
+            && qgemm::enabled()
+            && !crate::autograd::is_grad_enabled()
+            && qgemm::supported()
+            && qgemm::handles(q)
+        {
+            let panels = qgemm::panels_of(q);
+            for (c, oa) in out.chunks_mut(m * n).zip(batch_a.offsets()) {
+                qgemm::gemm_q(m, &a[oa..], a_rs, &panels, c);
+            }
+            return Ok(Some(out));
+        }
     }
     let offsets: Vec<usize> = batch_a.offsets().collect();
     out.par_chunks_mut(m * n).zip(offsets).for_each(|(c, oa)| {
@@ -1560,15 +1555,14 @@ impl CpuStorage {
     pub fn rope(&self, layout: &Layout, cos: &CpuStorage, sin: &CpuStorage, interleaved: bool, inverse: bool) -> Result<CpuStorage> {
         let r = layout.rank();
         let (seq, dim) = (layout.shape()[r - 2], layout.shape()[r - 1]);
-        let (cos_s, sin_s) = (cos, sin);
         Ok(float_op!(self, "rope", v => {
-            let (cos, sin) = (FromStorage::slice(cos_s, "rope")?, FromStorage::slice(sin_s, "rope")?);
+            let (c, s) = (FromStorage::slice(cos, "rope")?, FromStorage::slice(sin, "rope")?);
             if layout.strides()[r - 1] == 1 || dim <= 1 {
-                rope_kernel(v, &row_starts(layout), seq, dim, cos, sin, interleaved, inverse)
+                rope_kernel(v, &row_starts(layout), seq, dim, c, s, interleaved, inverse)
             } else {
                 let x = contiguous(v, layout);
                 let rows: Vec<usize> = (0..layout.numel() / dim.max(1)).map(|i| i * dim).collect();
-                rope_kernel(&x, &rows, seq, dim, cos, sin, interleaved, inverse)
+                rope_kernel(&x, &rows, seq, dim, c, s, interleaved, inverse)
             }
         }))
     }

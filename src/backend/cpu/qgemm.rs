@@ -135,11 +135,6 @@ impl QPanels {
         }
     }
 
-    /// Bytes the repacked matrix takes.
-    pub fn bytes(&self) -> usize {
-        self.codes.len() + 4 * (self.d.len() + self.f.len())
-    }
-
     /// Repack W. Panics if its format is not one [`handles`].
     pub fn new(w: &QMatrix) -> QPanels {
         let QFormat::Ggml(t) = w.format() else { panic!("qgemm: {} has no integer path", w.format().name()) };
